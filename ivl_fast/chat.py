@@ -1,0 +1,61 @@
+"""Tokenizers and chat rendering shared by decoding and training.
+
+A checkpoint's own chat template is used when it has one. Otherwise :data:`DEFAULT_CHAT_TEMPLATE` renders::
+
+    <bos><|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{assistant}<eos>\\n ...
+
+so that a value network trained with ivl-fast on a template-less base decodes with the same format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token if eos_token else '' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and any((p / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """A ``transformers`` tokenizer from a directory (offline; no hub access)."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(path):
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {str(path)!r}")
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+
+
+def as_messages(prompt, system: str | None = None) -> list[dict]:
+    """A string or a list of {role, content} dicts -> a message list (with an optional system message first)."""
+    if isinstance(prompt, str):
+        msgs = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list | tuple) and all(isinstance(m, dict) for m in prompt):
+        msgs = [dict(m) for m in prompt]
+        for i, m in enumerate(msgs):
+            if "role" not in m or "content" not in m:
+                raise ValueError(f"chat message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+    else:
+        raise TypeError(f"a chat prompt must be a string or a list of message dicts, got {type(prompt).__name__}")
+    if system is not None and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )

@@ -1,0 +1,204 @@
+"""The ``ivl-fast`` command line.
+
+Subcommands: ``generate`` (IVL decoding from checkpoints), ``make-tiny`` (random base/value checkpoints built
+offline). Each subcommand lives in its own ``_cmd_*`` function registered in :func:`build_parser`, so later
+ones (train, vocab-map, bench, demo) slot in beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (transformers semantics)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0 disables")
+    g.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--base", type=Path, help="base model checkpoint directory (Hugging Face layout)")
+    g.add_argument("--value", type=Path, help="value network checkpoint directory")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of the value logits")
+    g.add_argument("--scheme", default="residual", choices=["residual", "base", "value_only"])
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, checkpoint's on GPU)"
+    )
+    g.add_argument("--engine", default="auto", choices=["auto", "lean", "hf"])
+    g.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flash"])
+    g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .bin checkpoints (unsafe)")
+
+
+def _read_prompts(args) -> list:
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {str(path)!r} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from e
+            if isinstance(obj, str):
+                prompts.append(obj)
+            elif isinstance(obj, dict) and ("messages" in obj or "prompt" in obj):
+                prompts.append(obj.get("messages", obj.get("prompt")))
+            else:
+                raise ValueError(f"{path}:{n}: expected a string or an object with 'prompt' or 'messages'")
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"--prompts-file {str(path)!r} holds no prompts")
+    return prompts
+
+
+def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
+    from tqdm.auto import tqdm
+
+    texts, tokens, t0 = [], 0, time.perf_counter()
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    bar = tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2, file=sys.stderr)
+    tok = dec.tokenizer
+    for batch in bar:
+        if args.chat:
+            from .chat import as_messages, render_chat
+
+            ids = [
+                tok(render_chat(tok, as_messages(p, args.system)), add_special_tokens=False)["input_ids"] for p in batch
+            ]
+        else:
+            ids = [tok(p)["input_ids"] for p in batch]
+        out = dec.generate(ids, **gen_kwargs)
+        t = out.prompt_length
+        for row, n in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
+            texts.append(tok.decode(row[t : t + n], skip_special_tokens=True))
+            tokens += n
+    return texts, tokens, time.perf_counter() - t0
+
+
+def _cmd_generate(args) -> int:
+    from . import FastIVLDecoder
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise SystemExit("ivl-fast generate: give exactly one of --prompt or --prompts-file")
+    if args.prompt is not None and not args.prompt:
+        raise SystemExit("ivl-fast generate: --prompt is empty")
+    if args.batch_size < 1:
+        raise SystemExit(f"ivl-fast generate: --batch-size must be >= 1, got {args.batch_size}")
+    prompts = _read_prompts(args)
+    common = dict(device=args.device, dtype=args.dtype, engine=args.engine, attn_backend=args.attn_backend)
+    dec = FastIVLDecoder.from_pretrained(
+        args.base, args.value, alpha=args.alpha, scheme=args.scheme, allow_pickle=args.allow_pickle, **common
+    )
+    if dec.tokenizer is None:
+        raise SystemExit("ivl-fast generate: the checkpoints hold no tokenizer files; text prompts need one")
+    gen_kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop_strings=args.stop,
+    )
+    if args.no_eos:
+        gen_kwargs["eos_token_id"] = []
+    label = {"residual": "base+value", "base": "base alone", "value_only": "value alone"}[args.scheme]
+    texts, ntok, secs = _run_batches(dec, prompts, args, gen_kwargs, label)
+    report = {"scheme": args.scheme, "tokens": ntok, "seconds": secs, "tokens_per_s": ntok / secs if secs else 0.0}
+    print(f"{label}: {ntok} tokens in {secs:.2f} s = {report['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    compare = None
+    if args.compare_base and args.scheme == "residual":
+        base_only = FastIVLDecoder(dec.base, None, scheme="base", tokenizer=dec.tokenizer)
+        _run_batches(base_only, prompts[: args.batch_size], args, gen_kwargs, "warm-up")  # same work, warmed
+        _, btok, bsecs = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")
+        compare = {"tokens": btok, "seconds": bsecs, "tokens_per_s": btok / bsecs if bsecs else 0.0}
+        ratio = (secs / max(ntok, 1)) / (bsecs / max(btok, 1))
+        compare["pair_over_base_time_per_token"] = ratio
+        print(
+            f"base alone: {btok} tokens in {bsecs:.2f} s = {compare['tokens_per_s']:.1f} tokens/s; "
+            f"pair/base time per token = {ratio:.2f}x",
+            file=sys.stderr,
+        )
+    if args.json:
+        outputs = [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)]
+        print(json.dumps({"outputs": outputs, "speed": report, "base_alone": compare}, ensure_ascii=False))
+    else:
+        for i, t in enumerate(texts):
+            if len(texts) > 1:
+                print(f"### {i}")
+            print(t)
+    return 0
+
+
+def _cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny_pair
+
+    paths = make_tiny_pair(args.out, vocab_size=args.vocab_size, seed=args.seed)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivl-fast", description="Fast Inverse Value Learning")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate with a base model steered by a value network")
+    _add_model_args(g)
+    src = g.add_argument_group("prompts")
+    src.add_argument("--prompt", default=None)
+    src.add_argument("--prompts-file", default=None, help="one prompt per line (.txt) or JSONL (prompt/messages)")
+    src.add_argument("--chat", action="store_true", help="render prompts with the chat template")
+    src.add_argument("--system", default=None, help="system message for --chat")
+    src.add_argument("--batch-size", type=int, default=8)
+    _add_sampling_args(g)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
+    g.add_argument("--compare-base", action="store_true", help="also time the base alone and print the ratio")
+    g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser("make-tiny", help="build a random tiny base/value pair with a BPE tokenizer (offline)")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--vocab-size", type=int, default=1024)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_cmd_make_tiny)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"ivl-fast {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, FloatingPointError) as e:
+        print(f"ivl-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

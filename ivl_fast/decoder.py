@@ -1,0 +1,525 @@
+"""FastIVLDecoder: decode with a frozen base model steered by a value network (Inverse Value Learning).
+
+Per step: ``z = z_base + alpha * z_value`` (residual scheme; both models see the same tokens and could run
+concurrently), then the sampling reference of :mod:`ivl_fast.sampling`. The decode loop keeps everything on
+device; the host synchronises only at the batched stop check (every ``sync_every`` steps), where EOS, stop
+strings and non-finite logits are looked at.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .chat import as_messages, has_tokenizer, load_tokenizer, render_chat
+from .models import from_hf_model, load_model
+from .sampling import SamplingParams, combine_logits, nonfinite_rows, sample_ref, token_logprobs
+
+SCHEMES = ("residual", "base", "value_only")
+_UNSET = object()
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """A model produced NaN or inf logits; no token was emitted from them."""
+
+
+@dataclass
+class IVLGenerateOutput:
+    """Result of :meth:`FastIVLDecoder.generate`.
+
+    sequences: [B, T + n] prompt (left-padded) followed by the new tokens; after EOS / a stop string,
+        ``pad_token_id``. ``n`` is the number of steps run (<= max_new_tokens; fewer when every row stopped).
+    logprobs: [B, n] log-probability of each new token under the combined distribution before warping
+        (0.0 at padded positions), when ``return_logprobs=True``.
+    num_new_tokens: [B] new tokens per row, EOS included.
+    """
+
+    sequences: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    num_new_tokens: torch.Tensor | None = None
+    prompt_length: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+class FastIVLDecoder:
+    """Decode with a base model plus a value network.
+
+    Args:
+        base_model, value_model: engines from :func:`ivl_fast.models.load_model`, or already loaded
+            ``transformers`` causal LMs (the lean engine then shares their weight tensors; nothing is copied).
+            ``value_model`` may be None with ``scheme="base"``, ``base_model`` None with ``scheme="value_only"``.
+        vocab_map: sparse base->value vocabulary map for bases with another tokenizer (not available yet:
+            cross-vocabulary decoding needs per-step re-tokenization and lands with the vocab-map work).
+        alpha: weight of the value logits.
+        scheme: "residual" (IVL), "base" (base alone) or "value_only" (value network alone).
+        tokenizer: used by ``generate_text``, stop strings and default EOS/pad ids.
+        sync_every: steps between host checks of EOS / stop strings / NaN (stream() checks every step).
+    """
+
+    def __init__(
+        self,
+        base_model=None,
+        value_model=None,
+        vocab_map=None,
+        *,
+        alpha: float = 1.0,
+        scheme: str = "residual",
+        tokenizer=None,
+        engine: str = "auto",
+        attn_backend: str = "sdpa",
+        sync_every: int = 8,
+    ):
+        if scheme not in SCHEMES:
+            raise ValueError(
+                f"scheme must be one of {SCHEMES}, got {scheme!r}"
+                + (" (cascade value networks arrive with the training work)" if "cascade" in str(scheme) else "")
+            )
+        if scheme in ("residual", "base") and base_model is None:
+            raise ValueError(f"scheme={scheme!r} needs a base_model")
+        if scheme in ("residual", "value_only") and value_model is None:
+            raise ValueError(f"scheme={scheme!r} needs a value_model")
+        if not isinstance(alpha, int | float) or alpha != alpha:
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+        self.scheme, self.alpha, self.sync_every = scheme, float(alpha), sync_every
+        self.base = (
+            from_hf_model(base_model, engine=engine, attn_backend=attn_backend) if base_model is not None else None
+        )
+        self.value = (
+            from_hf_model(value_model, engine=engine, attn_backend=attn_backend) if value_model is not None else None
+        )
+        self.tokenizer = tokenizer
+        if self.base is not None and self.value is not None:
+            if self.base.device != self.value.device:
+                raise ValueError(f"base model is on {self.base.device} but value model is on {self.value.device}")
+            if self.base.vocab_size != self.value.vocab_size and vocab_map is None:
+                raise ValueError(
+                    f"base vocabulary ({self.base.vocab_size} tokens) and value vocabulary ({self.value.vocab_size} "
+                    "tokens) differ and no vocab_map was given; build one with `ivl-fast vocab-map "
+                    "--base-tokenizer BASE --value-tokenizer VALUE --corpus FILE --out map.safetensors`"
+                )
+        if vocab_map is not None:
+            raise NotImplementedError(
+                "cross-vocabulary decoding (vocab_map) is not available yet: it needs the vocabulary-map builder "
+                "and per-step re-tokenization of the base (tracked in the cross-vocabulary issue)"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_path: str | Path | None,
+        value_path: str | Path | None = None,
+        vocab_map=None,
+        *,
+        device=None,
+        dtype=None,
+        alpha: float = 1.0,
+        scheme: str = "residual",
+        engine: str = "auto",
+        attn_backend: str = "sdpa",
+        allow_pickle: bool = False,
+        tokenizer=None,
+        sync_every: int = 8,
+    ) -> FastIVLDecoder:
+        """Load base and value checkpoints (Hugging Face directories) and their tokenizer."""
+        kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
+        need_base = scheme != "value_only"
+        need_value = scheme != "base"
+        if need_base and base_path is None:
+            raise ValueError(f"scheme={scheme!r} needs base_path")
+        if need_value and value_path is None:
+            raise ValueError(f"scheme={scheme!r} needs value_path")
+        base = load_model(base_path, **kw) if need_base else None
+        value = load_model(value_path, **kw) if need_value else None
+        if tokenizer is None or isinstance(tokenizer, str | Path):
+            tokenizer = _pick_tokenizer(tokenizer, base_path if need_base else None, value_path if need_value else None)
+        return cls(base, value, vocab_map, alpha=alpha, scheme=scheme, tokenizer=tokenizer, sync_every=sync_every)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.base or self.value).device
+
+    @property
+    def vocab_size(self) -> int:
+        return (self.value or self.base).vocab_size
+
+    @property
+    def engines(self) -> list:
+        return [
+            m
+            for m in (self.base if self.scheme != "value_only" else None, self.value if self.scheme != "base" else None)
+            if m is not None
+        ]
+
+    @property
+    def max_context(self) -> int:
+        return min(m.max_context for m in self.engines)
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens=_UNSET,
+        do_sample=_UNSET,
+        temperature=_UNSET,
+        top_k=_UNSET,
+        top_p=_UNSET,
+        min_p=_UNSET,
+        seed=_UNSET,
+        eos_token_id=_UNSET,
+        pad_token_id=_UNSET,
+        stop_strings=_UNSET,
+        return_logprobs=_UNSET,
+        generation_config=None,
+    ) -> IVLGenerateOutput:
+        """Generate like ``transformers``' ``generate`` (same argument names and meanings).
+
+        ``input_ids``: [B, T] tensor (with ``attention_mask`` for padded batches; left or right padding), a
+        [T] tensor, or a list of token-id lists of different lengths. Defaults: max_new_tokens=20,
+        do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0; eos/pad from the tokenizer or the
+        base config. A ``GenerationConfig`` supplies values not given explicitly. ``eos_token_id=[]`` disables
+        EOS stopping.
+        """
+        opts = self._options(
+            generation_config,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=seed,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            stop_strings=stop_strings,
+            return_logprobs=return_logprobs,
+        )
+        prompt, mask = self._prepare_inputs(input_ids, attention_mask, opts["pad_token_id"])
+        t0 = time.perf_counter()
+        run = _Run(self, prompt, mask, opts, self.sync_every)
+        for _ in run:
+            pass
+        _sync(self.device)
+        elapsed = time.perf_counter() - t0
+        n = run.steps
+        seqs = torch.cat([prompt, run.out[:, :n]], dim=1)
+        lp = run.logprobs[:, :n].clone() if opts["return_logprobs"] else None
+        timings = {"total_s": elapsed, "prefill_s": run.prefill_s, "steps": n, "batch": prompt.shape[0]}
+        return IVLGenerateOutput(seqs, lp, run.num_new_tokens(), prompt.shape[1], timings)
+
+    def stream(self, input_ids, attention_mask=None, **kwargs) -> Iterator[torch.Tensor]:
+        """Yield the new token ids [B] of each step (pad for rows already stopped); same arguments as generate."""
+        gen_cfg = kwargs.pop("generation_config", None)
+        unknown = set(kwargs) - set(_DEFAULTS)
+        if unknown:
+            raise TypeError(f"stream() got unexpected keyword arguments {sorted(unknown)}")
+        opts = self._options(gen_cfg, **kwargs)
+        prompt, mask = self._prepare_inputs(input_ids, attention_mask, opts["pad_token_id"])
+        yield from _Run(self, prompt, mask, opts, sync_every=1)
+
+    def generate_text(
+        self,
+        prompts,
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        skip_special_tokens: bool = True,
+        **kwargs,
+    ) -> list[str] | str:
+        """Text in, text out through the checkpoint's tokenizer.
+
+        ``prompts``: a string or a list of strings (or, with ``chat=True``, message lists
+        ``[{"role": "user", "content": ...}]``; plain strings become one user message, rendered with the
+        tokenizer's chat template or :data:`ivl_fast.chat.DEFAULT_CHAT_TEMPLATE`). Returns the generated
+        continuation(s) only; a single string for a single prompt.
+        """
+        tok = self._require_tokenizer("generate_text")
+        single = isinstance(prompts, str) or (chat and _is_message_list(prompts))
+        items = [prompts] if single else list(prompts)
+        if not items:
+            raise ValueError("prompts is empty")
+        if chat:
+            texts = [render_chat(tok, as_messages(p, system)) for p in items]
+            ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        else:
+            for i, p in enumerate(items):
+                if not isinstance(p, str):
+                    raise TypeError(f"prompt {i} must be a string, got {type(p).__name__} (use chat=True for messages)")
+            ids = [tok(t)["input_ids"] for t in items]
+        out = self.generate(ids, **kwargs)
+        t = out.prompt_length
+        texts = []
+        for row, n in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
+            new = row[t : t + n]
+            texts.append(tok.decode(new, skip_special_tokens=skip_special_tokens))
+        return texts[0] if single else texts
+
+    # ------------------------------------------------------------------ internals
+    def _require_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer: pass tokenizer=... or load checkpoints that include one")
+        return self.tokenizer
+
+    def _options(self, generation_config, **given) -> dict:
+        opts = dict(_DEFAULTS)
+        if generation_config is not None:
+            for k in _DEFAULTS:
+                v = getattr(generation_config, k, None)
+                if v is not None:
+                    opts[k] = v
+            if getattr(generation_config, "max_new_tokens", None) is None and getattr(
+                generation_config, "max_length", None
+            ):
+                raise ValueError("generation_config.max_length is not supported; set max_new_tokens")
+        for k, v in given.items():
+            if v is not _UNSET:
+                opts[k] = v
+        mnt = opts["max_new_tokens"]
+        if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {mnt!r}")
+        opts["sampling"] = SamplingParams(
+            bool(opts["do_sample"]), opts["temperature"], opts["top_k"], opts["top_p"], opts["min_p"]
+        )
+        tok = self.tokenizer
+        cfg_src = (self.base or self.value).config
+        if opts["eos_token_id"] is None:
+            eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+            opts["eos_token_id"] = eos if eos is not None else getattr(cfg_src, "eos_token_id", None)
+        eos = opts["eos_token_id"]
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        for e in eos:
+            if not isinstance(e, int) or not 0 <= e < self.vocab_size:
+                raise ValueError(f"eos_token_id entries must be token ids in [0, {self.vocab_size}), got {e!r}")
+        opts["eos_token_id"] = eos
+        if opts["pad_token_id"] is None:
+            pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+            if pad is None:
+                pad = getattr(cfg_src, "pad_token_id", None)
+            opts["pad_token_id"] = pad if pad is not None else (eos[0] if eos else 0)
+        stops = opts["stop_strings"]
+        if stops is not None:
+            stops = [stops] if isinstance(stops, str) else list(stops)
+            if not stops or not all(isinstance(s, str) and s for s in stops):
+                raise ValueError(
+                    f"stop_strings must be a non-empty string or list of them, got {opts['stop_strings']!r}"
+                )
+            self._require_tokenizer("stop_strings")
+        opts["stop_strings"] = stops
+        return opts
+
+    def _prepare_inputs(self, input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> left-padded prompt [B, T] int64 and mask [B, T] bool on the model device."""
+        dev = self.device
+        if isinstance(input_ids, list | tuple):
+            rows = (
+                [list(r) for r in input_ids]
+                if input_ids and isinstance(input_ids[0], list | tuple)
+                else [list(input_ids)]
+            )
+            if attention_mask is not None:
+                raise ValueError("attention_mask is only accepted with a tensor input_ids (lists carry their lengths)")
+            for i, r in enumerate(rows):
+                if not r:
+                    raise ValueError(f"prompt {i} is empty: every row needs at least one token")
+            t = max(len(r) for r in rows)
+            ids = torch.full((len(rows), t), pad_id, dtype=torch.int64)
+            mask = torch.zeros((len(rows), t), dtype=torch.bool)
+            for i, r in enumerate(rows):
+                ids[i, t - len(r) :] = torch.tensor(r, dtype=torch.int64)
+                mask[i, t - len(r) :] = True
+        elif isinstance(input_ids, torch.Tensor):
+            ids = input_ids
+            if ids.dim() == 1:
+                ids = ids[None]
+            if ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, T] or [T], got shape {tuple(input_ids.shape)}")
+            if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+                raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+            if ids.shape[1] == 0 or ids.shape[0] == 0:
+                raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)})")
+            ids = ids.long().cpu()
+            if attention_mask is None:
+                mask = torch.ones_like(ids, dtype=torch.bool)
+            else:
+                mask = torch.as_tensor(attention_mask).reshape(ids.shape if attention_mask.dim() == 2 else (1, -1))
+                if mask.shape != ids.shape:
+                    raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
+                mask = mask.cpu().bool()
+            empty = (~mask.any(1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"prompt {empty[0]} is empty: its attention_mask has no 1s")
+            left_padded = bool((mask.long().diff(dim=1) >= 0).all())
+            if not left_padded:  # re-pack right/other padding to the left, keeping token order
+                rows = [ids[i][mask[i]].tolist() for i in range(ids.shape[0])]
+                return self._prepare_inputs(rows, None, pad_id)
+        else:
+            raise TypeError(f"input_ids must be a tensor or a list of token-id lists, got {type(input_ids).__name__}")
+        real = ids[mask]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.vocab_size):
+            raise ValueError(
+                f"input_ids holds token ids outside [0, {self.vocab_size}) "
+                f"(min {int(real.min())}, max {int(real.max())})"
+            )
+        return ids.to(dev), mask.to(dev)
+
+
+_DEFAULTS = {
+    "max_new_tokens": 20,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "seed": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    "stop_strings": None,
+    "return_logprobs": False,
+}
+
+
+class _Run:
+    """One generation: prefill, then one device-side step per iteration; yields each step's ids [B]."""
+
+    def __init__(self, dec: FastIVLDecoder, prompt: torch.Tensor, mask: torch.Tensor, opts: dict, sync_every: int):
+        self.dec, self.prompt, self.mask, self.opts, self.k = dec, prompt, mask, opts, sync_every
+        b, t = prompt.shape
+        n = opts["max_new_tokens"]
+        if t + n > dec.max_context:
+            raise ValueError(
+                f"prompt length {t} + max_new_tokens {n} = {t + n} exceeds the model context of "
+                f"{dec.max_context} tokens"
+            )
+        dev = dec.device
+        self.out = torch.full((b, n), opts["pad_token_id"], dtype=torch.int64, device=dev)
+        self.logprobs = torch.zeros((b, n), dtype=torch.float32, device=dev)
+        self.finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.stop_step = torch.full((b,), n, dtype=torch.int64, device=dev)  # index of each row's last token
+        self.bad = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.eos = torch.tensor(opts["eos_token_id"], dtype=torch.int64, device=dev)
+        self.pad = torch.tensor(opts["pad_token_id"], dtype=torch.int64, device=dev)
+        self.gen = None
+        if not opts["sampling"].greedy:
+            self.gen = torch.Generator(device=dev)
+            if opts["seed"] is None:
+                self.gen.seed()
+            else:
+                self.gen.manual_seed(int(opts["seed"]))
+        self.steps = 0
+        self.prefill_s = 0.0
+        self._checked = 0  # steps whose stop strings were examined
+
+    def num_new_tokens(self) -> torch.Tensor:
+        return torch.clamp(self.stop_step + 1, max=self.steps)
+
+    def _logits(self, ids: torch.Tensor | None) -> torch.Tensor:
+        dec = self.dec
+        zb = zv = None
+        if dec.scheme != "value_only":
+            zb = dec.base.prefill(self.prompt, self.mask) if ids is None else dec.base.decode(ids)
+        if dec.scheme != "base":
+            zv = dec.value.prefill(self.prompt, self.mask) if ids is None else dec.value.decode(ids)
+        return combine_logits(zb, zv, dec.alpha)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        dec, opts = self.dec, self.opts
+        b, t = self.prompt.shape
+        n = opts["max_new_tokens"]
+        for m in dec.engines:
+            m.allocate(b, t + n)
+        t0 = time.perf_counter()
+        z = self._logits(None)
+        self.prefill_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            for step in range(n):
+                self.bad |= nonfinite_rows(z) & ~self.finished
+                ids = sample_ref(z, opts["sampling"], self.gen)
+                ids = torch.where(self.finished, self.pad, ids)
+                self.out[:, step] = ids
+                if opts["return_logprobs"]:
+                    self.logprobs[:, step] = torch.where(self.finished, 0.0, token_logprobs(z, ids))
+                if self.eos.numel():
+                    hit = torch.isin(ids, self.eos) & ~self.finished
+                    self.stop_step = torch.where(hit, step, self.stop_step)
+                    self.finished |= hit
+                self.steps = step + 1
+                done = False
+                if self.steps == n or self.steps % self.k == 0:
+                    done = self._check()  # host sync: the batched stop check
+                    if done:  # every row stopped: drop the steps run after the last one did
+                        self.steps = int(self.stop_step.max()) + 1  # host sync
+                yield self.out[:, step].clone()
+                if done or self.steps == n:
+                    return
+                z = self._logits(ids)
+
+    def _check(self) -> bool:
+        """Host-side stop check: NaN/inf, stop strings; True when every row has finished."""
+        if bool(self.bad.any()):  # host sync
+            rows = self.bad.nonzero().flatten().tolist()
+            raise NonFiniteLogitsError(
+                f"non-finite (NaN/inf) logits for batch row(s) {rows} within steps "
+                f"[{self._checked}, {self.steps}); no tokens were returned from them"
+            )
+        if self.opts["stop_strings"]:
+            self._check_stop_strings()
+        self._checked = self.steps
+        return bool(self.finished.all())  # host sync
+
+    def _check_stop_strings(self) -> None:
+        tok, stops = self.dec.tokenizer, self.opts["stop_strings"]
+        window = max(len(s) for s in stops) + 8  # tokens enough to span any stop string
+        out = self.out[:, : self.steps].tolist()
+        stop_step = self.stop_step.tolist()
+        for r, row in enumerate(out):
+            if stop_step[r] < self.steps:
+                continue
+            for s in range(self._checked, self.steps):
+                lo = max(0, s - window)
+                prev, cur = tok.decode(row[lo:s]), tok.decode(row[lo : s + 1])
+                if any(x in cur and x not in prev for x in stops):
+                    stop_step[r] = s
+                    break
+        new = torch.tensor(stop_step, dtype=torch.int64, device=self.out.device)
+        newly = (new < self.stop_step) | ((new < self.out.shape[1]) & ~self.finished)
+        if bool(newly.any()):
+            cols = torch.arange(self.out.shape[1], device=self.out.device)[None]
+            after = newly[:, None] & (cols > new[:, None])
+            self.out.masked_fill_(after, int(self.pad))
+            self.logprobs.masked_fill_(after, 0.0)
+            self.stop_step = torch.minimum(self.stop_step, new)
+            self.finished |= newly
+
+
+def _is_message_list(x) -> bool:
+    return isinstance(x, list | tuple) and len(x) > 0 and all(isinstance(m, dict) for m in x)
+
+
+def _pick_tokenizer(explicit, base_path, value_path):
+    if explicit is not None:
+        return load_tokenizer(explicit)
+    paths = [p for p in (base_path, value_path) if p is not None and has_tokenizer(p)]
+    if not paths:
+        return None
+    tok = load_tokenizer(paths[0])
+    if len(paths) == 2:
+        other = load_tokenizer(paths[1])
+        if tok.get_vocab() != other.get_vocab():
+            raise ValueError(
+                f"the tokenizers of {str(base_path)!r} and {str(value_path)!r} differ; same-vocabulary IVL needs one "
+                "tokenizer (for different tokenizers build a map with `ivl-fast vocab-map`)"
+            )
+    return tok
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,158 @@
+"""Model engines: the lean Llama-family decoder and the transformers adapter, plus checkpoint loading.
+
+``load_model(path)`` returns an engine with the interface ``allocate / prefill / decode`` (see
+:class:`LeanCausalLM`). Llama, Mistral and Qwen2 checkpoints get the lean engine; any other causal LM runs
+through :class:`HFCausalLM` with a one-line notice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import checkpoint_dir, iter_tensors, read_config, weight_files
+from .config import LEAN_MODEL_TYPES, LeanConfig, UnsupportedArchitecture, parse_dtype
+from .hf_adapter import HFCausalLM
+from .llama import ATTN_BACKENDS, LeanCausalLM
+from .rope import static_inv_freq
+
+logger = logging.getLogger("ivl_fast")
+
+__all__ = [
+    "ATTN_BACKENDS",
+    "HFCausalLM",
+    "LEAN_MODEL_TYPES",
+    "LeanCausalLM",
+    "LeanConfig",
+    "UnsupportedArchitecture",
+    "checkpoint_dir",
+    "from_hf_model",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+ENGINES = ("auto", "lean", "hf")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} was asked for but torch sees no CUDA device (torch {torch.__version__})"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r} is not supported; expected 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def resolve_dtype(dtype, device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The compute dtype: explicit, else the checkpoint's on CUDA and float32 on CPU."""
+    dt = parse_dtype(dtype)
+    if dt is None:
+        if device.type == "cpu":
+            return torch.float32
+        dt = checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    supported = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+    if dt not in supported:
+        raise ValueError(f"dtype {dt} is not supported; expected float32, float16 or bfloat16")
+    if device.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype bfloat16 is not supported on {torch.cuda.get_device_name(device)}; use float16")
+    if device.type == "cuda" and dt == torch.float64:
+        raise ValueError("dtype float64 is only supported on the CPU (it exists for reference checks)")
+    return dt
+
+
+def _build_lean(cfg: LeanConfig, state: dict[str, torch.Tensor], device, dtype, attn_backend) -> LeanCausalLM:
+    with torch.device("meta"):
+        model = LeanCausalLM(cfg, attn_backend=attn_backend)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint weights do not match a {cfg.model_type} model with this config: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for k, v in model.state_dict().items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"weight {k!r} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}")
+    # .to() is a no-op (shares storage) when device and dtype already match
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    # the rotary buffer was created on the meta device with the module; compute it for real
+    model.rotary.inv_freq = static_inv_freq(cfg.rope, cfg.head_dim, device=device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _hf_dtype_kwargs(dtype: torch.dtype) -> dict:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device=None,
+    dtype=None,
+    engine: str = "auto",
+    attn_backend: str = "sdpa",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Load a Hugging Face checkpoint directory as an engine (lean when the architecture allows it)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    raw = read_config(path)
+    dev = resolve_device(device)
+    ckpt_dtype = parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or None)
+    dt = resolve_dtype(dtype, dev, ckpt_dtype)
+    _, fmt = weight_files(path, allow_pickle=allow_pickle)  # refuses pickle-only checkpoints early
+    if engine != "hf":
+        try:
+            cfg = LeanConfig.from_dict(raw)
+        except UnsupportedArchitecture as e:
+            if engine == "lean":
+                raise
+            logger.warning("ivl-fast: %s: %s; using the transformers fallback (no fast path)", path, e)
+        else:
+            state = dict(iter_tensors(path, allow_pickle=allow_pickle))
+            return _build_lean(cfg, state, dev, dt, attn_backend)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        use_safetensors=fmt == "safetensors",
+        trust_remote_code=trust_remote_code,
+        **_hf_dtype_kwargs(dt),
+    ).to(dev)
+    return HFCausalLM(model)
+
+
+def from_hf_model(model, *, engine: str = "auto", attn_backend: str = "sdpa"):
+    """Wrap an already loaded ``transformers`` model; the lean engine shares its weight tensors (no copy)."""
+    if isinstance(model, LeanCausalLM | HFCausalLM):
+        return model
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "hf":
+        try:
+            cfg = LeanConfig.from_dict(model.config.to_dict())
+        except UnsupportedArchitecture as e:
+            if engine == "lean":
+                raise
+            logger.warning("ivl-fast: %s: %s; using the transformers fallback (no fast path)", type(model).__name__, e)
+        else:
+            p = next(model.parameters())
+            return _build_lean(cfg, dict(model.state_dict()), p.device, p.dtype, attn_backend)
+    return HFCausalLM(model)

@@ -1,0 +1,87 @@
+"""Any ``transformers`` causal LM behind the engine interface (dynamic cache; the reference/fallback path)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HFCausalLM:
+    """Wraps an ``AutoModelForCausalLM`` so the decoder can drive it like the lean engine.
+
+    Left-padded prompts keep their padding in HF's cache; the attention mask grows by one column per step and
+    positions are counted per row, as ``transformers.generate`` does. Not graph-capturable.
+    """
+
+    is_lean = False
+
+    def __init__(self, model):
+        self.model = model.eval()
+        cfg = model.config
+        self.config = cfg
+        self._max_context = int(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30
+        )
+        self._past = None
+        self._mask: torch.Tensor | None = None
+        self._lens: torch.Tensor | None = None
+        self.batch_size = 0
+        self.max_seq_len = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    def allocate(self, batch_size: int, max_seq_len: int) -> None:
+        if max_seq_len > self.max_context:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens")
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+
+    def free(self) -> None:
+        self._past = self._mask = self._lens = None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """Cache-free full pass: [B, T] -> logits [B, T, V] (positions count real tokens, as in the lean engine)."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        self._past, self._mask, self._lens = out.past_key_values, mask, mask.sum(-1)
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        b = input_ids.shape[0]
+        self._mask = torch.cat([self._mask, self._mask.new_ones(b, 1)], dim=1)
+        out = self.model(
+            input_ids=input_ids[:, None],
+            attention_mask=self._mask,
+            position_ids=self._lens[:, None],
+            past_key_values=self._past,
+            use_cache=True,
+        )
+        self._past = out.past_key_values
+        self._lens = self._lens + 1
+        return out.logits[:, -1]

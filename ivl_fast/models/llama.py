@@ -1,0 +1,266 @@
+"""The lean Llama-family decoder: static KV cache, batched left-padded prefill, graph-safe decode step.
+
+Parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight`` ...), so a checkpoint's
+state dict loads with ``assign=True`` (no copy) and ``state_dict()`` saves back to the same layout.
+
+Cache layout: ``k_cache[layer]`` is [B, S_max, H_kv, D] (flash-attn's ``flash_attn_with_kvcache`` layout). Row b
+holds its tokens left-aligned in columns [0, seq_lens[b]); ``seq_lens`` [B] (int64, on device) is both the
+number of cached tokens and the position of the next token. Prompts arrive left-padded and are re-aligned
+into the cache during prefill, so decoding needs neither padding columns nor per-row host bookkeeping.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LeanConfig
+from .rope import Rotary, apply_rotary
+
+try:  # optional attention backend
+    from flash_attn import flash_attn_with_kvcache  # type: ignore[import-not-found]
+except Exception:  # pragma: no cover - flash-attn has no wheel on the CPU machines
+    flash_attn_with_kvcache = None
+
+ATTN_BACKENDS = ("sdpa", "flash")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LeanConfig):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = self.d**-0.5
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.d)
+        k = self.k_proj(x).view(b, t, self.hkv, self.d)
+        v = self.v_proj(x).view(b, t, self.hkv, self.d)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v  # [B, T, H(kv), D]
+
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [B, Tq, H, D], k/v [B, Tk, Hkv, D], mask [B, 1, Tq, Tk] bool -> [B, Tq, H*D]."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.hkv != self.h:
+            rep = self.h // self.hkv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [B, H, Tq, D]
+        return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.h * self.d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LeanConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LeanConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, cfg: LeanConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LeanCausalLM(nn.Module):
+    """Llama/Mistral/Qwen2 causal LM with a static KV cache.
+
+    Engine interface (shared with :class:`~ivl_fast.models.hf_adapter.HFCausalLM`):
+    ``allocate(batch, max_seq_len)``, ``prefill(ids, mask) -> logits [B, V]``, ``decode(ids [B]) -> logits [B, V]``.
+    """
+
+    is_lean = True
+
+    def __init__(self, cfg: LeanConfig, attn_backend: str = "sdpa"):
+        super().__init__()
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
+        if attn_backend == "flash" and flash_attn_with_kvcache is None:
+            raise ImportError("attn_backend='flash' needs the flash-attn package (pip install flash-attn)")
+        self.config = cfg
+        self.attn_backend = attn_backend
+        self.model = LlamaBody(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.seq_lens: torch.Tensor | None = None  # [B] int64
+        self.batch_size = 0
+        self.max_seq_len = 0
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_context
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # ---------------------------------------------------------------- cache
+    def allocate(self, batch_size: int, max_seq_len: int) -> None:
+        """(Re)allocate the static KV cache for ``batch_size`` rows of up to ``max_seq_len`` tokens."""
+        if max_seq_len > self.max_context:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens "
+                f"(max_position_embeddings={self.config.max_position_embeddings}"
+                + (f", sliding_window={self.config.sliding_window})" if self.config.sliding_window else ")")
+            )
+        if batch_size == self.batch_size and max_seq_len <= self.max_seq_len and self.k_cache:
+            return  # reuse: prefill overwrites what it needs
+        c = self.config
+        shape = (batch_size, max_seq_len, c.num_kv_heads, c.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+
+    def free(self) -> None:
+        self.k_cache, self.v_cache, self.seq_lens = [], [], None
+        self.batch_size = self.max_seq_len = 0
+
+    # ---------------------------------------------------------------- forward passes
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.model.norm(h), self.head_weight())
+
+    def _layer(self, layer: DecoderLayer, h, cos, sin, attend):
+        a = layer.self_attn
+        q, k, v = a.qkv(layer.input_layernorm(h), cos, sin)
+        h = h + a.o_proj(attend(a, q, k, v))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Cache-free full pass: input_ids [B, T] -> logits [B, T, V] (or final hidden states [B, T, H]).
+
+        Left or right padding via ``attention_mask`` [B, T]; positions default to the count of real tokens.
+        """
+        b, t = input_ids.shape
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if position_ids is None:
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        attn = _prefill_mask(mask)
+        cos, sin = self.rotary.cos_sin(position_ids, self.dtype)
+        h = self.model.embed_tokens(input_ids)
+
+        def attend(a, q, k, v):
+            return a.sdpa(q, k, v, attn)
+
+        for layer in self.model.layers:
+            h = self._layer(layer, h, cos, sin, attend)
+        return self.model.norm(h) if output_hidden else self._logits(h)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Left-padded prompts [B, T] + mask [B, T] -> next-token logits [B, V]; fills the cache."""
+        b, t = input_ids.shape
+        if self.seq_lens is None or b != self.batch_size or t > self.max_seq_len:
+            raise RuntimeError(f"prefill of [{b}, {t}] needs allocate(batch_size={b}, max_seq_len>={t}) first")
+        mask = attention_mask.bool()
+        lengths = mask.sum(-1)  # [B]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        attn = _prefill_mask(mask)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        # gather index that left-aligns each row: cache column j <- prompt column j + pad_b
+        shift = (t - lengths)[:, None] + torch.arange(t, device=input_ids.device)[None]  # [B, T]
+        shift = shift.clamp(max=t - 1)[:, :, None, None]
+        h = self.model.embed_tokens(input_ids)
+
+        for i, layer in enumerate(self.model.layers):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+
+            def attend(a, q, k, v, kc=kc, vc=vc):
+                idx = shift.expand(-1, -1, k.shape[2], k.shape[3])
+                kc[:, :t].copy_(torch.gather(k, 1, idx))
+                vc[:, :t].copy_(torch.gather(v, 1, idx))
+                return a.sdpa(q, k, v, attn)
+
+            h = self._layer(layer, h, cos, sin, attend)
+        self.seq_lens.copy_(lengths)
+        return self._logits(h[:, -1])
+
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One token per row: input_ids [B] -> logits [B, V]. Static shapes, no host sync (graph-capturable)."""
+        b = input_ids.shape[0]
+        pos = self.seq_lens  # [B] position of this token == its cache column
+        cos, sin = self.rotary.cos_sin(pos[:, None], self.dtype)
+        rows = torch.arange(b, device=input_ids.device)
+        cols = torch.arange(self.max_seq_len, device=input_ids.device)
+        valid = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        h = self.model.embed_tokens(input_ids[:, None])  # [B, 1, H]
+
+        for i, layer in enumerate(self.model.layers):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+
+            def attend(a, q, k, v, kc=kc, vc=vc):
+                if self.attn_backend == "flash":
+                    o = flash_attn_with_kvcache(
+                        q, kc, vc, k=k, v=v, cache_seqlens=pos.to(torch.int32), softmax_scale=a.scale, causal=True
+                    )
+                    return o.reshape(b, 1, a.h * a.d)
+                kc.index_put_((rows, pos), k[:, 0])
+                vc.index_put_((rows, pos), v[:, 0])
+                return a.sdpa(q, kc, vc, valid)
+
+            h = self._layer(layer, h, cos, sin, attend)
+        self.seq_lens.add_(1)
+        return self._logits(h[:, 0])
+
+
+def _prefill_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Causal + key-padding mask [B, 1, T, T]; padded query rows see themselves so no row is all -inf."""
+    t = mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+    m = causal[None] & mask[:, None, :]
+    m |= torch.eye(t, dtype=torch.bool, device=mask.device)[None]
+    return m[:, None]

@@ -1,0 +1,145 @@
+"""The torch reference for everything between the two models' logits and the next token ids.
+
+This module is the spec the fused kernel must match. Semantics follow ``transformers``' sampling warpers
+exactly, in their order: temperature -> top_k -> top_p -> min_p, with ``min_tokens_to_keep=1``:
+
+- temperature: ``z / t``; ``t == 0`` (or ``do_sample=False``) means greedy.
+- top_k: keep every token whose logit is >= the k-th largest (ties at the k-th value are all kept); 0 = off.
+- top_p: sort ascending, remove tokens whose cumulative probability is <= 1 - p, always keep the top token;
+  1.0 = off.
+- min_p: remove tokens whose probability is < min_p * (top probability); 0 = off.
+- greedy: argmax with the lowest index on ties.
+
+Every parameter may be a Python scalar or a tensor of shape [B] (one value per row). Sampling draws with the
+exponential-race trick (``argmax(p / E)``, E ~ Exp(1)), which samples exactly from ``p`` and needs no host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Param = float | int | torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated sampling settings (scalars or [B] tensors)."""
+
+    do_sample: bool = False
+    temperature: Param = 1.0
+    top_k: Param = 0
+    top_p: Param = 1.0
+    min_p: Param = 0.0
+
+    def __post_init__(self):
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+
+    @property
+    def greedy(self) -> bool:
+        """True when no row samples (so the RNG is never touched)."""
+        if not self.do_sample:
+            return True
+        t = self.temperature
+        return bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0
+
+
+def _check(name: str, value: Param, ok, expected: str) -> None:
+    vals = value.detach().flatten().tolist() if isinstance(value, torch.Tensor) else [value]
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v or not ok(v):
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def validate_sampling(temperature: Param, top_k: Param, top_p: Param, min_p: Param) -> None:
+    """Raise ValueError naming the first invalid argument."""
+    _check("temperature", temperature, lambda v: v >= 0 and v != float("inf"), "a finite number >= 0")
+    _check("top_k", top_k, lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0 (0 disables it)")
+    _check("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)")
+    _check("min_p", min_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 disables it)")
+
+
+def _col(p: Param, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Scalar or [B] -> [B, 1] tensor on like's device."""
+    t = torch.as_tensor(p, device=like.device, dtype=dtype or like.dtype)
+    return t.reshape(-1, 1) if t.dim() else t.reshape(1, 1).expand(like.shape[0], 1)
+
+
+def combine_logits(
+    base_logits: torch.Tensor | None, value_logits: torch.Tensor | None, alpha: float = 1.0
+) -> torch.Tensor:
+    """z = z_base + alpha * z_value in fp32 (either side may be None: base alone / value alone)."""
+    if base_logits is None and value_logits is None:
+        raise ValueError("combine_logits needs at least one of base_logits, value_logits")
+    if value_logits is None:
+        return base_logits.float()
+    if base_logits is None:
+        return value_logits.float()
+    if base_logits.shape != value_logits.shape:
+        raise ValueError(f"base logits {tuple(base_logits.shape)} and value logits {tuple(value_logits.shape)} differ")
+    return base_logits.float() + alpha * value_logits.float()
+
+
+def warp_logits(
+    logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0, min_p: Param = 0.0
+) -> torch.Tensor:
+    """logits [B, V] -> warped logits [B, V] (removed tokens = -inf), transformers' order and rules.
+
+    Rows with temperature 0 are returned unscaled (they are decoded greedily by :func:`sample_ref`).
+    """
+    z = logits
+    b, v = z.shape
+    neg_inf = torch.tensor(float("-inf"), dtype=z.dtype, device=z.device)
+    t = _col(temperature, z)
+    z = torch.where(t > 0, z / torch.where(t > 0, t, torch.ones_like(t)), z)
+
+    k = _col(top_k, z, torch.int64)
+    if isinstance(top_k, torch.Tensor) or top_k > 0:  # tensors: always, masked per row (no host sync)
+        kk = k.clamp(min=1, max=v)  # max(top_k, min_tokens_to_keep), then min(., V)
+        kth = torch.sort(z, dim=-1, descending=True).values.gather(1, kk - 1)  # [B, 1]
+        z = torch.where((k > 0) & (z < kth), neg_inf, z)
+
+    p = _col(top_p, z)
+    if isinstance(top_p, torch.Tensor) or top_p < 1:
+        sorted_z, sorted_idx = torch.sort(z, dim=-1, descending=False)
+        cum = sorted_z.softmax(-1).cumsum(-1)
+        remove_sorted = cum <= (1 - p)
+        remove_sorted[:, -1] = False  # min_tokens_to_keep = 1
+        remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+        z = torch.where((p < 1) & remove, neg_inf, z)
+
+    mp = _col(min_p, z)
+    if isinstance(min_p, torch.Tensor) or min_p > 0:
+        probs = z.softmax(-1)
+        remove = probs < mp * probs.amax(-1, keepdim=True)
+        remove.scatter_(1, probs.argmax(-1, keepdim=True), False)  # min_tokens_to_keep = 1
+        z = torch.where(remove, neg_inf, z)
+    return z
+
+
+def sample_ref(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [B, V] (fp32) -> next ids [B] int64. Greedy rows: argmax, lowest index on ties."""
+    greedy_ids = logits.argmax(-1)
+    if params.greedy:
+        return greedy_ids
+    warped = warp_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p)
+    probs = warped.softmax(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    sampled = (probs / race.clamp_(min=torch.finfo(probs.dtype).tiny)).argmax(-1)
+    t = _col(params.temperature, logits)[:, 0]
+    return torch.where(t > 0, sampled, greedy_ids)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probability of ``ids`` [B] under the raw combined distribution softmax(logits) (before warping)."""
+    return logits.log_softmax(-1).gather(1, ids[:, None])[:, 0]
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows holding NaN or +-inf (device-side; the decoder checks it at its stop check)."""
+    return ~torch.isfinite(logits).all(-1)

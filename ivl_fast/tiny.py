@@ -1,0 +1,91 @@
+"""Tiny random-weight checkpoints built offline: the embedded default of the README and the test fixtures.
+
+Tokenizer: a byte-level BPE trained in about a second on Python's own documentation text
+(``pydoc_data.topics``, shipped with CPython), saved as a ``transformers`` fast tokenizer. Models: random
+Llama-family weights saved with ``save_pretrained`` (safetensors), i.e. real Hugging Face checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def corpus_text(max_chars: int | None = None) -> str:
+    """Real English text available offline: the topics of CPython's pydoc (~750 KB)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return text[:max_chars] if max_chars else text
+
+
+def train_tokenizer(vocab_size: int = 1024, *, max_chars: int = 300_000):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with <s>/</s>/<pad>/<unk> (ids 1/2/3/0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = corpus_text(max_chars)
+    tok.train_from_iterator((text[i : i + 4096] for i in range(0, len(text), 4096)), trainer=trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def llama_config(vocab_size: int, *, hidden: int, layers: int, heads: int, kv_heads: int, **overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 16 * 16 or 16,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def save_random_model(config, out: str | Path, *, seed: int, tokenizer=None, dtype=torch.float32) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    out = Path(out)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def make_tiny_pair(out_dir: str | Path, *, vocab_size: int = 1024, seed: int = 0) -> dict[str, Path]:
+    """Write ``out_dir/base`` (4 layers, 256 wide) and ``out_dir/value`` (2 layers, 128 wide), same tokenizer."""
+    out = Path(out_dir)
+    tok = train_tokenizer(vocab_size)
+    v = len(tok)
+    base = llama_config(v, hidden=256, layers=4, heads=8, kv_heads=4)
+    value = llama_config(v, hidden=128, layers=2, heads=4, kv_heads=2)
+    return {
+        "base": save_random_model(base, out / "base", seed=seed, tokenizer=tok),
+        "value": save_random_model(value, out / "value", seed=seed + 1, tokenizer=tok),
+    }

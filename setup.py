@@ -1,0 +1,56 @@
+"""Build driver for ivl-fast.
+
+The package is pure Python plus Triton kernels (``kernels/`` installs as ``ivl_fast.kernels``). The C++/CUDA
+extension ``ivl_fast._C`` is described by CMakeLists.txt and built here by CMake once ``csrc/`` holds sources
+(the decode runner and the vocabulary-map DTW land in later issues); until then nothing is compiled and the
+package works without the extension.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configure and build CMakeLists.txt with torch's CMake package; honours MAX_JOBS."""
+
+    def build_extension(self, ext: Extension) -> None:
+        import torch  # noqa: F401  (build with --no-build-isolation so the installed torch is used)
+        from torch.utils import cmake_prefix_path
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cfg = "Debug" if self.debug else "Release"
+        args = [
+            f"-DCMAKE_PREFIX_PATH={cmake_prefix_path}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir / 'ivl_fast'}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+        ]
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+
+
+def _has_csrc() -> bool:
+    return any(p.suffix in {".cpp", ".cu"} for p in (ROOT / "csrc").rglob("*"))
+
+
+setup(
+    packages=["ivl_fast", "ivl_fast.models", "ivl_fast.kernels"],
+    package_dir={"ivl_fast": "ivl_fast", "ivl_fast.kernels": "kernels"},
+    ext_modules=[CMakeExtension("ivl_fast._C")] if _has_csrc() else [],
+    cmdclass={"build_ext": CMakeBuild},
+)

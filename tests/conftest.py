@@ -1,0 +1,76 @@
+"""Shared fixtures: real tokenizers and real (random-weight) Hugging Face checkpoints saved to temp dirs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # kernels run in the Triton interpreter on CPU; set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+from ivl_fast.tiny import train_tokenizer  # noqa: E402
+
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
+def tiny_config(kind: str = "llama", **overrides):
+    """A small config of the given family; initializer_range is raised so logits are far from uniform."""
+    cfg = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    cfg.update(overrides)
+    return CONFIGS[kind](**cfg)
+
+
+def build_model(kind: str = "llama", *, seed: int = 0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(kind, **overrides)).to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A real byte-level BPE tokenizer (512 tokens) trained on CPython's pydoc text."""
+    return train_tokenizer(512, max_chars=100_000)
+
+
+@pytest.fixture(scope="session")
+def save_checkpoint(tmp_path_factory, tokenizer):
+    """save_checkpoint(model, name, with_tokenizer=True) -> Path of a real HF checkpoint directory."""
+
+    def _save(model, name: str, *, with_tokenizer: bool = True, **save_kwargs) -> Path:
+        out = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out, **save_kwargs)
+        if with_tokenizer:
+            tokenizer.save_pretrained(out)
+        return out
+
+    return _save
+
+
+@pytest.fixture(scope="session")
+def pair(save_checkpoint):
+    """(base_model, value_model, base_dir, value_dir): a wider base and a narrower value net, same tokenizer."""
+    base = build_model("llama", seed=0, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    value = build_model("llama", seed=1)
+    return base, value, save_checkpoint(base, "base"), save_checkpoint(value, "value")
