@@ -67,6 +67,8 @@ def _read_prompts(args) -> list:
             prompts.append(line)
     if not prompts:
         raise ValueError(f"--prompts-file {str(path)!r} holds no prompts")
+    if not args.chat and any(not isinstance(p, str) for p in prompts):
+        raise ValueError(f"--prompts-file {str(path)!r} holds chat messages; add --chat to render them")
     return prompts
 
 

@@ -8,6 +8,7 @@ strings and non-finite logits are looked at.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class FastIVLDecoder:
             raise ValueError(f"scheme={scheme!r} needs a base_model")
         if scheme in ("residual", "value_only") and value_model is None:
             raise ValueError(f"scheme={scheme!r} needs a value_model")
-        if not isinstance(alpha, int | float) or alpha != alpha:
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
@@ -304,6 +305,9 @@ class FastIVLDecoder:
             if pad is None:
                 pad = getattr(cfg_src, "pad_token_id", None)
             opts["pad_token_id"] = pad if pad is not None else (eos[0] if eos else 0)
+        pad = opts["pad_token_id"]
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size:
+            raise ValueError(f"pad_token_id must be a token id in [0, {self.vocab_size}), got {pad!r}")
         stops = opts["stop_strings"]
         if stops is not None:
             stops = [stops] if isinstance(stops, str) else list(stops)
@@ -329,6 +333,9 @@ class FastIVLDecoder:
             for i, r in enumerate(rows):
                 if not r:
                     raise ValueError(f"prompt {i} is empty: every row needs at least one token")
+                bad = next((x for x in r if isinstance(x, bool) or not isinstance(x, int)), None)
+                if bad is not None:
+                    raise ValueError(f"input_ids must hold integer token ids; prompt {i} holds {bad!r}")
             t = max(len(r) for r in rows)
             ids = torch.full((len(rows), t), pad_id, dtype=torch.int64)
             mask = torch.zeros((len(rows), t), dtype=torch.bool)
@@ -349,7 +356,8 @@ class FastIVLDecoder:
             if attention_mask is None:
                 mask = torch.ones_like(ids, dtype=torch.bool)
             else:
-                mask = torch.as_tensor(attention_mask).reshape(ids.shape if attention_mask.dim() == 2 else (1, -1))
+                mask = torch.as_tensor(attention_mask)
+                mask = mask.reshape(ids.shape if mask.dim() == 2 else (1, -1))
                 if mask.shape != ids.shape:
                     raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
                 mask = mask.cpu().bool()

@@ -40,7 +40,10 @@ ENGINES = ("auto", "lean", "hf")
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a valid device; expected 'cpu' or 'cuda[:N]'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={str(device)!r} was asked for but torch sees no CUDA device (torch {torch.__version__})"

@@ -36,17 +36,24 @@ def checkpoint_dir(path: str | Path, *, what: str = "checkpoint") -> Path:
 
 def read_config(path: str | Path) -> dict:
     p = checkpoint_dir(path)
+    return _read_json(p / "config.json")
+
+
+def _read_json(path: Path) -> dict:
     try:
-        return json.loads((p / "config.json").read_text())
+        obj = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p / 'config.json'} is not valid JSON: {e}") from e
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def weight_files(path: str | Path, *, allow_pickle: bool = False) -> tuple[list[Path], str]:
     """The weight files of a checkpoint dir and their format ("safetensors" or "pickle")."""
     p = checkpoint_dir(path)
     if (p / SAFE_INDEX).is_file():
-        index = json.loads((p / SAFE_INDEX).read_text())
+        index = _read_json(p / SAFE_INDEX)
         names = sorted(set(index.get("weight_map", {}).values()))
         missing = [n for n in names if not (p / n).is_file()]
         if missing:
@@ -66,7 +73,7 @@ def weight_files(path: str | Path, *, allow_pickle: bool = False) -> tuple[list[
                 "allow_pickle=True (CLI: --allow-pickle) if you trust its source."
             )
         if (p / BIN_INDEX).is_file():
-            index = json.loads((p / BIN_INDEX).read_text())
+            index = _read_json(p / BIN_INDEX)
             bins = [p / n for n in sorted(set(index.get("weight_map", {}).values()))]
         return bins, "pickle"
     raise FileNotFoundError(
@@ -79,7 +86,11 @@ def iter_tensors(path: str | Path, *, allow_pickle: bool = False) -> Iterator[tu
     files, fmt = weight_files(path, allow_pickle=allow_pickle)
     for f in files:
         if fmt == "safetensors":
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
+            try:
+                sf = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # SafetensorError derives from Exception only
+                raise ValueError(f"cannot read safetensors file {str(f)!r} (corrupt or truncated?): {e}") from e
+            with sf:
                 for k in sf.keys():
                     yield k, sf.get_tensor(k)
         else:

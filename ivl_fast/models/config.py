@@ -96,6 +96,10 @@ class LeanConfig:
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedArchitecture(f"hidden_act {act!r} is not implemented by the lean engine (only silu)")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json of this {mt} checkpoint lacks required key(s) {missing}")
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
