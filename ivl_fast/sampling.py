@@ -100,11 +100,13 @@ def warp_logits(
         kth = torch.sort(z, dim=-1, descending=True).values.gather(1, kk - 1)  # [B, 1]
         z = torch.where((k > 0) & (z < kth), neg_inf, z)
 
-    p = _col(top_p, z)
     if isinstance(top_p, torch.Tensor) or top_p < 1:
+        # transformers compares with (1 - top_p) computed in double, then rounded to the logits' dtype
+        p = _col(top_p, z, torch.float64)
+        cut = (1 - p).to(z.dtype)
         sorted_z, sorted_idx = torch.sort(z, dim=-1, descending=False)
         cum = sorted_z.softmax(-1).cumsum(-1)
-        remove_sorted = cum <= (1 - p)
+        remove_sorted = cum <= cut
         remove_sorted[:, -1] = False  # min_tokens_to_keep = 1
         remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
         z = torch.where((p < 1) & remove, neg_inf, z)

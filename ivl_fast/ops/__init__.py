@@ -1,0 +1,6 @@
+"""Public ops with a Triton path and a torch path (``backend="triton" | "torch" | "auto"``), each with a
+plain-torch reference (``*_ref``) that defines it."""
+
+from .fused_ce_l1 import fused_ce_l1, fused_ce_l1_ref
+
+__all__ = ["fused_ce_l1", "fused_ce_l1_ref"]
