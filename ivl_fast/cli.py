@@ -161,6 +161,51 @@ def _cmd_make_tiny(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, train_value_model
+
+    cfg = TrainConfig(
+        bases=[str(b) for b in args.base],
+        value_init=str(args.value_init),
+        data=str(args.data),
+        out=str(args.out),
+        l1=args.l1,
+        scheme=args.scheme,
+        lr=args.lr,
+        warmup_ratio=args.warmup_ratio,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_tokens=args.batch_tokens,
+        grad_accum=args.grad_accum,
+        max_grad_norm=args.max_grad_norm,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        max_length=args.max_length,
+        drop_long=args.drop_long,
+        grad_checkpointing=args.grad_checkpointing,
+        save_every=args.save_every,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        dtype=args.dtype,
+        loss_backend=args.loss_backend,
+        fsdp=args.fsdp,
+        progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
+        debug_kill_at_step=args.debug_kill_at_step,
+    )
+    summary = train_value_model(cfg)
+    d = summary["data"]
+    print(
+        f"trained {summary['steps']} steps in {summary['seconds']:.1f} s on {d['used']} conversations "
+        f"({d['skipped_no_assistant']} without an assistant turn skipped, {d['truncated']} truncated, "
+        f"{d['dropped_too_long']} dropped); padding {100 * summary['padding_fraction']:.1f}%; "
+        f"value network: {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivl-fast", description="Fast Inverse Value Learning")
     parser.add_argument("--version", action="version", version=_version())
@@ -178,6 +223,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
     g.add_argument("--compare-base", action="store_true", help="also time the base alone and print the ratio")
     g.set_defaults(func=_cmd_generate)
+
+    tr = sub.add_parser("train", help="train a value network on a frozen base from chat demonstrations")
+    tr.add_argument("--base", type=Path, action="append", required=True, help="frozen base; repeat for a curriculum")
+    tr.add_argument("--value-init", type=Path, required=True, help="initial value network (normally the small base)")
+    tr.add_argument("--data", type=Path, required=True, help="JSON/JSONL demonstrations (ShareGPT or OpenAI form)")
+    tr.add_argument("--out", type=Path, required=True)
+    tr.add_argument("--l1", type=float, default=1.0, help="L1 weight on the value logits (0 = plain IVL)")
+    tr.add_argument("--scheme", default="residual", choices=["residual", "cascade", "cascade+"])
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--warmup-ratio", type=float, default=0.04)
+    tr.add_argument("--epochs", type=int, default=3)
+    tr.add_argument("--max-steps", type=int, default=None, help="optimizer steps per base (overrides --epochs)")
+    tr.add_argument("--batch-tokens", type=int, default=16384, help="tokens per micro-batch, padding included")
+    tr.add_argument("--grad-accum", type=int, default=1)
+    tr.add_argument("--max-grad-norm", type=float, default=1.0)
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--max-length", type=int, default=4096)
+    tr.add_argument("--drop-long", action="store_true", help="drop over-long conversations instead of truncating")
+    tr.add_argument("--grad-checkpointing", action="store_true")
+    tr.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: never)")
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--overwrite", action="store_true")
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    tr.add_argument("--loss-backend", default="auto", choices=["auto", "triton", "torch"])
+    tr.add_argument("--fsdp", action="store_true", help="shard the value network with FSDP (under torchrun)")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--allow-pickle", action="store_true")
+    tr.add_argument("--debug-kill-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    tr.set_defaults(func=_cmd_train)
 
     t = sub.add_parser("make-tiny", help="build a random tiny base/value pair with a BPE tokenizer (offline)")
     t.add_argument("--out", type=Path, required=True)
@@ -197,7 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, FloatingPointError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        NotImplementedError,
+        FloatingPointError,
+    ) as e:
         print(f"ivl-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,8 @@ from .chat import as_messages, has_tokenizer, load_tokenizer, render_chat
 from .models import from_hf_model, load_model
 from .sampling import SamplingParams, combine_logits, nonfinite_rows, sample_ref, token_logprobs
 
-SCHEMES = ("residual", "base", "value_only")
+SCHEMES = ("residual", "cascade", "cascade+", "base", "value_only")
+PAIR_SCHEMES = ("residual", "cascade", "cascade+")
 _UNSET = object()
 
 
@@ -56,7 +57,10 @@ class FastIVLDecoder:
         vocab_map: sparse base->value vocabulary map for bases with another tokenizer (not available yet:
             cross-vocabulary decoding needs per-step re-tokenization and lands with the vocab-map work).
         alpha: weight of the value logits.
-        scheme: "residual" (IVL), "base" (base alone) or "value_only" (value network alone).
+        scheme: "residual" (IVL: both models read the tokens), "cascade" / "cascade+" (the value network reads
+            softmax(z_base) @ E_value (+ the token embedding); the base runs first), "base" (base alone) or
+            "value_only" (value network alone; residual value networks only). ``from_pretrained`` takes the
+            scheme from the value checkpoint's ``ivl.json`` when none is given.
         tokenizer: used by ``generate_text``, stop strings and default EOS/pad ids.
         sync_every: steps between host checks of EOS / stop strings / NaN (stream() checks every step).
     """
@@ -75,13 +79,10 @@ class FastIVLDecoder:
         sync_every: int = 8,
     ):
         if scheme not in SCHEMES:
-            raise ValueError(
-                f"scheme must be one of {SCHEMES}, got {scheme!r}"
-                + (" (cascade value networks arrive with the training work)" if "cascade" in str(scheme) else "")
-            )
-        if scheme in ("residual", "base") and base_model is None:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if scheme != "value_only" and base_model is None:
             raise ValueError(f"scheme={scheme!r} needs a base_model")
-        if scheme in ("residual", "value_only") and value_model is None:
+        if scheme != "base" and value_model is None:
             raise ValueError(f"scheme={scheme!r} needs a value_model")
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
@@ -95,6 +96,8 @@ class FastIVLDecoder:
             from_hf_model(value_model, engine=engine, attn_backend=attn_backend) if value_model is not None else None
         )
         self.tokenizer = tokenizer
+        if scheme.startswith("cascade") and not (getattr(self.base, "is_lean", False) and self.value.is_lean):
+            raise ValueError(f"scheme={scheme!r} needs the lean engine for both models (Llama/Mistral/Qwen2)")
         if self.base is not None and self.value is not None:
             if self.base.device != self.value.device:
                 raise ValueError(f"base model is on {self.base.device} but value model is on {self.value.device}")
@@ -121,7 +124,7 @@ class FastIVLDecoder:
         device=None,
         dtype=None,
         alpha: float = 1.0,
-        scheme: str = "residual",
+        scheme: str | None = None,
         engine: str = "auto",
         attn_backend: str = "sdpa",
         allow_pickle: bool = False,
@@ -130,6 +133,8 @@ class FastIVLDecoder:
     ) -> FastIVLDecoder:
         """Load base and value checkpoints (Hugging Face directories) and their tokenizer."""
         kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
+        if scheme is None:
+            scheme = _scheme_of(value_path)
         need_base = scheme != "value_only"
         need_value = scheme != "base"
         if need_base and base_path is None:
@@ -431,6 +436,16 @@ class _Run:
     def _logits(self, ids: torch.Tensor | None) -> torch.Tensor:
         dec = self.dec
         zb = zv = None
+        if dec.scheme.startswith("cascade"):  # sequential: the value network reads the base's distribution
+            plus = dec.scheme == "cascade+"
+            if ids is None:
+                zb_all = dec.base.prefill(self.prompt, self.mask, all_logits=True)  # [B, T, V]
+                emb = dec.value.soft_embed(zb_all, self.prompt if plus else None)
+                zb, zv = zb_all[:, -1], dec.value.prefill(None, self.mask, inputs_embeds=emb)
+            else:
+                zb = dec.base.decode(ids)
+                zv = dec.value.decode(None, inputs_embeds=dec.value.soft_embed(zb, ids if plus else None))
+            return combine_logits(zb, zv, dec.alpha)
         if dec.scheme != "value_only":
             zb = dec.base.prefill(self.prompt, self.mask) if ids is None else dec.base.decode(ids)
         if dec.scheme != "base":
@@ -505,6 +520,19 @@ class _Run:
             self.logprobs.masked_fill_(after, 0.0)
             self.stop_step = torch.minimum(self.stop_step, new)
             self.finished |= newly
+
+
+def _scheme_of(value_path) -> str:
+    """The scheme recorded by ``ivl-fast train`` in the value checkpoint's ivl.json (default residual)."""
+    import json
+
+    if value_path is None:
+        return "residual"
+    meta = Path(value_path) / "ivl.json"
+    if meta.is_file():
+        scheme = json.loads(meta.read_text()).get("scheme", "residual")
+        return scheme if scheme in PAIR_SCHEMES else "residual"
+    return "residual"
 
 
 def _is_message_list(x) -> bool:

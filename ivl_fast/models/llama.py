@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import LeanConfig
@@ -112,6 +113,7 @@ class LeanCausalLM(nn.Module):
             raise ImportError("attn_backend='flash' needs the flash-attn package (pip install flash-attn)")
         self.config = cfg
         self.attn_backend = attn_backend
+        self.gradient_checkpointing = False
         self.model = LlamaBody(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
@@ -173,36 +175,67 @@ class LeanCausalLM(nn.Module):
         h = h + a.o_proj(attend(a, q, k, v))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
+    def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        return self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
+
+    def soft_embed(self, base_logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Cascade-scheme input: softmax(z_base) @ E [.., H] (+ E[input_ids] for cascade+), in the model dtype."""
+        emb = self.model.embed_tokens.weight  # [V, H]
+        if base_logits.shape[-1] != emb.shape[0]:
+            raise ValueError(f"base logits have {base_logits.shape[-1]} entries, the embedding {emb.shape[0]} rows")
+        soft = (base_logits.float().softmax(-1) @ emb.float()).to(emb.dtype)
+        return soft if input_ids is None else soft + self.model.embed_tokens(input_ids)
+
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cache-free full pass: input_ids [B, T] -> logits [B, T, V] (or final hidden states [B, T, H]).
+        """Cache-free full pass: input_ids [B, T] (or inputs_embeds [B, T, H]) -> logits [B, T, V], or the final
+        (normed) hidden states [B, T, H] with ``output_hidden=True``. Differentiable (training path).
 
         Left or right padding via ``attention_mask`` [B, T]; positions default to the count of real tokens.
+        ``self.gradient_checkpointing = True`` recomputes each layer in backward instead of storing it.
         """
-        b, t = input_ids.shape
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        h = self.embed(input_ids, inputs_embeds)
+        b, t = h.shape[:2]
+        mask = (
+            torch.ones((b, t), dtype=torch.bool, device=h.device) if attention_mask is None else attention_mask.bool()
+        )
         if position_ids is None:
             position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         attn = _prefill_mask(mask)
         cos, sin = self.rotary.cos_sin(position_ids, self.dtype)
-        h = self.model.embed_tokens(input_ids)
 
         def attend(a, q, k, v):
             return a.sdpa(q, k, v, attn)
 
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h = self._layer(layer, h, cos, sin, attend)
+            if ckpt:
+                h = torch.utils.checkpoint.checkpoint(self._layer, layer, h, cos, sin, attend, use_reentrant=False)
+            else:
+                h = self._layer(layer, h, cos, sin, attend)
         return self.model.norm(h) if output_hidden else self._logits(h)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Left-padded prompts [B, T] + mask [B, T] -> next-token logits [B, V]; fills the cache."""
-        b, t = input_ids.shape
+    def prefill(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Left-padded prompts [B, T] + mask [B, T] -> next-token logits [B, V] ([B, T, V] with all_logits);
+        fills the cache. ``inputs_embeds`` [B, T, H] replaces the token embeddings (cascade value networks)."""
+        h = self.embed(input_ids, inputs_embeds)
+        b, t = attention_mask.shape
         if self.seq_lens is None or b != self.batch_size or t > self.max_seq_len:
             raise RuntimeError(f"prefill of [{b}, {t}] needs allocate(batch_size={b}, max_seq_len>={t}) first")
         mask = attention_mask.bool()
@@ -211,9 +244,8 @@ class LeanCausalLM(nn.Module):
         attn = _prefill_mask(mask)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         # gather index that left-aligns each row: cache column j <- prompt column j + pad_b
-        shift = (t - lengths)[:, None] + torch.arange(t, device=input_ids.device)[None]  # [B, T]
+        shift = (t - lengths)[:, None] + torch.arange(t, device=h.device)[None]  # [B, T]
         shift = shift.clamp(max=t - 1)[:, :, None, None]
-        h = self.model.embed_tokens(input_ids)
 
         for i, layer in enumerate(self.model.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
@@ -226,18 +258,22 @@ class LeanCausalLM(nn.Module):
 
             h = self._layer(layer, h, cos, sin, attend)
         self.seq_lens.copy_(lengths)
-        return self._logits(h[:, -1])
+        return self._logits(h) if all_logits else self._logits(h[:, -1])
 
     @torch.inference_mode()
-    def decode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """One token per row: input_ids [B] -> logits [B, V]. Static shapes, no host sync (graph-capturable)."""
-        b = input_ids.shape[0]
+    def decode(self, input_ids: torch.Tensor | None, *, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row: input_ids [B] (or inputs_embeds [B, H]) -> logits [B, V].
+
+        Static shapes, no host sync (graph-capturable)."""
+        h = self.embed(
+            None if input_ids is None else input_ids[:, None], None if inputs_embeds is None else inputs_embeds[:, None]
+        )  # [B, 1, H]
+        b = h.shape[0]
         pos = self.seq_lens  # [B] position of this token == its cache column
         cos, sin = self.rotary.cos_sin(pos[:, None], self.dtype)
-        rows = torch.arange(b, device=input_ids.device)
-        cols = torch.arange(self.max_seq_len, device=input_ids.device)
+        rows = torch.arange(b, device=h.device)
+        cols = torch.arange(self.max_seq_len, device=h.device)
         valid = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        h = self.model.embed_tokens(input_ids[:, None])  # [B, 1, H]
 
         for i, layer in enumerate(self.model.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]

@@ -1,0 +1,374 @@
+"""Value-network training end to end on real tiny checkpoints, real tokenizer, real JSONL files (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model
+
+from ivl_fast import FastIVLDecoder
+from ivl_fast.cli import main as cli_main
+from ivl_fast.train import TrainConfig, build_dataset, make_batches, read_conversations, train_value_model
+from ivl_fast.train import trainer as trainer_mod
+from ivl_fast.train.data import IGNORE, DataError, padding_fraction, tokenize_conversation
+
+
+def _conversations(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        out.append(
+            [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"The answer is {a + b}."},
+            ]
+        )
+    return out
+
+
+def _write_jsonl(path: Path, convs, form: str = "openai") -> Path:
+    with path.open("w") as f:
+        for c in convs:
+            if form == "openai":
+                f.write(json.dumps({"messages": c}) + "\n")
+            else:
+                who = {"user": "human", "assistant": "gpt", "system": "system"}
+                f.write(json.dumps({"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in c]}))
+                f.write("\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, save_checkpoint):
+    """A frozen base (wider) and a value init (the small model), same tokenizer, plus a demonstrations file."""
+    base = build_model("llama", seed=0, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    small = build_model("llama", seed=1)
+    d = tmp_path_factory.mktemp("train")
+    data = _write_jsonl(d / "demos.jsonl", _conversations(48))
+    return {
+        "base": save_checkpoint(base, "tbase"),
+        "small": save_checkpoint(small, "tsmall"),
+        "data": data,
+        "dir": d,
+    }
+
+
+def _cfg(setup, out, **kw) -> TrainConfig:
+    args = dict(
+        bases=[str(setup["base"])],
+        value_init=str(setup["small"]),
+        data=str(setup["data"]),
+        out=str(out),
+        max_steps=24,
+        batch_tokens=256,
+        lr=1e-3,
+        save_every=8,
+        progress=False,
+        loss_backend="torch",
+    )
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+# ----------------------------------------------------------------------------- data
+def test_sharegpt_and_openai_forms_give_identical_examples(setup, tokenizer, tmp_path):
+    convs = _conversations(5, seed=3)
+    a = build_dataset(tokenizer, _write_jsonl(tmp_path / "a.jsonl", convs, "openai"))
+    b = build_dataset(tokenizer, _write_jsonl(tmp_path / "b.jsonl", convs, "sharegpt"))
+    assert [(e.input_ids, e.labels) for e in a.examples] == [(e.input_ids, e.labels) for e in b.examples]
+    # a JSON array works too
+    (tmp_path / "c.json").write_text(json.dumps([{"messages": c} for c in convs]))
+    c = build_dataset(tokenizer, tmp_path / "c.json")
+    assert [e.input_ids for e in c.examples] == [e.input_ids for e in a.examples]
+
+
+def test_labels_cover_exactly_the_assistant_turns(tokenizer):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "Hi there."},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "Hello."},
+    ]
+    ex = tokenize_conversation(tokenizer, msgs)
+    labelled = [t for t in ex.labels if t != IGNORE]
+    text = tokenizer.decode(labelled)
+    # both assistant answers (with the EOS that ends each turn), nothing of the user or system turns
+    assert "Hi there." in text and "Hello." in text and text.count("</s>") == 2
+    assert "Say hi" not in text and "Be brief" not in text and "Again" not in text
+    assert len(ex.labels) == len(ex.input_ids)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"messages": _conversations(1)[0]}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+        read_conversations(p)
+    p.write_text(json.dumps({"messages": [{"role": "alien", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: turn 0 has unknown role 'alien'"):
+        read_conversations(p)
+
+
+def test_skipped_truncated_and_dropped_are_counted(tokenizer, tmp_path):
+    convs = _conversations(4) + [[{"role": "user", "content": "no answer here"}]]
+    convs.append([{"role": "user", "content": "long " * 10}, {"role": "assistant", "content": "x " * 80}])
+    p = _write_jsonl(tmp_path / "m.jsonl", convs)
+    ds = build_dataset(tokenizer, p, max_length=64)
+    assert ds.stats.skipped_no_assistant == 1 and ds.stats.truncated == 1 and ds.stats.used == 5
+    assert all(len(e.input_ids) <= 64 for e in ds.examples)
+    # an over-long conversation whose assistant turn is cut away entirely cannot teach anything: dropped
+    gone = _write_jsonl(tmp_path / "g.jsonl", convs[:4] + [[{"role": "user", "content": "y " * 90}, convs[5][1]]])
+    assert build_dataset(tokenizer, gone, max_length=64).stats.dropped_too_long == 1
+    dropped = build_dataset(tokenizer, p, max_length=64, drop_long=True)
+    assert dropped.stats.dropped_too_long == 1 and dropped.stats.used == 4
+
+
+def test_length_grouped_batches_pad_less_than_ten_percent():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 400) for _ in range(2000)]
+    batches = make_batches(lengths, 4096, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(2000))  # every example exactly once
+    assert all(len(b) * max(lengths[i] for i in b) <= 4096 for b in batches)
+    assert padding_fraction(batches, lengths) < 0.10
+    assert make_batches(lengths, 4096, seed=0, epoch=0) == batches  # deterministic
+    assert make_batches(lengths, 4096, seed=0, epoch=1) != batches  # reshuffled per epoch
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_train_end_to_end_loss_decreases_and_output_loads(setup, tmp_path):
+    out = tmp_path / "run"
+    summary = train_value_model(_cfg(setup, out))
+    assert summary["steps"] == 24
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 25)) and all("loss" in r for r in log)
+    first, last = sum(r["loss"] for r in log[:4]) / 4, sum(r["loss"] for r in log[-4:]) / 4
+    assert last < 0.7 * first, (first, last)
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    meta = json.loads((out / "ivl.json").read_text())
+    assert meta["scheme"] == "residual" and meta["l1"] == 1.0 and meta["bases"] == [str(setup["base"])]
+    assert len(meta["data_hash"]) == 64
+
+    # transformers loads it, and its logits are the trained lean model's
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    dec = FastIVLDecoder.from_pretrained(setup["base"], out)
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, dec.value(ids), rtol=1e-4, atol=1e-4)
+    text = dec.generate_text("What is 3 plus 4?", chat=True, max_new_tokens=8)
+    assert isinstance(text, str)
+
+
+def test_trained_value_network_steers_the_base(setup, tmp_path):
+    """The trained pair assigns the demonstrated answers a higher likelihood than the base alone."""
+    out = tmp_path / "steer"
+    train_value_model(_cfg(setup, out, max_steps=40))
+    from ivl_fast.models import load_model
+    from ivl_fast.train.data import build_dataset as bd
+
+    tok = FastIVLDecoder.from_pretrained(setup["base"], out).tokenizer
+    ds = bd(tok, setup["data"])
+    base, value = load_model(setup["base"]), load_model(out)
+    ex = ds.examples[0]
+    ids = torch.tensor([ex.input_ids])
+    lab = torch.tensor(ex.labels[1:])
+    keep = lab != IGNORE
+    zb = base(ids)[0, :-1][keep]
+    zv = value(ids)[0, :-1][keep]
+    nll_base = torch.nn.functional.cross_entropy(zb, lab[keep])
+    nll_pair = torch.nn.functional.cross_entropy(zb + zv, lab[keep])
+    assert nll_pair < nll_base
+
+
+def test_resume_after_kill_gives_identical_weights(setup, tmp_path):
+    """A run SIGKILLed mid-way and resumed ends with the same weights as an uninterrupted run (CPU)."""
+    from safetensors.torch import load_file
+
+    common = [
+        "train",
+        "--base",
+        str(setup["base"]),
+        "--value-init",
+        str(setup["small"]),
+        "--data",
+        str(setup["data"]),
+        "--max-steps",
+        "12",
+        "--batch-tokens",
+        "256",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "4",
+        "--no-progress",
+        "--loss-backend",
+        "torch",
+    ]
+    full = tmp_path / "full"
+    assert cli_main(common + ["--out", str(full)]) == 0
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "ivl_fast.cli", *common, "--out", str(cut), "--debug-kill-at-step", "6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # really killed
+    state = json.loads((cut / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 4  # the last checkpoint before the kill
+    assert not (cut / "model.safetensors").exists()
+    # resuming without --resume is refused: the directory holds a run
+    assert cli_main(common + ["--out", str(cut)]) == 2
+    assert cli_main(common + ["--out", str(cut), "--resume"]) == 0
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_ddp_two_processes_equal_one_process_with_same_global_batch(setup, tmp_path):
+    """torchrun with 2 CPU processes (gloo), grad_accum 1 == 1 process with grad_accum 2."""
+    from safetensors.torch import load_file
+
+    common = [
+        "train",
+        "--base",
+        str(setup["base"]),
+        "--value-init",
+        str(setup["small"]),
+        "--data",
+        str(setup["data"]),
+        "--max-steps",
+        "5",
+        "--batch-tokens",
+        "256",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "0",
+        "--no-progress",
+        "--loss-backend",
+        "torch",
+    ]
+    single = tmp_path / "single"
+    assert cli_main(common + ["--grad-accum", "2", "--out", str(single)]) == 0
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "ivl_fast.cli",
+        *common,
+        "--grad-accum",
+        "1",
+        "--out",
+        str(ddp),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(single / "model.safetensors")), load_file(str(ddp / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    la = [json.loads(x)["loss"] for x in (single / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (ddp / "train_log.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert json.loads((ddp / "ivl.json").read_text())["summary"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("scheme", ["cascade", "cascade+"])
+def test_cascade_schemes_train_and_decode_exactly(setup, tmp_path, scheme):
+    out = tmp_path / scheme
+    train_value_model(_cfg(setup, out, scheme=scheme, max_steps=6))
+    dec = FastIVLDecoder.from_pretrained(setup["base"], out)  # scheme read from ivl.json
+    assert dec.scheme == scheme
+    prompts = [[1, 40, 41, 42, 43], [1, 90, 91]]
+    got = dec.generate(prompts, max_new_tokens=10, eos_token_id=[])
+    t = got.prompt_length
+    # reference: full recompute each step, the value network reading softmax(z_base) @ E (+ E[token])
+    base, value = dec.base, dec.value
+    for i, p in enumerate(prompts):
+        seq = list(p)
+        for _ in range(10):
+            x = torch.tensor([seq])
+            with torch.no_grad():
+                zb = base(x)  # [1, T, V]
+                emb = value.soft_embed(zb, x if scheme == "cascade+" else None)
+                z = zb[0, -1] + value(inputs_embeds=emb)[0, -1]
+            seq.append(int(z.argmax()))
+        assert got.sequences[i, t:].tolist() == seq[len(p) :]
+
+
+def test_curriculum_trains_on_each_base_in_turn(setup, tmp_path, save_checkpoint):
+    base2 = save_checkpoint(build_model("llama", seed=5, hidden_size=80, num_attention_heads=4), "tbase2")
+    out = tmp_path / "curr"
+    summary = train_value_model(_cfg(setup, out, bases=[str(setup["base"]), str(base2)], max_steps=5))
+    assert summary["steps"] == 10
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0] * 5 + [1] * 5
+    assert len(json.loads((out / "ivl.json").read_text())["bases"]) == 2
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_out_dir_holding_another_run_is_refused(setup, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "something.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--resume .* --overwrite"):
+        train_value_model(_cfg(setup, out, max_steps=2))
+    assert (out / "something.txt").read_text() == "mine"  # nothing lost
+    train_value_model(_cfg(setup, out, max_steps=2, overwrite=True))
+    with pytest.raises(ValueError, match="holds a different run"):
+        train_value_model(_cfg(setup, out, max_steps=3, resume=True))
+
+
+def test_vocabulary_mismatch_is_refused(setup, save_checkpoint, tmp_path):
+    other = save_checkpoint(build_model("llama", seed=2, vocab_size=640), "v640")
+    with pytest.raises(ValueError, match="same vocabulary"):
+        train_value_model(_cfg(setup, tmp_path / "x", bases=[str(other)]))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(setup, tmp_path, monkeypatch):
+    out = tmp_path / "diskfull"
+    import safetensors.torch as st
+
+    real = st.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, filename, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half a file, then fail like a full disk
+            Path(filename).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        train_value_model(_cfg(setup, out, max_steps=16, save_every=4))
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    assert real is not None and st.load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert not list(out.glob(".checkpoint.tmp-*"))  # the temp dir was cleaned up
+    monkeypatch.setattr(st, "save_file", real)
+    summary = train_value_model(_cfg(setup, out, max_steps=16, save_every=4, resume=True))
+    assert summary["resumed_from"] == 4 and summary["steps"] == 16
+
+
+def test_bad_training_arguments(setup, tmp_path):
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        train_value_model(_cfg(setup, tmp_path / "a", scheme="stacked"))
+    with pytest.raises(ValueError, match="lr=0"):
+        train_value_model(_cfg(setup, tmp_path / "b", lr=0))
+    with pytest.raises(FileNotFoundError, match="data file"):
+        train_value_model(_cfg(setup, tmp_path / "c", data=str(tmp_path / "missing.jsonl")))
+    assert trainer_mod.SCHEMES == ("residual", "cascade", "cascade+")
