@@ -231,8 +231,8 @@ def test_resume_after_kill_gives_identical_weights(setup, tmp_path):
     assert steps == list(range(1, 13))
 
 
-def test_ddp_two_processes_equal_one_process_with_same_global_batch(setup, tmp_path):
-    """torchrun with 2 CPU processes (gloo), grad_accum 1 == 1 process with grad_accum 2."""
+def test_ddp_and_fsdp_two_processes_equal_one_process_with_same_global_batch(setup, tmp_path):
+    """torchrun with 2 CPU processes (gloo), grad_accum 1 == 1 process with grad_accum 2; DDP and FSDP."""
     from safetensors.torch import load_file
 
     common = [
@@ -284,6 +284,17 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(setup, tmp_p
     lb = [json.loads(x)["loss"] for x in (ddp / "train_log.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-5)
     assert json.loads((ddp / "ivl.json").read_text())["summary"]["world_size"] == 2
+
+    # FSDP (FSDP2 fully_shard over gloo): same result again, and a checkpoint gathered from the shards
+    fsdp = tmp_path / "fsdp"
+    cmd_fsdp = [x if x != str(ddp) else str(fsdp) for x in cmd] + ["--fsdp", "--save-every", "5"]
+    cmd_fsdp[cmd_fsdp.index("--master_port") + 1] = str(29500 + os.getpid() % 1000 + 1)
+    proc = subprocess.run(cmd_fsdp, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = load_file(str(fsdp / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert (fsdp / "checkpoint" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("scheme", ["cascade", "cascade+"])

@@ -87,6 +87,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """h [B, T, H]; ``attend(attn_module, q, k, v) -> [B, T, H*D]`` does the cache/mask specific part."""
+        a = self.self_attn
+        q, k, v = a.qkv(self.input_layernorm(h), cos, sin)
+        h = h + a.o_proj(attend(a, q, k, v))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 class LlamaBody(nn.Module):
     def __init__(self, cfg: LeanConfig):
@@ -169,12 +176,6 @@ class LeanCausalLM(nn.Module):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.model.norm(h), self.head_weight())
 
-    def _layer(self, layer: DecoderLayer, h, cos, sin, attend):
-        a = layer.self_attn
-        q, k, v = a.qkv(layer.input_layernorm(h), cos, sin)
-        h = h + a.o_proj(attend(a, q, k, v))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -218,9 +219,9 @@ class LeanCausalLM(nn.Module):
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if ckpt:
-                h = torch.utils.checkpoint.checkpoint(self._layer, layer, h, cos, sin, attend, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attend, use_reentrant=False)
             else:
-                h = self._layer(layer, h, cos, sin, attend)
+                h = layer(h, cos, sin, attend)
         return self.model.norm(h) if output_hidden else self._logits(h)
 
     @torch.inference_mode()
@@ -256,7 +257,7 @@ class LeanCausalLM(nn.Module):
                 vc[:, :t].copy_(torch.gather(v, 1, idx))
                 return a.sdpa(q, k, v, attn)
 
-            h = self._layer(layer, h, cos, sin, attend)
+            h = layer(h, cos, sin, attend)
         self.seq_lens.copy_(lengths)
         return self._logits(h) if all_logits else self._logits(h[:, -1])
 
@@ -288,7 +289,7 @@ class LeanCausalLM(nn.Module):
                 vc.index_put_((rows, pos), v[:, 0])
                 return a.sdpa(q, kc, vc, valid)
 
-            h = self._layer(layer, h, cos, sin, attend)
+            h = layer(h, cos, sin, attend)
         self.seq_lens.add_(1)
         return self._logits(h[:, 0])
 

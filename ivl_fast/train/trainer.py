@@ -162,7 +162,23 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def save_checkpoint(out: Path, value: LeanCausalLM, opt, sched, state: dict) -> Path:
+def _sd_options(fsdp: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True) if fsdp else StateDictOptions()
+
+
+def full_states(value, opt, *, fsdp: bool, with_optimizer: bool = True):
+    """Unsharded model (and optimizer) state dicts; collective under FSDP, so call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    o = _sd_options(fsdp)
+    msd = {k: v.detach().contiguous() for k, v in get_model_state_dict(value, options=o).items()}
+    osd = get_optimizer_state_dict(value, opt, options=o) if with_optimizer else None
+    return msd, osd
+
+
+def save_checkpoint(out: Path, model_sd: dict, opt_sd: dict, sched, state: dict) -> Path:
     """Write weights + optimizer + scheduler + RNG + data position atomically (temp dir, then rename).
 
     If anything fails while writing, the temp dir is removed and the previous checkpoint stays intact.
@@ -173,8 +189,8 @@ def save_checkpoint(out: Path, value: LeanCausalLM, opt, sched, state: dict) -> 
     final, old = out / CKPT, out / f".{CKPT}.old"
     try:
         tmp.mkdir(parents=True, exist_ok=False)
-        save_file({k: v.detach().contiguous() for k, v in value.state_dict().items()}, str(tmp / "model.safetensors"))
-        extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
+        save_file(model_sd, str(tmp / "model.safetensors"))
+        extra = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
         torch.save(extra, tmp / "opt.pt")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "python_rng": random.getstate()}))
     except BaseException:
@@ -189,13 +205,14 @@ def save_checkpoint(out: Path, value: LeanCausalLM, opt, sched, state: dict) -> 
     return final
 
 
-def _load_checkpoint(ckpt: Path, value: LeanCausalLM, opt, sched) -> dict:
+def _load_checkpoint(ckpt: Path, value, opt, sched, *, fsdp: bool) -> dict:
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    sd = load_file(str(ckpt / "model.safetensors"), device=str(value.device))
-    value.load_state_dict(sd)
-    extra = torch.load(ckpt / "opt.pt", map_location=value.device, weights_only=True)
-    opt.load_state_dict(extra["optimizer"])
+    o = _sd_options(fsdp)
+    set_model_state_dict(value, load_file(str(ckpt / "model.safetensors")), options=o)
+    extra = torch.load(ckpt / "opt.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(value, opt, extra["optimizer"], options=o)
     sched.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"].cpu())
     state = json.loads((ckpt / STATE_FILE).read_text())
@@ -271,10 +288,18 @@ def train_value_model(cfg: TrainConfig) -> dict:
     value.requires_grad_(True).train()
     value.gradient_checkpointing = cfg.grad_checkpointing
     value_fwd = value
-    if dist and cfg.fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    fsdp = bool(dist and cfg.fsdp)
+    if cfg.fsdp and not dist:
+        raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    if fsdp:
+        # FSDP2: shard each decoder layer and the root. The root keeps its parameters unsharded after the
+        # forward (reshard_after_forward=False) because the fused loss reads the LM head outside the forward.
+        from torch.distributed.fsdp import fully_shard
 
-        value_fwd = FSDP(value, use_orig_params=True)
+        for layer in value.model.layers:
+            fully_shard(layer)
+        fully_shard(value, reshard_after_forward=False)
+        value_fwd = value
     elif dist:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -301,7 +326,7 @@ def train_value_model(cfg: TrainConfig) -> dict:
     if cfg.resume:
         ckpt = _latest_checkpoint(out)
         if ckpt is not None:
-            st = _load_checkpoint(ckpt, value, opt, sched)
+            st = _load_checkpoint(ckpt, value, opt, sched, fsdp=fsdp)
             step, stage, resumed_from = st["step"], st["stage"], st["step"]
     if rank == 0 and not (out / "run.json").is_file():
         (out / "run.json").write_text(json.dumps({"config": fp, "data_hash": data.data_hash}, indent=1))
@@ -378,10 +403,12 @@ def train_value_model(cfg: TrainConfig) -> dict:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
-                done_stage = step == stage_start + stage_steps
-                if cfg.save_every and (step % cfg.save_every == 0 or done_stage):
+            done_stage = step == stage_start + stage_steps
+            if cfg.save_every and (step % cfg.save_every == 0 or done_stage):
+                msd, osd = full_states(value, opt, fsdp=fsdp)  # every rank (collective under FSDP)
+                if rank == 0:
                     st = {"step": step, "stage": stage + (1 if done_stage else 0), "epoch": epoch}
-                    save_checkpoint(out, value, opt, sched, st)
+                    save_checkpoint(out, msd, osd, sched, st)
             if dist:
                 dist.barrier()
             if cfg.debug_kill_at_step == step:
@@ -400,8 +427,9 @@ def train_value_model(cfg: TrainConfig) -> dict:
         "seconds": time.perf_counter() - t_start,
         "resumed_from": resumed_from,
     }
+    final_sd, _ = full_states(value, opt, fsdp=fsdp, with_optimizer=False)
     if rank == 0:
-        _export(cfg, out, value, tokenizer, data.data_hash, summary)
+        _export(cfg, out, final_sd, tokenizer, data.data_hash, summary)
     if dist:
         dist.barrier()
     return summary
@@ -415,7 +443,7 @@ class _null:
         return False
 
 
-def _export(cfg: TrainConfig, out: Path, value: LeanCausalLM, tokenizer, data_hash: str, summary: dict) -> None:
+def _export(cfg: TrainConfig, out: Path, sd: dict, tokenizer, data_hash: str, summary: dict) -> None:
     """The final HF-format value network: config.json, model.safetensors, tokenizer, ivl.json, loss curve."""
     from safetensors.torch import save_file
 
@@ -423,7 +451,6 @@ def _export(cfg: TrainConfig, out: Path, value: LeanCausalLM, tokenizer, data_ha
     raw["torch_dtype"] = "float32"
     raw.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
-    sd = {k: v.detach().contiguous() for k, v in value.state_dict().items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     ivl = {
