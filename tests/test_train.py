@@ -78,6 +78,16 @@ def _cfg(setup, out, **kw) -> TrainConfig:
     return TrainConfig(**args)
 
 
+def _cli_args(setup, *, max_steps: int, save_every: int) -> list[str]:
+    """`ivl-fast train` arguments for the fixture's base, value init and data (fast settings)."""
+    return [
+        "train",
+        *("--base", str(setup["base"]), "--value-init", str(setup["small"]), "--data", str(setup["data"])),
+        *("--max-steps", str(max_steps), "--save-every", str(save_every), "--batch-tokens", "256"),
+        *("--lr", "1e-3", "--no-progress", "--loss-backend", "torch"),
+    ]
+
+
 # ----------------------------------------------------------------------------- data
 def test_sharegpt_and_openai_forms_give_identical_examples(setup, tokenizer, tmp_path):
     convs = _conversations(5, seed=3)
@@ -193,26 +203,7 @@ def test_resume_after_kill_gives_identical_weights(setup, tmp_path):
     """A run SIGKILLed mid-way and resumed ends with the same weights as an uninterrupted run (CPU)."""
     from safetensors.torch import load_file
 
-    common = [
-        "train",
-        "--base",
-        str(setup["base"]),
-        "--value-init",
-        str(setup["small"]),
-        "--data",
-        str(setup["data"]),
-        "--max-steps",
-        "12",
-        "--batch-tokens",
-        "256",
-        "--lr",
-        "1e-3",
-        "--save-every",
-        "4",
-        "--no-progress",
-        "--loss-backend",
-        "torch",
-    ]
+    common = _cli_args(setup, max_steps=12, save_every=4)
     full = tmp_path / "full"
     assert cli_main(common + ["--out", str(full)]) == 0
     cut = tmp_path / "cut"
@@ -235,26 +226,7 @@ def test_ddp_and_fsdp_two_processes_equal_one_process_with_same_global_batch(set
     """torchrun with 2 CPU processes (gloo), grad_accum 1 == 1 process with grad_accum 2; DDP and FSDP."""
     from safetensors.torch import load_file
 
-    common = [
-        "train",
-        "--base",
-        str(setup["base"]),
-        "--value-init",
-        str(setup["small"]),
-        "--data",
-        str(setup["data"]),
-        "--max-steps",
-        "5",
-        "--batch-tokens",
-        "256",
-        "--lr",
-        "1e-3",
-        "--save-every",
-        "0",
-        "--no-progress",
-        "--loss-backend",
-        "torch",
-    ]
+    common = _cli_args(setup, max_steps=5, save_every=0)
     single = tmp_path / "single"
     assert cli_main(common + ["--grad-accum", "2", "--out", str(single)]) == 0
     ddp = tmp_path / "ddp"
