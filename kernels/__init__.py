@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-KERNEL_MODULES = ("fused_ce_l1",)
+KERNEL_MODULES = ("fused_ce_l1", "combine_and_sample")
 
 
 def compile_all(capability: int) -> dict[str, int]:
@@ -24,8 +24,8 @@ def compile_all(capability: int) -> dict[str, int]:
     sizes = {}
     for mod_name in KERNEL_MODULES:
         mod = importlib.import_module(f"{__name__}.{mod_name}")
-        for fn, signature, constexprs, options in mod.AOT_SPECS:
+        for i, (fn, signature, constexprs, options) in enumerate(mod.AOT_SPECS):
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
             k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
-            sizes[f"{mod_name}.{fn.__name__}"] = len(k.asm["cubin"])
+            sizes[f"{mod_name}.{fn.__name__}[{i}]"] = len(k.asm["cubin"])
     return sizes

@@ -1,0 +1,84 @@
+"""Sparse base->value vocabulary maps.
+
+``VocabMap`` holds W [V_base, V_value] as CSR (rows = base tokens) and derives the orientation the fused
+sampling kernel reads: ELL by value token, ``idx`` [V_value, K] (base ids) and ``w`` [V_value, K] (weights,
+0 for padding), so ``z_value_space[v] = sum_k w[v, k] * z_base[idx[v, k]]`` is a fixed-width gather.
+Building maps from text (MinED/DTW alignment) and saving/loading them arrive with the cross-vocabulary work.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class VocabMap:
+    def __init__(self, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]):
+        vb, vv = shape
+        if crow.dim() != 1 or crow.numel() != vb + 1:
+            raise ValueError(f"crow must have V_base + 1 = {vb + 1} entries, got shape {tuple(crow.shape)}")
+        if col.shape != val.shape or col.dim() != 1:
+            raise ValueError(f"col and val must be 1-D of one length, got {tuple(col.shape)} and {tuple(val.shape)}")
+        if col.numel() and (int(col.min()) < 0 or int(col.max()) >= vv):
+            raise ValueError(f"col holds value ids outside [0, {vv})")
+        self.crow, self.col, self.val = crow.long(), col.long(), val.float()
+        self.shape = (int(vb), int(vv))
+        self._ell: dict = {}
+
+    @property
+    def v_base(self) -> int:
+        return self.shape[0]
+
+    @property
+    def v_value(self) -> int:
+        return self.shape[1]
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor) -> VocabMap:
+        """W [V_base, V_value] dense -> CSR (zeros dropped)."""
+        if w.dim() != 2:
+            raise ValueError(f"W must be 2-D [V_base, V_value], got shape {tuple(w.shape)}")
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            sp = w.detach().float().cpu().to_sparse_csr()
+        return cls(sp.crow_indices(), sp.col_indices(), sp.values(), tuple(w.shape))
+
+    def to_torch_sparse(self) -> torch.Tensor:
+        """torch sparse CSR [V_base, V_value]."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(self.crow, self.col, self.val, size=self.shape, check_invariants=False)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.to_torch_sparse().to_dense()
+
+    def ell(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx int32 [V_value, K], w fp32 [V_value, K]) grouped by value token; K = max base tokens per value."""
+        key = str(device)
+        if key not in self._ell:
+            rows = torch.repeat_interleave(torch.arange(self.v_base), self.crow.diff())  # base id of each nnz
+            order = torch.argsort(self.col, stable=True)
+            cols, base_ids, vals = self.col[order], rows[order], self.val[order]
+            counts = torch.bincount(cols, minlength=self.v_value)
+            k = max(1, int(counts.max()) if counts.numel() else 1)
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(cols.numel()) - starts[cols]
+            idx = torch.zeros(self.v_value, k, dtype=torch.int32)
+            w = torch.zeros(self.v_value, k, dtype=torch.float32)
+            idx[cols, slot] = base_ids.int()
+            w[cols, slot] = vals
+            self._ell[key] = (idx.to(device), w.to(device))
+        return self._ell[key]
+
+    def apply(self, base_logits: torch.Tensor) -> torch.Tensor:
+        """Reference mapping: [B, V_base] -> [B, V_value] = base_logits @ W (fp32)."""
+        if base_logits.shape[-1] != self.v_base:
+            raise ValueError(f"base logits have {base_logits.shape[-1]} entries but the map expects {self.v_base}")
+        w = self.to_torch_sparse().to(base_logits.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return (w.t() @ base_logits.float().t()).t()
+
+
+__all__ = ["VocabMap"]

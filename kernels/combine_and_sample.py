@@ -1,0 +1,319 @@
+"""One kernel from the two models' logits to the next token ids: vocab map + add + warp + sample.
+
+Per tile of ROWS rows (one program), looping over the vocabulary in BLOCK columns:
+
+  pass A   z = sum_k W[v,k] * z_base[idx[v,k]] + alpha * z_value[v]  (ELL map; identity without one), written
+           to an fp32 workspace; per row: max, argmax (lowest index on ties), sum exp (for logprobs), and a
+           non-finite flag (no host sync: the caller checks the flag at its stop check).
+  top_k    the k-th largest z, exactly: a 16-ary search over the order-preserving uint32 keys of the floats
+           (8 passes; each counts the tokens at or above 16 pivots).
+  top_p    the smallest z whose higher-ranked mass (within the top-k set, renormalised) is < top_p: the same
+           search on masses (8 passes); equivalent to transformers' ascending-cumsum rule.
+  min_p    keep exp((z - max) / T) >= min_p (a closed-form threshold).
+  sample   Gumbel-max over the kept tokens: argmax(z / T - log(-log u)), u from Philox(seed; col, row,
+           offset), so a captured graph draws fresh numbers when the offset tensor is advanced on device.
+
+The logits are read a fixed number of times: 1 (greedy) or 1 + 8 [top_k] + 8 [top_p] + 1.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NPIV: tl.constexpr = tl.constexpr(16)  # pivots per search pass (4 bits of the 32-bit key per pass)
+NPASS: tl.constexpr = tl.constexpr(8)
+KEY_MAX: tl.constexpr = tl.constexpr(4294967295)
+
+
+@triton.jit
+def _keys(z):
+    """fp32 -> int64 keys in [0, 2^32) with the order of the floats."""
+    b = z.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return tl.where(b >= 0x80000000, 0xFFFFFFFF - b, b + 0x80000000)
+
+
+@triton.jit
+def _pick(vals, sel):
+    """vals [R, NPIV], sel [R] (index) -> vals[r, sel[r]]."""
+    cols = tl.arange(0, NPIV)[None, :]
+    return tl.sum(tl.where(cols == sel[:, None], vals, 0), axis=1)
+
+
+@triton.jit
+def _combine_sample_kernel(
+    base_ptr,
+    value_ptr,
+    map_idx_ptr,
+    map_w_ptr,
+    work_ptr,
+    ids_ptr,
+    lp_ptr,
+    bad_ptr,
+    temp_ptr,
+    topk_ptr,
+    topp_ptr,
+    minp_ptr,
+    seed_ptr,
+    offset_ptr,
+    B,
+    V,
+    stride_base,
+    stride_value,
+    stride_work,
+    alpha,
+    HAS_BASE: tl.constexpr,
+    HAS_VALUE: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    K: tl.constexpr,
+    DO_SAMPLE: tl.constexpr,
+    HAS_TOPK: tl.constexpr,
+    HAS_TOPP: tl.constexpr,
+    HAS_MINP: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # [R]
+    row_ok = rows < B
+    cols0 = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+
+    # ---- pass A: combine, store, max / argmax / sumexp / finiteness
+    m = tl.full([ROWS], neg_inf, tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    best = tl.full([ROWS, BLOCK], neg_inf, tl.float32)
+    best_i = tl.zeros([ROWS, BLOCK], tl.int64)
+    bad = tl.zeros([ROWS], tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + cols0
+        ok = row_ok[:, None] & (cols < V)[None, :]
+        z = tl.zeros([ROWS, BLOCK], tl.float32)
+        if HAS_BASE:
+            if HAS_MAP:
+                for k in range(K):
+                    idx = tl.load(map_idx_ptr + cols.to(tl.int64) * K + k, mask=cols < V, other=0).to(tl.int64)
+                    w = tl.load(map_w_ptr + cols.to(tl.int64) * K + k, mask=cols < V, other=0.0)
+                    zb = tl.load(base_ptr + rows[:, None] * stride_base + idx[None, :], mask=ok, other=0.0)
+                    z += w[None, :] * zb.to(tl.float32)
+            else:
+                zb = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=ok, other=0.0)
+                z += zb.to(tl.float32)
+        if HAS_VALUE:
+            zv = tl.load(value_ptr + rows[:, None] * stride_value + cols[None, :], mask=ok, other=0.0)
+            z += alpha * zv.to(tl.float32)
+        finite = (z == z) & (tl.abs(z) < float("inf"))
+        bad = tl.maximum(bad, tl.max(tl.where(ok & ~finite, 1, 0), axis=1))
+        z = tl.where(ok, z, neg_inf)
+        tl.store(work_ptr + rows[:, None] * stride_work + cols[None, :], z, mask=ok)
+        upd = z > best  # strict: keeps the earlier (lower) index on ties
+        best_i = tl.where(upd, cols[None, :].to(tl.int64), best_i)
+        best = tl.where(upd, z, best)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+    tl.store(bad_ptr + rows, bad, mask=row_ok)
+    m = tl.where(row_ok, m, 0.0)  # rows past B: keep their (unused) arithmetic finite
+    lse = m + tl.log(tl.where(row_ok, s, 1.0))
+    greedy_i = tl.min(tl.where(best == m[:, None], best_i, 1 << 62), axis=1)
+    out_i = greedy_i
+    out_z = m
+
+    if DO_SAMPLE:
+        t = tl.load(temp_ptr + rows, mask=row_ok, other=1.0)
+        sample_row = t > 0
+        inv_t = tl.where(sample_row, 1.0 / tl.where(sample_row, t, 1.0), 1.0)
+        lo = tl.zeros([ROWS], tl.int64)  # threshold key: keep keys >= lo
+        zk = tl.zeros([ROWS], tl.float32)  # mass of the top-k set (masses are exp((z - m) / T))
+        piv_i = tl.arange(0, NPIV).to(tl.int64)[None, :]
+        if HAS_TOPK:
+            k_req = tl.load(topk_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            k_eff = tl.where(k_req > 0, tl.minimum(k_req, V), V)
+            hi = tl.full([ROWS], KEY_MAX, tl.int64)
+            for _pass in range(NPASS):
+                piv = lo[:, None] + ((hi - lo + 1)[:, None] * piv_i) // NPIV  # [R, P], piv[:, 0] == lo
+                cnt = tl.zeros([ROWS, NPIV], tl.int64)
+                for start in range(0, V, BLOCK):
+                    cols = start + cols0
+                    ok = row_ok[:, None] & (cols < V)[None, :]
+                    z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
+                    key = tl.where(ok, _keys(z), -1)
+                    cnt += tl.sum((key[:, :, None] >= piv[:, None, :]).to(tl.int64), axis=1)
+                sel = tl.sum((cnt >= k_eff[:, None]).to(tl.int64), axis=1) - 1  # last pivot still holding k
+                new_lo = _pick(piv, sel)
+                nxt = _pick(piv, tl.minimum(sel + 1, NPIV - 1)) - 1
+                hi = tl.where(sel + 1 < NPIV, nxt, hi)
+                lo = new_lo
+        if HAS_TOPP:
+            p = tl.load(topp_ptr + rows, mask=row_ok, other=1.0)
+            plo = lo
+            phi = tl.full([ROWS], KEY_MAX, tl.int64)
+            for it in range(NPASS):
+                piv = plo[:, None] + ((phi - plo + 1)[:, None] * (piv_i + 1)) // NPIV - 1  # piv[:, -1] == phi
+                mass_gt = tl.zeros([ROWS, NPIV], tl.float32)
+                for start in range(0, V, BLOCK):
+                    cols = start + cols0
+                    ok = row_ok[:, None] & (cols < V)[None, :]
+                    z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
+                    key = tl.where(ok, _keys(z), -1)
+                    w = tl.where(ok, tl.exp((z - m[:, None]) * inv_t[:, None]), 0.0)
+                    mass_gt += tl.sum(tl.where(key[:, :, None] > piv[:, None, :], w[:, :, None], 0.0), axis=1)
+                    if it == 0:
+                        zk += tl.sum(tl.where(key >= lo[:, None], w, 0.0), axis=1)
+                holds = mass_gt < (p * zk)[:, None]  # monotone in the pivot: false..false true..true
+                sel = NPIV - tl.sum(holds.to(tl.int64), axis=1)  # first pivot where it holds
+                new_hi = _pick(piv, sel)
+                prev = _pick(piv, tl.maximum(sel - 1, 0)) + 1
+                plo = tl.where(sel > 0, prev, plo)
+                phi = new_hi
+            lo = tl.where(p < 1.0, phi, lo)
+        if HAS_MINP:
+            minp = tl.load(minp_ptr + rows, mask=row_ok, other=0.0)
+        # ---- final pass: Gumbel-max over the kept tokens
+        seed = tl.load(seed_ptr).to(tl.int64)
+        off = tl.load(offset_ptr).to(tl.int64)
+        c2 = (off & 0xFFFFFFFF).to(tl.uint32)
+        c3 = ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        sbest = tl.full([ROWS], neg_inf, tl.float32)
+        sbest_i = tl.zeros([ROWS], tl.int64)
+        sbest_z = tl.zeros([ROWS], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            ok = row_ok[:, None] & (cols < V)[None, :]
+            z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
+            keep = ok & (_keys(z) >= lo[:, None])
+            if HAS_MINP:
+                keep = keep & (tl.exp((z - m[:, None]) * inv_t[:, None]) >= minp[:, None])
+            c0 = tl.broadcast_to(cols[None, :], [ROWS, BLOCK]).to(tl.uint32)
+            c1 = tl.broadcast_to(rows[:, None], [ROWS, BLOCK]).to(tl.uint32)
+            c2b, c3b = tl.broadcast_to(c2, [ROWS, BLOCK]), tl.broadcast_to(c3, [ROWS, BLOCK])
+            r, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2b, c3b)
+            u = tl.uint_to_uniform_float(r)
+            score = tl.where(keep, z * inv_t[:, None] - tl.log(-tl.log(u)), neg_inf)
+            bm = tl.max(score, axis=1)
+            bi = tl.min(tl.where(score == bm[:, None], cols[None, :].to(tl.int64), 1 << 62), axis=1)
+            bz = tl.sum(tl.where(cols[None, :].to(tl.int64) == bi[:, None], z, 0.0), axis=1)
+            upd = bm > sbest
+            sbest_i = tl.where(upd, bi, sbest_i)
+            sbest_z = tl.where(upd, bz, sbest_z)
+            sbest = tl.where(upd, bm, sbest)
+        out_i = tl.where(sample_row, sbest_i, greedy_i)
+        out_z = tl.where(sample_row, sbest_z, m)
+    tl.store(ids_ptr + rows, out_i, mask=row_ok)
+    tl.store(lp_ptr + rows, out_z - lse, mask=row_ok)
+
+
+def launch(
+    base,
+    value,
+    ell,
+    v_out,
+    alpha,
+    temp,
+    top_k,
+    top_p,
+    min_p,
+    seed,
+    offset,
+    *,
+    do_sample,
+    has_topk,
+    has_topp,
+    has_minp,
+    workspace=None,
+):
+    """Allocate outputs and launch; returns (ids int64 [B], logprobs fp32 [B], bad bool [B])."""
+    import os
+
+    import torch
+
+    ref = base if base is not None else value
+    b, dev = ref.shape[0], ref.device
+    if workspace is None or workspace.shape[0] < b or workspace.shape[1] < v_out:
+        workspace = torch.empty(b, v_out, dtype=torch.float32, device=dev)
+    ids = torch.empty(b, dtype=torch.int64, device=dev)
+    lp = torch.empty(b, dtype=torch.float32, device=dev)
+    bad = torch.empty(b, dtype=torch.int32, device=dev)
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    # NOTE: on GPU one row per program streams its row; in the interpreter many rows per program keep the
+    # (per-program, ~ms) launch overhead small. Untuned on hardware so far.
+    block = min(512 if interp else 1024, triton.next_power_of_2(v_out))
+    rows = max(1, min(256, triton.next_power_of_2(b), (1 << 20) // (block * NPIV.value))) if interp else 1
+    base_t = base if base is not None else ref
+    value_t = value if value is not None else ref
+    idx, w = ell if ell is not None else (ids, lp)  # unused pointers when HAS_MAP is False
+    base_t, value_t = base_t.contiguous(), value_t.contiguous()
+    grid = (triton.cdiv(b, rows),)
+    _combine_sample_kernel[grid](
+        base_t,
+        value_t,
+        idx,
+        w,
+        workspace,
+        ids,
+        lp,
+        bad,
+        temp,
+        top_k,
+        top_p,
+        min_p,
+        seed,
+        offset,
+        b,
+        v_out,
+        base_t.stride(0),
+        value_t.stride(0),
+        workspace.stride(0),
+        alpha,
+        HAS_BASE=base is not None,
+        HAS_VALUE=value is not None,
+        HAS_MAP=ell is not None,
+        K=int(idx.shape[1]) if ell is not None else 1,
+        DO_SAMPLE=do_sample,
+        HAS_TOPK=has_topk,
+        HAS_TOPP=has_topp,
+        HAS_MINP=has_minp,
+        ROWS=rows,
+        BLOCK=block,
+        num_warps=4 if interp else 8,
+    )
+    return ids, lp, bad.bool()
+
+
+def _aot_spec(dtype: str, **flags):
+    sig = {
+        "base_ptr": f"*{dtype}",
+        "value_ptr": f"*{dtype}",
+        "map_idx_ptr": "*i32",
+        "map_w_ptr": "*fp32",
+        "work_ptr": "*fp32",
+        "ids_ptr": "*i64",
+        "lp_ptr": "*fp32",
+        "bad_ptr": "*i32",
+        "temp_ptr": "*fp32",
+        "topk_ptr": "*i64",
+        "topp_ptr": "*fp32",
+        "minp_ptr": "*fp32",
+        "seed_ptr": "*i64",
+        "offset_ptr": "*i64",
+        "B": "i32",
+        "V": "i32",
+        "stride_base": "i32",
+        "stride_value": "i32",
+        "stride_work": "i32",
+        "alpha": "fp32",
+    }
+    const = dict(HAS_BASE=True, HAS_VALUE=True, HAS_MAP=False, K=1, DO_SAMPLE=False, HAS_TOPK=False, HAS_TOPP=False)
+    const.update(HAS_MINP=False, ROWS=1, BLOCK=1024)
+    const.update(flags)
+    sig.update({k: "constexpr" for k in const})
+    return (_combine_sample_kernel, sig, const, {"num_warps": 8})
+
+
+# Ahead-of-time compile specs: the decode defaults (bf16 logits, greedy) and the full sampling path with a map.
+AOT_SPECS = [
+    _aot_spec("bf16"),
+    _aot_spec("bf16", HAS_MAP=True, K=4, DO_SAMPLE=True, HAS_TOPK=True, HAS_TOPP=True, HAS_MINP=True),
+    _aot_spec("fp32", DO_SAMPLE=True, HAS_TOPP=True),
+]
