@@ -32,13 +32,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base", type=Path, help="base model checkpoint directory (Hugging Face layout)")
     g.add_argument("--value", type=Path, help="value network checkpoint directory")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the value logits")
-    g.add_argument("--scheme", default="residual", choices=["residual", "base", "value_only"])
+    g.add_argument(
+        "--scheme",
+        default=None,
+        choices=["residual", "cascade", "cascade+", "base", "value_only"],
+        help="default: the value checkpoint's ivl.json, else residual",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument(
         "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, checkpoint's on GPU)"
     )
     g.add_argument("--engine", default="auto", choices=["auto", "lean", "hf"])
     g.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flash"])
+    g.add_argument(
+        "--sample-backend", default="auto", choices=["auto", "triton", "torch"], help="fused sampling op backend"
+    )
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .bin checkpoints (unsafe)")
 
 
@@ -108,7 +116,13 @@ def _cmd_generate(args) -> int:
     prompts = _read_prompts(args)
     common = dict(device=args.device, dtype=args.dtype, engine=args.engine, attn_backend=args.attn_backend)
     dec = FastIVLDecoder.from_pretrained(
-        args.base, args.value, alpha=args.alpha, scheme=args.scheme, allow_pickle=args.allow_pickle, **common
+        args.base,
+        args.value,
+        alpha=args.alpha,
+        scheme=args.scheme,
+        allow_pickle=args.allow_pickle,
+        sample_backend=args.sample_backend,
+        **common,
     )
     if dec.tokenizer is None:
         raise SystemExit("ivl-fast generate: the checkpoints hold no tokenizer files; text prompts need one")
@@ -124,14 +138,18 @@ def _cmd_generate(args) -> int:
     )
     if args.no_eos:
         gen_kwargs["eos_token_id"] = []
-    label = {"residual": "base+value", "base": "base alone", "value_only": "value alone"}[args.scheme]
+    label = {"base": "base alone", "value_only": "value alone"}.get(dec.scheme, f"base+value ({dec.scheme})")
+    if args.compare_base:  # time both sides warm (first calls pay one-off allocation and compilation)
+        _run_batches(dec, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
     texts, ntok, secs = _run_batches(dec, prompts, args, gen_kwargs, label)
-    report = {"scheme": args.scheme, "tokens": ntok, "seconds": secs, "tokens_per_s": ntok / secs if secs else 0.0}
+    report = {"scheme": dec.scheme, "tokens": ntok, "seconds": secs, "tokens_per_s": ntok / secs if secs else 0.0}
     print(f"{label}: {ntok} tokens in {secs:.2f} s = {report['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     compare = None
-    if args.compare_base and args.scheme == "residual":
-        base_only = FastIVLDecoder(dec.base, None, scheme="base", tokenizer=dec.tokenizer)
-        _run_batches(base_only, prompts[: args.batch_size], args, gen_kwargs, "warm-up")  # same work, warmed
+    if args.compare_base and dec.scheme not in ("base", "value_only"):
+        base_only = FastIVLDecoder(
+            dec.base, None, scheme="base", tokenizer=dec.tokenizer, sample_backend=args.sample_backend
+        )
+        _run_batches(base_only, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
         _, btok, bsecs = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")
         compare = {"tokens": btok, "seconds": bsecs, "tokens_per_s": btok / bsecs if bsecs else 0.0}
         ratio = (secs / max(ntok, 1)) / (bsecs / max(btok, 1))

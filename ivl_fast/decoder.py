@@ -18,7 +18,9 @@ import torch
 
 from .chat import as_messages, has_tokenizer, load_tokenizer, render_chat
 from .models import from_hf_model, load_model
-from .sampling import SamplingParams, combine_logits, nonfinite_rows, sample_ref, token_logprobs
+from .ops import combine_and_sample
+from .ops._backend import pick_backend
+from .sampling import SamplingParams
 
 SCHEMES = ("residual", "cascade", "cascade+", "base", "value_only")
 PAIR_SCHEMES = ("residual", "cascade", "cascade+")
@@ -63,6 +65,8 @@ class FastIVLDecoder:
             scheme from the value checkpoint's ``ivl.json`` when none is given.
         tokenizer: used by ``generate_text``, stop strings and default EOS/pad ids.
         sync_every: steps between host checks of EOS / stop strings / NaN (stream() checks every step).
+        sample_backend: backend of :func:`ivl_fast.ops.combine_and_sample` ("auto": the fused Triton kernel on
+            GPU, the torch reference on CPU).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class FastIVLDecoder:
         engine: str = "auto",
         attn_backend: str = "sdpa",
         sync_every: int = 8,
+        sample_backend: str = "auto",
     ):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -89,6 +94,7 @@ class FastIVLDecoder:
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
         self.scheme, self.alpha, self.sync_every = scheme, float(alpha), sync_every
+        self.sample_backend = sample_backend  # combine_and_sample backend: auto = Triton on GPU, torch on CPU
         self.base = (
             from_hf_model(base_model, engine=engine, attn_backend=attn_backend) if base_model is not None else None
         )
@@ -130,6 +136,7 @@ class FastIVLDecoder:
         allow_pickle: bool = False,
         tokenizer=None,
         sync_every: int = 8,
+        sample_backend: str = "auto",
     ) -> FastIVLDecoder:
         """Load base and value checkpoints (Hugging Face directories) and their tokenizer."""
         kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
@@ -145,7 +152,16 @@ class FastIVLDecoder:
         value = load_model(value_path, **kw) if need_value else None
         if tokenizer is None or isinstance(tokenizer, str | Path):
             tokenizer = _pick_tokenizer(tokenizer, base_path if need_base else None, value_path if need_value else None)
-        return cls(base, value, vocab_map, alpha=alpha, scheme=scheme, tokenizer=tokenizer, sync_every=sync_every)
+        return cls(
+            base,
+            value,
+            vocab_map,
+            alpha=alpha,
+            scheme=scheme,
+            tokenizer=tokenizer,
+            sync_every=sync_every,
+            sample_backend=sample_backend,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -419,13 +435,18 @@ class _Run:
         self.bad = torch.zeros(b, dtype=torch.bool, device=dev)
         self.eos = torch.tensor(opts["eos_token_id"], dtype=torch.int64, device=dev)
         self.pad = torch.tensor(opts["pad_token_id"], dtype=torch.int64, device=dev)
+        self.backend = pick_backend(dec.sample_backend, dev)
         self.gen = None
+        seed = opts["seed"]
         if not opts["sampling"].greedy:
             self.gen = torch.Generator(device=dev)
-            if opts["seed"] is None:
-                self.gen.seed()
-            else:
-                self.gen.manual_seed(int(opts["seed"]))
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)))  # fresh entropy from the global RNG
+            self.gen.manual_seed(int(seed))
+        # counter-based RNG state of the fused kernel: the offset advances on device after every step
+        self.seed_t = torch.tensor([int(seed or 0)], dtype=torch.int64, device=dev)
+        self.offset_t = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.work = torch.empty(b, dec.vocab_size, dtype=torch.float32, device=dev)
         self.steps = 0
         self.prefill_s = 0.0
         self._checked = 0  # steps whose stop strings were examined
@@ -433,7 +454,8 @@ class _Run:
     def num_new_tokens(self) -> torch.Tensor:
         return torch.clamp(self.stop_step + 1, max=self.steps)
 
-    def _logits(self, ids: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(z_base, z_value) of the next position ([B, V] each; None for a model the scheme does not use)."""
         dec = self.dec
         zb = zv = None
         if dec.scheme.startswith("cascade"):  # sequential: the value network reads the base's distribution
@@ -445,12 +467,33 @@ class _Run:
             else:
                 zb = dec.base.decode(ids)
                 zv = dec.value.decode(None, inputs_embeds=dec.value.soft_embed(zb, ids if plus else None))
-            return combine_logits(zb, zv, dec.alpha)
+            return zb, zv
         if dec.scheme != "value_only":
             zb = dec.base.prefill(self.prompt, self.mask) if ids is None else dec.base.decode(ids)
         if dec.scheme != "base":
             zv = dec.value.prefill(self.prompt, self.mask) if ids is None else dec.value.decode(ids)
-        return combine_logits(zb, zv, dec.alpha)
+        return zb, zv
+
+    def _sample(self, zb, zv):
+        sp = self.opts["sampling"]
+        ids, lp, bad = combine_and_sample(
+            zb,
+            zv,
+            alpha=self.dec.alpha,
+            temperature=sp.temperature,
+            top_k=sp.top_k,
+            top_p=sp.top_p,
+            min_p=sp.min_p,
+            do_sample=sp.do_sample,
+            seed=self.seed_t,
+            offset=self.offset_t,
+            generator=self.gen,
+            return_logprobs=self.opts["return_logprobs"],
+            backend=self.backend,
+            workspace=self.work,
+        )
+        self.offset_t += 1
+        return ids, lp, bad
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         dec, opts = self.dec, self.opts
@@ -459,16 +502,16 @@ class _Run:
         for m in dec.engines:
             m.allocate(b, t + n)
         t0 = time.perf_counter()
-        z = self._logits(None)
+        zb, zv = self._logits(None)
         self.prefill_s = time.perf_counter() - t0
         with torch.inference_mode():
             for step in range(n):
-                self.bad |= nonfinite_rows(z) & ~self.finished
-                ids = sample_ref(z, opts["sampling"], self.gen)
+                ids, lp, bad = self._sample(zb, zv)  # one fused op: add, warp, sample (+ NaN flag)
+                self.bad |= bad & ~self.finished
                 ids = torch.where(self.finished, self.pad, ids)
                 self.out[:, step] = ids
-                if opts["return_logprobs"]:
-                    self.logprobs[:, step] = torch.where(self.finished, 0.0, token_logprobs(z, ids))
+                if lp is not None:
+                    self.logprobs[:, step] = torch.where(self.finished, 0.0, lp)
                 if self.eos.numel():
                     hit = torch.isin(ids, self.eos) & ~self.finished
                     self.stop_step = torch.where(hit, step, self.stop_step)
@@ -482,7 +525,7 @@ class _Run:
                 yield self.out[:, step].clone()
                 if done or self.steps == n:
                     return
-                z = self._logits(ids)
+                zb, zv = self._logits(ids)
 
     def _check(self) -> bool:
         """Host-side stop check: NaN/inf, stop strings; True when every row has finished."""
