@@ -446,7 +446,10 @@ class _Run:
         # counter-based RNG state of the fused kernel: the offset advances on device after every step
         self.seed_t = torch.tensor([int(seed or 0)], dtype=torch.int64, device=dev)
         self.offset_t = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.work = torch.empty(b, dec.vocab_size, dtype=torch.float32, device=dev)
+        # the fused kernel's fp32 workspace, allocated once per generation (static for graph capture)
+        self.work = (
+            torch.empty(b, dec.vocab_size, dtype=torch.float32, device=dev) if self.backend == "triton" else None
+        )
         self.steps = 0
         self.prefill_s = 0.0
         self._checked = 0  # steps whose stop strings were examined

@@ -162,6 +162,7 @@ def test_nonfinite_rows_are_flagged():
         (dict(vocab_map=VocabMap.from_dense(torch.eye(50, 111))), "vocab_map expects 50"),
         (dict(vocab_map=VocabMap.from_dense(torch.eye(111, 90))), "maps to 90 value tokens"),
         (dict(temperature=torch.ones(3), do_sample=True), r"temperature must be a scalar or a \[B=4\]"),
+        (dict(value_logits=torch.zeros(4, 111, device="meta")), "base_logits on cpu but value_logits on meta"),
     ],
 )
 def test_bad_input(kwargs, match):

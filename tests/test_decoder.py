@@ -235,3 +235,18 @@ def test_decoder_with_the_fused_triton_sampler(pair):
     s1, s2 = tri_dec.generate(PROMPTS, **kw).sequences, tri_dec.generate(PROMPTS, **kw).sequences
     assert torch.equal(s1, s2)
     assert not torch.equal(s1, tri_dec.generate(PROMPTS, **{**kw, "seed": 4}).sequences)
+
+
+def test_fused_sampler_nan_flag_raises_in_the_decoder(pair):
+    from ivl_fast import NonFiniteLogitsError
+
+    _, value, base_dir, _ = pair
+    import copy
+
+    bad_value = copy.deepcopy(value)
+    with torch.no_grad():
+        bad_value.lm_head.weight[7] = float("inf")  # every step's logits hold inf at token 7
+    dec = FastIVLDecoder(FastIVLDecoder.from_pretrained(base_dir, None, scheme="base").base, bad_value)
+    dec.sample_backend = "triton"
+    with pytest.raises(NonFiniteLogitsError, match="non-finite"):
+        dec.generate(PROMPTS[:2], max_new_tokens=3, eos_token_id=[])
