@@ -7,6 +7,7 @@ package works without the extension.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,16 +30,22 @@ class CMakeBuild(build_ext):
         import torch  # noqa: F401  (build with --no-build-isolation so the installed torch is used)
         from torch.utils import cmake_prefix_path
 
-        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()  # .../ivl_fast
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
         args = [
             f"-DCMAKE_PREFIX_PATH={cmake_prefix_path}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir / 'ivl_fast'}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
         ]
+        if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            args.append(f"-DTORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        if os.environ.get("NVCC_THREADS"):
+            args.append(f"-DNVCC_THREADS={os.environ['NVCC_THREADS']}")
+        if shutil.which("ninja"):
+            args += ["-G", "Ninja"]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)

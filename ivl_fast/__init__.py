@@ -23,13 +23,13 @@ def build_info() -> dict:
         "cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "extension": False,
+        "extension_build": None,
     }
-    try:
-        from . import _C  # noqa: F401
+    from ._ext import extension_available, ops
 
+    if extension_available():
         info["extension"] = True
-    except ImportError:
-        pass
+        info["extension_build"] = ops().build_info()  # "cpu" or "cuda:<archs>"
     try:
         import triton
 

@@ -224,6 +224,35 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_vocab_map(args) -> int:
+    from .vocab import VocabMap
+
+    texts = []
+    for f in args.corpus:
+        p = Path(f)
+        if not p.is_file():
+            raise FileNotFoundError(f"corpus file {str(p)!r} does not exist")
+        texts.append(p.read_text(encoding="utf-8", errors="replace"))
+    if not any(t.strip() for t in texts):
+        raise ValueError("the corpus files hold no text")
+    held_out = []
+    if args.evaluate:  # hold out the last 10% of the corpus for the quality report
+        joined = "\n".join(texts)
+        cut = int(len(joined) * 0.9)
+        texts, held_out = [joined[:cut]], [joined[cut:]]
+    t0 = time.perf_counter()
+    vmap = VocabMap.build(args.base_tokenizer, args.value_tokenizer, texts, top_k=args.top_k, threads=args.threads)
+    secs = time.perf_counter() - t0
+    vmap.save(args.out)
+    report = {"out": str(args.out), "shape": list(vmap.shape), "seconds": secs, **vmap.stats}
+    if args.evaluate:
+        from .vocab.build import split_corpus
+
+        report["evaluation"] = vmap.evaluate(args.base_tokenizer, args.value_tokenizer, split_corpus(held_out))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivl-fast", description="Fast Inverse Value Learning")
     parser.add_argument("--version", action="version", version=_version())
@@ -272,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--allow-pickle", action="store_true")
     tr.add_argument("--debug-kill-at-step", type=int, default=None, help=argparse.SUPPRESS)
     tr.set_defaults(func=_cmd_train)
+
+    vm = sub.add_parser("vocab-map", help="build a sparse base->value vocabulary map (MinED/DTW alignment)")
+    vm.add_argument("--base-tokenizer", type=Path, required=True)
+    vm.add_argument("--value-tokenizer", type=Path, required=True)
+    vm.add_argument("--corpus", nargs="+", required=True, metavar="FILE")
+    vm.add_argument("--out", type=Path, required=True)
+    vm.add_argument("--top-k", type=int, default=3, help="value tokens kept per base token")
+    vm.add_argument("--threads", type=int, default=None)
+    vm.add_argument("--evaluate", action="store_true", help="hold out 10%% of the corpus and report the overlap")
+    vm.set_defaults(func=_cmd_vocab_map)
 
     t = sub.add_parser("make-tiny", help="build a random tiny base/value pair with a BPE tokenizer (offline)")
     t.add_argument("--out", type=Path, required=True)

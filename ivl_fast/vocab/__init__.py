@@ -3,7 +3,10 @@
 ``VocabMap`` holds W [V_base, V_value] as CSR (rows = base tokens) and derives the orientation the fused
 sampling kernel reads: ELL by value token, ``idx`` [V_value, K] (base ids) and ``w`` [V_value, K] (weights,
 0 for padding), so ``z_value_space[v] = sum_k w[v, k] * z_base[idx[v, k]]`` is a fixed-width gather.
-Building maps from text (MinED/DTW alignment) and saving/loading them arrive with the cross-vocabulary work.
+``VocabMap.build`` aligns two tokenizations of the same texts by DTW on an edit-distance cost (MinED, C++ in
+``ivl_fast._C`` with a Python fallback), counts aligned pairs and keeps the top-K value tokens per base token
+(weights summing to 1, identical strings preferred). ``save``/``load`` use safetensors with metadata (vocab
+sizes, tokenizer content hashes, corpus hash, K); loading checks the tokenizers when given.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class VocabMap:
         self.crow, self.col, self.val = crow.long(), col.long(), val.float()
         self.shape = (int(vb), int(vv))
         self._ell: dict = {}
+        self.meta: dict = {}
 
     @property
     def v_base(self) -> int:
@@ -79,6 +83,34 @@ class VocabMap:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return (w.t() @ base_logits.float().t()).t()
+
+    # ------------------------------------------------------------------ building and files
+    @classmethod
+    def build(cls, base_tokenizer, value_tokenizer, texts, *, top_k: int = 3, threads=None, backend="auto"):
+        """Align ``texts`` with both tokenizers (objects or directories) and return the map (stats in .stats)."""
+        from .build import build_map
+
+        vmap, stats = build_map(
+            base_tokenizer, value_tokenizer, list(texts), top_k=top_k, threads=threads, backend=backend
+        )
+        vmap.stats = stats
+        return vmap
+
+    def save(self, path) -> None:
+        from .build import save_map
+
+        save_map(self, path)
+
+    @classmethod
+    def load(cls, path, *, base_tokenizer=None, value_tokenizer=None) -> VocabMap:
+        from .build import load_map
+
+        return load_map(path, base_tokenizer=base_tokenizer, value_tokenizer=value_tokenizer)
+
+    def evaluate(self, base_tokenizer, value_tokenizer, texts) -> dict:
+        from .build import evaluate_map
+
+        return evaluate_map(self, base_tokenizer, value_tokenizer, list(texts))
 
 
 __all__ = ["VocabMap"]

@@ -1,0 +1,75 @@
+// The one bindings file of ivl_fast._C: thin adapters that check inputs, and TORCH_LIBRARY registrations.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "dtw.h"
+
+namespace {
+
+void check_ids(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be 1-D contiguous, got shape ", t.sizes());
+}
+
+// -> (pairs [M, 2] int64 (base id, value id), counts [M] int64), sorted by (base id, value id)
+std::tuple<at::Tensor, at::Tensor> align_counts(const std::vector<std::string>& base_vocab,
+                                                const std::vector<std::string>& value_vocab,
+                                                const at::Tensor& base_ids, const at::Tensor& base_offsets,
+                                                const at::Tensor& value_ids, const at::Tensor& value_offsets,
+                                                int64_t threads) {
+  check_ids(base_ids, "base_ids");
+  check_ids(base_offsets, "base_offsets");
+  check_ids(value_ids, "value_ids");
+  check_ids(value_offsets, "value_offsets");
+  const int64_t n = base_offsets.numel() - 1;
+  TORCH_CHECK(n >= 0 && value_offsets.numel() - 1 == n, "base_offsets and value_offsets must describe the same ",
+              "number of texts, got ", base_offsets.numel() - 1, " and ", value_offsets.numel() - 1);
+  TORCH_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+  // the worker threads are plain C++ (no Python objects touched)
+  std::unordered_map<uint64_t, int64_t> counts = ivl::align_counts(
+      base_vocab, value_vocab, base_ids.data_ptr<int64_t>(), base_offsets.data_ptr<int64_t>(),
+      value_ids.data_ptr<int64_t>(), value_offsets.data_ptr<int64_t>(), n, static_cast<int>(threads));
+  std::vector<std::pair<uint64_t, int64_t>> items(counts.begin(), counts.end());
+  std::sort(items.begin(), items.end());
+  const int64_t m = static_cast<int64_t>(items.size());
+  at::Tensor pairs = at::empty({m, 2}, at::kLong);
+  at::Tensor cnt = at::empty({m}, at::kLong);
+  auto* p = pairs.data_ptr<int64_t>();
+  auto* c = cnt.data_ptr<int64_t>();
+  for (int64_t k = 0; k < m; ++k) {
+    p[2 * k] = static_cast<int64_t>(items[k].first >> 32);
+    p[2 * k + 1] = static_cast<int64_t>(items[k].first & 0xffffffffu);
+    c[k] = items[k].second;
+  }
+  return {pairs, cnt};
+}
+
+int64_t edit_distance(const std::string& a, const std::string& b) { return ivl::edit_distance(a, b); }
+
+std::string build_info() {
+#ifdef IVL_WITH_CUDA
+  return std::string("cuda:") + IVL_CUDA_ARCHS;
+#else
+  return "cpu";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ivl_fast, m) {
+  m.def("align_counts(str[] base_vocab, str[] value_vocab, Tensor base_ids, Tensor base_offsets, "
+        "Tensor value_ids, Tensor value_offsets, int threads) -> (Tensor, Tensor)",
+        &align_counts);
+  m.def("edit_distance(str a, str b) -> int", &edit_distance);
+  m.def("build_info() -> str", &build_info);
+}
+
+// Importing ivl_fast._C loads this library, which registers the ops above with the dispatcher.
+static struct PyModuleDef ivl_module = {PyModuleDef_HEAD_INIT, "_C", "ivl-fast C++ extension", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ivl_module); }

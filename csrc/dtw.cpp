@@ -1,0 +1,121 @@
+#include "dtw.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <thread>
+
+namespace ivl {
+
+int edit_distance(const std::string& a, const std::string& b) {
+  const size_t n = a.size(), m = b.size();
+  if (n == 0) return static_cast<int>(m);
+  if (m == 0) return static_cast<int>(n);
+  std::vector<int> prev(m + 1), cur(m + 1);
+  for (size_t j = 0; j <= m; ++j) prev[j] = static_cast<int>(j);
+  for (size_t i = 1; i <= n; ++i) {
+    cur[0] = static_cast<int>(i);
+    for (size_t j = 1; j <= m; ++j) {
+      const int sub = prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, sub});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[m];
+}
+
+std::vector<std::pair<int32_t, int32_t>> dtw_align(const std::vector<std::string>& a,
+                                                   const std::vector<std::string>& b) {
+  const size_t n = a.size(), m = b.size();
+  std::vector<std::pair<int32_t, int32_t>> path;
+  if (n == 0 || m == 0) return path;
+  // acc[i][j]: cheapest path cost ending at (i, j); row-major (n x m) int64 to avoid overflow.
+  const int64_t inf = std::numeric_limits<int64_t>::max() / 4;
+  std::vector<int64_t> acc(n * m, inf);
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t j = 0; j < m; ++j) {
+      const int64_t c = edit_distance(a[i], b[j]);
+      int64_t best;
+      if (i == 0 && j == 0) {
+        best = 0;
+      } else {
+        best = inf;
+        if (i > 0 && j > 0) best = acc[(i - 1) * m + (j - 1)];
+        if (i > 0) best = std::min(best, acc[(i - 1) * m + j]);
+        if (j > 0) best = std::min(best, acc[i * m + (j - 1)]);
+      }
+      acc[i * m + j] = best + c;
+    }
+  }
+  // backtrack from (n-1, m-1); prefer diagonal, then up (advance a), then left (advance b)
+  size_t i = n - 1, j = m - 1;
+  path.emplace_back(static_cast<int32_t>(i), static_cast<int32_t>(j));
+  while (i > 0 || j > 0) {
+    if (i > 0 && j > 0) {
+      const int64_t d = acc[(i - 1) * m + (j - 1)], u = acc[(i - 1) * m + j], l = acc[i * m + (j - 1)];
+      if (d <= u && d <= l) {
+        --i;
+        --j;
+      } else if (u <= l) {
+        --i;
+      } else {
+        --j;
+      }
+    } else if (i > 0) {
+      --i;
+    } else {
+      --j;
+    }
+    path.emplace_back(static_cast<int32_t>(i), static_cast<int32_t>(j));
+  }
+  std::reverse(path.begin(), path.end());
+  return path;
+}
+
+std::unordered_map<uint64_t, int64_t> align_counts(const std::vector<std::string>& base_vocab,
+                                                   const std::vector<std::string>& value_vocab,
+                                                   const int64_t* base_ids, const int64_t* base_offsets,
+                                                   const int64_t* value_ids, const int64_t* value_offsets,
+                                                   int64_t n_texts, int threads) {
+  threads = std::max(1, std::min<int>(threads, static_cast<int>(std::max<int64_t>(1, n_texts))));
+  std::vector<std::unordered_map<uint64_t, int64_t>> partial(threads);
+  std::vector<std::string> errors(threads);
+  auto work = [&](int t) {
+    try {
+      std::vector<std::string> a, b;
+      for (int64_t k = t; k < n_texts; k += threads) {
+        a.clear();
+        b.clear();
+        for (int64_t p = base_offsets[k]; p < base_offsets[k + 1]; ++p) {
+          const int64_t id = base_ids[p];
+          if (id < 0 || id >= static_cast<int64_t>(base_vocab.size())) throw std::out_of_range("base id");
+          a.push_back(base_vocab[id]);
+        }
+        for (int64_t p = value_offsets[k]; p < value_offsets[k + 1]; ++p) {
+          const int64_t id = value_ids[p];
+          if (id < 0 || id >= static_cast<int64_t>(value_vocab.size())) throw std::out_of_range("value id");
+          b.push_back(value_vocab[id]);
+        }
+        for (const auto& ij : dtw_align(a, b)) {
+          const uint64_t bid = static_cast<uint64_t>(base_ids[base_offsets[k] + ij.first]);
+          const uint64_t vid = static_cast<uint64_t>(value_ids[value_offsets[k] + ij.second]);
+          partial[t][(bid << 32) | vid] += 1;
+        }
+      }
+    } catch (const std::exception& e) {
+      errors[t] = e.what();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+  for (const auto& e : errors)
+    if (!e.empty()) throw std::invalid_argument("token id out of range of its vocabulary (" + e + ")");
+  auto& out = partial[0];
+  for (int t = 1; t < threads; ++t)
+    for (const auto& kv : partial[t]) out[kv.first] += kv.second;
+  return std::move(out);
+}
+
+}  // namespace ivl

@@ -1,0 +1,153 @@
+"""Token surface strings and MinED/DTW alignment of two tokenizations of the same text.
+
+Surface strings follow each tokenizer's conventions: SentencePiece marks a leading space with "▁"; byte-level
+BPE (GPT-2 / tiktoken style, e.g. "Ġ") stores bytes as printable characters; byte-fallback tokens look like
+``<0x0A>``. Special tokens have an empty surface. Edit distances are taken over the UTF-8 bytes of the surface
+strings (the C++ and Python paths agree exactly).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .._ext import extension_available, ops
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode table (printable stand-ins for the 256 bytes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _is_byte_level(tokens: list[str]) -> bool:
+    sample = [t for t in tokens if t]
+    return sum("Ġ" in t or "Ċ" in t for t in sample) > max(1, len(sample) // 200)
+
+
+def surface_strings(tokenizer) -> list[str]:
+    """id -> the text the token stands for ("" for special tokens), by the tokenizer's own conventions."""
+    vocab = tokenizer.get_vocab()
+    if not vocab:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has an empty vocabulary")
+    size = max(max(vocab.values()) + 1, len(tokenizer))
+    tokens = [""] * size
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    byte_level = _is_byte_level(tokens)
+    dec = _byte_decoder()
+    out = []
+    for i, t in enumerate(tokens):
+        if i in special or not t:
+            out.append("")
+        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):  # byte fallback
+            out.append(bytes([int(t[3:5], 16)]).decode("latin-1"))
+        elif byte_level:
+            raw = bytes(dec.get(c, ord("?") if ord(c) > 255 else ord(c)) for c in t)
+            out.append(raw.decode("utf-8", errors="replace"))
+        else:
+            out.append(t.replace("▁", " "))
+    return out
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance over UTF-8 bytes (the Python twin of the C++ one)."""
+    x, y = a.encode(), b.encode()
+    if not x or not y:
+        return len(x) + len(y)
+    prev = list(range(len(y) + 1))
+    for i in range(1, len(x) + 1):
+        cur = [i] + [0] * len(y)
+        for j in range(1, len(y) + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x[i - 1] != y[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def dtw_align(a: list[str], b: list[str]) -> list[tuple[int, int]]:
+    """Monotone alignment minimising the summed edit distances (ties: diagonal, then advance a, then b)."""
+    n, m = len(a), len(b)
+    if not n or not m:
+        return []
+    inf = float("inf")
+    acc = [[inf] * m for _ in range(n)]
+    for i in range(n):
+        for j in range(m):
+            c = edit_distance(a[i], b[j])
+            if i == 0 and j == 0:
+                best = 0
+            else:
+                best = min(
+                    acc[i - 1][j - 1] if i and j else inf, acc[i - 1][j] if i else inf, acc[i][j - 1] if j else inf
+                )
+            acc[i][j] = best + c
+    i, j = n - 1, m - 1
+    path = [(i, j)]
+    while i or j:
+        if i and j:
+            d, u, lft = acc[i - 1][j - 1], acc[i - 1][j], acc[i][j - 1]
+            if d <= u and d <= lft:
+                i, j = i - 1, j - 1
+            elif u <= lft:
+                i -= 1
+            else:
+                j -= 1
+        elif i:
+            i -= 1
+        else:
+            j -= 1
+        path.append((i, j))
+    return path[::-1]
+
+
+def _pack(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([len(s) for s in seqs], dtype=torch.int64).cumsum(0)
+    ids = torch.tensor([x for s in seqs for x in s], dtype=torch.int64)
+    return ids, offsets
+
+
+def align_counts(
+    base_surface: list[str],
+    value_surface: list[str],
+    base_seqs: list[list[int]],
+    value_seqs: list[list[int]],
+    *,
+    threads: int = 1,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count aligned (base id, value id) pairs over texts -> (pairs [M, 2] int64, counts [M] int64), sorted.
+
+    backend: "cpp" (ivl_fast._C, multithreaded), "python" (reference), or "auto" (cpp when built).
+    """
+    if len(base_seqs) != len(value_seqs):
+        raise ValueError(f"{len(base_seqs)} base tokenizations but {len(value_seqs)} value tokenizations")
+    if backend not in ("auto", "cpp", "python"):
+        raise ValueError(f"backend must be auto, cpp or python, got {backend!r}")
+    use_cpp = backend == "cpp" or (backend == "auto" and extension_available())
+    if use_cpp:
+        bi, bo = _pack(base_seqs)
+        vi, vo = _pack(value_seqs)
+        return ops().align_counts(base_surface, value_surface, bi, bo, vi, vo, int(threads))
+    counts: dict[tuple[int, int], int] = {}
+    for a_ids, b_ids in zip(base_seqs, value_seqs, strict=True):
+        for x in (*a_ids, *b_ids):
+            if x < 0:
+                raise ValueError(f"negative token id {x}")
+        path = dtw_align([base_surface[x] for x in a_ids], [value_surface[x] for x in b_ids])
+        for i, j in path:
+            key = (a_ids[i], b_ids[j])
+            counts[key] = counts.get(key, 0) + 1
+    keys = sorted(counts)
+    pairs = torch.tensor(keys, dtype=torch.int64).reshape(-1, 2)
+    return pairs, torch.tensor([counts[k] for k in keys], dtype=torch.int64)
