@@ -494,6 +494,7 @@ class _Run:
             return_logprobs=self.opts["return_logprobs"],
             backend=self.backend,
             workspace=self.work,
+            validate=False,  # checked once in generate(); per-step validation would sync on tensor params
         )
         self.offset_t += 1
         return ids, lp, bad
@@ -549,9 +550,10 @@ class _Run:
         out = self.out[:, : self.steps].tolist()
         stop_step = self.stop_step.tolist()
         for r, row in enumerate(out):
-            if stop_step[r] < self.steps:
+            if stop_step[r] < self._checked:  # stopped before this window: nothing new to look at
                 continue
-            for s in range(self._checked, self.steps):
+            # up to the row's EOS if it hit one inside this window (a stop string before it ends the row first)
+            for s in range(self._checked, min(self.steps, stop_step[r] + 1)):
                 lo = max(0, s - window)
                 prev, cur = tok.decode(row[lo:s]), tok.decode(row[lo : s + 1])
                 if any(x in cur and x not in prev for x in stops):

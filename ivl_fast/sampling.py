@@ -35,14 +35,28 @@ class SamplingParams:
 
     def __post_init__(self):
         validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        t = self.temperature  # validation already read tensors back, so this adds no sync
+        greedy = not self.do_sample or (bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0)
+        object.__setattr__(self, "_greedy", greedy)
+
+    @classmethod
+    def trusted(cls, do_sample, temperature, top_k, top_p, min_p) -> SamplingParams:
+        """Already validated settings (skips validation, which syncs with the device for tensor parameters)."""
+        obj = object.__new__(cls)
+        for k, v in zip(
+            ("do_sample", "temperature", "top_k", "top_p", "min_p"),
+            (do_sample, temperature, top_k, top_p, min_p),
+            strict=True,
+        ):
+            object.__setattr__(obj, k, v)
+        t = temperature  # no device read: per-row tensors count as sampling (their t == 0 rows stay greedy)
+        object.__setattr__(obj, "_greedy", not do_sample or (not isinstance(t, torch.Tensor) and t == 0))
+        return obj
 
     @property
     def greedy(self) -> bool:
-        """True when no row samples (so the RNG is never touched)."""
-        if not self.do_sample:
-            return True
-        t = self.temperature
-        return bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0
+        """True when no row samples (so the RNG is never touched); computed once, never syncs."""
+        return self._greedy
 
 
 def _check(name: str, value: Param, ok, expected: str) -> None:
@@ -61,9 +75,11 @@ def validate_sampling(temperature: Param, top_k: Param, top_p: Param, min_p: Par
 
 
 def _col(p: Param, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Scalar or [B] -> [B, 1] tensor on like's device."""
-    t = torch.as_tensor(p, device=like.device, dtype=dtype or like.dtype)
-    return t.reshape(-1, 1) if t.dim() else t.reshape(1, 1).expand(like.shape[0], 1)
+    """Scalar or [B] -> [B, 1] tensor on like's device (torch.full for scalars: no host-to-device copy)."""
+    dtype = dtype or like.dtype
+    if isinstance(p, torch.Tensor):
+        return p.to(device=like.device, dtype=dtype).reshape(-1, 1)
+    return torch.full((like.shape[0], 1), p, dtype=dtype, device=like.device)
 
 
 def combine_logits(
@@ -90,7 +106,7 @@ def warp_logits(
     """
     z = logits
     b, v = z.shape
-    neg_inf = torch.tensor(float("-inf"), dtype=z.dtype, device=z.device)
+    neg_inf = torch.full((), float("-inf"), dtype=z.dtype, device=z.device)
     t = _col(temperature, z)
     z = torch.where(t > 0, z / torch.where(t > 0, t, torch.ones_like(t)), z)
 

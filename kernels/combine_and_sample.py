@@ -176,8 +176,8 @@ def _combine_sample_kernel(
         c2 = (off & 0xFFFFFFFF).to(tl.uint32)
         c3 = ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
         sbest = tl.full([ROWS], neg_inf, tl.float32)
-        sbest_i = tl.zeros([ROWS], tl.int64)
-        sbest_z = tl.zeros([ROWS], tl.float32)
+        sbest_i = greedy_i  # never emitted unless every kept score is -inf (then the argmax is kept anyway)
+        sbest_z = m
         for start in range(0, V, BLOCK):
             cols = start + cols0
             ok = row_ok[:, None] & (cols < V)[None, :]
@@ -189,7 +189,8 @@ def _combine_sample_kernel(
             c1 = tl.broadcast_to(rows[:, None], [ROWS, BLOCK]).to(tl.uint32)
             c2b, c3b = tl.broadcast_to(c2, [ROWS, BLOCK]), tl.broadcast_to(c3, [ROWS, BLOCK])
             r, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2b, c3b)
-            u = tl.uint_to_uniform_float(r)
+            # u == 0 (probability 2^-31) would give a -inf score; clamp to the smallest positive draw's half
+            u = tl.maximum(tl.uint_to_uniform_float(r), 2.3283064e-10)
             score = tl.where(keep, z * inv_t[:, None] - tl.log(-tl.log(u)), neg_inf)
             bm = tl.max(score, axis=1)
             bi = tl.min(tl.where(score == bm[:, None], cols[None, :].to(tl.int64), 1 << 62), axis=1)

@@ -250,3 +250,22 @@ def test_fused_sampler_nan_flag_raises_in_the_decoder(pair):
     dec.sample_backend = "triton"
     with pytest.raises(NonFiniteLogitsError, match="non-finite"):
         dec.generate(PROMPTS[:2], max_new_tokens=3, eos_token_id=[])
+
+
+def test_stop_string_before_eos_in_the_same_sync_window(pair, tokenizer):
+    """A stop string completed before an EOS that falls in the same batched check must still end the row."""
+    _, _, base_dir, value_dir = pair
+    dec = FastIVLDecoder.from_pretrained(base_dir, value_dir, sync_every=8)
+    free = dec.generate(PROMPTS[:1], max_new_tokens=12, eos_token_id=[])
+    t = free.prompt_length
+    row = free.sequences[0, t:].tolist()
+    eos = row[5]
+    if eos in row[:5]:
+        pytest.skip("test design: need a token first produced at step 5")
+    stop = tokenizer.decode(row[1:3])
+    kw = dict(max_new_tokens=12, eos_token_id=[eos], stop_strings=[stop])
+    out = dec.generate(PROMPTS[:1], **kw)
+    n = out.num_new_tokens[0].item()
+    assert n <= 3 and stop in tokenizer.decode(out.sequences[0, t : t + n].tolist())
+    streamed = [int(x[0]) for x in dec.stream(PROMPTS[:1], **kw)]
+    assert out.sequences[0, t:].tolist() == streamed

@@ -355,3 +355,29 @@ def test_bad_training_arguments(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="data file"):
         train_value_model(_cfg(setup, tmp_path / "c", data=str(tmp_path / "missing.jsonl")))
     assert trainer_mod.SCHEMES == ("residual", "cascade", "cascade+")
+
+
+@pytest.mark.parametrize("per_step", [1, 2, 3])
+def test_step_plan_survives_epochs_with_different_batch_counts(per_step):
+    """Epochs reshuffle, so their batch counts differ (521 vs 520 here); every step must get full groups."""
+    from ivl_fast.train.trainer import StepPlan
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 600) for _ in range(3000)]
+    plan = StepPlan(lengths, 2048, seed=1, per_step=per_step)
+    counts = {len(plan.batches(e)) for e in range(3)}
+    assert len(counts) > 1, "test design: the epochs should differ in batch count"
+    total = plan.steps_in_epochs(3)
+    seen_epochs = []
+    for step in range(total):
+        epoch, group = plan.group(step)
+        assert len(group) == per_step and all(group)
+        seen_epochs.append(epoch)
+    assert seen_epochs == sorted(seen_epochs) and set(seen_epochs) == {0, 1, 2}
+    with pytest.raises(ValueError, match="world_size x grad_accum"):
+        StepPlan(lengths[:3], 4096, seed=0, per_step=8).epoch_steps(0)
+
+
+def test_fsdp_with_cascade_is_refused(setup, tmp_path):
+    with pytest.raises(ValueError, match="--fsdp needs several processes"):
+        train_value_model(_cfg(setup, tmp_path / "f", fsdp=True))

@@ -60,11 +60,10 @@ class Attention(nn.Module):
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, Tq, H, D], k/v [B, Tk, Hkv, D], mask [B, 1, Tq, Tk] bool -> [B, Tq, H*D]."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.hkv != self.h:
-            rep = self.h // self.hkv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [B, H, Tq, D]
+        # grouped-query attention without copying the KV cache per head (SDPA's enable_gqa)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.hkv != self.h
+        )  # [B, H, Tq, D]
         return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.h * self.d)
 
 

@@ -22,12 +22,14 @@ from ._backend import pick_backend
 
 
 def _as_row_tensor(name: str, v, b: int, dtype, device) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=dtype, device=device)
-    if t.dim() == 0:
-        return t.expand(b).contiguous()
-    if t.shape != (b,):
-        raise ValueError(f"{name} must be a scalar or a [B={b}] tensor, got shape {tuple(t.shape)}")
-    return t.contiguous()
+    """Scalar or [B] -> contiguous [B] tensor on device; scalars go through torch.full (no blocking copy)."""
+    if not isinstance(v, torch.Tensor):
+        return torch.full((b,), v, dtype=dtype, device=device)
+    if v.dim() == 0:
+        return v.to(device=device, dtype=dtype).expand(b).contiguous()
+    if v.shape != (b,):
+        raise ValueError(f"{name} must be a scalar or a [B={b}] tensor, got shape {tuple(v.shape)}")
+    return v.to(device=device, dtype=dtype).contiguous()
 
 
 def _check_logits(name: str, t: torch.Tensor | None) -> None:
@@ -74,8 +76,13 @@ def combine_and_sample(
     return_logprobs: bool = False,
     backend: str = "auto",
     workspace: torch.Tensor | None = None,
+    validate: bool = True,
 ):
-    """See the module docstring. Per-row parameters may be scalars or [B] tensors."""
+    """See the module docstring. Per-row parameters may be scalars or [B] tensors.
+
+    ``validate=False`` skips the value checks of the sampling parameters (for callers that checked them once,
+    like the decoder: validating [B] tensors reads them back to the host).
+    """
     _check_logits("base_logits", base_logits)
     _check_logits("value_logits", value_logits)
     if base_logits is None and value_logits is None:
@@ -99,7 +106,8 @@ def combine_and_sample(
         raise ValueError(
             f"base vocabulary ({base_logits.shape[1]}) != value vocabulary ({value_logits.shape[1]}) and no vocab_map"
         )
-    params = SamplingParams(bool(do_sample), temperature, top_k, top_p, min_p)  # validates (names the argument)
+    args = (bool(do_sample), temperature, top_k, top_p, min_p)
+    params = SamplingParams(*args) if validate else SamplingParams.trusted(*args)  # validation names the argument
     be = pick_backend(backend, dev)
     if be == "torch":
         return combine_and_sample_ref(

@@ -140,6 +140,9 @@ def fused_ce_l1(
         raise ValueError("hidden sizes of the hidden states and their heads differ")
     if labels.dtype.is_floating_point:
         raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):  # host sync: acceptable once per training micro-batch, never silently wrong
+        raise ValueError(f"labels hold ids outside [0, {v}) (e.g. {int(labels[bad][0])}); -100 marks ignored rows")
     if not math.isfinite(l1) or l1 < 0:
         raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
     be = pick_backend(backend, value_hidden.device)

@@ -110,6 +110,46 @@ class TrainConfig:
         return d
 
 
+class StepPlan:
+    """Which micro-batches make up each optimizer step of a stage.
+
+    Every epoch reshuffles its length-grouped batches, so epochs may hold slightly different numbers of batches;
+    each epoch contributes ``len(batches) // per_step`` full global batches (a trailing partial one is dropped)
+    and steps run through the epochs in order.
+    """
+
+    def __init__(self, lengths: list[int], batch_tokens: int, seed: int, per_step: int):
+        self.lengths, self.batch_tokens, self.seed, self.per_step = lengths, batch_tokens, seed, per_step
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[epoch] = make_batches(self.lengths, self.batch_tokens, seed=self.seed, epoch=epoch)
+        return self._cache[epoch]
+
+    def epoch_steps(self, epoch: int) -> int:
+        n = len(self.batches(epoch)) // self.per_step
+        if n == 0:
+            raise ValueError(
+                f"the data make {len(self.batches(epoch))} micro-batches per epoch but one optimizer step needs "
+                f"world_size x grad_accum = {self.per_step}; lower --grad-accum or --batch-tokens"
+            )
+        return n
+
+    def steps_in_epochs(self, epochs: int) -> int:
+        return sum(self.epoch_steps(e) for e in range(epochs))
+
+    def group(self, step: int) -> tuple[int, list[list[int]]]:
+        """(epoch, the per_step micro-batches) of the step-th optimizer step (0-based) of the stage."""
+        epoch = 0
+        while step >= (n := self.epoch_steps(epoch)):
+            step -= n
+            epoch += 1
+        return epoch, self.batches(epoch)[step * self.per_step : (step + 1) * self.per_step]
+
+
 # ----------------------------------------------------------------------------- distributed helpers
 def _dist_setup(device: torch.device):
     import torch.distributed as dist
@@ -291,6 +331,8 @@ def train_value_model(cfg: TrainConfig) -> dict:
     fsdp = bool(dist and cfg.fsdp)
     if cfg.fsdp and not dist:
         raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    if cfg.fsdp and cfg.scheme != "residual":
+        raise ValueError(f"--fsdp supports the residual scheme only (got {cfg.scheme!r}); use DDP for cascade")
     if fsdp:
         # FSDP2: shard each decoder layer and the root. The root keeps its parameters unsharded after the
         # forward (reshard_after_forward=False) because the fused loss reads the LM head outside the forward.
@@ -312,12 +354,8 @@ def train_value_model(cfg: TrainConfig) -> dict:
         o = torch.optim.AdamW(groups, lr=cfg.lr)
         return o, torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(stage_steps, int(cfg.warmup_ratio * stage_steps)))
 
-    def batches_for(stage: int, epoch: int):
-        return make_batches(lengths, cfg.batch_tokens, seed=cfg.seed + 7919 * stage, epoch=epoch)
-
-    n_batches = len(batches_for(0, 0))
-    steps_per_epoch = max(1, n_batches // per_step)  # a trailing partial global batch is dropped
-    stage_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    plans = [StepPlan(lengths, cfg.batch_tokens, cfg.seed + 7919 * st, per_step) for st in range(len(cfg.bases))]
+    stage_steps = cfg.max_steps or plans[0].steps_in_epochs(cfg.epochs)
     total_steps = stage_steps * len(cfg.bases)
     opt, sched = make_optimizer()
 
@@ -360,8 +398,7 @@ def train_value_model(cfg: TrainConfig) -> dict:
             opt, sched = make_optimizer()
         while step < stage_start + stage_steps:
             local = step - stage_start
-            epoch, pos = divmod(local, steps_per_epoch)
-            group = batches_for(stage, epoch)[pos * per_step : (pos + 1) * per_step]
+            epoch, group = plans[stage].group(local)
             # token counts of the whole global batch (host-side, identical on every rank: no communication)
             counts = [sum(1 for i in b for x in data.examples[i].labels[1:] if x != IGNORE) for b in group]
             n_total = max(1, sum(counts))
@@ -423,7 +460,7 @@ def train_value_model(cfg: TrainConfig) -> dict:
         "steps": step,
         "world_size": world,
         "data": data.stats.as_dict(),
-        "padding_fraction": padding_fraction(batches_for(0, 0), lengths),
+        "padding_fraction": padding_fraction(plans[0].batches(0), lengths),
         "seconds": time.perf_counter() - t_start,
         "resumed_from": resumed_from,
     }
