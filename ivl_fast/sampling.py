@@ -5,8 +5,8 @@ exactly, in their order: temperature -> top_k -> top_p -> min_p, with ``min_toke
 
 - temperature: ``z / t``; ``t == 0`` (or ``do_sample=False``) means greedy.
 - top_k: keep every token whose logit is >= the k-th largest (ties at the k-th value are all kept); 0 = off.
-- top_p: sort ascending, remove tokens whose cumulative probability is <= 1 - p, always keep the top token;
-  1.0 = off.
+- top_p: sort ascending (stably: among tied logits the lower index comes first), remove tokens whose
+  cumulative probability is <= 1 - p, always keep the top token; 1.0 = off.
 - min_p: remove tokens whose probability is < min_p * (top probability); 0 = off.
 - greedy: argmax with the lowest index on ties.
 
@@ -120,7 +120,9 @@ def warp_logits(
         # transformers compares with (1 - top_p) computed in double, then rounded to the logits' dtype
         p = _col(top_p, z, torch.float64)
         cut = (1 - p).to(z.dtype)
-        sorted_z, sorted_idx = torch.sort(z, dim=-1, descending=False)
+        # stable: among tied logits the lower index is removed first (transformers' order on CUDA, where
+        # torch.sort is a stable radix sort; on CPU its order of ties is implementation-defined)
+        sorted_z, sorted_idx = torch.sort(z, dim=-1, descending=False, stable=True)
         cum = sorted_z.softmax(-1).cumsum(-1)
         remove_sorted = cum <= cut
         remove_sorted[:, -1] = False  # min_tokens_to_keep = 1

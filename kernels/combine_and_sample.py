@@ -8,12 +8,14 @@ Per tile of ROWS rows (one program), looping over the vocabulary in BLOCK column
   top_k    the k-th largest z, exactly: a 16-ary search over the order-preserving uint32 keys of the floats
            (8 passes; each counts the tokens at or above 16 pivots).
   top_p    the smallest z whose higher-ranked mass (within the top-k set, renormalised) is < top_p: the same
-           search on masses (8 passes); equivalent to transformers' ascending-cumsum rule.
+           search on masses (8 passes); if several tokens share that boundary value, as many of them are kept as
+           a stable ascending sort would keep (the highest indices; 1 pass + a 6-pass index search). This is
+           transformers' ascending-cumsum rule with ties ordered stably (its order on CUDA).
   min_p    keep exp((z - max) / T) >= min_p (a closed-form threshold).
   sample   Gumbel-max over the kept tokens: argmax(z / T - log(-log u)), u from Philox(seed; col, row,
            offset), so a captured graph draws fresh numbers when the offset tensor is advanced on device.
 
-The logits are read a fixed number of times: 1 (greedy) or 1 + 8 [top_k] + 8 [top_p] + 1.
+The logits are read a fixed number of times: 1 (greedy) or 1 + 8 [top_k] + 15 [top_p] + 1.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import triton.language as tl
 
 NPIV: tl.constexpr = tl.constexpr(16)  # pivots per search pass (4 bits of the 32-bit key per pass)
 NPASS: tl.constexpr = tl.constexpr(8)
+NPASS_IDX: tl.constexpr = tl.constexpr(6)  # index searches: 16^6 covers vocabularies up to 16.7M
 KEY_MAX: tl.constexpr = tl.constexpr(4294967295)
 
 
@@ -167,7 +170,46 @@ def _combine_sample_kernel(
                 prev = _pick(piv, tl.maximum(sel - 1, 0)) + 1
                 plo = tl.where(sel > 0, prev, plo)
                 phi = new_hi
-            lo = tl.where(p < 1.0, phi, lo)
+            # the boundary value phi may be shared by several tokens: keep as many of them as a stable ascending
+            # sort would (the highest indices), i.e. c = ceil((p * Z - mass above) / their mass each)
+            m_gt = tl.zeros([ROWS], tl.float32)
+            q_eq = tl.zeros([ROWS], tl.float32)
+            n_eq = tl.zeros([ROWS], tl.int64)
+            for start in range(0, V, BLOCK):
+                cols = start + cols0
+                ok = row_ok[:, None] & (cols < V)[None, :]
+                z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
+                key = tl.where(ok, _keys(z), -1)
+                w = tl.where(ok, tl.exp((z - m[:, None]) * inv_t[:, None]), 0.0)
+                eq = key == phi[:, None]
+                m_gt += tl.sum(tl.where(key > phi[:, None], w, 0.0), axis=1)
+                q_eq = tl.maximum(q_eq, tl.max(tl.where(eq, w, 0.0), axis=1))
+                n_eq += tl.sum(eq.to(tl.int64), axis=1)
+            x = (p * zk - m_gt) / tl.where(q_eq > 0, q_eq, 1.0)
+            need = x.to(tl.int64)
+            need = need + (need.to(tl.float32) < x).to(tl.int64)  # ceil for x > 0
+            need = tl.minimum(tl.maximum(need, 1), n_eq)
+            # the need-th highest index among the tied tokens: 16-ary search over [0, V)
+            ilo = tl.zeros([ROWS], tl.int64)
+            ihi = tl.zeros([ROWS], tl.int64) + V - 1
+            for _ip in range(NPASS_IDX):
+                piv = ilo[:, None] + ((ihi - ilo + 1)[:, None] * piv_i) // NPIV
+                cnt = tl.zeros([ROWS, NPIV], tl.int64)
+                for start in range(0, V, BLOCK):
+                    cols = start + cols0
+                    ok = row_ok[:, None] & (cols < V)[None, :]
+                    z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
+                    eq = ok & (_keys(z) == phi[:, None])
+                    ge = cols[None, :, None].to(tl.int64) >= piv[:, None, :]
+                    cnt += tl.sum((eq[:, :, None] & ge).to(tl.int64), axis=1)
+                sel = tl.sum((cnt >= need[:, None]).to(tl.int64), axis=1) - 1
+                new_lo = _pick(piv, sel)
+                nxt = _pick(piv, tl.minimum(sel + 1, NPIV - 1)) - 1
+                ihi = tl.where(sel + 1 < NPIV, nxt, ihi)
+                ilo = new_lo
+            use_p = p < 1.0
+            p_key = phi
+            p_idx = ilo
         if HAS_MINP:
             minp = tl.load(minp_ptr + rows, mask=row_ok, other=0.0)
         # ---- final pass: Gumbel-max over the kept tokens
@@ -182,7 +224,11 @@ def _combine_sample_kernel(
             cols = start + cols0
             ok = row_ok[:, None] & (cols < V)[None, :]
             z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
-            keep = ok & (_keys(z) >= lo[:, None])
+            key = _keys(z)
+            keep = ok & (key >= lo[:, None])
+            if HAS_TOPP:
+                by_p = (key > p_key[:, None]) | ((key == p_key[:, None]) & (cols[None, :] >= p_idx[:, None]))
+                keep = keep & (~use_p[:, None] | by_p)
             if HAS_MINP:
                 keep = keep & (tl.exp((z - m[:, None]) * inv_t[:, None]) >= minp[:, None])
             c0 = tl.broadcast_to(cols[None, :], [ROWS, BLOCK]).to(tl.uint32)

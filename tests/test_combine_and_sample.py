@@ -171,3 +171,22 @@ def test_bad_input(kwargs, match):
     base, value = args.pop("base_logits"), args.pop("value_logits")
     with pytest.raises(ValueError, match=match):
         combine_and_sample(base, value, backend="triton", **args)
+
+
+def test_top_p_boundary_ties_resolved_like_a_stable_sort():
+    """Tied logits straddling the top-p cut: keep exactly the tokens a stable ascending sort keeps."""
+    z = torch.tensor([[1.0, 1.0, 0.0, -1.0]]).expand(1024, 4).contiguous()
+    ids, _, _ = combine_and_sample(z, None, do_sample=True, top_p=0.3, seed=1, backend="triton")
+    assert torch.isfinite(warp_logits(z[:1], top_p=0.3))[0].tolist() == [False, True, False, False]
+    assert set(ids.tolist()) == {1}
+    # bf16-rounded logits (many ties, as real bf16 models give): never a token the reference excludes
+    g = torch.Generator().manual_seed(0)
+    for trial in range(4):
+        z1 = (torch.randn(1, 300, generator=g) * 2).bfloat16().float()
+        for p in (0.2, 0.444, 0.9):
+            allowed = torch.isfinite(warp_logits(z1, temperature=0.8, top_k=40, top_p=p))[0]
+            zz = z1.expand(256, -1).contiguous()
+            ids, _, _ = combine_and_sample(
+                zz, None, do_sample=True, temperature=0.8, top_k=40, top_p=p, seed=trial, backend="triton"
+            )
+            assert bool(allowed[ids].all()), (trial, p)

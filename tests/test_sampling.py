@@ -7,6 +7,7 @@ Everything runs on CPU and is sized to keep the whole file fast.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -64,7 +65,14 @@ def hf_warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
         procs.append(TopPLogitsWarper(float(top_p), min_tokens_to_keep=1))
     procs.append(MinPLogitsWarper(float(min_p), min_tokens_to_keep=1))
     input_ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)  # unused by these warpers
-    return procs(input_ids, logits.clone())
+    # transformers' TopPLogitsWarper calls torch.sort, whose order of tied logits is implementation-defined
+    # (CPU: unstable; CUDA: radix, stable). Our spec fixes it to the stable order, so the oracle uses that.
+    orig = torch.sort
+    torch.sort = functools.partial(orig, stable=True)
+    try:
+        return procs(input_ids, logits.clone())
+    finally:
+        torch.sort = orig
 
 
 def assert_same_warp(ours: torch.Tensor, ref: torch.Tensor, msg: str = "") -> None:
