@@ -82,6 +82,7 @@ class FastIVLDecoder:
         attn_backend: str = "sdpa",
         sync_every: int = 8,
         sample_backend: str = "auto",
+        base_tokenizer=None,
     ):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -113,11 +114,34 @@ class FastIVLDecoder:
                     "tokens) differ and no vocab_map was given; build one with `ivl-fast vocab-map "
                     "--base-tokenizer BASE --value-tokenizer VALUE --corpus FILE --out map.safetensors`"
                 )
+        self.vocab_map = None
+        self.base_tokenizer = base_tokenizer
         if vocab_map is not None:
-            raise NotImplementedError(
-                "cross-vocabulary decoding (vocab_map) is not available yet: it needs the vocabulary-map builder "
-                "and per-step re-tokenization of the base (tracked in the cross-vocabulary issue)"
+            self._setup_cross_vocab(vocab_map)
+
+    def _setup_cross_vocab(self, vocab_map) -> None:
+        from .vocab import VocabMap
+
+        if self.scheme != "residual":
+            raise ValueError(f"cross-vocabulary decoding supports scheme='residual' only, got {self.scheme!r}")
+        if not getattr(self.base, "is_lean", False):
+            raise ValueError("cross-vocabulary decoding needs the lean engine for the base (it rewinds its cache)")
+        if self.tokenizer is None or self.base_tokenizer is None:
+            raise ValueError("cross-vocabulary decoding needs both tokenizers (tokenizer=value's, base_tokenizer=)")
+        if isinstance(vocab_map, str | Path):
+            vocab_map = VocabMap.load(vocab_map, base_tokenizer=self.base_tokenizer, value_tokenizer=self.tokenizer)
+        if not isinstance(vocab_map, VocabMap):
+            raise TypeError(f"vocab_map must be a VocabMap or a path, got {type(vocab_map).__name__}")
+        if vocab_map.v_base > self.base.vocab_size or vocab_map.v_value > self.value.vocab_size:
+            raise ValueError(
+                f"vocab_map is [{vocab_map.v_base}, {vocab_map.v_value}] but the base model has "
+                f"{self.base.vocab_size} and the value model {self.value.vocab_size} logits"
             )
+        self.vocab_map = vocab_map
+
+    @property
+    def cross_vocab(self) -> bool:
+        return self.vocab_map is not None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -150,7 +174,11 @@ class FastIVLDecoder:
             raise ValueError(f"scheme={scheme!r} needs value_path")
         base = load_model(base_path, **kw) if need_base else None
         value = load_model(value_path, **kw) if need_value else None
-        if tokenizer is None or isinstance(tokenizer, str | Path):
+        base_tokenizer = None
+        if vocab_map is not None:  # two vocabularies: each model keeps its own tokenizer
+            base_tokenizer = load_tokenizer(base_path)
+            tokenizer = load_tokenizer(tokenizer or value_path)
+        elif tokenizer is None or isinstance(tokenizer, str | Path):
             tokenizer = _pick_tokenizer(tokenizer, base_path if need_base else None, value_path if need_value else None)
         return cls(
             base,
@@ -161,6 +189,7 @@ class FastIVLDecoder:
             tokenizer=tokenizer,
             sync_every=sync_every,
             sample_backend=sample_backend,
+            base_tokenizer=base_tokenizer,
         )
 
     @property
@@ -201,6 +230,7 @@ class FastIVLDecoder:
         stop_strings=_UNSET,
         return_logprobs=_UNSET,
         generation_config=None,
+        texts: list[str] | None = None,
     ) -> IVLGenerateOutput:
         """Generate like ``transformers``' ``generate`` (same argument names and meanings).
 
@@ -208,7 +238,8 @@ class FastIVLDecoder:
         [T] tensor, or a list of token-id lists of different lengths. Defaults: max_new_tokens=20,
         do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0; eos/pad from the tokenizer or the
         base config. A ``GenerationConfig`` supplies values not given explicitly. ``eos_token_id=[]`` disables
-        EOS stopping.
+        EOS stopping. With a vocab map, token ids are in the value model's vocabulary (input and output) and
+        the base reads the prompt text (``texts``, or the value tokenizer's decoding of ``input_ids``).
         """
         opts = self._options(
             generation_config,
@@ -226,7 +257,7 @@ class FastIVLDecoder:
         )
         prompt, mask = self._prepare_inputs(input_ids, attention_mask, opts["pad_token_id"])
         t0 = time.perf_counter()
-        run = _Run(self, prompt, mask, opts, self.sync_every)
+        run = self._make_run(prompt, mask, opts, self.sync_every, texts)
         for _ in run:
             pass
         _sync(self.device)
@@ -237,6 +268,16 @@ class FastIVLDecoder:
         timings = {"total_s": elapsed, "prefill_s": run.prefill_s, "steps": n, "batch": prompt.shape[0]}
         return IVLGenerateOutput(seqs, lp, run.num_new_tokens(), prompt.shape[1], timings)
 
+    def _make_run(self, prompt, mask, opts, sync_every, texts):
+        if not self.cross_vocab:
+            return _Run(self, prompt, mask, opts, sync_every)
+        if texts is None:
+            tok = self.tokenizer
+            texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(prompt, mask, strict=True)]
+        if len(texts) != prompt.shape[0]:
+            raise ValueError(f"texts has {len(texts)} entries for {prompt.shape[0]} prompts")
+        return _CrossVocabRun(self, prompt, mask, opts, sync_every, list(texts))
+
     def stream(self, input_ids, attention_mask=None, **kwargs) -> Iterator[torch.Tensor]:
         """Yield the new token ids [B] of each step (pad for rows already stopped); same arguments as generate."""
         gen_cfg = kwargs.pop("generation_config", None)
@@ -245,7 +286,7 @@ class FastIVLDecoder:
             raise TypeError(f"stream() got unexpected keyword arguments {sorted(unknown)}")
         opts = self._options(gen_cfg, **kwargs)
         prompt, mask = self._prepare_inputs(input_ids, attention_mask, opts["pad_token_id"])
-        yield from _Run(self, prompt, mask, opts, sync_every=1)
+        yield from self._make_run(prompt, mask, opts, 1, None)
 
     def generate_text(
         self,
@@ -276,7 +317,8 @@ class FastIVLDecoder:
                 if not isinstance(p, str):
                     raise TypeError(f"prompt {i} must be a string, got {type(p).__name__} (use chat=True for messages)")
             ids = [tok(t)["input_ids"] for t in items]
-        out = self.generate(ids, **kwargs)
+        base_texts = texts if chat else items  # what the base reads when it has its own tokenizer
+        out = self.generate(ids, texts=base_texts if self.cross_vocab else None, **kwargs)
         t = out.prompt_length
         texts = []
         for row, n in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
@@ -454,6 +496,10 @@ class _Run:
         self.prefill_s = 0.0
         self._checked = 0  # steps whose stop strings were examined
 
+    def _allocate(self, b: int, t: int, n: int) -> None:
+        for m in self.dec.engines:
+            m.allocate(b, t + n)
+
     def num_new_tokens(self) -> torch.Tensor:
         return torch.clamp(self.stop_step + 1, max=self.steps)
 
@@ -482,6 +528,7 @@ class _Run:
         ids, lp, bad = combine_and_sample(
             zb,
             zv,
+            vocab_map=self.dec.vocab_map,
             alpha=self.dec.alpha,
             temperature=sp.temperature,
             top_k=sp.top_k,
@@ -500,11 +547,10 @@ class _Run:
         return ids, lp, bad
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        dec, opts = self.dec, self.opts
+        opts = self.opts
         b, t = self.prompt.shape
         n = opts["max_new_tokens"]
-        for m in dec.engines:
-            m.allocate(b, t + n)
+        self._allocate(b, t, n)
         t0 = time.perf_counter()
         zb, zv = self._logits(None)
         self.prefill_s = time.perf_counter() - t0
@@ -568,6 +614,100 @@ class _Run:
             self.logprobs.masked_fill_(after, 0.0)
             self.stop_step = torch.minimum(self.stop_step, new)
             self.finished |= newly
+
+
+class _CrossVocabRun(_Run):
+    """Decoding across vocabularies: sample in the value vocabulary (z = z_base @ W + alpha z_value), then
+    re-tokenize the text for the base after every step.
+
+    Rule for unstable token boundaries: after each step the base's context is re-derived as the base
+    tokenization of (prompt text + generated text); the longest common prefix with what the base has already
+    read is kept, the rest of its KV cache is rewound, and the new suffix is fed (0..k tokens, rows in lock
+    step, rows with fewer tokens idle). So the base's context always decodes to exactly the text so far, even
+    when new text merges with the previous base token (" Hel" + "lo" -> " Hello"). This needs the token ids on
+    the host every step (one sync per step).
+    """
+
+    def __init__(self, dec, prompt, mask, opts, sync_every, texts: list[str]):
+        super().__init__(dec, prompt, mask, opts, sync_every)
+        self.texts = texts
+        btok = dec.base_tokenizer
+        from .vocab.build import tokenizer_hash
+
+        # identical tokenizers (an identity-like map): the base reads the value's own token ids, exactly
+        self.same_tokens = tokenizer_hash(btok) == tokenizer_hash(dec.tokenizer)
+        if self.same_tokens:
+            self.base_ctx = [r[m].tolist() for r, m in zip(prompt.cpu(), mask.cpu(), strict=True)]
+        else:
+            self.base_ctx = [list(btok(x)["input_ids"]) for x in texts]
+        for i, ctx in enumerate(self.base_ctx):
+            if not ctx:
+                raise ValueError(f"prompt {i} is empty for the base tokenizer")
+        self.generated: list[list[int]] = [[] for _ in texts]  # value ids per row (self.gen is the RNG)
+        self.vb, self.vv = dec.vocab_map.v_base, dec.vocab_map.v_value
+
+    def _allocate(self, b, t, n):
+        dec = self.dec
+        dec.value.allocate(b, t + n)
+        # base tokens per value token vary; give the base room for a few per step, within its context
+        longest = max(len(c) for c in self.base_ctx)
+        dec.base.allocate(b, min(dec.base.max_context, longest + 4 * n + 16))
+
+    def base_context_text(self, row: int) -> str:
+        return self.dec.base_tokenizer.decode(self.base_ctx[row], skip_special_tokens=True)
+
+    def generated_text(self, row: int) -> str:
+        return self.dec.tokenizer.decode(self.generated[row], skip_special_tokens=True)
+
+    def _logits(self, ids):
+        dec = self.dec
+        base, value = dec.base, dec.value
+        if ids is None:
+            b = len(self.base_ctx)
+            t = max(len(c) for c in self.base_ctx)
+            pad = dec.base_tokenizer.pad_token_id or 0
+            bids = torch.full((b, t), pad, dtype=torch.int64)
+            bmask = torch.zeros((b, t), dtype=torch.bool)
+            for i, c in enumerate(self.base_ctx):
+                bids[i, t - len(c) :] = torch.tensor(c)
+                bmask[i, t - len(c) :] = True
+            self.zb = base.prefill(bids.to(dec.device), bmask.to(dec.device))[:, : self.vb]
+            return self.zb, value.prefill(self.prompt, self.mask)[:, : self.vv]
+        zv = value.decode(ids)[:, : self.vv]
+        new_ids = ids.tolist()  # host sync: re-tokenizing the text for the base is host work
+        finished = self.finished.tolist()
+        btok = dec.base_tokenizer
+        keep, feed = [], []
+        for r, tok_id in enumerate(new_ids):
+            if finished[r]:
+                keep.append(len(self.base_ctx[r]))
+                feed.append([])
+                continue
+            self.generated[r].append(tok_id)
+            if self.same_tokens:
+                target = self.base_ctx[r] + [tok_id]
+            else:
+                target = list(btok(self.texts[r] + self.generated_text(r))["input_ids"])
+            old = self.base_ctx[r]
+            n = 0
+            while n < min(len(old), len(target)) and old[n] == target[n]:
+                n += 1
+            if len(target) > base.max_seq_len:
+                raise ValueError(
+                    f"row {r}: the base context reached {len(target)} tokens, beyond its cache of {base.max_seq_len}"
+                )
+            keep.append(n)
+            feed.append(target[n:])
+            self.base_ctx[r] = target
+        base.rewind(torch.tensor(keep))
+        zb = self.zb
+        for j in range(max((len(f) for f in feed), default=0)):
+            col = torch.tensor([f[j] if j < len(f) else 0 for f in feed], device=dec.device)
+            act = torch.tensor([j < len(f) for f in feed], device=dec.device)
+            out = base.decode(col, active=act)[:, : self.vb]
+            zb = torch.where(act[:, None], out, zb)
+        self.zb = zb
+        return zb, zv
 
 
 def _scheme_of(value_path) -> str:

@@ -261,10 +261,21 @@ class LeanCausalLM(nn.Module):
         return self._logits(h) if all_logits else self._logits(h[:, -1])
 
     @torch.inference_mode()
-    def decode(self, input_ids: torch.Tensor | None, *, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def rewind(self, lengths: torch.Tensor) -> None:
+        """Truncate each row's cached context to ``lengths`` [B] tokens (later writes overwrite the rest)."""
+        self.seq_lens.copy_(lengths.to(self.seq_lens))
+
+    def decode(
+        self,
+        input_ids: torch.Tensor | None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        active: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One token per row: input_ids [B] (or inputs_embeds [B, H]) -> logits [B, V].
 
-        Static shapes, no host sync (graph-capturable)."""
+        ``active`` [B] bool: rows that really take this token (the others' contexts do not advance; their
+        logits are meaningless). Static shapes, no host sync (graph-capturable)."""
         h = self.embed(
             None if input_ids is None else input_ids[:, None], None if inputs_embeds is None else inputs_embeds[:, None]
         )  # [B, 1, H]
@@ -289,7 +300,7 @@ class LeanCausalLM(nn.Module):
                 return a.sdpa(q, kc, vc, valid)
 
             h = layer(h, cos, sin, attend)
-        self.seq_lens.add_(1)
+        self.seq_lens.add_(1 if active is None else active.to(self.seq_lens.dtype))
         return self._logits(h[:, 0])
 
 

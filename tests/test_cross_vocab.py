@@ -1,0 +1,89 @@
+"""Decoding across vocabularies: a value network on one tokenizer steering a base with another."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model
+
+from ivl_fast import FastIVLDecoder
+from ivl_fast.tiny import corpus_text, train_tokenizer
+from ivl_fast.vocab import VocabMap
+
+PROMPTS = ["The for statement is used", "A function definition", "x"]
+
+
+@pytest.fixture(scope="module")
+def setting(tokenizer):
+    """value: the 512-token BPE of conftest; base: a 700-token BPE trained on more text (a real other vocab)."""
+    base_tok = train_tokenizer(700, max_chars=150_000)
+    vmap = VocabMap.build(base_tok, tokenizer, [corpus_text()[200_000:260_000]], top_k=3)
+    base = build_model("llama", seed=0, vocab_size=len(base_tok), hidden_size=96, num_attention_heads=6)
+    value = build_model("llama", seed=1, vocab_size=len(tokenizer))
+    return base_tok, vmap, base, value
+
+
+def test_base_context_always_decodes_to_the_text_so_far(setting, tokenizer):
+    base_tok, vmap, base, value = setting
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    prompt, mask = dec._prepare_inputs(ids, None, 3)
+    run = dec._make_run(prompt, mask, dec._options(None, max_new_tokens=24, eos_token_id=[]), 1, PROMPTS)
+    rewound = 0
+    for step_ids in run:
+        assert step_ids.shape == (len(PROMPTS),) and int(step_ids.max()) < len(tokenizer)
+        for r in range(len(PROMPTS)):
+            assert run.base_context_text(r) == PROMPTS[r] + run.generated_text(r)
+            # the base's cache holds exactly that context
+            assert int(dec.base.seq_lens[r]) == len(run.base_ctx[r])
+        rewound += 1
+    assert rewound == 24
+
+
+def test_generation_api_and_sampling_across_vocabularies(setting, tokenizer):
+    base_tok, vmap, base, value = setting
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok)
+    texts = dec.generate_text(PROMPTS, max_new_tokens=10, eos_token_id=[])
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=30, seed=4, eos_token_id=[])
+    a = dec.generate_text(PROMPTS, **kw)
+    assert a == dec.generate_text(PROMPTS, **kw)
+    # token ids are the value vocabulary's
+    out = dec.generate([tokenizer(p)["input_ids"] for p in PROMPTS], max_new_tokens=5, eos_token_id=[])
+    assert int(out.sequences.max()) < len(tokenizer)
+
+
+def test_identity_map_between_identical_tokenizers_equals_same_vocab_decoding(tokenizer):
+    base = build_model("llama", seed=0, hidden_size=96, num_attention_heads=6)
+    value = build_model("llama", seed=1)
+    same = FastIVLDecoder(base, value, tokenizer=tokenizer)
+    ident = VocabMap.from_dense(torch.eye(len(tokenizer)))
+    cross = FastIVLDecoder(base, value, ident, tokenizer=tokenizer, base_tokenizer=tokenizer)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    a = same.generate(ids, max_new_tokens=16, eos_token_id=[])
+    b = cross.generate(ids, max_new_tokens=16, eos_token_id=[])
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_cross_vocab_file_round_trip_and_errors(setting, tokenizer, tmp_path, save_checkpoint):
+    base_tok, vmap, base, value = setting
+    bdir = tmp_path / "base"
+    base.save_pretrained(bdir)
+    base_tok.save_pretrained(bdir)
+    vdir = save_checkpoint(value, "xv-value")
+    mpath = tmp_path / "map.safetensors"
+    vmap.save(mpath)
+    dec = FastIVLDecoder.from_pretrained(bdir, vdir, vocab_map=mpath)
+    assert dec.cross_vocab and len(dec.generate_text("The", max_new_tokens=4, eos_token_id=[])) >= 0
+    # without a map the differing vocabularies are refused, pointing to the builder
+    with pytest.raises(ValueError, match="ivl-fast vocab-map"):
+        FastIVLDecoder.from_pretrained(bdir, vdir)
+    # a map built for other tokenizers is refused at load
+    other = VocabMap.build(tokenizer, base_tok, ["some text here"], top_k=1)
+    other.save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="built for another"):
+        FastIVLDecoder.from_pretrained(bdir, vdir, vocab_map=tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="residual"):
+        FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok, scheme="cascade")
+    with pytest.raises(ValueError, match="both tokenizers"):
+        FastIVLDecoder(base, value, vmap, tokenizer=tokenizer)
