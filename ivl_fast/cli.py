@@ -31,6 +31,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--base", type=Path, help="base model checkpoint directory (Hugging Face layout)")
     g.add_argument("--value", type=Path, help="value network checkpoint directory")
+    g.add_argument("--vocab-map", type=Path, default=None, help="map file from `ivl-fast vocab-map` (other tokenizers)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the value logits")
     g.add_argument(
         "--scheme",
@@ -91,12 +92,13 @@ def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
         if args.chat:
             from .chat import as_messages, render_chat
 
-            ids = [
-                tok(render_chat(tok, as_messages(p, args.system)), add_special_tokens=False)["input_ids"] for p in batch
-            ]
+            raw = [render_chat(tok, as_messages(p, args.system)) for p in batch]
+            ids = [tok(r, add_special_tokens=False)["input_ids"] for r in raw]
         else:
+            raw = list(batch)
             ids = [tok(p)["input_ids"] for p in batch]
-        out = dec.generate(ids, **gen_kwargs)
+        # across vocabularies the base reads the prompt text with its own tokenizer
+        out = dec.generate(ids, texts=raw if getattr(dec, "cross_vocab", False) else None, **gen_kwargs)
         t = out.prompt_length
         for row, n in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
             texts.append(tok.decode(row[t : t + n], skip_special_tokens=True))
@@ -118,6 +120,7 @@ def _cmd_generate(args) -> int:
     dec = FastIVLDecoder.from_pretrained(
         args.base,
         args.value,
+        args.vocab_map,
         alpha=args.alpha,
         scheme=args.scheme,
         allow_pickle=args.allow_pickle,
@@ -146,8 +149,9 @@ def _cmd_generate(args) -> int:
     print(f"{label}: {ntok} tokens in {secs:.2f} s = {report['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     compare = None
     if args.compare_base and dec.scheme not in ("base", "value_only"):
+        base_tok = dec.base_tokenizer if dec.cross_vocab else dec.tokenizer  # the base reads its own tokens
         base_only = FastIVLDecoder(
-            dec.base, None, scheme="base", tokenizer=dec.tokenizer, sample_backend=args.sample_backend
+            dec.base, None, scheme="base", tokenizer=base_tok, sample_backend=args.sample_backend
         )
         _run_batches(base_only, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
         _, btok, bsecs = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")

@@ -87,3 +87,23 @@ def test_cross_vocab_file_round_trip_and_errors(setting, tokenizer, tmp_path, sa
         FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok, scheme="cascade")
     with pytest.raises(ValueError, match="both tokenizers"):
         FastIVLDecoder(base, value, vmap, tokenizer=tokenizer)
+
+
+def test_cli_generate_with_a_vocab_map(setting, tokenizer, tmp_path, save_checkpoint, capsys):
+    import json
+
+    from ivl_fast.cli import main as cli_main
+
+    base_tok, vmap, base, value = setting
+    bdir = tmp_path / "b"
+    base.save_pretrained(bdir)
+    base_tok.save_pretrained(bdir)
+    vdir = save_checkpoint(value, "xv-cli-value")
+    vmap.save(tmp_path / "m.safetensors")
+    rc = cli_main(
+        ["generate", "--base", str(bdir), "--value", str(vdir), "--vocab-map", str(tmp_path / "m.safetensors")]
+        + ["--prompt", "The for statement", "--max-new-tokens", "6", "--no-eos", "--json", "--compare-base"]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out["outputs"][0]["text"], str) and out["base_alone"]["tokens"] > 0
