@@ -1,0 +1,56 @@
+"""The CPU wheel: builds with `pip wheel --no-build-isolation`, holds the package, the kernels and the built
+extension, and imports from a fresh virtual environment (dependencies reached through a .pth file: no network)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_wheel_builds_installs_and_imports(tmp_path):
+    dist = tmp_path / "dist"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", str(ROOT), "-w", str(dist)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    whl = next(dist.glob("ivl_fast-*.whl"))
+    names = zipfile.ZipFile(whl).namelist()
+    assert "ivl_fast/kernels/combine_and_sample.py" in names and "ivl_fast/decoder.py" in names
+    assert any(n.startswith("ivl_fast/_C") and n.endswith(".so") for n in names), "extension missing from the wheel"
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    site = subprocess.check_output(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    )
+    site = site.strip()
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", site, str(whl)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    # dependencies (torch, transformers, ...) from this environment, appended after the fresh site-packages
+    Path(site, "deps_from_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    code = (
+        "import ivl_fast, torch; info = ivl_fast.build_info(); "
+        f"assert ivl_fast.__file__.startswith({site!r}), ivl_fast.__file__; "
+        "assert info['extension'] and info['extension_build'] == 'cpu', info; "
+        "assert torch.ops.ivl_fast.edit_distance('kitten', 'sitting') == 3; "
+        "import ivl_fast.kernels, ivl_fast.ops, ivl_fast.train, ivl_fast.vocab; print('ok')"
+    )
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
