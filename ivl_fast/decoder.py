@@ -692,9 +692,14 @@ class _CrossVocabRun(_Run):
             n = 0
             while n < min(len(old), len(target)) and old[n] == target[n]:
                 n += 1
-            if len(target) > base.max_seq_len:
+            if target != old and n == len(target):
+                # the new tokenization is a prefix of the old one (a partial UTF-8 character completed into a
+                # shorter byte string): re-feed its last token so the base's logits follow the new context
+                n -= 1
+            if len(target) >= base.max_seq_len:  # one free column stays for idle rows' writes
                 raise ValueError(
-                    f"row {r}: the base context reached {len(target)} tokens, beyond its cache of {base.max_seq_len}"
+                    f"row {r}: the base context reached {len(target)} tokens, the end of its cache "
+                    f"({base.max_seq_len}); lower max_new_tokens or raise the base context"
                 )
             keep.append(n)
             feed.append(target[n:])
