@@ -31,10 +31,26 @@ std::tuple<at::Tensor, at::Tensor> align_counts(const std::vector<std::string>& 
   TORCH_CHECK(n >= 0 && value_offsets.numel() - 1 == n, "base_offsets and value_offsets must describe the same ",
               "number of texts, got ", base_offsets.numel() - 1, " and ", value_offsets.numel() - 1);
   TORCH_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+  // offsets must be 0, non-decreasing, and end at the number of ids (the C++ core indexes with them)
+  auto check_offsets = [](const at::Tensor& off, const at::Tensor& ids, const char* name) {
+    const int64_t* o = off.data_ptr<int64_t>();
+    const int64_t k = off.numel();
+    TORCH_CHECK_VALUE(k >= 1 && o[0] == 0, name, " must start at 0");
+    for (int64_t i = 1; i < k; ++i) TORCH_CHECK_VALUE(o[i] >= o[i - 1], name, " must be non-decreasing");
+    TORCH_CHECK_VALUE(o[k - 1] == ids.numel(), name, " must end at the number of ids (", ids.numel(), "), got ",
+                      o[k - 1]);
+  };
+  check_offsets(base_offsets, base_ids, "base_offsets");
+  check_offsets(value_offsets, value_ids, "value_offsets");
   // the worker threads are plain C++ (no Python objects touched)
-  std::unordered_map<uint64_t, int64_t> counts = ivl::align_counts(
-      base_vocab, value_vocab, base_ids.data_ptr<int64_t>(), base_offsets.data_ptr<int64_t>(),
-      value_ids.data_ptr<int64_t>(), value_offsets.data_ptr<int64_t>(), n, static_cast<int>(threads));
+  std::unordered_map<uint64_t, int64_t> counts;
+  try {
+    counts = ivl::align_counts(base_vocab, value_vocab, base_ids.data_ptr<int64_t>(),
+                               base_offsets.data_ptr<int64_t>(), value_ids.data_ptr<int64_t>(),
+                               value_offsets.data_ptr<int64_t>(), n, static_cast<int>(threads));
+  } catch (const std::out_of_range& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
   std::vector<std::pair<uint64_t, int64_t>> items(counts.begin(), counts.end());
   std::sort(items.begin(), items.end());
   const int64_t m = static_cast<int64_t>(items.size());

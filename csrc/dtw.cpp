@@ -1,6 +1,7 @@
 #include "dtw.h"
 
 #include <algorithm>
+#include <exception>
 #include <limits>
 #include <stdexcept>
 #include <thread>
@@ -87,7 +88,7 @@ std::unordered_map<uint64_t, int64_t> align_counts(const std::vector<std::string
                                                    int64_t n_texts, int threads) {
   threads = std::max(1, std::min<int>(threads, static_cast<int>(std::max<int64_t>(1, n_texts))));
   std::vector<std::unordered_map<uint64_t, int64_t>> partial(threads);
-  std::vector<std::string> errors(threads);
+  std::vector<std::exception_ptr> errors(threads);
   auto work = [&](int t) {
     try {
       std::vector<std::string> a, b;
@@ -96,12 +97,14 @@ std::unordered_map<uint64_t, int64_t> align_counts(const std::vector<std::string
         b.clear();
         for (int64_t p = base_offsets[k]; p < base_offsets[k + 1]; ++p) {
           const int64_t id = base_ids[p];
-          if (id < 0 || id >= static_cast<int64_t>(base_vocab.size())) throw std::out_of_range("base id");
+          if (id < 0 || id >= static_cast<int64_t>(base_vocab.size()))
+            throw std::out_of_range("base token id " + std::to_string(id) + " is outside the base vocabulary");
           a.push_back(base_vocab[id]);
         }
         for (int64_t p = value_offsets[k]; p < value_offsets[k + 1]; ++p) {
           const int64_t id = value_ids[p];
-          if (id < 0 || id >= static_cast<int64_t>(value_vocab.size())) throw std::out_of_range("value id");
+          if (id < 0 || id >= static_cast<int64_t>(value_vocab.size()))
+            throw std::out_of_range("value token id " + std::to_string(id) + " is outside the value vocabulary");
           b.push_back(value_vocab[id]);
         }
         for (const auto& ij : dtw_align(a, b)) {
@@ -110,16 +113,21 @@ std::unordered_map<uint64_t, int64_t> align_counts(const std::vector<std::string
           partial[t][(bid << 32) | vid] += 1;
         }
       }
-    } catch (const std::exception& e) {
-      errors[t] = e.what();
+    } catch (...) {
+      errors[t] = std::current_exception();  // rethrown on the calling thread, type and message kept
     }
   };
   std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  try {
+    for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  } catch (...) {  // e.g. a thread limit: join what started, then report
+    for (auto& th : pool) th.join();
+    throw;
+  }
   work(0);
   for (auto& th : pool) th.join();
   for (const auto& e : errors)
-    if (!e.empty()) throw std::invalid_argument("token id out of range of its vocabulary (" + e + ")");
+    if (e) std::rethrow_exception(e);
   auto& out = partial[0];
   for (int t = 1; t < threads; ++t)
     for (const auto& kv : partial[t]) out[kv.first] += kv.second;

@@ -132,6 +132,22 @@ class FastIVLDecoder:
             vocab_map = VocabMap.load(vocab_map, base_tokenizer=self.base_tokenizer, value_tokenizer=self.tokenizer)
         if not isinstance(vocab_map, VocabMap):
             raise TypeError(f"vocab_map must be a VocabMap or a path, got {type(vocab_map).__name__}")
+        from .vocab.build import tokenizer_hash
+
+        hashes = {"base": tokenizer_hash(self.base_tokenizer), "value": tokenizer_hash(self.tokenizer)}
+        for side, h in hashes.items():
+            want = (vocab_map.meta or {}).get(f"{side}_tokenizer_hash")
+            if want and want != h:
+                raise ValueError(
+                    f"vocab_map was built for another {side} tokenizer (hash {want[:12]}..., given {h[:12]}...)"
+                )
+        for side, tok, n in (
+            ("base", self.base_tokenizer, vocab_map.v_base),
+            ("value", self.tokenizer, vocab_map.v_value),
+        ):
+            if len(tok) > n:
+                raise ValueError(f"the {side} tokenizer has {len(tok)} tokens but vocab_map covers {n}")
+        self._same_tokenizers = hashes["base"] == hashes["value"]
         if vocab_map.v_base > self.base.vocab_size or vocab_map.v_value > self.value.vocab_size:
             raise ValueError(
                 f"vocab_map is [{vocab_map.v_base}, {vocab_map.v_value}] but the base model has "
@@ -177,7 +193,8 @@ class FastIVLDecoder:
         base_tokenizer = None
         if vocab_map is not None:  # two vocabularies: each model keeps its own tokenizer
             base_tokenizer = load_tokenizer(base_path)
-            tokenizer = load_tokenizer(tokenizer or value_path)
+            if tokenizer is None or isinstance(tokenizer, str | Path):
+                tokenizer = load_tokenizer(tokenizer or value_path)
         elif tokenizer is None or isinstance(tokenizer, str | Path):
             tokenizer = _pick_tokenizer(tokenizer, base_path if need_base else None, value_path if need_value else None)
         return cls(
@@ -632,17 +649,21 @@ class _CrossVocabRun(_Run):
         super().__init__(dec, prompt, mask, opts, sync_every)
         self.texts = texts
         btok = dec.base_tokenizer
-        from .vocab.build import tokenizer_hash
-
         # identical tokenizers (an identity-like map): the base reads the value's own token ids, exactly
-        self.same_tokens = tokenizer_hash(btok) == tokenizer_hash(dec.tokenizer)
+        self.same_tokens = dec._same_tokenizers
+        self.prompt_ids = [r[m].tolist() for r, m in zip(prompt.cpu(), mask.cpu(), strict=True)]
+        self.prompt_text_dec = [dec.tokenizer.decode(p, skip_special_tokens=True) for p in self.prompt_ids]
         if self.same_tokens:
-            self.base_ctx = [r[m].tolist() for r, m in zip(prompt.cpu(), mask.cpu(), strict=True)]
+            self.base_ctx = [list(p) for p in self.prompt_ids]
         else:
             self.base_ctx = [list(btok(x)["input_ids"]) for x in texts]
         for i, ctx in enumerate(self.base_ctx):
             if not ctx:
                 raise ValueError(f"prompt {i} is empty for the base tokenizer")
+            if len(ctx) + 1 >= dec.base.max_context:
+                raise ValueError(
+                    f"prompt {i} is {len(ctx)} base tokens long; the base's context is {dec.base.max_context}"
+                )
         self.generated: list[list[int]] = [[] for _ in texts]  # value ids per row (self.gen is the RNG)
         self.vb, self.vv = dec.vocab_map.v_base, dec.vocab_map.v_value
 
@@ -657,7 +678,12 @@ class _CrossVocabRun(_Run):
         return self.dec.base_tokenizer.decode(self.base_ctx[row], skip_special_tokens=True)
 
     def generated_text(self, row: int) -> str:
-        return self.dec.tokenizer.decode(self.generated[row], skip_special_tokens=True)
+        """The text of the generated value tokens as it reads after the prompt: decoded together with the prompt
+        tokens and cut after them, so decoders that strip a leading space ("▁" of SentencePiece) at the start
+        of a string do not lose the space between prompt and reply."""
+        tok = self.dec.tokenizer
+        full = tok.decode(self.prompt_ids[row] + self.generated[row], skip_special_tokens=True)
+        return full[len(self.prompt_text_dec[row]) :]
 
     def _logits(self, ids):
         dec = self.dec
@@ -696,14 +722,17 @@ class _CrossVocabRun(_Run):
                 # the new tokenization is a prefix of the old one (a partial UTF-8 character completed into a
                 # shorter byte string): re-feed its last token so the base's logits follow the new context
                 n -= 1
-            if len(target) >= base.max_seq_len:  # one free column stays for idle rows' writes
+            if len(target) >= base.max_context:  # one free column stays for idle rows' writes
                 raise ValueError(
-                    f"row {r}: the base context reached {len(target)} tokens, the end of its cache "
-                    f"({base.max_seq_len}); lower max_new_tokens or raise the base context"
+                    f"row {r}: the base context reached {len(target)} tokens, the end of the base model's context "
+                    f"({base.max_context}); lower max_new_tokens"
                 )
             keep.append(n)
             feed.append(target[n:])
             self.base_ctx[r] = target
+        need = max(len(c) for c in self.base_ctx) + 1  # + a free column for idle rows' writes
+        if need > base.max_seq_len:  # more base tokens per value token than planned: grow, up to the context
+            base.grow(min(base.max_context, max(need, 2 * base.max_seq_len)))
         base.rewind(torch.tensor(keep))
         zb = self.zb
         for j in range(max((len(f) for f in feed), default=0)):

@@ -107,3 +107,39 @@ def test_cli_generate_with_a_vocab_map(setting, tokenizer, tmp_path, save_checkp
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert isinstance(out["outputs"][0]["text"], str) and out["base_alone"]["tokens"] > 0
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer ("▁" for spaces; its decoder drops the leading space of a string)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False)
+    text = corpus_text(120_000)
+    tok.train_from_iterator((text[i : i + 2000] for i in range(0, len(text), 2000)), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_sentencepiece_value_keeps_the_space_between_prompt_and_reply(setting):
+    base_tok, _, base, _ = setting
+    sp = _metaspace_tokenizer()
+    vmap = VocabMap.build(base_tok, sp, [corpus_text()[200_000:240_000]], top_k=2)
+    value = build_model("llama", seed=2, vocab_size=len(sp))
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=sp, base_tokenizer=base_tok)
+    prompts = ["The for statement is", "Classes are"]
+    ids = [sp(p)["input_ids"] for p in prompts]
+    prompt, mask = dec._prepare_inputs(ids, None, sp.pad_token_id)
+    run = dec._make_run(prompt, mask, dec._options(None, max_new_tokens=12, eos_token_id=[]), 1, prompts)
+    for _ in run:
+        for r, p in enumerate(prompts):
+            gen = run.generated[r]
+            # independent of the decoder's own helper: the value tokenizer's reading of prompt + reply
+            full = sp.decode(ids[r] + gen, skip_special_tokens=True)
+            reply = full[len(sp.decode(ids[r], skip_special_tokens=True)) :]
+            assert run.base_context_text(r) == p + reply
+            if gen and sp.convert_ids_to_tokens(gen[0]).startswith("▁"):
+                assert reply.startswith(" ")

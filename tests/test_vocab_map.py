@@ -64,8 +64,25 @@ def test_cpp_alignment_equals_python_reference(toks, texts):
 @needs_ext
 def test_cpp_alignment_rejects_out_of_range_ids(toks):
     a, b = toks
-    with pytest.raises(ValueError, match="out of range"):  # std::invalid_argument -> ValueError
+    with pytest.raises(ValueError, match="outside the base vocabulary"):
         align_counts(surface_strings(a), surface_strings(b), [[0, 10_000]], [[5]], backend="cpp")
+    import torch as _t
+
+    ids, off = _t.tensor([1]), _t.tensor([0, 200_000_000])  # offsets past the ids: refused before any read
+    with pytest.raises(ValueError, match="must end at the number of ids"):
+        _t.ops.ivl_fast.align_counts(["a"] * 5, ["b"] * 5, ids, off, ids, _t.tensor([0, 1]), 2)
+
+
+def test_partial_utf8_tokens_keep_distinct_surfaces(toks, texts):
+    """Byte-level tokens holding parts of one UTF-8 character must not collapse onto one surface."""
+    a, b = toks
+    s = surface_strings(a)
+    high = [x for x in s if x and any(ord(c) > 127 for c in x)]
+    assert len(set(high)) == len(high)
+    vmap = VocabMap.build(a, b, texts[:40], top_k=3)
+    # no value token receives a disproportionate share of base rows
+    col_mass = vmap.to_dense().sum(0)
+    assert float(col_mass.max()) < 20
 
 
 def test_build_save_load_evaluate(toks, texts, tmp_path):

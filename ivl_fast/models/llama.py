@@ -167,6 +167,22 @@ class LeanCausalLM(nn.Module):
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
 
+    def grow(self, max_seq_len: int) -> None:
+        """Enlarge the KV cache to ``max_seq_len`` columns keeping its contents (not graph-safe: new buffers)."""
+        if max_seq_len <= self.max_seq_len:
+            return
+        if max_seq_len > self.max_context:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens")
+
+        def bigger(c):
+            out = torch.zeros((c.shape[0], max_seq_len, *c.shape[2:]), dtype=c.dtype, device=c.device)
+            out[:, : c.shape[1]].copy_(c)
+            return out
+
+        self.k_cache = [bigger(c) for c in self.k_cache]
+        self.v_cache = [bigger(c) for c in self.v_cache]
+        self.max_seq_len = max_seq_len
+
     def free(self) -> None:
         self.k_cache, self.v_cache, self.seq_lens = [], [], None
         self.batch_size = self.max_seq_len = 0

@@ -2,8 +2,9 @@
 
 Surface strings follow each tokenizer's conventions: SentencePiece marks a leading space with "▁"; byte-level
 BPE (GPT-2 / tiktoken style, e.g. "Ġ") stores bytes as printable characters; byte-fallback tokens look like
-``<0x0A>``. Special tokens have an empty surface. Edit distances are taken over the UTF-8 bytes of the surface
-strings (the C++ and Python paths agree exactly).
+``<0x0A>``. A surface is the token's raw bytes, held as a latin-1 ``str`` (one character per byte); special
+tokens have an empty surface. Edit distances are taken over the UTF-8 encoding of that string (ASCII bytes
+count one, others two; the C++ and Python paths agree exactly).
 """
 
 from __future__ import annotations
@@ -50,13 +51,16 @@ def surface_strings(tokenizer) -> list[str]:
     for i, t in enumerate(tokens):
         if i in special or not t:
             out.append("")
-        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):  # byte fallback
-            out.append(bytes([int(t[3:5], 16)]).decode("latin-1"))
+            continue
+        if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):  # byte fallback
+            raw = bytes([int(t[3:5], 16)])
         elif byte_level:
             raw = bytes(dec.get(c, ord("?") if ord(c) > 255 else ord(c)) for c in t)
-            out.append(raw.decode("utf-8", errors="replace"))
         else:
-            out.append(t.replace("▁", " "))
+            raw = t.replace("▁", " ").encode("utf-8")
+        # bytes as latin-1 characters: tokens holding part of a UTF-8 character stay distinct (decoding them
+        # as text would turn them all into the same replacement character)
+        out.append(raw.decode("latin-1"))
     return out
 
 

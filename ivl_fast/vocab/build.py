@@ -102,7 +102,8 @@ def build_map(
         cand = rows.get(b, [])
         same = by_surface.get(bsurf[b])
         if same is not None and all(v != same for v, _ in cand):
-            cand = cand + [(same, 0)]
+            # an identical value token the alignment never paired: preferred, with the row's top count
+            cand = cand + [(same, max((c for _, c in cand), default=1))]
         cand.sort(key=lambda vc: (vc[0] != same, -vc[1], vc[0]))
         cand = cand[:top_k]
         total = sum(c for _, c in cand)
@@ -110,7 +111,7 @@ def build_map(
             mapped += 1
             for v, c in cand:
                 col.append(v)
-                val.append(c / total if total else (1.0 if v == same else 0.0))
+                val.append(c / total)
         crow.append(len(col))
     vmap = VocabMap(torch.tensor(crow), torch.tensor(col, dtype=torch.int64), torch.tensor(val), (vb, vv))
     corpus_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
