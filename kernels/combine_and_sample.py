@@ -37,6 +37,15 @@ def _keys(z):
 
 
 @triton.jit
+def _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK: tl.constexpr):
+    """One [R, BLOCK] tile of the workspace: (cols, in-bounds mask, z (-inf outside), keys (-1 outside))."""
+    cols = start + tl.arange(0, BLOCK)
+    ok = row_ok[:, None] & (cols < V)[None, :]
+    z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=float("-inf"))
+    return cols, ok, z, tl.where(ok, _keys(z), -1)
+
+
+@triton.jit
 def _pick(vals, sel):
     """vals [R, NPIV], sel [R] (index) -> vals[r, sel[r]]."""
     cols = tl.arange(0, NPIV)[None, :]
@@ -138,10 +147,7 @@ def _combine_sample_kernel(
                 piv = lo[:, None] + ((hi - lo + 1)[:, None] * piv_i) // NPIV  # [R, P], piv[:, 0] == lo
                 cnt = tl.zeros([ROWS, NPIV], tl.int64)
                 for start in range(0, V, BLOCK):
-                    cols = start + cols0
-                    ok = row_ok[:, None] & (cols < V)[None, :]
-                    z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
-                    key = tl.where(ok, _keys(z), -1)
+                    cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
                     cnt += tl.sum((key[:, :, None] >= piv[:, None, :]).to(tl.int64), axis=1)
                 sel = tl.sum((cnt >= k_eff[:, None]).to(tl.int64), axis=1) - 1  # last pivot still holding k
                 new_lo = _pick(piv, sel)
@@ -156,10 +162,7 @@ def _combine_sample_kernel(
                 piv = plo[:, None] + ((phi - plo + 1)[:, None] * (piv_i + 1)) // NPIV - 1  # piv[:, -1] == phi
                 mass_gt = tl.zeros([ROWS, NPIV], tl.float32)
                 for start in range(0, V, BLOCK):
-                    cols = start + cols0
-                    ok = row_ok[:, None] & (cols < V)[None, :]
-                    z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
-                    key = tl.where(ok, _keys(z), -1)
+                    cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
                     w = tl.where(ok, tl.exp((z - m[:, None]) * inv_t[:, None]), 0.0)
                     mass_gt += tl.sum(tl.where(key[:, :, None] > piv[:, None, :], w[:, :, None], 0.0), axis=1)
                     if it == 0:
@@ -176,10 +179,7 @@ def _combine_sample_kernel(
             q_eq = tl.zeros([ROWS], tl.float32)
             n_eq = tl.zeros([ROWS], tl.int64)
             for start in range(0, V, BLOCK):
-                cols = start + cols0
-                ok = row_ok[:, None] & (cols < V)[None, :]
-                z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
-                key = tl.where(ok, _keys(z), -1)
+                cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
                 w = tl.where(ok, tl.exp((z - m[:, None]) * inv_t[:, None]), 0.0)
                 eq = key == phi[:, None]
                 m_gt += tl.sum(tl.where(key > phi[:, None], w, 0.0), axis=1)
@@ -196,10 +196,8 @@ def _combine_sample_kernel(
                 piv = ilo[:, None] + ((ihi - ilo + 1)[:, None] * piv_i) // NPIV
                 cnt = tl.zeros([ROWS, NPIV], tl.int64)
                 for start in range(0, V, BLOCK):
-                    cols = start + cols0
-                    ok = row_ok[:, None] & (cols < V)[None, :]
-                    z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
-                    eq = ok & (_keys(z) == phi[:, None])
+                    cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
+                    eq = key == phi[:, None]
                     ge = cols[None, :, None].to(tl.int64) >= piv[:, None, :]
                     cnt += tl.sum((eq[:, :, None] & ge).to(tl.int64), axis=1)
                 sel = tl.sum((cnt >= need[:, None]).to(tl.int64), axis=1) - 1
@@ -221,10 +219,7 @@ def _combine_sample_kernel(
         sbest_i = greedy_i  # never emitted unless every kept score is -inf (then the argmax is kept anyway)
         sbest_z = m
         for start in range(0, V, BLOCK):
-            cols = start + cols0
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            z = tl.load(work_ptr + rows[:, None] * stride_work + cols[None, :], mask=ok, other=neg_inf)
-            key = _keys(z)
+            cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
             keep = ok & (key >= lo[:, None])
             if HAS_TOPP:
                 by_p = (key > p_key[:, None]) | ((key == p_key[:, None]) & (cols[None, :] >= p_idx[:, None]))
