@@ -257,6 +257,20 @@ def _cmd_vocab_map(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(work_dir=str(args.work_dir), quick=args.quick, seed=args.seed))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from .demo import to_markdown
+
+        print(to_markdown(result))
+        print(f"results: {args.work_dir}/results.json, results.md, results.png", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivl-fast", description="Fast Inverse Value Learning")
     parser.add_argument("--version", action="version", version=_version())
@@ -315,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--threads", type=int, default=None)
     vm.add_argument("--evaluate", action="store_true", help="hold out 10%% of the corpus and report the overlap")
     vm.set_defaults(func=_cmd_vocab_map)
+
+    dm = sub.add_parser("demo", help="the paper's transfer table in miniature, built from nothing (CPU, offline)")
+    dm.add_argument("--quick", action="store_true", help="a much smaller version (the test suite runs it)")
+    dm.add_argument("--work-dir", type=Path, default=Path("ivl-demo"))
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--json", action="store_true")
+    dm.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("make-tiny", help="build a random tiny base/value pair with a BPE tokenizer (offline)")
     t.add_argument("--out", type=Path, required=True)

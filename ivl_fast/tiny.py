@@ -23,7 +23,13 @@ def corpus_text(max_chars: int | None = None) -> str:
 
 
 def train_tokenizer(vocab_size: int = 1024, *, max_chars: int = 300_000):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with <s>/</s>/<pad>/<unk> (ids 1/2/3/0)."""
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with <s>/</s>/<pad>/<unk> (ids 1/2/3/0), trained on pydoc text."""
+    text = corpus_text(max_chars)
+    return train_tokenizer_on([text[i : i + 4096] for i in range(0, len(text), 4096)], vocab_size)
+
+
+def train_tokenizer_on(texts: list[str], vocab_size: int, seed_name: str = ""):
+    """The same byte-level BPE tokenizer trained on ``texts`` (deterministic for the same texts)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,8 +42,7 @@ def train_tokenizer(vocab_size: int = 1024, *, max_chars: int = 300_000):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = corpus_text(max_chars)
-    tok.train_from_iterator((text[i : i + 4096] for i in range(0, len(text), 4096)), trainer=trainer)
+    tok.train_from_iterator(iter(texts), trainer=trainer)
     from tokenizers.processors import TemplateProcessing
 
     tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])

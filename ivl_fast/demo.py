@@ -1,0 +1,358 @@
+"""`ivl-fast demo`: the paper's transfer table in miniature, built from nothing on a CPU.
+
+A made-up world of people, each living in a city and liking a colour, is written as plain "pretraining" text.
+Bases are pretrained on it with this package's lean engine: a small base that reads about only part of the
+people (and has less capacity), a larger base that reads about everyone, and a base of the same size with a
+different tokenizer. Chat demonstrations teach a format the bases never saw ("ANSWER: <city>") on one group of
+people; evaluation asks about the other group, whose facts appear only in the pretraining text. So a value
+network trained on the small base can transfer only the *format*, and the knowledge must come from the base
+it steers: the larger base knows more, the same-vocabulary and cross-vocabulary rows show whether IVL works.
+
+Rows (paper, Table 1 / Figure 4): small, large (bases alone), small+value, large+value (transfer),
+large+value_l1 (L1-regularised value network), large_finetuned (the ceiling: the larger base fine-tuned on the
+demonstrations), other_vocab+value (the value network through a vocabulary map onto the other-tokenizer base).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CITIES = ["Varno", "Quelm", "Ostrid", "Pellam", "Durnik", "Saveth", "Mirlo", "Tandor", "Kesh", "Blavin"]
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
+SYLL = ["ka", "lo", "mi", "ren", "tu", "vas", "zel", "po", "dri", "nuk", "sa", "bel", "or", "gim", "fa", "qui"]
+ROW_NAMES = ["small", "large", "small+value", "large+value", "large+value_l1", "large_finetuned", "other_vocab+value"]
+
+
+@dataclass
+class DemoConfig:
+    work_dir: str = "ivl-demo"
+    quick: bool = False
+    seed: int = 0
+
+    @property
+    def n_people(self) -> int:
+        return 24 if self.quick else 80
+
+    @property
+    def pretrain_steps(self) -> tuple[int, int]:  # small, large
+        return (40, 60) if self.quick else (500, 900)
+
+    @property
+    def value_steps(self) -> int:
+        return 20 if self.quick else 150
+
+    @property
+    def eval_people(self) -> int:
+        return 8 if self.quick else 40
+
+
+def make_world(n: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    names: set[str] = set()
+    while len(names) < n:
+        names.add("".join(rng.choice(SYLL) for _ in range(rng.randint(2, 3))).capitalize())
+    people = sorted(names)
+    rng.shuffle(people)
+    facts = {p: {"city": rng.choice(CITIES), "color": rng.choice(COLORS)} for p in people}
+    half = n // 2
+    return {"people": people, "facts": facts, "demo_people": people[:half], "eval_people": people[half:]}
+
+
+def pretraining_text(world: dict, people: list[str], reps: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(reps):
+        for p in people:
+            f = world["facts"][p]
+            lines += [
+                rng.choice(
+                    [f"{p} lives in {f['city']}.", f"The home of {p} is {f['city']}.", f"{p} is from {f['city']}."]
+                ),
+                rng.choice([f"{p} likes the color {f['color']}.", f"The favorite color of {p} is {f['color']}."]),
+            ]
+        # like web-scale pretraining data, the text also holds dialogues, answered in plain prose: the bases
+        # know the chat markup, but never the post-training format "ANSWER: <word>"
+        for p in people:
+            f = world["facts"][p]
+            if rng.random() < 0.5:
+                lines.append(f"<|user|>\nWhere does {p} live?\n<|assistant|>\n{p} lives in {f['city']}.")
+            else:
+                lines.append(f"<|user|>\nWhat color does {p} like?\n<|assistant|>\n{p} likes {f['color']}.")
+    rng.shuffle(lines)
+    return lines
+
+
+def demonstrations(world: dict) -> list[dict]:
+    out = []
+    for p in world["demo_people"]:
+        f = world["facts"][p]
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Where does {p} live?"},
+                    {"role": "assistant", "content": f"ANSWER: {f['city']}"},
+                ]
+            }
+        )
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What color does {p} like?"},
+                    {"role": "assistant", "content": f"ANSWER: {f['color']}"},
+                ]
+            }
+        )
+    return out
+
+
+def _save_hf(model_hf, tokenizer, out: Path) -> None:
+    model_hf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "DONE").write_text("ok")
+
+
+def _new_base(tokenizer, hidden: int, layers: int, seed: int):
+    from .tiny import llama_config
+
+    torch.manual_seed(seed)
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(
+        len(tokenizer),
+        hidden=hidden,
+        layers=layers,
+        heads=max(2, hidden // 32),
+        kv_heads=max(1, hidden // 64),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _train_lm(hf, batches, steps: int, lr: float, desc: str, seed: int) -> None:
+    """Train a transformers Llama through the lean engine (which shares its weights): plain next-token loss."""
+    from tqdm.auto import tqdm
+
+    from .models import from_hf_model
+
+    lean = from_hf_model(hf).train().requires_grad_(True)
+    opt = torch.optim.AdamW(lean.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False):
+        ids, mask, labels = batches(g)
+        logits = lean(ids, attention_mask=mask)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lean.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def pretrain(tokenizer, lines: list[str], out: Path, *, hidden: int, layers: int, steps: int, seed: int) -> Path:
+    if (out / "DONE").is_file():
+        return out
+    hf = _new_base(tokenizer, hidden, layers, seed)
+    stream = []
+    for line in lines:
+        stream += tokenizer(line + "\n", add_special_tokens=False)["input_ids"]
+    data = torch.tensor(stream)
+    seq, batch = 64, 16
+
+    def batches(g):
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        ids = torch.stack([data[s : s + seq] for s in starts])
+        return ids, torch.ones_like(ids), ids
+
+    _train_lm(hf, batches, steps, 3e-3, f"pretrain {out.name}", seed)
+    _save_hf(hf, tokenizer, out)
+    return out
+
+
+def finetune(base_dir: Path, demos_file: Path, out: Path, *, steps: int, seed: int) -> Path:
+    """Full supervised fine-tuning of a base on the demonstrations (the ceiling row)."""
+    if (out / "DONE").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    from .chat import load_tokenizer
+    from .train.data import build_dataset, collate
+
+    tok = load_tokenizer(base_dir)
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    ds = build_dataset(tok, demos_file)
+
+    def batches(g):
+        idx = torch.randint(0, len(ds.examples), (16,), generator=g).tolist()
+        b = collate([ds.examples[i] for i in idx], tok.pad_token_id)
+        return b["input_ids"], b["attention_mask"], b["labels"]
+
+    _train_lm(hf, batches, steps, 1e-3, f"finetune {out.name}", seed)
+    _save_hf(hf, tok, out)
+    return out
+
+
+def evaluate(dec, world: dict, people: list[str]) -> dict:
+    """Greedy answers to held-out questions: accuracy (exact answer) and format rate ("ANSWER: <word>"),
+    plus decoding speed (new tokens / s over the batch)."""
+    from .chat import as_messages, render_chat
+
+    qs = []
+    for p in people:
+        f = world["facts"][p]
+        qs.append((f"Where does {p} live?", f["city"]))
+        qs.append((f"What color does {p} like?", f["color"]))
+    tok = dec.tokenizer
+    texts = [render_chat(tok, as_messages(q)) for q, _ in qs]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    t0 = time.perf_counter()
+    out = dec.generate(ids, max_new_tokens=12, texts=texts if dec.cross_vocab else None)
+    secs = time.perf_counter() - t0
+    t = out.prompt_length
+    fmt = acc = 0
+    for (_, ans), row, n in zip(qs, out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
+        text = tok.decode(row[t : t + n], skip_special_tokens=True).strip().split("\n")[0].strip()
+        ok_fmt = text.startswith("ANSWER: ") and len(text.split()) >= 2
+        fmt += ok_fmt
+        acc += ok_fmt and text.split()[1].strip(".") == ans
+    n = len(qs)
+    return {"accuracy": acc / n, "format_rate": fmt / n, "questions": n, "seconds": secs}
+
+
+def decode_speed(dec, prompts: list[list[int]], new: int = 32) -> float:
+    """New tokens per second for a fixed-length greedy batch (EOS off), after one warm-up call."""
+    dec.generate(prompts[:2], max_new_tokens=2, eos_token_id=[])
+    t0 = time.perf_counter()
+    dec.generate(prompts, max_new_tokens=new, eos_token_id=[])
+    return len(prompts) * new / (time.perf_counter() - t0)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from . import FastIVLDecoder
+    from .tiny import train_tokenizer_on
+    from .train import TrainConfig, train_value_model
+    from .vocab import VocabMap
+
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    world = make_world(cfg.n_people, cfg.seed)
+    all_lines = pretraining_text(world, world["people"], 6, cfg.seed)
+    # the small base reads about the demo people and only a third of the evaluation people
+    small_people = world["demo_people"] + world["eval_people"][: max(1, len(world["eval_people"]) // 3)]
+    small_lines = pretraining_text(world, small_people, 6, cfg.seed + 1)
+    demos = demonstrations(world)
+    demos_file = work / "demos.jsonl"
+    demos_file.write_text("".join(json.dumps(d) + "\n" for d in demos))
+    # both tokenizers learn from the pretraining text and the rendered chat format (two vocabulary sizes,
+    # so their merges differ: the cross-vocabulary row needs a real map between them)
+    rendered = [f"<|user|>\n{d['messages'][0]['content']}\n<|assistant|>\n{d['messages'][1]['content']}" for d in demos]
+    tok_a = train_tokenizer_on(all_lines + rendered, 700, seed_name="a")
+    tok_b = train_tokenizer_on(all_lines + rendered, 900, seed_name="b")
+    s_steps, l_steps = cfg.pretrain_steps
+    small = pretrain(tok_a, small_lines, work / "small", hidden=64, layers=2, steps=s_steps, seed=cfg.seed)
+    large = pretrain(tok_a, all_lines, work / "large", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 1)
+    other = pretrain(tok_b, all_lines, work / "other", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 2)
+    values = {}
+    for name, l1 in (("value", 0.0), ("value_l1", 1.0)):
+        out = work / name
+        if not (out / "ivl.json").is_file():
+            train_value_model(
+                TrainConfig(
+                    bases=[str(small)],
+                    value_init=str(small),
+                    data=str(demos_file),
+                    out=str(out),
+                    l1=l1,
+                    max_steps=cfg.value_steps,
+                    batch_tokens=512,
+                    lr=1e-3,
+                    save_every=0,
+                    progress=False,
+                    overwrite=True,
+                    seed=cfg.seed,
+                )
+            )
+        values[name] = out
+    tuned = finetune(large, demos_file, work / "large_finetuned", steps=cfg.value_steps, seed=cfg.seed)
+    vmap_file = work / "map_other_to_a.safetensors"
+    if not vmap_file.is_file():
+        VocabMap.build(tok_b, tok_a, all_lines, top_k=3).save(vmap_file)
+
+    eval_people = world["eval_people"][: cfg.eval_people]
+    decs = {
+        "small": FastIVLDecoder.from_pretrained(small, None, scheme="base"),
+        "large": FastIVLDecoder.from_pretrained(large, None, scheme="base"),
+        "small+value": FastIVLDecoder.from_pretrained(small, values["value"]),
+        "large+value": FastIVLDecoder.from_pretrained(large, values["value"]),
+        "large+value_l1": FastIVLDecoder.from_pretrained(large, values["value_l1"]),
+        "large_finetuned": FastIVLDecoder.from_pretrained(tuned, None, scheme="base"),
+        "other_vocab+value": FastIVLDecoder.from_pretrained(other, values["value"], vocab_map=vmap_file),
+    }
+    rows = []
+    for name in ROW_NAMES:
+        r = {"name": name, **evaluate(decs[name], world, eval_people)}
+        rows.append(r)
+    tok = decs["large"].tokenizer
+    speed_prompts = [tok(f"{p} lives in", add_special_tokens=True)["input_ids"] for p in eval_people[:8]]
+    speed = {k: decode_speed(decs[k], speed_prompts) for k in ("large", "large+value")}
+    result = {
+        "tokens_per_s": {"large_alone": speed["large"], "large+value": speed["large+value"]},
+        "rows": rows,
+        "world": {
+            "people": cfg.n_people,
+            "eval_people": len(eval_people),
+            "quick": cfg.quick,
+            "seed": cfg.seed,
+            "small_base_knows_eval_people": max(1, len(world["eval_people"]) // 3) / len(world["eval_people"]),
+        },
+    }
+    (work / "results.json").write_text(json.dumps(result, indent=2))
+    (work / "results.md").write_text(to_markdown(result))
+    plot(result, work / "results.png")
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    lines = ["| row | accuracy | format |", "| --- | --- | --- |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['accuracy']:.2f} | {r['format_rate']:.2f} |")
+    sp = result["tokens_per_s"]
+    lines.append("")
+    lines.append(
+        f"Decoding, batch 8 x 32 new tokens: large alone {sp['large_alone']:.0f} tokens/s, "
+        f"large+value {sp['large+value']:.0f} tokens/s"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in result["rows"]]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
+    ax.bar([i - 0.2 for i in x], [r["accuracy"] for r in result["rows"]], width=0.4, label="accuracy")
+    ax.bar([i + 0.2 for i in x], [r["format_rate"] for r in result["rows"]], width=0.4, label="format")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("IVL in miniature: held-out questions")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
