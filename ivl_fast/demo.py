@@ -279,7 +279,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     batch_tokens=512,
                     lr=1e-3,
                     save_every=0,
-                    progress=False,
+                    progress=not cfg.quick,
                     overwrite=True,
                     seed=cfg.seed,
                 )
