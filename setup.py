@@ -1,9 +1,8 @@
 """Build driver for ivl-fast.
 
-The package is pure Python plus Triton kernels (``kernels/`` installs as ``ivl_fast.kernels``). The C++/CUDA
-extension ``ivl_fast._C`` is described by CMakeLists.txt and built here by CMake once ``csrc/`` holds sources
-(the decode runner and the vocabulary-map DTW land in later issues); until then nothing is compiled and the
-package works without the extension.
+The package is Python plus Triton kernels (``kernels/`` installs as ``ivl_fast.kernels``) plus the C++
+extension ``ivl_fast._C``, described by CMakeLists.txt and built here by CMake from ``csrc/`` (CPU ops today:
+the vocabulary-map DTW alignment). Every op has a Python fallback, so the package also works without it.
 """
 
 import os

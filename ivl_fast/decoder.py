@@ -56,8 +56,10 @@ class FastIVLDecoder:
         base_model, value_model: engines from :func:`ivl_fast.models.load_model`, or already loaded
             ``transformers`` causal LMs (the lean engine then shares their weight tensors; nothing is copied).
             ``value_model`` may be None with ``scheme="base"``, ``base_model`` None with ``scheme="value_only"``.
-        vocab_map: sparse base->value vocabulary map for bases with another tokenizer (not available yet:
-            cross-vocabulary decoding needs per-step re-tokenization and lands with the vocab-map work).
+        vocab_map: a :class:`ivl_fast.vocab.VocabMap` (or its file) for a base with another tokenizer; then
+            ``tokenizer`` is the value model's and ``base_tokenizer`` the base's, sampling happens in the value
+            vocabulary and the base re-reads the text after every step (see ``_CrossVocabRun``).
+        base_tokenizer: the base's tokenizer, needed with ``vocab_map``.
         alpha: weight of the value logits.
         scheme: "residual" (IVL: both models read the tokens), "cascade" / "cascade+" (the value network reads
             softmax(z_base) @ E_value (+ the token embedding); the base runs first), "base" (base alone) or
