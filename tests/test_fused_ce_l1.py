@@ -143,3 +143,22 @@ def test_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         fused_ce_l1(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_autocast_with_fp32_master_head(backend):
+    """bf16 training: hidden states come out of autocast in bf16 while the head parameter stays fp32. The loss
+    must run (no dtype mismatch), return the head's gradient in fp32, and stay close to the fp64 reference."""
+    vh, vw, bh, bw, labels = _inputs(24, 1271, hv=32, hb=32, seed=11)
+    ref, _, rgw = _ref_with_grads(vh, vw, bh, bw, labels, 1.0)
+    x = vh.float().clone().requires_grad_()
+    w = vw.float().clone().requires_grad_()
+    proj = torch.eye(32)  # an op autocast turns into bf16, like the model's last layer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = x @ proj
+        assert h.dtype == torch.bfloat16
+        loss = fused_ce_l1(h, w, bh.to(torch.bfloat16), bw.to(torch.bfloat16), labels, 1.0, backend=backend)
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())
+    assert (w.grad.double() - rgw).abs().max().item() < 0.05 * rgw.abs().max().item()

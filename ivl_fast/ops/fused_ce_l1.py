@@ -61,11 +61,36 @@ def default_chunk(n: int, v: int, h: int) -> int:
     return max(1, min(n, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n / inc)))))))
 
 
+def _run_chunks(
+    value_hidden, value_head, base_hidden, base_head, labels, scale, l1, rows_fn, chunk, acc, need_h, need_w
+):
+    """The chunk loop: loss (scalar, acc dtype), grad of value_hidden, accumulated grad of value_head."""
+    n, hv = value_hidden.shape
+    v, dev = value_head.shape[0], value_hidden.device
+    grad_h = torch.zeros_like(value_hidden) if need_h else None
+    grad_w = torch.zeros(v, hv, dtype=acc, device=dev) if need_w else None
+    total = torch.zeros((), dtype=acc, device=dev)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        xh = value_hidden[s:e]
+        with torch.no_grad():
+            zb = (base_hidden[s:e] @ base_head.T).to(acc)  # [C, V]
+            zd = (xh @ value_head.T).to(acc)  # [C, V]; becomes d loss / d zd
+            total += rows_fn(zb, zd, labels[s:e], scale, l1).sum()
+            del zb
+            if need_h or need_w:
+                g = zd.to(value_hidden.dtype)
+                if need_h:
+                    torch.matmul(g, value_head, out=grad_h[s:e])
+                if need_w:
+                    grad_w.add_((g.T @ xh).to(acc))
+    return total, grad_h, grad_w
+
+
 class _FusedCEL1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value_hidden, value_head, base_hidden, base_head, labels, l1, backend, chunk):
-        n, hv = value_hidden.shape
-        v = value_head.shape[0]
+        head_dtype = value_head.dtype  # the gradient is returned in the parameter's own dtype
         dev = value_hidden.device
         if backend == "triton":
             from ivl_fast.kernels.fused_ce_l1 import ce_l1_rows as rows_fn
@@ -77,25 +102,25 @@ class _FusedCEL1(torch.autograd.Function):
         labels = labels.to(device=dev, dtype=torch.int64).contiguous()
         n_sup = (labels != IGNORE_INDEX).sum()
         scale = (1.0 / n_sup.clamp(min=1).to(acc)).reshape(1)  # device tensor: no host sync
-        grad_h = torch.zeros_like(value_hidden) if need_h else None
-        grad_w = torch.zeros(v, hv, dtype=acc, device=dev) if need_w else None
-        total = torch.zeros((), dtype=acc, device=dev)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            xh = value_hidden[s:e]
-            with torch.no_grad():
-                zb = (base_hidden[s:e] @ base_head.T).to(acc)  # [C, V]
-                zd = (xh @ value_head.T).to(acc)  # [C, V]; becomes d loss / d zd
-                total += rows_fn(zb, zd, labels[s:e], scale, l1).sum()
-                del zb
-                if need_h or need_w:
-                    g = zd.to(value_hidden.dtype)
-                    if need_h:
-                        torch.matmul(g, value_head, out=grad_h[s:e])
-                    if need_w:
-                        grad_w.add_((g.T @ xh).to(acc))
+        # Under autocast (bf16 training) the hidden states arrive in bf16 while the master head stays fp32:
+        # run the chunks with autocast off, each head cast once to its hidden states' dtype.
+        with torch.autocast(device_type=dev.type, enabled=False):
+            total, grad_h, grad_w = _run_chunks(
+                value_hidden,
+                value_head.to(value_hidden.dtype),
+                base_hidden,
+                base_head.to(base_hidden.dtype),
+                labels,
+                scale,
+                l1,
+                rows_fn,
+                chunk,
+                acc,
+                need_h,
+                need_w,
+            )
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.head_dtype = value_head.dtype
+        ctx.head_dtype = head_dtype
         return total
 
     @staticmethod
