@@ -74,7 +74,9 @@ def test_cross_vocab_file_round_trip_and_errors(setting, tokenizer, tmp_path, sa
     mpath = tmp_path / "map.safetensors"
     vmap.save(mpath)
     dec = FastIVLDecoder.from_pretrained(bdir, vdir, vocab_map=mpath)
-    assert dec.cross_vocab and len(dec.generate_text("The", max_new_tokens=4, eos_token_id=[])) >= 0
+    assert dec.cross_vocab and dec.base_tokenizer.get_vocab() == base_tok.get_vocab()
+    out = dec.generate(tokenizer(["The"])["input_ids"], max_new_tokens=4, eos_token_id=[])
+    assert out.num_new_tokens.tolist() == [4] and int(out.sequences.max()) < len(tokenizer)
     # without a map the differing vocabularies are refused, pointing to the builder
     with pytest.raises(ValueError, match="ivl-fast vocab-map"):
         FastIVLDecoder.from_pretrained(bdir, vdir)

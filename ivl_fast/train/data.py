@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +206,3 @@ def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
     real = sum(lengths[i] for b in batches for i in b)
     return 1.0 - real / computed if computed else 0.0
 
-
-def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
-    return math.ceil(n_batches / grad_accum)
