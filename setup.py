@@ -1,11 +1,14 @@
 """Build driver for ivl-fast.
 
 The package is Python plus Triton kernels (``kernels/`` installs as ``ivl_fast.kernels``) plus the C++
-extension ``ivl_fast._C``, described by CMakeLists.txt and built here by CMake from ``csrc/`` (CPU ops today:
-the vocabulary-map DTW alignment). Every op has a Python fallback, so the package also works without it.
+extension ``ivl_fast._C``, described by CMakeLists.txt and built here by CMake from ``csrc/``: the vocabulary-map
+DTW alignment (CPU), and with a CUDA build of torch the CUDA-graph replay runner (not yet validated on GPU).
+Every op has a Python fallback, so the package also works without it. Environment: MAX_JOBS, NVCC_THREADS,
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), CMAKE_ARGS (extra CMake options).
 """
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,14 +26,15 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    """Configure and build CMakeLists.txt with torch's CMake package; honours MAX_JOBS."""
+    """Configure and build CMakeLists.txt with torch's CMake package; honours MAX_JOBS and CMAKE_ARGS."""
 
     def build_extension(self, ext: Extension) -> None:
-        import torch  # noqa: F401  (build with --no-build-isolation so the installed torch is used)
+        import torch  # (build with --no-build-isolation so the installed torch is used)
         from torch.utils import cmake_prefix_path
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()  # .../ivl_fast
-        build_dir = Path(self.build_temp).resolve() / ext.name
+        # one CMake cache per torch build: a cache made against another torch (CPU vs CUDA) would be reused
+        build_dir = Path(self.build_temp).resolve() / f"{ext.name}-torch{torch.__version__}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
         args = [
@@ -43,6 +47,9 @@ class CMakeBuild(build_ext):
             args.append(f"-DTORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         if os.environ.get("NVCC_THREADS"):
             args.append(f"-DNVCC_THREADS={os.environ['NVCC_THREADS']}")
+        # torch's CMake package still calls find_package(CUDA), which CMake >= 3.27 hides behind policy CMP0146
+        args.append("-DCMAKE_POLICY_DEFAULT_CMP0146=OLD")
+        args += shlex.split(os.environ.get("CMAKE_ARGS", ""))  # extra -D options (e.g. -DCUDA_TOOLKIT_ROOT_DIR=...)
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))

@@ -8,6 +8,9 @@
 #include <vector>
 
 #include "dtw.h"
+#ifdef IVL_WITH_CUDA
+#include "graph_runner.h"
+#endif
 
 namespace {
 
@@ -84,6 +87,11 @@ TORCH_LIBRARY(ivl_fast, m) {
         &align_counts);
   m.def("edit_distance(str a, str b) -> int", &edit_distance);
   m.def("build_info() -> str", &build_info);
+#ifdef IVL_WITH_CUDA
+  // NOT YET VALIDATED ON GPU: see csrc/cuda/graph_runner.cu and ivl_fast/graphs.py (run_cpp)
+  m.def("replay_graphs(int[] execs, int[] streams, int n_steps, Tensor done, Tensor host, int check_every) -> int",
+        &ivl::replay_graphs);
+#endif
 }
 
 // Importing ivl_fast._C loads this library, which registers the ops above with the dispatcher.

@@ -17,6 +17,20 @@ from pathlib import Path
 import torch
 
 from .chat import as_messages, has_tokenizer, load_tokenizer, render_chat
+from .graphs import (
+    GRAPH_MODES,
+    KV_BUCKET_MIN,
+    StepGraphs,
+    batch_bucket,
+    fork_join,
+    kv_bucket,
+    kv_segments,
+    new_graph,
+    resolve_graphs,
+    resolve_runner,
+    run_cpp,
+    run_python,
+)
 from .models import from_hf_model, load_model
 from .ops import combine_and_sample
 from .ops._backend import pick_backend
@@ -69,6 +83,17 @@ class FastIVLDecoder:
         sync_every: steps between host checks of EOS / stop strings / NaN (stream() checks every step).
         sample_backend: backend of :func:`ivl_fast.ops.combine_and_sample` ("auto": the fused Triton kernel on
             GPU, the torch reference on CPU).
+        graphs: decode steps as captured graphs (:mod:`ivl_fast.graphs`): "auto" (CUDA graphs on a GPU when the
+            run allows them: lean engines, one vocabulary, the fused sampler; else eager), "cuda", "emulate"
+            (CUDA-graph semantics replayed from recorded ops on any device: checks graph safety without a GPU,
+            at eager speed) or "off". NOT YET VALIDATED ON GPU.
+        graph_mode: "fused" (one graph: base and value on two streams, joined before the sampler), "two_stream"
+            (a graph per model, replayed on two streams with events, then the sampler's) or "one_stream" (one
+            graph, all sequential). The cascade and single-model schemes always run one_stream.
+        graph_runner: who replays the graphs: "cpp" (``torch.ops.ivl_fast.replay_graphs``, CUDA builds of the
+            extension), "python", or "auto" (cpp when built).
+        kv_block: granularity of the KV-length buckets: a decode step attends to the first kv_block * 2^i cache
+            columns that cover every position (one graph per bucket), so attention reads follow the sequence.
     """
 
     def __init__(
@@ -85,6 +110,10 @@ class FastIVLDecoder:
         sync_every: int = 8,
         sample_backend: str = "auto",
         base_tokenizer=None,
+        graphs="auto",
+        graph_mode: str = "fused",
+        graph_runner: str = "auto",
+        kv_block: int = KV_BUCKET_MIN,
     ):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -120,6 +149,22 @@ class FastIVLDecoder:
         self.base_tokenizer = base_tokenizer
         if vocab_map is not None:
             self._setup_cross_vocab(vocab_map)
+        if isinstance(kv_block, bool) or not isinstance(kv_block, int) or kv_block < 1:
+            raise ValueError(f"kv_block must be an integer >= 1, got {kv_block!r}")
+        self.kv_block = kv_block
+        if graph_mode not in GRAPH_MODES:
+            raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {graph_mode!r}")
+        self.graphs_option, self.graph_mode = graphs, graph_mode
+        self._graphs_kind = resolve_graphs(graphs, self.device)
+        self._runner = resolve_runner(graph_runner, self._graphs_kind or "off") if self._graphs_kind else "python"
+        if self._graphs_kind is not None and graphs != "auto":
+            why = self._graph_obstacle(pick_backend(sample_backend, self.device))
+            if why:
+                raise ValueError(f"graphs={graphs!r}: {why}")
+        self.graph_captures = 0  # graphs captured so far (a bucket's graphs are reused by later calls)
+        self._statics: dict = {}
+        self._pools: dict = {}
+        self._side = None
 
     def _setup_cross_vocab(self, vocab_map) -> None:
         from .vocab import VocabMap
@@ -161,6 +206,53 @@ class FastIVLDecoder:
     def cross_vocab(self) -> bool:
         return self.vocab_map is not None
 
+    # ------------------------------------------------------------------ graphs
+    def _graph_obstacle(self, backend: str) -> str | None:
+        """Why decode steps cannot be captured here (None: they can)."""
+        if self.cross_vocab:
+            return "cross-vocabulary decoding re-tokenizes on the host every step (it runs eagerly)"
+        if not all(getattr(m, "is_lean", False) for m in self.engines):
+            return "graphs need the lean engine for every model (the transformers adapter's cache is dynamic)"
+        if self._graphs_kind == "cuda" and backend != "triton":
+            return "CUDA graphs need the fused Triton sampler (sample_backend='auto' or 'triton')"
+        return None
+
+    def _graph_kind(self, run) -> str | None:
+        if self._graphs_kind is None or self._graph_obstacle(run.backend):
+            return None
+        return self._graphs_kind
+
+    def _mode_for_scheme(self) -> str:
+        return self.graph_mode if self.scheme == "residual" else "one_stream"
+
+    def _cache_capacity(self, need: int) -> int:
+        """KV cache columns for a run needing ``need``: rounded up like the KV buckets (so later, longer calls
+        reuse the cache and its graphs), within the context."""
+        return kv_bucket(need, self.max_context, self.kv_block)
+
+    def _static(self, rows: int, cols: int, backend: str):
+        st = self._statics.get(rows)
+        if st is None or st.cols < cols or (st.work is None) != (backend != "triton"):
+            st = self._statics[rows] = _Static(rows, cols, self.vocab_size, self.device, backend)
+        return st
+
+    def _side_stream(self):
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=self.device)
+        return self._side
+
+    def _graph_pool(self, i: int):
+        if self._graphs_kind != "cuda":
+            return None
+        if i not in self._pools:
+            self._pools[i] = torch.cuda.graph_pool_handle()
+        return self._pools[i]
+
+    def release_graphs(self) -> None:
+        """Drop every captured graph and its static buffers (they hold device memory)."""
+        self._statics.clear()
+        self._pools.clear()
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(
@@ -179,6 +271,9 @@ class FastIVLDecoder:
         tokenizer=None,
         sync_every: int = 8,
         sample_backend: str = "auto",
+        graphs="auto",
+        graph_mode: str = "fused",
+        graph_runner: str = "auto",
     ) -> FastIVLDecoder:
         """Load base and value checkpoints (Hugging Face directories) and their tokenizer."""
         kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
@@ -209,6 +304,9 @@ class FastIVLDecoder:
             sync_every=sync_every,
             sample_backend=sample_backend,
             base_tokenizer=base_tokenizer,
+            graphs=graphs,
+            graph_mode=graph_mode,
+            graph_runner=graph_runner,
         )
 
     @property
@@ -282,9 +380,17 @@ class FastIVLDecoder:
         _sync(self.device)
         elapsed = time.perf_counter() - t0
         n = run.steps
-        seqs = torch.cat([prompt, run.out[:, :n]], dim=1)
-        lp = run.logprobs[:, :n].clone() if opts["return_logprobs"] else None
-        timings = {"total_s": elapsed, "prefill_s": run.prefill_s, "steps": n, "batch": prompt.shape[0]}
+        b = run.b
+        seqs = torch.cat([prompt, run.out[:b, :n]], dim=1)
+        lp = run.logprobs[:b, :n].clone() if opts["return_logprobs"] else None
+        timings = {
+            "total_s": elapsed,
+            "prefill_s": run.prefill_s,
+            "steps": n,
+            "batch": b,
+            "graphs": run.graph_kind or "off",
+            "graph_captures": run.captures,
+        }
         return IVLGenerateOutput(seqs, lp, run.num_new_tokens(), prompt.shape[1], timings)
 
     def _make_run(self, prompt, mask, opts, sync_every, texts):
@@ -476,11 +582,68 @@ _DEFAULTS = {
 }
 
 
+class _Static:
+    """The device buffers of a generation, updated in place only (so a captured graph keeps seeing them).
+
+    Eager runs get fresh ones; graph runs borrow the persistent ones of their batch bucket, which the graphs
+    of that bucket captured. Rows past the real batch are padding rows (finished from the start).
+    """
+
+    def __init__(self, rows: int, cols: int, vocab: int, dev: torch.device, backend: str):
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.rows, self.cols = rows, cols
+        self.ids = torch.zeros(rows, **i64)  # the token each row feeds to the next decode step
+        self.out = torch.zeros((rows, cols), **i64)
+        self.logprobs = torch.zeros((rows, cols), dtype=torch.float32, device=dev)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.stop_step = torch.zeros(rows, **i64)  # index of each row's last token
+        self.bad = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.done = torch.zeros(1, dtype=torch.int32, device=dev)  # every row stopped, or a row non-finite
+        self.step_t = torch.zeros(1, **i64)  # the step being emitted (the output column)
+        # counter-based RNG state of the fused kernel: the offset advances on device after every step
+        self.seed_t = torch.zeros(1, **i64)
+        self.offset_t = torch.zeros(1, **i64)
+        self.pad = torch.zeros((), **i64)
+        self.eos: dict[int, torch.Tensor] = {}
+        self.temperature = torch.ones(rows, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(rows, **i64)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=dev)
+        self.min_p = torch.zeros(rows, dtype=torch.float32, device=dev)
+        self.gen = torch.Generator(device=dev)  # the torch sampler's RNG (persistent: graphs replay with it)
+        # the fused kernel's fp32 workspace, allocated once (static for graph capture)
+        self.work = torch.empty(rows, vocab, dtype=torch.float32, device=dev) if backend == "triton" else None
+        self.host = torch.zeros(2, dtype=torch.int32, pin_memory=dev.type == "cuda")  # the runner's flag slots
+        self.graphs: dict = {}  # graph key -> StepGraphs
+        self.cache_token: tuple = ()  # the KV cache tensors the graphs captured
+
+    def eos_buffer(self, eos: list[int]) -> torch.Tensor:
+        buf = self.eos.get(len(eos))
+        if buf is None:
+            buf = self.eos[len(eos)] = torch.zeros(len(eos), dtype=torch.int64, device=self.ids.device)
+        if eos:
+            buf.copy_(torch.tensor(eos, dtype=torch.int64), non_blocking=True)
+        return buf
+
+
+def _set_rows(buf: torch.Tensor, value, b: int, fill) -> None:
+    """buf[:b] = value (scalar or [b] tensor), buf[b:] = fill."""
+    if isinstance(value, torch.Tensor):
+        buf[:b].copy_(value.reshape(-1).to(buf))
+    else:
+        buf[:b].fill_(value)
+    buf[b:].fill_(fill)
+
+
 class _Run:
-    """One generation: prefill, then one device-side step per iteration; yields each step's ids [B]."""
+    """One generation: prefill, then one device-side step per iteration; yields each step's ids [B].
+
+    Every step's bookkeeping (output column, EOS, NaN flags, RNG offset, step counter) happens on device in
+    place, so the same step runs eagerly or as a captured graph (``dec.graphs``), replayed by the C++ or the
+    Python runner in chunks between host checks.
+    """
 
     def __init__(self, dec: FastIVLDecoder, prompt: torch.Tensor, mask: torch.Tensor, opts: dict, sync_every: int):
-        self.dec, self.prompt, self.mask, self.opts, self.k = dec, prompt, mask, opts, sync_every
+        self.dec, self.opts, self.k = dec, opts, sync_every
         b, t = prompt.shape
         n = opts["max_new_tokens"]
         if t + n > dec.max_context:
@@ -489,117 +652,287 @@ class _Run:
                 f"{dec.max_context} tokens"
             )
         dev = dec.device
-        self.out = torch.full((b, n), opts["pad_token_id"], dtype=torch.int64, device=dev)
-        self.logprobs = torch.zeros((b, n), dtype=torch.float32, device=dev)
-        self.finished = torch.zeros(b, dtype=torch.bool, device=dev)
-        self.stop_step = torch.full((b,), n, dtype=torch.int64, device=dev)  # index of each row's last token
-        self.bad = torch.zeros(b, dtype=torch.bool, device=dev)
-        self.eos = torch.tensor(opts["eos_token_id"], dtype=torch.int64, device=dev)
-        self.pad = torch.tensor(opts["pad_token_id"], dtype=torch.int64, device=dev)
+        self.b = b
         self.backend = pick_backend(dec.sample_backend, dev)
+        self.graph_kind = dec._graph_kind(self)
+        self.capacity = dec._cache_capacity(t + n)
+        rows = b
+        if self.graph_kind is None:
+            self.st = _Static(b, n, dec.vocab_size, dev, self.backend)
+        else:  # padded to the batch bucket; buffers persist with the bucket's graphs
+            rows = batch_bucket(b)
+            self.st = dec._static(rows, self.capacity, self.backend)
+            pad_rows = rows - b
+            if pad_rows:  # one real token each, finished from the start
+                prompt = torch.cat([prompt, prompt.new_full((pad_rows, t), opts["pad_token_id"])])
+                extra = mask.new_zeros((pad_rows, t))
+                extra[:, -1] = True
+                mask = torch.cat([mask, extra])
+        self.prompt, self.mask = prompt, mask
+        st = self.st
+        sp = opts["sampling"]
+        self.graph_values = self.graph_kind is not None and not sp.greedy
+        with torch.inference_mode():
+            st.out[:, :n].fill_(opts["pad_token_id"])
+            st.logprobs.zero_()
+            st.finished.zero_()
+            st.finished[b:] = True
+            st.stop_step.fill_(n)
+            st.stop_step[b:] = 0
+            st.bad.zero_()
+            st.done.zero_()
+            st.step_t.zero_()
+            st.offset_t.zero_()
+            st.pad.fill_(opts["pad_token_id"])
+            self.eos = st.eos_buffer(opts["eos_token_id"])
+            if self.graph_values:  # sampling values live in device buffers, so a new temperature needs no recapture
+                _set_rows(st.temperature, sp.temperature, b, 1.0)
+                _set_rows(st.top_k, sp.top_k, b, 0)
+                _set_rows(st.top_p, sp.top_p, b, 1.0)
+                _set_rows(st.min_p, sp.min_p, b, 0.0)
         self.gen = None
         seed = opts["seed"]
-        if not opts["sampling"].greedy:
-            self.gen = torch.Generator(device=dev)
+        if not sp.greedy:
+            self.gen = st.gen
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,)))  # fresh entropy from the global RNG
             self.gen.manual_seed(int(seed))
-        # counter-based RNG state of the fused kernel: the offset advances on device after every step
-        self.seed_t = torch.tensor([int(seed or 0)], dtype=torch.int64, device=dev)
-        self.offset_t = torch.zeros(1, dtype=torch.int64, device=dev)
-        # the fused kernel's fp32 workspace, allocated once per generation (static for graph capture)
-        self.work = (
-            torch.empty(b, dec.vocab_size, dtype=torch.float32, device=dev) if self.backend == "triton" else None
-        )
+        st.seed_t.fill_(int(seed or 0))
         self.steps = 0
         self.prefill_s = 0.0
+        self.captures = 0
         self._checked = 0  # steps whose stop strings were examined
+
+    # the buffers under their historical names (the cross-vocabulary run and the stop-string check use them)
+    out = property(lambda self: self.st.out)
+    logprobs = property(lambda self: self.st.logprobs)
+    finished = property(lambda self: self.st.finished)
+    stop_step = property(lambda self: self.st.stop_step)
+    bad = property(lambda self: self.st.bad)
+    pad = property(lambda self: self.st.pad)
 
     def _allocate(self, b: int, t: int, n: int) -> None:
         for m in self.dec.engines:
-            m.allocate(b, t + n)
+            m.allocate(b, self.capacity)
 
     def num_new_tokens(self) -> torch.Tensor:
-        return torch.clamp(self.stop_step + 1, max=self.steps)
+        return torch.clamp(self.st.stop_step[: self.b] + 1, max=self.steps)
 
-    def _logits(self, ids: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(z_base, z_value) of the next position ([B, V] each; None for a model the scheme does not use)."""
+    def _kv_len(self, step: int) -> int | None:
+        """Cache columns the decode step feeding step ``step``'s token attends to (lean engines)."""
+        if not all(getattr(m, "is_lean", False) for m in self.dec.engines):
+            return None
+        return kv_bucket(self.prompt.shape[1] + step, self.capacity, self.dec.kv_block)
+
+    def _logits(self, ids: torch.Tensor | None, kv_len: int | None = None, side=None):
+        """(z_base, z_value) of the next position ([B, V] each; None for a model the scheme does not use).
+        ``ids`` None: prefill. ``side``: a CUDA stream for the value model (residual scheme)."""
         dec = self.dec
-        zb = zv = None
+        kw = {} if kv_len is None else {"kv_len": kv_len}
         if dec.scheme.startswith("cascade"):  # sequential: the value network reads the base's distribution
             plus = dec.scheme == "cascade+"
             if ids is None:
                 zb_all = dec.base.prefill(self.prompt, self.mask, all_logits=True)  # [B, T, V]
                 emb = dec.value.soft_embed(zb_all, self.prompt if plus else None)
-                zb, zv = zb_all[:, -1], dec.value.prefill(None, self.mask, inputs_embeds=emb)
-            else:
-                zb = dec.base.decode(ids)
-                zv = dec.value.decode(None, inputs_embeds=dec.value.soft_embed(zb, ids if plus else None))
+                return zb_all[:, -1], dec.value.prefill(None, self.mask, inputs_embeds=emb)
+            zb = dec.base.decode(ids, **kw)
+            return zb, dec.value.decode(None, inputs_embeds=dec.value.soft_embed(zb, ids if plus else None), **kw)
+        if ids is None:
+            zb = dec.base.prefill(self.prompt, self.mask) if dec.scheme != "value_only" else None
+            zv = dec.value.prefill(self.prompt, self.mask) if dec.scheme != "base" else None
             return zb, zv
-        if dec.scheme != "value_only":
-            zb = dec.base.prefill(self.prompt, self.mask) if ids is None else dec.base.decode(ids)
-        if dec.scheme != "base":
-            zv = dec.value.prefill(self.prompt, self.mask) if ids is None else dec.value.decode(ids)
-        return zb, zv
+        if dec.scheme == "base":
+            return dec.base.decode(ids, **kw), None
+        if dec.scheme == "value_only":
+            return None, dec.value.decode(ids, **kw)
+        return fork_join(lambda: dec.base.decode(ids, **kw), lambda: dec.value.decode(ids, **kw), side)
 
     def _sample(self, zb, zv):
-        sp = self.opts["sampling"]
+        sp, st = self.opts["sampling"], self.st
+        if self.graph_values:
+            temperature = st.temperature
+            top_k = st.top_k if sp.top_k_on else 0
+            top_p = st.top_p if sp.top_p_on else 1.0
+            min_p = st.min_p if sp.min_p_on else 0.0
+        else:
+            temperature, top_k, top_p, min_p = sp.temperature, sp.top_k, sp.top_p, sp.min_p
         ids, lp, bad = combine_and_sample(
             zb,
             zv,
             vocab_map=self.dec.vocab_map,
             alpha=self.dec.alpha,
-            temperature=sp.temperature,
-            top_k=sp.top_k,
-            top_p=sp.top_p,
-            min_p=sp.min_p,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
             do_sample=sp.do_sample,
-            seed=self.seed_t,
-            offset=self.offset_t,
+            seed=st.seed_t,
+            offset=st.offset_t,
             generator=self.gen,
             return_logprobs=self.opts["return_logprobs"],
             backend=self.backend,
-            workspace=self.work,
+            workspace=st.work,
             validate=False,  # checked once in generate(); per-step validation would sync on tensor params
         )
-        self.offset_t += 1
+        st.offset_t += 1
         return ids, lp, bad
 
+    def _emit(self, zb, zv) -> None:
+        """Sample the next tokens and do the step's bookkeeping, all on device and in place."""
+        st = self.st
+        ids, lp, bad = self._sample(zb, zv)  # one fused op: add, warp, sample (+ NaN flag)
+        st.bad |= bad & ~st.finished
+        ids = torch.where(st.finished, st.pad, ids)
+        st.out.index_copy_(1, st.step_t, ids[:, None])
+        if lp is not None:
+            st.logprobs.index_copy_(1, st.step_t, torch.where(st.finished, 0.0, lp)[:, None])
+        if self.eos.numel():
+            hit = (ids[:, None] == self.eos[None, :]).any(1) & ~st.finished
+            st.stop_step.copy_(torch.where(hit, st.step_t, st.stop_step))
+            st.finished |= hit
+        st.ids.copy_(ids)
+        st.step_t += 1
+        st.done.copy_((st.finished.all() | st.bad.any()).to(torch.int32).reshape(1))
+
     def __iter__(self) -> Iterator[torch.Tensor]:
-        opts = self.opts
+        n = self.opts["max_new_tokens"]
         b, t = self.prompt.shape
-        n = opts["max_new_tokens"]
         self._allocate(b, t, n)
         t0 = time.perf_counter()
         zb, zv = self._logits(None)
         self.prefill_s = time.perf_counter() - t0
         with torch.inference_mode():
-            for step in range(n):
-                ids, lp, bad = self._sample(zb, zv)  # one fused op: add, warp, sample (+ NaN flag)
-                self.bad |= bad & ~self.finished
-                ids = torch.where(self.finished, self.pad, ids)
-                self.out[:, step] = ids
-                if lp is not None:
-                    self.logprobs[:, step] = torch.where(self.finished, 0.0, lp)
-                if self.eos.numel():
-                    hit = torch.isin(ids, self.eos) & ~self.finished
-                    self.stop_step = torch.where(hit, step, self.stop_step)
-                    self.finished |= hit
-                self.steps = step + 1
-                done = False
-                if self.steps == n or self.steps % self.k == 0:
+            self._emit(zb, zv)  # step 0 from the prefill logits, always eager
+            self.steps = yielded = 1
+            done = (self.steps == n or self.steps % self.k == 0) and self._check()
+            yield self.st.out[: self.b, 0].clone()
+            while not done and self.steps < n:
+                if self.graph_kind is None:
+                    zb, zv = self._logits(self.st.ids, self._kv_len(self.steps))
+                    self._emit(zb, zv)
+                    self.steps += 1
+                    check = self.steps == n or self.steps % self.k == 0
+                else:
+                    self._replay_chunk()
+                    check = True
+                if check:
                     done = self._check()  # host sync: the batched stop check
                     if done:  # every row stopped: drop the steps run after the last one did
-                        self.steps = int(self.stop_step.max()) + 1  # host sync
-                yield self.out[:, step].clone()
-                if done or self.steps == n:
-                    return
-                zb, zv = self._logits(ids)
+                        self.steps = int(self.st.stop_step[: self.b].max()) + 1  # host sync
+                for s in range(yielded, self.steps):
+                    yield self.st.out[: self.b, s].clone()
+                yielded = self.steps
 
+    # ------------------------------------------------------------------ graphs
+    def _replay_chunk(self) -> None:
+        """Replay decode steps as graphs up to the next host check: every remaining step when only EOS / NaN can
+        stop the run (the runner watches the device's done flag every ``k`` steps), else ``k`` steps."""
+        n, t = self.opts["max_new_tokens"], self.prompt.shape[1]
+        remaining = n - self.steps
+        chunk = min(self.k, remaining) if (self.opts["stop_strings"] or self.k == 1) else remaining
+        runner = run_cpp if self.dec._runner == "cpp" else run_python
+        for kv, count in kv_segments(self.steps, self.steps + chunk - 1, t, self.capacity, self.dec.kv_block):
+            graphs = self._graphs(kv)
+            ran = runner(graphs, count, self.st.done, self.st.host, self.k)
+            self.steps += ran
+            if ran < count:  # the done flag was seen
+                return
+
+    def _graph_key(self, kv_len: int) -> tuple:
+        sp, dec = self.opts["sampling"], self.dec
+        sampling = ("greedy",) if sp.greedy else ("sample", sp.top_k_on, sp.top_p_on, sp.min_p_on)
+        return (
+            dec._mode_for_scheme(),
+            kv_len,
+            sampling,
+            bool(self.opts["return_logprobs"]),
+            int(self.eos.numel()),
+            dec.alpha,
+            self.backend,
+        )
+
+    def _graphs(self, kv_len: int) -> StepGraphs:
+        st, dec = self.st, self.dec
+        token = tuple(t for m in dec.engines for t in (m.k_cache[0], m.v_cache[0], m.seq_lens))
+        if len(token) != len(st.cache_token) or any(a is not b for a, b in zip(token, st.cache_token, strict=True)):
+            st.graphs.clear()  # the KV caches were reallocated: every graph of this bucket read the old ones
+            st.cache_token = token
+        key = self._graph_key(kv_len)
+        graphs = st.graphs.get(key)
+        if graphs is None:
+            snap = self._snapshot()
+            try:
+                graphs = self._capture(key, kv_len)
+            finally:
+                self._restore(snap)  # warm-up (and emulated capture) ran the step: undo it
+            st.graphs[key] = graphs
+            self.captures += 1
+            dec.graph_captures += 1
+        return graphs
+
+    def _snapshot(self):
+        st = self.st
+        tensors = [st.ids, st.out, st.logprobs, st.finished, st.stop_step, st.bad, st.done, st.step_t, st.offset_t]
+        tensors += [m.seq_lens for m in self.dec.engines]
+        return [(x, x.clone()) for x in tensors], st.gen.get_state()
+
+    def _restore(self, snap) -> None:
+        pairs, gen_state = snap
+        for x, saved in pairs:
+            x.copy_(saved)
+        self.st.gen.set_state(gen_state)
+
+    def _capture(self, key: tuple, kv_len: int) -> StepGraphs:
+        dec, st = self.dec, self.st
+        kind, mode = self.graph_kind, key[0]
+        cuda = kind == "cuda"
+        side = dec._side_stream() if cuda and mode != "one_stream" else None
+        ids = st.ids
+
+        def warm(fn):
+            if cuda:  # lazy inits (cuBLAS, Triton JIT) must not happen inside the capture
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    fn()
+                torch.cuda.current_stream().wait_stream(s)
+                torch.cuda.synchronize()
+
+        if mode != "two_stream":
+
+            def step():
+                zb, zv = self._logits(ids, kv_len, side=side if mode == "fused" else None)
+                self._emit(zb, zv)
+
+            warm(step)
+            g = new_graph(kind, dec._graph_pool(0))
+            g.capture(step)
+            return StepGraphs(mode, {"step": g}, side, key)
+        kw = {"kv_len": kv_len}
+
+        def base_fn():
+            return dec.base.decode(ids, **kw)
+
+        def value_fn():
+            return dec.value.decode(ids, **kw)
+
+        warm(base_fn)
+        warm(value_fn)
+        gb = new_graph(kind, dec._graph_pool(0))
+        zb = gb.capture(base_fn)
+        gv = new_graph(kind, dec._graph_pool(1))  # replayed concurrently with gb: its own memory pool
+        zv = gv.capture(value_fn)
+        warm(lambda: self._emit(zb, zv))
+        gs = new_graph(kind, dec._graph_pool(0))
+        gs.capture(lambda: self._emit(zb, zv))
+        return StepGraphs(mode, {"base": gb, "value": gv, "sample": gs}, side, key)
+
+    # ------------------------------------------------------------------ host checks
     def _check(self) -> bool:
         """Host-side stop check: NaN/inf, stop strings; True when every row has finished."""
-        if bool(self.bad.any()):  # host sync
-            rows = self.bad.nonzero().flatten().tolist()
+        st, b = self.st, self.b
+        if bool(st.bad.any()):  # host sync
+            rows = st.bad[:b].nonzero().flatten().tolist()
             raise NonFiniteLogitsError(
                 f"non-finite (NaN/inf) logits for batch row(s) {rows} within steps "
                 f"[{self._checked}, {self.steps}); no tokens were returned from them"
@@ -607,13 +940,14 @@ class _Run:
         if self.opts["stop_strings"]:
             self._check_stop_strings()
         self._checked = self.steps
-        return bool(self.finished.all())  # host sync
+        return bool(st.finished.all())  # host sync
 
     def _check_stop_strings(self) -> None:
+        st, b = self.st, self.b
         tok, stops = self.dec.tokenizer, self.opts["stop_strings"]
         window = max(len(s) for s in stops) + 8  # tokens enough to span any stop string
-        out = self.out[:, : self.steps].tolist()
-        stop_step = self.stop_step.tolist()
+        out = st.out[:b, : self.steps].tolist()
+        stop_step = st.stop_step.tolist()
         for r, row in enumerate(out):
             if stop_step[r] < self._checked:  # stopped before this window: nothing new to look at
                 continue
@@ -624,15 +958,17 @@ class _Run:
                 if any(x in cur and x not in prev for x in stops):
                     stop_step[r] = s
                     break
-        new = torch.tensor(stop_step, dtype=torch.int64, device=self.out.device)
-        newly = (new < self.stop_step) | ((new < self.out.shape[1]) & ~self.finished)
+        new = torch.tensor(stop_step, dtype=torch.int64, device=st.out.device)
+        n = self.opts["max_new_tokens"]
+        newly = (new < st.stop_step) | ((new < n) & ~st.finished)
         if bool(newly.any()):
-            cols = torch.arange(self.out.shape[1], device=self.out.device)[None]
+            cols = torch.arange(st.out.shape[1], device=st.out.device)[None]
             after = newly[:, None] & (cols > new[:, None])
-            self.out.masked_fill_(after, int(self.pad))
-            self.logprobs.masked_fill_(after, 0.0)
-            self.stop_step = torch.minimum(self.stop_step, new)
-            self.finished |= newly
+            st.out.masked_fill_(after, int(self.opts["pad_token_id"]))
+            st.logprobs.masked_fill_(after, 0.0)
+            st.stop_step.copy_(torch.minimum(st.stop_step, new))
+            st.finished |= newly
+            st.done.copy_(st.finished.all().to(torch.int32).reshape(1))
 
 
 class _CrossVocabRun(_Run):
@@ -687,7 +1023,7 @@ class _CrossVocabRun(_Run):
         full = tok.decode(self.prompt_ids[row] + self.generated[row], skip_special_tokens=True)
         return full[len(self.prompt_text_dec[row]) :]
 
-    def _logits(self, ids):
+    def _logits(self, ids, kv_len=None, side=None):  # the base's positions differ: whole caches, one stream
         dec = self.dec
         base, value = dec.base, dec.value
         if ids is None:

@@ -54,6 +54,19 @@ class SamplingParams:
         return obj
 
     @property
+    def top_k_on(self) -> bool:
+        """top_k filters (tensors: always applied, rows with 0 unfiltered)."""
+        return isinstance(self.top_k, torch.Tensor) or self.top_k > 0
+
+    @property
+    def top_p_on(self) -> bool:
+        return isinstance(self.top_p, torch.Tensor) or self.top_p < 1
+
+    @property
+    def min_p_on(self) -> bool:
+        return isinstance(self.min_p, torch.Tensor) or self.min_p > 0
+
+    @property
     def greedy(self) -> bool:
         """True when no row samples (so the RNG is never touched); computed once, never syncs."""
         return self._greedy

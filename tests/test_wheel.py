@@ -3,6 +3,7 @@ extension, and imports from a fresh virtual environment (dependencies reached th
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -54,3 +55,37 @@ def test_cpu_wheel_builds_installs_and_imports(tmp_path):
     )
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("IVL_CUDA_PYTHON"), reason="set IVL_CUDA_PYTHON to a Python with CUDA torch")
+def test_cuda_wheel_builds_with_the_graph_runner(tmp_path):
+    """Opt-in: with IVL_CUDA_PYTHON (a Python whose torch is a CUDA build, plus cmake >= 3.27, ninja, setuptools,
+    wheel) and nvcc, the wheel holds an extension built for sm_80 + sm_90 that registers the graph runner.
+    Needs no GPU (CMAKE_ARGS passes toolkit paths when they are not found by themselves)."""
+    py = os.environ["IVL_CUDA_PYTHON"]
+    dist = tmp_path / "dist"
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "8.0;9.0", "PATH": f"{Path(py).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(
+        [py, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", str(ROOT), "-w", str(dist)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    whl = next(dist.glob("ivl_fast-*.whl"))
+    so = next(n for n in zipfile.ZipFile(whl).namelist() if n.startswith("ivl_fast/_C") and n.endswith(".so"))
+    target = tmp_path / "site"
+    zipfile.ZipFile(whl).extractall(target)
+    code = (
+        "import torch; "
+        f"torch.ops.load_library({str(target / so)!r}); "
+        "print(torch.ops.ivl_fast.build_info()); "
+        "print(torch.ops.ivl_fast.replay_graphs.default._schema)"
+    )
+    r = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    build, schema = r.stdout.strip().splitlines()[-2:]
+    assert build == "cuda:8.0,9.0"
+    assert schema.startswith("ivl_fast::replay_graphs(int[] execs, int[] streams, int n_steps")

@@ -287,11 +287,14 @@ class LeanCausalLM(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         active: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """One token per row: input_ids [B] (or inputs_embeds [B, H]) -> logits [B, V].
 
         ``active`` [B] bool: rows that really take this token (the others' contexts do not advance; their
-        logits are meaningless). Static shapes, no host sync (graph-capturable)."""
+        logits are meaningless). ``kv_len``: attend to the first ``kv_len`` cache columns only (the caller
+        guarantees every row's position is < kv_len; default: the whole cache), so the attention cost follows
+        the sequence length rather than the cache size. Static shapes, no host sync (graph-capturable)."""
         h = self.embed(
             None if input_ids is None else input_ids[:, None], None if inputs_embeds is None else inputs_embeds[:, None]
         )  # [B, 1, H]
@@ -299,7 +302,10 @@ class LeanCausalLM(nn.Module):
         pos = self.seq_lens  # [B] position of this token == its cache column
         cos, sin = self.rotary.cos_sin(pos[:, None], self.dtype)
         rows = torch.arange(b, device=h.device)
-        cols = torch.arange(self.max_seq_len, device=h.device)
+        s_len = self.max_seq_len if kv_len is None else kv_len
+        if not 0 < s_len <= self.max_seq_len:
+            raise ValueError(f"kv_len={kv_len} must be in [1, {self.max_seq_len}] (the cache's columns)")
+        cols = torch.arange(s_len, device=h.device)
         valid = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
 
         for i, layer in enumerate(self.model.layers):
@@ -313,7 +319,7 @@ class LeanCausalLM(nn.Module):
                     return o.reshape(b, 1, a.h * a.d)
                 kc.index_put_((rows, pos), k[:, 0])
                 vc.index_put_((rows, pos), v[:, 0])
-                return a.sdpa(q, kc, vc, valid)
+                return a.sdpa(q, kc[:, :s_len], vc[:, :s_len], valid)
 
             h = layer(h, cos, sin, attend)
         self.seq_lens.add_(1 if active is None else active.to(self.seq_lens.dtype))

@@ -119,14 +119,13 @@ def combine_and_sample(
             generator=generator,
             return_logprobs=return_logprobs,
         )
-    from ivl_fast.kernels.combine_and_sample import launch
-
     seed_t = _as_row_tensor("seed", 0 if seed is None else seed, 1, torch.int64, dev)
     off_t = _as_row_tensor("offset", offset, 1, torch.int64, dev)
-    ids, lp, bad = launch(
+    ell = vocab_map.ell(dev) if (vocab_map is not None and base_logits is not None) else (None, None)
+    ids, lp, bad = _triton_op(
         base_logits,
         value_logits,
-        vocab_map.ell(dev) if (vocab_map is not None and base_logits is not None) else None,
+        *ell,
         v_out,
         float(alpha),
         _as_row_tensor("temperature", temperature, b, torch.float32, dev),
@@ -135,10 +134,65 @@ def combine_and_sample(
         _as_row_tensor("min_p", min_p, b, torch.float32, dev),
         seed_t,
         off_t,
-        do_sample=not params.greedy,
-        has_topk=isinstance(top_k, torch.Tensor) or top_k > 0,
-        has_topp=isinstance(top_p, torch.Tensor) or top_p < 1,
-        has_minp=isinstance(min_p, torch.Tensor) or min_p > 0,
-        workspace=workspace,
+        not params.greedy,
+        params.top_k_on,
+        params.top_p_on,
+        params.min_p_on,
+        workspace,
     )
     return ids, (lp if return_logprobs else None), bad
+
+
+# The Triton launch as a registered op: the dispatcher sees one op (torch.compile can trace it, and the graph
+# emulator of ivl_fast.graphs records it like any aten op).
+@torch.library.custom_op("ivl_fast_ops::combine_sample_triton", mutates_args=("workspace",))
+def _triton_op(
+    base: torch.Tensor | None,
+    value: torch.Tensor | None,
+    map_idx: torch.Tensor | None,
+    map_w: torch.Tensor | None,
+    v_out: int,
+    alpha: float,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    do_sample: bool,
+    has_topk: bool,
+    has_topp: bool,
+    has_minp: bool,
+    workspace: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ivl_fast.kernels.combine_and_sample import launch
+
+    return launch(
+        base,
+        value,
+        (map_idx, map_w) if map_idx is not None else None,
+        v_out,
+        alpha,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        seed,
+        offset,
+        do_sample=do_sample,
+        has_topk=has_topk,
+        has_topp=has_topp,
+        has_minp=has_minp,
+        workspace=workspace,
+    )
+
+
+@_triton_op.register_fake
+def _(base, value, map_idx, map_w, v_out, alpha, temperature, *rest):
+    ref = base if base is not None else value
+    b = ref.shape[0]
+    return (
+        ref.new_empty(b, dtype=torch.int64),
+        ref.new_empty(b, dtype=torch.float32),
+        ref.new_empty(b, dtype=torch.bool),
+    )

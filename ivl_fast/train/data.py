@@ -205,4 +205,3 @@ def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
     computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     real = sum(lengths[i] for b in batches for i in b)
     return 1.0 - real / computed if computed else 0.0
-

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call that builds, checks and measures everything of issue #5 on a CUDA machine; results under $OUT
+# (default bench/results/gpu-<date>), a short table printed last. Usage (repository root, on the GPU machine):
+#   OUT=/some/dir bash bench/gpu_all.sh
+# Budget: ~10 min on an H100 with the default pairs (7B and 13B bases); IVL_BENCH_PAIRS / IVL_BENCH_NEW narrow it.
+set -uo pipefail
+OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d)}
+mkdir -p "$OUT"
+PY=${PY:-python}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} MAX_JOBS=${MAX_JOBS:-16}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)"
+} > "$OUT/env.txt" 2>&1
+# 1. the CUDA build of the extension (graph runner) and its build info
+$PY -m pip install -q --no-build-isolation -e . > "$OUT/build.log" 2>&1
+$PY -c "import ivl_fast, json; print(json.dumps(ivl_fast.build_info()))" > "$OUT/build_info.json" 2>> "$OUT/build.log"
+# 2. correctness on the device: graph path vs eager (python and C++ runners, all layouts), kernels vs references
+$PY -m pytest -q -x tests/test_graphs.py tests/test_combine_and_sample.py tests/test_fused_ce_l1.py \
+  tests/test_decoder.py -p no:cacheprovider > "$OUT/tests.log" 2>&1
+echo "tests rc=$?" >> "$OUT/tests.log"
+# 3. decode measurements: base alone vs pair (fused / two streams / one stream / eager) vs naive HF
+IVL_BENCH_PAIRS=${IVL_BENCH_PAIRS:-"tinyllama-1.1b+llama-2-7b,tinyllama-1.1b+llama-2-13b"} \
+IVL_BENCH_SUMMARY="$OUT/decode_summary.json" \
+  $PY -m pytest -q bench/test_decode.py -p no:cacheprovider --benchmark-json="$OUT/decode_benchmark.json" \
+  > "$OUT/decode.log" 2>&1
+echo "decode rc=$?" >> "$OUT/decode.log"
+# 4. the fused sampler and the fused loss against their baselines
+IVL_BENCH_OUT="$OUT/combine_and_sample.json" $PY -m pytest -q -s bench/test_combine_and_sample.py \
+  -p no:cacheprovider > "$OUT/combine_and_sample.log" 2>&1
+IVL_BENCH_OUT="$OUT/fused_ce_l1.json" $PY -m pytest -q -s bench/test_fused_ce_l1.py -p no:cacheprovider \
+  > "$OUT/fused_ce_l1.log" 2>&1
+# the short table, last
+tail -n 3 "$OUT/tests.log"
+sed -n '/decode summary/,$p' "$OUT/decode.log" | head -n 20
+tail -n 5 "$OUT/combine_and_sample.log" "$OUT/fused_ce_l1.log"
