@@ -125,6 +125,8 @@ def _cmd_generate(args) -> int:
         scheme=args.scheme,
         allow_pickle=args.allow_pickle,
         sample_backend=args.sample_backend,
+        graphs=args.graphs,
+        graph_mode=args.graph_mode,
         **common,
     )
     if dec.tokenizer is None:
@@ -151,7 +153,12 @@ def _cmd_generate(args) -> int:
     if args.compare_base and dec.scheme not in ("base", "value_only"):
         base_tok = dec.base_tokenizer if dec.cross_vocab else dec.tokenizer  # the base reads its own tokens
         base_only = FastIVLDecoder(
-            dec.base, None, scheme="base", tokenizer=base_tok, sample_backend=args.sample_backend
+            dec.base,
+            None,
+            scheme="base",
+            tokenizer=base_tok,
+            sample_backend=args.sample_backend,
+            graphs=args.graphs if not dec.cross_vocab else "auto",
         )
         _run_batches(base_only, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
         _, btok, bsecs = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")
@@ -287,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
     g.add_argument("--compare-base", action="store_true", help="also time the base alone and print the ratio")
+    g.add_argument(
+        "--graphs",
+        default="auto",
+        choices=["auto", "cuda", "emulate", "off"],
+        help="decode steps as captured graphs (auto: CUDA graphs on GPU; emulate: graph semantics on CPU)",
+    )
+    g.add_argument("--graph-mode", default="fused", choices=["fused", "two_stream", "one_stream"])
     g.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train", help="train a value network on a frozen base from chat demonstrations")

@@ -70,6 +70,18 @@ def test_generate_matches_python_api(capsys, dirs):
     assert json.loads(out)["outputs"][0]["text"] == expected
 
 
+@pytest.mark.parametrize("mode", ["fused", "two_stream"])
+def test_generate_with_emulated_graphs_matches_eager(capsys, dirs, mode):
+    args = ("--prompt", PROMPT, "--max-new-tokens", 8, "--json", "--compare-base")
+    rc, out, err = generate(capsys, dirs, *args, "--graphs", "emulate", "--graph-mode", mode)
+    assert rc == 0, err
+    rc2, eager, err2 = generate(capsys, dirs, *args, "--graphs", "off")
+    assert rc2 == 0, err2
+    assert json.loads(out)["outputs"] == json.loads(eager)["outputs"]
+    rc, _, err = generate(capsys, dirs, "--prompt", PROMPT, "--graphs", "cuda")
+    assert rc == 2 and "graphs='cuda' needs the models on a CUDA device" in err
+
+
 def test_generate_plain_text_output(capsys, dirs):
     rc, out, err = generate(capsys, dirs, "--prompt", PROMPT, "--max-new-tokens", 4)
     assert rc == 0, err
