@@ -612,9 +612,16 @@ class _Static:
         self.gen = torch.Generator(device=dev)  # the torch sampler's RNG (persistent: graphs replay with it)
         # the fused kernel's fp32 workspace, allocated once (static for graph capture)
         self.work = torch.empty(rows, vocab, dtype=torch.float32, device=dev) if backend == "triton" else None
-        self.host = torch.zeros(2, dtype=torch.int32, pin_memory=dev.type == "cuda")  # the runner's flag slots
+        self._host = None
         self.graphs: dict = {}  # graph key -> StepGraphs
         self.cache_token: tuple = ()  # the KV cache tensors the graphs captured
+
+    @property
+    def host(self) -> torch.Tensor:
+        """The runner's two flag slots in host memory (pinned on CUDA: the target of asynchronous copies)."""
+        if self._host is None:
+            self._host = torch.zeros(2, dtype=torch.int32, pin_memory=self.ids.device.type == "cuda")
+        return self._host
 
     def eos_buffer(self, eos: list[int]) -> torch.Tensor:
         buf = self.eos.get(len(eos))

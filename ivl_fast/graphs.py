@@ -312,7 +312,11 @@ def run_cpp(graphs: StepGraphs, n_steps: int, done: torch.Tensor, host: torch.Te
 def cpp_runner_available() -> bool:
     from ._ext import extension_available
 
-    return extension_available() and hasattr(torch.ops.ivl_fast, "replay_graphs")
+    return (
+        extension_available()
+        and hasattr(torch.ops.ivl_fast, "replay_graphs")
+        and hasattr(torch.cuda.CUDAGraph, "raw_cuda_graph_exec")  # torch exposes the cudaGraphExec_t (>= 2.8)
+    )
 
 
 def resolve_graphs(option, device: torch.device) -> str | None:

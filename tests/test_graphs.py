@@ -283,6 +283,8 @@ def test_graph_option_errors(models, tokenizer):
         FastIVLDecoder(base, value, graphs="emulate", engine="hf")
     auto = FastIVLDecoder(base, value, engine="hf")  # graphs="auto" falls back to eager quietly
     assert auto.generate(PROMPTS, max_new_tokens=3).timings["graphs"] == "off"
+    cpu = FastIVLDecoder(base, value)  # no CUDA: auto means eager
+    assert cpu.generate(PROMPTS, max_new_tokens=3).timings["graphs"] == "off" and cpu.graph_captures == 0
 
 
 @pytest.mark.gpu
