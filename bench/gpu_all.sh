@@ -6,14 +6,14 @@
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d)}
 mkdir -p "$OUT"
-PY=${PY:-python}
+PY=${PY:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} MAX_JOBS=${MAX_JOBS:-16}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)"
 } > "$OUT/env.txt" 2>&1
 # 1. the CUDA build of the extension (graph runner) and its build info
-$PY -m pip install -q --no-build-isolation -e . > "$OUT/build.log" 2>&1
+$PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1  # the image has the deps; nothing can be fetched there
 $PY -c "import ivl_fast, json; print(json.dumps(ivl_fast.build_info()))" > "$OUT/build_info.json" 2>> "$OUT/build.log"
 # 2. correctness on the device: graph path vs eager (python and C++ runners, all layouts), kernels vs references
 $PY -m pytest -q -x tests/test_graphs.py tests/test_combine_and_sample.py tests/test_fused_ce_l1.py \

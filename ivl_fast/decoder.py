@@ -8,6 +8,7 @@ strings and non-finite logits are looked at.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -163,7 +164,6 @@ class FastIVLDecoder:
                 raise ValueError(f"graphs={graphs!r}: {why}")
         self.graph_captures = 0  # graphs captured so far (a bucket's graphs are reused by later calls)
         self._statics: dict = {}
-        self._pools: dict = {}
         self._side = None
 
     def _setup_cross_vocab(self, vocab_map) -> None:
@@ -236,22 +236,17 @@ class FastIVLDecoder:
             st = self._statics[rows] = _Static(rows, cols, self.vocab_size, self.device, backend)
         return st
 
-    def _side_stream(self):
+    def _streams(self):
+        """(capture stream, side stream): graphs are warmed up and captured on the stream they will use, so each
+        cuBLAS workspace baked into a graph belongs to one stream (two graphs replayed concurrently must not
+        share one) and is created before capture, outside the graphs' memory pools."""
         if self._side is None:
-            self._side = torch.cuda.Stream(device=self.device)
+            self._side = (torch.cuda.Stream(device=self.device), torch.cuda.Stream(device=self.device))
         return self._side
-
-    def _graph_pool(self, i: int):
-        if self._graphs_kind != "cuda":
-            return None
-        if i not in self._pools:
-            self._pools[i] = torch.cuda.graph_pool_handle()
-        return self._pools[i]
 
     def release_graphs(self) -> None:
         """Drop every captured graph and its static buffers (they hold device memory)."""
         self._statics.clear()
-        self._pools.clear()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -614,6 +609,7 @@ class _Static:
         self.work = torch.empty(rows, vocab, dtype=torch.float32, device=dev) if backend == "triton" else None
         self._host = None
         self.graphs: dict = {}  # graph key -> StepGraphs
+        self.pools: dict = {}  # CUDA graph memory pools of these graphs (dropped with them, never reused after)
         self.cache_token: tuple = ()  # the KV cache tensors the graphs captured
 
     @property
@@ -678,7 +674,7 @@ class _Run:
         self.prompt, self.mask = prompt, mask
         st = self.st
         sp = opts["sampling"]
-        self.graph_values = self.graph_kind is not None and not sp.greedy
+        self.graph_values = self.graph_kind is not None
         with torch.inference_mode():
             st.out[:, :n].fill_(opts["pad_token_id"])
             st.logprobs.zero_()
@@ -692,7 +688,7 @@ class _Run:
             st.offset_t.zero_()
             st.pad.fill_(opts["pad_token_id"])
             self.eos = st.eos_buffer(opts["eos_token_id"])
-            if self.graph_values:  # sampling values live in device buffers, so a new temperature needs no recapture
+            if self.graph_values and not sp.greedy:  # values live in device buffers: a new temperature, no recapture
                 _set_rows(st.temperature, sp.temperature, b, 1.0)
                 _set_rows(st.top_k, sp.top_k, b, 0)
                 _set_rows(st.top_p, sp.top_p, b, 1.0)
@@ -756,7 +752,9 @@ class _Run:
 
     def _sample(self, zb, zv):
         sp, st = self.opts["sampling"], self.st
-        if self.graph_values:
+        if self.graph_values and sp.greedy:  # values unused; Python scalars keep user tensors out of the capture
+            temperature, top_k, top_p, min_p = 1.0, 0, 1.0, 0.0
+        elif self.graph_values:
             temperature = st.temperature
             top_k = st.top_k if sp.top_k_on else 0
             top_p = st.top_p if sp.top_p_on else 1.0
@@ -808,12 +806,15 @@ class _Run:
         t0 = time.perf_counter()
         zb, zv = self._logits(None)
         self.prefill_s = time.perf_counter() - t0
-        with torch.inference_mode():
+        with torch.inference_mode():  # entered per chunk: never held across a yield (the caller's code)
             self._emit(zb, zv)  # step 0 from the prefill logits, always eager
-            self.steps = yielded = 1
+            self.steps = 1
             done = (self.steps == n or self.steps % self.k == 0) and self._check()
-            yield self.st.out[: self.b, 0].clone()
-            while not done and self.steps < n:
+            ready = [self.st.out[: self.b, 0].clone()]
+        yield from ready
+        while not done and self.steps < n:
+            first = self.steps
+            with torch.inference_mode(), self._on_device():
                 if self.graph_kind is None:
                     zb, zv = self._logits(self.st.ids, self._kv_len(self.steps))
                     self._emit(zb, zv)
@@ -826,9 +827,13 @@ class _Run:
                     done = self._check()  # host sync: the batched stop check
                     if done:  # every row stopped: drop the steps run after the last one did
                         self.steps = int(self.st.stop_step[: self.b].max()) + 1  # host sync
-                for s in range(yielded, self.steps):
-                    yield self.st.out[: self.b, s].clone()
-                yielded = self.steps
+                ready = [self.st.out[: self.b, s].clone() for s in range(first, self.steps)]
+            yield from ready
+
+    def _on_device(self):
+        """CUDA calls that use the current device (streams, capture, synchronize) go to the models' device."""
+        dev = self.dec.device
+        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ graphs
     def _replay_chunk(self) -> None:
@@ -863,6 +868,7 @@ class _Run:
         token = tuple(t for m in dec.engines for t in (m.k_cache[0], m.v_cache[0], m.seq_lens))
         if len(token) != len(st.cache_token) or any(a is not b for a, b in zip(token, st.cache_token, strict=True)):
             st.graphs.clear()  # the KV caches were reallocated: every graph of this bucket read the old ones
+            st.pools.clear()
             st.cache_token = token
         key = self._graph_key(kv_len)
         graphs = st.graphs.get(key)
@@ -890,31 +896,44 @@ class _Run:
         self.st.gen.set_state(gen_state)
 
     def _capture(self, key: tuple, kv_len: int) -> StepGraphs:
+        """Warm up and capture the step's graph(s). CUDA: each graph is warmed up on the very stream it is captured
+        on (lazy inits such as cuBLAS workspaces and Triton compilation happen outside the capture, per stream);
+        the value model of two_stream is captured on the side stream, with its own memory pool, since it replays
+        concurrently with the base's graph."""
         dec, st = self.dec, self.st
         kind, mode = self.graph_kind, key[0]
         cuda = kind == "cuda"
-        side = dec._side_stream() if cuda and mode != "one_stream" else None
+        cap, side = dec._streams() if cuda else (None, None)
         ids = st.ids
 
-        def warm(fn):
-            if cuda:  # lazy inits (cuBLAS, Triton JIT) must not happen inside the capture
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    fn()
-                torch.cuda.current_stream().wait_stream(s)
-                torch.cuda.synchronize()
+        def pool(i: int):
+            if not cuda:
+                return None
+            if i not in st.pools:
+                st.pools[i] = torch.cuda.graph_pool_handle()
+            return st.pools[i]
+
+        def warm(fn, stream):
+            if not cuda:
+                return None
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            return out
 
         if mode != "two_stream":
+            fork = side if mode == "fused" else None
 
             def step():
-                zb, zv = self._logits(ids, kv_len, side=side if mode == "fused" else None)
+                zb, zv = self._logits(ids, kv_len, side=fork)
                 self._emit(zb, zv)
 
-            warm(step)
-            g = new_graph(kind, dec._graph_pool(0))
-            g.capture(step)
-            return StepGraphs(mode, {"step": g}, side, key)
+            warm(step, cap)
+            g = new_graph(kind, pool(0))
+            g.capture(step, stream=cap)
+            return StepGraphs(mode, {"step": g}, fork, key)
         kw = {"kv_len": kv_len}
 
         def base_fn():
@@ -923,15 +942,16 @@ class _Run:
         def value_fn():
             return dec.value.decode(ids, **kw)
 
-        warm(base_fn)
-        warm(value_fn)
-        gb = new_graph(kind, dec._graph_pool(0))
-        zb = gb.capture(base_fn)
-        gv = new_graph(kind, dec._graph_pool(1))  # replayed concurrently with gb: its own memory pool
-        zv = gv.capture(value_fn)
-        warm(lambda: self._emit(zb, zv))
-        gs = new_graph(kind, dec._graph_pool(0))
-        gs.capture(lambda: self._emit(zb, zv))
+        zb_w, zv_w = warm(base_fn, cap), warm(value_fn, side)
+        if cuda:  # the sampler's warm-up on real logits (the captured outputs hold nothing until replayed)
+            warm(lambda: self._emit(zb_w, zv_w), cap)
+            del zb_w, zv_w
+        gb = new_graph(kind, pool(0))
+        zb = gb.capture(base_fn, stream=cap)
+        gv = new_graph(kind, pool(1))
+        zv = gv.capture(value_fn, stream=side)
+        gs = new_graph(kind, pool(0))
+        gs.capture(lambda: self._emit(zb, zv), stream=cap)
         return StepGraphs(mode, {"base": gb, "value": gv, "sample": gs}, side, key)
 
     # ------------------------------------------------------------------ host checks

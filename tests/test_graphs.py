@@ -203,6 +203,32 @@ def test_graphs_are_reused_across_calls_and_values_change_without_recapture(mode
     assert dec.generate(full, **{**kw, "top_p": 0.8}).timings["graph_captures"] == 1  # a new warper: new graph
 
 
+def test_one_kv_store_serves_every_batch_size_so_graphs_survive_other_calls(models):
+    graphed = _pair(models, graphs="emulate")
+    eager = FastIVLDecoder(graphed.base, graphed.value, graphs="off")  # the same engines, the same KV store
+    kw = dict(max_new_tokens=10, eos_token_id=[])
+    assert graphed.generate(PROMPTS, **kw).timings["graph_captures"] == 1  # bucket 4: store of 4 rows
+    k0 = graphed.base.k_cache[0]
+    eager.generate(PROMPTS[:1], **kw)  # 1 row: a view of the same store, no reallocation
+    assert graphed.base.k_cache[0].untyped_storage().data_ptr() == k0.untyped_storage().data_ptr()
+    again = graphed.generate(PROMPTS, **kw)
+    assert again.timings["graph_captures"] == 0 and graphed.base.k_cache[0] is k0  # the same view object
+    _assert_same(eager.generate(PROMPTS, **kw), again)
+    eager.generate(PROMPTS + PROMPTS, **kw)  # 6 rows: the store grows, the old graphs are stale
+    assert graphed.generate(PROMPTS, **kw).timings["graph_captures"] == 1
+
+
+def test_greedy_with_per_row_tensor_parameters_and_no_inference_mode_leak(models):
+    eager = _pair(models, graphs="off")
+    graphed = _pair(models, graphs="emulate")
+    temps = torch.tensor([0.5, 1.0, 2.0])  # [B] tensors with greedy decoding: ignored, never captured
+    kw = dict(max_new_tokens=12, eos_token_id=[], temperature=temps, top_k=torch.tensor([1, 2, 3]))
+    _assert_same(eager.generate(PROMPTS, **kw), graphed.generate(PROMPTS, **kw))
+    for dec in (eager, graphed):
+        for _ in dec.stream(PROMPTS, max_new_tokens=4, eos_token_id=[]):
+            assert not torch.is_inference_mode_enabled()  # the caller's code between tokens runs normally
+
+
 def test_emulated_graphs_with_the_fused_triton_sampler_sample_identically(models):
     """The Triton kernel draws Philox(seed; row, column, offset) with the offset advanced on device inside the
     graph: the replayed sampled tokens equal eager ones exactly, padding rows or not."""
@@ -301,3 +327,11 @@ def test_cuda_graphs_equal_eager(models, mode, runner):
     graphed = FastIVLDecoder(base, value, graphs="cuda", graph_mode=mode, graph_runner=runner, kv_block=8)
     for kw in (KW, dict(max_new_tokens=20, eos_token_id=[], do_sample=True, temperature=0.8, top_p=0.9, seed=1)):
         _assert_same(eager.generate(PROMPTS, **kw), graphed.generate(PROMPTS, **kw))
+    free = eager.generate(PROMPTS, max_new_tokens=40, eos_token_id=[])
+    t = free.prompt_length
+    eos = sorted({free.sequences[r, t + s].item() for r, s in ((0, 3), (1, 6), (2, 9))})
+    kw = dict(max_new_tokens=40, eos_token_id=eos)
+    a, b = eager.generate(PROMPTS, **kw), graphed.generate(PROMPTS, **kw)
+    _assert_same(a, b)
+    assert b.timings["steps"] < 40  # the runner saw the done flag
+    assert graphed.generate(PROMPTS, **kw).timings["graph_captures"] == 0  # reused

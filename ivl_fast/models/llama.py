@@ -66,6 +66,16 @@ class Attention(nn.Module):
         )  # [B, H, Tq, D]
         return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.h * self.d)
 
+    def sdpa_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One query per row: q [B, 1, H, D], k/v [B, S, Hkv, D] (cache views), mask [B, 1, 1, S] -> [B, 1, H*D].
+
+        The H/Hkv query heads that share a KV head become that head's query rows ([B, Hkv, G, D]), so grouped
+        attention needs neither enable_gqa nor K/V copies and any SDPA kernel that takes a mask can serve it."""
+        b, g = q.shape[0], self.h // self.hkv
+        qg = q.reshape(b, self.hkv, g, self.d)  # query head j*G + i serves KV head j (transformers' repeat_kv)
+        o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        return o.reshape(b, 1, self.h * self.d)  # [B, Hkv, G, D] -> heads in order j*G + i
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: LeanConfig):
@@ -128,6 +138,8 @@ class LeanCausalLM(nn.Module):
         self.seq_lens: torch.Tensor | None = None  # [B] int64
         self.batch_size = 0
         self.max_seq_len = 0
+        self._store = None  # (k per layer, v per layer, seq_lens) for the largest batch / length asked for
+        self._views: dict = {}  # batch size -> row views of the store (stable objects)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -151,21 +163,47 @@ class LeanCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- cache
     def allocate(self, batch_size: int, max_seq_len: int) -> None:
-        """(Re)allocate the static KV cache for ``batch_size`` rows of up to ``max_seq_len`` tokens."""
+        """Make the static KV cache hold ``batch_size`` rows of up to ``max_seq_len`` tokens.
+
+        One store serves every batch size: it grows to the largest batch and length asked for, and a smaller batch
+        uses a view of its first rows (the same view objects each time), so alternating batch sizes neither
+        reallocates nor invalidates graphs captured on the cache. ``free()`` releases it."""
         if max_seq_len > self.max_context:
             raise ValueError(
                 f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens "
                 f"(max_position_embeddings={self.config.max_position_embeddings}"
                 + (f", sliding_window={self.config.sliding_window})" if self.config.sliding_window else ")")
             )
-        if batch_size == self.batch_size and max_seq_len <= self.max_seq_len and self.k_cache:
-            return  # reuse: prefill overwrites what it needs
+        rows, cols = (self._store[2].shape[0], self._store[0][0].shape[1]) if self._store else (0, 0)
+        if batch_size > rows or max_seq_len > cols:
+            self._new_store(max(rows, batch_size), max(cols, max_seq_len))
+        self._use_rows(batch_size)
+
+    def _new_store(self, rows: int, cols: int, keep: bool = False) -> None:
         c = self.config
-        shape = (batch_size, max_seq_len, c.num_kv_heads, c.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        shape = (rows, cols, c.num_kv_heads, c.head_dim)
+        ks = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        vs = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        seq = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        if keep and self._store:  # grow: carry the contents over
+            old_k, old_v, old_seq = self._store
+            n, m = old_seq.shape[0], old_k[0].shape[1]
+            for new, old in zip(ks + vs, old_k + old_v, strict=True):
+                new[:n, :m].copy_(old)
+            seq[:n].copy_(old_seq)
+        self._store, self._views = (ks, vs, seq), {}
+
+    def _use_rows(self, batch_size: int) -> None:
+        view = self._views.get(batch_size)
+        if view is None:
+            ks, vs, seq = self._store
+            view = self._views[batch_size] = (
+                [k[:batch_size] for k in ks],
+                [v[:batch_size] for v in vs],
+                seq[:batch_size],
+            )
+        self.k_cache, self.v_cache, self.seq_lens = view
+        self.batch_size, self.max_seq_len = batch_size, self._store[0][0].shape[1]
 
     def grow(self, max_seq_len: int) -> None:
         """Enlarge the KV cache to ``max_seq_len`` columns keeping its contents (not graph-safe: new buffers)."""
@@ -173,18 +211,12 @@ class LeanCausalLM(nn.Module):
             return
         if max_seq_len > self.max_context:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens")
-
-        def bigger(c):
-            out = torch.zeros((c.shape[0], max_seq_len, *c.shape[2:]), dtype=c.dtype, device=c.device)
-            out[:, : c.shape[1]].copy_(c)
-            return out
-
-        self.k_cache = [bigger(c) for c in self.k_cache]
-        self.v_cache = [bigger(c) for c in self.v_cache]
-        self.max_seq_len = max_seq_len
+        self._new_store(self._store[2].shape[0], max_seq_len, keep=True)
+        self._use_rows(self.batch_size)
 
     def free(self) -> None:
         self.k_cache, self.v_cache, self.seq_lens = [], [], None
+        self._store, self._views = None, {}
         self.batch_size = self.max_seq_len = 0
 
     # ---------------------------------------------------------------- forward passes
@@ -201,7 +233,10 @@ class LeanCausalLM(nn.Module):
         emb = self.model.embed_tokens.weight  # [V, H]
         if base_logits.shape[-1] != emb.shape[0]:
             raise ValueError(f"base logits have {base_logits.shape[-1]} entries, the embedding {emb.shape[0]} rows")
-        soft = (base_logits.float().softmax(-1) @ emb.float()).to(emb.dtype)
+        probs = base_logits.float().softmax(-1)
+        # half-precision weights: a half GEMM (fp32 accumulation) rather than an fp32 copy of the embedding per call
+        soft = (probs @ emb) if emb.dtype == torch.float32 else (probs.to(emb.dtype) @ emb)
+        soft = soft.to(emb.dtype)
         return soft if input_ids is None else soft + self.model.embed_tokens(input_ids)
 
     def forward(
@@ -319,7 +354,7 @@ class LeanCausalLM(nn.Module):
                     return o.reshape(b, 1, a.h * a.d)
                 kc.index_put_((rows, pos), k[:, 0])
                 vc.index_put_((rows, pos), v[:, 0])
-                return a.sdpa(q, kc[:, :s_len], vc[:, :s_len], valid)
+                return a.sdpa_decode(q, kc[:, :s_len], vc[:, :s_len], valid)
 
             h = layer(h, cos, sin, attend)
         self.seq_lens.add_(1 if active is None else active.to(self.seq_lens.dtype))
