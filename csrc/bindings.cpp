@@ -71,6 +71,24 @@ std::tuple<at::Tensor, at::Tensor> align_counts(const std::vector<std::string>& 
 
 int64_t edit_distance(const std::string& a, const std::string& b) { return ivl::edit_distance(a, b); }
 
+#ifdef IVL_WITH_CUDA
+// The runner waits on CUDA events between launches: let other Python threads run meanwhile (when called from
+// Python with the GIL held; from C++ / TorchScript there is nothing to release).
+int64_t replay_graphs_op(const std::vector<int64_t>& execs, const std::vector<int64_t>& streams, int64_t n_steps,
+                         const at::Tensor& done, const at::Tensor& host, int64_t check_every) {
+  PyThreadState* saved = (Py_IsInitialized() && PyGILState_Check()) ? PyEval_SaveThread() : nullptr;
+  int64_t ran = 0;
+  try {
+    ran = ivl::replay_graphs(execs, streams, n_steps, done, host, check_every);
+  } catch (...) {
+    if (saved != nullptr) PyEval_RestoreThread(saved);
+    throw;
+  }
+  if (saved != nullptr) PyEval_RestoreThread(saved);
+  return ran;
+}
+#endif
+
 std::string build_info() {
 #ifdef IVL_WITH_CUDA
   return std::string("cuda:") + IVL_CUDA_ARCHS;
@@ -90,7 +108,7 @@ TORCH_LIBRARY(ivl_fast, m) {
 #ifdef IVL_WITH_CUDA
   // NOT YET VALIDATED ON GPU: see csrc/cuda/graph_runner.cu and ivl_fast/graphs.py (run_cpp)
   m.def("replay_graphs(int[] execs, int[] streams, int n_steps, Tensor done, Tensor host, int check_every) -> int",
-        &ivl::replay_graphs);
+        &replay_graphs_op);
 #endif
 }
 

@@ -244,6 +244,34 @@ class FastIVLDecoder:
             self._side = (torch.cuda.Stream(device=self.device), torch.cuda.Stream(device=self.device))
         return self._side
 
+    def capture_graphs(self, batch_sizes=(1,), max_seq_len: int | None = None, **generate_kwargs) -> int:
+        """Capture decode graphs ahead of the first requests (as servers do at start-up), so no call pays for a
+        capture: for the bucket of each of ``batch_sizes``, every KV bucket up to ``max_seq_len`` tokens (default:
+        the context), and the generation settings ``generate_kwargs`` (graphs differ by greedy vs which warpers are
+        on, ``return_logprobs`` and the number of EOS ids; values such as temperature do not matter). Returns the
+        number of graphs captured (0 for what was captured before)."""
+        if self._graphs_kind is None:
+            raise ValueError(f"capture_graphs needs graphs enabled (graphs={self.graphs_option!r} on {self.device})")
+        unknown = set(generate_kwargs) - set(_DEFAULTS)
+        if unknown:
+            raise TypeError(f"capture_graphs() got unexpected keyword arguments {sorted(unknown)}")
+        max_seq_len = self.max_context if max_seq_len is None else max_seq_len
+        if not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= self.max_context:
+            raise ValueError(f"max_seq_len must be an integer in [2, {self.max_context}], got {max_seq_len!r}")
+        opts = self._options(None, **{**generate_kwargs, "max_new_tokens": max_seq_len - 1})
+        captured = 0
+        for b in sorted({batch_bucket(int(x)) for x in batch_sizes}):
+            prompt = torch.full((b, 1), opts["pad_token_id"], dtype=torch.int64, device=self.device)
+            run = _Run(self, prompt, torch.ones_like(prompt, dtype=torch.bool), opts, self.sync_every)
+            if run.graph_kind is None:
+                raise ValueError(f"capture_graphs: these runs decode eagerly ({self._graph_obstacle(run.backend)})")
+            run._start()
+            with torch.inference_mode(), run._on_device():
+                for kv, _ in kv_segments(1, max_seq_len - 2, 1, run.capacity, self.kv_block):
+                    run._graphs(kv)
+            captured += run.captures
+        return captured
+
     def release_graphs(self) -> None:
         """Drop every captured graph and its static buffers (they hold device memory)."""
         self._statics.clear()
@@ -799,16 +827,21 @@ class _Run:
         st.step_t += 1
         st.done.copy_((st.finished.all() | st.bad.any()).to(torch.int32).reshape(1))
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        n = self.opts["max_new_tokens"]
+    def _start(self) -> None:
+        """Allocate, prefill, and emit step 0 from the prefill logits (always eager)."""
         b, t = self.prompt.shape
-        self._allocate(b, t, n)
+        self._allocate(b, t, self.opts["max_new_tokens"])
         t0 = time.perf_counter()
         zb, zv = self._logits(None)
         self.prefill_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            self._emit(zb, zv)
+        self.steps = 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        n = self.opts["max_new_tokens"]
+        self._start()
         with torch.inference_mode():  # entered per chunk: never held across a yield (the caller's code)
-            self._emit(zb, zv)  # step 0 from the prefill logits, always eager
-            self.steps = 1
             done = (self.steps == n or self.steps % self.k == 0) and self._check()
             ready = [self.st.out[: self.b, 0].clone()]
         yield from ready

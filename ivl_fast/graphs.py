@@ -274,7 +274,8 @@ def run_python(graphs: StepGraphs, n_steps: int, done: torch.Tensor, host: torch
     if n_steps < 0 or check_every < 1:
         raise ValueError(f"n_steps must be >= 0 and check_every >= 1, got {n_steps}, {check_every}")
     cuda = done.device.type == "cuda"
-    events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else [None, None]
+    # the host waits on these for up to check_every steps of device work: block rather than spin a core
+    events = [torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)] if cuda else [None, None]
     pending = [False, False]
     host[:2] = 0
     slot = 0

@@ -218,6 +218,23 @@ def test_one_kv_store_serves_every_batch_size_so_graphs_survive_other_calls(mode
     assert graphed.generate(PROMPTS, **kw).timings["graph_captures"] == 1
 
 
+def test_capture_graphs_ahead_of_requests(models):
+    dec = _pair(models, graphs="emulate", kv_block=8)
+    eager = _pair(models, graphs="off", kv_block=8)
+    settings = dict(eos_token_id=[], return_logprobs=True)  # those of KW: they select the graphs
+    assert dec.capture_graphs(batch_sizes=[3], max_seq_len=64, **settings) == 4  # bucket 4; KV 8, 16, 32, 64
+    assert dec.capture_graphs(batch_sizes=[4], max_seq_len=64, **settings) == 0  # same bucket: nothing new
+    out = dec.generate(PROMPTS, **KW)  # prompt 9 + 28 new <= 64
+    assert out.timings["graph_captures"] == 0
+    _assert_same(eager.generate(PROMPTS, **KW), out)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        dec.capture_graphs(max_seq_len=10_000)
+    with pytest.raises(TypeError, match="unexpected"):
+        dec.capture_graphs(temperatures=1.0)
+    with pytest.raises(ValueError, match="needs graphs enabled"):
+        eager.capture_graphs()
+
+
 def test_greedy_with_per_row_tensor_parameters_and_no_inference_mode_leak(models):
     eager = _pair(models, graphs="off")
     graphed = _pair(models, graphs="emulate")

@@ -24,7 +24,7 @@ namespace {
 
 struct Event {
   cudaEvent_t e = nullptr;
-  Event() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
+  explicit Event(unsigned flags = cudaEventDisableTiming) { C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, flags)); }
   ~Event() {
     if (e != nullptr) cudaEventDestroy(e);  // released once pending work completes
   }
@@ -58,7 +58,9 @@ int64_t replay_graphs(const std::vector<int64_t>& execs, const std::vector<int64
   const int32_t* done_dev = done.data_ptr<int32_t>();
   flags[0] = flags[1] = 0;
 
-  Event checks[2];
+  // the host waits on these (up to check_every steps of device work): block, don't spin a core
+  Event checks[2] = {Event(cudaEventDisableTiming | cudaEventBlockingSync),
+                     Event(cudaEventDisableTiming | cudaEventBlockingSync)};
   bool pending[2] = {false, false};
   Event fork, join;
   int slot = 0;
