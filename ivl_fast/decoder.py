@@ -260,7 +260,8 @@ class FastIVLDecoder:
             raise ValueError(f"max_seq_len must be an integer in [2, {self.max_context}], got {max_seq_len!r}")
         opts = self._options(None, **{**generate_kwargs, "max_new_tokens": max_seq_len - 1})
         captured = 0
-        for b in sorted({batch_bucket(int(x)) for x in batch_sizes}):
+        # largest bucket first: its KV store serves the smaller buckets as row views (no reallocation after)
+        for b in sorted({batch_bucket(int(x)) for x in batch_sizes}, reverse=True):
             prompt = torch.full((b, 1), opts["pad_token_id"], dtype=torch.int64, device=self.device)
             run = _Run(self, prompt, torch.ones_like(prompt, dtype=torch.bool), opts, self.sync_every)
             if run.graph_kind is None:
@@ -728,7 +729,8 @@ class _Run:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,)))  # fresh entropy from the global RNG
             self.gen.manual_seed(int(seed))
-        st.seed_t.fill_(int(seed or 0))
+        with torch.inference_mode():  # the buffers may be inference tensors (made under a caller's inference mode)
+            st.seed_t.fill_(int(seed or 0))
         self.steps = 0
         self.prefill_s = 0.0
         self.captures = 0
@@ -780,8 +782,9 @@ class _Run:
 
     def _sample(self, zb, zv):
         sp, st = self.opts["sampling"], self.st
+        do_sample = sp.do_sample
         if self.graph_values and sp.greedy:  # values unused; Python scalars keep user tensors out of the capture
-            temperature, top_k, top_p, min_p = 1.0, 0, 1.0, 0.0
+            temperature, top_k, top_p, min_p, do_sample = 1.0, 0, 1.0, 0.0, False
         elif self.graph_values:
             temperature = st.temperature
             top_k = st.top_k if sp.top_k_on else 0
@@ -798,7 +801,7 @@ class _Run:
             top_k=top_k,
             top_p=top_p,
             min_p=min_p,
-            do_sample=sp.do_sample,
+            do_sample=do_sample,
             seed=st.seed_t,
             offset=st.offset_t,
             generator=self.gen,

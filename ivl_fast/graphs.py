@@ -101,6 +101,13 @@ def _sync_ops() -> set:
 
 
 _SYNC_OPS = _sync_ops()
+# indexing with a boolean mask has a data-dependent shape (x[mask]) or finds its positions with nonzero
+_INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default}
+
+
+def _has_mask_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
 
 
 class _Recorder(TorchDispatchMode):
@@ -110,7 +117,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _SYNC_OPS:
+        if func in _SYNC_OPS or (func in _INDEX_OPS and _has_mask_index(args)):
             raise GraphCaptureError(
                 f"{func} needs a device value on the host (a synchronisation or a data-dependent shape) inside a "
                 "captured decode step; CUDA graph capture would fail here"

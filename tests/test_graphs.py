@@ -54,7 +54,7 @@ def test_emulated_graph_replays_ops_on_static_tensors_with_python_values_frozen(
     assert g.num_ops >= 3
 
 
-@pytest.mark.parametrize("bad", ["item", "nonzero", "bool"])
+@pytest.mark.parametrize("bad", ["item", "nonzero", "bool", "mask_index", "mask_assign"])
 def test_emulated_capture_refuses_host_syncs(bad):
     x = torch.tensor([1.0, -2.0])
 
@@ -63,6 +63,12 @@ def test_emulated_capture_refuses_host_syncs(bad):
             return x.sum().item()
         if bad == "nonzero":
             return x.nonzero()
+        if bad == "mask_index":
+            return x[x > 0]
+        if bad == "mask_assign":
+            y = x.clone()
+            y[y > 0] = 0.0
+            return y
         return bool(x[0] > 0)
 
     with pytest.raises(GraphCaptureError, match="captured decode step"):
@@ -227,12 +233,45 @@ def test_capture_graphs_ahead_of_requests(models):
     out = dec.generate(PROMPTS, **KW)  # prompt 9 + 28 new <= 64
     assert out.timings["graph_captures"] == 0
     _assert_same(eager.generate(PROMPTS, **KW), out)
+    assert dec.capture_graphs(batch_sizes=[1, 8], max_seq_len=64, **settings) == 8  # buckets 8 and 1
+    one = dec.generate(PROMPTS[:1], **KW)  # bucket 1 still has its graphs: bucket 8's store serves it
+    assert one.timings["graph_captures"] == 0
+    _assert_same(eager.generate(PROMPTS[:1], **KW), one)
     with pytest.raises(ValueError, match="max_seq_len"):
         dec.capture_graphs(max_seq_len=10_000)
     with pytest.raises(TypeError, match="unexpected"):
         dec.capture_graphs(temperatures=1.0)
     with pytest.raises(ValueError, match="needs graphs enabled"):
         eager.capture_graphs()
+
+
+def test_kv_store_keeps_the_union_of_shapes_only_while_it_stays_small(models):
+    engine = _pair(models).base
+    with pytest.raises(RuntimeError, match="allocate"):
+        engine.grow(64)
+    engine.allocate(2, 32)
+    engine.allocate(4, 24)  # union 4 x 32 <= 2 x (4 x 24): kept
+    assert engine._store[0][0].shape[:2] == (4, 32) and engine.k_cache[0].shape[:2] == (4, 32)
+    engine.allocate(4, 64)  # grows in length only
+    assert engine._store[0][0].shape[:2] == (4, 64)
+    engine.allocate(1, 256)  # union 4 x 256 = 1024 > 2 x (1 x 256): exactly this request instead
+    assert engine._store[0][0].shape[:2] == (1, 256)
+    engine.allocate(32, 16)  # 32 x 256 would be 16x the larger request: exactly this one
+    assert engine._store[0][0].shape[:2] == (32, 16) and engine.k_cache[0].shape[:2] == (32, 16)
+    engine.free()
+    assert engine._store is None and engine.k_cache == []
+
+
+def test_temperature_zero_sampling_and_a_first_call_under_inference_mode(models):
+    eager = _pair(models, graphs="off")
+    graphed = _pair(models, graphs="emulate")
+    kw = dict(max_new_tokens=10, eos_token_id=[], do_sample=True, temperature=0.0)  # greedy, as transformers
+    _assert_same(eager.generate(PROMPTS, max_new_tokens=10, eos_token_id=[]), graphed.generate(PROMPTS, **kw))
+    fresh = _pair(models, graphs="emulate")
+    with torch.inference_mode():  # a server's first request: the persistent buffers become inference tensors
+        first = fresh.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])
+    again = fresh.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])  # outside inference mode
+    assert torch.equal(first.sequences, again.sequences)
 
 
 def test_greedy_with_per_row_tensor_parameters_and_no_inference_mode_leak(models):

@@ -165,9 +165,11 @@ class LeanCausalLM(nn.Module):
     def allocate(self, batch_size: int, max_seq_len: int) -> None:
         """Make the static KV cache hold ``batch_size`` rows of up to ``max_seq_len`` tokens.
 
-        One store serves every batch size: it grows to the largest batch and length asked for, and a smaller batch
-        uses a view of its first rows (the same view objects each time), so alternating batch sizes neither
-        reallocates nor invalidates graphs captured on the cache. ``free()`` releases it."""
+        One store serves every batch size: it grows to the largest batch and length asked for (both at once only
+        while that stays within twice the larger request), and a smaller batch uses a view of its first rows (the
+        same view objects each time), so alternating batch sizes neither reallocates nor invalidates graphs
+        captured on the cache. ``free()`` drops it (graphs captured on it hold it until the decoder's
+        ``release_graphs()``)."""
         if max_seq_len > self.max_context:
             raise ValueError(
                 f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens "
@@ -176,7 +178,13 @@ class LeanCausalLM(nn.Module):
             )
         rows, cols = (self._store[2].shape[0], self._store[0][0].shape[1]) if self._store else (0, 0)
         if batch_size > rows or max_seq_len > cols:
-            self._new_store(max(rows, batch_size), max(cols, max_seq_len))
+            # the union of both shapes, unless that is far more than either request (a long batch-1 call followed
+            # by a short wide one must not make a wide-and-long store): then exactly this request
+            union = max(rows, batch_size) * max(cols, max_seq_len)
+            if union <= 2 * max(rows * cols, batch_size * max_seq_len):
+                self._new_store(max(rows, batch_size), max(cols, max_seq_len))
+            else:
+                self._new_store(batch_size, max_seq_len)
         self._use_rows(batch_size)
 
     def _new_store(self, rows: int, cols: int, keep: bool = False) -> None:
@@ -211,6 +219,8 @@ class LeanCausalLM(nn.Module):
             return
         if max_seq_len > self.max_context:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens")
+        if self._store is None:
+            raise RuntimeError("grow() needs an allocated cache: call allocate(batch_size, max_seq_len) first")
         self._new_store(self._store[2].shape[0], max_seq_len, keep=True)
         self._use_rows(self.batch_size)
 
