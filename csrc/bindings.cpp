@@ -107,7 +107,9 @@ TORCH_LIBRARY(ivl_fast, m) {
   m.def("build_info() -> str", &build_info);
 #ifdef IVL_WITH_CUDA
   // NOT YET VALIDATED ON GPU: see csrc/cuda/graph_runner.cu and ivl_fast/graphs.py (run_cpp)
-  m.def("replay_graphs(int[] execs, int[] streams, int n_steps, Tensor done, Tensor host, int check_every) -> int",
+  // host: the runner writes its flag slots
+  m.def("replay_graphs(int[] execs, int[] streams, int n_steps, Tensor done, Tensor(a!) host, "
+        "int check_every) -> int",
         &replay_graphs_op);
 #endif
 }

@@ -752,10 +752,12 @@ class _Run:
         return torch.clamp(self.st.stop_step[: self.b] + 1, max=self.steps)
 
     def _kv_len(self, step: int) -> int | None:
-        """Cache columns the decode step feeding step ``step``'s token attends to (lean engines)."""
+        """Cache columns the eager decode step feeding step ``step``'s token attends to (lean engines): exactly
+        the columns that can hold a position (graphs round this up to their KV bucket; the extra columns are
+        masked, so the logits agree)."""
         if not all(getattr(m, "is_lean", False) for m in self.dec.engines):
             return None
-        return kv_bucket(self.prompt.shape[1] + step, self.capacity, self.dec.kv_block)
+        return self.prompt.shape[1] + step
 
     def _logits(self, ids: torch.Tensor | None, kv_len: int | None = None, side=None):
         """(z_base, z_value) of the next position ([B, V] each; None for a model the scheme does not use).

@@ -113,7 +113,7 @@ def test_kv_segments_cover_every_step_once_with_enough_columns(t, first, last, c
     for kv, n in segs:
         for step in range(j, j + n):
             assert t + step <= kv <= cap  # the token fed at this step sits at column <= t + step - 1
-            assert kv == kv_bucket(t + step, cap, block)  # the eager path attends to the same columns
+            assert kv == kv_bucket(t + step, cap, block)
         j += n
     assert [kv for kv, _ in segs] == sorted({kv for kv, _ in segs})
 
