@@ -294,9 +294,8 @@ def test_emulated_graphs_with_the_fused_triton_sampler_sample_identically(models
     _assert_same(eager.generate(PROMPTS, **kw), graphed.generate(PROMPTS, **kw))
 
 
-def test_eos_stops_the_runner_early_and_matches_eager(models):
-    eager = _pair(models, graphs="off", sync_every=4)
-    graphed = _pair(models, graphs="emulate", sync_every=4)
+def _check_eos_early_exit(eager, graphed):
+    """EOS ids the rows really produce at steps 3, 6 and 9: every row stops, and the done flag ends the replay."""
     free = eager.generate(PROMPTS, max_new_tokens=40, eos_token_id=[])
     t = free.prompt_length
     eos = sorted({free.sequences[r, t + s].item() for r, s in ((0, 3), (1, 6), (2, 9))})
@@ -305,6 +304,11 @@ def test_eos_stops_the_runner_early_and_matches_eager(models):
     _assert_same(a, b)
     assert b.timings["steps"] < 40  # every row stopped: the done flag ended the replay loop
     assert (b.num_new_tokens <= 10).all()
+    assert graphed.generate(PROMPTS, **kw).timings["graph_captures"] == 0  # reused
+
+
+def test_eos_stops_the_runner_early_and_matches_eager(models):
+    _check_eos_early_exit(_pair(models, graphs="off", sync_every=4), _pair(models, graphs="emulate", sync_every=4))
 
 
 def test_stop_strings_and_streaming_with_graphs(models, tokenizer):
@@ -383,11 +387,4 @@ def test_cuda_graphs_equal_eager(models, mode, runner):
     graphed = FastIVLDecoder(base, value, graphs="cuda", graph_mode=mode, graph_runner=runner, kv_block=8)
     for kw in (KW, dict(max_new_tokens=20, eos_token_id=[], do_sample=True, temperature=0.8, top_p=0.9, seed=1)):
         _assert_same(eager.generate(PROMPTS, **kw), graphed.generate(PROMPTS, **kw))
-    free = eager.generate(PROMPTS, max_new_tokens=40, eos_token_id=[])
-    t = free.prompt_length
-    eos = sorted({free.sequences[r, t + s].item() for r, s in ((0, 3), (1, 6), (2, 9))})
-    kw = dict(max_new_tokens=40, eos_token_id=eos)
-    a, b = eager.generate(PROMPTS, **kw), graphed.generate(PROMPTS, **kw)
-    _assert_same(a, b)
-    assert b.timings["steps"] < 40  # the runner saw the done flag
-    assert graphed.generate(PROMPTS, **kw).timings["graph_captures"] == 0  # reused
+    _check_eos_early_exit(eager, graphed)
