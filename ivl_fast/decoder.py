@@ -830,7 +830,8 @@ class _Run:
             st.finished |= hit
         st.ids.copy_(ids)
         st.step_t += 1
-        st.done.copy_((st.finished.all() | st.bad.any()).to(torch.int32).reshape(1))
+        if self.graph_kind is not None:  # the runners' early-exit flag (eager runs check on the host)
+            st.done.copy_((st.finished.all() | st.bad.any()).to(torch.int32).reshape(1))
 
     def _start(self) -> None:
         """Allocate, prefill, and emit step 0 from the prefill logits (always eager)."""
