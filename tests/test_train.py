@@ -12,80 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_model
+from train_fixtures import cli_args as _cli_args
+from train_fixtures import conversations as _conversations
+from train_fixtures import make_train_setup
+from train_fixtures import train_config as _cfg
+from train_fixtures import write_jsonl as _write_jsonl
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.cli import main as cli_main
-from ivl_fast.train import TrainConfig, build_dataset, make_batches, read_conversations, train_value_model
+from ivl_fast.train import build_dataset, make_batches, read_conversations, train_value_model
 from ivl_fast.train import trainer as trainer_mod
 from ivl_fast.train.data import IGNORE, DataError, padding_fraction, tokenize_conversation
 
 
-def _conversations(n: int, seed: int = 0):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        out.append(
-            [
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"The answer is {a + b}."},
-            ]
-        )
-    return out
-
-
-def _write_jsonl(path: Path, convs, form: str = "openai") -> Path:
-    with path.open("w") as f:
-        for c in convs:
-            if form == "openai":
-                f.write(json.dumps({"messages": c}) + "\n")
-            else:
-                who = {"user": "human", "assistant": "gpt", "system": "system"}
-                f.write(json.dumps({"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in c]}))
-                f.write("\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, save_checkpoint):
-    """A frozen base (wider) and a value init (the small model), same tokenizer, plus a demonstrations file."""
-    base = build_model("llama", seed=0, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
-    small = build_model("llama", seed=1)
-    d = tmp_path_factory.mktemp("train")
-    data = _write_jsonl(d / "demos.jsonl", _conversations(48))
-    return {
-        "base": save_checkpoint(base, "tbase"),
-        "small": save_checkpoint(small, "tsmall"),
-        "data": data,
-        "dir": d,
-    }
-
-
-def _cfg(setup, out, **kw) -> TrainConfig:
-    args = dict(
-        bases=[str(setup["base"])],
-        value_init=str(setup["small"]),
-        data=str(setup["data"]),
-        out=str(out),
-        max_steps=24,
-        batch_tokens=256,
-        lr=1e-3,
-        save_every=8,
-        progress=False,
-        loss_backend="torch",
-    )
-    args.update(kw)
-    return TrainConfig(**args)
-
-
-def _cli_args(setup, *, max_steps: int, save_every: int) -> list[str]:
-    """`ivl-fast train` arguments for the fixture's base, value init and data (fast settings)."""
-    return [
-        "train",
-        *("--base", str(setup["base"]), "--value-init", str(setup["small"]), "--data", str(setup["data"])),
-        *("--max-steps", str(max_steps), "--save-every", str(save_every), "--batch-tokens", "256"),
-        *("--lr", "1e-3", "--no-progress", "--loss-backend", "torch"),
-    ]
+    return make_train_setup(tmp_path_factory, save_checkpoint)
 
 
 # ----------------------------------------------------------------------------- data
@@ -303,18 +245,6 @@ def test_curriculum_trains_on_each_base_in_turn(setup, tmp_path, save_checkpoint
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_out_dir_holding_another_run_is_refused(setup, tmp_path):
-    out = tmp_path / "busy"
-    out.mkdir()
-    (out / "something.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--resume .* --overwrite"):
-        train_value_model(_cfg(setup, out, max_steps=2))
-    assert (out / "something.txt").read_text() == "mine"  # nothing lost
-    train_value_model(_cfg(setup, out, max_steps=2, overwrite=True))
-    with pytest.raises(ValueError, match="holds a different run"):
-        train_value_model(_cfg(setup, out, max_steps=3, resume=True))
-
-
 def test_vocabulary_mismatch_is_refused(setup, save_checkpoint, tmp_path):
     other = save_checkpoint(build_model("llama", seed=2, vocab_size=640), "v640")
     with pytest.raises(ValueError, match="same vocabulary"):
@@ -350,7 +280,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(setup, tmp_path, monkeyp
 def test_bad_training_arguments(setup, tmp_path):
     with pytest.raises(ValueError, match="scheme must be one of"):
         train_value_model(_cfg(setup, tmp_path / "a", scheme="stacked"))
-    with pytest.raises(ValueError, match="lr=0"):
+    with pytest.raises(ValueError, match=r"--lr \(lr\) must be > 0, got 0"):
         train_value_model(_cfg(setup, tmp_path / "b", lr=0))
     with pytest.raises(FileNotFoundError, match="data file"):
         train_value_model(_cfg(setup, tmp_path / "c", data=str(tmp_path / "missing.jsonl")))

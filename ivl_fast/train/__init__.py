@@ -1,11 +1,15 @@
 """Value-network training: ``train_value_model(TrainConfig(...))`` or ``ivl-fast train``."""
 
+from .config import SCHEMES, TrainConfig
 from .data import build_dataset, make_batches, read_conversations, tokenize_conversation
-from .trainer import SCHEMES, TrainConfig, save_checkpoint, train_value_model
+from .run_dir import save_checkpoint
+from .stop_request import TrainingInterrupted
+from .trainer import train_value_model
 
 __all__ = [
     "SCHEMES",
     "TrainConfig",
+    "TrainingInterrupted",
     "build_dataset",
     "make_batches",
     "read_conversations",

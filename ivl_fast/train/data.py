@@ -163,7 +163,10 @@ def make_batches(lengths: list[int], batch_tokens: int, *, seed: int, epoch: int
     mates have similar lengths (little padding), then the batch order is shuffled. Deterministic.
     """
     if batch_tokens < max(lengths):
-        raise ValueError(f"batch_tokens={batch_tokens} is smaller than the longest example ({max(lengths)} tokens)")
+        raise ValueError(
+            f"--batch-tokens (batch_tokens) = {batch_tokens} is smaller than the longest example ({max(lengths)} "
+            "tokens); raise it or lower --max-length"
+        )
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
