@@ -62,7 +62,15 @@ def _has_csrc() -> bool:
 
 
 setup(
-    packages=["ivl_fast", "ivl_fast.models", "ivl_fast.ops", "ivl_fast.train", "ivl_fast.vocab", "ivl_fast.kernels"],
+    packages=[
+        "ivl_fast",
+        "ivl_fast.cli",
+        "ivl_fast.models",
+        "ivl_fast.ops",
+        "ivl_fast.train",
+        "ivl_fast.vocab",
+        "ivl_fast.kernels",
+    ],
     package_dir={"ivl_fast": "ivl_fast", "ivl_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("ivl_fast._C")] if _has_csrc() else [],
     cmdclass={"build_ext": CMakeBuild},

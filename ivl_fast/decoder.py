@@ -372,6 +372,7 @@ class FastIVLDecoder:
         return_logprobs=_UNSET,
         generation_config=None,
         texts: list[str] | None = None,
+        progress=None,
     ) -> IVLGenerateOutput:
         """Generate like ``transformers``' ``generate`` (same argument names and meanings).
 
@@ -381,6 +382,7 @@ class FastIVLDecoder:
         base config. A ``GenerationConfig`` supplies values not given explicitly. ``eos_token_id=[]`` disables
         EOS stopping. With a vocab map, token ids are in the value model's vocabulary (input and output) and
         the base reads the prompt text (``texts``, or the value tokenizer's decoding of ``input_ids``).
+        ``progress``: a callable given the number of decode steps done, at each host check (no extra syncs).
         """
         opts = self._options(
             generation_config,
@@ -400,7 +402,8 @@ class FastIVLDecoder:
         t0 = time.perf_counter()
         run = self._make_run(prompt, mask, opts, self.sync_every, texts)
         for _ in run:
-            pass
+            if progress is not None:
+                progress(run.steps)
         _sync(self.device)
         elapsed = time.perf_counter() - t0
         n = run.steps
@@ -1052,7 +1055,6 @@ class _CrossVocabRun(_Run):
     def __init__(self, dec, prompt, mask, opts, sync_every, texts: list[str]):
         super().__init__(dec, prompt, mask, opts, sync_every)
         self.texts = texts
-        btok = dec.base_tokenizer
         # identical tokenizers (an identity-like map): the base reads the value's own token ids, exactly
         self.same_tokens = dec._same_tokenizers
         self.prompt_ids = [r[m].tolist() for r, m in zip(prompt.cpu(), mask.cpu(), strict=True)]
@@ -1060,7 +1062,7 @@ class _CrossVocabRun(_Run):
         if self.same_tokens:
             self.base_ctx = [list(p) for p in self.prompt_ids]
         else:
-            self.base_ctx = [list(btok(x)["input_ids"]) for x in texts]
+            self.base_ctx = [self._base_ids(x) for x in texts]
         for i, ctx in enumerate(self.base_ctx):
             if not ctx:
                 raise ValueError(f"prompt {i} is empty for the base tokenizer")
@@ -1077,6 +1079,15 @@ class _CrossVocabRun(_Run):
         # base tokens per value token vary; give the base room for a few per step, within its context
         longest = max(len(c) for c in self.base_ctx)
         dec.base.allocate(b, min(dec.base.max_context, longest + 4 * n + 16))
+
+    def _base_ids(self, text: str) -> list[int]:
+        """The base tokenization of ``text``, with the base's special tokens, but one BOS only: a chat prompt
+        rendered with a template already starts with the BOS string ("<s>..."), which the tokenizer would
+        otherwise precede with a second one."""
+        btok = self.dec.base_tokenizer
+        bos = btok.bos_token
+        add = not (bos and text.startswith(bos))
+        return list(btok(text, add_special_tokens=add)["input_ids"])
 
     def base_context_text(self, row: int) -> str:
         return self.dec.base_tokenizer.decode(self.base_ctx[row], skip_special_tokens=True)
@@ -1106,7 +1117,6 @@ class _CrossVocabRun(_Run):
         zv = value.decode(ids)[:, : self.vv]
         new_ids = ids.tolist()  # host sync: re-tokenizing the text for the base is host work
         finished = self.finished.tolist()
-        btok = dec.base_tokenizer
         keep, feed = [], []
         for r, tok_id in enumerate(new_ids):
             if finished[r]:
@@ -1117,7 +1127,7 @@ class _CrossVocabRun(_Run):
             if self.same_tokens:
                 target = self.base_ctx[r] + [tok_id]
             else:
-                target = list(btok(self.texts[r] + self.generated_text(r))["input_ids"])
+                target = self._base_ids(self.texts[r] + self.generated_text(r))
             old = self.base_ctx[r]
             n = 0
             while n < min(len(old), len(target)) and old[n] == target[n]:

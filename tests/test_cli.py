@@ -171,25 +171,51 @@ def test_negative_temperature(capsys, dirs):
     assert "temperature must be a finite number >= 0" in err
 
 
+def _one_line_error(rc: int, err: str, match: str) -> None:
+    """README's promise: bad input exits with code 2 and one line on stderr, no traceback."""
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ivl-fast generate: error: "), err
+    assert match in lines[0], err
+
+
 def test_prompt_and_prompts_file_together(capsys, dirs, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("x\n")
-    with pytest.raises(SystemExit, match="exactly one of --prompt or --prompts-file"):
-        main(["generate", "--base", dirs[0], "--value", dirs[1], "--prompt", PROMPT, "--prompts-file", str(f)])
+    rc, _, err = generate(capsys, dirs, "--prompt", PROMPT, "--prompts-file", f)
+    _one_line_error(rc, err, "exactly one of --prompt or --prompts-file")
 
 
-def test_neither_prompt_nor_file(dirs):
-    with pytest.raises(SystemExit, match="exactly one of --prompt or --prompts-file"):
-        main(["generate", "--base", dirs[0], "--value", dirs[1]])
+def test_neither_prompt_nor_file(capsys, dirs):
+    rc, _, err = generate(capsys, dirs)
+    _one_line_error(rc, err, "exactly one of --prompt or --prompts-file")
 
 
 @pytest.mark.parametrize(
     "extra, match",
     [(["--prompt", ""], "--prompt is empty"), (["--prompt", "x", "--batch-size", "0"], "--batch-size must be >= 1")],
 )
-def test_bad_prompt_options(dirs, extra, match):
-    with pytest.raises(SystemExit, match=match):
-        main(["generate", "--base", dirs[0], "--value", dirs[1], *extra])
+def test_bad_prompt_options(capsys, dirs, extra, match):
+    rc, _, err = generate(capsys, dirs, *extra)
+    _one_line_error(rc, err, match)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--prompt", "x"], "--base is required"),  # not the Python name base_path
+        (["--prompt", "x", "--scheme", "residual"], "--base is required"),
+    ],
+)
+def test_missing_base_names_the_flag(capsys, dirs, argv, match):
+    rc, _, err = run_cli(capsys, "generate", "--value", dirs[1], *argv)
+    _one_line_error(rc, err, match)
+    assert "base_path" not in err
+
+
+def test_missing_value_names_the_flag(capsys, dirs):
+    rc, _, err = run_cli(capsys, "generate", "--base", dirs[0], "--prompt", "x")
+    _one_line_error(rc, err, "--value is required")
 
 
 def test_unsupported_dtype(capsys, dirs):
@@ -220,8 +246,10 @@ def test_bin_checkpoint_needs_allow_pickle(capsys, dirs, pair, tmp_path, tokeniz
 def test_checkpoints_without_tokenizer(capsys, pair, save_checkpoint):
     base = save_checkpoint(pair[0], "cli_base_notok", with_tokenizer=False)
     value = save_checkpoint(pair[1], "cli_value_notok", with_tokenizer=False)
-    with pytest.raises(SystemExit, match="hold no tokenizer files"):
-        main(["generate", "--base", str(base), "--value", str(value), "--prompt", PROMPT])
+    capsys.readouterr()  # (the saves' own progress bars)
+    rc, _, err = run_cli(capsys, "generate", "--base", base, "--value", value, "--prompt", PROMPT)
+    _one_line_error(rc, err, "no tokenizer files in")
+    assert str(base) in err
 
 
 def test_non_finite_logits_exit_code(capsys, dirs, save_checkpoint):

@@ -86,20 +86,31 @@ class VocabMap:
 
     # ------------------------------------------------------------------ building and files
     @classmethod
-    def build(cls, base_tokenizer, value_tokenizer, texts, *, top_k: int = 3, threads=None, backend="auto"):
-        """Align ``texts`` with both tokenizers (objects or directories) and return the map (stats in .stats)."""
+    def build(
+        cls, base_tokenizer, value_tokenizer, texts, *, top_k: int = 3, threads=None, backend="auto", progress=False
+    ):
+        """Align ``texts`` with both tokenizers (objects or directories) and return the map (stats in .stats).
+        ``progress=True`` shows tqdm bars on stderr."""
         from .build import build_map
 
         vmap, stats = build_map(
-            base_tokenizer, value_tokenizer, list(texts), top_k=top_k, threads=threads, backend=backend
+            base_tokenizer,
+            value_tokenizer,
+            list(texts),
+            top_k=top_k,
+            threads=threads,
+            backend=backend,
+            progress=progress,
         )
         vmap.stats = stats
         return vmap
 
-    def save(self, path) -> None:
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Write a safetensors file. An existing file is replaced only with ``overwrite=True``, and only if it
+        is an ivl-fast map itself (anything else is refused, untouched)."""
         from .build import save_map
 
-        save_map(self, path)
+        save_map(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, *, base_tokenizer=None, value_tokenizer=None) -> VocabMap:

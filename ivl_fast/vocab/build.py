@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from ..safe_output import UnsafeOutputError, replace_file_atomically
 from .align import align_counts, surface_strings
 
 
@@ -32,10 +34,12 @@ def tokenizer_hash(tokenizer) -> str:
     return h.hexdigest()
 
 
-def encode_all(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[int]]:
+def encode_all(tokenizer, texts: list[str], bar=None) -> tuple[list[list[int]], list[int]]:
     """Token ids of each text (no special tokens); texts the tokenizer cannot encode are reported, not fatal."""
     seqs, failed = [], []
     for i, t in enumerate(texts):
+        if bar is not None:
+            bar.update(1)
         try:
             seqs.append(list(tokenizer(t, add_special_tokens=False)["input_ids"]))
         except Exception:  # a tokenizer error on one text must not lose the whole build
@@ -60,6 +64,17 @@ def split_corpus(texts: list[str], max_chars: int = 256) -> list[str]:
     return out
 
 
+def _merge_counts(found: list[tuple[torch.Tensor, torch.Tensor]], v_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the (pairs [M, 2], counts [M]) of several chunks -> one sorted list of distinct pairs."""
+    if not found:
+        return torch.zeros((0, 2), dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    pairs = torch.cat([p.reshape(-1, 2) for p, _ in found])
+    counts = torch.cat([c for _, c in found])
+    keys, inverse = torch.unique(pairs[:, 0] * v_value + pairs[:, 1], sorted=True, return_inverse=True)
+    total = torch.zeros(keys.numel(), dtype=torch.int64).index_add_(0, inverse, counts)
+    return torch.stack([keys // v_value, keys % v_value], dim=1), total
+
+
 def build_map(
     base_tokenizer,
     value_tokenizer,
@@ -68,8 +83,11 @@ def build_map(
     top_k: int = 3,
     threads: int | None = None,
     backend: str = "auto",
+    progress: bool = False,
 ):
-    """-> (VocabMap, stats). See VocabMap.build."""
+    """-> (VocabMap, stats). See VocabMap.build. ``progress``: tqdm bars on stderr (tokenizing, aligning)."""
+    from tqdm.auto import tqdm
+
     from . import VocabMap
 
     if not isinstance(top_k, int) or top_k < 1:
@@ -79,15 +97,24 @@ def build_map(
         raise ValueError("the corpus is empty: no text to align")
     bt, vt = _tokenizer(base_tokenizer), _tokenizer(value_tokenizer)
     bsurf, vsurf = surface_strings(bt), surface_strings(vt)
-    bseqs, bfail = encode_all(bt, texts)
-    vseqs, vfail = encode_all(vt, texts)
+    with tqdm(total=2 * len(texts), desc="tokenize", unit="text", disable=not progress, file=sys.stderr) as bar:
+        bseqs, bfail = encode_all(bt, texts, bar)
+        vseqs, vfail = encode_all(vt, texts, bar)
     skip = set(bfail) | set(vfail)
     pairs_b = [s for i, s in enumerate(bseqs) if i not in skip]
     pairs_v = [s for i, s in enumerate(vseqs) if i not in skip]
     threads = threads or os.cpu_count() or 1
-    pairs, counts = align_counts(bsurf, vsurf, pairs_b, pairs_v, threads=threads, backend=backend)
-
     vb, vv = len(bsurf), len(vsurf)
+    # aligned in chunks (each still multithreaded) so the bar moves; chunk counts are merged exactly
+    chunk = max(64 * threads, -(-len(pairs_b) // 100))
+    found = []
+    with tqdm(total=len(pairs_b), desc="align", unit="text", disable=not progress, file=sys.stderr) as bar:
+        for lo in range(0, len(pairs_b), chunk):
+            hi = min(lo + chunk, len(pairs_b))
+            found.append(align_counts(bsurf, vsurf, pairs_b[lo:hi], pairs_v[lo:hi], threads=threads, backend=backend))
+            bar.update(hi - lo)
+    pairs, counts = _merge_counts(found, vv)
+
     by_surface = {}
     for i, s in enumerate(vsurf):
         if s and s not in by_surface:
@@ -133,17 +160,55 @@ def build_map(
     return vmap, stats
 
 
-def save_map(vmap, path: str | Path) -> None:
+MAP_FORMAT = "ivl_fast.VocabMap/1"
+
+
+def is_map_file(path: str | Path) -> bool:
+    """True if ``path`` is a safetensors file written by :func:`save_map` (its metadata says so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == MAP_FORMAT
+    except Exception:  # not safetensors at all, unreadable, a directory...
+        return False
+
+
+def check_map_output(path: str | Path, *, overwrite: bool, flag: str = "path") -> Path:
+    """Refuse a map destination that is a directory, or an existing file unless ``overwrite`` and it is a map."""
+    p = Path(path)
+    if p.is_dir():
+        raise UnsafeOutputError(f"{flag} {str(p)!r} is a directory; give a file name for the vocabulary map")
+    if p.exists() or p.is_symlink():
+        if not overwrite:
+            raise FileExistsError(
+                f"{flag} {str(p)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace a vocabulary map"
+            )
+        if not is_map_file(p):
+            raise UnsafeOutputError(
+                f"{flag} {str(p)!r} exists and is not an ivl-fast vocabulary map; refusing to overwrite it"
+            )
+    if not p.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {str(p)!r}: the directory {str(p.parent)!r} does not exist")
+    return p
+
+
+def save_map(vmap, path: str | Path, *, overwrite: bool = False) -> None:
+    """Write the map as safetensors (CSR + ELL + metadata). An existing file is replaced only with
+    ``overwrite=True`` and only if it is itself a map; the write goes through a temp file and a rename."""
     from safetensors.torch import save_file
 
+    p = check_map_output(path, overwrite=overwrite)
     idx, w = vmap.ell()
     tensors = {"crow": vmap.crow, "col": vmap.col, "val": vmap.val, "ell_idx": idx, "ell_w": w}
     meta = {k: str(v) for k, v in (getattr(vmap, "meta", {}) or {}).items()}
-    meta.update({"format": "ivl_fast.VocabMap/1", "shape": json.dumps(list(vmap.shape))})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    meta.update({"format": MAP_FORMAT, "shape": json.dumps(list(vmap.shape))})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    replace_file_atomically(p, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_map(path: str | Path, *, base_tokenizer=None, value_tokenizer=None):
+    """Read a map written by :func:`save_map`; a file that is not one, or is damaged, raises ValueError naming it."""
     from safetensors import safe_open
 
     from . import VocabMap
@@ -151,14 +216,35 @@ def load_map(path: str | Path, *, base_tokenizer=None, value_tokenizer=None):
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"vocab map {str(p)!r} does not exist")
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "ivl_fast.VocabMap/1":
-            raise ValueError(f"{p} is not an ivl-fast vocabulary map (format {meta.get('format')!r})")
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    shape = tuple(json.loads(meta["shape"]))
-    vmap = VocabMap(t["crow"], t["col"], t["val"], shape)
-    vmap._ell["cpu"] = (t["ell_idx"], t["ell_w"])
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != MAP_FORMAT:
+                raise ValueError(f"{p} is not an ivl-fast vocabulary map (format {meta.get('format')!r})")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors' own error type differs between versions
+        raise ValueError(f"vocab map {str(p)!r} is not a readable safetensors file ({e})") from e
+    missing = {"crow", "col", "val", "ell_idx", "ell_w"} - set(t)
+    if missing:
+        raise ValueError(f"vocab map {str(p)!r} is damaged: tensors {sorted(missing)} are missing")
+    try:
+        shape = tuple(int(x) for x in json.loads(meta["shape"]))
+        if len(shape) != 2:
+            raise ValueError
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"vocab map {str(p)!r} is damaged: metadata 'shape' is {meta.get('shape')!r}") from e
+    try:
+        vmap = VocabMap(t["crow"], t["col"], t["val"], shape)
+    except ValueError as e:
+        raise ValueError(f"vocab map {str(p)!r} is damaged: {e}") from e
+    idx, w = t["ell_idx"], t["ell_w"]
+    if idx.shape != w.shape or idx.dim() != 2 or idx.shape[0] != shape[1]:
+        raise ValueError(f"vocab map {str(p)!r} is damaged: ELL arrays of shape {tuple(idx.shape)}, {tuple(w.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
+        raise ValueError(f"vocab map {str(p)!r} is damaged: ELL indices outside [0, {shape[0]})")
+    vmap._ell["cpu"] = (idx.to(torch.int32), w.float())
     vmap.meta = {k: v for k, v in meta.items() if k not in ("format", "shape")}
     for side, tok in (("base", base_tokenizer), ("value", value_tokenizer)):
         if tok is None:

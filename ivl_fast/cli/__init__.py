@@ -1,0 +1,55 @@
+"""The ``ivl-fast`` command line.
+
+Subcommands, one module each (its flags in ``add_parser``, its work in ``run``): ``generate`` (IVL decoding from
+checkpoints), ``train`` (a value network), ``vocab-map`` (a cross-vocabulary map), ``demo`` (the transfer table
+in miniature), ``make-tiny`` (random checkpoints).
+
+Errors: bad input ends the command with one line, ``ivl-fast <cmd>: error: ...``, and exit code 2 (argparse's
+own convention); Ctrl-C exits 130. ``IVL_FAST_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import demo, generate, make_tiny, train, vocab_map
+from .errors import UsageError
+
+# bad input: one line and exit code 2, never a traceback
+_ONE_LINE_ERRORS = (ValueError, TypeError, OSError, NotImplementedError, FloatingPointError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivl-fast", description="Fast Inverse Value Learning")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in (generate, train, vocab_map, demo, make_tiny):
+        command.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"ivl-fast {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except _ONE_LINE_ERRORS as e:  # bad input: one line, exit code 2 (IVL_FAST_DEBUG=1: the traceback)
+        if os.environ.get("IVL_FAST_DEBUG"):
+            raise
+        print(f"ivl-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ivl-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["UsageError", "build_parser", "main"]

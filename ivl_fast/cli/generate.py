@@ -1,0 +1,230 @@
+"""`ivl-fast generate`: IVL decoding from checkpoints, prompts from the command line or a file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import HELP as _HELP
+from .errors import UsageError
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate with a base model steered by a value network", formatter_class=_HELP)
+    _add_model_args(g)
+    src = g.add_argument_group("prompts (one of --prompt, --prompts-file)")
+    src.add_argument("--prompt", default=None, help="one prompt")
+    src.add_argument("--prompts-file", default=None, help="one prompt per line (.txt) or JSONL (prompt/messages)")
+    src.add_argument("--chat", action="store_true", help="render prompts with the chat template")
+    src.add_argument("--system", default=None, help="system message for --chat")
+    src.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    _add_sampling_args(g)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
+    g.add_argument("--compare-base", action="store_true", help="also time the base alone and print the ratio")
+    g.add_argument(
+        "--graphs",
+        default="auto",
+        choices=["auto", "cuda", "emulate", "off"],
+        help="decode steps as captured graphs (auto: CUDA graphs on GPU; emulate: graph semantics on CPU)",
+    )
+    g.add_argument(
+        "--graph-mode", default="fused", choices=["fused", "two_stream", "one_stream"], help="layout of a graph step"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.set_defaults(func=run)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (transformers semantics)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 disables)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 disables)")
+    g.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 disables)"
+    )
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible on one device)")
+    g.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    req = p.add_argument_group("required")
+    req.add_argument(
+        "--base", type=Path, help="base model checkpoint directory (Hugging Face layout); not with --scheme value_only"
+    )
+    req.add_argument("--value", type=Path, help="value network checkpoint directory; not with --scheme base")
+    g = p.add_argument_group("models")
+    g.add_argument("--vocab-map", type=Path, default=None, help="map file from `ivl-fast vocab-map` (other tokenizers)")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of the value logits")
+    g.add_argument(
+        "--scheme",
+        default=None,
+        choices=["residual", "cascade", "cascade+", "base", "value_only"],
+        help="default: the value checkpoint's ivl.json, else residual",
+    )
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, checkpoint's on GPU)"
+    )
+    g.add_argument(
+        "--engine", default="auto", choices=["auto", "lean", "hf"], help="lean Llama-family engine or transformers"
+    )
+    g.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flash"], help="attention kernels (lean engine)")
+    g.add_argument(
+        "--sample-backend", default="auto", choices=["auto", "triton", "torch"], help="fused sampling op backend"
+    )
+    g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .bin checkpoints (unsafe)")
+
+
+def _check_model_args(args) -> None:
+    """The flags the library would report by its parameter names (base_path), reported by flag."""
+    if args.base is None and args.scheme != "value_only":
+        raise UsageError("--base is required (the base model's checkpoint directory)")
+    if args.value is None and args.scheme != "base":
+        raise UsageError("--value is required (the value network's directory); --scheme base decodes the base alone")
+
+
+def _read_prompts(args) -> list:
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {str(path)!r} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from e
+            if isinstance(obj, str):
+                prompts.append(obj)
+            elif isinstance(obj, dict) and ("messages" in obj or "prompt" in obj):
+                prompts.append(obj.get("messages", obj.get("prompt")))
+            else:
+                raise ValueError(f"{path}:{n}: expected a string or an object with 'prompt' or 'messages'")
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"--prompts-file {str(path)!r} holds no prompts")
+    if not args.chat and any(not isinstance(p, str) for p in prompts):
+        raise ValueError(f"--prompts-file {str(path)!r} holds chat messages; add --chat to render them")
+    return prompts
+
+
+def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
+    from tqdm.auto import tqdm
+
+    texts, tokens, t0 = [], 0, time.perf_counter()
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    n_new = gen_kwargs["max_new_tokens"]
+    # one bar over every batch's decode steps (a batch that stops early jumps to its end)
+    bar = tqdm(total=len(batches) * n_new, desc=desc, unit="step", disable=args.no_progress, file=sys.stderr)
+    tok = dec.tokenizer
+    for k, batch in enumerate(batches):
+        if args.chat:
+            from ..chat import as_messages, render_chat
+
+            raw = [render_chat(tok, as_messages(p, args.system)) for p in batch]
+            ids = [tok(r, add_special_tokens=False)["input_ids"] for r in raw]
+        else:
+            raw = list(batch)
+            ids = [tok(p)["input_ids"] for p in batch]
+
+        # across vocabularies the base reads the prompt text with its own tokenizer
+        def progress(steps: int, start: int = k * n_new) -> None:
+            bar.update(start + steps - bar.n)
+
+        texts_for_base = raw if getattr(dec, "cross_vocab", False) else None
+        out = dec.generate(ids, texts=texts_for_base, progress=progress, **gen_kwargs)
+        progress(n_new)
+        t = out.prompt_length
+        for row, n in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
+            texts.append(tok.decode(row[t : t + n], skip_special_tokens=True))
+            tokens += n
+    bar.close()
+    return texts, tokens, time.perf_counter() - t0
+
+
+def run(args) -> int:
+    from .. import FastIVLDecoder
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise UsageError("give exactly one of --prompt or --prompts-file")
+    if args.prompt is not None and not args.prompt:
+        raise UsageError("--prompt is empty")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_model_args(args)
+    prompts = _read_prompts(args)
+    common = dict(device=args.device, dtype=args.dtype, engine=args.engine, attn_backend=args.attn_backend)
+    dec = FastIVLDecoder.from_pretrained(
+        args.base,
+        args.value,
+        args.vocab_map,
+        alpha=args.alpha,
+        scheme=args.scheme,
+        allow_pickle=args.allow_pickle,
+        sample_backend=args.sample_backend,
+        graphs=args.graphs,
+        graph_mode=args.graph_mode,
+        **common,
+    )
+    if dec.tokenizer is None:
+        where = " and ".join(repr(str(x)) for x in (args.base, args.value) if x is not None)
+        raise UsageError(f"no tokenizer files in {where}; text prompts need one (save it with the checkpoint)")
+    gen_kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop_strings=args.stop,
+    )
+    if args.no_eos:
+        gen_kwargs["eos_token_id"] = []
+    label = {"base": "base alone", "value_only": "value alone"}.get(dec.scheme, f"base+value ({dec.scheme})")
+    if args.compare_base:  # time both sides warm (first calls pay one-off allocation and compilation)
+        _run_batches(dec, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
+    texts, ntok, secs = _run_batches(dec, prompts, args, gen_kwargs, label)
+    report = {"scheme": dec.scheme, "tokens": ntok, "seconds": secs, "tokens_per_s": ntok / secs if secs else 0.0}
+    print(f"{label}: {ntok} tokens in {secs:.2f} s = {report['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    compare = None
+    if args.compare_base and dec.scheme not in ("base", "value_only"):
+        base_tok = dec.base_tokenizer if dec.cross_vocab else dec.tokenizer  # the base reads its own tokens
+        base_only = FastIVLDecoder(
+            dec.base,
+            None,
+            scheme="base",
+            tokenizer=base_tok,
+            sample_backend=args.sample_backend,
+            graphs=args.graphs if not dec.cross_vocab else "auto",
+        )
+        _run_batches(base_only, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
+        _, btok, bsecs = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")
+        compare = {"tokens": btok, "seconds": bsecs, "tokens_per_s": btok / bsecs if bsecs else 0.0}
+        ratio = (secs / max(ntok, 1)) / (bsecs / max(btok, 1))
+        compare["pair_over_base_time_per_token"] = ratio
+        print(
+            f"base alone: {btok} tokens in {bsecs:.2f} s = {compare['tokens_per_s']:.1f} tokens/s; "
+            f"pair/base time per token = {ratio:.2f}x",
+            file=sys.stderr,
+        )
+    if args.json:
+        outputs = [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)]
+        print(json.dumps({"outputs": outputs, "speed": report, "base_alone": compare}, ensure_ascii=False))
+    else:
+        for i, t in enumerate(texts):
+            if len(texts) > 1:
+                print(f"### {i}")
+            print(t)
+    return 0
