@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,18 @@ import torch.nn.functional as F
 CITIES = ["Varno", "Quelm", "Ostrid", "Pellam", "Durnik", "Saveth", "Mirlo", "Tandor", "Kesh", "Blavin"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
 SYLL = ["ka", "lo", "mi", "ren", "tu", "vas", "zel", "po", "dri", "nuk", "sa", "bel", "or", "gim", "fa", "qui"]
-ROW_NAMES = ["small", "large", "small+value", "large+value", "large+value_l1", "large_finetuned", "other_vocab+value"]
+ROWS = {  # name -> what it is (paper)
+    "small": "small base alone",
+    "large": "larger base alone",
+    "small+value": "value network on the base it was trained on",
+    "large+value": "transfer to the larger base (Table 1)",
+    "large+value_l1": "transfer of the L1-regularised value network",
+    "large_finetuned": "the larger base fine-tuned on the demonstrations (ceiling)",
+    "other_vocab+value": "transfer across tokenizers through a vocabulary map (Section 4.2.2)",
+}
+ROW_NAMES = list(ROWS)
+MARKER = "ivl-demo.json"  # a work dir holds it: the demo reuses (never deletes) only what it wrote there
+DEMO_FORMAT = 2  # 2: the other base has a SentencePiece-style unigram tokenizer (1: two identical BPEs)
 
 
 @dataclass
@@ -51,6 +63,15 @@ class DemoConfig:
     @property
     def eval_people(self) -> int:
         return 8 if self.quick else 40
+
+    @property
+    def tokenizer_sizes(self) -> tuple[int, int]:  # byte-level BPE tokens, unigram pieces (+ 256 byte tokens)
+        # sizes the world's text fills (BPE runs out of merges at 489 / 648 tokens, unigram at 128 / 193 pieces)
+        return (450, 120) if self.quick else (600, 180)
+
+    def marker(self) -> dict:
+        """What a work dir was built with (the cache is valid only for the same settings)."""
+        return {"written_by": "ivl-fast demo", "format": DEMO_FORMAT, "quick": self.quick, "seed": self.seed}
 
 
 def make_world(n: int, seed: int) -> dict:
@@ -239,14 +260,70 @@ def decode_speed(dec, prompts: list[list[int]], new: int = 32) -> float:
     return len(prompts) * new / (time.perf_counter() - t0)
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    from . import FastIVLDecoder
-    from .tiny import train_tokenizer_on
-    from .train import TrainConfig, train_value_model
-    from .vocab import VocabMap
+def _log(msg: str) -> None:
+    print(f"demo: {msg}", file=sys.stderr, flush=True)
+
+
+def prepare_work_dir(cfg: DemoConfig) -> Path:
+    """The work dir, created or reused. Reused only if its marker says this demo built it with the same settings;
+    any other non-empty directory is refused (nothing in it is touched)."""
+    from .safe_output import UnsafeOutputError, check_output_location
 
     work = Path(cfg.work_dir)
+    check_output_location(work, {}, flag="--work-dir")
+    if work.exists() and not work.is_dir():
+        raise UnsafeOutputError(f"--work-dir {str(work)!r} is a file, not a directory")
+    if work.is_dir() and any(work.iterdir()):
+        try:
+            have = json.loads((work / MARKER).read_text())
+        except (OSError, ValueError):
+            have = None
+        if not isinstance(have, dict) or have.get("written_by") != "ivl-fast demo":
+            raise UnsafeOutputError(
+                f"--work-dir {str(work)!r} holds files but no {MARKER}: it is not a work dir of this version of "
+                "`ivl-fast demo`; choose another --work-dir (nothing in it was touched)"
+            )
+        want = cfg.marker()
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"--work-dir {str(work)!r} holds a demo built with other settings {diff} (was, now); its cache would "
+                "give the wrong rows: use another --work-dir"
+            )
     work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text(json.dumps(cfg.marker(), indent=1))
+    return work
+
+
+def make_tokenizers(cfg: DemoConfig, texts: list[str]):
+    """(tok_a, tok_b): byte-level BPE for the small and large bases (Llama-3 style) and a SentencePiece-style
+    unigram with byte fallback for the other base (Llama-2 style). Raises if they come out alike."""
+    from .tiny import train_tokenizer_on, train_unigram_tokenizer_on
+    from .vocab.build import tokenizer_hash
+
+    bpe, pieces = cfg.tokenizer_sizes
+    tok_a = train_tokenizer_on(texts, bpe)
+    tok_b = train_unigram_tokenizer_on(texts, pieces)
+    if len(tok_a) != bpe:
+        raise ValueError(f"the demo's text fills {len(tok_a)} BPE tokens, not the {bpe} asked for")
+    if tokenizer_hash(tok_a) == tokenizer_hash(tok_b) or len(tok_a) == len(tok_b):
+        raise AssertionError("the two demo tokenizers came out alike: the cross-vocabulary row would be a lie")
+    return tok_a, tok_b
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    from . import FastIVLDecoder
+    from .provenance import provenance
+    from .train import TrainConfig, train_value_model
+    from .vocab import VocabMap
+    from .vocab.build import tokenizer_hash
+
+    t_start = time.perf_counter()
+    work = prepare_work_dir(cfg)
+    cached = (work / "results.json").is_file()
+    _log(f"work dir {work}: " + ("reusing what an earlier run built" if cached else "building from nothing"))
     world = make_world(cfg.n_people, cfg.seed)
     all_lines = pretraining_text(world, world["people"], 6, cfg.seed)
     # the small base reads about the demo people and only a third of the evaluation people
@@ -255,11 +332,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     demos = demonstrations(world)
     demos_file = work / "demos.jsonl"
     demos_file.write_text("".join(json.dumps(d) + "\n" for d in demos))
-    # both tokenizers learn from the pretraining text and the rendered chat format (two vocabulary sizes,
-    # so their merges differ: the cross-vocabulary row needs a real map between them)
+    # both tokenizers learn from the pretraining text and the rendered chat format, by different algorithms
     rendered = [f"<|user|>\n{d['messages'][0]['content']}\n<|assistant|>\n{d['messages'][1]['content']}" for d in demos]
-    tok_a = train_tokenizer_on(all_lines + rendered, 700, seed_name="a")
-    tok_b = train_tokenizer_on(all_lines + rendered, 900, seed_name="b")
+    tok_a, tok_b = make_tokenizers(cfg, all_lines + rendered)
     s_steps, l_steps = cfg.pretrain_steps
     small = pretrain(tok_a, small_lines, work / "small", hidden=64, layers=2, steps=s_steps, seed=cfg.seed)
     large = pretrain(tok_a, all_lines, work / "large", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 1)
@@ -280,7 +355,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     lr=1e-3,
                     save_every=0,
                     progress=not cfg.quick,
-                    overwrite=True,
+                    overwrite=(out / "run.json").is_file(),  # an interrupted earlier run of this demo
                     seed=cfg.seed,
                 )
             )
@@ -291,6 +366,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         VocabMap.build(tok_b, tok_a, all_lines, top_k=3).save(vmap_file)
 
     eval_people = world["eval_people"][: cfg.eval_people]
+    _log(f"evaluating {len(ROW_NAMES)} rows on {2 * len(eval_people)} held-out questions each")
     decs = {
         "small": FastIVLDecoder.from_pretrained(small, None, scheme="base"),
         "large": FastIVLDecoder.from_pretrained(large, None, scheme="base"),
@@ -300,13 +376,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         "large_finetuned": FastIVLDecoder.from_pretrained(tuned, None, scheme="base"),
         "other_vocab+value": FastIVLDecoder.from_pretrained(other, values["value"], vocab_map=vmap_file),
     }
+    cross = decs["other_vocab+value"]
+    if not cross.cross_vocab or tokenizer_hash(cross.base_tokenizer) == tokenizer_hash(cross.tokenizer):
+        raise AssertionError("the other_vocab+value row does not decode across two different vocabularies")
     rows = []
-    for name in ROW_NAMES:
-        r = {"name": name, **evaluate(decs[name], world, eval_people)}
-        rows.append(r)
+    for name in tqdm(ROW_NAMES, desc="evaluate", unit="row", leave=False, file=sys.stderr):
+        rows.append({"name": name, **evaluate(decs[name], world, eval_people)})
+    _log("timing decoding (large alone, large+value)")
     tok = decs["large"].tokenizer
     speed_prompts = [tok(f"{p} lives in", add_special_tokens=True)["input_ids"] for p in eval_people[:8]]
     speed = {k: decode_speed(decs[k], speed_prompts) for k in ("large", "large+value")}
+    vmap = VocabMap.load(vmap_file)
     result = {
         "tokens_per_s": {"large_alone": speed["large"], "large+value": speed["large+value"]},
         "rows": rows,
@@ -317,6 +397,17 @@ def run_demo(cfg: DemoConfig) -> dict:
             "seed": cfg.seed,
             "small_base_knows_eval_people": max(1, len(world["eval_people"]) // 3) / len(world["eval_people"]),
         },
+        "tokenizers": {
+            "a (small, large, value)": {"kind": "byte-level BPE", "size": len(tok_a), "hash": tokenizer_hash(tok_a)},
+            "b (other)": {"kind": "unigram + byte fallback", "size": len(tok_b), "hash": tokenizer_hash(tok_b)},
+            "map": {"shape": list(vmap.shape), "nonzeros": int(vmap.col.numel())},
+        },
+    }
+    flags = (" --quick" if cfg.quick else "") + (f" --seed {cfg.seed}" if cfg.seed else "")
+    result["provenance"] = {
+        **provenance(f"ivl-fast demo{flags}"),
+        "seconds": time.perf_counter() - t_start,
+        "from_cache": cached,
     }
     (work / "results.json").write_text(json.dumps(result, indent=2))
     (work / "results.md").write_text(to_markdown(result))
@@ -325,9 +416,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    lines = ["| row | accuracy | format |", "| --- | --- | --- |"]
+    """The results table as README shows it (README's table is this function's output for a committed JSON)."""
+    lines = ["| row | what it is (paper) | accuracy | format |", "| --- | --- | --- | --- |"]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['accuracy']:.2f} | {r['format_rate']:.2f} |")
+        lines.append(f"| {r['name']} | {ROWS[r['name']]} | {r['accuracy']:.2f} | {r['format_rate']:.2f} |")
     sp = result["tokens_per_s"]
     lines.append("")
     lines.append(

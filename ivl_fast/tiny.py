@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .safe_output import UnsafeOutputError
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
@@ -28,10 +30,12 @@ def train_tokenizer(vocab_size: int = 1024, *, max_chars: int = 300_000):
     return train_tokenizer_on([text[i : i + 4096] for i in range(0, len(text), 4096)], vocab_size)
 
 
-def train_tokenizer_on(texts: list[str], vocab_size: int, seed_name: str = ""):
-    """The same byte-level BPE tokenizer trained on ``texts`` (deterministic for the same texts)."""
+def train_tokenizer_on(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 style, "Ġ" markers) trained on ``texts`` (deterministic).
+
+    BPE stops merging when the texts hold no more pairs, so it may come out smaller than ``vocab_size``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -43,7 +47,45 @@ def train_tokenizer_on(texts: list[str], vocab_size: int, seed_name: str = ""):
         show_progress=False,
     )
     tok.train_from_iterator(iter(texts), trainer=trainer)
+    return _as_transformers(tok)
+
+
+def train_unigram_tokenizer_on(texts: list[str], pieces: int):
+    """A SentencePiece-style tokenizer (Llama-2 style): Unigram model, "▁" marks a space, byte fallback.
+
+    ``pieces`` learnt pieces (special tokens included) plus the 256 byte-fallback tokens ``<0x00>..<0xFF>``, so
+    any text encodes and decodes back (except SentencePiece's dropped leading space). Raises if the texts cannot
+    fill ``pieces``: a tokenizer that is smaller than asked would misreport itself.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=pieces, special_tokens=SPECIAL_TOKENS, unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(iter(texts), trainer=trainer)
+    if tok.get_vocab_size() != pieces:
+        raise ValueError(f"the texts make {tok.get_vocab_size()} unigram pieces, not the {pieces} asked for")
+    # byte fallback as SentencePiece has it: the byte pieces come last, with the lowest scores
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    low = min(score for _, score in vocab) - 1.0
+    vocab += [[f"<0x{b:02X}>", low] for b in range(256)]
+    spec["model"]["byte_fallback"] = True
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return _as_transformers(tok)
+
+
+def _as_transformers(tok):
+    """<s> before every sequence; a ``transformers`` fast tokenizer with <unk>/<s>/</s>/<pad> = 0/1/2/3."""
     from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
 
     tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
@@ -86,6 +128,12 @@ def save_random_model(config, out: str | Path, *, seed: int, tokenizer=None, dty
 def make_tiny_pair(out_dir: str | Path, *, vocab_size: int = 1024, seed: int = 0) -> dict[str, Path]:
     """Write ``out_dir/base`` (4 layers, 256 wide) and ``out_dir/value`` (2 layers, 128 wide), same tokenizer."""
     out = Path(out_dir)
+    for sub in ("base", "value"):  # save_pretrained would overwrite a checkpoint that is already there
+        if (out / sub).exists() and (not (out / sub).is_dir() or any((out / sub).iterdir())):
+            raise UnsafeOutputError(
+                f"--out {str(out)!r}: {str(out / sub)!r} already exists and is not empty; refusing to overwrite it "
+                "(choose another --out)"
+            )
     tok = train_tokenizer(vocab_size)
     v = len(tok)
     base = llama_config(v, hidden=256, layers=4, heads=8, kv_heads=4)

@@ -1,13 +1,29 @@
 """`ivl-fast demo --quick`: the whole pipeline end to end (pretraining, value training, fine-tuning, vocab map,
-evaluation of every row, JSON/Markdown/PNG outputs), and the cache on a second run. Not the science."""
+evaluation of every row, JSON/Markdown/PNG outputs), the cache on a second run, the two tokenizers really being
+different, and README's table being exactly the committed results it claims. Not the science."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
+
+import pytest
 
 from ivl_fast.cli import main as cli_main
-from ivl_fast.demo import ROW_NAMES, demonstrations, make_world
+from ivl_fast.demo import (
+    ROW_NAMES,
+    DemoConfig,
+    demonstrations,
+    make_tokenizers,
+    make_world,
+    pretraining_text,
+    to_markdown,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "docs" / "demo_results.json"
 
 
 def test_world_separates_demonstrated_and_evaluated_people():
@@ -18,23 +34,80 @@ def test_world_separates_demonstrated_and_evaluated_people():
     assert make_world(24, seed=0) == w  # seeded
 
 
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_two_tokenizers_are_different_algorithms_and_sizes(quick):
+    from ivl_fast.vocab.build import tokenizer_hash
+
+    cfg = DemoConfig(quick=quick)
+    w = make_world(cfg.n_people, 0)
+    tok_a, tok_b = make_tokenizers(cfg, pretraining_text(w, w["people"], 6, 0))
+    bpe, pieces = cfg.tokenizer_sizes
+    assert len(tok_a) == bpe and len(tok_b) == pieces + 256  # exactly the sizes asked for (+ byte fallback)
+    assert tokenizer_hash(tok_a) != tokenizer_hash(tok_b)
+    a, b = set(tok_a.get_vocab()), set(tok_b.get_vocab())
+    assert any("Ġ" in t for t in a) and not any("Ġ" in t for t in b)  # byte-level BPE vs SentencePiece "▁"
+    assert any("▁" in t for t in b) and not any("▁" in t for t in a)
+    text = f"{w['people'][0]} lives in {w['facts'][w['people'][0]]['city']}."
+    assert tok_a.tokenize(text) != tok_b.tokenize(text)
+
+
+def test_unigram_tokenizer_round_trips_any_text_through_byte_fallback():
+    from ivl_fast.tiny import corpus_text, train_unigram_tokenizer_on
+
+    tok = train_unigram_tokenizer_on(corpus_text(50_000).splitlines(), 200)
+    assert len(tok) == 200 + 256
+    for text in ["the cat sat", "unseen letters: qxz", "ünïcödé € 日本\nline two", "tabs\tand  spaces"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        assert tok.unk_token_id not in ids
+    with pytest.raises(ValueError, match="make .* pieces, not the 500 asked for"):
+        train_unigram_tokenizer_on(["the cat sat on the mat"] * 50, 500)
+
+
 def test_quick_demo_end_to_end(tmp_path, capsys):
     work = tmp_path / "demo"
     t0 = time.perf_counter()
     assert cli_main(["demo", "--quick", "--work-dir", str(work), "--json"]) == 0
     first = time.perf_counter() - t0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "building from nothing" in captured.err
     assert [r["name"] for r in out["rows"]] == ROW_NAMES
     for r in out["rows"]:
-        assert 0 <= r["accuracy"] <= r["format_rate"] <= 1 and r["questions"] > 0
+        assert 0 <= r["accuracy"] <= r["format_rate"] <= 1 and r["questions"] == 16
+    toks = out["tokenizers"]
+    a, b = toks["a (small, large, value)"], toks["b (other)"]
+    assert a["hash"] != b["hash"] and a["size"] != b["size"]
+    assert toks["map"]["shape"] == [b["size"], a["size"]]  # other (base) -> a (value): a real cross-vocab map
+    prov = out["provenance"]
+    assert prov["command"] == "ivl-fast demo --quick" and prov["machine"]["cores"] >= 1 and not prov["from_cache"]
     for f in ("results.json", "results.md", "results.png"):
         assert (work / f).stat().st_size > 0
+    assert (work / "results.md").read_text() == to_markdown(out)
     assert (work / "value" / "ivl.json").is_file() and (work / "map_other_to_a.safetensors").is_file()
-    # a second run reuses every artifact: only the evaluation runs again, with the same table
+    # a second run reuses every artifact, says so, and evaluates to the same table
     t0 = time.perf_counter()
     assert cli_main(["demo", "--quick", "--work-dir", str(work), "--json"]) == 0
-    again = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    again = json.loads(captured.out)
+    assert "reusing what an earlier run built" in captured.err and "evaluating 7 rows" in captured.err
+    assert again["provenance"]["from_cache"]
     assert [(r["accuracy"], r["format_rate"]) for r in again["rows"]] == [
         (r["accuracy"], r["format_rate"]) for r in out["rows"]
     ]
     assert time.perf_counter() - t0 < first
+
+
+def test_readme_demo_table_is_the_committed_results():
+    """README's table is to_markdown() of docs/demo_results.json, and names that run's command and machine."""
+    result = json.loads(COMMITTED.read_text())
+    readme = (ROOT / "README.md").read_text()
+    table = to_markdown(result).split("\n\n")[0]
+    assert table in readme, "README's demo table differs from docs/demo_results.json: regenerate it"
+    prov = result["provenance"]
+    assert not result["world"]["quick"] and prov["command"] == "ivl-fast demo"
+    assert prov["machine"]["cpu"] in readme and f"`{prov['command']}`" in readme
+    sp = result["tokens_per_s"]
+    assert f"large alone {sp['large_alone']:.0f} tokens/s" in readme
+    assert f"large+value {sp['large+value']:.0f} tokens/s" in readme
+    assert re.search(rf"{prov['seconds'] / 60:.0f} min", readme) or f"{prov['seconds']:.0f} s" in readme
