@@ -39,7 +39,7 @@ ROWS = {  # name -> what it is (paper)
 }
 ROW_NAMES = list(ROWS)
 MARKER = "ivl-demo.json"  # a work dir holds it: the demo reuses (never deletes) only what it wrote there
-DEMO_FORMAT = 2  # 2: the other base has a SentencePiece-style unigram tokenizer (1: two identical BPEs)
+DEMO_FORMAT = 2  # 2: the other base has a SentencePiece-style tokenizer (1: two identical byte-level BPEs)
 
 
 @dataclass
@@ -65,9 +65,10 @@ class DemoConfig:
         return 8 if self.quick else 40
 
     @property
-    def tokenizer_sizes(self) -> tuple[int, int]:  # byte-level BPE tokens, unigram pieces (+ 256 byte tokens)
-        # sizes the world's text fills (BPE runs out of merges at 489 / 648 tokens, unigram at 128 / 193 pieces)
-        return (450, 120) if self.quick else (600, 180)
+    def tokenizer_sizes(self) -> tuple[int, int]:  # byte-level BPE, SentencePiece-style BPE (+ 256 byte tokens)
+        # sizes the world's text fills: the byte-level BPE runs out of merges at 489 (quick) / 648 tokens, the
+        # SentencePiece-style one at 362 / 604
+        return (450, 300) if self.quick else (600, 400)
 
     def marker(self) -> dict:
         """What a work dir was built with (the cache is valid only for the same settings)."""
@@ -295,17 +296,31 @@ def prepare_work_dir(cfg: DemoConfig) -> Path:
     return work
 
 
-def make_tokenizers(cfg: DemoConfig, texts: list[str]):
-    """(tok_a, tok_b): byte-level BPE for the small and large bases (Llama-3 style) and a SentencePiece-style
-    unigram with byte fallback for the other base (Llama-2 style). Raises if they come out alike."""
-    from .tiny import train_tokenizer_on, train_unigram_tokenizer_on
+TOKENIZER_KINDS = {
+    "a": "byte-level BPE (Llama 3 style)",
+    "b": "SentencePiece-style BPE with byte fallback (Llama 2 style)",
+}
+
+
+def make_tokenizers(cfg: DemoConfig, texts: list[str], work: Path | None = None):
+    """(tok_a, tok_b): a byte-level BPE for the small and large bases ("Ġ" marks a space) and a SentencePiece-style
+    BPE with byte fallback for the other base ("▁"). Trained once and kept in ``work/tokenizer_{a,b}`` (a cached
+    run uses the tokenizers its models were trained with). Raises if they come out alike."""
+    from .chat import load_tokenizer
+    from .tiny import train_sentencepiece_style_on, train_tokenizer_on
     from .vocab.build import tokenizer_hash
 
-    bpe, pieces = cfg.tokenizer_sizes
-    tok_a = train_tokenizer_on(texts, bpe)
-    tok_b = train_unigram_tokenizer_on(texts, pieces)
-    if len(tok_a) != bpe:
-        raise ValueError(f"the demo's text fills {len(tok_a)} BPE tokens, not the {bpe} asked for")
+    bpe, sp = cfg.tokenizer_sizes
+    dirs = (work / "tokenizer_a", work / "tokenizer_b") if work is not None else None
+    if dirs and all((d / "tokenizer.json").is_file() for d in dirs):
+        tok_a, tok_b = (load_tokenizer(d) for d in dirs)
+    else:
+        tok_a = train_tokenizer_on(texts, bpe)
+        tok_b = train_sentencepiece_style_on(texts, sp)
+        if len(tok_a) != bpe:
+            raise ValueError(f"the demo's text fills {len(tok_a)} BPE tokens, not the {bpe} asked for")
+        for tok, d in zip((tok_a, tok_b), dirs or (), strict=False):
+            tok.save_pretrained(d)
     if tokenizer_hash(tok_a) == tokenizer_hash(tok_b) or len(tok_a) == len(tok_b):
         raise AssertionError("the two demo tokenizers came out alike: the cross-vocabulary row would be a lie")
     return tok_a, tok_b
@@ -334,7 +349,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     demos_file.write_text("".join(json.dumps(d) + "\n" for d in demos))
     # both tokenizers learn from the pretraining text and the rendered chat format, by different algorithms
     rendered = [f"<|user|>\n{d['messages'][0]['content']}\n<|assistant|>\n{d['messages'][1]['content']}" for d in demos]
-    tok_a, tok_b = make_tokenizers(cfg, all_lines + rendered)
+    tok_a, tok_b = make_tokenizers(cfg, all_lines + rendered, work)
     s_steps, l_steps = cfg.pretrain_steps
     small = pretrain(tok_a, small_lines, work / "small", hidden=64, layers=2, steps=s_steps, seed=cfg.seed)
     large = pretrain(tok_a, all_lines, work / "large", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 1)
@@ -398,8 +413,12 @@ def run_demo(cfg: DemoConfig) -> dict:
             "small_base_knows_eval_people": max(1, len(world["eval_people"]) // 3) / len(world["eval_people"]),
         },
         "tokenizers": {
-            "a (small, large, value)": {"kind": "byte-level BPE", "size": len(tok_a), "hash": tokenizer_hash(tok_a)},
-            "b (other)": {"kind": "unigram + byte fallback", "size": len(tok_b), "hash": tokenizer_hash(tok_b)},
+            "a (small, large, value)": {
+                "kind": TOKENIZER_KINDS["a"],
+                "size": len(tok_a),
+                "hash": tokenizer_hash(tok_a),
+            },
+            "b (other)": {"kind": TOKENIZER_KINDS["b"], "size": len(tok_b), "hash": tokenizer_hash(tok_b)},
             "map": {"shape": list(vmap.shape), "nonzeros": int(vmap.col.numel())},
         },
     }
@@ -427,6 +446,37 @@ def to_markdown(result: dict) -> str:
         f"large+value {sp['large+value']:.0f} tokens/s"
     )
     return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- demo-results: made by `python docs/update_readme.py` from docs/demo_results*.json -->"
+README_END = "<!-- /demo-results -->"
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+def readme_block(main: dict, others: list[dict]) -> str:
+    """README's demo results: the seed-0 table of ``main`` with its provenance, then every row's range over
+    ``main`` and ``others`` (other seeds, same machine). Generated, never typed (tests/test_demo.py checks)."""
+    prov = main["provenance"]
+    m = prov["machine"]
+    runs = [main, *others]
+    seeds = ", ".join(str(r["world"]["seed"]) for r in runs)
+    head = (
+        f"`{prov['command']}` (seed {main['world']['seed']}), {_minutes(prov['seconds'])} from scratch on "
+        f"{m['cores']} cores of an {m['cpu']} (torch {prov['versions']['torch']}, "
+        f"commit {(prov['commit'] or 'unknown')[:7]}):"
+    )
+    lines = [head, "", to_markdown(main).rstrip("\n"), ""]
+    lines.append(f"The same rows over seeds {seeds} (`ivl-fast demo --seed S --work-dir DIR`, same machine), min-max:")
+    lines += ["", "| row | accuracy | format |", "| --- | --- | --- |"]
+    for i, name in enumerate(ROW_NAMES):
+        acc = [r["rows"][i]["accuracy"] for r in runs]
+        fmt = [r["rows"][i]["format_rate"] for r in runs]
+        lines.append(f"| {name} | {min(acc):.2f}-{max(acc):.2f} | {min(fmt):.2f}-{max(fmt):.2f} |")
+    return "\n".join([README_START, *lines, README_END])
 
 
 def plot(result: dict, png: Path) -> None:

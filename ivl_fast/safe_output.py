@@ -53,12 +53,9 @@ def check_output_location(out, inputs: Mapping[str, object], *, flag: str = "--o
     return target
 
 
-def clear_owned_dir(directory, owned: Callable[[str], bool], *, flag: str, owner: str) -> list[str]:
-    """Delete the entries of ``directory`` that ``owned(name)`` says ``owner`` wrote; keep the directory.
-
-    Refuses (UnsafeOutputError, nothing deleted) when any entry is not owned. Symbolic links are removed as
-    links, never followed. Returns the names deleted.
-    """
+def check_owned_dir(directory, owned: Callable[[str], bool], *, flag: str, owner: str) -> list[str]:
+    """The entries of ``directory``; UnsafeOutputError if any of them is not one ``owned(name)`` says ``owner``
+    wrote."""
     d = Path(directory)
     entries = sorted(os.listdir(d))
     foreign = [e for e in entries if not owned(e)]
@@ -68,6 +65,17 @@ def clear_owned_dir(directory, owned: Callable[[str], bool], *, flag: str, owner
             f"{flag} {str(d)!r} holds files that {owner} did not write ({shown}); refusing to replace it "
             "(nothing was deleted): move them away or choose another path"
         )
+    return entries
+
+
+def clear_owned_dir(directory, owned: Callable[[str], bool], *, flag: str, owner: str) -> list[str]:
+    """Delete the entries of ``directory`` that ``owned(name)`` says ``owner`` wrote; keep the directory.
+
+    Refuses (UnsafeOutputError, nothing deleted) when any entry is not owned. Symbolic links are removed as
+    links, never followed. Returns the names deleted.
+    """
+    d = Path(directory)
+    entries = check_owned_dir(d, owned, flag=flag, owner=owner)
     for e in entries:
         p = d / e
         if p.is_symlink() or not p.is_dir():

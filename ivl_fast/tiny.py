@@ -50,30 +50,27 @@ def train_tokenizer_on(texts: list[str], vocab_size: int):
     return _as_transformers(tok)
 
 
-def train_unigram_tokenizer_on(texts: list[str], pieces: int):
-    """A SentencePiece-style tokenizer (Llama-2 style): Unigram model, "▁" marks a space, byte fallback.
+def train_sentencepiece_style_on(texts: list[str], vocab_size: int):
+    """A SentencePiece-style tokenizer as Llama 2 has it: BPE over words marked with "▁" for a space, plus the 256
+    byte-fallback tokens ``<0x00>..<0xFF>``, so any text encodes and decodes back (except SentencePiece's
+    dropped leading space). Deterministic for the same texts.
 
-    ``pieces`` learnt pieces (special tokens included) plus the 256 byte-fallback tokens ``<0x00>..<0xFF>``, so
-    any text encodes and decodes back (except SentencePiece's dropped leading space). Raises if the texts cannot
-    fill ``pieces``: a tokenizer that is smaller than asked would misreport itself.
+    ``vocab_size`` learnt tokens (special tokens included) + 256. Raises if the texts cannot fill ``vocab_size``:
+    a tokenizer smaller than asked would misreport itself.
     """
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=pieces, special_tokens=SPECIAL_TOKENS, unk_token="<unk>", show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
     tok.train_from_iterator(iter(texts), trainer=trainer)
-    if tok.get_vocab_size() != pieces:
-        raise ValueError(f"the texts make {tok.get_vocab_size()} unigram pieces, not the {pieces} asked for")
-    # byte fallback as SentencePiece has it: the byte pieces come last, with the lowest scores
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(f"the texts make {tok.get_vocab_size()} BPE tokens, not the {vocab_size} asked for")
     spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    low = min(score for _, score in vocab) - 1.0
-    vocab += [[f"<0x{b:02X}>", low] for b in range(256)]
+    vocab = spec["model"]["vocab"]  # token -> id; the byte tokens follow the learnt ones
+    vocab.update({f"<0x{b:02X}>": vocab_size + b for b in range(256)})
     spec["model"]["byte_fallback"] = True
     tok = Tokenizer.from_str(json.dumps(spec))
     tok.decoder = decoders.Sequence(

@@ -74,3 +74,29 @@ def pair(save_checkpoint):
     base = build_model("llama", seed=0, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
     value = build_model("llama", seed=1)
     return base, value, save_checkpoint(base, "base"), save_checkpoint(value, "value")
+
+
+@pytest.fixture(scope="session")
+def vocab_map_files(tmp_path_factory, tokenizer):
+    """(tokenizer dir, corpus file) for `ivl-fast vocab-map` runs: one real tokenizer on both sides."""
+    d = tmp_path_factory.mktemp("vocab_map_inputs")
+    tokenizer.save_pretrained(d / "tok")
+    corpus = d / "corpus.txt"
+    corpus.write_text("The for statement is used to iterate over a sequence.\nA while loop repeats.\n" * 40)
+    return d / "tok", corpus
+
+
+@pytest.fixture
+def vocab_map_cli(capsys, vocab_map_files):
+    """vocab_map_cli(*extra) -> (exit code, stdout, stderr) of `ivl-fast vocab-map` on vocab_map_files."""
+    from ivl_fast.cli import main
+
+    tok, corpus = vocab_map_files
+
+    def run(*extra):
+        argv = ["vocab-map", "--base-tokenizer", str(tok), "--value-tokenizer", str(tok), "--corpus", str(corpus)]
+        rc = main(argv + [str(x) for x in extra])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run

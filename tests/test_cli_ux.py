@@ -74,36 +74,17 @@ def test_generate_progress_callback_counts_decode_steps(pair):
     assert seen == sorted(seen) and seen[-1] == 5 and len(seen) >= 2
 
 
-@pytest.fixture(scope="module")
-def map_files(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("vmux")
-    tokenizer.save_pretrained(d / "tok")
-    corpus = d / "corpus.txt"
-    corpus.write_text("The for statement is used to iterate over a sequence.\n" * 50)
-    return d / "tok", corpus
-
-
-def _vocab_map(capsys, map_files, *extra):
-    tok, corpus = map_files
-    rc = cli_main(
-        ["vocab-map", "--base-tokenizer", str(tok), "--value-tokenizer", str(tok), "--corpus", str(corpus)]
-        + [str(x) for x in extra]
-    )
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_vocab_map_shows_progress(capsys, map_files, tmp_path):
-    rc, _, err = _vocab_map(capsys, map_files, "--out", tmp_path / "m.safetensors")
+def test_vocab_map_shows_progress(vocab_map_cli, tmp_path):
+    rc, _, err = vocab_map_cli("--out", tmp_path / "m.safetensors")
     assert rc == 0, err
     assert "tokenize" in err and "align" in err and "100%" in err
-    rc, _, err = _vocab_map(capsys, map_files, "--out", tmp_path / "m2.safetensors", "--no-progress")
+    rc, _, err = vocab_map_cli("--out", tmp_path / "m2.safetensors", "--no-progress")
     assert rc == 0 and "align" not in err
 
 
 # ----------------------------------------------------------------------------- damaged maps
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "not_a_map"])
-def test_damaged_map_is_a_clear_error(capsys, map_files, tmp_path, damage):
+def test_damaged_map_is_a_clear_error(vocab_map_cli, tmp_path, damage):
     import torch
     from safetensors.torch import save_file
 
@@ -118,19 +99,19 @@ def test_damaged_map_is_a_clear_error(capsys, map_files, tmp_path, damage):
         save_file({"w": torch.zeros(2)}, str(bad))
     with pytest.raises(ValueError, match="bad.safetensors"):
         VocabMap.load(bad)
-    rc, _, err = _vocab_map(capsys, map_files, "--map", bad)
+    rc, _, err = vocab_map_cli("--map", bad)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("ivl-fast vocab-map: error: ") and "bad" in err
 
 
-def test_vocab_map_evaluates_an_existing_map(capsys, map_files, tmp_path):
+def test_vocab_map_evaluates_an_existing_map(vocab_map_cli, tmp_path):
     out = tmp_path / "m.safetensors"
-    assert _vocab_map(capsys, map_files, "--out", out, "--no-progress")[0] == 0
-    rc, stdout, err = _vocab_map(capsys, map_files, "--map", out)
+    assert vocab_map_cli("--out", out, "--no-progress")[0] == 0
+    rc, stdout, err = vocab_map_cli("--map", out)
     assert rc == 0, err
     ev = json.loads(stdout)["evaluation"]
     assert ev["overlap_ratio"] == pytest.approx(1.0)  # one tokenizer on both sides: every token maps to itself
-    rc, _, err = _vocab_map(capsys, map_files, "--map", out, "--top-k", "2")
+    rc, _, err = vocab_map_cli("--map", out, "--top-k", "2")
     assert rc == 2 and "--top-k" in err and "not to --map" in err
-    rc, _, err = _vocab_map(capsys, map_files)
+    rc, _, err = vocab_map_cli()
     assert rc == 2 and "exactly one of --out" in err

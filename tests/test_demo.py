@@ -5,7 +5,6 @@ different, and README's table being exactly the committed results it claims. Not
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ivl_fast.demo import (
     make_tokenizers,
     make_world,
     pretraining_text,
+    readme_block,
     to_markdown,
 )
 
@@ -35,14 +35,14 @@ def test_world_separates_demonstrated_and_evaluated_people():
 
 
 @pytest.mark.parametrize("quick", [True, False])
-def test_the_two_tokenizers_are_different_algorithms_and_sizes(quick):
+def test_the_two_tokenizers_are_of_different_kinds_and_sizes(quick):
     from ivl_fast.vocab.build import tokenizer_hash
 
     cfg = DemoConfig(quick=quick)
     w = make_world(cfg.n_people, 0)
     tok_a, tok_b = make_tokenizers(cfg, pretraining_text(w, w["people"], 6, 0))
-    bpe, pieces = cfg.tokenizer_sizes
-    assert len(tok_a) == bpe and len(tok_b) == pieces + 256  # exactly the sizes asked for (+ byte fallback)
+    bpe, sp = cfg.tokenizer_sizes
+    assert len(tok_a) == bpe and len(tok_b) == sp + 256  # exactly the sizes asked for (+ byte fallback)
     assert tokenizer_hash(tok_a) != tokenizer_hash(tok_b)
     a, b = set(tok_a.get_vocab()), set(tok_b.get_vocab())
     assert any("Ġ" in t for t in a) and not any("Ġ" in t for t in b)  # byte-level BPE vs SentencePiece "▁"
@@ -51,17 +51,20 @@ def test_the_two_tokenizers_are_different_algorithms_and_sizes(quick):
     assert tok_a.tokenize(text) != tok_b.tokenize(text)
 
 
-def test_unigram_tokenizer_round_trips_any_text_through_byte_fallback():
-    from ivl_fast.tiny import corpus_text, train_unigram_tokenizer_on
+def test_sentencepiece_style_tokenizer_round_trips_any_text_and_is_deterministic():
+    from ivl_fast.tiny import corpus_text, train_sentencepiece_style_on
+    from ivl_fast.vocab.build import tokenizer_hash
 
-    tok = train_unigram_tokenizer_on(corpus_text(50_000).splitlines(), 200)
-    assert len(tok) == 200 + 256
+    texts = corpus_text(50_000).splitlines()
+    tok = train_sentencepiece_style_on(texts, 300)
+    assert len(tok) == 300 + 256
+    assert tokenizer_hash(train_sentencepiece_style_on(texts, 300)) == tokenizer_hash(tok)
     for text in ["the cat sat", "unseen letters: qxz", "ünïcödé € 日本\nline two", "tabs\tand  spaces"]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
         assert tok.unk_token_id not in ids
-    with pytest.raises(ValueError, match="make .* pieces, not the 500 asked for"):
-        train_unigram_tokenizer_on(["the cat sat on the mat"] * 50, 500)
+    with pytest.raises(ValueError, match="make .* tokens, not the 500 asked for"):
+        train_sentencepiece_style_on(["the cat sat on the mat"] * 50, 500)
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
@@ -92,22 +95,23 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     again = json.loads(captured.out)
     assert "reusing what an earlier run built" in captured.err and "evaluating 7 rows" in captured.err
     assert again["provenance"]["from_cache"]
+    assert again["tokenizers"] == out["tokenizers"]  # the cached tokenizers, the ones the models learnt
     assert [(r["accuracy"], r["format_rate"]) for r in again["rows"]] == [
         (r["accuracy"], r["format_rate"]) for r in out["rows"]
     ]
     assert time.perf_counter() - t0 < first
 
 
-def test_readme_demo_table_is_the_committed_results():
-    """README's table is to_markdown() of docs/demo_results.json, and names that run's command and machine."""
-    result = json.loads(COMMITTED.read_text())
+def test_readme_demo_results_are_the_committed_runs():
+    """README's demo block is readme_block() of docs/demo_results*.json: the full seed-0 run with its command,
+    machine and commit, and every row's range over the other seeds (regenerate: docs/update_readme.py)."""
+    main = json.loads(COMMITTED.read_text())
+    others = [json.loads(p.read_text()) for p in sorted(COMMITTED.parent.glob("demo_results_seed*.json"))]
     readme = (ROOT / "README.md").read_text()
-    table = to_markdown(result).split("\n\n")[0]
-    assert table in readme, "README's demo table differs from docs/demo_results.json: regenerate it"
-    prov = result["provenance"]
-    assert not result["world"]["quick"] and prov["command"] == "ivl-fast demo"
-    assert prov["machine"]["cpu"] in readme and f"`{prov['command']}`" in readme
-    sp = result["tokens_per_s"]
-    assert f"large alone {sp['large_alone']:.0f} tokens/s" in readme
-    assert f"large+value {sp['large+value']:.0f} tokens/s" in readme
-    assert re.search(rf"{prov['seconds'] / 60:.0f} min", readme) or f"{prov['seconds']:.0f} s" in readme
+    assert readme_block(main, others) in readme, "README's demo results differ from docs/: run docs/update_readme.py"
+    assert not main["world"]["quick"] and main["provenance"]["command"] == "ivl-fast demo"
+    assert main["provenance"]["commit"] and not main["provenance"]["from_cache"]
+    assert len(others) >= 2 and {r["world"]["seed"] for r in others} == {1, 2}
+    for r in others:  # the same demo, the same machine, the same code
+        assert r["provenance"]["machine"] == main["provenance"]["machine"]
+        assert r["provenance"]["commit"] == main["provenance"]["commit"] and not r["world"]["quick"]

@@ -65,46 +65,29 @@ def test_atomic_replace_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 # ----------------------------------------------------------------------------- vocab-map --out
-@pytest.fixture(scope="module")
-def map_inputs(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("vm")
-    tokenizer.save_pretrained(d / "tok")
-    corpus = d / "corpus.txt"
-    corpus.write_text("The for statement is used to iterate.\nA while loop repeats.\n" * 20)
-    return d / "tok", corpus
-
-
-def vocab_map_cli(capsys, map_inputs, *extra) -> tuple[int, str, str]:
-    tok, corpus = map_inputs
-    argv = ["vocab-map", "--base-tokenizer", str(tok), "--value-tokenizer", str(tok), "--corpus", str(corpus)]
-    rc = cli_main(argv + [str(x) for x in extra])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_vocab_map_out_never_replaces_a_file_it_did_not_write(capsys, map_inputs, tmp_path):
+def test_vocab_map_out_never_replaces_a_file_it_did_not_write(vocab_map_cli, vocab_map_files, tmp_path):
     mine = tmp_path / "weights.safetensors"
     mine.write_bytes(b"not a map, somebody's file")
     for extra in ((), ("--overwrite",)):
-        rc, _, err = vocab_map_cli(capsys, map_inputs, "--out", mine, *extra)
+        rc, _, err = vocab_map_cli("--out", mine, *extra)
         assert rc == 2 and mine.read_bytes() == b"not a map, somebody's file", err
     assert "not an ivl-fast vocabulary map" in err
-    rc, _, err = vocab_map_cli(capsys, map_inputs, "--out", map_inputs[1], "--overwrite")  # the corpus itself
+    rc, _, err = vocab_map_cli("--out", vocab_map_files[1], "--overwrite")  # the corpus itself
     assert rc == 2 and "is the --corpus input" in err
-    rc, _, err = vocab_map_cli(capsys, map_inputs, "--out", tmp_path)
+    rc, _, err = vocab_map_cli("--out", tmp_path)
     assert rc == 2 and "is a directory" in err
 
 
-def test_vocab_map_out_replaces_a_map_only_with_overwrite(capsys, map_inputs, tmp_path):
+def test_vocab_map_out_replaces_a_map_only_with_overwrite(vocab_map_cli, tmp_path):
     out = tmp_path / "map.safetensors"
-    rc, stdout, err = vocab_map_cli(capsys, map_inputs, "--out", out, "--top-k", 1)
+    rc, stdout, err = vocab_map_cli("--out", out, "--top-k", 1)
     assert rc == 0, err
     assert is_map_file(out)
     assert json.loads(stdout)["out"] == str(out)
     first = out.read_bytes()
-    rc, _, err = vocab_map_cli(capsys, map_inputs, "--out", out, "--top-k", 2)
+    rc, _, err = vocab_map_cli("--out", out, "--top-k", 2)
     assert rc == 2 and "already exists" in err and out.read_bytes() == first
-    rc, _, err = vocab_map_cli(capsys, map_inputs, "--out", out, "--top-k", 2, "--overwrite")
+    rc, _, err = vocab_map_cli("--out", out, "--top-k", 2, "--overwrite")
     assert rc == 0, err
     assert VocabMap.load(out).meta["top_k"] == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.safetensors"]  # no temp file left

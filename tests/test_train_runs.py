@@ -79,6 +79,10 @@ def test_overwrite_replaces_an_earlier_run_and_only_it(setup, tmp_path, capsys):
     assert rc == 0, err
     run = json.loads((out / "run.json").read_text())
     assert run["written_by"] == "ivl-fast train" and "tokenizer.json" in run["outputs"]
+    before = snapshot(out)
+    rc, err = train_cli(capsys, setup, out, "--overwrite", "--batch-tokens", "4")  # a bad new run
+    assert rc == 2 and "--batch-tokens" in err
+    assert snapshot(out) == before  # every input is checked before the earlier run is deleted
     rc, err = train_cli(capsys, setup, out, "--overwrite", max_steps=3)
     assert rc == 0, err
     assert json.loads((out / "run.json").read_text())["config"]["max_steps"] == 3

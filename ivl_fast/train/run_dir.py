@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoint import read_config
-from ..safe_output import UnsafeOutputError, check_output_location, clear_owned_dir
+from ..safe_output import UnsafeOutputError, check_output_location, check_owned_dir, clear_owned_dir
 from .config import TrainConfig
 
 CKPT = "checkpoint"
@@ -74,13 +74,8 @@ def check_out_dir(cfg: TrainConfig, out: Path, fp: dict) -> dict | None:
             raise FileNotFoundError(f"--resume: {str(out)!r} holds no run to resume")
         return None
     run = read_run_file(out)
-    if cfg.overwrite:
-        if run is None or run.get("written_by") != WRITTEN_BY:
-            raise UnsafeOutputError(
-                f"--overwrite: {str(out)!r} is not a directory ivl-fast training wrote (it has no {RUN_FILE} of "
-                "ivl-fast's); nothing was deleted: choose another --out"
-            )
-        clear_owned_dir(out, _owned_by_run(run), flag="--out", owner="ivl-fast training")
+    if cfg.overwrite:  # only checked here: replace_earlier_run deletes, once every input has been checked
+        _owned_run(out, run)
         return None
     if not cfg.resume:
         raise FileExistsError(
@@ -94,6 +89,23 @@ def check_out_dir(cfg: TrainConfig, out: Path, fp: dict) -> dict | None:
     if diff:
         raise ValueError(f"--resume: {str(out)!r} holds a different run; settings differ: {diff}")
     return run
+
+
+def _owned_run(out: Path, run: dict | None) -> Callable[[str], bool]:
+    if run is None or run.get("written_by") != WRITTEN_BY:
+        raise UnsafeOutputError(
+            f"--overwrite: {str(out)!r} is not a directory ivl-fast training wrote (it has no {RUN_FILE} of "
+            "ivl-fast's); nothing was deleted: choose another --out"
+        )
+    owned = _owned_by_run(run)
+    check_owned_dir(out, owned, flag="--out", owner="ivl-fast training")
+    return owned
+
+
+def replace_earlier_run(out: Path) -> None:
+    """--overwrite: delete the earlier run's entries (checked again: only what a run wrote, else nothing)."""
+    if out.is_dir() and any(out.iterdir()):
+        clear_owned_dir(out, _owned_run(out, read_run_file(out)), flag="--out", owner="ivl-fast training")
 
 
 def undo_fresh_run(out: Path, created_dir: bool) -> None:

@@ -41,6 +41,7 @@ from .run_dir import (
     latest_checkpoint,
     load_checkpoint,
     read_run_file,
+    replace_earlier_run,
     save_checkpoint,
     undo_fresh_run,
     write_run_file,
@@ -283,6 +284,8 @@ def train_value_model(cfg: TrainConfig) -> dict:
     run_record = {**(prior_run or {}), "config": fp, "data_hash": data.data_hash, "stage_steps": stage_steps}
     run_record.pop("written_by", None)
     if rank == 0:
+        if cfg.overwrite:
+            replace_earlier_run(out)
         out.mkdir(parents=True, exist_ok=True)
         write_run_file(out, run_record)
         if resumed_from is not None and log_path.is_file():  # drop log lines past the checkpoint
