@@ -100,6 +100,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         (r["accuracy"], r["format_rate"]) for r in out["rows"]
     ]
     assert time.perf_counter() - t0 < first
+    # from scratch again, in another directory: the same tokenizers and the same table (one machine, one seed)
+    assert cli_main(["demo", "--quick", "--work-dir", str(tmp_path / "again"), "--json"]) == 0
+    fresh = json.loads(capsys.readouterr().out)
+    assert fresh["tokenizers"] == out["tokenizers"] and fresh["rows"] == [
+        {**r, "seconds": f["seconds"]} for r, f in zip(out["rows"], fresh["rows"], strict=True)
+    ]
 
 
 def test_readme_demo_results_are_the_committed_runs():
