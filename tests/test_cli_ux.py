@@ -29,10 +29,12 @@ def test_every_flag_has_help_and_shows_its_default(command):
         if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue
         assert action.help, f"{command} {action.option_strings} has no help text"
-        has_default = action.default not in (None, False) and not action.required
+        has_default = action.default not in (None, False) and not action.required and "default" not in action.help
         if has_default:
             shown = f"(default: {action.default})"
             assert shown in " ".join(text.split()), f"{command} {action.option_strings}: {shown} not in --help"
+        else:
+            assert "(default: None)" not in text and "(default: False)" not in text
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,26 @@ def test_readme_demo_results_are_the_committed_runs():
     assert readme_block(main, others) in readme, "README's demo results differ from docs/: run docs/update_readme.py"
     assert not main["world"]["quick"] and main["provenance"]["command"] == "ivl-fast demo"
     assert main["provenance"]["commit"] and not main["provenance"]["from_cache"]
+    vb, vv = main["tokenizers"]["map"]["shape"]
+    assert f"vocabulary map ({vb} x {vv})" in " ".join(readme.split())
     assert len(others) >= 2 and {r["world"]["seed"] for r in others} == {1, 2}
     for r in others:  # the same demo, the same machine, the same code
         assert r["provenance"]["machine"] == main["provenance"]["machine"]
         assert r["provenance"]["commit"] == main["provenance"]["commit"] and not r["world"]["quick"]
+
+
+def test_readme_demo_prose_holds_for_every_committed_run():
+    """The claims README makes in words about the demo, checked against docs/demo_results*.json."""
+    runs = [json.loads(p.read_text()) for p in sorted(COMMITTED.parent.glob("demo_results*.json"))]
+    assert len(runs) == 3
+    for r in runs:
+        row = {x["name"]: x for x in r["rows"]}
+        assert row["small+value"]["format_rate"] >= 0.95  # "answers in the new format almost always"
+        assert row["small+value"]["accuracy"] <= r["world"]["small_base_knows_eval_people"]
+        assert row["large_finetuned"]["accuracy"] > 2 * row["small+value"]["accuracy"]  # "really knows more"
+        assert row["large+value"]["format_rate"] < 0.5  # "well under half of the answers"
+        assert row["large+value"]["accuracy"] <= row["small+value"]["accuracy"] + 0.02  # "at most level with"
+        assert row["large+value_l1"]["accuracy"] <= row["large+value"]["accuracy"]  # "L1 made it worse"
+        assert row["large+value_l1"]["format_rate"] <= row["large+value"]["format_rate"]
+        assert row["other_vocab+value"]["accuracy"] < 0.05  # "near zero"
+        assert r["tokenizers"]["a (small, large, value)"]["hash"] != r["tokenizers"]["b (other)"]["hash"]

@@ -13,7 +13,12 @@ from .errors import UsageError
 
 
 def add_parser(sub) -> None:
-    g = sub.add_parser("generate", help="generate with a base model steered by a value network", formatter_class=_HELP)
+    g = sub.add_parser(
+        "generate",
+        help="generate with a base model steered by a value network",
+        usage="ivl-fast generate --base DIR --value DIR (--prompt TEXT | --prompts-file FILE) [options]",
+        formatter_class=_HELP,
+    )
     _add_model_args(g)
     src = g.add_argument_group("prompts (one of --prompt, --prompts-file)")
     src.add_argument("--prompt", default=None, help="one prompt")

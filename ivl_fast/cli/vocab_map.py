@@ -12,7 +12,11 @@ from .errors import UsageError
 
 def add_parser(sub) -> None:
     vm = sub.add_parser(
-        "vocab-map", help="build a sparse base->value vocabulary map (MinED/DTW alignment)", formatter_class=_HELP
+        "vocab-map",
+        help="build a sparse base->value vocabulary map (MinED/DTW alignment)",
+        usage="ivl-fast vocab-map --base-tokenizer DIR --value-tokenizer DIR --corpus FILE [FILE ...] "
+        "(--out MAP | --map MAP) [options]",
+        formatter_class=_HELP,
     )
     req = vm.add_argument_group("required")
     req.add_argument("--base-tokenizer", type=Path, required=True, help="directory of the base model's tokenizer")

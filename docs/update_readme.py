@@ -1,0 +1,25 @@
+"""Rewrite README's demo results from the committed JSON (run from the repository root):
+
+ivl-fast demo --work-dir /tmp/d0 && cp /tmp/d0/results.json docs/demo_results.json && cp /tmp/d0/results.png docs/
+ivl-fast demo --seed 1 --work-dir /tmp/d1 && cp /tmp/d1/results.json docs/demo_results_seed1.json   (and seed 2)
+python docs/update_readme.py
+"""
+
+import json
+from pathlib import Path
+
+from ivl_fast.demo import README_END, README_START, readme_block
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    main_run = json.loads((ROOT / "docs" / "demo_results.json").read_text())
+    others = [json.loads(p.read_text()) for p in sorted((ROOT / "docs").glob("demo_results_seed*.json"))]
+    readme = (ROOT / "README.md").read_text()
+    a, b = readme.index(README_START), readme.index(README_END) + len(README_END)
+    (ROOT / "README.md").write_text(readme[:a] + readme_block(main_run, others) + readme[b:])
+
+
+if __name__ == "__main__":
+    main()
