@@ -8,7 +8,7 @@ python docs/update_readme.py
 import json
 from pathlib import Path
 
-from ivl_fast.demo import README_END, README_START, readme_block
+from ivl_fast.demo_report import README_END, README_START, readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 

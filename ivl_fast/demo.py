@@ -26,19 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .demo_report import ROW_NAMES, plot, to_markdown
+
 CITIES = ["Varno", "Quelm", "Ostrid", "Pellam", "Durnik", "Saveth", "Mirlo", "Tandor", "Kesh", "Blavin"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
 SYLL = ["ka", "lo", "mi", "ren", "tu", "vas", "zel", "po", "dri", "nuk", "sa", "bel", "or", "gim", "fa", "qui"]
-ROWS = {  # name -> what it is (paper)
-    "small": "small base alone",
-    "large": "larger base alone",
-    "small+value": "value network on the base it was trained on",
-    "large+value": "transfer to the larger base (Table 1)",
-    "large+value_l1": "transfer of the L1-regularised value network",
-    "large_finetuned": "the larger base fine-tuned on the demonstrations (ceiling)",
-    "other_vocab+value": "transfer across tokenizers through a vocabulary map (Section 4.2.2)",
-}
-ROW_NAMES = list(ROWS)
 MARKER = "ivl-demo.json"  # a work dir holds it: the demo reuses (never deletes) only what it wrote there
 DEMO_FORMAT = 2  # 2: the other base has a SentencePiece-style tokenizer (1: two identical byte-level BPEs)
 
@@ -444,78 +436,3 @@ def run_demo(cfg: DemoConfig) -> dict:
     (work / "results.md").write_text(to_markdown(result))
     plot(result, work / "results.png")
     return result
-
-
-def to_markdown(result: dict) -> str:
-    """The results table as README shows it (README's table is this function's output for a committed JSON)."""
-    lines = ["| row | what it is (paper) | accuracy | format |", "| --- | --- | --- | --- |"]
-    for r in result["rows"]:
-        lines.append(f"| {r['name']} | {ROWS[r['name']]} | {r['accuracy']:.2f} | {r['format_rate']:.2f} |")
-    sp = result["tokens_per_s"]
-    lines.append("")
-    runs = result.get("tokens_per_s_runs", {})
-    n = len(runs.get("large_alone", [])) or 1
-    lines.append(
-        f"Decoding, batch 8 x 32 new tokens, median of {n} timed calls: large alone {sp['large_alone']:.0f} "
-        f"tokens/s, large+value {sp['large+value']:.0f} tokens/s"
-    )
-    return "\n".join(lines) + "\n"
-
-
-README_START = "<!-- demo-results: made by `python docs/update_readme.py` from docs/demo_results*.json -->"
-README_END = "<!-- /demo-results -->"
-
-
-def _minutes(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    return f"{m} min {s} s" if m else f"{s} s"
-
-
-def readme_block(main: dict, others: list[dict]) -> str:
-    """README's demo results: the seed-0 table of ``main`` with its provenance, then every row's range over
-    ``main`` and ``others`` (other seeds, same machine). Generated, never typed (tests/test_demo.py checks)."""
-    prov = main["provenance"]
-    m = prov["machine"]
-    runs = [main, *others]
-    seeds = ", ".join(str(r["world"]["seed"]) for r in runs)
-    head = (
-        f"`{prov['command']}` (seed {main['world']['seed']}), {_minutes(prov['seconds'])} from scratch on "
-        f"{m['cores']} cores of an {m['cpu']} (torch {prov['versions']['torch']}, "
-        f"commit {(prov['commit'] or 'unknown')[:7]}):"
-    )
-    lines = [head, "", to_markdown(main).rstrip("\n"), ""]
-    lines.append(f"The same rows over seeds {seeds} (`ivl-fast demo --seed S --work-dir DIR`, same machine), min-max:")
-    lines += ["", "| row | accuracy | format |", "| --- | --- | --- |"]
-    for i, name in enumerate(ROW_NAMES):
-        acc = [r["rows"][i]["accuracy"] for r in runs]
-        fmt = [r["rows"][i]["format_rate"] for r in runs]
-        lines.append(f"| {name} | {min(acc):.2f}-{max(acc):.2f} | {min(fmt):.2f}-{max(fmt):.2f} |")
-    alone = [r["tokens_per_s"]["large_alone"] for r in runs]
-    pair = [r["tokens_per_s"]["large+value"] for r in runs]
-    lines += [
-        "",
-        f"Decoding over those runs (medians per run): large alone {min(alone):.0f}-{max(alone):.0f} tokens/s, "
-        f"large+value {min(pair):.0f}-{max(pair):.0f} tokens/s.",
-    ]
-    return "\n".join([README_START, *lines, README_END])
-
-
-def plot(result: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in result["rows"]]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
-    ax.bar([i - 0.2 for i in x], [r["accuracy"] for r in result["rows"]], width=0.4, label="accuracy")
-    ax.bar([i + 0.2 for i in x], [r["format_rate"] for r in result["rows"]], width=0.4, label="format")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("IVL in miniature: held-out questions")
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)

@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 
 from ivl_fast.cli import main as cli_main
-from ivl_fast.demo import (
-    ROW_NAMES,
-    DemoConfig,
-    demonstrations,
-    make_tokenizers,
-    make_world,
-    pretraining_text,
-    readme_block,
-    to_markdown,
-)
+from ivl_fast.demo import DemoConfig, demonstrations, make_tokenizers, make_world, pretraining_text
+from ivl_fast.demo_report import ROW_NAMES, readme_block, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "demo_results.json"

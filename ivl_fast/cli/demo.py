@@ -29,7 +29,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        from ..demo import to_markdown
+        from ..demo_report import to_markdown
 
         print(to_markdown(result))
         print(f"results: {args.work_dir}/results.json, results.md, results.png", file=sys.stderr)
