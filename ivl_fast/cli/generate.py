@@ -143,10 +143,10 @@ def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
             raw = list(batch)
             ids = [tok(p)["input_ids"] for p in batch]
 
-        # across vocabularies the base reads the prompt text with its own tokenizer
         def progress(steps: int, start: int = k * n_new) -> None:
             bar.update(start + steps - bar.n)
 
+        # across vocabularies the base reads the prompt text with its own tokenizer
         texts_for_base = raw if getattr(dec, "cross_vocab", False) else None
         out = dec.generate(ids, texts=texts_for_base, progress=progress, **gen_kwargs)
         progress(n_new)

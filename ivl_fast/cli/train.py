@@ -89,8 +89,8 @@ def run(args) -> int:
     )
     try:
         summary = train_value_model(cfg)
-    except KeyboardInterrupt as e:
-        _report_interrupted_training(args, e)
+    except KeyboardInterrupt:
+        _report_interrupted_training(args)
         return 130
     d = summary["data"]
     steps = f"trained {summary['steps_run']} steps"
@@ -106,7 +106,7 @@ def run(args) -> int:
     return 0
 
 
-def _report_interrupted_training(args, e: KeyboardInterrupt) -> None:
+def _report_interrupted_training(args) -> None:
     """Ctrl-C: say which checkpoint is the latest and print the command that continues from it."""
     from ..train.run_dir import checkpoint_step, latest_checkpoint
 
