@@ -199,6 +199,9 @@ def test_curriculum_length_changes_only_in_its_first_stage(setup, tmp_path, save
     train_value_model(train_config(setup, out, bases=bases, max_steps=3, save_every=3))  # both stages done
     with pytest.raises(ValueError, match="only during the first stage"):
         train_value_model(train_config(setup, out, bases=bases, max_steps=5, resume=True))
+    # --epochs changed under a fixed --max-steps: the same length, so the resume is allowed
+    summary = train_value_model(train_config(setup, out, bases=bases, max_steps=3, epochs=5, resume=True))
+    assert summary["steps"] == 6 and summary["steps_run"] == 0
 
 
 def test_resume_with_other_settings_is_still_refused(setup, tmp_path):

@@ -6,14 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import HELP as _HELP
+from .errors import DefaultsHelp
 
 
 def add_parser(sub) -> None:
     dm = sub.add_parser(
         "demo",
         help="the paper's transfer table in miniature, built from nothing (CPU, offline)",
-        formatter_class=_HELP,
+        formatter_class=DefaultsHelp,
     )
     dm.add_argument("--quick", action="store_true", help="a much smaller version (the test suite runs it)")
     dm.add_argument("--work-dir", type=Path, default=Path("ivl-demo"), help="cache of everything the demo builds")

@@ -9,7 +9,7 @@ class UsageError(ValueError):
     """A flag combination the command refuses (one line, exit code 2)."""
 
 
-class HELP(argparse.HelpFormatter):
+class DefaultsHelp(argparse.HelpFormatter):
     """Help that shows each flag's default, unless there is none to show (None, an off switch) or the help text
     already says it."""
 

@@ -8,8 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import HELP as _HELP
-from .errors import UsageError
+from .errors import DefaultsHelp, UsageError
 
 
 def add_parser(sub) -> None:
@@ -17,7 +16,7 @@ def add_parser(sub) -> None:
         "generate",
         help="generate with a base model steered by a value network",
         usage="ivl-fast generate --base DIR --value DIR (--prompt TEXT | --prompts-file FILE) [options]",
-        formatter_class=_HELP,
+        formatter_class=DefaultsHelp,
     )
     _add_model_args(g)
     src = g.add_argument_group("prompts (one of --prompt, --prompts-file)")

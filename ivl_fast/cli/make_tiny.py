@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import HELP as _HELP
+from .errors import DefaultsHelp
 
 
 def add_parser(sub) -> None:
     t = sub.add_parser(
-        "make-tiny", help="build a random tiny base/value pair with a BPE tokenizer (offline)", formatter_class=_HELP
+        "make-tiny",
+        help="build a random tiny base/value pair with a BPE tokenizer (offline)",
+        formatter_class=DefaultsHelp,
     )
     t.add_argument("--out", type=Path, required=True, help="directory to create base/ and value/ in")
     t.add_argument("--vocab-size", type=int, default=1024, help="BPE tokenizer size")

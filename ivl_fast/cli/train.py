@@ -7,12 +7,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import HELP as _HELP
+from .errors import DefaultsHelp
 
 
 def add_parser(sub) -> None:
     tr = sub.add_parser(
-        "train", help="train a value network on a frozen base from chat demonstrations", formatter_class=_HELP
+        "train", help="train a value network on a frozen base from chat demonstrations", formatter_class=DefaultsHelp
     )
     req = tr.add_argument_group("required")
     req.add_argument(

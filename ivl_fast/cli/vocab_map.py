@@ -6,8 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .errors import HELP as _HELP
-from .errors import UsageError
+from .errors import DefaultsHelp, UsageError
 
 
 def add_parser(sub) -> None:
@@ -16,7 +15,7 @@ def add_parser(sub) -> None:
         help="build a sparse base->value vocabulary map (MinED/DTW alignment)",
         usage="ivl-fast vocab-map --base-tokenizer DIR --value-tokenizer DIR --corpus FILE [FILE ...] "
         "(--out MAP | --map MAP) [options]",
-        formatter_class=_HELP,
+        formatter_class=DefaultsHelp,
     )
     req = vm.add_argument_group("required")
     req.add_argument("--base-tokenizer", type=Path, required=True, help="directory of the base model's tokenizer")

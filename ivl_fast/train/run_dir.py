@@ -35,8 +35,10 @@ RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
 WRITTEN_BY = "ivl-fast train"
 # what a run always may write into --out; the tokenizer files it exported are listed in run.json["outputs"]
-RUN_ENTRIES = (RUN_FILE, LOG_FILE, CKPT, f".{CKPT}.old", "config.json", "model.safetensors", "ivl.json")
-RUN_ENTRIES += ("loss_curve.png",)
+RUN_ENTRIES = (
+    *(RUN_FILE, LOG_FILE, CKPT, f".{CKPT}.old"),
+    *("config.json", "model.safetensors", "ivl.json", "loss_curve.png"),
+)
 RUN_PREFIXES = (f".{CKPT}.tmp-",)
 # settings a resumed run may change: they only make the run longer or shorter
 EXTENDABLE = ("epochs", "max_steps")

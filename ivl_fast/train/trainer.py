@@ -168,11 +168,12 @@ def _optimizer_step(cfg, examples, group, pad_id, dist_info, value_fwd, value, b
 
 
 # ----------------------------------------------------------------------------- resuming
-def _resume_position(state: dict, cfg: TrainConfig, stage_steps: int, old_config: dict, fp: dict) -> tuple[int, int]:
+def _resume_position(state: dict, cfg: TrainConfig, stage_steps: int, prior_run: dict, fp: dict) -> tuple[int, int]:
     """(step, stage) to continue from. A resumed run may be made longer or shorter (--max-steps, --epochs):
     the cosine schedule then follows the new length from the checkpoint's step on."""
     step, stage = int(state["step"]), int(state["stage"])
-    if all(old_config.get(k) == fp[k] for k in EXTENDABLE):
+    same_flags = all(prior_run["config"].get(k) == fp[k] for k in EXTENDABLE)
+    if same_flags or prior_run.get("stage_steps") == stage_steps:  # (e.g. --epochs changed under --max-steps)
         return step, stage
     n = len(cfg.bases)
     if n > 1 and stage > 0:
@@ -274,7 +275,7 @@ def train_value_model(cfg: TrainConfig) -> dict:
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         st = load_checkpoint(ckpt, value, opt, sched, fsdp=fsdp)
-        step, stage = _resume_position(st, cfg, stage_steps, prior_run["config"], fp)
+        step, stage = _resume_position(st, cfg, stage_steps, prior_run, fp)
         _follow_schedule(opt, sched)
         resumed_from = step
 
@@ -282,7 +283,6 @@ def train_value_model(cfg: TrainConfig) -> dict:
     created_dir = not out.exists()
     log_path = out / LOG_FILE
     run_record = {**(prior_run or {}), "config": fp, "data_hash": data.data_hash, "stage_steps": stage_steps}
-    run_record.pop("written_by", None)
     if rank == 0:
         if cfg.overwrite:
             replace_earlier_run(out)
