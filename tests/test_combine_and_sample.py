@@ -1,7 +1,10 @@
-"""combine_and_sample: the Triton kernel (interpreter on CPU) against the torch reference of ivl_fast.sampling.
+"""combine_and_sample: the Triton kernel (interpreter on CPU) against an independent float64 oracle.
 
-Greedy is exact (ties included); sampling is tested by distribution against the exact warped distribution,
-and no token outside the allowed set may ever be drawn.
+Greedy is exact (ties included); sampling is tested by distribution against the exact warped distribution that
+tests/sampling_oracle.py computes from the definition (never through ivl_fast.sampling), no token outside the
+allowed set may ever be drawn, and each distribution check is shown able to fail: a sampler that skipped one
+warper, or used another row's parameters, would not pass it. Log-probabilities are compared with float64 under
+DESIGN's rule (at most 2x the error plain torch makes in fp32).
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ import warnings
 
 import pytest
 import torch
+from sampling_oracle import (
+    WARPER_OFF,
+    assert_distinguishes,
+    assert_each_warper_matters,
+    assert_matches_distribution,
+    log_softmax64,
+    warped_probs64,
+)
 
 from ivl_fast.ops.combine_and_sample import combine_and_sample
-from ivl_fast.sampling import warp_logits
 from ivl_fast.vocab import VocabMap
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy log(0) inside the interpreter
@@ -22,6 +32,13 @@ warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy log(0) insid
 def _peaked(v: int, seed: int, scale: float = 3.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, v, generator=g) * scale
+
+
+def _lp_tolerance(z64: torch.Tensor) -> float:
+    """DESIGN's rule for log-probabilities: 2x the largest error plain torch makes computing log_softmax of the
+    same combined logits in fp32 (z64: the combined logits in float64, from the very inputs the kernel gets)."""
+    torch_err = (z64.float().log_softmax(-1).double() - log_softmax64(z64)).abs().max().item()
+    return max(2 * torch_err, 1e-7)
 
 
 @pytest.mark.parametrize("v", [111, 32000, 128256])
@@ -35,10 +52,15 @@ def test_greedy_exact_with_ties(v):
     base[2] = 1.0
     value[2] = 0.0
     ids, lp, bad = combine_and_sample(base, value, alpha=1.0, backend="triton", return_logprobs=True)
-    rids, rlp, _ = combine_and_sample(base, value, alpha=1.0, backend="torch", return_logprobs=True)
-    assert ids.tolist() == rids.tolist()
+    z64 = base.double() + value.double()
+    # greedy = the lowest index among the maxima of the combined logits (written out, not through torch.argmax)
+    expected = [int((z64[r] == z64[r].max()).nonzero()[0]) for r in range(3)]
+    assert ids.tolist() == expected
     assert ids[0].item() == v // 3 and ids[2].item() == 0
-    torch.testing.assert_close(lp, rlp, atol=1e-5, rtol=1e-5)
+    ref = log_softmax64(z64).gather(1, ids[:, None])[:, 0]
+    err = (lp.double() - ref).abs().max().item()
+    assert err <= _lp_tolerance(z64), f"logprob error {err:.2e} vs float64"
+    assert abs(lp[2].item() + math.log(v)) <= _lp_tolerance(z64)  # a flat row: log(1/V)
     assert not bad.any()
 
 
@@ -51,24 +73,11 @@ def _draw(z, n_launch, **kw):
     return counts
 
 
-def _check_distribution(counts, exact, max_tv=0.02):
-    n = counts.sum().item()
-    # test design: expected sampling noise of the TV distance must be well under the bound
-    noise = 0.5 * (exact * (1 - exact) / n).sqrt().sum().item() * math.sqrt(2 / math.pi)
-    assert noise < 0.6 * max_tv, f"too few draws for this distribution (expected TV noise {noise:.3f})"
-    emp = counts.double() / n
-    allowed = exact > 0
-    assert counts[~allowed].sum().item() == 0, "drew a token that the warpers exclude"
-    tv = 0.5 * (emp - exact.double()).abs().sum().item()
-    assert tv <= max_tv, f"TV distance {tv:.4f} > {max_tv}"
-
-
 SETTINGS = [
     dict(temperature=0.7),
     dict(temperature=1.3, top_k=5),
     dict(temperature=1.0, top_p=0.8),
     dict(temperature=1.0, min_p=0.1),
-    dict(temperature=0.8, top_k=12, top_p=0.9, min_p=0.02),
 ]
 
 
@@ -76,18 +85,47 @@ SETTINGS = [
 def test_distribution_v111(setting):
     z1 = _peaked(111, seed=len(str(setting)))
     z = z1.expand(4096, -1).contiguous()
-    exact = warp_logits(
-        z1, **{k: setting.get(k, d) for k, d in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0))}
-    ).softmax(-1)[0]
-    _check_distribution(_draw(z, 3, **setting), exact)
+    n_launch = 3
+    # the one warper of the setting changes the distribution beyond what the check allows over these draws
+    (exact,) = assert_each_warper_matters([z1[0]], setting, n_launch * 4096, str(setting))
+    assert_matches_distribution(_draw(z, n_launch, **setting), exact, str(setting))
 
 
-def test_distribution_v1271_all_warpers():
-    z1 = _peaked(1271, seed=10, scale=2.5)
-    z = z1.expand(2048, -1).contiguous()
-    kw = dict(temperature=0.9, top_k=8, top_p=0.95, min_p=0.01)
-    exact = warp_logits(z1, **kw).softmax(-1)[0]
-    _check_distribution(_draw(z, 2, **kw), exact)
+def _designed_row(v: int, head: list[float], filler_mass: float, temperature: float, seed: int) -> torch.Tensor:
+    """Logits [V] whose distribution after dividing by ``temperature`` gives the tokens of ``head`` those
+    probabilities and spreads ``filler_mass`` evenly over the other V - len(head) tokens, at random positions."""
+    n_fill = v - len(head)
+    logp = torch.tensor(head + [filler_mass / n_fill] * n_fill, dtype=torch.float64).log()
+    z = torch.empty(v, dtype=torch.float64)
+    z[torch.randperm(v, generator=torch.Generator().manual_seed(seed))] = logp * temperature
+    return z.float()
+
+
+# All four warpers on, on two kinds of rows (a single row cannot make all four matter: see
+# sampling_oracle.assert_each_warper_matters). Probabilities after temperature 0.7:
+#   row A: .26 .23 .21 .20 .05 .03 + .02 spread. top_k=4 keeps 4 (renormalised: .289 .256 .233 .222); top_p=0.75
+#          drops the .222 (<= 1 - .75) -> 3 tokens. Without top_k, top_p sees the tail too (.10 + .20 > .25) and keeps
+#          4 tokens; without top_p, 4 tokens. min_p=0.25 removes nothing here (.20 / .26 = .77).
+#   row B: .50 .14 .12 .115 + .125 spread. top_k keeps 4, top_p keeps 3 (.137 + .131 > .25), min_p removes the .12
+#          (.12 / .50 = .24 < .25) -> 2 tokens; without min_p 3; temperature 1 instead of 0.7 changes it a lot.
+ALL_FOUR = dict(temperature=0.7, top_k=4, top_p=0.75, min_p=0.25)
+ROW_A = ([0.26, 0.23, 0.21, 0.20, 0.05, 0.03], 0.02)
+ROW_B = ([0.50, 0.14, 0.12, 0.115], 0.125)
+
+
+@pytest.mark.parametrize("v, n_per_row", [(111, 1024), (600, 512)], ids=["V111", "V600-two-blocks"])
+def test_all_four_warpers_each_shape_the_distribution(v, n_per_row):
+    """Temperature, top_k, top_p and min_p together: the drawn frequencies of each row match the exact warped
+    distribution, and dropping any one warper would change some row's distribution detectably (checked below).
+    V=600 spreads the kept tokens over two kernel blocks (BLOCK=512 in the interpreter)."""
+    rows = [_designed_row(v, *ROW_A, 0.7, seed=v), _designed_row(v, *ROW_B, 0.7, seed=v + 1)]
+    exact = assert_each_warper_matters(rows, ALL_FOUR, n_per_row, f"V={v}")
+    assert [int((p > 0).sum()) for p in exact] == [3, 2]
+    z = torch.stack(rows).repeat(n_per_row, 1)  # rows alternate A, B, A, B, ...
+    ids, _, bad = combine_and_sample(z, None, do_sample=True, seed=11, offset=0, backend="triton", **ALL_FOUR)
+    assert not bad.any()
+    for r, p in enumerate(exact):
+        assert_matches_distribution(torch.bincount(ids[r::2], minlength=v), p, f"V={v} row {'AB'[r]}")
 
 
 def test_distribution_through_a_vocab_map():
@@ -101,7 +139,8 @@ def test_distribution_through_a_vocab_map():
     base1 = torch.randn(1, 150, generator=g) * 3
     value1 = torch.randn(1, 111, generator=g)
     kw = dict(temperature=0.8, top_k=10, top_p=0.9)
-    exact = warp_logits(base1 @ w + 0.5 * value1, **kw).softmax(-1)[0]
+    z64 = base1.double() @ w.double() + 0.5 * value1.double()  # the map and the add, in float64
+    (exact,) = assert_each_warper_matters([z64[0]], kw, 3 * 4096, "through the map")
     base, value = base1.expand(4096, -1).contiguous(), value1.expand(4096, -1).contiguous()
     counts = torch.zeros(111, dtype=torch.long)
     for off in range(3):
@@ -109,7 +148,9 @@ def test_distribution_through_a_vocab_map():
             base, value, vocab_map=vmap, alpha=0.5, do_sample=True, seed=5, offset=off, backend="triton", **kw
         )
         counts += torch.bincount(ids, minlength=111)
-    _check_distribution(counts, exact)
+    assert_matches_distribution(counts, exact, "through the map")
+    # a map that dropped the base side (value logits alone) would be caught
+    assert_distinguishes(exact, warped_probs64(0.5 * value1[0].double(), **{**WARPER_OFF, **kw})[0], 3 * 4096)
     # greedy through the map equals the reference exactly
     gi, _, _ = combine_and_sample(base[:4], value[:4], vocab_map=vmap, alpha=0.5, backend="triton")
     ri, _, _ = combine_and_sample(base[:4], value[:4], vocab_map=vmap, alpha=0.5, backend="torch")
@@ -127,6 +168,80 @@ def test_per_row_parameters_and_greedy_rows():
             assert ids[i].item() == top
         if ks[i] > 0:
             assert ids[i].item() in z[0].topk(int(ks[i])).indices.tolist()
+
+
+# Per-row parameters, one group of rows each (row i belongs to group i % 4), all on the same logits row.
+#   group 0: t=0 -> greedy (argmax only); group 1: top_p alone binds; group 2: min_p alone binds;
+#   group 3: hot, with top_k, top_p and min_p all set. Every group's distribution is far from what any other group's
+#   parameters would give (checked), so a kernel reading another row's top_p / min_p / temperature fails.
+ROW_GROUPS = [
+    dict(temperature=0.0, top_k=0, top_p=0.9, min_p=0.0),  # filters that would leave several tokens if it sampled
+    dict(temperature=1.0, top_k=0, top_p=0.6, min_p=0.0),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.3),
+    dict(temperature=1.5, top_k=5, top_p=0.95, min_p=0.1),
+]
+
+
+def _group_exact(z: torch.Tensor, g: dict) -> torch.Tensor:
+    if g["temperature"] == 0:  # greedy: all the mass on the lowest-index maximum
+        return torch.nn.functional.one_hot(torch.tensor(z.tolist().index(max(z.tolist()))), len(z)).double()
+    p, margin = warped_probs64(z, **g)
+    assert margin > 1e-4, f"test design: {g} has a cut decision within {margin:.2g} of its threshold"
+    return p
+
+
+def test_per_row_top_p_min_p_temperature_tensors_by_distribution():
+    v, n_group = 111, 1024
+    z1 = _designed_row(v, [0.40, 0.25, 0.15, 0.08, 0.05, 0.03], 0.04, 1.0, seed=8)
+    exact = [_group_exact(z1, g) for g in ROW_GROUPS]
+    assert [int((p > 0).sum()) for p in exact] == [1, 2, 3, 5]
+    for a, pa in enumerate(exact):  # test design: no group can pass with another group's parameters
+        for b, pb in enumerate(exact):
+            if a != b:
+                assert_distinguishes(pa, pb, n_group, f"group {a} with group {b}'s parameters")
+    per_row = {k: torch.tensor([g[k] for g in ROW_GROUPS]).repeat(n_group) for k in WARPER_OFF}
+    z = z1.expand(len(ROW_GROUPS) * n_group, v).contiguous()
+    ids, _, bad = combine_and_sample(z, None, do_sample=True, seed=4, offset=2, backend="triton", **per_row)
+    assert not bad.any()
+    for a, p in enumerate(exact):
+        assert_matches_distribution(torch.bincount(ids[a :: len(ROW_GROUPS)], minlength=v), p, f"group {a}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sampled_logprobs_are_those_of_the_unwarped_combined_distribution(backend, dtype):
+    """return_logprobs gives log softmax(map(z_base) + alpha z_value)[id] for the id drawn, before temperature and
+    the filters (the documented semantics of the decoder's logprobs), whatever the temperature."""
+    g = torch.Generator().manual_seed(6)
+    v_base, v, b = 700, 600, 32  # 600 columns: two blocks of the kernel
+    w = torch.zeros(v_base, v)
+    w[torch.arange(v_base), torch.randint(0, v, (v_base,), generator=g)] = torch.rand(v_base, generator=g) + 0.5
+    vmap = VocabMap.from_dense(w)
+    base = (torch.randn(b, v_base, generator=g) * 3).to(dtype)
+    value = (torch.randn(b, v, generator=g) * 2).to(dtype)
+    z64 = base.double() @ w.float().double() + 0.5 * value.double()  # [B, V]: what the kernel combines, in float64
+    tol = _lp_tolerance(z64)
+    for temperature, kw in [(0.5, dict(top_k=40)), (1.7, dict(top_p=0.9, min_p=0.02)), (1.0, dict(top_k=5))]:
+        ids, lp, _ = combine_and_sample(
+            base,
+            value,
+            vocab_map=vmap,
+            alpha=0.5,
+            do_sample=True,
+            temperature=temperature,
+            seed=9,
+            backend=backend,
+            return_logprobs=True,
+            generator=torch.Generator().manual_seed(9),
+            **kw,
+        )
+        rows = torch.arange(b)
+        err = (lp.double() - log_softmax64(z64)[rows, ids]).abs().max().item()
+        assert err <= tol, f"t={temperature} {kw}: logprob error {err:.2e} > {tol:.2e}"
+        # test design: the warped distribution's log-probabilities (after temperature and filters) are far from
+        # these, so returning them instead would fail the check above
+        warped = torch.stack([warped_probs64(z64[r], temperature, **kw)[0] for r in range(b)])[rows, ids].log()
+        assert (lp.double() - warped).abs().max().item() > 1e3 * tol, f"t={temperature} {kw}: looks warped"
 
 
 def test_seed_and_offset_reproducibility():
@@ -177,14 +292,16 @@ def test_top_p_boundary_ties_resolved_like_a_stable_sort():
     """Tied logits straddling the top-p cut: keep exactly the tokens a stable ascending sort keeps."""
     z = torch.tensor([[1.0, 1.0, 0.0, -1.0]]).expand(1024, 4).contiguous()
     ids, _, _ = combine_and_sample(z, None, do_sample=True, top_p=0.3, seed=1, backend="triton")
-    assert torch.isfinite(warp_logits(z[:1], top_p=0.3))[0].tolist() == [False, True, False, False]
+    assert (warped_probs64(z[0], top_p=0.3)[0] > 0).tolist() == [False, True, False, False]
     assert set(ids.tolist()) == {1}
     # bf16-rounded logits (many ties, as real bf16 models give): never a token the reference excludes
     g = torch.Generator().manual_seed(0)
     for trial in range(4):
         z1 = (torch.randn(1, 300, generator=g) * 2).bfloat16().float()
         for p in (0.2, 0.444, 0.9):
-            allowed = torch.isfinite(warp_logits(z1, temperature=0.8, top_k=40, top_p=p))[0]
+            exact, margin = warped_probs64(z1[0], temperature=0.8, top_k=40, top_p=p)
+            assert margin > 1e-4, (trial, p)  # test design: fp32 and float64 cannot disagree on this row
+            allowed = exact > 0
             zz = z1.expand(256, -1).contiguous()
             ids, _, _ = combine_and_sample(
                 zz, None, do_sample=True, temperature=0.8, top_k=40, top_p=p, seed=trial, backend="triton"

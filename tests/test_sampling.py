@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from sampling_oracle import WARPER_OFF, distinguishes, log_softmax64, tv_bound, warped_probs64
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -303,9 +304,9 @@ CHUNK = 4096  # rows per sample_ref call
 #   E[TV] <= 1/2 * sum_i sqrt(p_i (1 - p_i) / N)                    (Jensen, token by token)
 #   sd[TV] ~= 1/2 * sqrt((1 - 2/pi) * sum_i p_i (1 - p_i) / N) <= 0.3015 / sqrt(N)   (normal approximation)
 # and draws_needed() picks the smallest N (a multiple of CHUNK) with E-bound + 5 sd <= TV_MAX. The rows below
-# are peaked so that N stays <= 16384 (each draw costs a full [V] row). Checked offline by simulating 20000
-# multinomial samples of size N for every case: the simulated sd stays under the bound and the 99.99%
-# quantile of TV is <= 0.018, so a correct sampler fails this test with probability well below 1e-4.
+# are peaked so that N stays <= 16384 (each draw costs a full [V] row). With the 5 sd margin a correct sampler
+# fails this test with odds around 1e-6 (normal tail); the exact distribution is the float64 oracle of
+# tests/sampling_oracle.py, written from the definition, not ivl_fast.sampling.warp_logits.
 SD_COEF = 0.5 * math.sqrt(1 - 2 / math.pi)
 N_SIGMA = 5
 
@@ -325,25 +326,38 @@ def geometric_logits(v: int, ratio: float, temperature: float, seed: int) -> tor
     return (temperature * (rank * math.log(ratio) + noise)).float()
 
 
-# (V, ratio, (temperature, top_k, top_p, min_p)); ratio sets how peaked the row is.
+# (V, ratio, (temperature, top_k, top_p, min_p), the warpers that shape this row's distribution); ratio sets how
+# peaked the row is. test_each_listed_warper_changes_the_sampled_distribution checks the last column: a sampler
+# that skipped any listed warper would fail the frequency test. No single row can make top_p and min_p both matter
+# (each keeps a prefix of the tokens by probability and only the shorter one counts), so "all four" takes two rows.
 DIST_CASES = [
-    (111, 0.5, (1.0, 0, 1.0, 0.0)),  # temperature 1, no filter
-    (111, 0.75, (0.5, 5, 1.0, 0.0)),  # cold + top_k
-    (111, 0.6, (1.7, 0, 0.9, 0.0)),  # hot + top_p
-    (111, 0.6, (1.3, 0, 1.0, 0.05)),  # min_p
-    (111, 0.6, (1.7, 4, 0.9, 0.05)),  # all four
-    (1271, 0.4, (0.7, 0, 1.0, 0.05)),
-    (1271, 0.45, (1.3, 4, 1.0, 0.0)),
+    (111, 0.5, (1.0, 0, 1.0, 0.0), ()),  # temperature 1, no filter
+    (111, 0.75, (0.5, 5, 1.0, 0.0), ("temperature", "top_k")),  # cold + top_k
+    (111, 0.6, (1.7, 0, 0.9, 0.0), ("temperature", "top_p")),  # hot + top_p
+    (111, 0.6, (1.3, 0, 1.0, 0.15), ("temperature", "min_p")),  # min_p
+    (111, 0.6, (1.7, 4, 0.9, 0.05), ("temperature", "top_k", "top_p")),  # all four set, top_p binds
+    (111, 0.6, (1.7, 4, 0.95, 0.3), ("temperature", "min_p")),  # all four set, min_p binds
+    (1271, 0.4, (0.7, 0, 1.0, 0.15), ("temperature", "min_p")),
+    (1271, 0.45, (1.3, 3, 1.0, 0.0), ("temperature", "top_k")),
 ]
+NAMES = ("temperature", "top_k", "top_p", "min_p")
+
+
+def exact_distribution(case: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [V], the exact sampling distribution [V] float64 from the independent oracle) of a DIST_CASES row."""
+    v, ratio, setting, _ = DIST_CASES[case]
+    logits = geometric_logits(v, ratio, setting[0], seed=case)
+    p, margin = warped_probs64(logits, *setting)
+    # fp32 (the code under test) and float64 (the oracle) may only disagree on a cut closer than fp32 rounding
+    assert margin > 1e-4, f"test design: case {case} has a cut within {margin:.2g} of its threshold"
+    return logits, p
 
 
 @pytest.mark.parametrize("case", range(len(DIST_CASES)), ids=[f"V{c[0]}-{c[2]}" for c in DIST_CASES])
 def test_sampled_frequencies_match_warped_softmax(case):
-    v, ratio, setting = DIST_CASES[case]
-    logits = geometric_logits(v, ratio, setting[0], seed=case)
-    warped = warp_logits(logits[None], *setting)[0]
-    allowed = ~torch.isneginf(warped)
-    p = warped.double().softmax(-1)
+    v, _, setting, _ = DIST_CASES[case]
+    logits, p = exact_distribution(case)
+    allowed = p > 0
     n = draws_needed(p)
     assert n <= 16384, f"test design: this row needs {n} draws, make it more peaked"
 
@@ -363,19 +377,35 @@ def test_sampled_frequencies_match_warped_softmax(case):
     assert tv <= TV_MAX, f"TV {tv:.4f} over {n} draws (support {int(allowed.sum())})"
 
 
-def test_sampling_filters_really_remove_mass():
-    # Guard for the test above: where filters are on, they remove enough temperature-only mass that a sampler
-    # ignoring them would draw removed tokens >= 100 times over the N draws (P(no such draw) < e^-100), so
-    # "no removed token is ever drawn" is a meaningful check there.
-    for case, (v, ratio, setting) in enumerate(DIST_CASES):
-        if setting[1:] == (0, 1.0, 0.0):
-            continue
-        logits = geometric_logits(v, ratio, setting[0], seed=case)
-        warped = warp_logits(logits[None], *setting)[0]
-        removed = torch.isneginf(warped)
-        mass = warp_logits(logits[None], setting[0])[0].double().softmax(-1)[removed].sum().item()
-        n = draws_needed(warped.double().softmax(-1))
-        assert mass * n >= 100, f"case {case}: the filters only remove {mass:.4f} of the mass"
+def test_each_listed_warper_changes_the_sampled_distribution():
+    # Guard for the test above: for each case, dropping any warper listed as shaping it moves the exact
+    # distribution so far that n draws from the wrong one land more than TV_MAX away (odds ~1e-6), so the frequency
+    # test would fail; and together the cases with all four warpers set show each of the four at work.
+    shown = set()
+    for case, (_, _, setting, matters) in enumerate(DIST_CASES):
+        logits, p = exact_distribution(case)
+        n = draws_needed(p)
+        for name in matters:
+            wrong = dict(zip(NAMES, setting, strict=True)) | {name: WARPER_OFF[name]}
+            q, _ = warped_probs64(logits, **wrong)
+            assert distinguishes(p, q, n, allowed=TV_MAX), f"case {case}: dropping {name} goes unnoticed"
+        if all(v != WARPER_OFF[k] for k, v in zip(NAMES, setting, strict=True)):
+            shown.update(matters)
+    assert shown == set(NAMES)
+
+
+def test_oracle_agrees_with_transformers_in_float64():
+    # The float64 oracle above is test code too: on float64 logits it must give transformers' support and, to
+    # float64 rounding, its probabilities.
+    for seed, (t, k, p, mp) in enumerate([(0.7, 0, 0.9, 0.0), (1.3, 20, 0.8, 0.05), (1.0, 5, 1.0, 0.2)]):
+        logits = random_logits(4, 300, seed=50 + seed).double()
+        ref = hf_warp(logits, t, k, p, mp).softmax(-1)
+        for r in range(4):
+            ours, margin = warped_probs64(logits[r], t, k, p, mp)
+            assert margin > 1e-6
+            assert torch.equal(ours > 0, ref[r] > 0), (seed, r)
+            assert (ours - ref[r]).abs().max().item() < 1e-12
+    assert tv_bound(torch.tensor([0.5, 0.5]), 10**6) < 0.005  # the bound shrinks like 1/sqrt(n)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -529,11 +559,20 @@ def test_token_logprobs_is_log_softmax_gathered():
     assert (lp <= 0).all()
 
 
-def test_token_logprobs_use_the_raw_distribution():
-    # It is the log-prob under softmax(logits), independent of any warping: a single token everywhere sums to 1.
-    logits = random_logits(2, 111, seed=10)
-    every = token_logprobs(logits.repeat_interleave(111, 0), torch.arange(111).repeat(2))  # all (row, id) pairs
-    torch.testing.assert_close(every.view(2, 111).exp().sum(-1), torch.ones(2))
+def test_token_logprobs_stay_exact_for_very_unlikely_tokens():
+    # log p of a token ~200 nats below the top one: log(softmax) underflows to -inf in fp32 (exp(-200) < 1e-38),
+    # a log-sum-exp formulation gives -200.x. Row 1 also holds a huge logit (exp overflows without a max shift).
+    # Compared with the float64 definition under DESIGN's rule (2x torch's own fp32 log_softmax error).
+    logits = random_logits(3, 1271, seed=10)
+    logits[:, 7] = logits.amax(-1) - 200.0
+    logits[1, 9] = 1e4
+    ids = torch.tensor([7, 7, 7])
+    lp = token_logprobs(logits, ids)
+    exact = log_softmax64(logits)
+    torch_err = (logits.log_softmax(-1).double() - exact).abs().max().item()
+    assert torch.isfinite(lp).all()
+    assert (lp.double() - exact[torch.arange(3), ids]).abs().max().item() <= max(2 * torch_err, 1e-7)
+    assert (lp < -199).all()
 
 
 def test_nonfinite_rows_flags_exactly_the_bad_rows():
