@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import build_model
@@ -21,6 +23,53 @@ def setting(tokenizer):
     base = build_model("llama", seed=0, vocab_size=len(base_tok), hidden_size=96, num_attention_heads=6)
     value = build_model("llama", seed=1, vocab_size=len(tokenizer))
     return base_tok, vmap, base, value
+
+
+def dense_map(vmap) -> torch.Tensor:
+    """W [V_base, V_value] in float64, written from the map's CSR arrays entry by entry."""
+    w = torch.zeros(vmap.shape, dtype=torch.float64)
+    crow, col, val = vmap.crow.tolist(), vmap.col.tolist(), vmap.val.tolist()
+    for b in range(vmap.shape[0]):
+        for j in range(crow[b], crow[b + 1]):
+            w[b, col[j]] += val[j]
+    return w
+
+
+def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n, *, texts=None, eos=(), alpha=1.0):
+    """Cross-vocabulary greedy decoding from its definition, one full forward per step and no cache: the text so far
+    is the prompt text plus the value tokenizer's reading of the reply (decoded together with the prompt, cut
+    after it); the base reads the base tokenization of that text (one BOS); z = z_base @ W + alpha z_value with
+    float64 copies of both transformers models; argmax; a row ends at its first EOS.
+
+    Returns per row a dict: "ids" (value ids), "reads" (base ids read at each step), "lp64" (log-probability of
+    each chosen token, float64 throughout) and "lp32" (the same through the float32 models and a float32 combine:
+    plain torch's own error, the yardstick of the tolerance)."""
+    w = dense_map(vmap)
+    base64, value64 = copy.deepcopy(base).double(), copy.deepcopy(value).double()
+    vb, vv = w.shape
+    rows = []
+    for r, ids in enumerate(prompt_ids):
+        prompt_dec = value_tok.decode(ids, skip_special_tokens=True)
+        text0 = prompt_dec if texts is None else texts[r]
+        row = {"ids": [], "reads": [], "lp64": [], "lp32": []}
+        gen = row["ids"]
+        for _ in range(n):
+            text = text0 + value_tok.decode(ids + gen, skip_special_tokens=True)[len(prompt_dec) :]
+            bos = base_tok.bos_token
+            bids = base_tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+            row["reads"].append(bids)
+            bx, vx = torch.tensor([bids]), torch.tensor([ids + gen])
+            with torch.no_grad():
+                z64 = base64(bx).logits[0, -1, :vb] @ w + alpha * value64(vx).logits[0, -1, :vv]
+                z32 = base(bx).logits[0, -1, :vb] @ w.float() + alpha * value(vx).logits[0, -1, :vv]
+            tok = int(z64.argmax())
+            gen.append(tok)
+            row["lp64"].append(float(z64.log_softmax(-1)[tok]))
+            row["lp32"].append(float(z32.log_softmax(-1)[tok].double()))
+            if tok in eos:
+                break
+        rows.append(row)
+    return rows
 
 
 def test_base_context_always_decodes_to_the_text_so_far(setting, tokenizer):
@@ -44,7 +93,9 @@ def test_generation_api_and_sampling_across_vocabularies(setting, tokenizer):
     base_tok, vmap, base, value = setting
     dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok)
     texts = dec.generate_text(PROMPTS, max_new_tokens=10, eos_token_id=[])
-    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    ref = cross_vocab_reference(base, value, vmap, base_tok, tokenizer, ids, 10, texts=PROMPTS)
+    assert texts == [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in ref]
     kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=30, seed=4, eos_token_id=[])
     a = dec.generate_text(PROMPTS, **kw)
     assert a == dec.generate_text(PROMPTS, **kw)
@@ -108,7 +159,12 @@ def test_cli_generate_with_a_vocab_map(setting, tokenizer, tmp_path, save_checkp
     )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert isinstance(out["outputs"][0]["text"], str) and out["base_alone"]["tokens"] > 0
+    ids = [tokenizer("The for statement")["input_ids"]]
+    (ref,) = cross_vocab_reference(base, value, vmap, base_tok, tokenizer, ids, 6, texts=["The for statement"])
+    assert out["outputs"] == [
+        {"prompt": "The for statement", "text": tokenizer.decode(ref["ids"], skip_special_tokens=True)}
+    ]
+    assert out["speed"]["tokens"] == 6 and out["base_alone"]["tokens"] == 6  # --no-eos: every step counted
 
 
 def _metaspace_tokenizer():
@@ -145,3 +201,114 @@ def test_sentencepiece_value_keeps_the_space_between_prompt_and_reply(setting):
             assert run.base_context_text(r) == p + reply
             if gen and sp.convert_ids_to_tokens(gen[0]).startswith("▁"):
                 assert reply.startswith(" ")
+
+
+def _char_level_base_tokenizer():
+    """A Llama-1-like base tokenizer without byte fallback: one token per character (no merges), "▁" for spaces,
+    <s> before every text and <unk> for each character outside its alphabet (not fused). So a value token of N
+    characters costs the base about N tokens, and the replacement character "�" and "中" are both one <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=1, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False)
+    tok.train_from_iterator([corpus_text(20_000)], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _script(model, chains: list[list[int]], *, strength: float = 2.0, scale: float = 20.0) -> None:
+    """Give a random value model fixed successions: in each chain, token a_i is followed by a_(i+1) with a logit
+    margin of about 8 * strength. Each link owns one coordinate j of the residual stream: only a_i's embedding has
+    it (scale * e_j), no layer writes to it (its rows of every o_proj / down_proj are zeroed) and only
+    a_(i+1)'s lm_head row reads it. Every other token keeps its random behaviour, untouched by the script."""
+    links = [(a, b) for ch in chains for a, b in zip(ch[:-1], ch[1:], strict=True)]
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    with torch.no_grad():
+        coords = torch.arange(len(links))
+        emb[:, coords] = 0.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[coords] = 0.0
+            layer.mlp.down_proj.weight[coords] = 0.0
+        for j, (a, b) in enumerate(links):
+            emb[a] = 0.0
+            emb[a, j] = scale
+            head[b, j] = strength
+
+
+@pytest.fixture(scope="module")
+def ragged_setting():
+    """value: SentencePiece-style with byte fallback (1000 + 256 tokens); base: character level, no byte fallback.
+    Two prompts; the value model is scripted so that
+      row 0 (ends "▁statement") emits the three byte tokens of "中": its text reads "�", "��", then "中", so the base
+        tokenization goes [.., <unk>] -> [.., <unk>, <unk>] -> [.., <unk>]: the new one is a strict prefix of the
+        old (the re-feed branch); then it runs free (both models matter);
+      row 1 (ends "▁definition") emits 12 long words then EOS: ~10 base tokens per step, past the base cache the
+        decoder planned (4 per step), so the cache grows while row 0 still decodes, and row 1 stops first."""
+    from ivl_fast.tiny import train_sentencepiece_style_on
+
+    text = corpus_text(120_000)
+    vtok = train_sentencepiece_style_on([text[i : i + 4096] for i in range(0, len(text), 4096)], 1000)
+    btok = _char_level_base_tokenizer()
+    vmap = VocabMap.build(btok, vtok, [corpus_text()[200_000:220_000]], top_k=3)
+    prompts = ["The for statement", "A function definition"]
+    ids = [vtok(p)["input_ids"] for p in prompts]
+    bytes_of = [vtok.convert_tokens_to_ids(f"<0x{x:02X}>") for x in "中".encode()]
+    words = sorted((t for t in vtok.get_vocab() if t.startswith("▁") and t[1:].isalpha()), key=lambda t: (-len(t), t))
+    words = [vtok.convert_tokens_to_ids(t) for t in words if vtok.convert_tokens_to_ids(t) not in ids[1]][:12]
+    base = build_model("llama", seed=0, vocab_size=len(btok), hidden_size=96, num_attention_heads=6)
+    value = build_model("llama", seed=1, vocab_size=len(vtok))
+    _script(value, [[ids[0][-1], *bytes_of], [ids[1][-1], *words, vtok.eos_token_id]])
+    return btok, vtok, vmap, base, value, ids
+
+
+def test_ragged_rows_refeed_and_cache_growth_match_the_definition(ragged_setting):
+    """Greedy cross-vocabulary decoding equals the step-by-step recompute token for token, and each token's
+    log-probability agrees with the float64 one within 2x plain torch's float32 error, on a batch where one row
+    stops at EOS while the other goes on, one row's base tokenization shrinks to a prefix of the previous one (the
+    base must re-read its last token) and the base's cache has to grow mid-run. A stale or corrupted base context
+    shows in the log-probabilities even where it leaves the argmax alone."""
+    btok, vtok, vmap, base, value, ids = ragged_setting
+    n, eos = 16, vtok.eos_token_id
+    ref = cross_vocab_reference(base, value, vmap, btok, vtok, ids, n, eos=(eos,))
+    # the situations this test exists for really occur in the recompute
+    assert len(ref[0]["ids"]) == n and eos not in ref[0]["ids"]
+    assert ref[1]["ids"][-1] == eos and len(ref[1]["ids"]) < n, "row 1 must stop at EOS before row 0"
+    reads = ref[0]["reads"]
+    shrank = [s for s in range(1, n) if len(reads[s]) < len(reads[s - 1]) and reads[s] == reads[s - 1][: len(reads[s])]]
+    assert shrank, "row 0's base tokenization never became a strict prefix of the previous one"
+    grown = []
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
+    grow = dec.base.grow
+
+    def spy(cols):  # records the call and grows for real
+        grown.append((dec.base.max_seq_len, cols))
+        grow(cols)
+
+    dec.base.grow = spy
+    out = dec.generate(ids, max_new_tokens=n, eos_token_id=[eos], return_logprobs=True)
+    assert grown and all(new > old for old, new in grown), "the base cache never had to grow"
+    t = out.prompt_length
+    assert out.num_new_tokens.tolist() == [len(r["ids"]) for r in ref]
+    for i, r in enumerate(ref):
+        row, k = out.sequences[i, t:].tolist(), len(r["ids"])
+        assert row[:k] == r["ids"], f"row {i} diverged from the recompute at step {_first_diff(row, r['ids'])}"
+        assert all(x == vtok.pad_token_id for x in row[k:])  # padded after its EOS
+        lp64 = torch.tensor(r["lp64"], dtype=torch.float64)
+        torch_err = float((torch.tensor(r["lp32"], dtype=torch.float64) - lp64).abs().max())
+        err = (out.logprobs[i, :k].double() - lp64).abs()
+        assert float(err.max()) <= max(2 * torch_err, 1e-5), (
+            f"row {i}: log-prob error {err.tolist()} vs float32 torch's {torch_err:.2g}"
+        )
+        assert (out.logprobs[i, k:] == 0).all()
+    # each row's base cache holds exactly what the recompute's base read last: row 0 the context before its final
+    # token (never fed), row 1 the context it stopped in (idle since its EOS)
+    assert dec.base.seq_lens[:2].tolist() == [len(ref[0]["reads"][-1]), len(ref[1]["reads"][-1])]
+
+
+def _first_diff(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))

@@ -169,22 +169,59 @@ def test_generation_config_is_accepted(pair):
 
 
 def test_generate_text_plain_and_chat(pair, tokenizer):
-    _, _, base_dir, value_dir = pair
+    """The returned text is the decoding of the independent two-model loop's greedy tokens, for plain prompts
+    (tokenized with the special tokens) and chat messages (the default template's text, tokenized as is)."""
+    base, value, base_dir, value_dir = pair
     dec = FastIVLDecoder.from_pretrained(base_dir, value_dir)
-    assert dec.tokenizer is not None
+    assert dec.tokenizer is not None and dec.tokenizer.get_vocab() == tokenizer.get_vocab()
+
+    def expected(ids_rows, new):
+        ref, _ = reference_loop(base, value, ids_rows, new=new)
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in ref]
+
     text = dec.generate_text("The for statement", max_new_tokens=10, eos_token_id=[])
     ids = tokenizer("The for statement")["input_ids"]
-    out = dec.generate([ids], max_new_tokens=10, eos_token_id=[])
-    assert text == tokenizer.decode(out.sequences[0, out.prompt_length :].tolist(), skip_special_tokens=True)
-    texts = dec.generate_text(["a", "longer prompt here"], max_new_tokens=5, eos_token_id=[])
-    assert isinstance(texts, list) and len(texts) == 2
+    assert ids[0] == tokenizer.bos_token_id  # the tokenizer's own special tokens are kept
+    assert [text] == expected([ids], 10)
+    prompts = ["a", "longer prompt here"]
+    texts = dec.generate_text(prompts, max_new_tokens=5, eos_token_id=[])
+    assert texts == expected([tokenizer(p)["input_ids"] for p in prompts], 5)
     # chat: the default template renders the messages (the tiny tokenizer has no template of its own)
     chat = dec.generate_text([{"role": "user", "content": "hi"}], chat=True, max_new_tokens=5, eos_token_id=[])
-    assert isinstance(chat, str)
+    rendered = "<s><|user|>\nhi\n<|assistant|>\n"
+    assert [chat] == expected([tokenizer(rendered, add_special_tokens=False)["input_ids"]], 5)
     from ivl_fast.chat import as_messages, render_chat
 
+    assert render_chat(tokenizer, as_messages("hi")) == rendered
     rendered = render_chat(tokenizer, as_messages("hi", "be brief"))
     assert rendered.startswith("<s><|system|>\nbe brief\n<|user|>\nhi\n") and rendered.endswith("<|assistant|>\n")
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_eager_decode_step_reads_no_tensor_value_on_the_host(pair, do_sample):
+    """DESIGN: the decode path never syncs the host inside a step. The whole eager step of the decoder (both
+    models, the sampler with every warper on, EOS bookkeeping, log-probs) runs under the host-read trap, and the
+    tokens it produced are those of generate()."""
+    from test_models import no_host_reads
+
+    _, _, base_dir, value_dir = pair
+    dec = FastIVLDecoder.from_pretrained(base_dir, value_dir, sample_backend="torch")
+    kw = dict(max_new_tokens=6, eos_token_id=[2, 7], return_logprobs=True)
+    if do_sample:
+        kw.update(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=3)
+    prompt, mask = dec._prepare_inputs(PROMPTS, None, 3)
+    run = dec._make_run(prompt, mask, dec._options(None, **kw), 8, None)
+    run._start()  # prefill and the first token: outside the step
+    with torch.inference_mode():
+        for _ in range(5):
+            with no_host_reads():
+                zb, zv = run._logits(run.st.ids, run._kv_len(run.steps))
+                run._emit(zb, zv)
+            run.steps += 1
+    want = dec.generate(PROMPTS, **kw)
+    t = want.prompt_length
+    assert torch.equal(run.out[:, :6], want.sequences[:, t:])
+    assert torch.equal(run.logprobs[:, :6], want.logprobs)
 
 
 def test_stop_strings_end_rows_at_the_completing_token(pair, tokenizer):

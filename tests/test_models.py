@@ -8,6 +8,7 @@ Tolerance: max |diff| <= 1e-4 x the largest |logit| (the issue's bound).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -195,8 +196,90 @@ def test_context_limits(save_checkpoint):
     assert dyn.max_context == 64
 
 
-def test_decode_step_has_static_shapes_and_no_host_sync(pair):
-    """The decode step must be capturable: same output buffers' shapes every step, no sync (CUDA only check)."""
+class HostRead(AssertionError):
+    """A tensor value was read on the host inside a block that must not do so."""
+
+
+_HOST_READ_OPS = {  # aten ops whose result needs a device value on the host (.item(), bool(t), data-dependent shapes)
+    getattr(torch.ops.aten, name).default
+    for name in ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal", "allclose")
+    if hasattr(torch.ops.aten, name)
+}
+# Tensor methods that hand values to Python without an aten op (tolist) or copy to host memory
+_HOST_READ_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__array__")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Inside the block any host read of a tensor value raises HostRead: on CPU there is no device to sync with,
+    so this is how "the step never syncs" is checked here. Two nets: a dispatch mode sees every aten op (including
+    the ones torch's C++ code runs for bool(t) or a boolean-mask index), and the Tensor methods that give Python
+    numbers are replaced."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Trap(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in _HOST_READ_OPS:
+                raise HostRead(f"{func} reads a tensor value on the host")
+            if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default):
+                if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+                    raise HostRead(f"{func} with a boolean mask has a data-dependent shape")
+            return func(*args, **kwargs)
+
+    names = [name for name in _HOST_READ_METHODS if hasattr(torch.Tensor, name)]
+    own = {name: torch.Tensor.__dict__[name] for name in names if name in torch.Tensor.__dict__}
+
+    def trap(name):
+        def method(self, *a, **k):
+            raise HostRead(f"Tensor.{name} reads a tensor value on the host")
+
+        return method
+
+    for name in names:
+        setattr(torch.Tensor, name, trap(name))
+    try:
+        with _Trap():
+            yield
+    finally:  # put back exactly what was there (methods inherited from the C base class stay inherited)
+        for name in names:
+            if name in own:
+                setattr(torch.Tensor, name, own[name])
+            else:
+                delattr(torch.Tensor, name)
+
+
+def test_the_host_read_trap_catches_every_kind_of_read():
+    """The trap is only evidence if it fires: each way of reading a value must raise inside it, none outside."""
+    x = torch.tensor([1.0, 0.0])
+    reads = {
+        "item": lambda: x[0].item(),
+        "tolist": lambda: x.tolist(),
+        "bool": lambda: bool(x[0]),
+        "if": lambda: 1 if x[0] else 0,
+        "int": lambda: int(x[0]),
+        "float": lambda: float(x[0]),
+        "range": lambda: range(torch.tensor(3)),
+        "numpy": lambda: x.numpy(),
+        "cpu": lambda: x.cpu(),
+        "nonzero": lambda: x.nonzero(),
+        "mask index": lambda: x[x > 0],
+        "equal": lambda: torch.equal(x, x),
+    }
+    for what, read in reads.items():
+        with no_host_reads(), pytest.raises(HostRead, match="reads a tensor value|data-dependent"):
+            read()
+            pytest.fail(f"the trap let {what} through")
+        read()  # and the methods are restored after the block
+    with no_host_reads():
+        y = (x * 2).where(x > 0, x)  # device-side work is allowed
+    assert y.tolist() == [2.0, 0.0]
+
+
+@pytest.mark.parametrize("kv_len", [None, 8])
+def test_decode_step_has_static_shapes_and_no_host_sync(pair, kv_len):
+    """The decode step must be capturable: same output buffers' shapes every step, no host read of any tensor
+    value (checked on CPU with the trap above; on CUDA also with torch's sync debug mode)."""
     _, _, base_dir, _ = pair
     lean = load_model(base_dir)
     ids, mask = _batch(lean.vocab_size, lengths=(4, 2))
@@ -204,14 +287,63 @@ def test_decode_step_has_static_shapes_and_no_host_sync(pair):
     lean.prefill(ids, mask)
     ptr = lean.k_cache[0].data_ptr()
     x = torch.tensor([5, 6])
+    active = torch.tensor([True, False])
     if torch.cuda.is_available():  # pragma: no cover - GPU machines only
         torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            z = lean.decode(x)
-            assert z.shape == (2, lean.vocab_size)
+        with torch.inference_mode(), no_host_reads():
+            zs = [lean.decode(x, kv_len=kv_len) for _ in range(3)]
+            zs.append(lean.decode(x, active=active, kv_len=kv_len))
     finally:
         if torch.cuda.is_available():  # pragma: no cover
             torch.cuda.set_sync_debug_mode(0)
+    assert all(z.shape == (2, lean.vocab_size) and torch.isfinite(z).all() for z in zs)
     assert lean.k_cache[0].data_ptr() == ptr  # the cache is written in place, never reallocated
-    assert lean.seq_lens.tolist() == [7, 5]
+    assert lean.seq_lens.tolist() == [8, 5]  # 4 + 4 and 2 + 3: the inactive step left row 1 where it was
+
+
+def _decode_trace(lean, ids, mask, steps: int, grow_at: int | None = None, grow_to: int = 0):
+    """Prefill + ``steps`` greedy decode steps; returns the logits of every step. ``grow_at``: grow the cache to
+    ``grow_to`` columns before that step, and check that the contents of the used columns survived."""
+    zs = [lean.prefill(ids, mask)]
+    nxt = zs[0].argmax(-1)
+    for s in range(steps):
+        if s == grow_at:
+            used = lean.seq_lens.clone()
+            old_k = [k.clone() for k in lean.k_cache]
+            old_v = [v.clone() for v in lean.v_cache]
+            lean.grow(grow_to)
+            assert lean.max_seq_len == grow_to and lean.k_cache[0].shape[1] == grow_to
+            assert torch.equal(lean.seq_lens, used)
+            for new, old in zip(lean.k_cache + lean.v_cache, old_k + old_v, strict=True):
+                # every old column (used or not) is carried over bit for bit
+                assert torch.equal(new[:, : old.shape[1]], old)
+        # attend to exactly the columns that can hold a position (as the decoder does): both engines then reduce
+        # over the same columns, so their logits can be compared bit for bit
+        kv_len = int(lean.seq_lens.max()) + 1
+        with torch.no_grad():
+            z = lean.decode(nxt, kv_len=kv_len)
+        zs.append(z)
+        nxt = z.argmax(-1)
+    return zs
+
+
+def test_grow_keeps_the_cache_and_decoding_continues_as_with_a_big_cache(pair):
+    """grow() mid-decode: old cache columns and lengths are kept exactly, and every later step's logits are
+    identical (bit for bit) to those of an engine whose cache had the final size from the start. The cache store
+    has more rows than the batch using it (a view), as when a smaller batch follows a larger one."""
+    base, _, _, _ = pair
+    ids, mask = _batch(base.config.vocab_size, lengths=(6, 3))
+    grown, big = from_hf_model(base), from_hf_model(base)  # two engines sharing the same weights
+    grown.allocate(3, 12)
+    grown.allocate(2, 12)  # rows 0-1 of the 3-row store
+    big.allocate(3, 40)
+    big.allocate(2, 40)
+    a = _decode_trace(grown, ids, mask, steps=20, grow_at=5, grow_to=40)  # 6 + 5 = 11 of 12 columns used
+    b = _decode_trace(big, ids, mask, steps=20)
+    assert grown._store[0][0].shape[:2] == (3, 40)  # the whole store grew, not only the view
+    for s, (za, zb) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(za, zb), f"step {s}: the grown cache decodes differently"
+    assert grown.seq_lens.tolist() == big.seq_lens.tolist() == [26, 23]
+    with pytest.raises(ValueError, match="context"):
+        grown.grow(grown.max_context + 1)

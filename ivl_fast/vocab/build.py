@@ -57,7 +57,8 @@ def split_corpus(texts: list[str], max_chars: int = 256) -> list[str]:
             while len(line) > max_chars:
                 cut = line.rfind(" ", 0, max_chars)
                 cut = cut if cut > max_chars // 2 else max_chars
-                out.append(line[:cut])
+                if line[:cut].strip():  # a run of spaces longer than max_chars // 2 gives blank pieces: no text
+                    out.append(line[:cut])
                 line = line[cut:]
             if line.strip():
                 out.append(line)
