@@ -22,12 +22,119 @@ from ivl_fast import FastIVLDecoder
 from ivl_fast.cli import main as cli_main
 from ivl_fast.train import build_dataset, make_batches, read_conversations, train_value_model
 from ivl_fast.train import trainer as trainer_mod
-from ivl_fast.train.data import IGNORE, DataError, padding_fraction, tokenize_conversation
+from ivl_fast.train.data import IGNORE, DataError, Example, collate, padding_fraction, tokenize_conversation
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, save_checkpoint):
     return make_train_setup(tmp_path_factory, save_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def hf_models(setup):
+    """The fixture's base and value init as transformers models, by dtype: the references below run these,
+    never ivl_fast's own engine."""
+    from transformers import AutoModelForCausalLM
+
+    def load(path, dtype, grad):
+        return AutoModelForCausalLM.from_pretrained(path).to(dtype).eval().requires_grad_(grad)
+
+    return {
+        dt: (load(setup["base"], dt, False), load(setup["small"], dt, True)) for dt in (torch.float32, torch.float64)
+    }
+
+
+def _greedy_pair_reference(base_hf, value_hf, ids, steps, *, scheme="residual", eos=None):
+    """Greedy IVL decoding by full recompute with transformers models: argmax(z_base + z_delta) each step; the
+    cascade value network reads softmax(z_base) @ E_value (+ E_value[token] for cascade+), built in float64."""
+    seq = list(ids)
+    for _ in range(steps):
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            zb = base_hf(x).logits  # [1, T, V]
+            if scheme == "residual":
+                zv = value_hf(x).logits
+            else:
+                e = value_hf.get_input_embeddings().weight.double()  # [V, H]
+                emb = zb.double().softmax(-1) @ e
+                if scheme == "cascade+":
+                    emb = emb + e[x]
+                zv = value_hf(inputs_embeds=emb.to(value_hf.dtype)).logits
+        seq.append(int((zb[0, -1].double() + zv[0, -1].double()).argmax()))
+        if seq[-1] == eos:
+            break
+    return seq[len(ids) :]
+
+
+def _ivl_loss_reference(base_hf, value_hf, examples, l1, scheme="residual"):
+    """The training loss from its definition, example by example (no padding) with transformers models at their
+    dtype: the mean over every supervised token of all ``examples`` of CE(z_base + z_delta) + l1 * mean_v |z_delta|,
+    token t predicted from position t - 1."""
+    total, n = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([ex.input_ids])
+        lab = torch.tensor(ex.labels[1:])
+        keep = lab != IGNORE
+        with torch.no_grad():
+            zb = base_hf(ids).logits[0]  # [T, V]
+        if scheme == "residual":
+            zv = value_hf(ids).logits[0]
+        else:
+            e = value_hf.get_input_embeddings().weight
+            emb = zb.softmax(-1) @ e + (e[ids[0]] if scheme == "cascade+" else 0)
+            zv = value_hf(inputs_embeds=emb[None]).logits[0]
+        z = (zb + zv)[:-1][keep]
+        nll = -(z - z.logsumexp(-1, keepdim=True))[torch.arange(z.shape[0]), lab[keep]]
+        total = total + (nll + l1 * zv[:-1][keep].abs().sum(-1) / zv.shape[-1]).sum()
+        n += int(keep.sum())
+    return total / n
+
+
+def _reference_grads(value_hf, loss):
+    names = [k for k, _ in value_hf.named_parameters()]
+    return loss.detach(), dict(zip(names, torch.autograd.grad(loss, list(value_hf.parameters())), strict=True))
+
+
+def _rel_err(got: dict, ref: dict) -> float:
+    """Relative Frobenius error of all gradients together (parameter names as in the HF checkpoint)."""
+    assert got.keys() == ref.keys()
+    missing = [k for k in ref if got[k] is None]
+    assert not missing, f"no gradient reached {missing}"
+    num = sum(((got[k].double() - ref[k].double()) ** 2).sum() for k in ref)
+    return float((num / sum((ref[k].double() ** 2).sum() for k in ref)).sqrt())
+
+
+def _ragged_examples():
+    """Four examples whose supervised token counts differ a lot: micro-batches of 2, 15 and 9 tokens below."""
+    rng = random.Random(0)
+    out = []
+    for length, sup in [(7, 2), (20, 14), (12, 1), (16, 9)]:
+        ids = [1] + [rng.randrange(4, 512) for _ in range(length - 1)]
+        out.append(Example(ids, [IGNORE] * (length - sup) + ids[length - sup :]))
+    return out
+
+
+def _train_models(setup, checkpointing=False):
+    from ivl_fast.models import load_model
+
+    value = load_model(setup["small"], dtype="float32", engine="lean").requires_grad_(True).train()
+    value.gradient_checkpointing = checkpointing
+    base = load_model(setup["base"], dtype="float32", engine="lean").requires_grad_(False).eval()
+    return value, base
+
+
+class _GradCapture(torch.optim.Optimizer):
+    """A real optimizer whose step only records the gradients it was handed (the trainer zeroes them after)."""
+
+    def __init__(self, named):
+        named = list(named)
+        self.names = [k for k, _ in named]
+        super().__init__([p for _, p in named], {})
+        self.grads = None
+
+    def step(self, closure=None):
+        params = self.param_groups[0]["params"]
+        self.grads = {k: p.grad.detach().clone() for k, p in zip(self.names, params, strict=True)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -117,7 +224,15 @@ def test_train_end_to_end_loss_decreases_and_output_loads(setup, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, dec.value(ids), rtol=1e-4, atol=1e-4)
     text = dec.generate_text("What is 3 plus 4?", chat=True, max_new_tokens=8)
-    assert isinstance(text, str)
+    # the reference: DEFAULT_CHAT_TEMPLATE's documented format (the tokenizer has no template of its own), greedy
+    # decoding with the two transformers models until EOS, the continuation decoded without special tokens
+    tok = dec.tokenizer
+    prompt = tok("<s><|user|>\nWhat is 3 plus 4?\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    assert prompt[0] == tok.bos_token_id
+    new_ids = _greedy_pair_reference(
+        AutoModelForCausalLM.from_pretrained(setup["base"]).eval(), hf, prompt, 8, eos=tok.eos_token_id
+    )
+    assert text == tok.decode(new_ids, skip_special_tokens=True)
 
 
 def test_trained_value_network_steers_the_base(setup, tmp_path):
@@ -220,18 +335,14 @@ def test_cascade_schemes_train_and_decode_exactly(setup, tmp_path, scheme):
     prompts = [[1, 40, 41, 42, 43], [1, 90, 91]]
     got = dec.generate(prompts, max_new_tokens=10, eos_token_id=[])
     t = got.prompt_length
-    # reference: full recompute each step, the value network reading softmax(z_base) @ E (+ E[token])
-    base, value = dec.base, dec.value
+    # reference: full recompute each step with the transformers models, the value network reading
+    # softmax(z_base) @ E (+ E[token]) written out in float64 (not the engine's soft_embed)
+    from transformers import AutoModelForCausalLM
+
+    base_hf = AutoModelForCausalLM.from_pretrained(setup["base"]).eval()
+    value_hf = AutoModelForCausalLM.from_pretrained(out).eval()
     for i, p in enumerate(prompts):
-        seq = list(p)
-        for _ in range(10):
-            x = torch.tensor([seq])
-            with torch.no_grad():
-                zb = base(x)  # [1, T, V]
-                emb = value.soft_embed(zb, x if scheme == "cascade+" else None)
-                z = zb[0, -1] + value(inputs_embeds=emb)[0, -1]
-            seq.append(int(z.argmax()))
-        assert got.sequences[i, t:].tolist() == seq[len(p) :]
+        assert got.sequences[i, t:].tolist() == _greedy_pair_reference(base_hf, value_hf, p, 10, scheme=scheme)
 
 
 def test_curriculum_trains_on_each_base_in_turn(setup, tmp_path, save_checkpoint):
@@ -242,6 +353,59 @@ def test_curriculum_trains_on_each_base_in_turn(setup, tmp_path, save_checkpoint
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == [0] * 5 + [1] * 5
     assert len(json.loads((out / "ivl.json").read_text())["bases"]) == 2
+
+
+# ----------------------------------------------------------------------------- loss weighting, checkpointing
+def test_micro_batches_weight_every_supervised_token_equally(setup, hf_models):
+    """One optimizer step over three micro-batches of 2, 15 and 9 supervised tokens (one of them padded): the
+    logged loss and the gradient handed to the optimizer are those of one big batch with every token weighted
+    equally, against that definition in float64; the allowance is 2x the error of the same reference in fp32."""
+    examples, group = _ragged_examples(), [[0], [1, 2], [3]]
+    counts = [sum(x != IGNORE for i in b for x in examples[i].labels[1:]) for b in group]
+    assert counts == [2, 15, 9]  # test design: a mean of micro-batch means would weight a token 1/6 vs 1/45
+    value, base = _train_models(setup)
+    opt = _GradCapture(value.named_parameters())
+    cfg = _cfg(setup, setup["dir"] / "unused", max_grad_norm=0.0)  # no clipping: the optimizer sees the raw gradient
+    loss, _, _ = trainer_mod._optimizer_step(cfg, examples, group, 3, (0, 1, None), value, value, base, opt, None)
+
+    ref_loss, ref = _reference_grads(
+        hf_models[torch.float64][1], _ivl_loss_reference(*hf_models[torch.float64], examples, 1.0)
+    )
+    p_loss, plain = _reference_grads(
+        hf_models[torch.float32][1], _ivl_loss_reference(*hf_models[torch.float32], examples, 1.0)
+    )
+    eps = torch.finfo(torch.float32).eps  # floor: the loss is an fp32 sum of three micro-batch terms (a few ulps)
+    assert abs(loss - ref_loss.item()) <= max(2 * abs(p_loss.item() - ref_loss.item()), 8 * eps * ref_loss.item())
+    assert _rel_err(opt.grads, ref) <= max(2 * _rel_err(plain, ref), 1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["residual", "cascade+"])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(setup, hf_models, scheme):
+    """With checkpointing each decoder layer runs again in backward (so its activations were not kept), and the
+    value network's gradients are still the definition's: within 2x the error of the run without it (fp64 ref)."""
+    examples = _ragged_examples()[1:3]
+    batch = collate(examples, pad_id=3)
+    cfg = _cfg(setup, setup["dir"] / "unused", scheme=scheme)
+    grads, calls = {}, {}
+    for ckpt in (False, True):
+        value, base = _train_models(setup, checkpointing=ckpt)
+        calls[ckpt] = 0
+
+        def count(*_, key=ckpt):
+            calls[key] += 1
+
+        for layer in value.model.layers:
+            # a pre-hook: the non-reentrant recompute stops as soon as it has the tensors backward needs, before
+            # a forward hook would fire
+            layer.register_forward_pre_hook(count)
+        loss, _ = trainer_mod.micro_batch_loss(cfg, value, value, base, batch)
+        loss.backward()
+        grads[ckpt] = {k: p.grad for k, p in value.named_parameters()}
+    n_layers = len(value.model.layers)
+    assert calls == {False: n_layers, True: 2 * n_layers}
+    base64, value64 = hf_models[torch.float64]
+    _, ref = _reference_grads(value64, _ivl_loss_reference(base64, value64, examples, 1.0, scheme))
+    assert _rel_err(grads[True], ref) <= max(2 * _rel_err(grads[False], ref), 1e-6)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -3,6 +3,7 @@ nothing behind when it fails, saves and explains on Ctrl-C, resumes and extends 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -10,11 +11,23 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from file_snapshots import snapshot, user_dir
-from train_fixtures import cli_args, make_train_setup, train_config
+from train_fixtures import (
+    ReferenceGradients,
+    cli_args,
+    clip_by_hand,
+    cpu_config,
+    interrupt_after,
+    launch_two_processes,
+    make_train_setup,
+    max_err,
+    record_run,
+    train_config,
+)
 
 from ivl_fast.cli import main as cli_main
 from ivl_fast.safe_output import UnsafeOutputError
@@ -259,3 +272,117 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# ----------------------------------------------------------------------------- resuming a curriculum's later stage
+@pytest.fixture(scope="module")
+def curriculum_run(setup, tmp_path_factory):
+    """An uninterrupted 2-stage curriculum (4 steps per base, 2 of them warmup), the reference for the resumes."""
+    out = tmp_path_factory.mktemp("curr_full") / "run"
+    train_value_model(curriculum_config(setup, out))
+    return out
+
+
+def curriculum_config(setup, out, **kw):
+    bases = [str(setup["base"]), str(setup["small"])]
+    return cpu_config(setup, out, bases=bases, max_steps=4, warmup_ratio=0.5, save_every=0, **kw)
+
+
+@pytest.mark.parametrize("cut_at", [6, 4], ids=["inside-stage-2", "at-the-stage-boundary"])
+def test_curriculum_interrupted_in_stage_2_resumes_to_the_uninterrupted_weights(
+    setup, curriculum_run, tmp_path, monkeypatch, cut_at
+):
+    """Ctrl-C (a real SIGINT) after step cut_at; --resume restarts stage 2 on the right base, optimizer and schedule
+    position: the final weights equal the uninterrupted run's bit for bit (CPU)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as mp:
+        interrupt_after(mp, cut_at)
+        with pytest.raises(trainer_mod.TrainingInterrupted) as info:
+            train_value_model(curriculum_config(setup, out))
+    assert info.value.step == cut_at
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert (state["step"], state["stage"]) == (cut_at, 1)  # a checkpoint at step 4 already belongs to stage 2
+    summary = train_value_model(curriculum_config(setup, out, resume=True))
+    assert summary["resumed_from"] == cut_at and summary["steps"] == 8
+    a, b = load_file(str(curriculum_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), {k: float((a[k] - b[k]).abs().max()) for k in a}
+    log_full = [json.loads(x) for x in (curriculum_run / "train_log.jsonl").read_text().splitlines()]
+    log_cut = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["stage"], r["lr"], r["loss"]) for r in log_cut] == [
+        (r["step"], r["stage"], r["lr"], r["loss"]) for r in log_full
+    ]
+
+
+# ----------------------------------------------------------------------------- DDP and FSDP in 2 real processes
+@pytest.fixture(scope="module")
+def two_process_runs(setup, tmp_path_factory):
+    """One launch of 2 gloo processes runs: DDP with grad_accum 2 (recorded), an FSDP run, and the same FSDP run
+    interrupted by a Ctrl-C on rank 0 after step 2 and resumed."""
+    d = tmp_path_factory.mktemp("dist")
+
+    def cfg(name, **kw):
+        return dataclasses.asdict(cpu_config(setup, d / name, save_every=0, **kw))
+
+    fsdp = dict(max_steps=4, fsdp=True, warmup_ratio=0.5)
+    jobs = [
+        {"name": "ddp", "cfg": cfg("ddp", max_steps=3, grad_accum=2), "record": True},
+        {"name": "fsdp_full", "cfg": cfg("fsdp_full", **fsdp)},
+        {"name": "fsdp_cut", "cfg": cfg("fsdp_cut", **fsdp), "interrupt_after": 2},
+        {"name": "fsdp_resumed", "cfg": cfg("fsdp_cut", **fsdp, resume=True)},
+    ]
+    launch_two_processes(jobs, d, timeout=150)  # ~10 s normally; a rank left waiting in a collective hangs
+    return SimpleNamespace(dir=d, load=lambda name, r: torch.load(d / f"{name}.rank{r}.pt", weights_only=False))
+
+
+def test_ddp_grad_accum_all_reduces_once_per_step_and_applies_the_global_batch_gradient(
+    setup, two_process_runs, tmp_path, monkeypatch
+):
+    """2 processes x grad_accum 2: the first micro-batch's backward runs under no_sync (each DDP bucket is
+    all-reduced once per optimizer step), and every step's gradient is that of the global batch, i.e. the 4
+    micro-batches a single process with grad_accum 4 uses, computed from the definition in float64."""
+    r0, r1 = two_process_runs.load("ddp", 0), two_process_runs.load("ddp", 1)
+    assert r0["summary"]["world_size"] == 2 and len(r0["steps"]) == 3
+    for r in (r0, r1):
+        for s in r["steps"]:
+            # each bucket exactly once (none: the ranks never agree; twice: no no_sync)
+            assert s["reduced"] and sorted(s["reduced"]) == list(range(len(s["reduced"]))), s["reduced"]
+    single = record_run(monkeypatch, cpu_config(setup, tmp_path / "single", max_steps=3, grad_accum=4, save_every=0))
+    ref64 = ReferenceGradients(setup["base"], setup["small"], torch.float64)
+    ref32 = ReferenceGradients(setup["base"], setup["small"], torch.float32)
+    for k, (s0, s1, s_single) in enumerate(zip(r0["steps"], r1["steps"], single.steps, strict=True)):
+        # the replicas stay identical: same parameters, same all-reduced gradients
+        assert all(
+            torch.equal(s0["before"][n], s1["before"][n]) and torch.equal(s0["grad"][n], s1["grad"][n])
+            for n in s0["grad"]
+        )
+        batches = s_single["batches"]  # the global batch of step k
+        assert len(batches) == 4
+        loss64, g64 = ref64(s0["before"], batches, 1.0)
+        loss32, g32 = ref32(s0["before"], batches, 1.0)
+        g64, norm64 = clip_by_hand(g64, 1.0)  # the default --max-grad-norm
+        g32, norm32 = clip_by_hand(g32, 1.0)
+        torch_err = max_err(g32, g64)
+        assert max_err(s0["grad"], g64) <= max(2 * torch_err, 1e-9), (k, max_err(s0["grad"], g64), torch_err)
+        # the logged loss (token-weighted mean over the global batch) and gradient norm (before clipping, which
+        # hides a wrongly scaled gradient from the check above); float32 numbers: a floor of 4 ulps
+        for got, want, want32 in ((r0["log"][k]["loss"], loss64, loss32), (r0["log"][k]["grad_norm"], norm64, norm32)):
+            assert got == pytest.approx(want, rel=max(2 * abs(want32 - want) / want, 2**-21)), (k, got, want)
+
+
+def test_fsdp_run_stopped_by_ctrl_c_on_one_rank_resumes_to_the_uninterrupted_weights(two_process_runs):
+    from safetensors.torch import load_file
+
+    d, load = two_process_runs.dir, two_process_runs.load
+    # rank 0's SIGINT stops both ranks after the same step (the stop flag is all-reduced)
+    assert load("fsdp_cut", 0)["interrupted_at"] == load("fsdp_cut", 1)["interrupted_at"] == 2
+    assert json.loads((d / "fsdp_cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    resumed = load("fsdp_resumed", 0)["summary"]
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4 and resumed["world_size"] == 2
+    a, b = load_file(str(d / "fsdp_full" / "model.safetensors")), load_file(str(d / "fsdp_cut" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), {k: float((a[k] - b[k]).abs().max()) for k in a}
+    steps = [json.loads(x)["step"] for x in (d / "fsdp_cut" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

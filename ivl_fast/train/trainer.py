@@ -319,6 +319,7 @@ def train_value_model(cfg: TrainConfig) -> dict:
                 while step < stage_start + stage_steps:
                     epoch, group = plans[stage].group(step - stage_start)
                     t0 = time.perf_counter()
+                    lr_used = opt.param_groups[0]["lr"]  # this step's lr (sched.step() below sets the next one's)
                     loss_val, grad_norm, n_tok = _optimizer_step(
                         cfg, data.examples, group, pad_id, (rank, world, dist), value_fwd, value, base, opt, amp
                     )
@@ -335,7 +336,7 @@ def train_value_model(cfg: TrainConfig) -> dict:
                         "stage": stage,
                         "epoch": epoch,
                         "loss": loss_val,
-                        "lr": sched.get_last_lr()[0],
+                        "lr": lr_used,
                         "grad_norm": grad_norm,
                         "tokens": tokens_seen,
                         "tokens_per_s": sum(len(data.examples[i].input_ids) for b in group for i in b) / max(dt, 1e-9),
