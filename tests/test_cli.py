@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import build_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ivl_fast
 from ivl_fast import FastIVLDecoder
@@ -26,6 +28,60 @@ PROMPT = "def f(x):"
 def dirs(pair):
     """(base_dir, value_dir) as strings, as a shell would pass them."""
     return str(pair[2]), str(pair[3])
+
+
+def greedy_reference(models, ids, max_new_tokens, *, eos_id=2) -> list[int]:
+    """Greedy new token ids under z = sum(alpha * logits) of ``models`` [(hf_model, alpha)], from the definition:
+    a full float64 forward over the whole sequence at every step (no KV cache, no padding, no fused sampler)."""
+    seq, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            x = torch.tensor([seq])
+            z = sum(a * m(x).logits[0, -1].double() for m, a in models if a != 0)  # [V]
+            top2 = z.topk(2).values
+            # the decoder runs in float32: a near-tie would make "equal to greedy" ill-defined, so refuse one
+            assert top2[0] - top2[1] > 1e-4, f"near-tie at step {len(new)}: choose another prompt"
+            nxt = int(z.argmax())
+            new.append(nxt)
+            seq.append(nxt)
+            if nxt == eos_id:
+                break
+    return new
+
+
+@pytest.fixture(scope="module")
+def ref(dirs):
+    """float64 transformers copies of the pair's checkpoints and their tokenizer, loaded from the same dirs."""
+    base = AutoModelForCausalLM.from_pretrained(dirs[0], dtype=torch.float64).eval()
+    value = AutoModelForCausalLM.from_pretrained(dirs[1], dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(dirs[1])
+
+    class Ref:
+        tokenizer = tok
+
+        @staticmethod
+        def text(ids, n, alpha=1.0, value_model=value) -> str:
+            """The text of the greedy continuation of token ids under base + alpha * value."""
+            return tok.decode(greedy_reference([(base, 1.0), (value_model, alpha)], ids, n), skip_special_tokens=True)
+
+        @staticmethod
+        def prompt_text(prompt: str, n: int, alpha=1.0) -> str:
+            return Ref.text(tok(prompt)["input_ids"], n, alpha)
+
+        @staticmethod
+        def first_step_logits(prompt: str) -> torch.Tensor:
+            x = torch.tensor([tok(prompt)["input_ids"]])
+            with torch.no_grad():
+                return base(x).logits[0, -1].double() + value(x).logits[0, -1].double()  # [V]
+
+    Ref.base, Ref.value = base, value
+    return Ref
+
+
+def default_chat_prompt(bos: str, messages: list[dict]) -> str:
+    """README/ivl_fast.chat's documented default format, written out by hand:
+    ``<bos><|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n`` (generation prompt at the end)."""
+    return bos + "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -42,12 +98,13 @@ def generate(capsys, dirs, *extra) -> tuple[int, str, str]:
 # ----------------------------------------------------------------------------- generate
 
 
-def test_generate_json(capsys, dirs):
+def test_generate_json_text_is_the_greedy_continuation_of_base_plus_value(capsys, dirs, ref):
     rc, out, err = generate(capsys, dirs, "--prompt", PROMPT, "--max-new-tokens", 8, "--json")
     assert rc == 0, err
     report = json.loads(out)  # stdout is exactly one JSON object
     assert report["outputs"][0]["prompt"] == PROMPT
-    assert isinstance(report["outputs"][0]["text"], str)
+    expected = ref.prompt_text(PROMPT, 8)  # plain transformers, float64: argmax of z_base + z_value per step
+    assert expected and report["outputs"][0]["text"] == expected
     assert report["speed"]["tokens"] > 0
     assert report["base_alone"] is None
     assert "tokens/s" in err
@@ -89,27 +146,36 @@ def test_generate_plain_text_output(capsys, dirs):
     assert out == expected + "\n"
 
 
-def test_prompts_file_txt_batched(capsys, dirs, tmp_path):
+def test_prompts_file_txt_batched_each_text_is_its_prompts_own_greedy_continuation(capsys, dirs, tmp_path, ref):
     f = tmp_path / "prompts.txt"
     f.write_text("def f(x):\n\nclass A:\nimport os\n")  # the blank line is skipped
     rc, out, err = generate(capsys, dirs, "--prompts-file", f, "--batch-size", 2, "--max-new-tokens", 4, "--json")
     assert rc == 0, err
     outputs = json.loads(out)["outputs"]
     assert [o["prompt"] for o in outputs] == ["def f(x):", "class A:", "import os"]  # 2 batches, order kept
-    assert all(isinstance(o["text"], str) for o in outputs)
+    # each row of a padded batch decodes exactly as its prompt alone would (no padding leak, no row mix-up)
+    expected = [ref.prompt_text(o["prompt"], 4) for o in outputs]
+    assert len(set(expected)) == 3  # distinct, so a row swap would show
+    assert [o["text"] for o in outputs] == expected
 
 
-def test_prompts_file_jsonl_chat(capsys, dirs, tmp_path):
+def test_prompts_file_jsonl_chat_renders_the_default_template_with_the_system_message(capsys, dirs, tmp_path, ref):
     f = tmp_path / "prompts.jsonl"
     messages = [{"role": "user", "content": "Write a loop."}]
     f.write_text(json.dumps({"prompt": "Hello"}) + "\n" + json.dumps({"messages": messages}) + "\n")
     rc, out, err = generate(
-        capsys, dirs, "--prompts-file", f, "--chat", "--system", "Be brief.", "--max-new-tokens", 3, "--json"
+        capsys, dirs, "--prompts-file", f, "--chat", "--system", "Be brief.", "--max-new-tokens", 6, "--json"
     )
     assert rc == 0, err
     outputs = json.loads(out)["outputs"]
     assert [o["prompt"] for o in outputs] == ["Hello", messages]
-    assert all(isinstance(o["text"], str) for o in outputs)
+    # the pair's tokenizer has no chat template: the documented default format, system message first
+    tok, system = ref.tokenizer, {"role": "system", "content": "Be brief."}
+    convs = [[system, {"role": "user", "content": "Hello"}], [system, *messages]]
+    expected = [
+        ref.text(tok(default_chat_prompt(tok.bos_token, c), add_special_tokens=False)["input_ids"], 6) for c in convs
+    ]
+    assert [o["text"] for o in outputs] == expected
 
 
 def test_prompts_file_malformed_jsonl(capsys, dirs, tmp_path):
@@ -154,6 +220,183 @@ def test_scheme_base_without_value(capsys, dirs):
     assert "base alone:" in err
 
 
+# ----------------------------------------------------------------------------- --chat / --system
+
+# a template unlike the default one, so that using the default instead of the checkpoint's would show
+OWN_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def templated_dirs(pair, tokenizer, tmp_path_factory):
+    """The pair's weights saved with a tokenizer that carries its own chat template."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = OWN_TEMPLATE
+    out = []
+    for model, name in ((pair[0], "tmpl_base"), (pair[1], "tmpl_value")):
+        d = tmp_path_factory.mktemp(name)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out.append(str(d))
+    return tuple(out)
+
+
+def test_chat_and_system_render_the_checkpoints_own_template(capsys, templated_dirs, ref):
+    user = "Hello"
+    tok = AutoTokenizer.from_pretrained(templated_dirs[1])
+    assert tok.chat_template == OWN_TEMPLATE
+
+    def templated(messages):  # transformers' own rendering of the checkpoint's template
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return ref.text(tok(text, add_special_tokens=False)["input_ids"], 8)
+
+    with_system = templated([{"role": "system", "content": "Answer in French."}, {"role": "user", "content": user}])
+    without_system = templated([{"role": "user", "content": user}])
+    plain = ref.prompt_text(user, 8)
+    assert len({with_system, without_system, plain}) == 3  # each flag changes the greedy text of this pair
+
+    def cli(*extra):
+        rc, out, err = generate(capsys, templated_dirs, "--prompt", user, "--max-new-tokens", 8, "--json", *extra)
+        assert rc == 0, err
+        return json.loads(out)["outputs"][0]["text"]
+
+    assert cli("--chat", "--system", "Answer in French.") == with_system
+    assert cli("--chat") == without_system
+    assert cli() == plain  # no --chat: the raw prompt (with BOS), no template
+
+
+def test_chat_without_own_template_uses_the_documented_default_format(capsys, dirs, ref):
+    tok = ref.tokenizer
+    assert tok.chat_template is None
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    expected = ref.text(tok(default_chat_prompt(tok.bos_token, msgs), add_special_tokens=False)["input_ids"], 8)
+    assert expected != ref.prompt_text("Hello", 8)
+    rc, out, err = generate(capsys, dirs, "--prompt", "Hello", "--chat", "--system", "Be brief.", "--max-new-tokens", 8)
+    assert rc == 0, err
+    assert out == expected + "\n"
+
+
+# ----------------------------------------------------------------------------- sampling flags
+
+
+def _cli_text(capsys, dirs, *extra) -> str:
+    rc, out, err = generate(capsys, dirs, "--prompt", PROMPT, "--json", *extra)
+    assert rc == 0, err
+    return json.loads(out)["outputs"][0]["text"]
+
+
+def test_alpha_scales_the_value_logits(capsys, dirs, ref):
+    ids = ref.tokenizer(PROMPT)["input_ids"]
+    base_alone = ref.tokenizer.decode(greedy_reference([(ref.base, 1.0)], ids, 8), skip_special_tokens=True)
+    half = ref.text(ids, 8, alpha=0.5)
+    assert len({base_alone, half, ref.text(ids, 8)}) == 3  # alpha matters for this prompt
+    assert _cli_text(capsys, dirs, "--max-new-tokens", 8, "--alpha", 0) == base_alone
+    assert _cli_text(capsys, dirs, "--max-new-tokens", 8, "--alpha", 0.5) == half
+
+
+SAMPLING = ("--do-sample", "--temperature", 1.0, "--top-p", 0.9, "--min-p", 0.05, "--max-new-tokens", 8)
+
+
+def test_seed_makes_sampling_reproducible_and_matches_the_python_api(capsys, dirs):
+    first = _cli_text(capsys, dirs, *SAMPLING, "--seed", 7)
+    assert _cli_text(capsys, dirs, *SAMPLING, "--seed", 7) == first
+    api = FastIVLDecoder.from_pretrained(*dirs).generate_text(
+        PROMPT, do_sample=True, temperature=1.0, top_p=0.9, min_p=0.05, seed=7, max_new_tokens=8
+    )
+    assert api == first
+    others = {_cli_text(capsys, dirs, *SAMPLING, "--seed", s) for s in (8, 9, 10)}
+    assert others - {first}  # the seed is used: other seeds draw other texts
+
+
+@pytest.mark.parametrize("restrict", [("--top-p", 1e-9), ("--min-p", 1.0)])
+def test_sampling_restricted_to_the_top_token_is_greedy(capsys, dirs, ref, restrict):
+    # top_p -> 0 keeps only the most likely token; min_p = 1 keeps tokens with p >= p_max: the argmax
+    args = ("--do-sample", "--temperature", 1.5, "--seed", 3, "--max-new-tokens", 8)
+    greedy = ref.prompt_text(PROMPT, 8)
+    assert _cli_text(capsys, dirs, *args) != greedy  # unrestricted, this seed strays from greedy
+    assert _cli_text(capsys, dirs, *args, *restrict) == greedy
+
+
+def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' top-p: the smallest set of most likely tokens whose probability mass reaches top_p."""
+    order = p.argsort(descending=True)
+    k = int((p[order].cumsum(0) < top_p).sum()) + 1
+    return order[:k]
+
+
+# chi-square quantile at p = 0.001 for 3 degrees of freedom (4 kept tokens); the draws are seeded, so fixed
+CHI2_3DOF_P001 = 16.27
+
+
+@pytest.mark.parametrize("flag, temperature", [("--top-p", 1.5), ("--min-p", 0.7)])
+def test_sampled_first_tokens_follow_the_warped_distribution(capsys, dirs, ref, tmp_path, flag, temperature):
+    """1000 rows of one prompt, one token each: every draw is in the support the flag keeps (written from its
+    definition, after temperature), and the counts fit the renormalised probabilities (chi-square)."""
+    p = torch.softmax(ref.first_step_logits(PROMPT) / temperature, dim=0)  # [V] float64
+    sorted_p, order = p.sort(descending=True)
+    if flag == "--top-p":  # a mass between the 3rd and 4th cumulative sums: 4 tokens kept, far from an edge
+        c = sorted_p.cumsum(0)
+        value = float(c[2] + c[3]) / 2
+        margin = float(c[3] - c[2]) / 2
+        keep = _nucleus(p, value)
+    else:  # a ratio between the 4th and 5th tokens' p / p_max: 4 tokens kept
+        value = float(sorted_p[3] + sorted_p[4]) / 2 / float(sorted_p[0])
+        margin = float(sorted_p[3] - sorted_p[4]) / 2 / float(sorted_p[0])
+        keep = (p >= value * p.max()).nonzero().flatten()
+    assert margin > 1e-3  # the cut is far from a token's edge, so the decoder's float32 keeps the same tokens
+    assert len(keep) == 4
+    q = p[keep] / p[keep].sum()  # the renormalised distribution over the kept tokens
+    tok = ref.tokenizer
+    names = [tok.decode([int(i)], skip_special_tokens=True) for i in keep]
+    assert len(set(names)) == 4  # the draws are read back from text: the kept tokens must decode apart
+
+    n = 1000
+    f = tmp_path / "same.txt"
+    f.write_text((PROMPT + "\n") * n)
+    argv = ["--prompts-file", f, "--batch-size", n, "--max-new-tokens", 1, "--json", "--no-progress"]
+    rc, out, err = generate(capsys, dirs, *argv, "--do-sample", "--seed", 11, "--temperature", temperature, flag, value)
+    assert rc == 0, err
+    counts = Counter(o["text"] for o in json.loads(out)["outputs"])
+    outside = sorted(set(counts) - set(names))
+    assert not outside, f"sampled {len(outside)} tokens outside the kept ones, e.g. {outside[:8]}"
+    chi2 = sum((counts[name] - n * float(qi)) ** 2 / (n * float(qi)) for name, qi in zip(names, q, strict=True))
+    assert chi2 < CHI2_3DOF_P001, (chi2, dict(counts), q.tolist())
+
+
+def test_stop_strings_truncate_at_the_first_one_reached(capsys, dirs, ref):
+    ids = ref.tokenizer(PROMPT)["input_ids"]
+    new = greedy_reference([(ref.base, 1.0), (ref.value, 1.0)], ids, 16)
+    tok = ref.tokenizer
+
+    def text(k):
+        return tok.decode(new[:k], skip_special_tokens=True)
+
+    full = text(len(new))
+
+    def stop_at(stop):  # documented: decoding ends with the token that completes the stop string (kept)
+        return next(text(k) for k in range(1, len(new) + 1) if stop in text(k))
+
+    def pick(start):  # two letters/digits from the greedy text, first seen at or after character `start`
+        return next(
+            full[i : i + 2]
+            for i in range(start, len(full) - 1)
+            if full[i : i + 2].isalnum() and full[i : i + 2] not in full[: i + 1]
+        )
+
+    early, late = pick(len(text(4))), pick(len(text(10)))
+    assert len(stop_at(early)) < len(stop_at(late)) < len(full)
+    base = ("--max-new-tokens", 16)
+    assert _cli_text(capsys, dirs, *base) == full
+    assert _cli_text(capsys, dirs, *base, "--stop", late) == stop_at(late)
+    # repeatable; the first one reached wins, whatever the order on the command line
+    assert _cli_text(capsys, dirs, *base, "--stop", late, "--stop", early) == stop_at(early)
+    assert _cli_text(capsys, dirs, *base, "--stop", "never in the text", "--stop", late) == stop_at(late)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -193,7 +436,11 @@ def test_neither_prompt_nor_file(capsys, dirs):
 
 @pytest.mark.parametrize(
     "extra, match",
-    [(["--prompt", ""], "--prompt is empty"), (["--prompt", "x", "--batch-size", "0"], "--batch-size must be >= 1")],
+    [
+        (["--prompt", ""], "--prompt is empty"),
+        (["--prompt", "x", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--prompt", "x", "--system", "Be brief."], "--system needs --chat"),  # not silently dropped
+    ],
 )
 def test_bad_prompt_options(capsys, dirs, extra, match):
     rc, _, err = generate(capsys, dirs, *extra)
@@ -267,16 +514,25 @@ def test_non_finite_logits_exit_code(capsys, dirs, save_checkpoint):
 # ----------------------------------------------------------------------------- make-tiny and the entry point
 
 
-def test_make_tiny(capsys, tmp_path):
+def test_make_tiny_writes_the_documented_pair_and_it_decodes_as_plain_transformers(capsys, tmp_path):
     rc, out, err = run_cli(capsys, "make-tiny", "--out", tmp_path / "tiny", "--vocab-size", 300)
     assert rc == 0, err
     assert f"base: {tmp_path / 'tiny' / 'base'}" in out and f"value: {tmp_path / 'tiny' / 'value'}" in out
     for name in ("base", "value"):
         assert (tmp_path / "tiny" / name / "config.json").is_file()
         assert (tmp_path / "tiny" / name / "model.safetensors").is_file()
-    dec = FastIVLDecoder.from_pretrained(tmp_path / "tiny" / "base", tmp_path / "tiny" / "value")
-    assert dec.vocab_size == len(dec.tokenizer) <= 300
-    assert isinstance(dec.generate_text(PROMPT, max_new_tokens=2), str)
+    base_dir, value_dir = tmp_path / "tiny" / "base", tmp_path / "tiny" / "value"
+    # `make_tiny_pair`'s documented shapes: base 4 layers x 256 wide, value 2 layers x 128 wide, one tokenizer
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64).eval()
+    value = AutoModelForCausalLM.from_pretrained(value_dir, dtype=torch.float64).eval()
+    assert (base.config.num_hidden_layers, base.config.hidden_size) == (4, 256)
+    assert (value.config.num_hidden_layers, value.config.hidden_size) == (2, 128)
+    assert (base_dir / "tokenizer.json").read_bytes() == (value_dir / "tokenizer.json").read_bytes()
+    tok = AutoTokenizer.from_pretrained(value_dir)
+    assert base.config.vocab_size == value.config.vocab_size == len(tok) <= 300
+    dec = FastIVLDecoder.from_pretrained(base_dir, value_dir)
+    ids = greedy_reference([(base, 1.0), (value, 1.0)], tok(PROMPT)["input_ids"], 4)
+    assert dec.generate_text(PROMPT, max_new_tokens=4) == tok.decode(ids, skip_special_tokens=True) != ""
 
 
 def test_console_script_version():

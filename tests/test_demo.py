@@ -4,11 +4,15 @@ different, and README's table being exactly the committed results it claims. Not
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ivl_fast.cli import main as cli_main
 from ivl_fast.demo import DemoConfig, demonstrations, make_tokenizers, make_world, pretraining_text
@@ -59,14 +63,22 @@ def test_sentencepiece_style_tokenizer_round_trips_any_text_and_is_deterministic
         train_sentencepiece_style_on(["the cat sat on the mat"] * 50, 500)
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    work = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The first `ivl-fast demo --quick --json` run (from nothing): (work dir, parsed stdout, stderr, seconds)."""
+    work = tmp_path_factory.mktemp("quick_demo") / "demo"
+    out, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
-    assert cli_main(["demo", "--quick", "--work-dir", str(work), "--json"]) == 0
-    first = time.perf_counter() - t0
-    captured = capsys.readouterr()
-    out = json.loads(captured.out)
-    assert "building from nothing" in captured.err
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(["demo", "--quick", "--work-dir", str(work), "--json"])
+    seconds = time.perf_counter() - t0
+    assert rc == 0, err.getvalue()
+    return work, json.loads(out.getvalue()), err.getvalue(), seconds
+
+
+def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
+    work, out, first_err, first = quick_demo
+    assert "building from nothing" in first_err
     assert [r["name"] for r in out["rows"]] == ROW_NAMES
     for r in out["rows"]:
         assert 0 <= r["accuracy"] <= r["format_rate"] <= 1 and r["questions"] == 16
@@ -98,6 +110,101 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert fresh["tokenizers"] == out["tokenizers"] and fresh["rows"] == [
         {**r, "seconds": f["seconds"]} for r, f in zip(out["rows"], fresh["rows"], strict=True)
     ]
+
+
+def _greedy_new_tokens(models, ids: list[int], n: int, eos_id: int) -> list[int]:
+    """Greedy new ids under z = sum(alpha * logits) of ``models`` [(hf_model, alpha)]: a plain transformers loop
+    (one prompt, no padding, its own KV cache), float64."""
+    from transformers import DynamicCache
+
+    new, caches, x = [], [DynamicCache() for _ in models], torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            z = 0
+            for (model, alpha), cache in zip(models, caches, strict=True):
+                # the cache goes 4th positionally: `past_key_values` in older transformers 5.x, `cache` in newer
+                logits = model(x, None, None, cache, use_cache=True).logits
+                z = z + alpha * logits[0, -1].double()  # [V]
+            top2 = z.topk(2).values
+            assert top2[0] - top2[1] > 1e-4, "near-tie: the demo's float32 greedy answer is not well defined here"
+            new.append(int(z.argmax()))
+            if new[-1] == eos_id:
+                break
+            x = torch.tensor([[new[-1]]])
+    return new
+
+
+def _answer_word(text: str) -> str | None:
+    """The documented answer format, "ANSWER: <word>", on the first line of the answer: the word (a trailing
+    full stop dropped), or None when the line is not in the format."""
+    lines = text.strip().splitlines()
+    m = re.match(r"ANSWER: +(\S+)", lines[0]) if lines else None
+    return m.group(1).rstrip(".") if m else None
+
+
+def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_demo):
+    """Each row's accuracy and format rate equal a recount over the row's own greedy answers to the held-out
+    questions, regenerated here from the demo's checkpoints (plain transformers; residual rows: base + value
+    logits) and parsed by _answer_word. The cross-vocabulary row is regenerated one question at a time through
+    the public generate_text (the demo decodes all questions in one padded batch)."""
+    from transformers import AutoModelForCausalLM
+
+    from ivl_fast import FastIVLDecoder
+    from ivl_fast.chat import load_tokenizer
+
+    work, out, _, _ = quick_demo
+    cfg = DemoConfig(quick=True)
+    world = make_world(cfg.n_people, cfg.seed)
+    qa = []  # (question, answer): the demo's two questions about each evaluated person
+    for p in world["eval_people"][: cfg.eval_people]:
+        qa += [
+            (f"Where does {p} live?", world["facts"][p]["city"]),
+            (f"What color does {p} like?", world["facts"][p]["color"]),
+        ]
+    assert len(qa) == out["rows"][0]["questions"]
+    tok = load_tokenizer(work / "small")
+    assert tok.chat_template is None  # so the documented default chat format applies, written out here
+    prompts = [f"{tok.bos_token}<|user|>\n{q}\n<|assistant|>\n" for q, _ in qa]
+
+    def recount(texts):
+        words = [_answer_word(t) for t in texts]
+        n = len(qa)
+        return sum(w == a for w, (_, a) in zip(words, qa, strict=True)) / n, sum(w is not None for w in words) / n
+
+    loaded = {}
+
+    def hf(name):
+        if name not in loaded:
+            loaded[name] = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float64).eval()
+        return loaded[name]
+
+    models_of = {  # the residual value checkpoints record their scheme; the demo decodes with alpha 1
+        "small": ["small"],
+        "large": ["large"],
+        "small+value": ["small", "value"],
+        "large+value": ["large", "value"],
+        "large+value_l1": ["large", "value_l1"],
+        "large_finetuned": ["large_finetuned"],
+    }
+    for name in ("value", "value_l1"):
+        assert json.loads((work / name / "ivl.json").read_text())["scheme"] == "residual"
+    got = {r["name"]: (r["accuracy"], r["format_rate"]) for r in out["rows"]}
+    want = {}
+    for row, names in models_of.items():
+        models = [(hf(m), 1.0) for m in names]
+        texts = []
+        for prompt in prompts:
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            texts.append(tok.decode(_greedy_new_tokens(models, ids, 12, tok.eos_token_id), skip_special_tokens=True))
+        want[row] = recount(texts)
+    cross = FastIVLDecoder.from_pretrained(
+        work / "other", work / "value", vocab_map=work / "map_other_to_a.safetensors"
+    )
+    want["other_vocab+value"] = recount([cross.generate_text(q, chat=True, max_new_tokens=12) for q, _ in qa])
+    assert got == want
+    # the recount is not vacuous: some answers are in the format, some are right, some are not in the format
+    assert any(f > 0 for _, f in want.values()) and any(a > 0 for a, _ in want.values())
+    assert any(f < 1 for _, f in want.values())
 
 
 def test_readme_demo_results_are_the_committed_runs():

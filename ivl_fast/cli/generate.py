@@ -166,6 +166,8 @@ def run(args) -> int:
         raise UsageError("--prompt is empty")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.system is not None and not args.chat:  # else the system message would be dropped without a word
+        raise UsageError("--system needs --chat (the system message is rendered by the chat template)")
     _check_model_args(args)
     prompts = _read_prompts(args)
     common = dict(device=args.device, dtype=args.dtype, engine=args.engine, attn_backend=args.attn_backend)
