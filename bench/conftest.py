@@ -18,12 +18,46 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DECODE: list[dict] = []
+
+
+def invocation() -> str:
+    """The exact command this process runs: the IVL_*/TRITON_* settings in its environment, then its argv."""
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith(("IVL_", "TRITON_"))]
+    under_pytest = Path(sys.argv[0]).name in ("pytest", "py.test", "__main__.py")  # __main__.py: python -m pytest
+    words = ["pytest", *sys.argv[1:]] if under_pytest else ["python", *sys.argv]
+    return " ".join([*env, *map(shlex.quote, words)])
+
+
+def spread(samples: list[float]) -> dict:
+    """A figure over repeated runs: the median to quote, its range, and every sample."""
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "runs": len(samples),
+        "samples": list(samples),
+    }
+
+
+def save_results(payload: dict, command: str | None = None) -> Path | None:
+    """Write ``payload`` with its provenance (command, date, machine, versions, commit) to $IVL_BENCH_OUT."""
+    out = os.environ.get("IVL_BENCH_OUT")
+    if not out:
+        return None
+    from ivl_fast.provenance import provenance
+
+    path = Path(out)
+    path.write_text(json.dumps({"provenance": provenance(command or invocation()), **payload}, indent=2) + "\n")
+    return path
 
 
 def bench_settings() -> dict:
@@ -153,7 +187,10 @@ def pytest_terminal_summary(terminalreporter):
     if out:
         import transformers
 
+        from ivl_fast.provenance import provenance
+
         info = {
+            "provenance": provenance(invocation()),
             "device": _device_name(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,

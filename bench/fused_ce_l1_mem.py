@@ -46,32 +46,39 @@ def main(variant: str) -> dict:
     labels = torch.randint(0, v, (n,), device=dev, generator=g)
     labels[: n // 4] = -100  # prompt tokens
 
-    def run():
-        loss = naive_loss(vh, vw, bh, bw, labels, 1.0) if variant == "naive" else fused_ce_l1(vh, vw, bh, bw, labels)
-        loss.backward()
-        return loss
-
-    run()  # warm-up (Triton compile, allocator)
-    vh.grad = vw.grad = None
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+    def reset_peak() -> int:
+        """Restart peak tracking at the current usage; returns that usage (bytes)."""
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
             f.write("5")
-        base = _vm("VmRSS")
-    times = []
+        return _vm("VmRSS")
+
+    def peak() -> int:
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return _vm("VmHWM")
+
+    def forward():
+        return naive_loss(vh, vw, bh, bw, labels, 1.0) if variant == "naive" else fused_ce_l1(vh, vw, bh, bw, labels)
+
+    forward().backward()  # warm-up (Triton compile, allocator)
+    times, fwd_peaks, bwd_peaks = [], [], []
     for _ in range(int(os.environ.get("IVL_CE_REPEAT", "3" if dev == "cuda" else "1"))):
         vh.grad = vw.grad = None
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        base = reset_peak()  # inputs only: what the loss adds is measured against this
         t0 = time.perf_counter()
-        loss = run()
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        loss = forward()
+        fwd_peaks.append(peak() - base)
+        reset_peak()  # the backward's own peak, still counted from the inputs-only usage
+        loss.backward()
+        bwd_peaks.append(peak() - base)
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if dev == "cuda" else _vm("VmHWM")) - base
+    # peak_extra_bytes: the larger of the two phases (the old single figure); the phases say where it comes from
+    fwd_peak, bwd_peak = max(fwd_peaks), max(bwd_peaks)
     return {
         "variant": variant,
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
@@ -80,7 +87,9 @@ def main(variant: str) -> dict:
         "H": h,
         "dtype": str(dt),
         "loss": float(loss),
-        "peak_extra_bytes": int(peak),
+        "peak_extra_bytes": int(max(fwd_peak, bwd_peak)),
+        "forward_peak_extra_bytes": int(fwd_peak),
+        "backward_peak_extra_bytes": int(bwd_peak),
         "seconds_min": min(times),
         "seconds_all": times,
     }

@@ -1,7 +1,9 @@
 """Tokens/s of one IVL training step (forward + fused loss + backward + AdamW) with random-weight models.
 
 Default: TinyLlama-1.1B-shaped value network on a TinyLlama-shaped base on GPU (bf16 autocast), the tiny pair
-on CPU. IVL_TRAIN_VALUE / IVL_TRAIN_BASE pick configs from bench/configs; IVL_TRAIN_B, IVL_TRAIN_T the batch.
+on CPU. IVL_TRAIN_VALUE / IVL_TRAIN_BASE pick configs from bench/configs; IVL_TRAIN_B, IVL_TRAIN_T the batch;
+IVL_TRAIN_ROUNDS the timed steps (default 7). ``IVL_BENCH_OUT=path.json`` writes every step's time, the median
+and range of tokens/s, and the provenance.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 import time
 
 import torch
-from conftest import load_config
+from conftest import load_config, save_results, spread
 
 from ivl_fast.models import _build_lean
 from ivl_fast.models.config import LeanConfig
@@ -58,9 +60,28 @@ def test_train_step_tokens_per_s(benchmark):
         if GPU:
             torch.cuda.synchronize()
 
-    step()
-    t0 = time.perf_counter()
-    benchmark.pedantic(step, rounds=3, iterations=1)
-    secs = (time.perf_counter() - t0) / 3
-    benchmark.extra_info.update({"value": vname, "base": bname, "batch": b, "seq": t, "tokens_per_s": b * t / secs})
-    print(f"\ntrain step {vname} on {bname}, {b}x{t}: {b * t / secs:.0f} tokens/s")
+    step()  # warm-up: allocator, autotuning
+    rounds = int(os.environ.get("IVL_TRAIN_ROUNDS", "7"))
+    seconds = []
+
+    def timed_step():
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(timed_step, rounds=rounds, iterations=1)
+    tokens_per_s = spread([b * t / s for s in seconds])
+    config = {"value": vname, "base": bname, "batch": b, "seq": t, "device": str(dev)}
+    benchmark.extra_info.update({**config, "tokens_per_s": tokens_per_s["median"]})
+    print(
+        f"\ntrain step {vname} on {bname}, {b}x{t}: {tokens_per_s['median']:.0f} tokens/s "
+        f"(median of {rounds}; {tokens_per_s['min']:.0f}-{tokens_per_s['max']:.0f})"
+    )
+    save_results(
+        {
+            "benchmark": "one IVL training step: forward of both models + fused loss + backward + AdamW",
+            "config": config,
+            "seconds": spread(seconds),
+            "tokens_per_s": tokens_per_s,
+        }
+    )

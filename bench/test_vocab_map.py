@@ -3,20 +3,20 @@
 1. ``test_dtw_cpp_vs_python``: the same 120 corpus pieces aligned by both paths on one thread (goal: >= 100x).
 2. ``test_full_map_build``: a map between two real tokenizers from ~5 MB of text on all cores (goal for
    32000 x 131072: under a minute on 2 cores). Give the tokenizer dirs with IVL_VOCAB_BASE / IVL_VOCAB_VALUE
-   (e.g. mistral-common's tekken_240911.json converted with transformers' convert_tekken_tokenizer = 131072
-   byte-level tokens, and its tokenizer.model.v1 = 32000 SentencePiece tokens); skipped without them.
-``IVL_BENCH_OUT=path.json`` writes every figure.
+   (``bench/mistral_tokenizers.py`` writes mistral-common's tekken_240911 = 131072 byte-level tokens and its
+   tokenizer.model.v1 = 32000 SentencePiece tokens); skipped without them. Its peak memory is the build's own:
+   the peak RSS is reset just before ``VocabMap.build`` and read just after, against the RSS at the reset.
+``IVL_BENCH_OUT=path.json`` writes every figure (DTW: IVL_DTW_RUNS timings of each path, default 5) and the
+provenance.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import resource
 import time
-from pathlib import Path
 
 import pytest
+from conftest import save_results, spread
 
 from ivl_fast._ext import extension_available
 from ivl_fast.tiny import corpus_text, train_tokenizer
@@ -28,15 +28,14 @@ RESULTS: dict = {}
 
 
 def _write():
-    if os.environ.get("IVL_BENCH_OUT"):
-        import torch
+    save_results({"benchmark": "vocabulary-map building", **RESULTS})
 
-        RESULTS.update({"torch": torch.__version__, "cpu_count": os.cpu_count(), "device": "cpu"})
-        RESULTS["command"] = (
-            "IVL_VOCAB_BASE=<tekken_240911 converted dir> IVL_VOCAB_VALUE=<tokenizer.model.v1 dir> "
-            "IVL_BENCH_OUT=bench/results/vocab_map_cpu.json pytest bench/test_vocab_map.py -s"
-        )
-        Path(os.environ["IVL_BENCH_OUT"]).write_text(json.dumps(RESULTS, indent=2))
+
+def _vm_bytes(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 @pytest.mark.skipif(not extension_available(), reason="ivl_fast._C not built")
@@ -46,16 +45,33 @@ def test_dtw_cpp_vs_python(benchmark):
     pieces = split_corpus([corpus_text()[300_000:500_000]])[:400]
     ta = [a(p, add_special_tokens=False)["input_ids"] for p in pieces]
     tb = [b(p, add_special_tokens=False)["input_ids"] for p in pieces]
-    t0 = time.perf_counter()
-    py = align_counts(sa, sb, ta, tb, backend="python")
-    t_py = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cpp = benchmark.pedantic(lambda: align_counts(sa, sb, ta, tb, backend="cpp", threads=1), rounds=3)
-    t_cpp = min(benchmark.stats.stats.data)
-    assert all((x == y).all() for x, y in zip(py, cpp, strict=True))
-    RESULTS["dtw"] = {"pieces": len(pieces), "python_s": t_py, "cpp_1thread_s": t_cpp, "speedup": t_py / t_cpp}
+    t_py, t_cpp, ratios = [], [], []
+
+    def timed(backend: str, **kw):
+        t0 = time.perf_counter()
+        counts = align_counts(sa, sb, ta, tb, backend=backend, **kw)
+        return counts, time.perf_counter() - t0
+
+    def pairs():  # python, C++, python, C++, ...: each ratio from one adjacent pair
+        for _ in range(int(os.environ.get("IVL_DTW_RUNS", "5"))):
+            py, tp = timed("python")
+            cpp, tc = timed("cpp", threads=1)
+            assert all((x == y).all() for x, y in zip(py, cpp, strict=True))
+            t_py.append(tp)
+            t_cpp.append(tc)
+            ratios.append(tp / tc)
+
+    benchmark.pedantic(pairs, rounds=1, iterations=1)
+    RESULTS["dtw"] = {
+        "pieces": len(pieces),
+        "python_s": spread(t_py),
+        "cpp_1thread_s": spread(t_cpp),
+        "speedup": spread(ratios),
+    }
+    sp = RESULTS["dtw"]["speedup"]
     print(
-        f"\nDTW on {len(pieces)} pieces: python {t_py:.2f} s, C++ (1 thread) {t_cpp * 1e3:.1f} ms = {t_py / t_cpp:.0f}x"
+        f"\nDTW on {len(pieces)} pieces: python {spread(t_py)['median']:.2f} s, C++ (1 thread) "
+        f"{spread(t_cpp)['median'] * 1e3:.1f} ms = {sp['median']:.0f}x (range {sp['min']:.0f}-{sp['max']:.0f}x)"
     )
     _write()
 
@@ -74,9 +90,13 @@ def test_full_map_build(benchmark):
     mb = float(os.environ.get("IVL_VOCAB_MB", "5"))
     reps = max(1, round(mb * 1e6 / len(train)))
     corpus = [train] * reps  # pydoc is ~0.75 MB: repeated to the asked size (same alignments, real cost)
+    with open("/proc/self/clear_refs", "w") as f:  # peak RSS restarts here: the build's own peak is measured
+        f.write("5")
+    rss_before = _vm_bytes("VmRSS")
     t0 = time.perf_counter()
     vmap = benchmark.pedantic(lambda: VocabMap.build(base, value, corpus, top_k=3), rounds=1)
     secs = time.perf_counter() - t0
+    build_peak = _vm_bytes("VmHWM")
     rep = vmap.evaluate(base, value, split_corpus([held]))
     RESULTS["full_map"] = {
         "base_vocab": len(base),
@@ -84,7 +104,9 @@ def test_full_map_build(benchmark):
         "corpus_mb": sum(map(len, corpus)) / 1e6,
         "seconds": secs,
         "threads": os.cpu_count(),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "process_rss_before_build_mb": rss_before / 2**20,  # interpreter, torch, both tokenizers, the corpus
+        "build_peak_rss_mb": build_peak / 2**20,  # the process's peak during the build
+        "build_extra_peak_mb": (build_peak - rss_before) / 2**20,  # what the build itself added at its peak
         **vmap.stats,
         "overlap_ratio_held_out": rep["overlap_ratio"],
     }

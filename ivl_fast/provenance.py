@@ -34,6 +34,21 @@ def git_commit() -> str | None:
     return r.stdout.strip() or None if r.returncode == 0 else None
 
 
+def git_dirty() -> bool | None:
+    """True when tracked files differ from that commit (the figure then comes from uncommitted code)."""
+    here = Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(r.stdout.strip()) if r.returncode == 0 else None
+
+
 def provenance(command: str) -> dict:
     import tokenizers
     import torch
@@ -56,4 +71,5 @@ def provenance(command: str) -> dict:
             "tokenizers": tokenizers.__version__,
         },
         "commit": git_commit(),
+        "dirty": git_dirty(),
     }
