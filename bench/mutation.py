@@ -48,57 +48,55 @@ SLOW_SAMPLER_TESTS = [
 # name -> files to mutate ({path: None for every line, or the functions "Class.method" / "function"}) and tests
 TARGETS: dict[str, dict] = {
     "sampling": {
-        "scope": {"ivl_fast/sampling.py": None},
-        "tests": [
-            "tests/test_sampling.py",
-            "tests/test_combine_and_sample.py",
-            *SLOW_SAMPLER_TESTS,
-        ],
+        "scope": {"ivl_fast/sampling.py": {"names": None, "line_fraction": 0.4}},
+        "tests": ["tests/test_sampling.py", "tests/test_combine_and_sample.py", *SLOW_SAMPLER_TESTS],
     },
     "combine_and_sample": {
         "scope": {
-            "ivl_fast/ops/combine_and_sample.py": None,
-            "ivl_fast/ops/_backend.py": None,
-            # the kernel and its launcher (_aot_spec is the ahead-of-time build for GPUs, tests/test_kernels_aot.py);
-            # mutants on a seeded half of its lines: all of them cost more than 2 cores give in an hour
+            "ivl_fast/ops/combine_and_sample.py": {"names": None, "line_fraction": 0.4},
+            "ivl_fast/ops/_backend.py": {"names": None, "line_fraction": 0.4},
+            # the kernel and its launcher (_aot_spec is the ahead-of-time build for GPUs, tests/test_kernels_aot.py)
             "kernels/combine_and_sample.py": {
                 "names": ["_keys", "_block", "_pick", "_combine_sample_kernel", "launch"],
-                "line_fraction": 0.5,
+                "line_fraction": 0.25,
             },
         },
         "tests": ["tests/test_combine_and_sample.py", "tests/test_sampling.py", *SLOW_SAMPLER_TESTS],
     },
     "fused_ce_l1": {
-        "scope": {"ivl_fast/ops/fused_ce_l1.py": None, "kernels/fused_ce_l1.py": ["_ce_l1_kernel", "ce_l1_rows"]},
+        "scope": {
+            "ivl_fast/ops/fused_ce_l1.py": {"names": None, "line_fraction": 0.4},
+            "kernels/fused_ce_l1.py": {"names": ["_ce_l1_kernel", "ce_l1_rows"], "line_fraction": 0.4},
+        },
         "tests": ["tests/test_fused_ce_l1.py"],
     },
     "decode_step": {
         "scope": {
-            "ivl_fast/decoder.py": [
-                "_set_rows",
-                "_Run._kv_len",
-                "_Run._logits",
-                "_Run._sample",
-                "_Run._emit",
-                "_Run._start",
-                "_Run.__iter__",
-                "_Run._check",
-                "_Run._check_stop_strings",
-                "_CrossVocabRun._base_ids",
-                "_CrossVocabRun._logits",
-            ]
+            "ivl_fast/decoder.py": {
+                "names": [
+                    "_set_rows",
+                    "_Run._kv_len",
+                    "_Run._logits",
+                    "_Run._sample",
+                    "_Run._emit",
+                    "_Run._start",
+                    "_Run.__iter__",
+                    "_Run._check",
+                    "_Run._check_stop_strings",
+                    "_CrossVocabRun._base_ids",
+                    "_CrossVocabRun._logits",
+                ],
+                "line_fraction": 0.4,
+            }
         },
         "tests": ["tests/test_cross_vocab.py", "tests/test_decoder.py"],
     },
     "trainer": {
         "scope": {
-            "ivl_fast/train/trainer.py": [
-                "StepPlan",
-                "_lr_lambda",
-                "micro_batch_loss",
-                "_optimizer_step",
-                "_follow_schedule",
-            ]
+            "ivl_fast/train/trainer.py": {
+                "names": ["StepPlan", "_lr_lambda", "micro_batch_loss", "_optimizer_step", "_follow_schedule"],
+                "line_fraction": 0.6,
+            }
         },
         "tests": [
             "tests/test_train_optim.py",
@@ -136,7 +134,7 @@ def _spans(path: Path, names: list[str] | None) -> list[tuple[int, int]]:
 
 def scope_lines(rel: str, spec) -> list[int]:
     """The 1-based line numbers of ``rel`` in scope: every line (None), the named functions (a list), or a seeded
-    sample of the named functions' lines ({"names": [...], "line_fraction": f})."""
+    sample of the lines of the named functions or of the whole file ({"names": [...] | None, "line_fraction": f})."""
     names, fraction = (spec["names"], spec["line_fraction"]) if isinstance(spec, dict) else (spec, 1.0)
     lines = [n for a, b in _spans(ROOT / rel, names) for n in range(a, b + 1)]
     if fraction < 1.0:

@@ -1,0 +1,156 @@
+"""README's benchmark and mutation-testing tables, rendered from the committed results JSON (bench/results/), so
+that every figure in them is regenerated, never retyped. ``python docs/update_readme.py`` writes them into README;
+tests/test_readme.py checks README holds exactly what these functions render.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCH_START = "<!-- bench-results: made by `python docs/update_readme.py` from bench/results/*.json -->"
+BENCH_END = "<!-- /bench-results -->"
+MUTATION_START = "<!-- mutation-results: made by `python docs/update_readme.py` from bench/results/mutation.json -->"
+MUTATION_END = "<!-- /mutation-results -->"
+MIB = 2**20
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _range(s: dict, fmt: str, unit: str = "") -> str:
+    """A figure over runs: the median, then its range and the number of runs."""
+    return f"{s['median']:{fmt}}{unit} ({s['min']:{fmt}}-{s['max']:{fmt}}{unit}, {s['runs']} runs)"
+
+
+def _where(r: dict) -> str:
+    p = r["provenance"]
+    m = p["machine"]
+    dev = m.get("gpu") or f"{m['cores']}-core {m['cpu']}"
+    dirty = " + uncommitted changes" if p.get("dirty") else ""
+    return f"{dev}, torch {p['versions']['torch']}, {p['date'][:10]}, commit {(p['commit'] or '?')[:7]}{dirty}"
+
+
+def _row(what: str, r: dict, result: str, file: str) -> str:
+    return f"| {what} | `{r['provenance']['command']}` | {result} | {_where(r)} (`bench/results/{file}`) |"
+
+
+def benchmark_rows() -> list[str]:
+    rows = []
+    if ce := _load("fused_ce_l1_cpu.json"):
+        c, f, n = ce["config"], ce["fused"], ce["naive"]
+        rows.append(
+            _row(
+                f"fused CE+L1 loss vs the naive materialised loss, fwd+bwd, N={c['N']}, V={c['V']}, H={c['H']}, "
+                f"{c['dtype'].replace('torch.', '')}, each run a fresh process",
+                ce,
+                f"peak extra memory {f['peak_extra_bytes']['median'] / MIB:.0f} MiB vs "
+                f"{n['peak_extra_bytes']['median'] / MIB:.0f} MiB = **{ce['memory_ratio']['median']:.3f}x** "
+                f"(fused: forward {f['forward_peak_extra_bytes']['median'] / MIB:.0f} MiB, backward "
+                f"{f['backward_peak_extra_bytes']['median'] / MIB:.0f} MiB); "
+                f"time {_range(f['seconds_min'], '.1f', ' s')} vs {_range(n['seconds_min'], '.1f', ' s')}, "
+                f"ratio {_range(ce['time_ratio'], '.2f', 'x')}; "
+                f"loss relative difference {ce['loss_rel_diff']:.1e}",
+                "fused_ce_l1_cpu.json",
+            )
+        )
+    if ts := _load("train_step_cpu.json"):
+        c = ts["config"]
+        rows.append(
+            _row(
+                f"one training step (both forwards + fused loss + backward + AdamW), {c['value']} on {c['base']}, "
+                f"{c['batch']}x{c['seq']} tokens",
+                ts,
+                f"{_range(ts['tokens_per_s'], '.0f', ' tokens/s')}, one run per step",
+                "train_step_cpu.json",
+            )
+        )
+    if vm := _load("vocab_map_cpu.json"):
+        if d := vm.get("dtw"):
+            rows.append(
+                _row(
+                    f"MinED/DTW alignment of the same {d['pieces']} corpus pieces, C++ (1 thread) vs pure Python",
+                    vm,
+                    f"C++ {d['cpp_1thread_s']['median'] * 1e3:.1f} ms vs Python {d['python_s']['median']:.2f} s: "
+                    f"**{_range(d['speedup'], '.0f', 'x')}** (ratio of adjacent pairs), identical counts",
+                    "vocab_map_cpu.json",
+                )
+            )
+        if m := vm.get("full_map"):
+            rows.append(
+                _row(
+                    f"{m['base_vocab']} x {m['value_vocab']} map (mistral-common's tekken_240911 as base, its "
+                    f"tokenizer.model.v1 as value; tokenizers written by `bench/mistral_tokenizers.py`) from "
+                    f"{m['corpus_mb']:.1f} MB of text, {m['threads']} threads",
+                    vm,
+                    f"**{_range(m['seconds'], '.1f', ' s')}**; the build's own peak: +{m['build_extra_peak_mb']:.0f}"
+                    f" MiB over the {m['process_rss_before_build_mb']:.0f} MiB the process held before it (torch, "
+                    f"both tokenizers, the corpus); {m['distinct_pairs']} distinct pairs, coverage "
+                    f"{m['coverage']:.2f} of base tokens, held-out overlap ratio {m['overlap_ratio_held_out']:.2f}",
+                    "vocab_map_cpu.json",
+                )
+            )
+    if mt := _load("make_tiny_generate_cpu.json"):
+        rows.append(
+            _row(
+                "README's make-tiny example (`ivl-fast generate ... --max-new-tokens 64 --compare-base` on the "
+                "random tiny pair: base 4x256, value 2x128, fp32), each run a fresh process",
+                mt,
+                f"pair {_range(mt['pair_tokens_per_s'], '.0f', ' tokens/s')}, base alone "
+                f"{_range(mt['base_tokens_per_s'], '.0f', ' tokens/s')}; pair/base time per token "
+                f"**{_range(mt['pair_over_base_time_per_token'], '.2f', 'x')}**",
+                "make_tiny_generate_cpu.json",
+            )
+        )
+    return rows
+
+
+def benchmarks_block() -> str:
+    head = ["| what | command | result: median (range, runs) | machine, versions, commit |", "| --- " * 4 + "|"]
+    return "\n".join([BENCH_START, *head, *benchmark_rows(), BENCH_END])
+
+
+def _scope_text(path: str, spec) -> str:
+    names, fraction = (spec["names"], spec["line_fraction"]) if isinstance(spec, dict) else (spec, 1.0)
+    text = f"`{path}`" + (": " + ", ".join(f"`{n}`" for n in names) if names else "")
+    return text + (f" (a seeded {fraction:.0%} of the lines)" if fraction < 1 else "")
+
+
+def mutation_block() -> str:
+    mut = _load("mutation.json")
+    lines = [MUTATION_START]
+    if mut:
+        lines += [
+            "| target | lines mutated | tests run against each mutant | mutants | killed | timed out | survived "
+            "| kill rate |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, t in mut["targets"].items():
+            files = "; ".join(
+                f"`{f}`"
+                if spec is None
+                else f"`{f}`: "
+                + ", ".join(spec["names"] if isinstance(spec, dict) else spec)
+                + (f" (a seeded {spec['line_fraction']:.0%} of their lines)" if isinstance(spec, dict) else "")
+                for f, spec in t["files"].items()
+            )
+            c = t["counts"]
+            untested = c.get("untested", 0)
+            rate = f"**{t['kill_rate']:.1%}**" + (f" ({untested} not reached in the time limit)" if untested else "")
+            lines.append(
+                f"| {name} | {files} | `{t['pytest_args']}` | {t['mutants']} | {c.get('ok_killed', 0)} | "
+                f"{c.get('bad_timeout', 0) + c.get('ok_suspicious', 0)} | {c.get('bad_survived', 0)} | {rate} |"
+            )
+        p = next(iter(mut["targets"].values()))["provenance"]
+        lines.append("")
+        lines.append(f"Machine: {_where({'provenance': p})}.")
+    lines.append(MUTATION_END)
+    return "\n".join(lines)
+
+
+def replace_block(text: str, start: str, end: str, block: str) -> str:
+    a, b = text.index(start), text.index(end) + len(end)
+    return text[:a] + block + text[b:]
