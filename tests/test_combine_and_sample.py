@@ -265,27 +265,61 @@ def test_nonfinite_rows_are_flagged():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, message",
     [
-        (dict(top_p=0.0, do_sample=True), "top_p must be"),
-        (dict(top_p=-0.5, do_sample=True), "top_p must be"),
-        (dict(temperature=-1.0), "temperature must be"),
-        (dict(value_logits=torch.zeros(4, 100)), "vocabulary"),
-        (dict(value_logits=torch.zeros(3, 111)), "batch sizes differ"),
-        (dict(base_logits=torch.zeros(4, 111, dtype=torch.int64)), "float32/float16/bfloat16"),
-        (dict(base_logits=torch.zeros(4, 111, 2)), r"must be \[B, V\]"),
-        (dict(vocab_map=VocabMap.from_dense(torch.eye(50, 111))), "vocab_map expects 50"),
-        (dict(vocab_map=VocabMap.from_dense(torch.eye(111, 90))), "maps to 90 value tokens"),
-        (dict(temperature=torch.ones(3), do_sample=True), r"temperature must be a scalar or a \[B=4\]"),
+        (dict(top_p=0.0, do_sample=True), "top_p must be in (0, 1] (1 disables it), got 0.0"),
+        (dict(top_p=-0.5, do_sample=True), "top_p must be in (0, 1] (1 disables it), got -0.5"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
+        (dict(value_logits=torch.zeros(4, 100)), "base vocabulary (111) != value vocabulary (100) and no vocab_map"),
+        (dict(value_logits=torch.zeros(3, 111)), "batch sizes differ: base 4, value 3"),
+        (
+            dict(base_logits=torch.zeros(4, 111, dtype=torch.int64)),
+            "base_logits must be float32/float16/bfloat16, got torch.int64",
+        ),
+        (dict(base_logits=torch.zeros(4, 111, 2)), "base_logits must be [B, V], got shape (4, 111, 2)"),
+        (dict(value_logits=torch.zeros(4, 111, 2)), "value_logits must be [B, V], got shape (4, 111, 2)"),
+        (
+            dict(vocab_map=VocabMap.from_dense(torch.eye(50, 111))),
+            "vocab_map expects 50 base logits per row, base_logits has 111",
+        ),
+        (
+            dict(vocab_map=VocabMap.from_dense(torch.eye(111, 90))),
+            "vocab_map maps to 90 value tokens, value_logits has 111",
+        ),
+        (
+            dict(temperature=torch.ones(3), do_sample=True),
+            "temperature must be a scalar or a [B=4] tensor, got shape (3,)",
+        ),
         (dict(value_logits=torch.zeros(4, 111, device="meta")), "base_logits on cpu but value_logits on meta"),
+        (dict(base_logits=None, value_logits=None), "combine_and_sample needs base_logits, value_logits or both"),
     ],
 )
-def test_bad_input(kwargs, match):
+def test_bad_input_is_refused_with_a_message_naming_the_argument(kwargs, message):
     args = dict(base_logits=torch.zeros(4, 111), value_logits=torch.zeros(4, 111))
     args.update(kwargs)
     base, value = args.pop("base_logits"), args.pop("value_logits")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError) as err:
         combine_and_sample(base, value, backend="triton", **args)
+    assert str(err.value) == message  # the whole message: which argument, what it must be, what it got
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_defaults_are_greedy_base_plus_value_at_alpha_1_temperature_1_offset_0_without_logprobs(backend):
+    """Called with logits only, the op is greedy on base + 1.0 * value and returns no log-probabilities; sampling
+    with only a seed draws as at temperature 1, offset 0 (the documented defaults, checked by behaviour)."""
+    g = torch.Generator().manual_seed(5)
+    base, value = torch.randn(64, 111, generator=g), torch.randn(64, 111, generator=g)
+    ids, lp, bad = combine_and_sample(base, value, backend=backend)
+    z64 = base.double() + value.double()
+    assert torch.equal(ids, z64.argmax(-1)) and lp is None and not bad.any()
+    assert not torch.equal(ids, (base.double() + 2 * value.double()).argmax(-1))  # alpha matters on these rows
+    kw = dict(do_sample=True, backend=backend)
+    rng = (lambda: dict(generator=torch.Generator().manual_seed(9))) if backend == "torch" else (lambda: dict(seed=9))
+    drawn = combine_and_sample(base, value, **kw, **rng())[0]
+    assert torch.equal(drawn, combine_and_sample(base, value, temperature=1.0, offset=0, **kw, **rng())[0])
+    assert not torch.equal(drawn, combine_and_sample(base, value, temperature=2.0, offset=0, **kw, **rng())[0])
+    if backend == "triton":  # the Philox offset only exists in the kernel
+        assert not torch.equal(drawn, combine_and_sample(base, value, offset=1, **kw, **rng())[0])
 
 
 def test_top_p_boundary_ties_resolved_like_a_stable_sort():

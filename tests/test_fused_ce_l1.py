@@ -132,23 +132,30 @@ def test_default_chunking_never_holds_full_logits():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, message",
     [
-        (dict(labels=torch.zeros(5)), "labels must be integer"),
-        (dict(l1=-1.0), "l1 must be"),
-        (dict(l1=float("nan")), "l1 must be"),
-        (dict(base_hidden=torch.zeros(4, 40)), "row counts differ"),
-        (dict(base_head=torch.zeros(100, 40)), "vocabularies differ"),
-        (dict(value_hidden=torch.zeros(5, 24, 1)), "value_hidden must be 2-D"),
-        (dict(backend="cuda"), "backend must be one of"),
+        (dict(labels=torch.zeros(5)), "labels must be integer class ids, got torch.float32"),
+        (dict(labels=torch.zeros(5, 1, dtype=torch.long)), "labels must be 1-D, got shape (5, 1)"),
+        (
+            dict(labels=torch.tensor([0, 1, 2, 3, 111])),
+            "labels hold ids outside [0, 111) (e.g. 111); -100 marks ignored rows",
+        ),
+        (dict(l1=-1.0), "l1 must be a finite number >= 0, got -1.0"),
+        (dict(l1=float("nan")), "l1 must be a finite number >= 0, got nan"),
+        (dict(base_hidden=torch.zeros(4, 40)), "row counts differ: value_hidden 5, base_hidden 4, labels 5"),
+        (dict(base_head=torch.zeros(100, 40)), "vocabularies differ: value_head has 111 rows, base_head 100"),
+        (dict(value_hidden=torch.zeros(5, 24, 1)), "value_hidden must be 2-D, got shape (5, 24, 1)"),
+        (dict(value_head=torch.zeros(111, 7)), "hidden sizes of the hidden states and their heads differ"),
+        (dict(backend="cuda"), "backend must be one of ('auto', 'triton', 'torch'), got 'cuda'"),
     ],
 )
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments(kwargs, message):
     vh, vw, bh, bw, labels = _inputs(5, 111, dtype=torch.float32)
     args = dict(value_hidden=vh, value_head=vw, base_hidden=bh, base_head=bw, labels=labels, l1=1.0)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError) as err:
         fused_ce_l1(**args)
+    assert str(err.value) == message  # the whole message: which argument, what it must be, what it got
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -463,11 +463,18 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("name,value", BAD_VALUES, ids=[f"{n}={v!r}" for n, v in BAD_VALUES])
 def test_invalid_values_raise_naming_the_argument(name, value):
+    # the whole message: the argument, the documented rule for it, and the value given
+    rule = {
+        "temperature": "a finite number >= 0",
+        "top_k": "an integer >= 0 (0 disables it)",
+        "top_p": "in (0, 1] (1 disables it)",
+        "min_p": "in [0, 1] (0 disables it)",
+    }[name]
     kwargs = {**GOOD, name: value}
-    with pytest.raises(ValueError, match=name):
-        validate_sampling(**kwargs)
-    with pytest.raises(ValueError, match=name):
-        SamplingParams(do_sample=True, **kwargs)
+    for call in (lambda: validate_sampling(**kwargs), lambda: SamplingParams(do_sample=True, **kwargs)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == f"{name} must be {rule}, got {value!r}"
 
 
 GOOD_VALUES = [

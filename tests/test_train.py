@@ -379,7 +379,7 @@ def test_micro_batches_weight_every_supervised_token_equally(setup, hf_models):
     assert _rel_err(opt.grads, ref) <= max(2 * _rel_err(plain, ref), 1e-6)
 
 
-@pytest.mark.parametrize("scheme", ["residual", "cascade+"])
+@pytest.mark.parametrize("scheme", ["residual", "cascade", "cascade+"])
 def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(setup, hf_models, scheme):
     """With checkpointing each decoder layer runs again in backward (so its activations were not kept), and the
     value network's gradients are still the definition's: within 2x the error of the run without it (fp64 ref)."""
@@ -405,6 +405,12 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(setup,
     assert calls == {False: n_layers, True: 2 * n_layers}
     base64, value64 = hf_models[torch.float64]
     _, ref = _reference_grads(value64, _ivl_loss_reference(base64, value64, examples, 1.0, scheme))
+    _, plain = _reference_grads(
+        hf_models[torch.float32][1], _ivl_loss_reference(*hf_models[torch.float32], examples, 1.0, scheme)
+    )
+    # without checkpointing the gradients are the definition's (for cascade+: the soft input plus the token
+    # embedding), within 2x plain fp32 torch's error; with it, within 2x the error without it
+    assert _rel_err(grads[False], ref) <= max(2 * _rel_err(plain, ref), 1e-6)
     assert _rel_err(grads[True], ref) <= max(2 * _rel_err(grads[False], ref), 1e-6)
 
 
@@ -468,8 +474,14 @@ def test_step_plan_survives_epochs_with_different_batch_counts(per_step):
         assert len(group) == per_step and all(group)
         seen_epochs.append(epoch)
     assert seen_epochs == sorted(seen_epochs) and set(seen_epochs) == {0, 1, 2}
-    with pytest.raises(ValueError, match="world_size x grad_accum"):
-        StepPlan(lengths[:3], 4096, seed=0, per_step=8).epoch_steps(0)
+    small = StepPlan(lengths[:3], 4096, seed=0, per_step=8)
+    msg = (
+        f"the data make {len(small.batches(0))} micro-batches per epoch but one optimizer step needs "
+        "world_size x grad_accum = 8; lower --grad-accum or --batch-tokens"
+    )
+    with pytest.raises(ValueError) as err:  # the whole message: it tells the user what to change
+        small.epoch_steps(0)
+    assert str(err.value) == msg
 
 
 def test_fsdp_with_cascade_is_refused(setup, tmp_path):
