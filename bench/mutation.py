@@ -1,32 +1,32 @@
 """Mutation testing of the code the decode core and training rest on: does the suite fail when the code changes?
 
-Not part of CI (it runs the selected tests once per mutant: tens of minutes on 2 cores). mutmut 2 rewrites a
-source file in place for each mutant (and restores it), so run it in a scratch checkout, never in a working tree
-you are editing:
+Not part of CI (it runs the selected tests once per mutant: about an hour on 2 cores). Each mutant is written to
+the source file on disk while its tests run (and the file restored after), so run it in a scratch checkout, never
+in a working tree you are editing:
 
     git worktree add --detach /tmp/ivl-mut HEAD && cd /tmp/ivl-mut
     python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 triton==3.7.1 "setuptools>=70.1" wheel \\
-        && .venv/bin/pip install --no-build-isolation -e ".[test]" && .venv/bin/pip install mutmut==2.5.1 whatthepatch
-    .venv/bin/python bench/mutation.py [TARGET ...] [--out bench/results/mutation.json]
+        && .venv/bin/pip install --no-build-isolation -e ".[test]" && .venv/bin/pip install mutmut==2.5.1
+    .venv/bin/python bench/mutation.py [TARGET ...] [--time-limit MIN] [--out bench/results/mutation.json]
 
 Each target names the lines to mutate (whole files, or the functions that make up the decode step and the
-training loss and schedule) and the tests that cover them. mutmut mutates only those lines (a patch file that
-"adds" exactly them is written for ``--use-patch-file``) and runs the target's tests against every mutant, stopping
-at the first failure. A mutant is killed when a test fails, survives when all pass, and times out when the tests
-run past mutmut's limit (an infinite loop: counted as detected). The results JSON holds, per target, the counts,
-the kill rate (killed + timeout over all tested) and every survivor's diff with the judgement recorded for it in
-bench/mutation_judgements.json (why a survivor is equivalent, or which test should have caught it).
+training loss and schedule, or a seeded sample of their lines) and the tests that cover them. mutmut's mutation
+engine makes the mutants (operators, numbers, comparisons, keywords, strings, arguments: one change each); every
+mutant's tests run in a child of a warm process (bench/mutation_forkserver.py) and stop at the first failure. A
+mutant is killed when a test fails, survives when all pass, and times out when its tests run past 3x the
+unmutated run plus 10 s (a hang: counted as detected). The results JSON holds, per target, the counts, the kill
+rate (killed + timed out over all tested), and every mutant's diff and outcome; a survivor carries the judgement
+recorded for its line in bench/mutation_judgements.json (why it is equivalent, or which test now catches it).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import os
 import random
-import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -142,96 +142,102 @@ def scope_lines(rel: str, spec) -> list[int]:
     return lines
 
 
-def scope_patch(scope: dict) -> str:
-    """A unified diff that adds exactly the lines in scope (mutmut --use-patch-file mutates added lines only)."""
+class _MutmutConfig:
+    """What mutmut's mutation engine reads of its config: the lines it may mutate and the mutation types."""
+
+    def __init__(self, covered: dict[str, set[int]]):
+        import mutmut
+
+        self.covered_lines_by_filename = covered
+        self.dict_synonyms: list[str] = []
+        self.mutation_types_to_apply = set(mutmut.mutations_by_type)
+
+
+def mutants_of(scope: dict) -> tuple[list[tuple[str, object]], dict[str, set[int]]]:
+    """(file, mutmut's mutation id) of every mutant in scope, in file and line order, and the lines in scope."""
+    from mutmut import Context, list_mutations
+
+    covered = {rel: set(scope_lines(rel, spec)) for rel, spec in scope.items()}
     out = []
-    for rel, spec in scope.items():
-        text = (ROOT / rel).read_text().splitlines()
-        out += [f"diff -u {rel} {rel}", f"--- {rel}", f"+++ {rel}"]  # paths as mutmut names the files
-        for n in scope_lines(rel, spec):  # one hunk per line: its new side is that line, added
-            out += [f"@@ -{n - 1},0 +{n},1 @@", "+" + text[n - 1]]
-    return "\n".join(out) + "\n"
+    for rel in scope:
+        src = (ROOT / rel).read_text()
+        out += [(rel, m) for m in list_mutations(Context(source=src, filename=rel, config=_MutmutConfig(covered)))]
+    return out, covered
 
 
-def _statuses(cache: Path) -> list[dict]:
-    con = sqlite3.connect(cache)
-    rows = con.execute(
-        "SELECT m.id, m.status, s.filename, l.line_number, l.line FROM mutant m "
-        "JOIN line l ON m.line = l.id JOIN sourcefile s ON l.sourcefile = s.id ORDER BY m.id"
-    ).fetchall()
-    con.close()
-    return [dict(zip(("id", "status", "file", "line_number", "line"), r, strict=True)) for r in rows]
+def _diff(rel: str, before: str, after: str) -> str:
+    lines = difflib.unified_diff(before.splitlines(), after.splitlines(), f"a/{rel}", f"b/{rel}", n=1, lineterm="")
+    return "\n".join(lines)
 
 
-def run_target(name: str, judgements: dict, mutmut: str, time_limit_s: float | None) -> dict:
+def run_target(name: str, judgements: dict, time_limit_s: float | None, out_path: Path, results: dict) -> dict:
+    """Mutate each line in scope with mutmut's mutation engine, one mutant at a time on disk, run the target's
+    tests against it (stopping at the first failure) and restore the file. mutmut's own runner and cache are not
+    used: mutmut 2.5.1's cache asserts on a line it recorded while that line was mutated (seen here), and its
+    runner starts a fresh interpreter per mutant."""
+    from mutation_forkserver import run as run_tests
+    from mutmut import Context, mutate
+
     spec = TARGETS[name]
-    patch = ROOT / f".mutmut-{name}.patch"
-    patch.write_text(scope_patch(spec["scope"]))
-    cache = ROOT / ".mutmut-cache"
-    if cache.exists():
-        cache.unlink()  # a cache belongs to one runner command; each target starts fresh
     sock = f"/tmp/ivl-mutation-{os.getpid()}.sock"
-    server = subprocess.Popen([sys.executable, str(ROOT / "bench/mutation_forkserver.py"), "serve", sock], cwd=ROOT)
-    for _ in range(600):  # wait for the warm process to listen
-        if os.path.exists(sock):
-            break
-        time.sleep(0.1)
-    client = f"{sys.executable} {ROOT / 'bench/mutation_forkserver.py'} run {sock} --"
-    runner = f"{client} {PYTEST_ARGS} {' '.join(spec['tests'])}"
-    cmd = [
-        mutmut,
-        "run",
-        "--paths-to-mutate",
-        ",".join(spec["scope"]),
-        "--use-patch-file",
-        str(patch),
-        "--runner",
-        runner,
-        "--no-progress",
-        "--simple-output",
-    ]
-    t0 = time.time()
-    log = open(ROOT / f".mutmut-{name}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    stopped_early = False
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench/mutation_forkserver.py"), "serve", sock],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    args = [*PYTEST_ARGS.split(), *spec["tests"]]
+    res = {"files": spec["scope"], "tests": spec["tests"], "pytest_args": " ".join(args)}
     try:
-        proc.wait(timeout=time_limit_s)
-    except subprocess.TimeoutExpired:  # stop cleanly: mutmut restores the mutated file on SIGINT
-        stopped_early = True
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        for _ in range(600):  # wait for the warm process to listen
+            if os.path.exists(sock):
+                break
+            time.sleep(0.1)
+        t0 = time.time()
+        if run_tests(sock, args, cwd=str(ROOT)) != 0:
+            raise SystemExit(f"{name}: the tests fail without any mutation")
+        baseline = time.time() - t0
+        timeout = 3 * baseline + 10  # a mutant that makes the tests run 3x longer is taken as a hang
+        todo, covered = mutants_of(spec["scope"])
+        cfg = _MutmutConfig(covered)
+        originals = {rel: (ROOT / rel).read_text() for rel in spec["scope"]}
+        records, start = [], time.time()
+        res.update(baseline_seconds=baseline, timeout_seconds=timeout, mutants=len(todo), records=records)
+        for rel, mid in todo:
+            rec = {"file": rel, "line_number": mid.line_number, "line": mid.line.strip(), "index": mid.index}
+            if time_limit_s is not None and time.time() - start > time_limit_s:
+                records.append({**rec, "status": "untested"})
+                continue
+            mutated, _ = mutate(Context(source=originals[rel], mutation_id=mid, filename=rel, config=cfg))
+            (ROOT / rel).write_text(mutated)
+            try:
+                t1 = time.time()
+                rc = run_tests(sock, args, timeout=timeout, cwd=str(ROOT))
+            finally:
+                (ROOT / rel).write_text(originals[rel])
+            status = "timeout" if rc is None else ("survived" if rc == 0 else "killed")
+            rec.update(status=status, seconds=round(time.time() - t1, 2), diff=_diff(rel, originals[rel], mutated))
+            if status == "survived":
+                rec["judgement"] = judgements.get(f"{rel}:{rec['line']}")
+            records.append(rec)
+            _summarise(res, time.time() - start)
+            results.setdefault("targets", {})[name] = res
+            out_path.write_text(json.dumps(results, indent=2) + "\n")  # progress survives an interruption
     finally:
         server.kill()
         server.wait()
-        log.close()
-    seconds = time.time() - t0
-    if proc.returncode & 1 and not stopped_early:  # bit 1: a fatal error (e.g. the tests fail without mutation)
-        raise SystemExit(f"mutmut failed for {name}: see .mutmut-{name}.log")
-    rows = _statuses(cache)
+    _summarise(res, time.time() - start)
+    return res
+
+
+def _summarise(res: dict, seconds: float) -> None:
     counts: dict[str, int] = {}
-    for r in rows:
+    for r in res["records"]:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    survivors = []
-    for r in rows:
-        if r["status"] != "bad_survived":
-            continue
-        diff = subprocess.run([mutmut, "show", str(r["id"])], cwd=ROOT, capture_output=True, text=True).stdout
-        key = f"{r['file']}:{r['line'].strip()}"
-        survivors.append({**r, "diff": diff, "judgement": judgements.get(key)})
-    tested = sum(v for k, v in counts.items() if k in ("ok_killed", "bad_survived", "bad_timeout", "ok_suspicious"))
-    detected = counts.get("ok_killed", 0) + counts.get("bad_timeout", 0) + counts.get("ok_suspicious", 0)
-    os.replace(cache, ROOT / f".mutmut-cache-{name}")  # kept for `mutmut show`/`html` on this target
-    return {
-        "files": spec["scope"],
-        "tests": spec["tests"],
-        "pytest_args": f"{PYTEST_ARGS} {' '.join(spec['tests'])}",
-        "mutants": len(rows),
-        "counts": counts,
-        "kill_rate": detected / tested if tested else None,
-        "stopped_at_time_limit": stopped_early,  # then "untested" counts the mutants not reached
-        "seconds": seconds,
-        "survivors": survivors,
-    }
+    tested = sum(v for k, v in counts.items() if k != "untested")
+    detected = counts.get("killed", 0) + counts.get("timeout", 0)
+    res.update(counts=counts, kill_rate=detected / tested if tested else None, seconds=seconds)
+    res["survivors"] = [r for r in res["records"] if r["status"] == "survived"]
 
 
 def main() -> None:
@@ -243,7 +249,6 @@ def main() -> None:
     bad = [t for t in args.targets if t not in TARGETS]
     if bad:
         ap.error(f"unknown target(s) {bad}; choose from {list(TARGETS)}")
-    mutmut = str(Path(sys.executable).parent / "mutmut")
     jpath = ROOT / "bench/mutation_judgements.json"
     judgements = json.loads(jpath.read_text()) if jpath.exists() else {}
     out = ROOT / args.out
@@ -251,18 +256,18 @@ def main() -> None:
     from ivl_fast.provenance import provenance
 
     for name in args.targets:
-        res = run_target(name, judgements, mutmut, args.time_limit * 60 if args.time_limit else None)
+        res = run_target(name, judgements, args.time_limit * 60 if args.time_limit else None, out, results)
         limit = f" --time-limit {args.time_limit:g}" if args.time_limit else ""
         res["provenance"] = provenance(f"python bench/mutation.py {name}{limit}")
         results.setdefault("targets", {})[name] = res
+        out.write_text(json.dumps(results, indent=2) + "\n")
         c = res["counts"]
         print(
-            f"{name:20s} mutants {res['mutants']:4d}  killed {c.get('ok_killed', 0):4d}  survived "
-            f"{c.get('bad_survived', 0):3d}  timeout {c.get('bad_timeout', 0):3d}  "
+            f"{name:20s} mutants {res['mutants']:4d}  killed {c.get('killed', 0):4d}  survived "
+            f"{c.get('survived', 0):3d}  timeout {c.get('timeout', 0):3d}  untested {c.get('untested', 0):3d}  "
             f"kill rate {(res['kill_rate'] or 0):.1%}  ({res['seconds'] / 60:.1f} min)",
             flush=True,
         )
-        out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
-"""A warm process that runs pytest for mutmut: ``serve`` imports torch, transformers and triton once, then forks a
-child per request that imports the (mutated) project fresh and runs pytest; ``run`` is the thin client mutmut calls
-as its runner, exiting with pytest's status.
+"""A warm process that runs pytest once per mutant: ``serve`` imports torch, transformers and triton once, then
+forks a child per request that imports the (mutated) project fresh and runs pytest; ``run`` is the client
+(bench/mutation.py calls it in-process; the command line form exits with pytest's status).
 
-Why: mutmut 2 starts the runner once per mutant, and importing torch + transformers + triton costs seconds, more
-than most killed mutants' tests. mutmut 3 forks warm workers itself but does not mutate decorated functions, and
-every Triton kernel is one. The child imports nothing of ivl_fast before the mutant is on disk, so a mutated kernel
-is compiled (interpreted) from its mutated source.
+Why: a fresh interpreter per mutant pays seconds for importing torch + transformers + triton, more than most killed
+mutants' tests. The child imports nothing of ivl_fast before the mutant is on disk, so a mutated kernel is compiled
+(interpreted) from its mutated source.
 
     python bench/mutation_forkserver.py serve SOCKET &        # from the checkout under test
     python bench/mutation_forkserver.py run SOCKET -- PYTEST_ARGS...
@@ -67,11 +66,19 @@ def serve(path: str) -> None:
         conn.close()
 
 
-def run(path: str, args: list[str]) -> int:
+def run(path: str, args: list[str], timeout: float | None = None, cwd: str | None = None) -> int | None:
+    """pytest's exit status for ``args``, run by the warm server; None when it ran past ``timeout`` seconds (the
+    server then kills the child as soon as this side closes the connection)."""
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(path)
-    c.sendall((json.dumps({"cwd": os.getcwd(), "args": args}) + "\n").encode())
-    reply = c.makefile().readline().strip()
+    c.settimeout(timeout)
+    try:
+        c.sendall((json.dumps({"cwd": cwd or os.getcwd(), "args": args}) + "\n").encode())
+        reply = c.makefile().readline().strip()
+    except TimeoutError:
+        return None
+    finally:
+        c.close()
     return int(reply) if reply else 3  # no reply: the child died (pytest's "internal error" status)
 
 
