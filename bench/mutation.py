@@ -240,12 +240,37 @@ def _summarise(res: dict, seconds: float) -> None:
     res["survivors"] = [r for r in res["records"] if r["status"] == "survived"]
 
 
+def merge(paths: list[str], out: Path) -> None:
+    """Several runs' results (e.g. two scratch checkouts run side by side) -> one file; every survivor gets the
+    judgement bench/mutation_judgements.json holds for its line now."""
+    judgements = json.loads((ROOT / "bench/mutation_judgements.json").read_text())
+    merged: dict = {"targets": {}}
+    for path in paths:
+        merged["targets"].update(json.loads(Path(path).read_text())["targets"])
+    for t in merged["targets"].values():
+        for r in t["records"]:
+            if r["status"] == "survived":
+                r["judgement"] = judgements.get(f"{r['file']}:{r['line']}")
+        t["survivors"] = [r for r in t["records"] if r["status"] == "survived"]
+        t["unjudged_survivors"] = sum(r["judgement"] is None for r in t["survivors"])
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("targets", nargs="*", default=list(TARGETS), help=f"any of {', '.join(TARGETS)} (default: all)")
     ap.add_argument("--out", default="bench/results/mutation.json", help="results JSON (merged with an earlier one)")
     ap.add_argument("--time-limit", type=float, default=None, help="minutes per target; then stop and report so far")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="instead of running: merge these results files into --out, attaching the current judgements",
+    )
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, ROOT / args.out)
+        return
     bad = [t for t in args.targets if t not in TARGETS]
     if bad:
         ap.error(f"unknown target(s) {bad}; choose from {list(TARGETS)}")

@@ -105,10 +105,11 @@ def _rel_err(got: dict, ref: dict) -> float:
 
 
 def _ragged_examples():
-    """Four examples whose supervised token counts differ a lot: micro-batches of 2, 15 and 9 tokens below."""
+    """Four examples whose supervised token counts differ a lot: micro-batches of 2, 15 and 9 tokens below. The
+    first is supervised from its second token on (labels[1] counts: no prompt beyond the BOS)."""
     rng = random.Random(0)
     out = []
-    for length, sup in [(7, 2), (20, 14), (12, 1), (16, 9)]:
+    for length, sup in [(3, 2), (20, 14), (12, 1), (16, 9)]:
         ids = [1] + [rng.randrange(4, 512) for _ in range(length - 1)]
         out.append(Example(ids, [IGNORE] * (length - sup) + ids[length - sup :]))
     return out
@@ -366,7 +367,8 @@ def test_micro_batches_weight_every_supervised_token_equally(setup, hf_models):
     value, base = _train_models(setup)
     opt = _GradCapture(value.named_parameters())
     cfg = _cfg(setup, setup["dir"] / "unused", max_grad_norm=0.0)  # no clipping: the optimizer sees the raw gradient
-    loss, _, _ = trainer_mod._optimizer_step(cfg, examples, group, 3, (0, 1, None), value, value, base, opt, None)
+    loss, _, n_tok = trainer_mod._optimizer_step(cfg, examples, group, 3, (0, 1, None), value, value, base, opt, None)
+    assert n_tok == sum(len(e.input_ids) for e in examples)  # what train_log's tokens column adds up: no padding
 
     ref_loss, ref = _reference_grads(
         hf_models[torch.float64][1], _ivl_loss_reference(*hf_models[torch.float64], examples, 1.0)
