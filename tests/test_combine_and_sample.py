@@ -290,6 +290,17 @@ def test_nonfinite_rows_are_flagged():
             dict(temperature=torch.ones(3), do_sample=True),
             "temperature must be a scalar or a [B=4] tensor, got shape (3,)",
         ),
+        (
+            dict(top_k=torch.ones(3, dtype=torch.long), do_sample=True),
+            "top_k must be a scalar or a [B=4] tensor, got shape (3,)",
+        ),
+        (dict(top_p=torch.full((3,), 0.5), do_sample=True), "top_p must be a scalar or a [B=4] tensor, got shape (3,)"),
+        (dict(min_p=torch.full((3,), 0.1), do_sample=True), "min_p must be a scalar or a [B=4] tensor, got shape (3,)"),
+        (dict(seed=torch.tensor([1, 2]), do_sample=True), "seed must be a scalar or a [B=1] tensor, got shape (2,)"),
+        (
+            dict(offset=torch.tensor([1, 2]), do_sample=True),
+            "offset must be a scalar or a [B=1] tensor, got shape (2,)",
+        ),
         (dict(value_logits=torch.zeros(4, 111, device="meta")), "base_logits on cpu but value_logits on meta"),
         (dict(base_logits=None, value_logits=None), "combine_and_sample needs base_logits, value_logits or both"),
     ],
@@ -301,6 +312,24 @@ def test_bad_input_is_refused_with_a_message_naming_the_argument(kwargs, message
     with pytest.raises(ValueError) as err:
         combine_and_sample(base, value, backend="triton", **args)
     assert str(err.value) == message  # the whole message: which argument, what it must be, what it got
+
+
+def test_the_backend_is_the_one_asked_for():
+    """backend="torch" draws from the given torch.Generator (the kernel ignores it: it draws from seed/offset),
+    backend="triton" from the seed; an unknown backend is refused by name."""
+    z = torch.randn(64, 111, generator=torch.Generator().manual_seed(2))
+
+    def draw(backend, gen_seed, seed=0):
+        gen = torch.Generator().manual_seed(gen_seed)
+        return combine_and_sample(z, None, do_sample=True, backend=backend, generator=gen, seed=seed)[0]
+
+    assert torch.equal(draw("torch", 1), draw("torch", 1)) and not torch.equal(draw("torch", 1), draw("torch", 2))
+    assert torch.equal(draw("triton", 1), draw("triton", 2)) and not torch.equal(
+        draw("triton", 1, 0), draw("triton", 1, 5)
+    )
+    with pytest.raises(ValueError) as err:
+        combine_and_sample(z, None, backend="cuda")
+    assert str(err.value) == "backend must be one of ('auto', 'triton', 'torch'), got 'cuda'"
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

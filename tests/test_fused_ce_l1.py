@@ -145,6 +145,9 @@ def test_default_chunking_never_holds_full_logits():
         (dict(base_hidden=torch.zeros(4, 40)), "row counts differ: value_hidden 5, base_hidden 4, labels 5"),
         (dict(base_head=torch.zeros(100, 40)), "vocabularies differ: value_head has 111 rows, base_head 100"),
         (dict(value_hidden=torch.zeros(5, 24, 1)), "value_hidden must be 2-D, got shape (5, 24, 1)"),
+        (dict(value_head=torch.zeros(111, 24, 1)), "value_head must be 2-D, got shape (111, 24, 1)"),
+        (dict(base_hidden=torch.zeros(5, 40, 1)), "base_hidden must be 2-D, got shape (5, 40, 1)"),
+        (dict(base_head=torch.zeros(111, 40, 1)), "base_head must be 2-D, got shape (111, 40, 1)"),
         (dict(value_head=torch.zeros(111, 7)), "hidden sizes of the hidden states and their heads differ"),
         (dict(backend="cuda"), "backend must be one of ('auto', 'triton', 'torch'), got 'cuda'"),
     ],
@@ -156,6 +159,38 @@ def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as err:
         fused_ce_l1(**args)
     assert str(err.value) == message  # the whole message: which argument, what it must be, what it got
+
+
+@pytest.mark.parametrize(
+    "zb, zd, message",
+    [
+        (
+            torch.zeros(2, 7),
+            torch.zeros(2, 7, dtype=torch.bfloat16),
+            "zb and zd must be fp32 of one shape, got torch.float32(2, 7), torch.bfloat16(2, 7)",
+        ),
+        (
+            torch.zeros(2, 7, dtype=torch.bfloat16),
+            torch.zeros(2, 7),
+            "zb and zd must be fp32 of one shape, got torch.bfloat16(2, 7), torch.float32(2, 7)",
+        ),
+        (
+            torch.zeros(2, 7),
+            torch.zeros(2, 8),
+            "zb and zd must be fp32 of one shape, got torch.float32(2, 7), torch.float32(2, 8)",
+        ),
+        (torch.zeros(7, 2).T, torch.zeros(2, 7), "zb and zd must be contiguous along the vocabulary"),
+        (torch.zeros(2, 7), torch.zeros(7, 2).T, "zb and zd must be contiguous along the vocabulary"),
+    ],
+)
+def test_the_kernel_launcher_refuses_what_the_kernel_cannot_read(zb, zd, message):
+    """ce_l1_rows' own checks (the op always passes fp32 [C, V] blocks contiguous along V): any one bad input
+    is refused, with the whole message."""
+    from ivl_fast.kernels.fused_ce_l1 import ce_l1_rows
+
+    with pytest.raises(ValueError) as err:
+        ce_l1_rows(zb, zd, torch.zeros(2, dtype=torch.int64), torch.ones(1), 1.0)
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
