@@ -314,6 +314,32 @@ def test_bad_input_is_refused_with_a_message_naming_the_argument(kwargs, message
     assert str(err.value) == message  # the whole message: which argument, what it must be, what it got
 
 
+@pytest.mark.parametrize("base_only", [False, True])
+def test_the_registered_ops_fake_agrees_with_the_kernel(base_only):
+    """torch.library.opcheck: the schema, and the fake (meta) implementation that torch.compile and graph capture
+    trace with gives the kernel's output shapes and dtypes ([B] int64 ids, [B] fp32 logprobs, [B] bool flags)."""
+    from ivl_fast.ops.combine_and_sample import _triton_op
+
+    b, v = 3, 111
+    g = torch.Generator().manual_seed(0)
+    base, value = torch.randn(b, v, generator=g), None if base_only else torch.randn(b, v, generator=g)
+    rows = dict(
+        temperature=torch.ones(b), top_k=torch.zeros(b, dtype=torch.int64), top_p=torch.ones(b), min_p=torch.zeros(b)
+    )
+    args = (base, value, None, None, v, 1.0, *rows.values(), torch.zeros(1, dtype=torch.int64))
+    args += (torch.zeros(1, dtype=torch.int64), False, False, False, False, None)
+    torch.library.opcheck(_triton_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_pick_backend_names_the_backend_each_request_gets():
+    """torch stays torch; triton runs on CPU only in the interpreter (these tests set TRITON_INTERPRET=1); auto
+    picks the kernel on CUDA only (on CPU the interpreter is far slower than the torch reference)."""
+    from ivl_fast.ops._backend import pick_backend
+
+    cpu = torch.device("cpu")
+    assert [pick_backend(b, cpu) for b in ("torch", "triton", "auto")] == ["torch", "triton", "torch"]
+
+
 def test_the_backend_is_the_one_asked_for():
     """backend="torch" draws from the given torch.Generator (the kernel ignores it: it draws from seed/offset),
     backend="triton" from the seed; an unknown backend is refused by name."""

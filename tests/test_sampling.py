@@ -458,6 +458,9 @@ BAD_VALUES = [
     ("top_p", torch.tensor([1.0, 1.5])),
     ("min_p", torch.tensor([0.0, -0.1])),
     ("min_p", torch.tensor([0.5, 1.5])),
+    # a bool is an int to Python, never a sampling parameter
+    ("temperature", True),
+    ("top_k", False),
 ]
 
 
@@ -542,10 +545,17 @@ def test_combine_logits_with_one_side_missing():
 
 
 def test_combine_logits_shape_mismatch():
-    with pytest.raises(ValueError):
-        combine_logits(torch.zeros(2, 111), torch.zeros(2, 112))
-    with pytest.raises(ValueError):
-        combine_logits(torch.zeros(2, 111), torch.zeros(3, 111))
+    for shape in ((2, 112), (3, 111)):
+        with pytest.raises(ValueError) as err:
+            combine_logits(torch.zeros(2, 111), torch.zeros(*shape))
+        assert str(err.value) == f"base logits (2, 111) and value logits {shape} differ"
+
+
+def test_sampling_params_default_to_greedy_at_temperature_1_with_every_filter_off():
+    p = SamplingParams()
+    assert (p.do_sample, p.temperature, p.top_k, p.top_p, p.min_p) == (False, 1.0, 0, 1.0, 0.0)
+    assert p.greedy and not (p.top_k_on or p.top_p_on or p.min_p_on)
+    assert p == SamplingParams.trusted(False, 1.0, 0, 1.0, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
