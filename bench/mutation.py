@@ -240,6 +240,60 @@ def _summarise(res: dict, seconds: float) -> None:
     res["survivors"] = [r for r in res["records"] if r["status"] == "survived"]
 
 
+def recheck(out: Path) -> None:
+    """Run every survivor in ``out`` again against today's tests (the ones added since the run), each with its
+    target's test selection, and record what happens to it as ``recheck`` (killed / survived / timeout)."""
+    from mutation_forkserver import run as run_tests
+    from mutmut import ALL, Context, RelativeMutationID, mutate
+
+    results = json.loads(out.read_text())
+    sock = f"/tmp/ivl-mutation-{os.getpid()}.sock"
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench/mutation_forkserver.py"), "serve", sock],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.1)
+        for name, t in results["targets"].items():
+            args = [*PYTEST_ARGS.split(), *TARGETS[name]["tests"]]
+            covered = {rel: set(scope_lines(rel, spec)) for rel, spec in TARGETS[name]["scope"].items()}
+            cfg = _MutmutConfig(covered)
+            for r in t["records"]:
+                if r["status"] != "survived":
+                    continue
+                original = (ROOT / r["file"]).read_text()
+                line = original.splitlines()[r["line_number"] - 1]
+                if line.strip() != r["line"]:
+                    raise SystemExit(f"{r['file']}:{r['line_number']} changed since the run; recheck needs that code")
+                mid = RelativeMutationID(line=line, index=r["index"], line_number=r["line_number"])
+                assert mid != ALL
+                mutated, _ = mutate(Context(source=original, mutation_id=mid, filename=r["file"], config=cfg))
+                if _diff(r["file"], original, mutated) != r["diff"]:
+                    raise SystemExit(f"{r['file']}:{r['line_number']}: mutant #{r['index']} is not the one recorded")
+                (ROOT / r["file"]).write_text(mutated)
+                try:
+                    rc = run_tests(sock, args, timeout=t["timeout_seconds"], cwd=str(ROOT))
+                finally:
+                    (ROOT / r["file"]).write_text(original)
+                r["recheck"] = "timeout" if rc is None else ("survived" if rc == 0 else "killed")
+            tested = sum(v for k, v in t["counts"].items() if k != "untested")
+            still = sum(r.get("recheck") == "survived" for r in t["records"] if r["status"] == "survived")
+            t["kill_rate_after_recheck"] = (tested - still) / tested if tested else None
+            from ivl_fast.provenance import provenance
+
+            t["recheck_provenance"] = provenance("python bench/mutation.py --recheck")
+            out.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"{name:20s} survivors {t['counts'].get('survived', 0)} -> {still} after recheck", flush=True)
+    finally:
+        server.kill()
+        server.wait()
+
+
 def merge(paths: list[str], out: Path) -> None:
     """Several runs' results (e.g. two scratch checkouts run side by side) -> one file; every survivor gets the
     judgement bench/mutation_judgements.json holds for its line now."""
@@ -267,9 +321,15 @@ def main() -> None:
         metavar="JSON",
         help="instead of running: merge these results files into --out, attaching the current judgements",
     )
+    ap.add_argument(
+        "--recheck", action="store_true", help="instead of running: run the survivors in --out against today's tests"
+    )
     args = ap.parse_args()
     if args.merge:
         merge(args.merge, ROOT / args.out)
+        return
+    if args.recheck:
+        recheck(ROOT / args.out)
         return
     bad = [t for t in args.targets if t not in TARGETS]
     if bad:
