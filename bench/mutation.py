@@ -267,7 +267,7 @@ def recheck(out: Path) -> None:
                 if r["status"] != "survived":
                     continue
                 original = (ROOT / r["file"]).read_text()
-                line = original.splitlines()[r["line_number"] - 1]
+                line = original.splitlines()[r["line_number"]]  # mutmut counts lines from 0
                 if line.strip() != r["line"]:
                     raise SystemExit(f"{r['file']}:{r['line_number']} changed since the run; recheck needs that code")
                 mid = RelativeMutationID(line=line, index=r["index"], line_number=r["line_number"])
@@ -298,7 +298,7 @@ def merge(paths: list[str], out: Path) -> None:
     """Several runs' results (e.g. two scratch checkouts run side by side) -> one file; every survivor gets the
     judgement bench/mutation_judgements.json holds for its line now."""
     judgements = json.loads((ROOT / "bench/mutation_judgements.json").read_text())
-    merged: dict = {"targets": {}}
+    merged: dict = {"line_numbers": "mutmut's, counted from 0 (add 1 for an editor's)", "targets": {}}
     for path in paths:
         merged["targets"].update(json.loads(Path(path).read_text())["targets"])
     for t in merged["targets"].values():
