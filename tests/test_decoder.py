@@ -56,6 +56,9 @@ def test_greedy_equals_reference_loop(pair, reference, engine, batch):
         torch.testing.assert_close(
             out.logprobs[i].double(), torch.tensor(ref_lp[i], dtype=torch.float64), atol=1e-4, rtol=0
         )
+    tm = out.timings  # what the CLI's tokens/s and the benchmarks read
+    assert tm["steps"] == 64 and tm["batch"] == batch and tm["graphs"] == "off"
+    assert 0 < tm["prefill_s"] < tm["total_s"]
 
 
 def test_alpha_and_transformers_models_share_weights(pair, reference):
