@@ -331,6 +331,18 @@ def test_the_registered_ops_fake_agrees_with_the_kernel(base_only):
     torch.library.opcheck(_triton_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_top_k_keeps_every_token_tied_at_the_kth_logit():
+    """transformers' top-k removes only logits below the k-th largest: with k=3 and the 3rd value shared by three
+    tokens, five tokens stay (checked by distribution against the oracle, which keeps ties the same way)."""
+    z = torch.full((1, 111), -4.0)
+    z[0, :5] = torch.tensor([2.0, 1.5, 1.0, 1.0, 1.0])
+    z = z.expand(2048, -1).contiguous()
+    p = warped_probs64(z[0].double(), 1.0, 3, 1.0, 0.0)[0]
+    assert int((p > 0).sum()) == 5
+    ids = combine_and_sample(z, None, do_sample=True, top_k=3, seed=0, backend="triton")[0]
+    assert_matches_distribution(torch.bincount(ids, minlength=111), p, "top_k=3 with ties at the 3rd logit")
+
+
 def test_pick_backend_names_the_backend_each_request_gets():
     """torch stays torch; triton runs on CPU only in the interpreter (these tests set TRITON_INTERPRET=1); auto
     picks the kernel on CUDA only (on CPU the interpreter is far slower than the torch reference)."""
