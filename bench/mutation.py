@@ -89,7 +89,14 @@ TARGETS: dict[str, dict] = {
                 "line_fraction": 0.4,
             }
         },
-        "tests": ["tests/test_cross_vocab.py", "tests/test_decoder.py"],
+        # the decode step's graph-replay branch is driven by the graph tests, cascade decoding where cascade value
+        # networks are trained
+        "tests": [
+            "tests/test_cross_vocab.py",
+            "tests/test_decoder.py",
+            "tests/test_graphs.py",
+            "tests/test_train.py::test_cascade_schemes_train_and_decode_exactly",
+        ],
     },
     "trainer": {
         "scope": {
