@@ -268,6 +268,11 @@ def recheck(out: Path) -> None:
             time.sleep(0.1)
         for name, t in results["targets"].items():
             args = [*PYTEST_ARGS.split(), *TARGETS[name]["tests"]]
+            t0 = time.time()  # today's selection may differ from the run's: its own clean run sets the timeout
+            if run_tests(sock, args, cwd=str(ROOT)) != 0:
+                raise SystemExit(f"{name}: the tests fail without any mutation")
+            t["recheck_timeout_seconds"] = timeout = 3 * (time.time() - t0) + 10
+            t["recheck_pytest_args"] = " ".join(args)
             covered = {rel: set(scope_lines(rel, spec)) for rel, spec in TARGETS[name]["scope"].items()}
             cfg = _MutmutConfig(covered)
             for r in t["records"]:
@@ -284,7 +289,7 @@ def recheck(out: Path) -> None:
                     raise SystemExit(f"{r['file']}:{r['line_number']}: mutant #{r['index']} is not the one recorded")
                 (ROOT / r["file"]).write_text(mutated)
                 try:
-                    rc = run_tests(sock, args, timeout=t["timeout_seconds"], cwd=str(ROOT))
+                    rc = run_tests(sock, args, timeout=timeout, cwd=str(ROOT))
                 finally:
                     (ROOT / r["file"]).write_text(original)
                 r["recheck"] = "timeout" if rc is None else ("survived" if rc == 0 else "killed")
