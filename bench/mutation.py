@@ -314,6 +314,8 @@ def merge(paths: list[str], out: Path) -> None:
     for path in paths:
         merged["targets"].update(json.loads(Path(path).read_text())["targets"])
     for t in merged["targets"].values():
+        if len(t["records"]) < t["mutants"]:  # a run that ended early (interrupted): the rest were not reached
+            t["counts"]["untested"] = t["mutants"] - sum(r["status"] != "untested" for r in t["records"])
         for r in t["records"]:
             if r["status"] == "survived":
                 r["judgement"] = judgements.get(f"{r['file']}:{r['line']}")
