@@ -124,29 +124,26 @@ def mutation_block() -> str:
     lines = [MUTATION_START]
     if mut:
         lines += [
-            "| target | lines mutated | tests run against each mutant | mutants | killed | timed out | survived "
-            "| kill rate |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| target | lines mutated | tests run against each mutant | mutants | tested | killed | timed out "
+            "| survived | kill rate | survivors left by today's tests | kill rate now | survivors judged equivalent |",
+            "| --- " * 12 + "|",
         ]
         for name, t in mut["targets"].items():
-            files = "; ".join(
-                f"`{f}`"
-                if spec is None
-                else f"`{f}`: "
-                + ", ".join(spec["names"] if isinstance(spec, dict) else spec)
-                + (f" (a seeded {spec['line_fraction']:.0%} of their lines)" if isinstance(spec, dict) else "")
-                for f, spec in t["files"].items()
-            )
+            files = "; ".join(_scope_text(f, spec) for f, spec in t["files"].items())
+            tests = f"`{t['pytest_args']}`"
+            if t.get("recheck_pytest_args", t["pytest_args"]) != t["pytest_args"]:
+                tests += f" (recheck: `{t['recheck_pytest_args']}`)"
             c = t["counts"]
-            untested = c.get("untested", 0)
-            rate = f"**{t['kill_rate']:.1%}**" + (f" ({untested} not reached in the time limit)" if untested else "")
-            lines.append(
-                f"| {name} | {files} | `{t['pytest_args']}` | {t['mutants']} | {c.get('ok_killed', 0)} | "
-                f"{c.get('bad_timeout', 0) + c.get('ok_suspicious', 0)} | {c.get('bad_survived', 0)} | {rate} |"
-            )
+            tested = sum(v for k, v in c.items() if k != "untested")
+            left = [r for r in t["survivors"] if r.get("recheck", "survived") == "survived"]
+            equivalent = sum(1 for r in left if (r.get("judgement") or "").startswith("equivalent"))
+            now = t.get("kill_rate_after_recheck")
+            cells = [name, files, tests, t["mutants"], tested, c.get("killed", 0), c.get("timeout", 0)]
+            cells += [c.get("survived", 0), f"{t['kill_rate']:.1%}"]
+            cells += [len(left), f"**{now:.1%}**", equivalent] if now is not None else ["-", "-", equivalent]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
         p = next(iter(mut["targets"].values()))["provenance"]
-        lines.append("")
-        lines.append(f"Machine: {_where({'provenance': p})}.")
+        lines += ["", f"Machine: {_where({'provenance': p})}."]
     lines.append(MUTATION_END)
     return "\n".join(lines)
 

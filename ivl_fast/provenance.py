@@ -35,11 +35,13 @@ def git_commit() -> str | None:
 
 
 def git_dirty() -> bool | None:
-    """True when tracked files differ from that commit (the figure then comes from uncommitted code)."""
-    here = Path(__file__).resolve().parent
+    """True when tracked files differ from that commit (the figure then comes from uncommitted code). Results the
+    benchmarks and the demo write (bench/results/, docs/) are outputs, not code: they do not count."""
+    root = Path(__file__).resolve().parents[1]
     try:
         r = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "."]
+            + [":(exclude)bench/results", ":(exclude)docs"],
             capture_output=True,
             text=True,
             timeout=10,
