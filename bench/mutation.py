@@ -316,6 +316,9 @@ def merge(paths: list[str], out: Path) -> None:
     for t in merged["targets"].values():
         if len(t["records"]) < t["mutants"]:  # a run that ended early (interrupted): the rest were not reached
             t["counts"]["untested"] = t["mutants"] - sum(r["status"] != "untested" for r in t["records"])
+            t["ended_early"] = f"interrupted after {len(t['records'])} of {t['mutants']} mutants"
+        if "provenance" not in t:  # an interrupted run never wrote its own: its recheck's is the record we have
+            t["provenance"] = t["recheck_provenance"]
         for r in t["records"]:
             if r["status"] == "survived":
                 r["judgement"] = judgements.get(f"{r['file']}:{r['line']}")
