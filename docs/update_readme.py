@@ -1,4 +1,5 @@
-"""Rewrite README's demo results from the committed JSON (run from the repository root):
+"""Rewrite README's generated blocks from the committed JSON (run from the repository root): the demo results,
+the benchmark table (bench/results/*.json) and the mutation-testing table (bench/results/mutation.json).
 
 ivl-fast demo --work-dir /tmp/d0 && cp /tmp/d0/results.json docs/demo_results.json && cp /tmp/d0/results.png docs/
 ivl-fast demo --seed 1 --work-dir /tmp/d1 && cp /tmp/d1/results.json docs/demo_results_seed1.json   (and seed 2)
@@ -6,11 +7,15 @@ python docs/update_readme.py
 """
 
 import json
+import sys
 from pathlib import Path
 
 from ivl_fast.demo_report import README_END, README_START, readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402  (bench/report.py: bench/ is not a package)
 
 
 def main() -> None:
@@ -18,7 +23,10 @@ def main() -> None:
     others = [json.loads(p.read_text()) for p in sorted((ROOT / "docs").glob("demo_results_seed*.json"))]
     readme = (ROOT / "README.md").read_text()
     a, b = readme.index(README_START), readme.index(README_END) + len(README_END)
-    (ROOT / "README.md").write_text(readme[:a] + readme_block(main_run, others) + readme[b:])
+    readme = readme[:a] + readme_block(main_run, others) + readme[b:]
+    readme = report.replace_block(readme, report.BENCH_START, report.BENCH_END, report.benchmarks_block())
+    readme = report.replace_block(readme, report.MUTATION_START, report.MUTATION_END, report.mutation_block())
+    (ROOT / "README.md").write_text(readme)
 
 
 if __name__ == "__main__":
