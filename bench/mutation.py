@@ -177,6 +177,22 @@ def _diff(rel: str, before: str, after: str) -> str:
     return "\n".join(lines)
 
 
+def _start_warm_tests() -> tuple[subprocess.Popen, str]:
+    """The warm process that forks a pytest run per request (bench/mutation_forkserver.py), once it listens."""
+    sock = f"/tmp/ivl-mutation-{os.getpid()}.sock"
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench/mutation_forkserver.py"), "serve", sock],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(600):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.1)
+    return server, sock
+
+
 def run_target(name: str, judgements: dict, time_limit_s: float | None, out_path: Path, results: dict) -> dict:
     """Mutate each line in scope with mutmut's mutation engine, one mutant at a time on disk, run the target's
     tests against it (stopping at the first failure) and restore the file. mutmut's own runner and cache are not
@@ -186,20 +202,10 @@ def run_target(name: str, judgements: dict, time_limit_s: float | None, out_path
     from mutmut import Context, mutate
 
     spec = TARGETS[name]
-    sock = f"/tmp/ivl-mutation-{os.getpid()}.sock"
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench/mutation_forkserver.py"), "serve", sock],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server, sock = _start_warm_tests()
     args = [*PYTEST_ARGS.split(), *spec["tests"]]
     res = {"files": spec["scope"], "tests": spec["tests"], "pytest_args": " ".join(args)}
     try:
-        for _ in range(600):  # wait for the warm process to listen
-            if os.path.exists(sock):
-                break
-            time.sleep(0.1)
         t0 = time.time()
         if run_tests(sock, args, cwd=str(ROOT)) != 0:
             raise SystemExit(f"{name}: the tests fail without any mutation")
@@ -254,18 +260,8 @@ def recheck(out: Path) -> None:
     from mutmut import ALL, Context, RelativeMutationID, mutate
 
     results = json.loads(out.read_text())
-    sock = f"/tmp/ivl-mutation-{os.getpid()}.sock"
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench/mutation_forkserver.py"), "serve", sock],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server, sock = _start_warm_tests()
     try:
-        for _ in range(600):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.1)
         for name, t in results["targets"].items():
             args = [*PYTEST_ARGS.split(), *TARGETS[name]["tests"]]
             t0 = time.time()  # today's selection may differ from the run's: its own clean run sets the timeout
