@@ -146,3 +146,9 @@ def assert_each_warper_matters(rows: list, setting: dict, n: int, what: str = ""
                 f"test design: {what}: no row's {n} draws tell a sampler without {name} from the right one"
             )
     return exact
+
+
+def random_logits(b: int, v: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    """[b, v] seeded normal logits times ``scale`` (far from uniform at the default)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, v, generator=g) * scale
