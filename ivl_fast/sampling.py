@@ -1,7 +1,16 @@
 """The torch reference for everything between the two models' logits and the next token ids.
 
-This module is the spec the fused kernel must match. Semantics follow ``transformers``' sampling warpers
-exactly, in their order: temperature -> top_k -> top_p -> min_p, with ``min_tokens_to_keep=1``:
+This module is the spec the fused kernel must match. First the penalties (:func:`apply_penalties`), on the
+combined fp32 logits, in vLLM's order:
+
+- repetition_penalty (transformers' ``RepetitionPenaltyLogitsProcessor``): every token that occurs in the prompt
+  or among the generated ids (a set: once is enough) gets ``z * p if z < 0 else z / p``; 1.0 = off, must be > 0.
+- frequency_penalty, presence_penalty (OpenAI / vLLM, over the generated ids only, never the prompt):
+  ``z[v] -= frequency_penalty * count[v] + presence_penalty * (count[v] > 0)``; 0.0 = off, each in [-2, 2].
+
+They apply whether decoding samples or is greedy (as transformers' processors do), and the returned
+log-probabilities are those of the penalized distribution (before the warpers). Then ``transformers``' sampling
+warpers exactly, in their order: temperature -> top_k -> top_p -> min_p, with ``min_tokens_to_keep=1``:
 
 - temperature: ``z / t``; ``t == 0`` (or ``do_sample=False``) means greedy.
 - top_k: keep every token whose logit is >= the k-th largest (ties at the k-th value are all kept); 0 = off.
@@ -32,20 +41,43 @@ class SamplingParams:
     top_k: Param = 0
     top_p: Param = 1.0
     min_p: Param = 0.0
+    repetition_penalty: Param = 1.0
+    presence_penalty: Param = 0.0
+    frequency_penalty: Param = 0.0
 
     def __post_init__(self):
-        validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        validate_sampling(
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
         t = self.temperature  # validation already read tensors back, so this adds no sync
         greedy = not self.do_sample or (bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0)
         object.__setattr__(self, "_greedy", greedy)
 
     @classmethod
-    def trusted(cls, do_sample, temperature, top_k, top_p, min_p) -> SamplingParams:
+    def trusted(
+        cls,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        *,
+        repetition_penalty: Param = 1.0,
+        presence_penalty: Param = 0.0,
+        frequency_penalty: Param = 0.0,
+    ) -> SamplingParams:
         """Already validated settings (skips validation, which syncs with the device for tensor parameters)."""
         obj = object.__new__(cls)
         for k, v in zip(
-            ("do_sample", "temperature", "top_k", "top_p", "min_p"),
-            (do_sample, temperature, top_k, top_p, min_p),
+            ("do_sample", "temperature", "top_k", "top_p", "min_p")
+            + ("repetition_penalty", "presence_penalty", "frequency_penalty"),
+            (do_sample, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty),
             strict=True,
         ):
             object.__setattr__(obj, k, v)
@@ -67,6 +99,14 @@ class SamplingParams:
         return isinstance(self.min_p, torch.Tensor) or self.min_p > 0
 
     @property
+    def penalties_on(self) -> bool:
+        """Some penalty applies (tensors: always applied, rows at 1.0 / 0.0 left unchanged); never syncs."""
+        rep, pres, freq = self.repetition_penalty, self.presence_penalty, self.frequency_penalty
+        if any(isinstance(x, torch.Tensor) for x in (rep, pres, freq)):
+            return True
+        return rep != 1 or pres != 0 or freq != 0
+
+    @property
     def greedy(self) -> bool:
         """True when no row samples (so the RNG is never touched); computed once, never syncs."""
         return self._greedy
@@ -79,12 +119,27 @@ def _check(name: str, value: Param, ok, expected: str) -> None:
             raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-def validate_sampling(temperature: Param, top_k: Param, top_p: Param, min_p: Param) -> None:
+def validate_sampling(
+    temperature: Param,
+    top_k: Param,
+    top_p: Param,
+    min_p: Param,
+    *,
+    repetition_penalty: Param = 1.0,
+    presence_penalty: Param = 0.0,
+    frequency_penalty: Param = 0.0,
+) -> None:
     """Raise ValueError naming the first invalid argument."""
     _check("temperature", temperature, lambda v: v >= 0 and v != float("inf"), "a finite number >= 0")
     _check("top_k", top_k, lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0 (0 disables it)")
     _check("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)")
     _check("min_p", min_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 disables it)")
+    _check(
+        "repetition_penalty", repetition_penalty, lambda v: 0 < v < float("inf"), "a finite number > 0 (1 disables it)"
+    )
+    # OpenAI's range; the bounds also refuse +-inf (NaN is refused by _check)
+    _check("presence_penalty", presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)")
+    _check("frequency_penalty", frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)")
 
 
 def _col(p: Param, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -108,6 +163,33 @@ def combine_logits(
     if base_logits.shape != value_logits.shape:
         raise ValueError(f"base logits {tuple(base_logits.shape)} and value logits {tuple(value_logits.shape)} differ")
     return base_logits.float() + alpha * value_logits.float()
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    output_counts: torch.Tensor,
+    repetition_penalty: Param = 1.0,
+    presence_penalty: Param = 0.0,
+    frequency_penalty: Param = 0.0,
+) -> torch.Tensor:
+    """Penalized logits [B, V]: repetition first, then frequency and presence (vLLM's order); see the module doc.
+
+    logits [B, V] fp32 (the combined logits); prompt_mask [B, V] bool: the token occurs in the prompt (padding
+    excluded); output_counts [B, V] integer: how often each token was generated so far. The penalties are scalars
+    or [B] tensors; a row at 1.0 / 0.0 / 0.0 is returned unchanged, bit for bit. No host sync (graph-safe).
+    """
+    z = logits
+    counts = output_counts.to(z.dtype)  # [B, V]; exact up to 2^24 generated copies of one token
+    present = (output_counts > 0).to(z.dtype)  # [B, V] 0/1
+    # repetition: a set over prompt + generated ids; z * p pushes negatives down, z / p pulls positives down
+    rep = _col(repetition_penalty, z)  # [B, 1]
+    seen = prompt_mask | (output_counts > 0)
+    z = torch.where(seen, torch.where(z < 0, z * rep, z / rep), z)
+    # two separate subtractions, as vLLM does them (so the rounding is the same)
+    z = z - _col(frequency_penalty, z) * counts
+    z = z - _col(presence_penalty, z) * present
+    return z
 
 
 def warp_logits(

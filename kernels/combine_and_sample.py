@@ -2,9 +2,12 @@
 
 Per tile of ROWS rows (one program), looping over the vocabulary in BLOCK columns:
 
-  pass A   z = sum_k W[v,k] * z_base[idx[v,k]] + alpha * z_value[v]  (ELL map; identity without one), written
-           to an fp32 workspace; per row: max, argmax (lowest index on ties), sum exp (for logprobs), and a
-           non-finite flag (no host sync: the caller checks the flag at its stop check).
+  pass A   z = sum_k W[v,k] * z_base[idx[v,k]] + alpha * z_value[v]  (ELL map; identity without one); the
+           non-finite flag of that combined z (no host sync: the caller checks the flag at its stop check); then,
+           with HAS_PENALTY, the penalties in vLLM's order: repetition (seen = prompt_mask | count > 0:
+           z * p if z < 0 else z / p, correctly rounded like torch), then z -= freq * count, then
+           z -= pres * (count > 0). The penalized z is written to an fp32 workspace; per row: max, argmax (lowest
+           index on ties) and sum exp (for logprobs), so greedy, logprobs and sampling all see the penalties.
   top_k    the k-th largest z, exactly: a 16-ary search over the order-preserving uint32 keys of the floats
            (8 passes; each counts the tokens at or above 16 pivots).
   top_p    the smallest z whose higher-ranked mass (within the top-k set, renormalised) is < top_p: the same
@@ -15,7 +18,9 @@ Per tile of ROWS rows (one program), looping over the vocabulary in BLOCK column
   sample   Gumbel-max over the kept tokens: argmax(z / T - log(-log u)), u from Philox(seed; col, row,
            offset), so a captured graph draws fresh numbers when the offset tensor is advanced on device.
 
-The logits are read a fixed number of times: 1 (greedy) or 1 + 8 [top_k] + 15 [top_p] + 1.
+The logits are read a fixed number of times: 1 (greedy) or 1 + 8 [top_k] + 15 [top_p] + 1 (the first from the
+inputs, the others from the workspace). With HAS_PENALTY, pass A also reads prompt_mask (1 byte per token) and
+output_counts (4 bytes per token) once; later passes never touch them.
 """
 
 from __future__ import annotations
@@ -68,11 +73,18 @@ def _combine_sample_kernel(
     minp_ptr,
     seed_ptr,
     offset_ptr,
+    pmask_ptr,
+    counts_ptr,
+    rep_ptr,
+    pres_ptr,
+    freq_ptr,
     B,
     V,
     stride_base,
     stride_value,
     stride_work,
+    stride_pmask,
+    stride_counts,
     alpha,
     HAS_BASE: tl.constexpr,
     HAS_VALUE: tl.constexpr,
@@ -82,6 +94,7 @@ def _combine_sample_kernel(
     HAS_TOPK: tl.constexpr,
     HAS_TOPP: tl.constexpr,
     HAS_MINP: tl.constexpr,
+    HAS_PENALTY: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -97,6 +110,10 @@ def _combine_sample_kernel(
     best = tl.full([ROWS, BLOCK], neg_inf, tl.float32)
     best_i = tl.zeros([ROWS, BLOCK], tl.int64)
     bad = tl.zeros([ROWS], tl.int32)
+    if HAS_PENALTY:  # per-row penalties [R]; rows past B get the "off" values
+        rep_p = tl.load(rep_ptr + rows, mask=row_ok, other=1.0)[:, None]
+        pres_p = tl.load(pres_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        freq_p = tl.load(freq_ptr + rows, mask=row_ok, other=0.0)[:, None]
     for start in range(0, V, BLOCK):
         cols = start + cols0
         ok = row_ok[:, None] & (cols < V)[None, :]
@@ -115,7 +132,17 @@ def _combine_sample_kernel(
             zv = tl.load(value_ptr + rows[:, None] * stride_value + cols[None, :], mask=ok, other=0.0)
             z += alpha * zv.to(tl.float32)
         finite = (z == z) & (tl.abs(z) < float("inf"))
-        bad = tl.maximum(bad, tl.max(tl.where(ok & ~finite, 1, 0), axis=1))
+        bad = tl.maximum(bad, tl.max(tl.where(ok & ~finite, 1, 0), axis=1))  # of the combined z, unpenalized
+        if HAS_PENALTY:
+            pm = tl.load(pmask_ptr + rows[:, None] * stride_pmask + cols[None, :], mask=ok, other=0)  # [R, BLOCK]
+            cnt = tl.load(counts_ptr + rows[:, None] * stride_counts + cols[None, :], mask=ok, other=0)
+            out = cnt > 0
+            # div_rn: IEEE division, as torch does it (plain / on GPU is an approximate division)
+            z_rep = tl.where(z < 0, z * rep_p, tl.math.div_rn(z, tl.broadcast_to(rep_p, [ROWS, BLOCK])))
+            z = tl.where((pm != 0) | out, z_rep, z)
+            # two subtractions, as the reference (and vLLM) does them
+            z = z - freq_p * cnt.to(tl.float32)
+            z = z - pres_p * out.to(tl.float32)
         z = tl.where(ok, z, neg_inf)
         tl.store(work_ptr + rows[:, None] * stride_work + cols[None, :], z, mask=ok)
         upd = z > best  # strict: keeps the earlier (lower) index on ties
@@ -264,8 +291,13 @@ def launch(
     has_topp,
     has_minp,
     workspace=None,
+    penalties=None,
 ):
-    """Allocate outputs and launch; returns (ids int64 [B], logprobs fp32 [B], bad bool [B])."""
+    """Allocate outputs and launch; returns (ids int64 [B], logprobs fp32 [B], bad bool [B]).
+
+    ``penalties``: None, or (prompt_mask [B, V] bool, output_counts [B, V] int32, repetition [B] fp32,
+    presence [B] fp32, frequency [B] fp32) -> HAS_PENALTY=True.
+    """
     import os
 
     import torch
@@ -286,6 +318,12 @@ def launch(
     value_t = value if value is not None else ref
     idx, w = ell if ell is not None else (ids, lp)  # unused pointers when HAS_MAP is False
     base_t, value_t = base_t.contiguous(), value_t.contiguous()
+    if penalties is not None:
+        pmask, counts, rep_p, pres_p, freq_p = penalties
+        pmask = pmask.contiguous().view(torch.uint8)  # bool -> its bytes (same size; Triton has no bool pointer)
+        counts = counts.contiguous()
+    else:  # unused pointers when HAS_PENALTY is False
+        pmask, counts, rep_p, pres_p, freq_p = bad, bad, lp, lp, lp
     grid = (triton.cdiv(b, rows),)
     _combine_sample_kernel[grid](
         base_t,
@@ -302,11 +340,18 @@ def launch(
         min_p,
         seed,
         offset,
+        pmask,
+        counts,
+        rep_p,
+        pres_p,
+        freq_p,
         b,
         v_out,
         base_t.stride(0),
         value_t.stride(0),
         workspace.stride(0),
+        pmask.stride(0),
+        counts.stride(0),
         alpha,
         HAS_BASE=base is not None,
         HAS_VALUE=value is not None,
@@ -316,6 +361,7 @@ def launch(
         HAS_TOPK=has_topk,
         HAS_TOPP=has_topp,
         HAS_MINP=has_minp,
+        HAS_PENALTY=penalties is not None,
         ROWS=rows,
         BLOCK=block,
         num_warps=4 if interp else 8,
@@ -339,23 +385,33 @@ def _aot_spec(dtype: str, **flags):
         "minp_ptr": "*fp32",
         "seed_ptr": "*i64",
         "offset_ptr": "*i64",
+        "pmask_ptr": "*u8",
+        "counts_ptr": "*i32",
+        "rep_ptr": "*fp32",
+        "pres_ptr": "*fp32",
+        "freq_ptr": "*fp32",
         "B": "i32",
         "V": "i32",
         "stride_base": "i32",
         "stride_value": "i32",
         "stride_work": "i32",
+        "stride_pmask": "i32",
+        "stride_counts": "i32",
         "alpha": "fp32",
     }
     const = dict(HAS_BASE=True, HAS_VALUE=True, HAS_MAP=False, K=1, DO_SAMPLE=False, HAS_TOPK=False, HAS_TOPP=False)
-    const.update(HAS_MINP=False, ROWS=1, BLOCK=1024)
+    const.update(HAS_MINP=False, HAS_PENALTY=False, ROWS=1, BLOCK=1024)
     const.update(flags)
     sig.update({k: "constexpr" for k in const})
     return (_combine_sample_kernel, sig, const, {"num_warps": 8})
 
 
-# Ahead-of-time compile specs: the decode defaults (bf16 logits, greedy) and the full sampling path with a map.
+# Ahead-of-time compile specs: the decode defaults (bf16 logits, greedy), the full sampling path with a map, and
+# the penalties (greedy, and with the full sampling path and a map).
 AOT_SPECS = [
     _aot_spec("bf16"),
     _aot_spec("bf16", HAS_MAP=True, K=4, DO_SAMPLE=True, HAS_TOPK=True, HAS_TOPP=True, HAS_MINP=True),
     _aot_spec("fp32", DO_SAMPLE=True, HAS_TOPP=True),
+    _aot_spec("bf16", HAS_PENALTY=True),
+    _aot_spec("bf16", HAS_MAP=True, K=4, DO_SAMPLE=True, HAS_TOPK=True, HAS_TOPP=True, HAS_MINP=True, HAS_PENALTY=True),
 ]

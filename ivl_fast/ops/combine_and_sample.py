@@ -1,12 +1,18 @@
 """combine_and_sample: the two models' logits -> next token ids (+ logprobs), one fused kernel on GPU.
 
 ``z = map(base_logits) + alpha * value_logits`` (map = the sparse base->value vocabulary map, identity when
-the vocabularies are equal), then temperature -> top_k -> top_p -> min_p -> sample with exactly the semantics
-of :mod:`ivl_fast.sampling` (transformers' warpers). Output vocabulary: the value model's.
+the vocabularies are equal), then the penalties (repetition, then frequency and presence: vLLM's order, on the
+fp32 z), then temperature -> top_k -> top_p -> min_p -> sample (or greedy argmax, which sees the penalties too)
+with exactly the semantics of :mod:`ivl_fast.sampling` (transformers' warpers). Output vocabulary: the value
+model's (V_out).
+
+Penalties need ``prompt_mask`` [B, V_out] bool (the token occurs in the prompt) and ``output_counts``
+[B, V_out] int32 (how often it was generated so far); the caller keeps both on device and updates them after
+each step. Any penalty on (a tensor counts as on) without them is refused.
 
 Returns ``(ids [B] int64, logprobs [B] fp32 or None, bad [B] bool)``; ``bad`` marks rows whose combined
 logits held NaN/inf (a device tensor: the decoder checks it at its stop check, no host sync here). Logprobs are
-those of the combined distribution before warping.
+those of the penalized combined distribution before the warpers (temperature and filters).
 
 Randomness: the Triton kernel draws from Philox(seed; column, row, offset) with ``seed`` and ``offset`` int64
 device tensors, so a captured CUDA graph draws fresh numbers when ``offset`` is advanced on device; the same
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import SamplingParams, combine_logits, nonfinite_rows, sample_ref, token_logprobs
+from ..sampling import SamplingParams, apply_penalties, combine_logits, nonfinite_rows, sample_ref, token_logprobs
 from ._backend import pick_backend
 
 
@@ -41,6 +47,37 @@ def _check_logits(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"{name} must be float32/float16/bfloat16, got {t.dtype}")
 
 
+def _check_penalty_inputs(prompt_mask, output_counts, b: int, v_out: int, device, on: bool) -> None:
+    """prompt_mask [B, V_out] bool and output_counts [B, V_out] int32: required when a penalty is on, and checked
+    (device, dtype, shape: metadata only, no sync) whenever given."""
+    for name, t, dtype in (("prompt_mask", prompt_mask, torch.bool), ("output_counts", output_counts, torch.int32)):
+        if t is None:
+            if on:
+                raise ValueError(
+                    f"{name} ([B={b}, V={v_out}] {dtype}) is required when repetition_penalty, presence_penalty or "
+                    f"frequency_penalty is on, got None"
+                )
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a [B={b}, V={v_out}] {dtype} tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (b, v_out):
+            raise ValueError(f"{name} must be [B={b}, V={v_out}] (the output vocabulary), got shape {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device} (the logits' device), got {t.device}")
+
+
+def _one_penalty(name: str, arg, from_params, off):
+    """The penalty the reference applies: the argument, else the one in ``params``; both set (and not the very same
+    object) is ambiguous and refused."""
+    arg_on = isinstance(arg, torch.Tensor) or arg != off
+    params_on = isinstance(from_params, torch.Tensor) or from_params != off
+    if arg_on and params_on and arg is not from_params:
+        raise ValueError(f"{name} given both in params ({from_params!r}) and as an argument ({arg!r})")
+    return arg if arg_on else from_params
+
+
 def combine_and_sample_ref(
     base_logits,
     value_logits,
@@ -50,13 +87,30 @@ def combine_and_sample_ref(
     params: SamplingParams,
     generator=None,
     return_logprobs=False,
+    repetition_penalty=1.0,
+    presence_penalty=0.0,
+    frequency_penalty=0.0,
+    prompt_mask=None,
+    output_counts=None,
 ):
-    """The torch reference: sparse map, add, warp (sort-based), sample."""
+    """The torch reference: sparse map, add, penalties, warp (sort-based), sample.
+
+    The penalties may come as arguments or in ``params`` (not both). Logprobs are those of the penalized combined
+    distribution before the warpers; ``bad`` flags the combined logits (before the penalties) holding NaN/inf.
+    """
     zb = vocab_map.apply(base_logits) if (vocab_map is not None and base_logits is not None) else base_logits
-    z = combine_logits(zb, value_logits, alpha)
+    z = combine_logits(zb, value_logits, alpha)  # [B, V_out] fp32
+    bad = nonfinite_rows(z)
+    rep = _one_penalty("repetition_penalty", repetition_penalty, params.repetition_penalty, 1.0)
+    pres = _one_penalty("presence_penalty", presence_penalty, params.presence_penalty, 0.0)
+    freq = _one_penalty("frequency_penalty", frequency_penalty, params.frequency_penalty, 0.0)
+    on = any(isinstance(x, torch.Tensor) for x in (rep, pres, freq)) or rep != 1 or pres != 0 or freq != 0
+    _check_penalty_inputs(prompt_mask, output_counts, z.shape[0], z.shape[1], z.device, on)
+    if on:
+        z = apply_penalties(z, prompt_mask, output_counts, rep, pres, freq)
     ids = sample_ref(z, params, generator)
     lp = token_logprobs(z, ids) if return_logprobs else None
-    return ids, lp, nonfinite_rows(z)
+    return ids, lp, bad
 
 
 def combine_and_sample(
@@ -77,11 +131,18 @@ def combine_and_sample(
     backend: str = "auto",
     workspace: torch.Tensor | None = None,
     validate: bool = True,
+    repetition_penalty=1.0,
+    presence_penalty=0.0,
+    frequency_penalty=0.0,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
 ):
-    """See the module docstring. Per-row parameters may be scalars or [B] tensors.
+    """See the module docstring. Per-row parameters (penalties included) may be scalars or [B] tensors.
 
     ``validate=False`` skips the value checks of the sampling parameters (for callers that checked them once,
-    like the decoder: validating [B] tensors reads them back to the host).
+    like the decoder: validating [B] tensors reads them back to the host); the shapes, dtypes and presence of
+    ``prompt_mask`` / ``output_counts`` are always checked (metadata only, no sync). With penalties on, the returned
+    logprobs are those of the penalized combined distribution before the warpers.
     """
     _check_logits("base_logits", base_logits)
     _check_logits("value_logits", value_logits)
@@ -107,7 +168,14 @@ def combine_and_sample(
             f"base vocabulary ({base_logits.shape[1]}) != value vocabulary ({value_logits.shape[1]}) and no vocab_map"
         )
     args = (bool(do_sample), temperature, top_k, top_p, min_p)
-    params = SamplingParams(*args) if validate else SamplingParams.trusted(*args)  # validation names the argument
+    pen = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
+    pen.update(frequency_penalty=frequency_penalty)
+    # validation names the argument
+    params = SamplingParams(*args, **pen) if validate else SamplingParams.trusted(*args, **pen)
+    for name, val in pen.items():  # [B] or scalar (a shape check: no sync, so also with validate=False)
+        if isinstance(val, torch.Tensor) and val.dim() > 0 and tuple(val.shape) != (b,):
+            raise ValueError(f"{name} must be a scalar or a [B={b}] tensor, got shape {tuple(val.shape)}")
+    _check_penalty_inputs(prompt_mask, output_counts, b, v_out, dev, params.penalties_on)
     be = pick_backend(backend, dev)
     if be == "torch":
         return combine_and_sample_ref(
@@ -118,10 +186,21 @@ def combine_and_sample(
             params=params,
             generator=generator,
             return_logprobs=return_logprobs,
+            prompt_mask=prompt_mask,
+            output_counts=output_counts,
         )
     seed_t = _as_row_tensor("seed", 0 if seed is None else seed, 1, torch.int64, dev)
     off_t = _as_row_tensor("offset", offset, 1, torch.int64, dev)
     ell = vocab_map.ell(dev) if (vocab_map is not None and base_logits is not None) else (None, None)
+    pen_t = (None, None, None, None, None)  # HAS_PENALTY=False in the kernel
+    if params.penalties_on:
+        pen_t = (
+            prompt_mask,
+            output_counts,
+            _as_row_tensor("repetition_penalty", repetition_penalty, b, torch.float32, dev),
+            _as_row_tensor("presence_penalty", presence_penalty, b, torch.float32, dev),
+            _as_row_tensor("frequency_penalty", frequency_penalty, b, torch.float32, dev),
+        )
     ids, lp, bad = _triton_op(
         base_logits,
         value_logits,
@@ -139,6 +218,7 @@ def combine_and_sample(
         params.top_p_on,
         params.min_p_on,
         workspace,
+        *pen_t,
     )
     return ids, (lp if return_logprobs else None), bad
 
@@ -164,7 +244,14 @@ def _triton_op(
     has_topp: bool,
     has_minp: bool,
     workspace: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    repetition_penalty: torch.Tensor | None = None,
+    presence_penalty: torch.Tensor | None = None,
+    frequency_penalty: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the penalty arguments trail with defaults (older positional callers keep working); all five or none:
+    # prompt_mask [B, V_out] bool, output_counts [B, V_out] int32, the three penalties [B] fp32
     from ivl_fast.kernels.combine_and_sample import launch
 
     return launch(
@@ -184,6 +271,9 @@ def _triton_op(
         has_topp=has_topp,
         has_minp=has_minp,
         workspace=workspace,
+        penalties=(prompt_mask, output_counts, repetition_penalty, presence_penalty, frequency_penalty)
+        if prompt_mask is not None
+        else None,
     )
 
 
