@@ -17,6 +17,7 @@ import torch
 from conftest import build_model
 
 from ivl_fast.train import TrainConfig, TrainingInterrupted, train_value_model
+from ivl_fast.train import setup as setup_mod
 from ivl_fast.train import trainer as trainer_mod
 
 
@@ -100,10 +101,12 @@ def record_run(monkeypatch, cfg, per_step=None):
     rec.steps[i]: {"opt": which optimizer (a curriculum stage makes a new one), "groups": [(lr, weight_decay,
     betas, eps, param ids)], "before"/"grad"/"after": {param id: float32 copy}, "batches": the micro-batches whose
     gradients this step applies (this process's), "extra": per_step() if given}. rec.value: the trained value
-    model (names of the parameter ids: rec.names).
+    model (names of the parameter ids: rec.names); rec.models: every model loaded, in order (the value network,
+    then each stage's base); rec.optimizers: every AdamW made; rec.summary: what train_value_model returned;
+    rec.log: the train_log.jsonl records (None where this process wrote no log).
     """
     rec = SimpleNamespace(models=[], pending=[], steps=[], optimizers=[])
-    real_load, real_loss = trainer_mod.load_model, trainer_mod.micro_batch_loss
+    real_load, real_loss = setup_mod.load_model, trainer_mod.micro_batch_loss
 
     def load_model(*a, **k):
         m = real_load(*a, **k)
@@ -138,7 +141,7 @@ def record_run(monkeypatch, cfg, per_step=None):
             rec.steps.append(s)
             return out
 
-    monkeypatch.setattr(trainer_mod, "load_model", load_model)
+    monkeypatch.setattr(setup_mod, "load_model", load_model)  # the value network and each base load there
     monkeypatch.setattr(trainer_mod, "micro_batch_loss", micro_batch_loss)
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     rec.summary = train_value_model(cfg)

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..schemes import TRAIN_SCHEMES
 from .errors import DefaultsHelp
 
 
@@ -24,9 +25,7 @@ def add_parser(sub) -> None:
     req.add_argument("--data", type=Path, required=True, help="JSON/JSONL demonstrations (ShareGPT or OpenAI form)")
     req.add_argument("--out", type=Path, required=True, help="new directory for the value network and checkpoints")
     tr.add_argument("--l1", type=float, default=1.0, help="L1 weight on the value logits (0 = plain IVL)")
-    tr.add_argument(
-        "--scheme", default="residual", choices=["residual", "cascade", "cascade+"], help="value network input"
-    )
+    tr.add_argument("--scheme", default="residual", choices=TRAIN_SCHEMES, help="value network input")
     tr.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     tr.add_argument("--warmup-ratio", type=float, default=0.04, help="share of the steps spent warming up")
     tr.add_argument("--epochs", type=int, default=3, help="passes over the data per base")
@@ -57,36 +56,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..train import TrainConfig, train_value_model
 
-    cfg = TrainConfig(
-        bases=[str(b) for b in args.base],
-        value_init=str(args.value_init),
-        data=str(args.data),
-        out=str(args.out),
-        l1=args.l1,
-        scheme=args.scheme,
-        lr=args.lr,
-        warmup_ratio=args.warmup_ratio,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_tokens=args.batch_tokens,
-        grad_accum=args.grad_accum,
-        max_grad_norm=args.max_grad_norm,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        max_length=args.max_length,
-        drop_long=args.drop_long,
-        grad_checkpointing=args.grad_checkpointing,
-        save_every=args.save_every,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        device=args.device,
-        dtype=args.dtype,
-        loss_backend=args.loss_backend,
-        fsdp=args.fsdp,
-        progress=not args.no_progress,
-        allow_pickle=args.allow_pickle,
-        debug_kill_at_step=args.debug_kill_at_step,
-    )
+    cfg = TrainConfig.from_args(args)  # one field per flag; the renames are in ivl_fast.train.config.CLI_DESTS
     try:
         summary = train_value_model(cfg)
     except KeyboardInterrupt:

@@ -6,11 +6,12 @@ same token-level mean however the global batch is split across processes or accu
 with grad_accum=2 equals 2 DDP processes with grad_accum=1, up to float summation order).
 
 Per micro-batch: frozen base hidden states (no grad) + value hidden states -> :func:`ivl_fast.ops.fused_ce_l1`
-(never the [tokens, V] logits of either model). Schemes (paper, Figure 3):
+(never the [tokens, V] logits of either model). The schemes (paper, Figure 3) are :mod:`ivl_fast.schemes`'s.
 
-- residual: the value network sees the tokens only;
-- cascade:  its input embedding is softmax(z_base) @ E_value;
-- cascade+: that plus the token embedding.
+The run, top down: :func:`train_value_model` is the loop; :func:`_setup` and :func:`_start` build the run
+(:class:`~.setup.TrainRun`) and its position (:class:`~.setup.RunState`) from :mod:`.setup`'s pieces;
+:func:`_train_stage` runs one curriculum stage, :func:`_train_step` one optimizer step of it (the gradient work
+in :func:`_optimizer_step`); :mod:`.checkpoint` saves. Here too: the step plan, the schedule and the loss.
 """
 
 from __future__ import annotations
@@ -19,38 +20,190 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..chat import has_tokenizer, load_tokenizer
-from ..models import LeanCausalLM, load_model, resolve_device
-from ..models.checkpoint import read_config
+from ..models import LeanCausalLM, resolve_device
 from ..ops import fused_ce_l1
+from ..schemes import is_cascade
+from .checkpoint import checkpoint_due, finish, save_run_checkpoint
 from .config import SCHEMES, TrainConfig
-from .data import IGNORE, build_dataset, collate, make_batches, padding_fraction
-from .run_dir import (
-    CKPT,
-    EXTENDABLE,
-    LOG_FILE,
-    check_out_dir,
-    export,
-    full_states,
-    latest_checkpoint,
-    load_checkpoint,
-    read_run_file,
-    replace_earlier_run,
-    save_checkpoint,
-    undo_fresh_run,
-    write_run_file,
+from .data import IGNORE, build_dataset, collate, make_batches
+from .run_dir import CKPT, LOG_FILE, latest_checkpoint, load_checkpoint, undo_fresh_run
+from .setup import (
+    RunState,
+    TrainRun,
+    check_out,
+    init_distributed,
+    load_base,
+    load_checked_tokenizer,
+    load_value,
+    pad_token_id,
+    prepare_out_dir,
+    resume_position,
 )
 from .stop_request import StopRequest, TrainingInterrupted
 
 __all__ = ["SCHEMES", "StepPlan", "TrainConfig", "TrainingInterrupted", "micro_batch_loss", "train_value_model"]
 
 
+# ----------------------------------------------------------------------------- the loop
+def train_value_model(cfg: TrainConfig) -> dict:
+    """Train; returns a summary dict (also in ``out/ivl.json``). See the module docstring.
+
+    Nothing is written to ``cfg.out`` until the inputs are checked; a new run that fails before its first
+    checkpoint removes what it wrote. Ctrl-C finishes the step, saves a checkpoint and raises
+    :class:`TrainingInterrupted`.
+    """
+    cfg.validate()
+    run = _setup(cfg)
+    state = _start(run)
+    # the inputs are good: from here on --out is written
+    created_dir = not run.out.exists()
+    if run.dist.rank == 0:
+        prepare_out_dir(cfg, run.out, run.record, state.resumed_from)
+    bar = _progress_bar(run, state)
+    t_start = time.perf_counter()
+    try:
+        with StopRequest() as stop:
+            while state.stage < len(cfg.bases):
+                _train_stage(run, state, stop, bar)
+    except Exception:
+        if run.dist.rank == 0 and run.prior_run is None:  # a new run that failed: leave --out as it was, if unsaved
+            undo_fresh_run(run.out, created_dir)
+        raise
+    finally:
+        bar.close()
+    return finish(run, state, time.perf_counter() - t_start)
+
+
+def _setup(cfg: TrainConfig) -> TrainRun:
+    """Everything the run works with, checked in this order and nothing written yet: the processes, --out's rules
+    (and the run to resume), the tokenizer and vocabularies, the data, the value network, each stage's step plan."""
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device)
+    out, fp = Path(cfg.out), cfg.fingerprint()
+    prior_run = check_out(cfg, out, fp, dist)
+    compute_dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    tokenizer = load_checked_tokenizer(cfg)
+    data = build_dataset(tokenizer, cfg.data, max_length=cfg.max_length, drop_long=cfg.drop_long)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    value, value_fwd = load_value(cfg, device, dist)
+    lengths = [len(e.input_ids) for e in data.examples]
+    per_step = dist.world * cfg.grad_accum
+    plans = [StepPlan(lengths, cfg.batch_tokens, cfg.seed + 7919 * st, per_step) for st in range(len(cfg.bases))]
+    stage_steps = cfg.max_steps or plans[0].steps_in_epochs(cfg.epochs)
+    plans[0].group(0)  # the first step's batches exist (bad --batch-tokens / --grad-accum fail here, not later)
+    return TrainRun(
+        cfg=cfg,
+        device=device,
+        dist=dist,
+        compute_dtype=compute_dtype,
+        amp=torch.autocast("cuda", dtype=getattr(torch, compute_dtype)) if device.type == "cuda" else None,
+        out=out,
+        fp=fp,
+        prior_run=prior_run,
+        record={**(prior_run or {}), "config": fp, "data_hash": data.data_hash, "stage_steps": stage_steps},
+        tokenizer=tokenizer,
+        data=data,
+        pad_id=pad_token_id(tokenizer),
+        value=value,
+        value_fwd=value_fwd,
+        plans=plans,
+        stage_steps=stage_steps,
+    )
+
+
+def _start(run: TrainRun) -> RunState:
+    """The first stage's optimizer and schedule at step 0, or, with --resume, at the latest checkpoint: its weights,
+    optimizer, schedule and RNGs loaded, the schedule then following the run's (possibly new) length."""
+    state = RunState(*_make_optimizer(run.value, run.cfg, run.stage_steps))
+    ckpt = latest_checkpoint(run.out) if run.cfg.resume else None
+    if ckpt is not None:
+        saved = load_checkpoint(ckpt, run.value, state.opt, state.sched, fsdp=run.fsdp)
+        state.step, state.stage = resume_position(saved, run)
+        _follow_schedule(state.opt, state.sched)
+        state.resumed_from = state.step
+    return state
+
+
+def _progress_bar(run: TrainRun, state: RunState):
+    """Steps over all stages on stderr, from where the run starts; rank 0 only, off with --no-progress."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=run.stage_steps * len(run.cfg.bases),
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=not run.cfg.progress or run.dist.rank != 0,
+        file=sys.stderr,
+    )
+
+
+def _train_stage(run: TrainRun, state: RunState, stop: StopRequest, bar) -> None:
+    """The current curriculum stage from ``state.step`` to its end: its frozen base, a fresh optimizer and schedule
+    if the stage starts here (not when resumed inside it), then each step, checkpointed when due. Ctrl-C (``stop``)
+    ends the run after the step it interrupts, with a checkpoint (TrainingInterrupted)."""
+    cfg = run.cfg
+    base = load_base(run, state.stage)  # freed when the stage returns, before the next stage loads its own
+    stage_start = state.stage * run.stage_steps
+    stage_end = stage_start + run.stage_steps
+    if state.step == stage_start and state.stage > 0:  # a new curriculum stage restarts the schedule
+        state.opt, state.sched = _make_optimizer(run.value, cfg, run.stage_steps)
+    while state.step < stage_end:
+        epoch = _train_step(run, state, base, bar)
+        done_stage = state.step == stage_end
+        stopping = _agreed(stop.requested, run.dist.comm, run.device)
+        if checkpoint_due(run, state, done_stage, stopping):
+            save_run_checkpoint(run, state, epoch, done_stage)
+        run.dist.barrier()
+        if stopping:
+            raise TrainingInterrupted(state.step, run.out / CKPT)
+        if cfg.debug_kill_at_step == state.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    state.stage += 1
+
+
+def _train_step(run: TrainRun, state: RunState, base: LeanCausalLM, bar) -> int:
+    """The optimizer step after ``state.step`` (its micro-batches via :func:`_optimizer_step`, then the schedule's
+    step), its line in train_log.jsonl and the progress bar; returns its epoch. A non-finite loss stops the run."""
+    epoch, group = run.plans[state.stage].group(state.step - state.stage * run.stage_steps)
+    t0 = time.perf_counter()
+    lr_used = state.opt.param_groups[0]["lr"]  # this step's lr (sched.step() below sets the next one's)
+    loss_val, grad_norm, n_tok = _optimizer_step(
+        run.cfg, run.data.examples, group, run.pad_id, run.dist, run.value_fwd, run.value, base, state.opt, run.amp
+    )
+    state.sched.step()
+    state.step += 1
+    state.tokens_seen += n_tok
+    if not math.isfinite(loss_val):
+        raise FloatingPointError(f"loss became {loss_val} at step {state.step}; stopping (last checkpoint kept)")
+    dt = time.perf_counter() - t0
+    rec = {
+        "step": state.step,
+        "stage": state.stage,
+        "epoch": epoch,
+        "loss": loss_val,
+        "lr": lr_used,
+        "grad_norm": grad_norm,
+        "tokens": state.tokens_seen,
+        "tokens_per_s": sum(len(run.data.examples[i].input_ids) for b in group for i in b) / max(dt, 1e-9),
+    }
+    if run.dist.rank == 0:
+        with (run.out / LOG_FILE).open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        bar.update(1)
+    return epoch
+
+
+# ----------------------------------------------------------------------------- step plan, schedule, loss, step
 class StepPlan:
     """Which micro-batches make up each optimizer step of a stage.
 
@@ -91,19 +244,9 @@ class StepPlan:
         return epoch, self.batches(epoch)[step * self.per_step : (step + 1) * self.per_step]
 
 
-# ----------------------------------------------------------------------------- distributed helpers
-def _dist_setup(device: torch.device):
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, None
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), dist
-
-
 def _lr_lambda(total: int, warmup: int):
+    """The schedule's lr factor at each step of a stage of ``total`` steps: linear warmup, then cosine to 0."""
+
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -113,13 +256,21 @@ def _lr_lambda(total: int, warmup: int):
     return f
 
 
-# ----------------------------------------------------------------------------- the loss of one micro-batch
+def _make_optimizer(value: LeanCausalLM, cfg: TrainConfig, stage_steps: int):
+    """A fresh AdamW (weight decay on matrices only) and its warmup + cosine schedule over one stage."""
+    decay = [p for p in value.parameters() if p.dim() >= 2]
+    no_decay = [p for p in value.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(stage_steps, int(cfg.warmup_ratio * stage_steps)))
+
+
 def micro_batch_loss(cfg: TrainConfig, value_fwd, value: LeanCausalLM, base: LeanCausalLM, batch: dict):
     """Un-normalised pieces: returns (mean loss over this micro-batch's supervised tokens, their count)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad():
         base_h = base(ids, attention_mask=mask, output_hidden=True)  # [B, T, Hb]
-    if cfg.scheme == "residual":
+    if not is_cascade(cfg.scheme):  # residual: the value network reads the tokens
         value_h = value_fwd(ids, attention_mask=mask, output_hidden=True)
     else:  # cascade(+): the value network reads the base's next-token distribution
         with torch.no_grad():
@@ -167,226 +318,13 @@ def _optimizer_step(cfg, examples, group, pad_id, dist_info, value_fwd, value, b
     return float(loss_sum), float(grad_norm), n_tok
 
 
-# ----------------------------------------------------------------------------- resuming
-def _resume_position(state: dict, cfg: TrainConfig, stage_steps: int, prior_run: dict, fp: dict) -> tuple[int, int]:
-    """(step, stage) to continue from. A resumed run may be made longer or shorter (--max-steps, --epochs):
-    the cosine schedule then follows the new length from the checkpoint's step on."""
-    step, stage = int(state["step"]), int(state["stage"])
-    same_flags = all(prior_run["config"].get(k) == fp[k] for k in EXTENDABLE)
-    if same_flags or prior_run.get("stage_steps") == stage_steps:  # (e.g. --epochs changed under --max-steps)
-        return step, stage
-    n = len(cfg.bases)
-    if n > 1 and stage > 0:
-        raise ValueError(
-            f"--resume with another --max-steps/--epochs: this curriculum's checkpoint is in stage {stage}; its "
-            "length can change only during the first stage"
-        )
-    if step > stage_steps:
-        raise ValueError(
-            f"--resume: the checkpoint is at step {step}, past the new length of {stage_steps} steps per base"
-        )
-    return step, 1 if step == stage_steps else 0
-
-
 def _follow_schedule(opt, sched) -> None:
     """Set each group's lr from the (possibly new) schedule at its current step (identical for an exact resume)."""
     for group, base_lr, lam in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
         group["lr"] = base_lr * lam(sched.last_epoch)
 
 
-# ----------------------------------------------------------------------------- the loop
-def train_value_model(cfg: TrainConfig) -> dict:
-    """Train; returns a summary dict (also in ``out/ivl.json``). See the module docstring.
-
-    Nothing is written to ``cfg.out`` until the inputs are checked; a new run that fails before its first
-    checkpoint removes what it wrote. Ctrl-C finishes the step, saves a checkpoint and raises
-    :class:`TrainingInterrupted`.
-    """
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    rank, world, dist = _dist_setup(device)
-    out = Path(cfg.out)
-    fp = cfg.fingerprint()
-    prior_run = check_out_dir(cfg, out, fp) if rank == 0 else None
-    if dist:
-        dist.barrier()
-        prior_run = read_run_file(out) if cfg.resume else None
-
-    compute_dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    tok_dir = cfg.value_init if has_tokenizer(cfg.value_init) else cfg.bases[0]
-    if not has_tokenizer(tok_dir):
-        raise FileNotFoundError(f"no tokenizer in --value-init {cfg.value_init!r} or --base {cfg.bases[0]!r}")
-    tokenizer = load_tokenizer(tok_dir)
-    value_vocab = int(read_config(cfg.value_init)["vocab_size"])
-    for b in cfg.bases:
-        bv = int(read_config(b)["vocab_size"])
-        if bv != value_vocab:
-            raise ValueError(
-                f"base {b!r} has a {bv}-token vocabulary but the value network {cfg.value_init!r} has {value_vocab}; "
-                "IVL training needs the same vocabulary"
-            )
-
-    data = build_dataset(tokenizer, cfg.data, max_length=cfg.max_length, drop_long=cfg.drop_long)
-    lengths = [len(e.input_ids) for e in data.examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    per_step = world * cfg.grad_accum
-
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    # master weights in fp32; the forward runs under autocast on GPU
-    value = load_model(cfg.value_init, device=device, dtype="float32", engine="lean", allow_pickle=cfg.allow_pickle)
-    value.requires_grad_(True).train()
-    value.gradient_checkpointing = cfg.grad_checkpointing
-    value_fwd = value
-    fsdp = bool(dist and cfg.fsdp)
-    if cfg.fsdp and not dist:
-        raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
-    if cfg.fsdp and cfg.scheme != "residual":
-        raise ValueError(f"--fsdp supports the residual scheme only (got {cfg.scheme!r}); use DDP for cascade")
-    if fsdp:
-        # FSDP2: shard each decoder layer and the root. The root keeps its parameters unsharded after the
-        # forward (reshard_after_forward=False) because the fused loss reads the LM head outside the forward.
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in value.model.layers:
-            fully_shard(layer)
-        fully_shard(value, reshard_after_forward=False)
-        value_fwd = value
-    elif dist:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        value_fwd = DDP(value, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def make_optimizer():
-        decay = [p for p in value.parameters() if p.dim() >= 2]
-        no_decay = [p for p in value.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        o = torch.optim.AdamW(groups, lr=cfg.lr)
-        return o, torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(stage_steps, int(cfg.warmup_ratio * stage_steps)))
-
-    plans = [StepPlan(lengths, cfg.batch_tokens, cfg.seed + 7919 * st, per_step) for st in range(len(cfg.bases))]
-    stage_steps = cfg.max_steps or plans[0].steps_in_epochs(cfg.epochs)
-    plans[0].group(0)  # the first step's batches exist (bad --batch-tokens / --grad-accum fail here, not later)
-    total_steps = stage_steps * len(cfg.bases)
-    opt, sched = make_optimizer()
-
-    step, stage = 0, 0
-    resumed_from = None
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        st = load_checkpoint(ckpt, value, opt, sched, fsdp=fsdp)
-        step, stage = _resume_position(st, cfg, stage_steps, prior_run, fp)
-        _follow_schedule(opt, sched)
-        resumed_from = step
-
-    # the inputs are good: from here on --out is written
-    created_dir = not out.exists()
-    log_path = out / LOG_FILE
-    run_record = {**(prior_run or {}), "config": fp, "data_hash": data.data_hash, "stage_steps": stage_steps}
-    if rank == 0:
-        if cfg.overwrite:
-            replace_earlier_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_file(out, run_record)
-        if resumed_from is not None and log_path.is_file():  # drop log lines past the checkpoint
-            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_from]
-            log_path.write_text("".join(k + "\n" for k in kept))
-        elif resumed_from is None:
-            log_path.write_text("")
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not cfg.progress or rank != 0,
-        file=sys.stderr,
-    )
-    amp = torch.autocast("cuda", dtype=getattr(torch, compute_dtype)) if device.type == "cuda" else None
-    t_start, tokens_seen = time.perf_counter(), 0
-    try:
-        with StopRequest() as stop:
-            while stage < len(cfg.bases):
-                base = load_model(
-                    cfg.bases[stage], device=device, dtype=compute_dtype, engine="lean", allow_pickle=cfg.allow_pickle
-                )
-                base.requires_grad_(False).eval()
-                stage_start = stage * stage_steps
-                if step == stage_start and stage > 0:  # a new curriculum stage restarts the schedule
-                    opt, sched = make_optimizer()
-                while step < stage_start + stage_steps:
-                    epoch, group = plans[stage].group(step - stage_start)
-                    t0 = time.perf_counter()
-                    lr_used = opt.param_groups[0]["lr"]  # this step's lr (sched.step() below sets the next one's)
-                    loss_val, grad_norm, n_tok = _optimizer_step(
-                        cfg, data.examples, group, pad_id, (rank, world, dist), value_fwd, value, base, opt, amp
-                    )
-                    sched.step()
-                    step += 1
-                    tokens_seen += n_tok
-                    if not math.isfinite(loss_val):
-                        raise FloatingPointError(
-                            f"loss became {loss_val} at step {step}; stopping (last checkpoint kept)"
-                        )
-                    dt = time.perf_counter() - t0
-                    rec = {
-                        "step": step,
-                        "stage": stage,
-                        "epoch": epoch,
-                        "loss": loss_val,
-                        "lr": lr_used,
-                        "grad_norm": grad_norm,
-                        "tokens": tokens_seen,
-                        "tokens_per_s": sum(len(data.examples[i].input_ids) for b in group for i in b) / max(dt, 1e-9),
-                    }
-                    if rank == 0:
-                        with log_path.open("a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                        bar.update(1)
-                    done_stage = step == stage_start + stage_steps
-                    stopping = _agreed(stop.requested, dist, device)
-                    if (cfg.save_every and (step % cfg.save_every == 0 or done_stage)) or stopping:
-                        msd, osd = full_states(value, opt, fsdp=fsdp)  # every rank (collective under FSDP)
-                        if rank == 0:
-                            st = {"step": step, "stage": stage + (1 if done_stage else 0), "epoch": epoch}
-                            save_checkpoint(out, msd, osd, sched, st)
-                    if dist:
-                        dist.barrier()
-                    if stopping:
-                        raise TrainingInterrupted(step, out / CKPT)
-                    if cfg.debug_kill_at_step == step:
-                        import signal
-
-                        os.kill(os.getpid(), signal.SIGKILL)
-                stage += 1
-                del base
-    except Exception:
-        if rank == 0 and prior_run is None:  # a new run that failed: leave --out as it was, if nothing was saved
-            undo_fresh_run(out, created_dir)
-        raise
-    finally:
-        bar.close()
-
-    summary = {
-        "steps": step,
-        "steps_run": step - (resumed_from or 0),
-        "world_size": world,
-        "data": data.stats.as_dict(),
-        "padding_fraction": padding_fraction(plans[0].batches(0), lengths),
-        "seconds": time.perf_counter() - t_start,
-        "resumed_from": resumed_from,
-    }
-    final_sd, _ = full_states(value, opt, fsdp=fsdp, with_optimizer=False)
-    if rank == 0:
-        export(cfg, out, final_sd, tokenizer, run_record, summary)
-    if dist:
-        dist.barrier()
-    return summary
-
-
+# ----------------------------------------------------------------------------- helpers
 def _agreed(flag: bool, dist, device) -> bool:
     """One rank's Ctrl-C stops every rank at the same step (a max all-reduce of the flag; no-op alone)."""
     if not dist:
