@@ -4,7 +4,8 @@ A checkpoint's own chat template is used when it has one. Otherwise :data:`DEFAU
 
     <bos><|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{assistant}<eos>\\n ...
 
-so that a value network trained with ivl-fast on a template-less base decodes with the same format.
+and a prompt (``add_generation_prompt=True``) ends with ``<|assistant|>\n``, so that a value network trained
+with ivl-fast on a template-less base decodes with the same format.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 
 def has_tokenizer(path: str | Path) -> bool:
+    """True when ``path`` is a directory holding at least one tokenizer file (``tokenizer.json``,
+    ``tokenizer.model``, ``tokenizer_config.json``, ``vocab.json`` or ``tekken.json``)."""
     p = Path(path)
     return p.is_dir() and any((p / f).is_file() for f in _TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
-    """A ``transformers`` tokenizer from a directory (offline; no hub access)."""
+    """A ``transformers`` tokenizer from a directory (offline; no hub access), by ``AutoTokenizer``: the class
+    comes from the directory's ``tokenizer_config.json`` and ``config.json``, so one set of files can load as two
+    classes (``ivl_fast.tokenizer_identity`` compares what decoding uses). FileNotFoundError when the directory
+    has no tokenizer files."""
     from transformers import AutoTokenizer
 
     if not has_tokenizer(path):
@@ -55,6 +61,8 @@ def as_messages(prompt, system: str | None = None) -> list[dict]:
 
 
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    """``messages`` as text through the tokenizer's own chat template, else :data:`DEFAULT_CHAT_TEMPLATE`;
+    ``add_generation_prompt`` ends the text with the assistant's turn header (the prompt of a reply)."""
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt

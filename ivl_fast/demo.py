@@ -37,6 +37,9 @@ DEMO_FORMAT = 2  # 2: the other base has a SentencePiece-style tokenizer (1: two
 
 @dataclass
 class DemoConfig:
+    """``work_dir``: where models and results go (reused by a later run of the same settings); ``quick``: a smaller
+    world and fewer steps (a test-sized run); ``seed``: the world, the initial weights and the data order."""
+
     work_dir: str = "ivl-demo"
     quick: bool = False
     seed: int = 0
@@ -220,8 +223,9 @@ def finetune(base_dir: Path, demos_file: Path, out: Path, *, steps: int, seed: i
 
 
 def evaluate(dec, world: dict, people: list[str]) -> dict:
-    """Greedy answers to held-out questions: accuracy (exact answer) and format rate ("ANSWER: <word>"),
-    plus decoding speed (new tokens / s over the batch)."""
+    """Greedy answers to the city and colour questions about ``people``: ``{"accuracy", "format_rate",
+    "questions", "seconds"}``: the share in the format with the right word, the share in the format
+    ("ANSWER: <word>"), the number of questions, and the seconds of the one batched ``generate`` call."""
     from .chat import as_messages, render_chat
 
     qs = []
@@ -326,6 +330,10 @@ def make_tokenizers(cfg: DemoConfig, texts: list[str], work: Path | None = None)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """Build (or reuse from ``cfg.work_dir``) every model of the table, evaluate its rows and time decoding; writes
+    results.json, results.md and results.png to the work dir and returns the results: ``rows`` (one
+    :func:`evaluate` dict per row of ``ROW_NAMES``, with its ``name``), ``tokens_per_s`` (medians) and
+    ``tokens_per_s_runs``, ``world``, ``tokenizers`` (both tokenizers and the map) and ``provenance``."""
     from tqdm.auto import tqdm
 
     from . import FastIVLDecoder

@@ -43,8 +43,9 @@ def _minutes(seconds: float) -> str:
 
 
 def readme_block(main: dict, others: list[dict]) -> str:
-    """README's demo results: the seed-0 table of ``main`` with its provenance, then every row's range over
-    ``main`` and ``others`` (other seeds, same machine). Generated, never typed (tests/test_demo.py checks)."""
+    """README's demo results: the table of ``main`` (docs/demo_results.json, seed 0) with its provenance, then
+    every row's range over ``main`` and ``others`` (other seeds, same machine). Generated, never typed
+    (tests/test_demo.py checks)."""
     prov = main["provenance"]
     m = prov["machine"]
     runs = [main, *others]
@@ -72,6 +73,7 @@ def readme_block(main: dict, others: list[dict]) -> str:
 
 
 def plot(result: dict, png: Path) -> None:
+    """The bar chart: accuracy and format rate of each row of ``result``, written to ``png``."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,8 +1,9 @@
 """Tiny random-weight checkpoints built offline: the embedded default of the README and the test fixtures.
 
-Tokenizer: a byte-level BPE trained in about a second on Python's own documentation text
-(``pydoc_data.topics``, shipped with CPython), saved as a ``transformers`` fast tokenizer. Models: random
-Llama-family weights saved with ``save_pretrained`` (safetensors), i.e. real Hugging Face checkpoints.
+Tokenizers: a byte-level BPE trained in about a second on Python's own documentation text
+(``pydoc_data.topics``, shipped with CPython), or on given texts; a SentencePiece-style BPE with byte fallback
+(the demo's other tokenizer); each a ``transformers`` fast tokenizer with <unk>/<s>/</s>/<pad> = 0/1/2/3.
+Models: random Llama weights saved with ``save_pretrained`` (safetensors), i.e. real Hugging Face checkpoints.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def train_tokenizer(vocab_size: int = 1024, *, max_chars: int = 300_000):
 
 
 def train_tokenizer_on(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2 / Llama-3 style, "Ġ" markers) trained on ``texts`` (deterministic).
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 style, "Ġ" markers) trained on ``texts`` (deterministic), with
+    <unk>/<s>/</s>/<pad> = 0/1/2/3 and <s> before every sequence.
 
     BPE stops merging when the texts hold no more pairs, so it may come out smaller than ``vocab_size``.
     """
@@ -91,6 +93,8 @@ def _as_transformers(tok):
 
 
 def llama_config(vocab_size: int, *, hidden: int, layers: int, heads: int, kv_heads: int, **overrides):
+    """A ``LlamaConfig``: intermediate size 8/3 of ``hidden`` rounded down to a multiple of 16, context 1024,
+    bos/eos/pad = 1/2/3 (the tokenizers' ids here), untied embeddings; ``overrides`` replace any field."""
     from transformers import LlamaConfig
 
     cfg = dict(
@@ -111,6 +115,8 @@ def llama_config(vocab_size: int, *, hidden: int, layers: int, heads: int, kv_he
 
 
 def save_random_model(config, out: str | Path, *, seed: int, tokenizer=None, dtype=torch.float32) -> Path:
+    """A causal LM of ``config`` with random weights (``torch.manual_seed(seed)``) in ``dtype``, saved to ``out``
+    with ``save_pretrained`` (and ``tokenizer``'s files when given); returns ``out``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -123,7 +129,10 @@ def save_random_model(config, out: str | Path, *, seed: int, tokenizer=None, dty
 
 
 def make_tiny_pair(out_dir: str | Path, *, vocab_size: int = 1024, seed: int = 0) -> dict[str, Path]:
-    """Write ``out_dir/base`` (4 layers, 256 wide) and ``out_dir/value`` (2 layers, 128 wide), same tokenizer."""
+    """Write ``out_dir/base`` (4 layers, 256 wide, 8 heads / 4 KV heads, weights of ``seed``) and
+    ``out_dir/value`` (2 layers, 128 wide, 4 / 2 heads, ``seed + 1``), both with one pydoc BPE tokenizer of
+    ``vocab_size`` tokens (fewer if BPE runs out of merges; the models get its size). Returns
+    ``{"base": Path, "value": Path}``. Refuses (UnsafeOutputError) when either directory exists and is not empty."""
     out = Path(out_dir)
     for sub in ("base", "value"):  # save_pretrained would overwrite a checkpoint that is already there
         if (out / sub).exists() and (not (out / sub).is_dir() or any((out / sub).iterdir())):

@@ -1,8 +1,12 @@
 """Triton kernels of ivl-fast, installed as ``ivl_fast.kernels``.
 
-One op per file: ``_<op>_kernel`` (private) -> launcher, each with a plain-torch reference in ``ivl_fast.ops``
-(see shared/DESIGN.md). Every kernel module lists ``AOT_SPECS`` (kernel, signature, constexprs, options) so
-that :func:`compile_all` can build it ahead of time for sm_80 / sm_90 on a machine without a GPU.
+One op per file, named after its public op in ``ivl_fast.ops``: ``fused_ce_l1.py`` (the private
+``_ce_l1_kernel`` and its launcher ``ce_l1_rows``) and ``combine_and_sample.py`` (``_combine_sample_kernel`` and
+``launch``). The package reaches a kernel only through its op (``ivl_fast.ops.fused_ce_l1``,
+``ivl_fast.ops.combine_and_sample``), which picks the Triton or the torch path; the op's plain-torch reference
+(``fused_ce_l1_ref``, ``combine_and_sample_ref``) defines what both compute (README.md, "Layout" and "Testing").
+Every kernel module lists ``AOT_SPECS`` (kernel, signature, constexprs, options) so that :func:`compile_all`
+can build it ahead of time on a machine without a GPU (tests/test_kernels_aot.py: sm_80 and sm_90).
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
 """The ``ivl-fast`` command line.
 
-Subcommands, one module each (its flags in ``add_parser``, its work in ``run``): ``generate`` (IVL decoding from
-checkpoints), ``train`` (a value network), ``vocab-map`` (a cross-vocabulary map), ``demo`` (the transfer table
-in miniature), ``make-tiny`` (random checkpoints).
+Subcommands, in ``--help`` order, one module each (``ivl_fast/cli/<name>.py`` with ``-`` as ``_``: its flags in
+``add_parser``, its work in ``run``; tests/test_docs_text.py keeps this list equal to the parser's):
 
-Errors: bad input ends the command with one line, ``ivl-fast <cmd>: error: ...``, and exit code 2 (argparse's
-own convention); Ctrl-C exits 130. ``IVL_FAST_DEBUG=1`` shows the traceback instead.
+- ``generate``: IVL decoding from checkpoints
+- ``train``: a value network on a frozen base
+- ``vocab-map``: a cross-vocabulary map
+- ``demo``: the paper's transfer table in miniature
+- ``make-tiny``: a random tiny base/value pair
+
+Errors: bad input (a ValueError, such as ``UsageError``, or a TypeError, OSError, NotImplementedError,
+FloatingPointError) ends the command with one line, ``ivl-fast <cmd>: error: ...``, and exit code 2 (argparse's
+own convention for bad flags); ``IVL_FAST_DEBUG=1`` shows its traceback instead. Ctrl-C exits 130.
 """
 
 from __future__ import annotations

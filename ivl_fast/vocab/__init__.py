@@ -5,8 +5,8 @@ sampling kernel reads: ELL by value token, ``idx`` [V_value, K] (base ids) and `
 0 for padding), so ``z_value_space[v] = sum_k w[v, k] * z_base[idx[v, k]]`` is a fixed-width gather.
 ``VocabMap.build`` aligns two tokenizations of the same texts by DTW on an edit-distance cost (MinED, C++ in
 ``ivl_fast._C`` with a Python fallback), counts aligned pairs and keeps the top-K value tokens per base token
-(weights summing to 1, identical strings preferred). ``save``/``load`` use safetensors with metadata (vocab
-sizes, tokenizer content hashes, corpus hash, K); loading checks the tokenizers when given.
+(weights summing to 1, identical strings preferred). ``save``/``load`` use safetensors with metadata (format
+tag, shape, vocab sizes, tokenizer content hashes, corpus hash, K); loading checks the tokenizers when given.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ import torch
 
 
 class VocabMap:
+    """W [V_base, V_value] in CSR: ``crow`` [V_base + 1], ``col`` (value ids) and ``val`` (weights) of its nonzeros.
+
+    ``shape`` = (V_base, V_value) (also :attr:`v_base`, :attr:`v_value`); ``meta``: the file metadata (what
+    :meth:`build` recorded, or what :meth:`load` read); ``stats``: only on a map from :meth:`build` (texts,
+    skipped_texts, aligned_pairs, distinct_pairs, coverage).
+    """
+
     def __init__(self, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]):
         vb, vv = shape
         if crow.dim() != 1 or crow.numel() != vb + 1:
@@ -89,8 +96,10 @@ class VocabMap:
     def build(
         cls, base_tokenizer, value_tokenizer, texts, *, top_k: int = 3, threads=None, backend="auto", progress=False
     ):
-        """Align ``texts`` with both tokenizers (objects or directories) and return the map (stats in .stats).
-        ``progress=True`` shows tqdm bars on stderr."""
+        """Align ``texts`` with both tokenizers (objects or directories) and return the map (stats in ``.stats``).
+        ``top_k``: value tokens kept per base token; ``threads``: alignment threads (default: every core);
+        ``backend``: "cpp" (``ivl_fast._C``), "python" or "auto" (cpp when built); ``progress=True`` shows tqdm
+        bars on stderr."""
         from .build import build_map
 
         vmap, stats = build_map(
@@ -114,11 +123,14 @@ class VocabMap:
 
     @classmethod
     def load(cls, path, *, base_tokenizer=None, value_tokenizer=None) -> VocabMap:
+        """Read a file written by :meth:`save`; the tokenizers given (objects or directories) must be the ones it
+        was built for (ValueError otherwise, as for a file that is not a map or is damaged)."""
         from .build import load_map
 
         return load_map(path, base_tokenizer=base_tokenizer, value_tokenizer=value_tokenizer)
 
     def evaluate(self, base_tokenizer, value_tokenizer, texts) -> dict:
+        """``{"overlap_ratio", "coverage", "texts"}`` on held-out ``texts`` (``ivl_fast.vocab.build.evaluate_map``)."""
         from .build import evaluate_map
 
         return evaluate_map(self, base_tokenizer, value_tokenizer, list(texts))

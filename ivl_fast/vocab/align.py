@@ -36,7 +36,8 @@ def _is_byte_level(tokens: list[str]) -> bool:
 
 
 def surface_strings(tokenizer) -> list[str]:
-    """id -> the text the token stands for ("" for special tokens), by the tokenizer's own conventions."""
+    """id -> the bytes the token stands for, as a latin-1 ``str`` (see the module docstring), by the tokenizer's
+    own conventions; "" for special tokens and for ids no token has."""
     vocab = tokenizer.get_vocab()
     if not vocab:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has an empty vocabulary")

@@ -35,7 +35,8 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def encode_all(tokenizer, texts: list[str], bar=None) -> tuple[list[list[int]], list[int]]:
-    """Token ids of each text (no special tokens); texts the tokenizer cannot encode are reported, not fatal."""
+    """(ids, failed): the token ids of each text (no special tokens), None for a text the tokenizer cannot
+    encode, and those texts' indices (reported, not fatal). ``bar``: a progress bar advanced once per text."""
     seqs, failed = [], []
     for i, t in enumerate(texts):
         if bar is not None:
@@ -49,8 +50,9 @@ def encode_all(tokenizer, texts: list[str], bar=None) -> tuple[list[list[int]], 
 
 
 def split_corpus(texts: list[str], max_chars: int = 256) -> list[str]:
-    """Lines, and long lines cut at whitespace into pieces of <= max_chars: DTW is quadratic in a piece's
-    length, so bounded pieces keep the build linear in the corpus size."""
+    """Lines, and long lines cut into pieces of <= max_chars, at the last space (at max_chars itself when the
+    line has no space past half of it); blank pieces are dropped. DTW is quadratic in a piece's length, so
+    bounded pieces keep the build linear in the corpus size."""
     out = []
     for text in texts:
         for line in text.splitlines():
@@ -178,7 +180,9 @@ def is_map_file(path: str | Path) -> bool:
 
 
 def check_map_output(path: str | Path, *, overwrite: bool, flag: str = "path") -> Path:
-    """Refuse a map destination that is a directory, or an existing file unless ``overwrite`` and it is a map."""
+    """``path`` as a Path if a map may be written there. Refuses a directory (UnsafeOutputError), an existing file
+    without ``overwrite`` (FileExistsError) or, with it, one that is not a map (UnsafeOutputError), and a missing
+    parent directory (FileNotFoundError). ``flag``: how messages name the destination (a CLI flag)."""
     p = Path(path)
     if p.is_dir():
         raise UnsafeOutputError(f"{flag} {str(p)!r} is a directory; give a file name for the vocabulary map")
@@ -211,7 +215,9 @@ def save_map(vmap, path: str | Path, *, overwrite: bool = False) -> None:
 
 
 def load_map(path: str | Path, *, base_tokenizer=None, value_tokenizer=None):
-    """Read a map written by :func:`save_map`; a file that is not one, or is damaged, raises ValueError naming it."""
+    """Read a map written by :func:`save_map`; a missing file raises FileNotFoundError, and a file that is not a
+    map, is damaged, or was built for other tokenizers than ``base_tokenizer`` / ``value_tokenizer`` (when
+    given: objects or directories, compared by :func:`tokenizer_hash`) raises ValueError naming it."""
     from safetensors import safe_open
 
     from . import VocabMap
@@ -262,8 +268,9 @@ def load_map(path: str | Path, *, base_tokenizer=None, value_tokenizer=None):
 
 
 def evaluate_map(vmap, base_tokenizer, value_tokenizer, texts: list[str]) -> dict:
-    """Overlap ratio: map each base token of held-out text to its top value token and compare (as multisets)
-    with the value tokenizer's own tokenization; plus coverage (share of base tokens with a mapping)."""
+    """``{"overlap_ratio", "coverage", "texts"}``. Overlap ratio: map each base token of held-out text to its
+    top value token and compare (as multisets) with the value tokenizer's own tokenization, as a share of the
+    value tokens; coverage: the share of base tokens with a mapping; texts: how many were given."""
     bt, vt = _tokenizer(base_tokenizer), _tokenizer(value_tokenizer)
     top = {}
     crow, col, val = vmap.crow.tolist(), vmap.col.tolist(), vmap.val.tolist()
