@@ -65,6 +65,7 @@ setup(
     packages=[
         "ivl_fast",
         "ivl_fast.cli",
+        "ivl_fast.decode",
         "ivl_fast.models",
         "ivl_fast.ops",
         "ivl_fast.train",

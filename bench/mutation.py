@@ -72,22 +72,26 @@ TARGETS: dict[str, dict] = {
     },
     "decode_step": {
         "scope": {
-            "ivl_fast/decoder.py": {
+            "ivl_fast/decode/step.py": {
+                "names": ["_kw", "prefill_logits", "decode_logits", "sample", "emit", "decode_step"],
+                "line_fraction": 0.4,
+            },
+            "ivl_fast/decode/loop.py": {
                 "names": [
-                    "_set_rows",
-                    "_Run._kv_len",
-                    "_Run._logits",
-                    "_Run._sample",
-                    "_Run._emit",
-                    "_Run._start",
-                    "_Run.__iter__",
-                    "_Run._check",
-                    "_Run._check_stop_strings",
-                    "_CrossVocabRun._base_ids",
-                    "_CrossVocabRun._logits",
+                    "DecodeLoop._admit",
+                    "DecodeLoop.kv_need",
+                    "DecodeLoop.note_rounds",
+                    "DecodeLoop.__iter__",
+                    "DecodeLoop.check",
+                    "DecodeLoop._check_stop_strings",
+                    "DecodeLoop._cross_vocab_logits",
                 ],
                 "line_fraction": 0.4,
-            }
+            },
+            "ivl_fast/decode/cross_vocab.py": {
+                "names": ["Retokenizer.base_ids", "Retokenizer.advance"],
+                "line_fraction": 0.4,
+            },
         },
         # the decode step's graph-replay branch is driven by the graph tests, cascade decoding where cascade value
         # networks are trained
@@ -95,6 +99,8 @@ TARGETS: dict[str, dict] = {
             "tests/test_cross_vocab.py",
             "tests/test_decoder.py",
             "tests/test_graphs.py",
+            "tests/test_slots.py",
+            "tests/test_generation_options.py",
             "tests/test_train.py::test_cascade_schemes_train_and_decode_exactly",
         ],
     },

@@ -203,7 +203,7 @@ def test_decode(benchmark, pair, batch, new, variant):
         decode_s = (tm["total_s"] - tm["prefill_s"]) / max(1, tm["steps"] - 1)
         wbytes = sum(_weight_bytes(m) for m in dec.engines)
         kv = _kv_bytes_per_step(
-            dec.engines, batch, ids.shape[1], new, dec._cache_capacity(ids.shape[1] + new), dec.kv_block
+            dec.engines, batch, ids.shape[1], new, dec.cache_capacity(ids.shape[1] + new), dec.kv_block
         )
         rec.update(
             decode_step_ms=decode_s * 1e3, bytes_per_step=wbytes + kv, achieved_bytes_per_s=(wbytes + kv) / decode_s

@@ -76,10 +76,10 @@ def test_base_context_always_decodes_to_the_text_so_far(setting, tokenizer):
     base_tok, vmap, base, value = setting
     dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok)
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    prompt, mask = dec._prepare_inputs(ids, None, 3)
-    run = dec._make_run(prompt, mask, dec._options(None, max_new_tokens=24, eos_token_id=[]), 1, PROMPTS)
+    loop = dec.start_loop(ids, texts=PROMPTS, sync_every=1, max_new_tokens=24, eos_token_id=[])
+    run = loop.retok
     rewound = 0
-    for step_ids in run:
+    for step_ids in loop:
         assert step_ids.shape == (len(PROMPTS),) and int(step_ids.max()) < len(tokenizer)
         for r in range(len(PROMPTS)):
             assert run.base_context_text(r) == PROMPTS[r] + run.generated_text(r)
@@ -190,9 +190,9 @@ def test_sentencepiece_value_keeps_the_space_between_prompt_and_reply(setting):
     dec = FastIVLDecoder(base, value, vmap, tokenizer=sp, base_tokenizer=base_tok)
     prompts = ["The for statement is", "Classes are"]
     ids = [sp(p)["input_ids"] for p in prompts]
-    prompt, mask = dec._prepare_inputs(ids, None, sp.pad_token_id)
-    run = dec._make_run(prompt, mask, dec._options(None, max_new_tokens=12, eos_token_id=[]), 1, prompts)
-    for _ in run:
+    loop = dec.start_loop(ids, texts=prompts, sync_every=1, max_new_tokens=12, eos_token_id=[])
+    run = loop.retok
+    for _ in loop:
         for r, p in enumerate(prompts):
             gen = run.generated[r]
             # independent of the decoder's own helper: the value tokenizer's reading of prompt + reply

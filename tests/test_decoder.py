@@ -212,19 +212,19 @@ def test_eager_decode_step_reads_no_tensor_value_on_the_host(pair, do_sample):
     kw = dict(max_new_tokens=6, eos_token_id=[2, 7], return_logprobs=True)
     if do_sample:
         kw.update(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=3)
-    prompt, mask = dec._prepare_inputs(PROMPTS, None, 3)
-    run = dec._make_run(prompt, mask, dec._options(None, **kw), 8, None)
-    run._start()  # prefill and the first token: outside the step
+    from ivl_fast.decode.step import decode_step
+
+    loop = dec.start_loop(PROMPTS, **kw)  # prefill and the first token: outside the step
     with torch.inference_mode():
         for _ in range(5):
+            kv = loop.kv_need()  # the host mirror, outside the step
             with no_host_reads():
-                zb, zv = run._logits(run.st.ids, run._kv_len(run.steps))
-                run._emit(zb, zv)
-            run.steps += 1
+                decode_step(dec.models, loop.bufs, loop.cfg, loop.eos, kv)
+            loop.note_rounds(1)
     want = dec.generate(PROMPTS, **kw)
     t = want.prompt_length
-    assert torch.equal(run.out[:, :6], want.sequences[:, t:])
-    assert torch.equal(run.logprobs[:, :6], want.logprobs)
+    assert torch.equal(loop.bufs.out[:, :6], want.sequences[:, t:])
+    assert torch.equal(loop.bufs.logprobs[:, :6], want.logprobs)
 
 
 def test_stop_strings_end_rows_at_the_completing_token(pair, tokenizer):
@@ -286,8 +286,8 @@ def test_fused_sampler_nan_flag_raises_in_the_decoder(pair):
     bad_value = copy.deepcopy(value)
     with torch.no_grad():
         bad_value.lm_head.weight[7] = float("inf")  # every step's logits hold inf at token 7
-    dec = FastIVLDecoder(FastIVLDecoder.from_pretrained(base_dir, None, scheme="base").base, bad_value)
-    dec.sample_backend = "triton"
+    base = FastIVLDecoder.from_pretrained(base_dir, None, scheme="base").base
+    dec = FastIVLDecoder(base, bad_value, sample_backend="triton")
     with pytest.raises(NonFiniteLogitsError, match="non-finite"):
         dec.generate(PROMPTS[:2], max_new_tokens=3, eos_token_id=[])
 

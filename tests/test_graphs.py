@@ -178,7 +178,8 @@ def test_graph_modes_equal_eager_greedy_across_kv_buckets(models, mode):
     assert b.timings["graphs"] == "emulate" and a.timings["graphs"] == "off"
     # t = 9, 28 steps, blocks of 8: KV buckets 16, 32, 64 -> one graph each
     assert b.timings["graph_captures"] == 3
-    assert graphed._runner == "python"  # no CUDA extension here: the same graphs replayed from Python
+    # no CUDA extension here: the same graphs replayed from Python
+    assert graphed.graph_cache.settings.runner == "python"
 
 
 @pytest.mark.parametrize("scheme", ["cascade", "cascade+", "base", "value_only"])
@@ -187,8 +188,9 @@ def test_other_schemes_replay_sequential_graphs(models, scheme):
     args = (None, value) if scheme == "value_only" else (base, None if scheme == "base" else value)
     eager = FastIVLDecoder(*args, scheme=scheme, graphs="off")
     graphed = FastIVLDecoder(*args, scheme=scheme, graphs="emulate", graph_mode="fused")
-    assert graphed._mode_for_scheme() == "one_stream"
     _assert_same(eager.generate(PROMPTS, **KW), graphed.generate(PROMPTS, **KW))
+    modes = {key[0] for key in graphed.graph_cache.captured_keys()}
+    assert modes == {"one_stream"}  # graph_mode="fused" asked for, but these schemes run sequentially
 
 
 def test_graphs_are_reused_across_calls_and_values_change_without_recapture(models):
@@ -251,15 +253,15 @@ def test_kv_store_keeps_the_union_of_shapes_only_while_it_stays_small(models):
         engine.grow(64)
     engine.allocate(2, 32)
     engine.allocate(4, 24)  # union 4 x 32 <= 2 x (4 x 24): kept
-    assert engine._store[0][0].shape[:2] == (4, 32) and engine.k_cache[0].shape[:2] == (4, 32)
+    assert (engine.kv.rows, engine.kv.cols) == (4, 32) and engine.k_cache[0].shape[:2] == (4, 32)
     engine.allocate(4, 64)  # grows in length only
-    assert engine._store[0][0].shape[:2] == (4, 64)
+    assert (engine.kv.rows, engine.kv.cols) == (4, 64)
     engine.allocate(1, 256)  # union 4 x 256 = 1024 > 2 x (1 x 256): exactly this request instead
-    assert engine._store[0][0].shape[:2] == (1, 256)
+    assert (engine.kv.rows, engine.kv.cols) == (1, 256)
     engine.allocate(32, 16)  # 32 x 256 would be 16x the larger request: exactly this one
-    assert engine._store[0][0].shape[:2] == (32, 16) and engine.k_cache[0].shape[:2] == (32, 16)
+    assert (engine.kv.rows, engine.kv.cols) == (32, 16) and engine.k_cache[0].shape[:2] == (32, 16)
     engine.free()
-    assert engine._store is None and engine.k_cache == []
+    assert engine.kv.rows == 0 and engine.k_cache == []
 
 
 def test_temperature_zero_sampling_and_a_first_call_under_inference_mode(models):

@@ -341,7 +341,7 @@ def test_grow_keeps_the_cache_and_decoding_continues_as_with_a_big_cache(pair):
     big.allocate(2, 40)
     a = _decode_trace(grown, ids, mask, steps=20, grow_at=5, grow_to=40)  # 6 + 5 = 11 of 12 columns used
     b = _decode_trace(big, ids, mask, steps=20)
-    assert grown._store[0][0].shape[:2] == (3, 40)  # the whole store grew, not only the view
+    assert (grown.kv.rows, grown.kv.cols) == (3, 40)  # the whole store grew, not only the view
     for s, (za, zb) in enumerate(zip(a, b, strict=True)):
         assert torch.equal(za, zb), f"step {s}: the grown cache decodes differently"
     assert grown.seq_lens.tolist() == big.seq_lens.tolist() == [26, 23]

@@ -28,6 +28,13 @@ def test_cpu_wheel_builds_installs_and_imports(tmp_path):
     whl = next(dist.glob("ivl_fast-*.whl"))
     names = zipfile.ZipFile(whl).namelist()
     assert "ivl_fast/kernels/combine_and_sample.py" in names and "ivl_fast/decoder.py" in names
+    # every subpackage of the source tree is in the wheel (a new one missing from setup.py would break imports)
+    import ivl_fast
+
+    root = Path(ivl_fast.__file__).parent
+    for init in root.rglob("__init__.py"):
+        rel = init.relative_to(root.parent).as_posix()
+        assert rel in names, f"{rel} is missing from the wheel (list its package in setup.py)"
     assert any(n.startswith("ivl_fast/_C") and n.endswith(".so") for n in names), "extension missing from the wheel"
 
     venv = tmp_path / "venv"

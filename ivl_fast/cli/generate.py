@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..decode.options import GenerationOptions
+from ..schemes import DECODE_SCHEMES
 from .errors import DefaultsHelp, UsageError
 
 
@@ -42,14 +44,29 @@ def add_parser(sub) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (transformers semantics)")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most")
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 disables)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 disables)")
+    # every default is "unset" (None): the value comes from the checkpoint's generation_config.json, else the
+    # defaults the Python API uses (ivl_fast.decode.options.GenerationOptions), shown in the help
+    d = GenerationOptions()
+    g = p.add_argument_group("sampling (transformers semantics; unset: the checkpoint's generation_config.json)")
     g.add_argument(
-        "--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 disables)"
+        "--max-new-tokens", type=int, default=None, help=f"new tokens per prompt at most ({d.max_new_tokens})"
+    )
+    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=None, help=f"softmax temperature, 0: greedy ({d.temperature})")
+    g.add_argument("--top-k", type=int, default=None, help=f"keep the k most likely tokens, 0 disables ({d.top_k})")
+    g.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass, 1.0 disables ({d.top_p})")
+    g.add_argument(
+        "--min-p", type=float, default=None, help=f"drop tokens below min_p x the top probability ({d.min_p})"
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help=f"transformers' penalty on prompt + generated tokens, 1.0 disables ({d.repetition_penalty})",
+    )
+    g.add_argument("--presence-penalty", type=float, default=None, help=f"OpenAI's, in [-2, 2] ({d.presence_penalty})")
+    g.add_argument(
+        "--frequency-penalty", type=float, default=None, help=f"OpenAI's, in [-2, 2] ({d.frequency_penalty})"
     )
     g.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible on one device)")
     g.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
@@ -68,7 +85,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scheme",
         default=None,
-        choices=["residual", "cascade", "cascade+", "base", "value_only"],
+        choices=list(DECODE_SCHEMES),
         help="default: the value checkpoint's ivl.json, else residual",
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -128,7 +145,7 @@ def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
 
     texts, tokens, t0 = [], 0, time.perf_counter()
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    n_new = gen_kwargs["max_new_tokens"]
+    n_new = dec.options(**gen_kwargs).max_new_tokens  # unset flags resolved as generate() resolves them
     # one bar over every batch's decode steps (a batch that stops early jumps to its end)
     bar = tqdm(total=len(batches) * n_new, desc=desc, unit="step", disable=args.no_progress, file=sys.stderr)
     tok = dec.tokenizer
@@ -193,6 +210,9 @@ def run(args) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.seed,
         stop_strings=args.stop,
     )
@@ -214,6 +234,7 @@ def run(args) -> int:
             tokenizer=base_tok,
             sample_backend=args.sample_backend,
             graphs=args.graphs if not dec.cross_vocab else "auto",
+            generation_config=dec.generation_config,  # the same defaults as the pair's run
         )
         _run_batches(base_only, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
         _, btok, bsecs = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")

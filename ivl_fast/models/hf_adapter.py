@@ -9,10 +9,14 @@ class HFCausalLM:
     """Wraps an ``AutoModelForCausalLM`` so the decoder can drive it like the lean engine.
 
     Left-padded prompts keep their padding in HF's cache; the attention mask grows by one column per step and
-    positions are counted per row, as ``transformers.generate`` does. Not graph-capturable.
+    positions are counted per row, as ``transformers.generate`` does. Implements
+    :class:`~ivl_fast.models.engine.Engine` with no capability (not graph-capturable, no rewind, no slots).
     """
 
-    is_lean = False
+    supports_graphs = False
+    supports_rewind = False
+    supports_inputs_embeds = False
+    supports_slots = False
 
     def __init__(self, model):
         self.model = model.eval()

@@ -3,10 +3,11 @@
 Parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight`` ...), so a checkpoint's
 state dict loads with ``assign=True`` (no copy) and ``state_dict()`` saves back to the same layout.
 
-Cache layout: ``k_cache[layer]`` is [B, S_max, H_kv, D] (flash-attn's ``flash_attn_with_kvcache`` layout). Row b
-holds its tokens left-aligned in columns [0, seq_lens[b]); ``seq_lens`` [B] (int64, on device) is both the
-number of cached tokens and the position of the next token. Prompts arrive left-padded and are re-aligned
-into the cache during prefill, so decoding needs neither padding columns nor per-row host bookkeeping.
+The KV cache is a :class:`~ivl_fast.models.kv_cache.StaticKVCache` (``k_cache[layer]`` [B, S_max, H_kv, D], rows
+left-aligned, ``seq_lens`` [B] the next position). Prompts arrive left-padded and are re-aligned into the cache
+during prefill, so decoding needs neither padding columns nor per-row host bookkeeping. Rows are slots:
+``prefill(..., rows=)`` fills some rows and leaves the others as they are; ``decode(active=)`` advances only
+the active rows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import LeanConfig
+from .kv_cache import StaticKVCache
 from .rope import Rotary, apply_rotary
 
 try:  # optional attention backend
@@ -115,11 +117,13 @@ class LlamaBody(nn.Module):
 class LeanCausalLM(nn.Module):
     """Llama/Mistral/Qwen2 causal LM with a static KV cache.
 
-    Engine interface (shared with :class:`~ivl_fast.models.hf_adapter.HFCausalLM`):
-    ``allocate(batch, max_seq_len)``, ``prefill(ids, mask) -> logits [B, V]``, ``decode(ids [B]) -> logits [B, V]``.
+    Implements :class:`~ivl_fast.models.engine.Engine` with every capability.
     """
 
-    is_lean = True
+    supports_graphs = True
+    supports_rewind = True
+    supports_inputs_embeds = True
+    supports_slots = True
 
     def __init__(self, cfg: LeanConfig, attn_backend: str = "sdpa"):
         super().__init__()
@@ -133,13 +137,7 @@ class LeanCausalLM(nn.Module):
         self.model = LlamaBody(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.seq_lens: torch.Tensor | None = None  # [B] int64
-        self.batch_size = 0
-        self.max_seq_len = 0
-        self._store = None  # (k per layer, v per layer, seq_lens) for the largest batch / length asked for
-        self._views: dict = {}  # batch size -> row views of the store (stable objects)
+        self.kv = StaticKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -161,14 +159,16 @@ class LeanCausalLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    # ---------------------------------------------------------------- cache
-    def allocate(self, batch_size: int, max_seq_len: int) -> None:
-        """Make the static KV cache hold ``batch_size`` rows of up to ``max_seq_len`` tokens.
+    # ---------------------------------------------------------------- cache (owned by self.kv)
+    k_cache = property(lambda self: self.kv.k)  # [B, S_max, H_kv, D] per layer
+    v_cache = property(lambda self: self.kv.v)
+    seq_lens = property(lambda self: self.kv.seq_lens)  # [B] int64
+    batch_size = property(lambda self: self.kv.batch_size)
+    max_seq_len = property(lambda self: self.kv.cols)
 
-        One store serves every batch size: it grows to the largest batch and length asked for (both at once only
-        while that stays within twice the larger request), and a smaller batch uses a view of its first rows (the
-        same view objects each time), so alternating batch sizes neither reallocates nor invalidates graphs
-        captured on the cache. ``free()`` drops it (graphs captured on it hold it until the decoder's
+    def allocate(self, batch_size: int, max_seq_len: int) -> None:
+        """Make the static KV cache hold ``batch_size`` rows of up to ``max_seq_len`` tokens (see
+        :meth:`StaticKVCache.allocate`; ``free()`` drops it, graphs captured on it hold it until the decoder's
         ``release_graphs()``)."""
         if max_seq_len > self.max_context:
             raise ValueError(
@@ -176,58 +176,16 @@ class LeanCausalLM(nn.Module):
                 f"(max_position_embeddings={self.config.max_position_embeddings}"
                 + (f", sliding_window={self.config.sliding_window})" if self.config.sliding_window else ")")
             )
-        rows, cols = (self._store[2].shape[0], self._store[0][0].shape[1]) if self._store else (0, 0)
-        if batch_size > rows or max_seq_len > cols:
-            # the union of both shapes, unless that is far more than either request (a long batch-1 call followed
-            # by a short wide one must not make a wide-and-long store): then exactly this request
-            union = max(rows, batch_size) * max(cols, max_seq_len)
-            if union <= 2 * max(rows * cols, batch_size * max_seq_len):
-                self._new_store(max(rows, batch_size), max(cols, max_seq_len))
-            else:
-                self._new_store(batch_size, max_seq_len)
-        self._use_rows(batch_size)
-
-    def _new_store(self, rows: int, cols: int, keep: bool = False) -> None:
-        c = self.config
-        shape = (rows, cols, c.num_kv_heads, c.head_dim)
-        ks = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        vs = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        seq = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        if keep and self._store:  # grow: carry the contents over
-            old_k, old_v, old_seq = self._store
-            n, m = old_seq.shape[0], old_k[0].shape[1]
-            for new, old in zip(ks + vs, old_k + old_v, strict=True):
-                new[:n, :m].copy_(old)
-            seq[:n].copy_(old_seq)
-        self._store, self._views = (ks, vs, seq), {}
-
-    def _use_rows(self, batch_size: int) -> None:
-        view = self._views.get(batch_size)
-        if view is None:
-            ks, vs, seq = self._store
-            view = self._views[batch_size] = (
-                [k[:batch_size] for k in ks],
-                [v[:batch_size] for v in vs],
-                seq[:batch_size],
-            )
-        self.k_cache, self.v_cache, self.seq_lens = view
-        self.batch_size, self.max_seq_len = batch_size, self._store[0][0].shape[1]
+        self.kv.allocate(batch_size, max_seq_len, self.dtype, self.device)
 
     def grow(self, max_seq_len: int) -> None:
         """Enlarge the KV cache to ``max_seq_len`` columns keeping its contents (not graph-safe: new buffers)."""
-        if max_seq_len <= self.max_seq_len:
-            return
         if max_seq_len > self.max_context:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens")
-        if self._store is None:
-            raise RuntimeError("grow() needs an allocated cache: call allocate(batch_size, max_seq_len) first")
-        self._new_store(self._store[2].shape[0], max_seq_len, keep=True)
-        self._use_rows(self.batch_size)
+        self.kv.grow(max_seq_len)
 
     def free(self) -> None:
-        self.k_cache, self.v_cache, self.seq_lens = [], [], None
-        self._store, self._views = None, {}
-        self.batch_size = self.max_seq_len = 0
+        self.kv.free()
 
     # ---------------------------------------------------------------- forward passes
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -292,12 +250,19 @@ class LeanCausalLM(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         all_logits: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Left-padded prompts [B, T] + mask [B, T] -> next-token logits [B, V] ([B, T, V] with all_logits);
-        fills the cache. ``inputs_embeds`` [B, T, H] replaces the token embeddings (cascade value networks)."""
+        fills the cache. ``inputs_embeds`` [B, T, H] replaces the token embeddings (cascade value networks).
+        ``rows`` [B] int64: the cache rows (slots) these prompts go to; the other rows are left untouched
+        (default: all rows, B == the allocated batch)."""
         h = self.embed(input_ids, inputs_embeds)
         b, t = attention_mask.shape
-        if self.seq_lens is None or b != self.batch_size or t > self.max_seq_len:
+        if (
+            self.seq_lens is None
+            or t > self.max_seq_len
+            or (b != self.batch_size if rows is None else b > self.batch_size)
+        ):
             raise RuntimeError(f"prefill of [{b}, {t}] needs allocate(batch_size={b}, max_seq_len>={t}) first")
         mask = attention_mask.bool()
         lengths = mask.sum(-1)  # [B]
@@ -313,18 +278,25 @@ class LeanCausalLM(nn.Module):
 
             def attend(a, q, k, v, kc=kc, vc=vc):
                 idx = shift.expand(-1, -1, k.shape[2], k.shape[3])
-                kc[:, :t].copy_(torch.gather(k, 1, idx))
-                vc[:, :t].copy_(torch.gather(v, 1, idx))
+                if rows is None:
+                    kc[:, :t].copy_(torch.gather(k, 1, idx))
+                    vc[:, :t].copy_(torch.gather(v, 1, idx))
+                else:  # only the admitted slots' rows
+                    kc[:, :t].index_copy_(0, rows, torch.gather(k, 1, idx))
+                    vc[:, :t].index_copy_(0, rows, torch.gather(v, 1, idx))
                 return a.sdpa(q, k, v, attn)
 
             h = layer(h, cos, sin, attend)
-        self.seq_lens.copy_(lengths)
+        if rows is None:
+            self.seq_lens.copy_(lengths)
+        else:
+            self.seq_lens.index_copy_(0, rows, lengths)
         return self._logits(h) if all_logits else self._logits(h[:, -1])
 
     @torch.inference_mode()
     def rewind(self, lengths: torch.Tensor) -> None:
         """Truncate each row's cached context to ``lengths`` [B] tokens (later writes overwrite the rest)."""
-        self.seq_lens.copy_(lengths.to(self.seq_lens))
+        self.kv.rewind(lengths)
 
     def decode(
         self,

@@ -1,0 +1,139 @@
+"""DecodeBuffers: the one owner of the device tensors a decode step mutates (vLLM's persistent batch).
+
+Rows are slots. A free slot is a finished row: the step still runs over it (static shapes) but it emits pad,
+writes nowhere that matters and its KV position does not advance. Admitting a request resets its row in place;
+retiring it marks the row finished. Everything is updated in place only, so a captured graph keeps seeing the
+same tensors; graph runs borrow the persistent buffers of their batch bucket from the graph cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import SamplingParams
+
+
+class DecodeBuffers:
+    """rows: slots; cols: output columns per slot (the largest budget); vocab: the sampled vocabulary."""
+
+    def __init__(self, rows: int, cols: int, vocab: int, device: torch.device, backend: str):
+        i64 = dict(dtype=torch.int64, device=device)
+        self.rows, self.cols, self.vocab, self.device, self.backend = rows, cols, vocab, device, backend
+        self.ids = torch.zeros(rows, **i64)  # the token each row feeds to the next decode step
+        # output tokens and logprobs per row; one extra column takes the writes of finished rows
+        self.out = torch.zeros((rows, cols + 1), **i64)
+        self.logprobs = torch.zeros((rows, cols + 1), dtype=torch.float32, device=device)
+        self.finished = torch.ones(rows, dtype=torch.bool, device=device)  # free slots are finished
+        self.steps = torch.zeros(rows, **i64)  # next output column of each row (its tokens so far)
+        self.limit = torch.ones(rows, **i64)  # each row's max_new_tokens
+        self.stop_step = torch.zeros(rows, **i64)  # index of each row's last token (valid once finished)
+        self.bad = torch.zeros(rows, dtype=torch.bool, device=device)  # a non-finite logit was seen
+        self.done = torch.zeros(1, dtype=torch.int32, device=device)  # every row finished, or a row non-finite
+        # counter-based RNG state of the fused kernel: the offset advances on device after every step
+        self.seed_t = torch.zeros(1, **i64)
+        self.offset_t = torch.zeros(1, **i64)
+        self.pad = torch.zeros((), **i64)
+        self.eos: dict[int, torch.Tensor] = {}
+        # per-row sampling values (graph runs read them, so new values need no recapture)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.temperature = torch.ones(rows, **f32)
+        self.top_k = torch.zeros(rows, **i64)
+        self.top_p = torch.ones(rows, **f32)
+        self.min_p = torch.zeros(rows, **f32)
+        self.repetition_penalty = torch.ones(rows, **f32)
+        self.presence_penalty = torch.zeros(rows, **f32)
+        self.frequency_penalty = torch.zeros(rows, **f32)
+        self.prompt_mask: torch.Tensor | None = None  # [rows, vocab] bool: ids in each row's prompt (penalties)
+        self.output_counts: torch.Tensor | None = None  # [rows, vocab] int32: each row's generated ids
+        self.gen = torch.Generator(device=device)  # the torch sampler's RNG (persistent: graphs replay with it)
+        # the fused kernel's fp32 workspace, allocated once (static for graph capture)
+        self.work = torch.empty(rows, vocab, **f32) if backend == "triton" else None
+        self._host = None
+        self.pad_id = 0
+
+    def fits(self, rows: int, cols: int, backend: str) -> bool:
+        return self.rows == rows and self.cols >= cols and (self.work is None) == (backend != "triton")
+
+    @property
+    def host(self) -> torch.Tensor:
+        """The runner's two flag slots in host memory (pinned on CUDA: the target of asynchronous copies)."""
+        if self._host is None:
+            self._host = torch.zeros(2, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        return self._host
+
+    def eos_buffer(self, eos) -> torch.Tensor:
+        buf = self.eos.get(len(eos))
+        if buf is None:
+            buf = self.eos[len(eos)] = torch.zeros(len(eos), dtype=torch.int64, device=self.device)
+        if eos:
+            buf.copy_(torch.tensor(list(eos), dtype=torch.int64), non_blocking=True)
+        return buf
+
+    def ensure_penalty_buffers(self) -> None:
+        if self.prompt_mask is None:
+            self.prompt_mask = torch.zeros((self.rows, self.vocab), dtype=torch.bool, device=self.device)
+            self.output_counts = torch.zeros((self.rows, self.vocab), dtype=torch.int32, device=self.device)
+
+    @torch.inference_mode()
+    def reset(self, pad_id: int, seed: int) -> None:
+        """Every slot free; a new RNG stream."""
+        self.finished.fill_(True)
+        self.steps.zero_()
+        self.stop_step.zero_()
+        self.limit.fill_(1)
+        self.bad.zero_()
+        self.done.zero_()
+        self.offset_t.zero_()
+        self.pad_id = pad_id
+        self.pad.fill_(pad_id)
+        self.ids.fill_(pad_id)
+        self.out.fill_(pad_id)
+        self.logprobs.zero_()
+        self.seed_t.fill_(seed)
+        self.gen.manual_seed(seed)
+
+    @torch.inference_mode()
+    def admit(self, rows: torch.Tensor, budget: int, sampling: SamplingParams, prompt=None, mask=None) -> None:
+        """Reset the slots ``rows`` [n] (int64, on device) for new requests of ``budget`` new tokens each; with
+        penalties on, record their prompts ``prompt`` [n, T] (``mask`` [n, T] marks the real tokens)."""
+        self.out.index_fill_(0, rows, self.pad_id)
+        self.logprobs.index_fill_(0, rows, 0.0)
+        for buf, value in (
+            (self.finished, False),
+            (self.steps, 0),
+            (self.stop_step, 0),
+            (self.limit, budget),
+            (self.bad, False),
+            (self.temperature, sampling.temperature),
+            (self.top_k, sampling.top_k),
+            (self.top_p, sampling.top_p),
+            (self.min_p, sampling.min_p),
+            (self.repetition_penalty, sampling.repetition_penalty),
+            (self.presence_penalty, sampling.presence_penalty),
+            (self.frequency_penalty, sampling.frequency_penalty),
+        ):
+            if isinstance(value, torch.Tensor):
+                buf.index_copy_(0, rows, value.reshape(-1).to(buf))
+            else:
+                buf.index_fill_(0, rows, value)
+        self.done.zero_()
+        if sampling.penalties_on:
+            self.ensure_penalty_buffers()
+            self.output_counts.index_fill_(0, rows, 0)
+            # padding goes to an extra column that is dropped: only real prompt ids are penalised
+            seen = torch.zeros((rows.shape[0], self.vocab + 1), dtype=torch.bool, device=self.device)
+            seen.scatter_(1, torch.where(mask, prompt, self.vocab), True)
+            self.prompt_mask.index_copy_(0, rows, seen[:, : self.vocab])
+
+    @torch.inference_mode()
+    def retire(self, rows: torch.Tensor) -> None:
+        self.finished.index_fill_(0, rows, True)
+        self.done.copy_(self.finished.all().to(torch.int32).reshape(1))
+
+    def mutable(self) -> list[torch.Tensor]:
+        """The tensors a step writes (snapshot before a graph's warm-up / emulated capture, restore after)."""
+        out = [self.ids, self.out, self.logprobs, self.finished, self.steps, self.stop_step, self.bad, self.done]
+        out += [self.offset_t]
+        if self.output_counts is not None:
+            out.append(self.output_counts)
+        return out

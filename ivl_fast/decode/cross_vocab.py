@@ -1,0 +1,122 @@
+"""Cross-vocabulary re-tokenization: after every value token, what the base must re-read.
+
+Sampling happens in the value vocabulary (z = z_base @ W + alpha z_value). Rule for unstable token boundaries:
+after each step the base's context is re-derived as the base tokenization of (prompt text + generated text); the
+longest common prefix with what the base has already read is kept, the rest of its KV cache is rewound, and the
+new suffix is fed (0..k tokens; the loop feeds rows in lock step, rows with fewer tokens idle). So the base's
+context always decodes to exactly the text so far, even when new text merges with the previous base token
+(" Hel" + "lo" -> " Hello"). This needs the token ids on the host every step (one sync per step).
+"""
+
+from __future__ import annotations
+
+
+class Retokenizer:
+    """Per-row base contexts for a batch of prompts.
+
+    tokenizer: the value model's (the sampled ids); base_tokenizer: the base's; prompt_ids: each row's prompt in
+    value ids; texts: each row's prompt text as the base reads it; same_tokens: the two tokenizers are identical
+    (then the base reads the value ids themselves); base_context: the base's context limit.
+    """
+
+    def __init__(self, tokenizer, base_tokenizer, prompt_ids, texts, same_tokens: bool, base_context: int):
+        self.tokenizer, self.base_tokenizer = tokenizer, base_tokenizer
+        self.texts, self.same_tokens, self.base_context = list(texts), same_tokens, base_context
+        self.prompt_ids = [list(p) for p in prompt_ids]
+        self.prompt_text = [tokenizer.decode(p, skip_special_tokens=True) for p in self.prompt_ids]
+        self.base_ctx = [list(p) for p in self.prompt_ids] if same_tokens else [self.base_ids(x) for x in self.texts]
+        for i, ctx in enumerate(self.base_ctx):
+            if not ctx:
+                raise ValueError(f"prompt {i} is empty for the base tokenizer")
+            if len(ctx) + 1 >= base_context:
+                raise ValueError(f"prompt {i} is {len(ctx)} base tokens long; the base's context is {base_context}")
+        self.generated: list[list[int]] = [[] for _ in self.texts]  # value ids per row
+
+    def base_ids(self, text: str) -> list[int]:
+        """The base tokenization of ``text``, with the base's special tokens, but one BOS only: a chat prompt
+        rendered with a template already starts with the BOS string ("<s>..."), which the tokenizer would
+        otherwise precede with a second one."""
+        btok = self.base_tokenizer
+        bos = btok.bos_token
+        add = not (bos and text.startswith(bos))
+        return list(btok(text, add_special_tokens=add)["input_ids"])
+
+    def base_context_text(self, row: int) -> str:
+        return self.base_tokenizer.decode(self.base_ctx[row], skip_special_tokens=True)
+
+    def generated_text(self, row: int) -> str:
+        """The text of the generated value tokens as it reads after the prompt: decoded together with the prompt
+        tokens and cut after them, so decoders that strip a leading space ("▁" of SentencePiece) at the start
+        of a string do not lose the space between prompt and reply."""
+        full = self.tokenizer.decode(self.prompt_ids[row] + self.generated[row], skip_special_tokens=True)
+        return full[len(self.prompt_text[row]) :]
+
+    def advance(self, ids: list[int], finished: list[bool]) -> tuple[list[int], list[list[int]]]:
+        """Take each row's new value token -> (keep [B]: base tokens to keep, feed [B]: base tokens to feed)."""
+        keep, feed = [], []
+        for r, tok_id in enumerate(ids):
+            if finished[r]:
+                keep.append(len(self.base_ctx[r]))
+                feed.append([])
+                continue
+            self.generated[r].append(tok_id)
+            if self.same_tokens:
+                target = self.base_ctx[r] + [tok_id]
+            else:
+                target = self.base_ids(self.texts[r] + self.generated_text(r))
+            old = self.base_ctx[r]
+            n = 0
+            while n < min(len(old), len(target)) and old[n] == target[n]:
+                n += 1
+            if target != old and n == len(target):
+                # the new tokenization is a prefix of the old one (a partial UTF-8 character completed into a
+                # shorter byte string): re-feed its last token so the base's logits follow the new context
+                n -= 1
+            if len(target) >= self.base_context:  # one free column stays for idle rows' writes
+                raise ValueError(
+                    f"row {r}: the base context reached {len(target)} tokens, the end of the base model's context "
+                    f"({self.base_context}); lower max_new_tokens"
+                )
+            keep.append(n)
+            feed.append(target[n:])
+            self.base_ctx[r] = target
+        return keep, feed
+
+    def longest(self) -> int:
+        return max(len(c) for c in self.base_ctx)
+
+
+def check_vocab_map(vocab_map, *, scheme: str, base, value, tokenizer, base_tokenizer):
+    """A VocabMap (or its file) checked against the models and tokenizers -> (VocabMap, tokenizers identical)."""
+    from pathlib import Path
+
+    from ..models.engine import supports
+    from ..vocab import VocabMap
+    from ..vocab.build import tokenizer_hash
+
+    if scheme != "residual":
+        raise ValueError(f"cross-vocabulary decoding supports scheme='residual' only, got {scheme!r}")
+    if not supports(base, "rewind"):
+        raise ValueError("cross-vocabulary decoding needs the lean engine for the base (it rewinds its cache)")
+    if tokenizer is None or base_tokenizer is None:
+        raise ValueError("cross-vocabulary decoding needs both tokenizers (tokenizer=value's, base_tokenizer=)")
+    if isinstance(vocab_map, str | Path):
+        vocab_map = VocabMap.load(vocab_map, base_tokenizer=base_tokenizer, value_tokenizer=tokenizer)
+    if not isinstance(vocab_map, VocabMap):
+        raise TypeError(f"vocab_map must be a VocabMap or a path, got {type(vocab_map).__name__}")
+    hashes = {"base": tokenizer_hash(base_tokenizer), "value": tokenizer_hash(tokenizer)}
+    for side, h in hashes.items():
+        want = (vocab_map.meta or {}).get(f"{side}_tokenizer_hash")
+        if want and want != h:
+            raise ValueError(
+                f"vocab_map was built for another {side} tokenizer (hash {want[:12]}..., given {h[:12]}...)"
+            )
+    for side, tok, n in (("base", base_tokenizer, vocab_map.v_base), ("value", tokenizer, vocab_map.v_value)):
+        if len(tok) > n:
+            raise ValueError(f"the {side} tokenizer has {len(tok)} tokens but vocab_map covers {n}")
+    if vocab_map.v_base > base.vocab_size or vocab_map.v_value > value.vocab_size:
+        raise ValueError(
+            f"vocab_map is [{vocab_map.v_base}, {vocab_map.v_value}] but the base model has "
+            f"{base.vocab_size} and the value model {value.vocab_size} logits"
+        )
+    return vocab_map, hashes["base"] == hashes["value"]

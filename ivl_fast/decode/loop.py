@@ -1,0 +1,390 @@
+"""DecodeLoop: one persistent batch of slots and the loop that steps it.
+
+Prefill (a batch at once, or one request into a free slot between steps), then decode rounds: eager steps, or
+captured graphs replayed by the C++ / Python runner in chunks between host checks. Each round is one call of
+:func:`ivl_fast.decode.step.decode_step` (or its graph); the host syncs only at the batched stop check (every
+``sync_every`` rounds), where NaN/inf and stop strings are looked at. Across vocabularies the loop feeds the base
+what the :class:`~ivl_fast.decode.cross_vocab.Retokenizer` says after every round (eager, one sync per round).
+
+Host-side bookkeeping per slot (prompt length, tokens emitted, budget) is an upper bound of the device state;
+it sizes the KV columns each round attends to without reading the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ..graphs import kv_bucket, run_cpp, run_python
+from ..models.engine import supports
+from ..ops._backend import pick_backend
+from .buffers import DecodeBuffers
+from .cross_vocab import Retokenizer
+from .graph_cache import GraphCache, capture_step
+from .inputs import left_pad
+from .model_set import ModelSet
+from .options import GenerationOptions
+from .step import StepConfig, decode_logits, decode_step, emit, prefill_logits, sample
+from .stops import StopStringScanner, nonfinite_error
+
+
+class DecodeLoop:
+    """A batch of ``slots`` rows with ``capacity`` KV columns and up to ``out_cols`` new tokens per row.
+
+    continuous: requests come and go between rounds (:meth:`admit`, :meth:`step`, :meth:`retire`); else one batch
+    starts together (:meth:`start`) and is iterated. requests: how many of the slots take requests (default: all;
+    the rest pad a graph's batch bucket), each of up to ``max_seq_len`` tokens, prompt and new (default:
+    ``capacity``).
+
+    graph_cache: graphs and persistent buffers (None, or a cache whose settings say no graphs: eager);
+    retokenizer: the base's re-tokenizer across vocabularies; stops: the stop-string scanner.
+    """
+
+    def __init__(
+        self,
+        models: ModelSet,
+        options: GenerationOptions,
+        *,
+        slots: int,
+        capacity: int,
+        continuous: bool = False,
+        requests: int | None = None,
+        max_seq_len: int | None = None,
+        out_cols: int,
+        sync_every: int,
+        graph_cache: GraphCache | None = None,
+        stops: StopStringScanner | None = None,
+        retokenizer: Retokenizer | None = None,
+    ):
+        self.models, self.opts, self.k = models, options, sync_every
+        self.capacity, self.stops, self.retok = capacity, stops, retokenizer
+        dev = models.device
+        self.backend = pick_backend(models.sample_backend, dev)
+        kind = graph_cache.settings.kind if graph_cache is not None else None
+        self.graph_kind, self.cache = kind, graph_cache if kind else None
+        if kind:
+            self.bufs = graph_cache.buffers(slots, out_cols, models.vocab_size, self.backend)
+        else:
+            self.bufs = DecodeBuffers(slots, out_cols, models.vocab_size, dev, self.backend)
+        self.rows = slots
+        self.requests = slots if requests is None else requests
+        self.max_seq_len = capacity if max_seq_len is None else max_seq_len
+        sp = options.sampling
+        self.cfg = StepConfig(
+            sp, options.return_logprobs, self.backend, kind is not None, len(options.eos_token_id), slots=continuous
+        )
+        self._lean = models.all_support("graphs")  # kv_len= is honoured
+        seed = options.seed or 0
+        if options.seed is None and not sp.greedy:
+            seed = int(torch.randint(0, 2**62, (1,)))  # fresh entropy from the global RNG (greedy runs use none)
+        with torch.inference_mode():  # the buffers may be inference tensors (made under a caller's inference mode)
+            self.bufs.reset(options.pad_token_id, int(seed))
+            self.eos = self.bufs.eos_buffer(options.eos_token_id)
+        # host mirror per slot: prompt length, tokens emitted (an upper bound), budget, tokens stop-checked
+        self.length: dict[int, int] = {}
+        self.emitted: dict[int, int] = {}
+        self.budget: dict[int, int] = {}
+        self.checked: dict[int, int] = {}
+        self.steps = 0  # decode rounds run (the generate() view: every row starts at round 0)
+        self.prefill_s = 0.0
+        self.captures = 0
+        self._checked_round = 0
+        self.prompt: torch.Tensor | None = None  # the batch given to start() [b, T]
+        self._allocate()
+
+    # ------------------------------------------------------------------ admission
+    def _allocate(self) -> None:
+        m = self.models
+        if self.retok is None:
+            for e in m.engines:
+                e.allocate(self.rows, self.capacity)
+                if supports(e, "slots"):  # free slots sit at position 0 (rows of an earlier run may sit anywhere)
+                    with torch.inference_mode():
+                        e.seq_lens.zero_()
+            return
+        m.value.allocate(self.rows, self.capacity)
+        # base tokens per value token vary; give the base room for a few per step, within its context
+        n = self.bufs.cols
+        m.base.allocate(self.rows, min(m.base.max_context, self.retok.longest() + 4 * n + 16))
+
+    def start(self, prompt: torch.Tensor, mask: torch.Tensor) -> None:
+        """Admit a batch of left-padded prompts [b, T] into slots 0..b-1 (one prefill) and emit their first tokens."""
+        b = prompt.shape[0]
+        self.prompt = prompt
+        self._admit(list(range(b)), prompt, mask, self.opts.max_new_tokens)
+
+    def admit(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> int:
+        """Prefill one request into a free slot between rounds (the other rows are untouched) and emit its first
+        token; -> the slot. Its greedy tokens are the same as when it runs alone."""
+        if not self.cfg.slots:
+            raise ValueError("admit() needs a continuous batch (FastIVLDecoder.open_batch)")
+        if self.retok is not None or not self.models.all_support("slots"):
+            raise ValueError("admitting requests into a running batch needs the lean engine and one vocabulary")
+        if self.length:
+            self._check_cache()
+        free = [r for r in range(self.requests) if r not in self.length]
+        if not free:
+            raise ValueError(f"every one of the {self.requests} slots is taken; retire one first")
+        budget = self.opts.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= self.bufs.cols:
+            raise ValueError(f"max_new_tokens must be an integer in [1, {self.bufs.cols}], got {budget!r}")
+        if not prompt_ids or len(prompt_ids) + budget > self.max_seq_len:
+            raise ValueError(
+                f"a prompt of {len(prompt_ids)} tokens + max_new_tokens {budget} does not fit the batch's "
+                f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
+            )
+        ids, mask = left_pad([list(prompt_ids)], self.opts.pad_token_id)
+        self._admit([free[0]], ids.to(self.models.device), mask.to(self.models.device), budget)
+        return free[0]
+
+    def retire(self, slot: int) -> None:
+        """Free ``slot`` (finished or not) between rounds; the other rows are untouched."""
+        if slot not in self.length:
+            raise ValueError(f"slot {slot} holds no request")
+        self.bufs.retire(torch.tensor([slot], device=self.models.device))
+        for d in (self.length, self.emitted, self.budget, self.checked):
+            d.pop(slot)
+
+    def _admit(self, slots: list[int], prompt, mask, budget: int) -> None:
+        m, bufs = self.models, self.bufs
+        n = len(slots)
+        whole = n == self.rows
+        rows_t = torch.tensor(slots, dtype=torch.int64, device=m.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self.on_device():
+            bufs.admit(rows_t, budget, self.opts.sampling, prompt, mask)
+            if self.retok is not None:
+                zb, zv = self._cross_vocab_prefill(prompt, mask)
+            else:
+                zb, zv = prefill_logits(m, prompt, mask, rows=None if whole else rows_t)
+            live = None
+            if not whole:  # the new rows' logits in their slots; the other rows do not emit
+                zb, zv = (
+                    None if z is None else z.new_zeros((self.rows, z.shape[1])).index_copy_(0, rows_t, z)
+                    for z in (zb, zv)
+                )
+                live = torch.zeros(self.rows, dtype=torch.bool, device=m.device).index_fill_(0, rows_t, True)
+            emit(bufs, self.cfg, self.eos, *sample(m, bufs, self.cfg, zb, zv), live=live)
+        self.prefill_s += time.perf_counter() - t0
+        if self.models.all_support("slots"):
+            self._cache_state = [(e.kv.version, e.kv.batch_size) for e in m.engines]
+        lengths = mask.sum(1).tolist()
+        for s, length in zip(slots, lengths, strict=True):
+            self.length[s], self.emitted[s], self.budget[s], self.checked[s] = int(length), 1, budget, 0
+        if self.steps == 0:
+            self.steps = 1
+
+    # ------------------------------------------------------------------ rounds
+    def kv_need(self, ahead: int = 0) -> int:
+        """KV columns the round ``ahead`` rounds from now attends to: every slot's position + 1 (a finished row
+        stays at its last position, so its budget bounds it)."""
+        return max(self.length[r] + min(self.emitted[r] + ahead, self.budget[r]) for r in self.length)
+
+    def note_rounds(self, rounds: int) -> None:
+        """Account ``rounds`` decode rounds run (the host mirror; no device read)."""
+        for r in self.length:
+            self.emitted[r] = min(self.emitted[r] + rounds, self.budget[r])
+        self.steps += rounds
+
+    def _eager_round(self) -> None:
+        m, bufs = self.models, self.bufs
+        if self.retok is not None:
+            zb, zv = self._cross_vocab_logits(bufs.ids)
+            emit(bufs, self.cfg, self.eos, *sample(m, bufs, self.cfg, zb, zv))
+        else:
+            kv = self.kv_need() if self._lean else None
+            decode_step(m, bufs, self.cfg, self.eos, kv)
+        self.note_rounds(1)
+
+    def step(self) -> bool:
+        """One decode round for every live slot (eager, or one graph replay), then a host check; -> True when every
+        slot has finished."""
+        if not self.cfg.slots:
+            raise ValueError("step() needs a continuous batch (FastIVLDecoder.open_batch); iterate this loop instead")
+        if not self.length:
+            raise ValueError("no request in the batch: admit one first")
+        self._check_cache()
+        with torch.inference_mode(), self.on_device():
+            if self.graph_kind is None:
+                self._eager_round()
+            else:
+                self._replay(1)
+            return self.check()
+
+    def _check_cache(self) -> None:
+        """The engines' KV caches still hold this batch (another generation on the same models would take them)."""
+        if [(e.kv.version, e.kv.batch_size) for e in self.models.engines] != self._cache_state:
+            raise RuntimeError(
+                "the models' KV caches were taken by another generation (generate() on the same decoder while this "
+                "batch is open); a batch owns the caches until it is dropped"
+            )
+
+    def tokens(self, slot: int) -> list[int]:
+        """The new tokens of ``slot`` so far, up to and including its last (host sync)."""
+        if slot not in self.length:
+            raise ValueError(f"slot {slot} holds no request")
+        b = self.bufs
+        n = int(b.stop_step[slot]) + 1 if bool(b.finished[slot]) else int(b.steps[slot])  # host sync
+        return b.out[slot, :n].tolist()
+
+    def is_finished(self, slot: int) -> bool:
+        return bool(self.bufs.finished[slot])  # host sync
+
+    def on_device(self):
+        """CUDA calls that use the current device (streams, capture, synchronize) go to the models' device."""
+        dev = self.models.device
+        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ generate / stream
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """After :meth:`start`: yield each round's ids [b] of the started rows until every row stopped."""
+        b = len(self.length)
+        n = self.opts.max_new_tokens
+        with torch.inference_mode():  # entered per chunk: never held across a yield (the caller's code)
+            done = (self.steps == n or self.steps % self.k == 0) and self.check()
+            ready = [self.bufs.out[:b, 0].clone()]
+        yield from ready
+        while not done and self.steps < n:
+            first = self.steps
+            with torch.inference_mode(), self.on_device():
+                if self.graph_kind is None:
+                    self._eager_round()
+                    check = self.steps == n or self.steps % self.k == 0
+                else:
+                    self._replay(self._chunk())
+                    check = True
+                if check:
+                    done = self.check()  # host sync: the batched stop check
+                    if done:  # every row stopped: drop the rounds run after the last one did
+                        self.steps = int(self.bufs.stop_step[:b].max()) + 1  # host sync
+                ready = [self.bufs.out[:b, s].clone() for s in range(first, self.steps)]
+            yield from ready
+
+    def num_new_tokens(self, b: int) -> torch.Tensor:
+        """[b] new tokens per started row, EOS included."""
+        bufs = self.bufs
+        n = torch.where(bufs.finished[:b], bufs.stop_step[:b] + 1, bufs.steps[:b])
+        return torch.clamp(n, max=self.steps)
+
+    # ------------------------------------------------------------------ graphs
+    def _chunk(self) -> int:
+        """Rounds to replay before the next host check: every remaining one when only EOS / NaN / budgets can stop
+        the run (the runner watches the device's done flag every ``k`` rounds), else ``k``."""
+        remaining = max(self.budget[r] - self.emitted[r] for r in self.length)
+        return min(self.k, remaining) if (self.stops is not None or self.k == 1) else remaining
+
+    def _replay(self, rounds: int) -> None:
+        s = self.cache.settings
+        runner = run_cpp if s.runner == "cpp" else run_python
+        segments: list[list[int]] = []  # [kv bucket, rounds]
+        for j in range(rounds):
+            kv = kv_bucket(self.kv_need(j), self.capacity, s.kv_block)
+            if segments and segments[-1][0] == kv:
+                segments[-1][1] += 1
+            else:
+                segments.append([kv, 1])
+        for kv, count in segments:
+            graphs = self.graphs(kv)
+            ran = runner(graphs, count, self.bufs.done, self.bufs.host, self.k)
+            self.note_rounds(ran)
+            if ran < count:  # the done flag was seen
+                return
+
+    def graphs(self, kv_len: int):
+        """The step graphs of KV bucket ``kv_len`` for this loop's settings (captured on a miss)."""
+        m, bufs, cfg, eos = self.models, self.bufs, self.cfg, self.eos
+        s = self.cache.settings
+        mode = s.mode if m.scheme == "residual" else "one_stream"
+        key = cfg.graph_key(mode, kv_len, m.alpha)
+        versions = tuple(e.kv.version for e in m.engines)
+        mutable = (bufs.mutable() + [e.seq_lens for e in m.engines], bufs.gen)
+
+        def active():
+            return ~bufs.finished if cfg.slots else None
+
+        def capture(pool):
+            return capture_step(
+                s.kind,
+                mode,
+                key,
+                self.cache.streams() if s.kind == "cuda" else None,
+                pool,
+                step_fn=lambda side: decode_step(m, bufs, cfg, eos, kv_len, side),
+                base_fn=lambda: m.base.decode(bufs.ids, kv_len=kv_len, active=active()),
+                value_fn=lambda: m.value.decode(bufs.ids, kv_len=kv_len, active=active()),
+                emit_fn=lambda zb, zv: emit(bufs, cfg, eos, *sample(m, bufs, cfg, zb, zv)),
+            )
+
+        graphs, new = self.cache.get(self.rows, key, versions, capture, mutable)
+        self.captures += int(new)
+        return graphs
+
+    # ------------------------------------------------------------------ host checks
+    def check(self) -> bool:
+        """Host-side stop check: NaN/inf, stop strings; True when every row has finished."""
+        bufs = self.bufs
+        if bool(bufs.bad.any()):  # host sync
+            rows = bufs.bad.nonzero().flatten().tolist()
+            raise nonfinite_error(rows, self._checked_round, self.steps)
+        if self.stops is not None:
+            self._check_stop_strings()
+        self._checked_round = self.steps
+        return bool(bufs.finished.all())  # host sync
+
+    def _check_stop_strings(self) -> None:
+        bufs = self.bufs
+        slots = sorted(self.length)
+        out = bufs.out[slots].tolist()
+        stop_step, finished = bufs.stop_step.tolist(), bufs.finished.tolist()
+        new: dict[int, int] = {}
+        for row, r in zip(out, slots, strict=True):
+            end = stop_step[r] + 1 if finished[r] else self.emitted[r]  # up to the row's last token
+            if end > self.checked[r]:
+                s = self.stops.first_stop(row, self.checked[r], end)
+                if s is not None and (not finished[r] or s < stop_step[r]):
+                    new[r] = s
+            self.checked[r] = self.emitted[r]
+        if new:
+            dev = bufs.out.device
+            rows = torch.tensor(list(new), dtype=torch.int64, device=dev)
+            at = torch.tensor(list(new.values()), dtype=torch.int64, device=dev)
+            cols = torch.arange(bufs.out.shape[1], device=dev)[None]
+            after = torch.zeros_like(bufs.out, dtype=torch.bool)
+            after[rows] = cols > at[:, None]
+            bufs.out.masked_fill_(after, self.opts.pad_token_id)
+            bufs.logprobs.masked_fill_(after, 0.0)
+            bufs.stop_step.index_copy_(0, rows, at)
+            bufs.finished.index_fill_(0, rows, True)
+            bufs.done.copy_(bufs.finished.all().to(torch.int32).reshape(1))
+
+    # ------------------------------------------------------------------ across vocabularies
+    def _cross_vocab_prefill(self, prompt, mask):
+        m, rt = self.models, self.retok
+        bids, bmask = left_pad(rt.base_ctx, rt.base_tokenizer.pad_token_id or 0)
+        self._zb = m.base.prefill(bids.to(m.device), bmask.to(m.device))[:, : m.vocab_map.v_base]
+        return self._zb, m.value.prefill(prompt, mask)[:, : m.vocab_map.v_value]
+
+    def _cross_vocab_logits(self, ids: torch.Tensor):
+        """Feed the value its token, then the base the re-tokenized suffix of each row (rows in lock step)."""
+        m, rt = self.models, self.retok
+        base = m.base
+        zv = m.value.decode(ids)[:, : m.vocab_map.v_value]
+        keep, feed = rt.advance(ids.tolist(), self.bufs.finished.tolist())  # host sync: re-tokenizing is host work
+        need = rt.longest() + 1  # + a free column for idle rows' writes
+        if need > base.max_seq_len:  # more base tokens per value token than planned: grow, up to the context
+            base.grow(min(base.max_context, max(need, 2 * base.max_seq_len)))
+        base.rewind(torch.tensor(keep))
+        zb = self._zb
+        for j in range(max((len(f) for f in feed), default=0)):
+            col = torch.tensor([f[j] if j < len(f) else 0 for f in feed], device=m.device)
+            act = torch.tensor([j < len(f) for f in feed], device=m.device)
+            out = base.decode(col, active=act)[:, : m.vocab_map.v_base]
+            zb = torch.where(act[:, None], out, zb)
+        self._zb = zb
+        return zb, zv
+
+
+__all__ = ["DecodeLoop", "decode_logits"]

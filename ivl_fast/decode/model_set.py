@@ -1,0 +1,81 @@
+"""The models of a decode and what follows from them (device, vocabulary, context): the one small value the
+parts of :mod:`ivl_fast.decode` receive instead of reaching back into the decoder."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..models.engine import all_support, supports
+from ..schemes import is_cascade, uses_base, uses_value
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """scheme: one of :data:`ivl_fast.schemes.DECODE_SCHEMES`; base / value: engines (None when the scheme does not
+    use one); alpha: weight of the value logits; vocab_map: a VocabMap when the vocabularies differ (sampling
+    happens in the value vocabulary); sample_backend: combine_and_sample's backend option."""
+
+    scheme: str
+    base: object | None
+    value: object | None
+    alpha: float = 1.0
+    vocab_map: object | None = None
+    sample_backend: str = "auto"
+
+    @property
+    def engines(self) -> list:
+        """The engines a decode step runs (base first)."""
+        return [
+            m
+            for m, used in ((self.base, uses_base(self.scheme)), (self.value, uses_value(self.scheme)))
+            if used and m is not None
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return (self.base or self.value).device
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the sampled (output) vocabulary: the value model's when there is one."""
+        return (self.value or self.base).vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return min(m.max_context for m in self.engines)
+
+    @property
+    def cross_vocab(self) -> bool:
+        return self.vocab_map is not None
+
+    @property
+    def cascade(self) -> bool:
+        return is_cascade(self.scheme)
+
+    def all_support(self, capability: str) -> bool:
+        return all_support(self.engines, capability)
+
+    @property
+    def config(self):
+        """The config that supplies fallback special ids (the base's, else the value's)."""
+        return (self.base or self.value).config
+
+
+def check_models(scheme: str, base, value, alpha, has_vocab_map: bool) -> None:
+    """The engines fit the scheme and each other (ValueError naming what does not)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if is_cascade(scheme) and not (supports(base, "inputs_embeds") and supports(value, "inputs_embeds")):
+        raise ValueError(f"scheme={scheme!r} needs the lean engine for both models (Llama/Mistral/Qwen2)")
+    if base is not None and value is not None:
+        if base.device != value.device:
+            raise ValueError(f"base model is on {base.device} but value model is on {value.device}")
+        if base.vocab_size != value.vocab_size and not has_vocab_map:
+            raise ValueError(
+                f"base vocabulary ({base.vocab_size} tokens) and value vocabulary ({value.vocab_size} "
+                "tokens) differ and no vocab_map was given; build one with `ivl-fast vocab-map "
+                "--base-tokenizer BASE --value-tokenizer VALUE --corpus FILE --out map.safetensors`"
+            )

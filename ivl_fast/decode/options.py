@@ -1,0 +1,273 @@
+"""GenerationOptions: the typed, frozen settings of one generation, resolved as transformers resolves them.
+
+Precedence, highest first: explicit arguments > a passed ``GenerationConfig`` > the checkpoint's own
+``generation_config.json`` (the value network's, else the base's, as transformers uses a model's own) > the
+defaults below. Of a ``GenerationConfig`` only the fields it sets count (``to_diff_dict()``), so an unset field
+falls through to the next source. Fields that change the output but are not implemented here (``num_beams > 1``,
+``no_repeat_ngram_size``, ``bad_words_ids``, constraints, ...) raise a ValueError naming the field: never
+silently ignored. ``max_length`` of a checkpoint's file is overridden by ``max_new_tokens`` (which always has a
+value here), as in transformers when both are set; in a passed config without ``max_new_tokens`` it is refused.
+
+The command line shares these defaults: its flags default to "unset" and fall through the same chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..sampling import SamplingParams
+
+DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default length budget (max_length=20 there)
+
+# GenerationConfig fields implemented here (same names and meanings)
+CONFIG_FIELDS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "num_return_sequences",
+    "eos_token_id",
+    "pad_token_id",
+    "stop_strings",
+)
+# fields that do not change which tokens come out (bookkeeping, caching, outputs, beam-only or assistant-only
+# settings, which have no effect without beams / an assistant model)
+HARMLESS_FIELDS = frozenset(
+    {
+        "transformers_version",
+        "_from_model_config",
+        "bos_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "cache_implementation",
+        "cache_config",
+        "return_legacy_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "output_logits",
+        "return_dict_in_generate",
+        "length_penalty",
+        "early_stopping",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold",
+        "assistant_lookbehind",
+        "target_lookbehind",
+        "is_assistant",
+        "compile_config",
+        "disable_compile",
+        "max_length",  # see the module docstring
+    }
+)
+# fields not implemented, with the value that means "off" (any other value is refused)
+NOOP_VALUES = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "penalty_alpha": None,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "sequence_bias": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "top_h": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "max_time": None,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "forced_decoder_ids": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "token_healing": False,
+    "dola_layers": None,
+    "prompt_lookup_num_tokens": None,
+    "max_matching_ngram_size": None,
+    "assistant_early_exit": None,
+    "low_memory": None,
+}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """One generation's settings (validated on construction; see the module docstring for where they come from).
+
+    max_new_tokens: new tokens per row at most (EOS included). do_sample, temperature, top_k, top_p, min_p: the
+    warpers of :mod:`ivl_fast.sampling` (transformers' semantics; do_sample=False is greedy).
+    repetition_penalty: transformers' (over prompt + generated ids). presence_penalty, frequency_penalty: OpenAI's
+    (over generated ids; in [-2, 2]). num_return_sequences: samples per prompt, laid out as transformers does
+    (each prompt's samples adjacent; needs do_sample). seed: the sampler's seed (None: fresh entropy).
+    eos_token_id: the ids that end a row (empty: none). pad_token_id: what fills rows after they end.
+    stop_strings: texts that end a row (None: none). return_logprobs: also return each token's log-probability.
+    """
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    num_return_sequences: int = 1
+    seed: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    stop_strings: tuple[str, ...] | None = None
+    return_logprobs: bool = False
+
+    def __post_init__(self):
+        mnt = self.max_new_tokens
+        if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {mnt!r}")
+        n = self.num_return_sequences
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_return_sequences must be an integer >= 1, got {n!r}")
+        if n > 1 and not self.do_sample:  # transformers' rule: greedy rows would be n copies of one answer
+            raise ValueError(
+                f"num_return_sequences={n} needs do_sample=True (greedy decoding gives one answer per prompt)"
+            )
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be a bool, got {self.do_sample!r}")
+        if not isinstance(self.return_logprobs, bool):
+            raise ValueError(f"return_logprobs must be a bool, got {self.return_logprobs!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        object.__setattr__(self, "_sampling", self._make_sampling())  # validates the warpers and penalties
+
+    def _make_sampling(self) -> SamplingParams:
+        return SamplingParams(
+            self.do_sample,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self._sampling
+
+    def replace(self, **changes) -> GenerationOptions:
+        return dataclasses.replace(self, **changes)
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(GenerationOptions))
+
+
+def config_values(generation_config, source: str) -> dict:
+    """The fields a GenerationConfig sets, checked: unimplemented ones raise a ValueError naming the field."""
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else dict(generation_config)
+    out = {}
+    for name, value in diff.items():
+        if name in CONFIG_FIELDS:
+            if value is not None:
+                out[name] = value
+        elif name in HARMLESS_FIELDS:
+            continue
+        elif name in NOOP_VALUES:
+            if not _is_noop(value, NOOP_VALUES[name]):
+                raise ValueError(
+                    f"{source}.{name}={value!r} is not supported by ivl-fast (it implements sampling and greedy "
+                    f"decoding with {', '.join(CONFIG_FIELDS)}); remove it or set it to {NOOP_VALUES[name]!r}"
+                )
+        elif value is not None and not isinstance(value, dict):
+            raise ValueError(f"{source}.{name}={value!r} is not a generation setting ivl-fast implements")
+    return out
+
+
+def _is_noop(value, noop) -> bool:
+    if noop is None or noop is False or noop == 0:  # "off" is falsy: None, 0, False, [] all mean off
+        return not value
+    return value is None or value == noop
+
+
+def resolve_options(
+    explicit: dict,
+    generation_config=None,
+    checkpoint_config=None,
+    *,
+    tokenizer=None,
+    model_config=None,
+    vocab_size: int,
+) -> GenerationOptions:
+    """explicit (values None = unset) > generation_config > checkpoint_config > defaults; then the special ids:
+    eos from those, else the tokenizer's, else the model config's; pad likewise, else eos[0], else 0."""
+    unknown = set(explicit) - set(OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unexpected generation arguments {sorted(unknown)}")
+    passed = config_values(generation_config, "generation_config")
+    if "max_length" in (generation_config.to_diff_dict() if generation_config is not None else {}) and not (
+        "max_new_tokens" in passed or explicit.get("max_new_tokens") is not None
+    ):
+        raise ValueError("generation_config.max_length is not supported; set max_new_tokens")
+    values = {**config_values(checkpoint_config, "the checkpoint's generation_config.json"), **passed}
+    values.update({k: v for k, v in explicit.items() if v is not None})
+
+    def fallback(name):  # the tokenizer's id, else the model config's; ids the model cannot produce do not count
+        for src in (tokenizer, model_config):
+            v = getattr(src, name, None) if src is not None else None
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size:
+                return v
+            if isinstance(v, list | tuple) and v and all(isinstance(x, int) and 0 <= x < vocab_size for x in v):
+                return list(v)
+        return None
+
+    eos = values.pop("eos_token_id", None)
+    if eos is None:
+        eos = fallback("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for e in eos:
+        if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab_size:
+            raise ValueError(f"eos_token_id entries must be token ids in [0, {vocab_size}), got {e!r}")
+    pad = values.pop("pad_token_id", None)
+    if pad is None:
+        pad = fallback("pad_token_id")
+        if pad is None:
+            pad = eos[0] if eos else 0
+    if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size:
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}), got {pad!r}")
+    stops = values.pop("stop_strings", None)
+    if stops is not None:
+        raw = stops
+        stops = [stops] if isinstance(stops, str) else list(stops) if isinstance(stops, list | tuple) else None
+        if not stops or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop_strings must be a non-empty string or list of them, got {raw!r}")
+        if tokenizer is None:
+            raise ValueError("stop_strings needs a tokenizer: pass tokenizer=... or load checkpoints that include one")
+        stops = tuple(stops)
+    return GenerationOptions(**values, eos_token_id=tuple(eos), pad_token_id=pad, stop_strings=stops)
+
+
+def checkpoint_generation_config(paths):
+    """The GenerationConfig of the first of ``paths`` holding a generation_config.json (None when none has one):
+    the value network's before the base's, as transformers uses a model's own."""
+    from pathlib import Path
+
+    from transformers import GenerationConfig
+
+    for p in paths:
+        if p is not None and (Path(p) / "generation_config.json").is_file():
+            return GenerationConfig.from_pretrained(str(p))
+    return None

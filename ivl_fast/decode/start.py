@@ -1,0 +1,121 @@
+"""Starting decode loops: a generate() call's batch, and graph capture ahead of the first requests.
+
+The decoder facade resolves options and packs prompts; these functions pick the loop's shape (eager rows or a
+graph batch bucket, KV capacity, the cross-vocabulary re-tokenizer, stop strings) and prefill it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..graphs import batch_bucket, kv_bucket
+from .cross_vocab import Retokenizer
+from .graph_cache import GraphCache
+from .loop import DecodeLoop
+from .model_set import ModelSet
+from .options import GenerationOptions
+from .stops import StopStringScanner
+
+
+def kv_capacity(models: ModelSet, need: int, kv_block: int) -> int:
+    """KV cache columns for a run needing ``need``: rounded up like the KV buckets (so later, longer calls reuse
+    the cache and its graphs), within the context."""
+    return kv_bucket(need, models.max_context, kv_block)
+
+
+def start_generation(
+    models: ModelSet,
+    opts: GenerationOptions,
+    prompt: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    graph_cache: GraphCache | None,
+    kv_block: int,
+    sync_every: int,
+    tokenizer=None,
+    base_tokenizer=None,
+    same_tokenizers: bool = False,
+    texts: list[str] | None = None,
+) -> DecodeLoop:
+    """The prefilled loop of left-padded prompts [B, T] (CPU; moved to the models' device here): its first tokens
+    are emitted. ``graph_cache`` None: eager. Across vocabularies the base reads ``texts`` (default: the value
+    tokenizer's decoding of the prompts)."""
+    b, t = prompt.shape
+    n = opts.max_new_tokens
+    if t + n > models.max_context:
+        raise ValueError(
+            f"prompt length {t} + max_new_tokens {n} = {t + n} exceeds the model context of {models.max_context} tokens"
+        )
+    retok = None
+    if models.cross_vocab:
+        rows = [r[m].tolist() for r, m in zip(prompt, mask, strict=True)]
+        if texts is None:
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        retok = Retokenizer(tokenizer, base_tokenizer, rows, texts, same_tokenizers, models.base.max_context)
+    loop = DecodeLoop(
+        models,
+        opts,
+        slots=batch_bucket(b) if graph_cache is not None else b,
+        capacity=kv_capacity(models, t + n, kv_block) if retok is None else t + n,
+        out_cols=n,
+        sync_every=sync_every,
+        graph_cache=graph_cache,
+        stops=StopStringScanner(tokenizer, opts.stop_strings) if opts.stop_strings else None,
+        retokenizer=retok,
+    )
+    loop.start(prompt.to(models.device), mask.to(models.device))
+    return loop
+
+
+def capture_buckets(
+    models: ModelSet, opts: GenerationOptions, graph_cache: GraphCache, batch_sizes, max_seq_len: int, sync_every: int
+) -> int:
+    """Capture, for the bucket of each of ``batch_sizes``, the graphs of every KV bucket a run of up to
+    ``max_seq_len`` tokens reaches with ``opts`` (its last step attends to max_seq_len - 1 columns); -> graphs
+    captured now."""
+    kv_block = graph_cache.settings.kv_block
+    capacity = kv_capacity(models, max_seq_len, kv_block)
+    captured = 0
+    # largest bucket first: its KV store serves the smaller buckets as row views (no reallocation after)
+    for b in sorted({batch_bucket(int(x)) for x in batch_sizes}, reverse=True):
+        prompt = torch.full((b, 1), opts.pad_token_id, dtype=torch.int64, device=models.device)
+        loop = DecodeLoop(
+            models,
+            opts,
+            slots=b,
+            capacity=capacity,
+            out_cols=max_seq_len - 1,
+            sync_every=sync_every,
+            graph_cache=graph_cache,
+        )
+        loop.start(prompt, torch.ones_like(prompt, dtype=torch.bool))
+        with torch.inference_mode(), loop.on_device():
+            for kv in sorted({kv_bucket(need, capacity, kv_block) for need in range(2, max_seq_len)}):
+                loop.graphs(kv)
+        captured += loop.captures
+    return captured
+
+
+def open_slots(
+    models: ModelSet, opts: GenerationOptions, graph_cache, slots: int, max_seq_len: int, kv_block: int, sync_every: int
+) -> DecodeLoop:
+    """An empty persistent batch of ``slots`` requests of up to ``max_seq_len`` tokens each (prompt + new)."""
+    if opts.stop_strings is not None or opts.num_return_sequences != 1:
+        raise ValueError("open_batch supports neither stop_strings nor num_return_sequences yet")
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
+    top = models.max_context
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= top:
+        raise ValueError(f"max_seq_len must be an integer in [2, {top}], got {max_seq_len!r}")
+    return DecodeLoop(
+        models,
+        opts,
+        slots=batch_bucket(slots) if graph_cache is not None else slots,
+        continuous=True,
+        requests=slots,
+        max_seq_len=max_seq_len,
+        capacity=kv_capacity(models, max_seq_len, kv_block),
+        out_cols=max_seq_len - 1,
+        sync_every=sync_every,
+        graph_cache=graph_cache,
+    )

@@ -1,0 +1,176 @@
+"""The decode step as free functions (gpt-fast's ``decode_one_token``): what a graph captures.
+
+``decode_logits`` runs the scheme's models for one token per row; ``sample`` turns both models' logits into the
+next ids with one fused op; ``emit`` does the step's bookkeeping on device, in place (output column, EOS,
+budgets, penalties' counts, NaN flags, RNG offset), so the same step runs eagerly or replayed as a graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..graphs import fork_join
+from ..models.engine import supports
+from ..ops import combine_and_sample
+from ..sampling import SamplingParams
+from .buffers import DecodeBuffers
+from .model_set import ModelSet
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a step's code depends on (a graph is captured per distinct value of :meth:`graph_key`).
+
+    per_row_values: the warpers' values come from the buffers (graph runs: a new temperature needs no recapture)
+    instead of Python scalars. slots: rows come and go (continuous batching): finished rows stop advancing
+    their KV position and output column, and each row's budget ends it on device. A generate() batch starts and
+    ends together, so it skips that bookkeeping (its cache holds every row's prompt + max_new_tokens)."""
+
+    sampling: SamplingParams
+    return_logprobs: bool
+    backend: str
+    per_row_values: bool
+    n_eos: int
+    slots: bool = False
+
+    def graph_key(self, mode: str, kv_len: int, alpha: float) -> tuple:
+        sp = self.sampling
+        sampling = ("greedy",) if sp.greedy else ("sample", sp.top_k_on, sp.top_p_on, sp.min_p_on)
+        return (
+            mode,
+            kv_len,
+            sampling,
+            sp.penalties_on,
+            self.return_logprobs,
+            self.n_eos,
+            alpha,
+            self.backend,
+            self.slots,
+        )
+
+
+def _kw(engine, kv_len: int | None, active: torch.Tensor | None) -> dict:
+    kw = {}
+    if kv_len is not None and supports(engine, "graphs"):
+        kw["kv_len"] = kv_len
+    if active is not None and supports(engine, "slots"):
+        kw["active"] = active
+    return kw
+
+
+def prefill_logits(models: ModelSet, prompt: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None):
+    """(z_base, z_value) [n, V] each (None for a model the scheme does not use) of left-padded prompts [n, T];
+    ``rows``: the cache slots they fill (None: the whole batch)."""
+    kw = {} if rows is None else {"rows": rows}
+    if models.cascade:  # sequential: the value network reads the base's distribution
+        zb_all = models.base.prefill(prompt, mask, all_logits=True, **kw)  # [n, T, V]
+        emb = models.value.soft_embed(zb_all, prompt if models.scheme == "cascade+" else None)
+        return zb_all[:, -1], models.value.prefill(None, mask, inputs_embeds=emb, **kw)
+    zb = models.base.prefill(prompt, mask, **kw) if models.base in models.engines else None
+    zv = models.value.prefill(prompt, mask, **kw) if models.value in models.engines else None
+    return zb, zv
+
+
+def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None, side=None, active=None):
+    """(z_base, z_value) [B, V] of the next position after feeding ``ids`` [B]. ``kv_len``: cache columns to
+    attend to; ``side``: a CUDA stream for the value model (residual scheme); ``active`` [B] bool: rows whose
+    context advances (finished rows and free slots stay where they are)."""
+    base, value = models.base, models.value
+    if models.cascade:
+        zb = base.decode(ids, **_kw(base, kv_len, active))
+        emb = value.soft_embed(zb, ids if models.scheme == "cascade+" else None)
+        return zb, value.decode(None, inputs_embeds=emb, **_kw(value, kv_len, active))
+    if models.scheme == "base":
+        return base.decode(ids, **_kw(base, kv_len, active)), None
+    if models.scheme == "value_only":
+        return None, value.decode(ids, **_kw(value, kv_len, active))
+    return fork_join(
+        lambda: base.decode(ids, **_kw(base, kv_len, active)),
+        lambda: value.decode(ids, **_kw(value, kv_len, active)),
+        side,
+    )
+
+
+def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
+    """-> (ids [B], logprobs [B] or None, non-finite flags [B]) from one combine_and_sample call."""
+    sp = cfg.sampling
+    do_sample = sp.do_sample
+    if cfg.per_row_values and sp.greedy:  # values unused; Python scalars keep user tensors out of the capture
+        temperature, top_k, top_p, min_p, do_sample = 1.0, 0, 1.0, 0.0, False
+    elif cfg.per_row_values:
+        temperature = bufs.temperature
+        top_k = bufs.top_k if sp.top_k_on else 0
+        top_p = bufs.top_p if sp.top_p_on else 1.0
+        min_p = bufs.min_p if sp.min_p_on else 0.0
+    else:
+        temperature, top_k, top_p, min_p = sp.temperature, sp.top_k, sp.top_p, sp.min_p
+    penalties = {}
+    if sp.penalties_on:
+        per_row = cfg.per_row_values
+        penalties = dict(
+            repetition_penalty=bufs.repetition_penalty if per_row else sp.repetition_penalty,
+            presence_penalty=bufs.presence_penalty if per_row else sp.presence_penalty,
+            frequency_penalty=bufs.frequency_penalty if per_row else sp.frequency_penalty,
+            prompt_mask=bufs.prompt_mask,
+            output_counts=bufs.output_counts,
+        )
+    ids, lp, bad = combine_and_sample(
+        zb,
+        zv,
+        vocab_map=models.vocab_map,
+        alpha=models.alpha,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        do_sample=do_sample,
+        seed=bufs.seed_t,
+        offset=bufs.offset_t,
+        generator=bufs.gen if not sp.greedy else None,
+        return_logprobs=cfg.return_logprobs,
+        backend=cfg.backend,
+        workspace=bufs.work,
+        validate=False,  # checked once when the options were resolved; per-step checks would sync
+        **penalties,
+    )
+    bufs.offset_t += 1
+    return ids, lp, bad
+
+
+def emit(bufs: DecodeBuffers, cfg: StepConfig, eos: torch.Tensor, ids, lp, bad, live: torch.Tensor | None = None):
+    """The step's bookkeeping, on device and in place. ``live`` [B] bool: the rows this emission advances (an
+    admission emits for its new rows only; default: every unfinished row). Other rows write pad into their next
+    column, which holds pad already (finished rows: the column after their last token, or the spare last one)."""
+    track = cfg.slots or live is not None  # per-row budgets and columns (see StepConfig.slots)
+    live = ~bufs.finished if live is None else live & ~bufs.finished
+    bufs.bad |= bad & live
+    ids = torch.where(live, ids, bufs.pad)
+    col = bufs.steps[:, None]
+    bufs.out.scatter_(1, col, ids[:, None])
+    if lp is not None:
+        bufs.logprobs.scatter_(1, col, torch.where(live, lp, 0.0)[:, None])
+    if cfg.sampling.penalties_on:
+        bufs.output_counts.scatter_add_(1, ids[:, None], live.to(torch.int32)[:, None])
+    hit = live & (ids[:, None] == eos[None, :]).any(1) if eos.numel() else None
+    if track:
+        spent = live & (bufs.steps + 1 >= bufs.limit)  # the row's budget is spent
+        hit = spent if hit is None else hit | spent
+    if hit is not None:
+        bufs.stop_step.copy_(torch.where(hit, bufs.steps, bufs.stop_step))
+        bufs.finished |= hit
+    if track:
+        bufs.steps += live.to(torch.int64)
+        bufs.ids.copy_(torch.where(live, ids, bufs.ids))
+    else:  # every row advances a column together (finished rows write pad)
+        bufs.steps += 1
+        bufs.ids.copy_(ids)
+    if cfg.per_row_values:  # the graph runners' early-exit flag (eager runs check on the host)
+        bufs.done.copy_((bufs.finished.all() | bufs.bad.any()).to(torch.int32).reshape(1))
+
+
+def decode_step(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, eos, kv_len: int | None, side=None) -> None:
+    """One whole decode step: feed every row's pending token, sample, book-keep (the body a graph captures)."""
+    zb, zv = decode_logits(models, bufs.ids, kv_len, side, active=~bufs.finished if cfg.slots else None)
+    emit(bufs, cfg, eos, *sample(models, bufs, cfg, zb, zv))

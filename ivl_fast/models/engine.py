@@ -1,0 +1,63 @@
+"""The engine interface the decode core drives, with capabilities in place of engine-type checks.
+
+Two engines implement it: :class:`~ivl_fast.models.llama.LeanCausalLM` (static KV cache, every capability) and
+:class:`~ivl_fast.models.hf_adapter.HFCausalLM` (any transformers causal LM, dynamic cache, none). The decode
+core asks for a capability (``supports(engine, "graphs")``), never for a class.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+# what an engine may support (each a class attribute ``supports_<name>``)
+CAPABILITIES = (
+    "graphs",  # decode is graph-safe: static KV cache, static shapes, no host sync; honours kv_len=
+    "rewind",  # rewind(lengths) truncates rows' contexts (cross-vocabulary re-tokenization)
+    "inputs_embeds",  # prefill/decode accept inputs_embeds (cascade value networks); soft_embed() exists
+    "slots",  # prefill(..., rows=) fills some cache rows without touching the others; decode(active=)
+)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A causal LM with a KV cache, driven one token per row per step.
+
+    ``allocate(batch_size, max_seq_len)`` sizes the cache; ``prefill(ids [B, T], mask [B, T]) -> logits [B, V]``
+    reads left-padded prompts; ``decode(ids [B]) -> logits [B, V]`` feeds one token per row.
+    """
+
+    config: object
+    supports_graphs: bool
+    supports_rewind: bool
+    supports_inputs_embeds: bool
+    supports_slots: bool
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_context(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def allocate(self, batch_size: int, max_seq_len: int) -> None: ...
+
+    def free(self) -> None: ...
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def supports(engine, capability: str) -> bool:
+    """Whether ``engine`` has ``capability`` (one of :data:`CAPABILITIES`)."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"capability must be one of {CAPABILITIES}, got {capability!r}")
+    return bool(getattr(engine, f"supports_{capability}", False))
+
+
+def all_support(engines, capability: str) -> bool:
+    return all(supports(e, capability) for e in engines)

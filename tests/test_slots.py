@@ -1,0 +1,75 @@
+"""Rows are slots: a request admitted into a running batch, with others leaving before it ends, decodes exactly as
+it does alone (the ground continuous batching stands on)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import build_model
+
+from ivl_fast import FastIVLDecoder
+
+R = [21, 22, 23, 24, 25]  # the request under test
+OTHERS = [[5, 6, 7, 8, 9, 10, 11, 12], [30, 31], [40, 41, 42, 43]]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_model("llama", seed=11), build_model("llama", seed=12)
+
+
+def _alone(dec, ids, n):
+    return dec.generate([ids], max_new_tokens=n, eos_token_id=[]).sequences[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("graphs", ["off", "emulate"])
+@pytest.mark.parametrize("scheme", ["residual", "cascade"])
+def test_a_request_joining_mid_way_decodes_as_it_does_alone(models, graphs, scheme):
+    base, value = models
+    dec = FastIVLDecoder(base, value, scheme=scheme, graphs=graphs, kv_block=8)
+    want = _alone(dec, R, 12)
+    others = [_alone(dec, OTHERS[0], 4), _alone(dec, OTHERS[1], 20), _alone(dec, OTHERS[2], 3)]
+    batch = dec.open_batch(slots=3, max_seq_len=40, eos_token_id=[])
+    a = batch.admit(OTHERS[0], max_new_tokens=4)  # leaves before R ends
+    b = batch.admit(OTHERS[1], max_new_tokens=20)  # outlives R
+    for _ in range(3):
+        batch.step()
+    r = batch.admit(R, max_new_tokens=12)  # joins a running batch
+    steps = 0
+    while not batch.is_finished(r):
+        batch.step()
+        steps += 1
+        if a is not None and batch.is_finished(a):
+            assert batch.tokens(a) == others[0]
+            batch.retire(a)
+            a = None
+            c = batch.admit(OTHERS[2], max_new_tokens=3)  # a third request takes the freed slot mid-way
+    assert steps == 11 and batch.tokens(r) == want
+    assert batch.tokens(c) == others[2]
+    while not batch.is_finished(b):
+        batch.step()
+    assert batch.tokens(b) == others[1]  # the long row was untouched by the others
+    if graphs == "emulate":
+        assert dec.graph_captures > 0
+    dec.generate([R], max_new_tokens=2)  # another generation takes the models' caches: the batch says so
+    with pytest.raises(RuntimeError, match="taken by another generation"):
+        batch.step()
+
+
+def test_slot_errors(models):
+    base, value = models
+    dec = FastIVLDecoder(base, value)
+    batch = dec.open_batch(slots=1, max_seq_len=16)
+    with pytest.raises(ValueError, match="admit one first"):
+        batch.step()
+    s = batch.admit([5, 6], max_new_tokens=3)
+    with pytest.raises(ValueError, match="slots is taken"):
+        batch.admit([7])
+    batch.retire(s)
+    with pytest.raises(ValueError, match="holds no request"):
+        batch.retire(s)
+    with pytest.raises(ValueError, match="does not fit"):
+        batch.admit(list(range(5, 15)), max_new_tokens=10)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        batch.admit([5], max_new_tokens=0)
+    with pytest.raises(ValueError, match="slots must be"):
+        dec.open_batch(slots=0, max_seq_len=16)
