@@ -203,3 +203,12 @@ def test_num_return_sequences_lays_rows_out_like_transformers(pair):
     assert len(samples) > 1, "the samples of one prompt must be drawn independently"
     texts = dec.generate_text(["hello there", "a b"], num_return_sequences=2, **kw) if dec.tokenizer else None
     assert texts is None or len(texts) == 4
+
+
+def test_an_unknown_field_that_is_set_is_refused(pair):
+    """A field this version does not know (a newer transformers' setting) is refused when set, accepted when off."""
+    _, _, base_dir, value_dir = pair
+    dec = FastIVLDecoder.from_pretrained(base_dir, value_dir)
+    with pytest.raises(ValueError, match="generation_config.use_mtp=True is not a generation setting"):
+        dec.options({"use_mtp": True})
+    assert dec.options({"use_mtp": False, "max_new_tokens": 3}).max_new_tokens == 3

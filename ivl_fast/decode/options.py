@@ -62,6 +62,10 @@ HARMLESS_FIELDS = frozenset(
         "compile_config",
         "disable_compile",
         "max_length",  # see the module docstring
+        "max_cache_len",
+        "prefill_chunk_size",
+        "continuous_batching_config",
+        "assistant_ensemble_weight",
     }
 )
 # fields not implemented, with the value that means "off" (any other value is refused)
@@ -174,13 +178,19 @@ class GenerationOptions:
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(GenerationOptions))
 
 
-def config_values(generation_config, source: str) -> dict:
-    """The fields a GenerationConfig sets, checked: unimplemented ones raise a ValueError naming the field."""
+def _set_fields(generation_config) -> dict:
+    """The fields a GenerationConfig (or a plain dict of its fields) sets."""
     if generation_config is None:
         return {}
-    diff = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else dict(generation_config)
+    if hasattr(generation_config, "to_diff_dict"):
+        return generation_config.to_diff_dict()
+    return dict(generation_config)
+
+
+def config_values(generation_config, source: str) -> dict:
+    """The fields a GenerationConfig sets, checked: unimplemented ones raise a ValueError naming the field."""
     out = {}
-    for name, value in diff.items():
+    for name, value in _set_fields(generation_config).items():
         if name in CONFIG_FIELDS:
             if value is not None:
                 out[name] = value
@@ -192,7 +202,7 @@ def config_values(generation_config, source: str) -> dict:
                     f"{source}.{name}={value!r} is not supported by ivl-fast (it implements sampling and greedy "
                     f"decoding with {', '.join(CONFIG_FIELDS)}); remove it or set it to {NOOP_VALUES[name]!r}"
                 )
-        elif value is not None and not isinstance(value, dict):
+        elif value:  # an unknown field set to something other than off (None, 0, False, empty)
             raise ValueError(f"{source}.{name}={value!r} is not a generation setting ivl-fast implements")
     return out
 
@@ -218,7 +228,7 @@ def resolve_options(
     if unknown:
         raise TypeError(f"unexpected generation arguments {sorted(unknown)}")
     passed = config_values(generation_config, "generation_config")
-    if "max_length" in (generation_config.to_diff_dict() if generation_config is not None else {}) and not (
+    if "max_length" in _set_fields(generation_config) and not (
         "max_new_tokens" in passed or explicit.get("max_new_tokens") is not None
     ):
         raise ValueError("generation_config.max_length is not supported; set max_new_tokens")
