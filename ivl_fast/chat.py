@@ -60,6 +60,11 @@ def as_messages(prompt, system: str | None = None) -> list[dict]:
     return msgs
 
 
+def is_message_list(x) -> bool:
+    """True for a non-empty list of message dicts (``[{"role": ..., "content": ...}, ...]``)."""
+    return isinstance(x, list | tuple) and len(x) > 0 and all(isinstance(m, dict) for m in x)
+
+
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
     """``messages`` as text through the tokenizer's own chat template, else :data:`DEFAULT_CHAT_TEMPLATE`;
     ``add_generation_prompt`` ends the text with the assistant's turn header (the prompt of a reply)."""

@@ -15,23 +15,27 @@ from pathlib import Path
 
 import torch
 
-from .chat import as_messages, render_chat
+from .chat import as_messages, is_message_list, render_chat
 from .decode.cross_vocab import check_vocab_map
 from .decode.graph_cache import GraphCache, GraphSettings, graph_obstacle
 from .decode.inputs import pack_prompts, repeat_prompts
 from .decode.loop import DecodeLoop
 from .decode.model_set import ModelSet, check_models
-from .decode.options import OPTION_NAMES, GenerationOptions, checkpoint_generation_config, resolve_options
+from .decode.options import (
+    GenerationOptions,
+    checkpoint_generation_config,
+    own_generation_config,
+    resolve_options,
+)
 from .decode.start import capture_buckets, kv_capacity, open_slots, start_generation
 from .decode.stops import NonFiniteLogitsError
 from .graphs import KV_BUCKET_MIN
 from .models import from_hf_model, load_model
 from .ops._backend import pick_backend
-from .schemes import DECODE_SCHEMES, TRAIN_SCHEMES, check_scheme, scheme_of_checkpoint, uses_base, uses_value
+from .schemes import DECODE_SCHEMES, check_scheme, scheme_of_checkpoint, uses_base, uses_value
 from .tokenizer_identity import checkpoint_tokenizers
 
 SCHEMES = DECODE_SCHEMES  # kept for callers of the old name
-PAIR_SCHEMES = TRAIN_SCHEMES
 
 __all__ = ["FastIVLDecoder", "IVLGenerateOutput", "NonFiniteLogitsError"]
 
@@ -120,10 +124,7 @@ class FastIVLDecoder:
             raise ValueError(f"scheme={scheme!r} needs a value_model")
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
-        if generation_config is None:  # a transformers model's own (the value network's, else the base's)
-            owners = [m for m in (value_model, base_model) if hasattr(m, "generation_config")]
-            generation_config = owners[0].generation_config if owners else None
-        self.generation_config = generation_config
+        self.generation_config = generation_config or own_generation_config(value_model, base_model)
         self.sync_every, self.tokenizer, self.base_tokenizer = sync_every, tokenizer, base_tokenizer
 
         def wrap(m):
@@ -286,7 +287,7 @@ class FastIVLDecoder:
         (each prompt's samples adjacent).
         """
         tok = self._require_tokenizer("generate_text")
-        single = isinstance(prompts, str) or (chat and _is_message_list(prompts))
+        single = isinstance(prompts, str) or (chat and is_message_list(prompts))
         items = [prompts] if single else list(prompts)
         if not items:
             raise ValueError("prompts is empty")
@@ -313,11 +314,14 @@ class FastIVLDecoder:
         opts = self.options(generation_config, **options)
         return open_slots(self.models, opts, self._graphs_for(), slots, max_seq_len, self.kv_block, self.sync_every)
 
-    def capture_graphs(self, batch_sizes=(1,), max_seq_len: int | None = None, **generate_kwargs) -> int:
+    def capture_graphs(
+        self, batch_sizes=(1,), max_seq_len: int | None = None, *, continuous: bool = False, **generate_kwargs
+    ) -> int:
         """Capture decode graphs ahead of the first requests (as servers do at start-up), so no call pays for a
         capture: for the bucket of each of ``batch_sizes``, every KV bucket up to ``max_seq_len`` tokens (default:
         the context), and the generation settings ``generate_kwargs`` (graphs differ by greedy vs which warpers are
         on, penalties, ``return_logprobs`` and the number of EOS ids; values such as temperature do not matter).
+        ``continuous=True``: the graphs of :meth:`open_batch` batches of those sizes instead of generate()'s.
         Returns the number of graphs captured (0 for what was captured before)."""
         if self.graph_cache.settings.kind is None:
             raise ValueError(f"capture_graphs needs graphs enabled (graphs={self.graphs_option!r} on {self.device})")
@@ -329,7 +333,7 @@ class FastIVLDecoder:
         if cache is None:
             why = graph_obstacle(self.models, self.graph_cache.settings.kind, self._backend())
             raise ValueError(f"capture_graphs: these runs decode eagerly ({why})")
-        return capture_buckets(self.models, opts, cache, batch_sizes, max_seq_len, self.sync_every)
+        return capture_buckets(self.models, opts, cache, batch_sizes, max_seq_len, self.sync_every, continuous)
 
     def release_graphs(self) -> None:
         """Drop every captured graph and its static buffers (they hold device memory)."""
@@ -337,9 +341,6 @@ class FastIVLDecoder:
 
     def options(self, generation_config=None, **explicit) -> GenerationOptions:
         """The resolved :class:`~ivl_fast.decode.options.GenerationOptions` of a call with these arguments."""
-        unknown = set(explicit) - set(OPTION_NAMES)
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
         return resolve_options(
             explicit,
             generation_config,
@@ -392,7 +393,3 @@ class FastIVLDecoder:
 
     def _backend(self) -> str:
         return pick_backend(self.sample_backend, self.device)
-
-
-def _is_message_list(x) -> bool:
-    return isinstance(x, list | tuple) and len(x) > 0 and all(isinstance(m, dict) for m in x)

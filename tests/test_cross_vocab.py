@@ -312,3 +312,20 @@ def test_ragged_rows_refeed_and_cache_growth_match_the_definition(ragged_setting
 
 def _first_diff(a, b) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def test_penalties_across_vocabularies_with_padded_value_logits(setting, tokenizer):
+    """The value model's logits padded past the map (as Qwen-style embeddings are): penalties work in the sampled
+    vocabulary and change the greedy text."""
+    base_tok, vmap, base, _ = setting
+    value = build_model("llama", seed=1, vocab_size=len(tokenizer) + 64)
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    kw = dict(max_new_tokens=12, eos_token_id=[])
+    plain = dec.generate(ids, texts=PROMPTS[:2], **kw)
+    pen = dec.generate(ids, texts=PROMPTS[:2], repetition_penalty=3.0, frequency_penalty=2.0, **kw)
+    assert int(pen.sequences.max()) < vmap.v_value
+    assert not torch.equal(plain.sequences, pen.sequences)
+    # no generated id repeats within a row once it has been produced (the penalties are this strong)
+    for row in pen.sequences[:, pen.prompt_length :].tolist():
+        assert len(set(row)) >= len(row) - 2

@@ -212,3 +212,27 @@ def test_an_unknown_field_that_is_set_is_refused(pair):
     with pytest.raises(ValueError, match="generation_config.use_mtp=True is not a generation setting"):
         dec.options({"use_mtp": True})
     assert dec.options({"use_mtp": False, "max_new_tokens": 3}).max_new_tokens == 3
+
+
+def test_special_ids_agree_between_loaded_and_passed_in_models(pair, tmp_path, tokenizer):
+    """A checkpoint without generation_config.json: passing its transformers models in and from_pretrained of its
+    directory resolve the same eos / pad (the tokenizer's first, then config.json's), even when they differ."""
+    from conftest import build_model
+
+    base = build_model("llama", seed=0, eos_token_id=7, pad_token_id=8)
+    value = build_model("llama", seed=1, eos_token_id=7, pad_token_id=8)
+    for m, name in ((base, "b"), (value, "v")):
+        m.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        (tmp_path / name / "generation_config.json").unlink(missing_ok=True)
+    loaded = FastIVLDecoder.from_pretrained(tmp_path / "b", tmp_path / "v").options()
+    passed = FastIVLDecoder(base, value, tokenizer=tokenizer).options()
+    assert (loaded.eos_token_id, loaded.pad_token_id) == (passed.eos_token_id, passed.pad_token_id)
+    assert loaded.eos_token_id == (tokenizer.eos_token_id,)
+
+
+def test_cli_can_turn_a_checkpoints_sampling_off():
+    parse = build_parser().parse_args
+    base = ["generate", "--base", "b", "--value", "v", "--prompt", "x"]
+    assert parse([*base, "--no-do-sample"]).do_sample is False
+    assert parse([*base, "--do-sample"]).do_sample is True

@@ -73,3 +73,74 @@ def test_slot_errors(models):
         batch.admit([5], max_new_tokens=0)
     with pytest.raises(ValueError, match="slots must be"):
         dec.open_batch(slots=0, max_seq_len=16)
+
+
+@pytest.mark.parametrize("graphs", ["off", "emulate"])
+def test_another_generation_of_the_same_shape_is_caught(models, graphs):
+    """generate() on the same decoder takes the models' caches even at the batch's own shape (one row, same
+    capacity): the open batch refuses to step or admit instead of decoding from someone else's rows."""
+    base, value = models
+    dec = FastIVLDecoder(base, value, graphs=graphs, kv_block=8)
+    batch = dec.open_batch(slots=1, max_seq_len=40, eos_token_id=[])
+    batch.admit(R, max_new_tokens=10)
+    batch.step()
+    dec.generate([R], max_new_tokens=30, eos_token_id=[])
+    with pytest.raises(RuntimeError, match="taken by another generation"):
+        batch.step()
+    with pytest.raises(RuntimeError, match="taken by another generation"):
+        batch.admit(R)
+
+
+def test_a_bad_prompt_is_refused_and_leaves_the_slot_free(models):
+    base, value = models
+    dec = FastIVLDecoder(base, value)
+    want = _alone(dec, R, 5)
+    batch = dec.open_batch(slots=1, max_seq_len=40, eos_token_id=[])
+    for bad, match in (([5, 600], "outside"), ([5, -1], "outside"), ([5, 2.5], "integer token ids")):
+        with pytest.raises(ValueError, match=match):
+            batch.admit(bad, max_new_tokens=5)
+    s = batch.admit(R, max_new_tokens=5)  # the one slot is still free and clean
+    while not batch.step():
+        pass
+    assert batch.tokens(s) == want
+
+
+def test_a_non_finite_request_is_retired_and_the_others_carry_on(models):
+    """A request whose logits go NaN raises at the host check naming its slot; once retired, the batch goes on
+    and the other request's tokens are those it gets alone."""
+    import copy
+
+    import torch
+
+    from ivl_fast import NonFiniteLogitsError
+
+    base, value = models
+    poisoned = copy.deepcopy(value)
+    with torch.no_grad():
+        poisoned.model.embed_tokens.weight[99] = float("nan")  # any context holding token 99 gives NaN logits
+    dec = FastIVLDecoder(base, poisoned)
+    want = _alone(dec, R, 8)
+    batch = dec.open_batch(slots=2, max_seq_len=40, eos_token_id=[])
+    good = batch.admit(R, max_new_tokens=8)
+    batch.step()
+    bad = batch.admit([5, 99, 6], max_new_tokens=8)
+    with pytest.raises(NonFiniteLogitsError, match=rf"row\(s\) \[{bad}\]"):
+        batch.step()
+    batch.retire(bad)
+    while not batch.is_finished(good):
+        batch.step()
+    assert batch.tokens(good) == want
+
+
+def test_captured_ahead_continuous_batches_capture_nothing_later(models):
+    base, value = models
+    dec = FastIVLDecoder(base, value, graphs="emulate", kv_block=8)
+    n = dec.capture_graphs(batch_sizes=(2,), max_seq_len=24, continuous=True, eos_token_id=[])
+    assert n > 0
+    before = dec.graph_captures
+    batch = dec.open_batch(slots=2, max_seq_len=24, eos_token_id=[])
+    a = batch.admit(R, max_new_tokens=19)
+    b = batch.admit(OTHERS[1], max_new_tokens=6)
+    while not (batch.is_finished(a) and batch.is_finished(b)):
+        batch.step()
+    assert dec.graph_captures == before  # every round replayed a graph captured at start-up

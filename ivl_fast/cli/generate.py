@@ -51,7 +51,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-new-tokens", type=int, default=None, help=f"new tokens per prompt at most ({d.max_new_tokens})"
     )
-    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    g.add_argument(
+        "--do-sample",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample instead of greedy decoding (--no-do-sample: greedy even if the checkpoint samples)",
+    )
     g.add_argument("--temperature", type=float, default=None, help=f"softmax temperature, 0: greedy ({d.temperature})")
     g.add_argument("--top-k", type=int, default=None, help=f"keep the k most likely tokens, 0 disables ({d.top_k})")
     g.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass, 1.0 disables ({d.top_p})")

@@ -121,13 +121,15 @@ class DecodeBuffers:
             self.ensure_penalty_buffers()
             self.output_counts.index_fill_(0, rows, 0)
             # padding goes to an extra column that is dropped: only real prompt ids are penalised
+            # (and prompt ids past the sampled vocabulary: a value model with padded logits across vocabularies)
             seen = torch.zeros((rows.shape[0], self.vocab + 1), dtype=torch.bool, device=self.device)
-            seen.scatter_(1, torch.where(mask, prompt, self.vocab), True)
+            seen.scatter_(1, torch.where(mask & (prompt < self.vocab), prompt, self.vocab), True)
             self.prompt_mask.index_copy_(0, rows, seen[:, : self.vocab])
 
     @torch.inference_mode()
     def retire(self, rows: torch.Tensor) -> None:
         self.finished.index_fill_(0, rows, True)
+        self.bad.index_fill_(0, rows, False)  # a non-finite request retired does not stop the others
         self.done.copy_(self.finished.all().to(torch.int32).reshape(1))
 
     def mutable(self) -> list[torch.Tensor]:

@@ -59,12 +59,13 @@ class GraphCache:
         self._buckets: dict[int, _Bucket] = {}
         self._streams = None
 
-    def buffers(self, rows: int, cols: int, vocab: int, backend: str) -> DecodeBuffers:
-        """The persistent buffers of the bucket of ``rows`` rows, holding at least ``cols`` output columns (new
-        ones, and no graphs, when the old ones are too small)."""
-        b = self._buckets.get(rows)
+    def buffers(self, bucket, rows: int, cols: int, vocab: int, backend: str) -> DecodeBuffers:
+        """The persistent buffers of ``bucket`` (a batch bucket's row count, or ("continuous", rows) for a
+        persistent batch, which owns its own) of ``rows`` rows, holding at least ``cols`` output columns (new ones,
+        and no graphs, when the old ones are too small)."""
+        b = self._buckets.get(bucket)
         if b is None or not b.buffers.fits(rows, cols, backend):
-            b = self._buckets[rows] = _Bucket(DecodeBuffers(rows, cols, vocab, self.device, backend))
+            b = self._buckets[bucket] = _Bucket(DecodeBuffers(rows, cols, vocab, self.device, backend))
         return b.buffers
 
     def streams(self):
@@ -75,10 +76,10 @@ class GraphCache:
             self._streams = (torch.cuda.Stream(device=self.device), torch.cuda.Stream(device=self.device))
         return self._streams
 
-    def get(self, rows: int, key: tuple, versions: tuple, capture: Callable[[Callable], StepGraphs], mutable):
-        """The graphs of ``key`` for the bucket of ``rows`` -> (graphs, captured now). On a miss ``capture(pool)``
-        builds them; ``mutable`` (tensors and the torch RNG) is restored after, since warm-up ran the step."""
-        b = self._buckets[rows]
+    def get(self, bucket, key: tuple, versions: tuple, capture: Callable[[Callable], StepGraphs], mutable):
+        """The graphs of ``key`` for ``bucket`` -> (graphs, captured now). On a miss ``capture(pool)`` builds them;
+        ``mutable`` (tensors and the torch RNG) is restored after, since warm-up ran the step."""
+        b = self._buckets[bucket]
         if versions != b.versions:  # a KV store was reallocated: every graph of this bucket read the old one
             b.graphs.clear()
             b.pools.clear()

@@ -24,10 +24,10 @@ from ..ops._backend import pick_backend
 from .buffers import DecodeBuffers
 from .cross_vocab import Retokenizer
 from .graph_cache import GraphCache, capture_step
-from .inputs import left_pad
+from .inputs import left_pad, pack_prompts
 from .model_set import ModelSet
 from .options import GenerationOptions
-from .step import StepConfig, decode_logits, decode_step, emit, prefill_logits, sample
+from .step import StepConfig, decode_step, emit, prefill_logits, sample
 from .stops import StopStringScanner, nonfinite_error
 
 
@@ -66,9 +66,12 @@ class DecodeLoop:
         kind = graph_cache.settings.kind if graph_cache is not None else None
         self.graph_kind, self.cache = kind, graph_cache if kind else None
         if kind:
-            self.bufs = graph_cache.buffers(slots, out_cols, models.vocab_size, self.backend)
+            bucket = ("continuous", slots) if continuous else slots  # a persistent batch owns its buffers and graphs
+            self.bucket = bucket
+            self.bufs = graph_cache.buffers(bucket, slots, out_cols, models.sampled_vocab, self.backend)
         else:
-            self.bufs = DecodeBuffers(slots, out_cols, models.vocab_size, dev, self.backend)
+            self.bucket = None
+            self.bufs = DecodeBuffers(slots, out_cols, models.sampled_vocab, dev, self.backend)
         self.rows = slots
         self.requests = slots if requests is None else requests
         self.max_seq_len = capacity if max_seq_len is None else max_seq_len
@@ -94,6 +97,7 @@ class DecodeLoop:
         self._checked_round = 0
         self.prompt: torch.Tensor | None = None  # the batch given to start() [b, T]
         self._allocate()
+        self._cache_state = self._cache_token() if models.all_support("slots") else None
 
     # ------------------------------------------------------------------ admission
     def _allocate(self) -> None:
@@ -123,20 +127,19 @@ class DecodeLoop:
             raise ValueError("admit() needs a continuous batch (FastIVLDecoder.open_batch)")
         if self.retok is not None or not self.models.all_support("slots"):
             raise ValueError("admitting requests into a running batch needs the lean engine and one vocabulary")
-        if self.length:
-            self._check_cache()
+        self._check_cache()
         free = [r for r in range(self.requests) if r not in self.length]
         if not free:
             raise ValueError(f"every one of the {self.requests} slots is taken; retire one first")
         budget = self.opts.max_new_tokens if max_new_tokens is None else max_new_tokens
         if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= self.bufs.cols:
             raise ValueError(f"max_new_tokens must be an integer in [1, {self.bufs.cols}], got {budget!r}")
-        if not prompt_ids or len(prompt_ids) + budget > self.max_seq_len:
+        if not isinstance(prompt_ids, list | tuple) or not prompt_ids or len(prompt_ids) + budget > self.max_seq_len:
             raise ValueError(
                 f"a prompt of {len(prompt_ids)} tokens + max_new_tokens {budget} does not fit the batch's "
                 f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
             )
-        ids, mask = left_pad([list(prompt_ids)], self.opts.pad_token_id)
+        ids, mask = pack_prompts([list(prompt_ids)], None, self.opts.pad_token_id, self.models.vocab_size)
         self._admit([free[0]], ids.to(self.models.device), mask.to(self.models.device), budget)
         return free[0]
 
@@ -153,13 +156,14 @@ class DecodeLoop:
         n = len(slots)
         whole = n == self.rows
         rows_t = torch.tensor(slots, dtype=torch.int64, device=m.device)
-        t0 = time.perf_counter()
         with torch.inference_mode(), self.on_device():
             bufs.admit(rows_t, budget, self.opts.sampling, prompt, mask)
+            t0 = time.perf_counter()
             if self.retok is not None:
                 zb, zv = self._cross_vocab_prefill(prompt, mask)
             else:
                 zb, zv = prefill_logits(m, prompt, mask, rows=None if whole else rows_t)
+            self.prefill_s += time.perf_counter() - t0
             live = None
             if not whole:  # the new rows' logits in their slots; the other rows do not emit
                 zb, zv = (
@@ -168,9 +172,8 @@ class DecodeLoop:
                 )
                 live = torch.zeros(self.rows, dtype=torch.bool, device=m.device).index_fill_(0, rows_t, True)
             emit(bufs, self.cfg, self.eos, *sample(m, bufs, self.cfg, zb, zv), live=live)
-        self.prefill_s += time.perf_counter() - t0
         if self.models.all_support("slots"):
-            self._cache_state = [(e.kv.version, e.kv.batch_size) for e in m.engines]
+            self._cache_state = self._cache_token()
         lengths = mask.sum(1).tolist()
         for s, length in zip(slots, lengths, strict=True):
             self.length[s], self.emitted[s], self.budget[s], self.checked[s] = int(length), 1, budget, 0
@@ -216,11 +219,14 @@ class DecodeLoop:
 
     def _check_cache(self) -> None:
         """The engines' KV caches still hold this batch (another generation on the same models would take them)."""
-        if [(e.kv.version, e.kv.batch_size) for e in self.models.engines] != self._cache_state:
+        if self._cache_state is not None and self._cache_token() != self._cache_state:
             raise RuntimeError(
                 "the models' KV caches were taken by another generation (generate() on the same decoder while this "
                 "batch is open); a batch owns the caches until it is dropped"
             )
+
+    def _cache_token(self) -> list[tuple]:
+        return [(e.kv.version, e.kv.claims, e.kv.batch_size) for e in self.models.engines]
 
     def tokens(self, slot: int) -> list[int]:
         """The new tokens of ``slot`` so far, up to and including its last (host sync)."""
@@ -318,7 +324,7 @@ class DecodeLoop:
                 emit_fn=lambda zb, zv: emit(bufs, cfg, eos, *sample(m, bufs, cfg, zb, zv)),
             )
 
-        graphs, new = self.cache.get(self.rows, key, versions, capture, mutable)
+        graphs, new = self.cache.get(self.bucket, key, versions, capture, mutable)
         self.captures += int(new)
         return graphs
 
@@ -327,8 +333,9 @@ class DecodeLoop:
         """Host-side stop check: NaN/inf, stop strings; True when every row has finished."""
         bufs = self.bufs
         if bool(bufs.bad.any()):  # host sync
-            rows = bufs.bad.nonzero().flatten().tolist()
-            raise nonfinite_error(rows, self._checked_round, self.steps)
+            rows = [r for r in bufs.bad.nonzero().flatten().tolist() if r in self.length]
+            if rows:  # retire() clears a slot's flag: a server drops the request and carries on
+                raise nonfinite_error(rows, self._checked_round, self.steps)
         if self.stops is not None:
             self._check_stop_strings()
         self._checked_round = self.steps
@@ -387,4 +394,4 @@ class DecodeLoop:
         return zb, zv
 
 
-__all__ = ["DecodeLoop", "decode_logits"]
+__all__ = ["DecodeLoop"]

@@ -40,8 +40,14 @@ class ModelSet:
 
     @property
     def vocab_size(self) -> int:
-        """Size of the sampled (output) vocabulary: the value model's when there is one."""
+        """Logits of the value model when there is one (else the base's): the range of token ids in and out."""
         return (self.value or self.base).vocab_size
+
+    @property
+    def sampled_vocab(self) -> int:
+        """Tokens sampling chooses from: the vocab map's value side across vocabularies (a value model's logits
+        may be padded past it), else :attr:`vocab_size`."""
+        return self.vocab_map.v_value if self.vocab_map is not None else self.vocab_size
 
     @property
     def max_context(self) -> int:

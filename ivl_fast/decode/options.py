@@ -281,3 +281,14 @@ def checkpoint_generation_config(paths):
         if p is not None and (Path(p) / "generation_config.json").is_file():
             return GenerationConfig.from_pretrained(str(p))
     return None
+
+
+def own_generation_config(*models):
+    """The generation config of the first transformers model (of ``models``) that has one of its own. One derived
+    from config.json (no generation_config.json; ``_from_model_config``) does not count: the special ids then come
+    from the tokenizer, else the config, as with ``from_pretrained`` of the same directory."""
+    for m in models:
+        g = getattr(m, "generation_config", None)
+        if g is not None and not getattr(g, "_from_model_config", False):
+            return g
+    return None

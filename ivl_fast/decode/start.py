@@ -68,29 +68,40 @@ def start_generation(
 
 
 def capture_buckets(
-    models: ModelSet, opts: GenerationOptions, graph_cache: GraphCache, batch_sizes, max_seq_len: int, sync_every: int
+    models: ModelSet,
+    opts: GenerationOptions,
+    graph_cache: GraphCache,
+    batch_sizes,
+    max_seq_len: int,
+    sync_every: int,
+    continuous: bool = False,
 ) -> int:
     """Capture, for the bucket of each of ``batch_sizes``, the graphs of every KV bucket a run of up to
-    ``max_seq_len`` tokens reaches with ``opts`` (its last step attends to max_seq_len - 1 columns); -> graphs
-    captured now."""
+    ``max_seq_len`` tokens reaches with ``opts`` (a generate() run's last step attends to max_seq_len - 1 columns,
+    a continuous batch's finished rows to max_seq_len); ``continuous``: the graphs of :func:`open_slots` batches.
+    -> graphs captured now."""
     kv_block = graph_cache.settings.kv_block
     capacity = kv_capacity(models, max_seq_len, kv_block)
     captured = 0
     # largest bucket first: its KV store serves the smaller buckets as row views (no reallocation after)
     for b in sorted({batch_bucket(int(x)) for x in batch_sizes}, reverse=True):
-        prompt = torch.full((b, 1), opts.pad_token_id, dtype=torch.int64, device=models.device)
-        loop = DecodeLoop(
-            models,
-            opts,
-            slots=b,
-            capacity=capacity,
-            out_cols=max_seq_len - 1,
-            sync_every=sync_every,
-            graph_cache=graph_cache,
-        )
-        loop.start(prompt, torch.ones_like(prompt, dtype=torch.bool))
+        if continuous:
+            loop = open_slots(models, opts, graph_cache, b, max_seq_len, kv_block, sync_every)
+        else:
+            prompt = torch.full((b, 1), opts.pad_token_id, dtype=torch.int64, device=models.device)
+            loop = DecodeLoop(
+                models,
+                opts,
+                slots=b,
+                capacity=capacity,
+                out_cols=max_seq_len - 1,
+                sync_every=sync_every,
+                graph_cache=graph_cache,
+            )
+            loop.start(prompt, torch.ones_like(prompt, dtype=torch.bool))
+        top = max_seq_len + 1 if continuous else max_seq_len
         with torch.inference_mode(), loop.on_device():
-            for kv in sorted({kv_bucket(need, capacity, kv_block) for need in range(2, max_seq_len)}):
+            for kv in sorted({kv_bucket(need, capacity, kv_block) for need in range(2, top)}):
                 loop.graphs(kv)
         captured += loop.captures
     return captured

@@ -7,7 +7,9 @@ the number of cached tokens and the position of the next token.
 One store serves every batch size: a smaller batch uses a view of the store's first rows (the same view objects
 each time), so alternating batch sizes neither reallocates nor invalidates graphs captured on the cache.
 ``version`` counts reallocations: a graph captured on the cache is valid while the version it saw is current
-(the graph cache compares versions; no object-identity guessing).
+(the graph cache compares versions; no object-identity guessing). ``claims`` counts the times a generation took
+the whole cache (every ``allocate`` and every prefill of all rows): a persistent batch that saw a claim of its
+own knows that the rows are still its while the count is unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class StaticKVCache:
         self.batch_size = 0
         self.cols = 0
         self.version = 0  # bumped by every (re)allocation of the store
+        self.claims = 0  # bumped by every allocate() and every prefill of all rows (see the module docstring)
         self._store = None  # (k per layer, v per layer, seq_lens) for the largest batch / length asked for
         self._views: dict = {}  # batch size -> row views of the store (stable objects)
 
@@ -47,6 +50,7 @@ class StaticKVCache:
             else:
                 self._new_store(batch_size, cols, dtype, device)
         self.use_rows(batch_size)
+        self.claims += 1
 
     def _new_store(self, rows: int, cols: int, dtype, device, keep: bool = False) -> None:
         shape = (rows, cols, self.num_kv_heads, self.head_dim)

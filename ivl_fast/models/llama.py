@@ -289,6 +289,7 @@ class LeanCausalLM(nn.Module):
             h = layer(h, cos, sin, attend)
         if rows is None:
             self.seq_lens.copy_(lengths)
+            self.kv.claims += 1  # every row rewritten: a persistent batch on this cache lost its rows
         else:
             self.seq_lens.index_copy_(0, rows, lengths)
         return self._logits(h) if all_logits else self._logits(h[:, -1])
