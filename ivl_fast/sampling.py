@@ -101,6 +101,13 @@ class SamplingParams:
     @property
     def penalties_on(self) -> bool:
         """Some penalty applies (tensors: always applied, rows at 1.0 / 0.0 left unchanged); never syncs."""
+        on = self.__dict__.get("_penalties_on")  # computed once: the decode step asks every step
+        if on is None:
+            on = self._penalties()
+            object.__setattr__(self, "_penalties_on", on)
+        return on
+
+    def _penalties(self) -> bool:
         rep, pres, freq = self.repetition_penalty, self.presence_penalty, self.frequency_penalty
         if any(isinstance(x, torch.Tensor) for x in (rep, pres, freq)):
             return True

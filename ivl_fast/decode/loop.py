@@ -177,6 +177,7 @@ class DecodeLoop:
         lengths = mask.sum(1).tolist()
         for s, length in zip(slots, lengths, strict=True):
             self.length[s], self.emitted[s], self.budget[s], self.checked[s] = int(length), 1, budget, 0
+        self._longest = max(self.length.values())
         if self.steps == 0:
             self.steps = 1
 
@@ -184,13 +185,21 @@ class DecodeLoop:
     def kv_need(self, ahead: int = 0) -> int:
         """KV columns the round ``ahead`` rounds from now attends to: every slot's position + 1 (a finished row
         stays at its last position, so its budget bounds it)."""
+        if not self.cfg.slots:  # one batch started together: every row has emitted self.steps tokens
+            return self._longest + min(self.steps + ahead, self.opts.max_new_tokens)
         return max(self.length[r] + min(self.emitted[r] + ahead, self.budget[r]) for r in self.length)
+
+    def _emitted(self, r: int) -> int:
+        """Tokens slot ``r`` has emitted at most (the host mirror)."""
+        return self.emitted[r] if self.cfg.slots else min(self.steps, self.budget[r])
 
     def note_rounds(self, rounds: int) -> None:
         """Account ``rounds`` decode rounds run (the host mirror; no device read)."""
+        self.steps += rounds
+        if not self.cfg.slots:
+            return
         for r in self.length:
             self.emitted[r] = min(self.emitted[r] + rounds, self.budget[r])
-        self.steps += rounds
 
     def _eager_round(self) -> None:
         m, bufs = self.models, self.bufs
@@ -279,7 +288,7 @@ class DecodeLoop:
     def _chunk(self) -> int:
         """Rounds to replay before the next host check: every remaining one when only EOS / NaN / budgets can stop
         the run (the runner watches the device's done flag every ``k`` rounds), else ``k``."""
-        remaining = max(self.budget[r] - self.emitted[r] for r in self.length)
+        remaining = max(self.budget[r] - self._emitted(r) for r in self.length)
         return min(self.k, remaining) if (self.stops is not None or self.k == 1) else remaining
 
     def _replay(self, rounds: int) -> None:
@@ -348,12 +357,12 @@ class DecodeLoop:
         stop_step, finished = bufs.stop_step.tolist(), bufs.finished.tolist()
         new: dict[int, int] = {}
         for row, r in zip(out, slots, strict=True):
-            end = stop_step[r] + 1 if finished[r] else self.emitted[r]  # up to the row's last token
+            end = stop_step[r] + 1 if finished[r] else self._emitted(r)  # up to the row's last token
             if end > self.checked[r]:
                 s = self.stops.first_stop(row, self.checked[r], end)
                 if s is not None and (not finished[r] or s < stop_step[r]):
                     new[r] = s
-            self.checked[r] = self.emitted[r]
+            self.checked[r] = self._emitted(r)
         if new:
             dev = bufs.out.device
             rows = torch.tensor(list(new), dtype=torch.int64, device=dev)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from ..graphs import fork_join
-from ..models.engine import supports
 from ..ops import combine_and_sample
 from ..sampling import SamplingParams
 from .buffers import DecodeBuffers
@@ -52,10 +51,11 @@ class StepConfig:
 
 
 def _kw(engine, kv_len: int | None, active: torch.Tensor | None) -> dict:
+    """The decode keywords ``engine`` takes (capability attributes read directly: this runs every step)."""
     kw = {}
-    if kv_len is not None and supports(engine, "graphs"):
+    if kv_len is not None and engine.supports_graphs:
         kw["kv_len"] = kv_len
-    if active is not None and supports(engine, "slots"):
+    if active is not None and engine.supports_slots:
         kw["active"] = active
     return kw
 
