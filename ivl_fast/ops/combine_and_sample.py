@@ -78,6 +78,13 @@ def _one_penalty(name: str, arg, from_params, off):
     return arg if arg_on else from_params
 
 
+def _all_off(rep, pres, freq) -> bool:
+    """No penalty (scalars at their off values; a tensor counts as on)."""
+    if isinstance(rep, torch.Tensor) or isinstance(pres, torch.Tensor) or isinstance(freq, torch.Tensor):
+        return False
+    return rep == 1 and pres == 0 and freq == 0
+
+
 def combine_and_sample_ref(
     base_logits,
     value_logits,
@@ -101,13 +108,15 @@ def combine_and_sample_ref(
     zb = vocab_map.apply(base_logits) if (vocab_map is not None and base_logits is not None) else base_logits
     z = combine_logits(zb, value_logits, alpha)  # [B, V_out] fp32
     bad = nonfinite_rows(z)
-    rep = _one_penalty("repetition_penalty", repetition_penalty, params.repetition_penalty, 1.0)
-    pres = _one_penalty("presence_penalty", presence_penalty, params.presence_penalty, 0.0)
-    freq = _one_penalty("frequency_penalty", frequency_penalty, params.frequency_penalty, 0.0)
-    on = any(isinstance(x, torch.Tensor) for x in (rep, pres, freq)) or rep != 1 or pres != 0 or freq != 0
-    _check_penalty_inputs(prompt_mask, output_counts, z.shape[0], z.shape[1], z.device, on)
-    if on:
-        z = apply_penalties(z, prompt_mask, output_counts, rep, pres, freq)
+    plain = prompt_mask is None and output_counts is None and not params.penalties_on
+    if not (plain and _all_off(repetition_penalty, presence_penalty, frequency_penalty)):  # (the decode step's case)
+        rep = _one_penalty("repetition_penalty", repetition_penalty, params.repetition_penalty, 1.0)
+        pres = _one_penalty("presence_penalty", presence_penalty, params.presence_penalty, 0.0)
+        freq = _one_penalty("frequency_penalty", frequency_penalty, params.frequency_penalty, 0.0)
+        on = not _all_off(rep, pres, freq)
+        _check_penalty_inputs(prompt_mask, output_counts, z.shape[0], z.shape[1], z.device, on)
+        if on:
+            z = apply_penalties(z, prompt_mask, output_counts, rep, pres, freq)
     ids = sample_ref(z, params, generator)
     lp = token_logprobs(z, ids) if return_logprobs else None
     return ids, lp, bad
@@ -168,14 +177,22 @@ def combine_and_sample(
             f"base vocabulary ({base_logits.shape[1]}) != value vocabulary ({value_logits.shape[1]}) and no vocab_map"
         )
     args = (bool(do_sample), temperature, top_k, top_p, min_p)
-    pen = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
-    pen.update(frequency_penalty=frequency_penalty)
-    # validation names the argument
-    params = SamplingParams(*args, **pen) if validate else SamplingParams.trusted(*args, **pen)
-    for name, val in pen.items():  # [B] or scalar (a shape check: no sync, so also with validate=False)
-        if isinstance(val, torch.Tensor) and val.dim() > 0 and tuple(val.shape) != (b,):
-            raise ValueError(f"{name} must be a scalar or a [B={b}] tensor, got shape {tuple(val.shape)}")
-    _check_penalty_inputs(prompt_mask, output_counts, b, v_out, dev, params.penalties_on)
+    if (
+        prompt_mask is None
+        and output_counts is None
+        and _all_off(repetition_penalty, presence_penalty, frequency_penalty)
+    ):
+        # no penalties (a decode step's usual case): nothing to check per call
+        params = SamplingParams(*args) if validate else SamplingParams.trusted(*args)
+    else:
+        pen = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
+        pen.update(frequency_penalty=frequency_penalty)
+        # validation names the argument
+        params = SamplingParams(*args, **pen) if validate else SamplingParams.trusted(*args, **pen)
+        for name, val in pen.items():  # [B] or scalar (a shape check: no sync, so also with validate=False)
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and tuple(val.shape) != (b,):
+                raise ValueError(f"{name} must be a scalar or a [B={b}] tensor, got shape {tuple(val.shape)}")
+        _check_penalty_inputs(prompt_mask, output_counts, b, v_out, dev, params.penalties_on)
     be = pick_backend(backend, dev)
     if be == "torch":
         return combine_and_sample_ref(
