@@ -105,6 +105,23 @@ def benchmark_rows() -> list[str]:
                 "make_tiny_generate_cpu.json",
             )
         )
+    if dc := _load("decode_core_refactor_cpu.json"):
+        f = dc["figures"]
+        rows.append(
+            _row(
+                "decode speed before/after the decode-core refactor (commit 544b89d vs this tree; the demo's "
+                "large + value shapes, random weights, fp32, greedy, 32 new tokens; best of 5 calls per pass, "
+                "passes interleaved)",
+                dc,
+                "; ".join(
+                    f"batch {k.split('_')[1]}: before {_range(f[k]['before_tokens_per_s'], '.0f', ' tokens/s')}, "
+                    f"after {_range(f[k]['after_tokens_per_s'], '.0f', ' tokens/s')}, after/before "
+                    f"**{_range(f[k]['after_over_before'], '.3f', 'x')}**"
+                    for k in ("batch_1", "batch_8")
+                ),
+                "decode_core_refactor_cpu.json",
+            )
+        )
     return rows
 
 
