@@ -17,7 +17,7 @@ import torch
 
 from .chat import as_messages, is_message_list, render_chat
 from .decode.cross_vocab import check_vocab_map
-from .decode.graph_cache import GraphCache, GraphSettings, graph_obstacle
+from .decode.graph_cache import GraphCache, GraphSettings
 from .decode.inputs import pack_prompts, repeat_prompts
 from .decode.loop import DecodeLoop
 from .decode.model_set import ModelSet, check_models
@@ -27,11 +27,11 @@ from .decode.options import (
     own_generation_config,
     resolve_options,
 )
+from .decode.scoring import loglikelihood, loglikelihood_rolling
 from .decode.start import capture_buckets, kv_capacity, open_slots, start_generation
 from .decode.stops import NonFiniteLogitsError
 from .graphs import KV_BUCKET_MIN
 from .models import from_hf_model, load_model
-from .ops._backend import pick_backend
 from .schemes import DECODE_SCHEMES, check_scheme, scheme_of_checkpoint, uses_base, uses_value
 from .tokenizer_identity import checkpoint_tokenizers
 
@@ -139,7 +139,7 @@ class FastIVLDecoder:
             )
         self.models = ModelSet(scheme, base, value, float(alpha), vocab_map, sample_backend)
         self.graphs_option = graphs
-        settings = GraphSettings.resolve(graphs, graph_mode, graph_runner, kv_block, self.models, self._backend())
+        settings = GraphSettings.resolve(graphs, graph_mode, graph_runner, kv_block, self.models)
         self.graph_cache = GraphCache(settings, self.device)
 
     # ------------------------------------------------------------------ the models, read-only views
@@ -307,12 +307,23 @@ class FastIVLDecoder:
             texts.append(tok.decode(row[t : t + n], skip_special_tokens=skip_special_tokens))
         return texts[0] if single and len(texts) == 1 else texts
 
+    def loglikelihood(
+        self, requests, *, batch_size: int = 8, max_length: int | None = None
+    ) -> list[tuple[float, bool]]:
+        """(log p(continuation | context) under the combined distribution, is_greedy) per (context, continuation)
+        request, texts or token-id lists, as lm-eval's HF model scores them (:mod:`ivl_fast.decode.scoring`)."""
+        return loglikelihood(self.models, self.tokenizer, requests, max_length or self.max_context, batch_size)
+
+    def loglikelihood_rolling(self, texts, *, batch_size: int = 8, max_length: int | None = None) -> list[float]:
+        """Summed log-probability of each whole text (or token-id list), in disjoint windows of ``max_length``."""
+        return loglikelihood_rolling(self.models, self.tokenizer, texts, max_length or self.max_context, batch_size)
+
     def open_batch(self, slots: int, max_seq_len: int, *, generation_config=None, **options) -> DecodeLoop:
         """A persistent batch of ``slots`` rows for continuous batching: ``admit(ids)`` a request into a free slot
         between rounds, ``step()`` one round, ``tokens(slot)``, ``retire(slot)``. Each slot's KV holds
         ``max_seq_len`` tokens (prompt + new); ``options`` as for :meth:`generate` (per-request budgets at admit)."""
-        opts = self.options(generation_config, **options)
-        return open_slots(self.models, opts, self._graphs_for(), slots, max_seq_len, self.kv_block, self.sync_every)
+        opts, cache = self.options(generation_config, **options), self.graph_cache.for_models(self.models)
+        return open_slots(self.models, opts, cache, slots, max_seq_len, self.kv_block, self.sync_every)
 
     def capture_graphs(
         self, batch_sizes=(1,), max_seq_len: int | None = None, *, continuous: bool = False, **generate_kwargs
@@ -329,9 +340,9 @@ class FastIVLDecoder:
         if not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= self.max_context:
             raise ValueError(f"max_seq_len must be an integer in [2, {self.max_context}], got {max_seq_len!r}")
         opts = self.options(None, **{**generate_kwargs, "max_new_tokens": max_seq_len - 1})
-        cache = self._graphs_for()
+        cache = self.graph_cache.for_models(self.models)
         if cache is None:
-            why = graph_obstacle(self.models, self.graph_cache.settings.kind, self._backend())
+            why = self.graph_cache.obstacle(self.models)
             raise ValueError(f"capture_graphs: these runs decode eagerly ({why})")
         return capture_buckets(self.models, opts, cache, batch_sizes, max_seq_len, self.sync_every, continuous)
 
@@ -356,13 +367,6 @@ class FastIVLDecoder:
             raise ValueError(f"{what} needs a tokenizer: pass tokenizer=... or load checkpoints that include one")
         return self.tokenizer
 
-    def _graphs_for(self) -> GraphCache | None:
-        """The graph cache when this decoder's runs are captured, else None (eager)."""
-        s = self.graph_cache.settings
-        if s.kind is None or graph_obstacle(self.models, s.kind, self._backend()):
-            return None
-        return self.graph_cache
-
     def start_loop(
         self, input_ids, attention_mask=None, *, texts=None, sync_every=None, generation_config=None, **options
     ):
@@ -382,7 +386,7 @@ class FastIVLDecoder:
             opts,
             prompt,
             mask,
-            graph_cache=self._graphs_for(),
+            graph_cache=self.graph_cache.for_models(self.models),
             kv_block=self.kv_block,
             sync_every=sync_every,
             tokenizer=self.tokenizer,
@@ -390,6 +394,3 @@ class FastIVLDecoder:
             same_tokenizers=self._same_tokenizers,
             texts=texts,
         )
-
-    def _backend(self) -> str:
-        return pick_backend(self.sample_backend, self.device)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..graphs import GRAPH_MODES, KV_BUCKET_MIN, StepGraphs, new_graph, resolve_graphs, resolve_runner
+from ..ops._backend import pick_backend
 from .buffers import DecodeBuffers
 
 
@@ -28,7 +29,7 @@ class GraphSettings:
     kv_block: int = KV_BUCKET_MIN
 
     @classmethod
-    def resolve(cls, graphs, mode: str, runner: str, kv_block: int, models, backend: str) -> GraphSettings:
+    def resolve(cls, graphs, mode: str, runner: str, kv_block: int, models) -> GraphSettings:
         """The decoder's options -> settings (ValueError naming an option that cannot hold; an explicit
         graphs="cuda" / "emulate" that these models cannot use is refused, "auto" falls back to eager)."""
         if isinstance(kv_block, bool) or not isinstance(kv_block, int) or kv_block < 1:
@@ -38,7 +39,7 @@ class GraphSettings:
         kind = resolve_graphs(graphs, models.device)
         runner = resolve_runner(runner, kind or "off") if kind else "python"
         if kind is not None and graphs != "auto":
-            why = graph_obstacle(models, kind, backend)
+            why = graph_obstacle(models, kind, pick_backend(models.sample_backend, models.device))
             if why:
                 raise ValueError(f"graphs={graphs!r}: {why}")
         return cls(kind, mode, runner, kv_block)
@@ -106,6 +107,16 @@ class GraphCache:
         b.graphs[key] = graphs
         self.captures += 1
         return graphs, True
+
+    def obstacle(self, models) -> str | None:
+        """Why runs of ``models`` decode eagerly under these settings (None: they are captured)."""
+        if self.settings.kind is None:
+            return "graphs are off"
+        return graph_obstacle(models, self.settings.kind, pick_backend(models.sample_backend, models.device))
+
+    def for_models(self, models) -> GraphCache | None:
+        """This cache when runs of ``models`` are captured, else None (eager)."""
+        return None if self.obstacle(models) else self
 
     def captured_keys(self) -> list[tuple]:
         """The keys of every graph held, all buckets (layout, KV bucket, sampling shape, ...)."""

@@ -1,0 +1,216 @@
+"""Log-likelihood scoring: how likely a continuation is under the combined distribution log_softmax(z_base +
+alpha * z_value) (every scheme; cascade value networks read the base's distribution), as lm-evaluation-harness's
+Hugging Face model scores it.
+
+Semantics (lm-eval's ``HFLM``): a request is (context ids, continuation ids); the model reads
+``(context + continuation)[-(max_length + 1):][:-1]`` (left truncation to the window) and the continuation's
+log-probability is the sum over its tokens, with ``is_greedy`` true when every one of them is the argmax. Text
+requests are split and tokenized as ``HFLM`` does (:func:`encode_pair`: trailing spaces of the context move to
+the continuation; no special tokens; an empty context reads the prefix token). Rolling log-likelihood (perplexity)
+scores a whole text in windows of ``max_length`` tokens, each token once (:func:`rolling_requests`).
+
+Memory: one forward of each model per batch (requests sorted by length, right-padded); the hidden states at the
+scored positions are projected to the vocabulary in row chunks, so no [tokens, V] logits of both models are ever
+held (the transformers adapter returns its logits whole; only its scored positions are kept). Graph-free; CPU and
+GPU. Across vocabularies it is refused: the base would have to re-read the text at every scored position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .model_set import ModelSet
+
+CHUNK_ROWS = 512  # scored positions projected to the vocabulary at once: [CHUNK_ROWS, V] fp32 per model
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) the way lm-eval's HF model splits text: trailing whitespace of the context
+    belongs to the continuation, the continuation's ids are those the whole text adds after the context's ids,
+    and no special tokens are added. An empty context reads the prefix token (BOS, else EOS)."""
+    if not context:
+        return [prefix_token_id(tokenizer)], _encode(tokenizer, continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    return ctx, whole[len(ctx) :]
+
+
+def prefix_token_id(tokenizer) -> int:
+    """What an empty context reads: the BOS id, else the EOS id (lm-eval's ``prefix_token_id``)."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise ValueError("an empty context needs a BOS or EOS token in the tokenizer")
+    return int(tid)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def rolling_requests(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Disjoint windows covering ``tokens`` for rolling log-likelihood: each token is predicted exactly once, from
+    up to ``max_length`` tokens before it (the first window reads ``prefix`` first). -> (context, continuation)
+    requests (lm-eval's rolling windows with context_len=1, made disjoint)."""
+    out = []
+    first = min(max_length, len(tokens))
+    out.append(([prefix], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_length)
+        end = done + n
+        window = tokens[max(0, end - max_length - 1) : end - 1]  # the inputs; the last n of them predict the new
+        out.append((window[: len(window) - (n - 1)], tokens[done:end]))
+        done = end
+    return out
+
+
+def _check_request(i: int, context, continuation, vocab: int, max_length: int) -> tuple[list[int], list[int]]:
+    ctx, cont = list(context), list(continuation)
+    for name, ids in (("context", ctx), ("continuation", cont)):
+        bad = next((x for x in ids if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < vocab), None)
+        if bad is not None:
+            raise ValueError(f"request {i}: {name} must hold token ids in [0, {vocab}), holds {bad!r}")
+    if not cont:
+        raise ValueError(f"request {i}: the continuation is empty (nothing to score)")
+    if not ctx:
+        raise ValueError(f"request {i}: the context is empty (give at least the prefix token)")
+    if len(cont) > max_length:
+        raise ValueError(f"request {i}: a continuation of {len(cont)} tokens exceeds max_length={max_length}")
+    return ctx, cont
+
+
+def _head(engine):
+    """-> run(ids [B, T], mask, inputs_embeds=None) giving a projector: rows of (b, t) -> logits [n, V] fp32."""
+    lean = getattr(engine, "supports_inputs_embeds", False)
+
+    def run(ids, mask, inputs_embeds=None):
+        if lean:
+            h = engine.forward(
+                None if inputs_embeds is not None else ids, mask, output_hidden=True, inputs_embeds=inputs_embeds
+            )
+            w = engine.head_weight()
+            return lambda b, t: F.linear(h[b, t], w).float()
+        z = engine.forward(ids, mask)  # the transformers adapter: its whole logits
+        return lambda b, t: z[b, t].float()
+
+    return run
+
+
+@torch.inference_mode()
+def score(
+    models: ModelSet,
+    requests,
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    chunk_rows: int = CHUNK_ROWS,
+) -> list[tuple[float, bool]]:
+    """Per (context ids, continuation ids) request: (summed log-probability of the continuation, is_greedy), in the
+    requests' order. See the module docstring."""
+    if models.cross_vocab:
+        raise ValueError(
+            "log-likelihood scoring across vocabularies is not supported: the base would re-read the text at every "
+            "scored position; score with a same-vocabulary pair, or generate (generate_until works)"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= models.max_context:
+        raise ValueError(f"max_length must be an integer in [1, {models.max_context}], got {max_length!r}")
+    reqs = [_check_request(i, c, x, models.vocab_size, max_length) for i, (c, x) in enumerate(requests)]
+    dev = models.device
+    # longest first, as lm-eval batches (equal-length neighbours pad little)
+    order = sorted(range(len(reqs)), key=lambda i: -(len(reqs[i][0]) + len(reqs[i][1])))
+    out: list[tuple[float, bool] | None] = [None] * len(reqs)
+    base_run = _head(models.base) if models.base in models.engines else None
+    value_run = _head(models.value) if models.value in models.engines else None
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        inputs = [(reqs[i][0] + reqs[i][1])[-(max_length + 1) :][:-1] for i in idx]
+        t = max(len(x) for x in inputs)
+        ids = torch.zeros((len(idx), t), dtype=torch.int64)
+        mask = torch.zeros((len(idx), t), dtype=torch.bool)
+        rows, cols, targets, owner = [], [], [], []
+        for r, (i, x) in enumerate(zip(idx, inputs, strict=True)):
+            ids[r, : len(x)] = torch.tensor(x)
+            mask[r, : len(x)] = True
+            cont = reqs[i][1]
+            rows += [r] * len(cont)
+            cols += range(len(x) - len(cont), len(x))  # the positions whose next token is the continuation's
+            targets += cont
+            owner += [r] * len(cont)
+        ids, mask = ids.to(dev), mask.to(dev)
+        rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+        tgt = torch.tensor(targets, device=dev)
+        base_at = base_run(ids, mask) if base_run is not None else None
+        if models.cascade:  # the value network reads softmax(z_base) @ E (+ E[token]) at every position
+            emb = _soft_inputs(models, base_at, ids, mask, chunk_rows)
+            value_at = value_run(ids, mask, inputs_embeds=emb)
+        else:
+            value_at = value_run(ids, mask) if value_run is not None else None
+        lp = torch.empty(len(targets), dtype=torch.float64, device=dev)
+        hit = torch.empty(len(targets), dtype=torch.bool, device=dev)
+        for c in range(0, len(targets), chunk_rows):
+            b, p = rows_t[c : c + chunk_rows], cols_t[c : c + chunk_rows]
+            z = base_at(b, p) if base_at is not None else None
+            if value_at is not None:
+                zv = value_at(b, p)
+                z = models.alpha * zv if z is None else z + models.alpha * zv
+            logp = z.log_softmax(-1)
+            y = tgt[c : c + chunk_rows]
+            lp[c : c + chunk_rows] = logp.gather(1, y[:, None])[:, 0].double()
+            hit[c : c + chunk_rows] = logp.argmax(-1) == y
+        owner_t = torch.tensor(owner, device=dev)
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=dev).index_add_(0, owner_t, lp)
+        misses = torch.zeros(len(idx), dtype=torch.int64, device=dev).index_add_(0, owner_t, (~hit).long())
+        greedy = misses == 0
+        for r, i in enumerate(idx):
+            out[i] = (float(sums[r]), bool(greedy[r]))
+    return out
+
+
+def _soft_inputs(models: ModelSet, base_at, ids, mask, chunk_rows: int) -> torch.Tensor:
+    """Cascade input of every position, [B, T, H_value], built in row chunks from the base's logits."""
+    value = models.value
+    b, t = ids.shape
+    flat_b = torch.arange(b, device=ids.device).repeat_interleave(t)
+    flat_t = torch.arange(t, device=ids.device).repeat(b)
+    parts = []
+    for c in range(0, b * t, chunk_rows):
+        rb, rt = flat_b[c : c + chunk_rows], flat_t[c : c + chunk_rows]
+        tok = ids[rb, rt] if models.scheme == "cascade+" else None
+        parts.append(value.soft_embed(base_at(rb, rt), tok))
+    return torch.cat(parts).reshape(b, t, -1)
+
+
+def loglikelihood(models: ModelSet, tokenizer, requests, max_length: int, batch_size: int = 8):
+    """:func:`score` of (context, continuation) requests given as texts (split by :func:`encode_pair`) or ids."""
+    reqs = []
+    for i, (context, continuation) in enumerate(requests):
+        if isinstance(context, str) or isinstance(continuation, str):
+            if not (isinstance(context, str) and isinstance(continuation, str)):
+                raise TypeError(f"request {i}: context and continuation must both be texts or both token-id lists")
+            if tokenizer is None:
+                raise ValueError("scoring text needs a tokenizer: pass tokenizer=... or load checkpoints with one")
+            reqs.append(encode_pair(tokenizer, context, continuation))
+        else:
+            reqs.append((context, continuation))
+    return score(models, reqs, max_length=max_length, batch_size=batch_size)
+
+
+def loglikelihood_rolling(models: ModelSet, tokenizer, texts, max_length: int, batch_size: int = 8) -> list[float]:
+    """Summed log-probability of each whole text (or token-id list) over :func:`rolling_requests` windows."""
+    if tokenizer is None:
+        raise ValueError("rolling log-likelihood needs a tokenizer (its prefix token starts the first window)")
+    prefix = prefix_token_id(tokenizer)
+    windows = []
+    for i, t in enumerate(texts):
+        ids = _encode(tokenizer, t) if isinstance(t, str) else list(t)
+        if not ids:
+            raise ValueError(f"text {i} is empty (nothing to score)")
+        windows.append(rolling_requests(ids, prefix, max_length))
+    scores = iter(score(models, [w for ws in windows for w in ws], max_length=max_length, batch_size=batch_size))
+    return [sum(next(scores)[0] for _ in ws) for ws in windows]
