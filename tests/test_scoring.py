@@ -88,12 +88,14 @@ def test_left_truncation_to_the_window(pair):
 
 
 def test_text_requests_split_as_lm_eval_does(pair, tokenizer):
+    """lm-eval 0.4's HF model: the tokenizer's own special tokens (this one adds BOS), the context's trailing space
+    moved to the continuation, the continuation = what the whole text adds; an empty context reads BOS."""
     base, value, _, _ = pair
     dec = FastIVLDecoder(base, value, tokenizer=tokenizer)
     ctx, cont = encode_pair(tokenizer, "The for statement ", "is used")
-    # the context's trailing space moved to the continuation; ids are the whole text's after the context's
-    assert ctx == tokenizer("The for statement", add_special_tokens=False)["input_ids"]
-    assert ctx + cont == tokenizer("The for statement is used", add_special_tokens=False)["input_ids"]
+    assert ctx == tokenizer("The for statement")["input_ids"] and ctx[0] == tokenizer.bos_token_id
+    assert ctx + cont == tokenizer("The for statement is used")["input_ids"]
+    assert encode_pair(tokenizer, "The for statement ", "is used", add_bos_token=False)[0] == ctx[1:]
     empty_ctx, whole = encode_pair(tokenizer, "", "is used")
     assert (
         empty_ctx == [tokenizer.bos_token_id] and whole == tokenizer("is used", add_special_tokens=False)["input_ids"]
@@ -119,7 +121,7 @@ def test_rolling_loglikelihood_is_the_sum_over_windows(pair, tokenizer):
     base, value, _, _ = pair
     dec = FastIVLDecoder(base, value, tokenizer=tokenizer)
     text = "The for statement is used to iterate over the elements of a sequence, in the order they occur."
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text)["input_ids"]  # the tokenizer's own BOS included, as lm-eval's HF model encodes it
     full = dec.loglikelihood_rolling([text], max_length=8)[0]
     want = sum(lp for lp, _ in reference(base, value, rolling_requests(ids, tokenizer.bos_token_id, 8), max_length=8))
     assert abs(full - want) < 1e-3

@@ -6,7 +6,8 @@ Semantics (lm-eval's ``HFLM``): a request is (context ids, continuation ids); th
 ``(context + continuation)[-(max_length + 1):][:-1]`` (left truncation to the window) and the continuation's
 log-probability is the sum over its tokens, with ``is_greedy`` true when every one of them is the argmax. Text
 requests are split and tokenized as ``HFLM`` does (:func:`encode_pair`: trailing spaces of the context move to
-the continuation; no special tokens; an empty context reads the prefix token). Rolling log-likelihood (perplexity)
+the continuation; the tokenizer's own special tokens, :func:`tok_encode`; an empty context reads the prefix
+token). Rolling log-likelihood (perplexity)
 scores a whole text in windows of ``max_length`` tokens, each token once (:func:`rolling_requests`).
 
 Memory: one forward of each model per batch (requests sorted by length, right-padded); the hidden states at the
@@ -25,18 +26,35 @@ from .model_set import ModelSet
 CHUNK_ROWS = 512  # scored positions projected to the vocabulary at once: [CHUNK_ROWS, V] fp32 per model
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) the way lm-eval's HF model splits text: trailing whitespace of the context
-    belongs to the continuation, the continuation's ids are those the whole text adds after the context's ids,
-    and no special tokens are added. An empty context reads the prefix token (BOS, else EOS)."""
-    if not context:
-        return [prefix_token_id(tokenizer)], _encode(tokenizer, continuation)
+def encode_pair(tokenizer, context: str, continuation: str, add_bos_token: bool | None = None):
+    """(context ids, continuation ids) the way lm-eval's HF model (0.4.x ``TemplateLM.loglikelihood`` and
+    ``_encode_pair``) splits text: trailing whitespace of the context belongs to the continuation, and the
+    continuation's ids are those the whole text adds after the context's ids, both encoded by :func:`tok_encode`.
+    An empty context reads the prefix token (BOS, else EOS), unless the continuation starts with it."""
+    if context == "":
+        cont = tok_encode(tokenizer, continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-    whole = _encode(tokenizer, context + continuation)
-    ctx = _encode(tokenizer, context)
+    whole = tok_encode(tokenizer, context + continuation, add_bos_token=add_bos_token)
+    ctx = tok_encode(tokenizer, context, add_bos_token=add_bos_token)
     return ctx, whole[len(ctx) :]
+
+
+def tok_encode(tokenizer, text: str, add_special_tokens: bool | None = None, add_bos_token: bool | None = None):
+    """lm-eval HFLM's ``tok_encode``: the tokenizer's own special tokens by default (``add_bos_token`` overrides),
+    none when the text already starts with the prefix token's text."""
+    if add_special_tokens is not None:
+        kwargs = {"add_special_tokens": add_special_tokens}
+    elif add_bos_token is not None:
+        kwargs = {"add_special_tokens": add_bos_token}
+    else:
+        kwargs = {}
+    if add_special_tokens is None and text.startswith(tokenizer.decode(prefix_token_id(tokenizer))):
+        kwargs["add_special_tokens"] = False
+    return list(tokenizer.encode(text, **kwargs))
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -45,10 +63,6 @@ def prefix_token_id(tokenizer) -> int:
     if tid is None:
         raise ValueError("an empty context needs a BOS or EOS token in the tokenizer")
     return int(tid)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def rolling_requests(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -208,7 +222,7 @@ def loglikelihood_rolling(models: ModelSet, tokenizer, texts, max_length: int, b
     prefix = prefix_token_id(tokenizer)
     windows = []
     for i, t in enumerate(texts):
-        ids = _encode(tokenizer, t) if isinstance(t, str) else list(t)
+        ids = tok_encode(tokenizer, t) if isinstance(t, str) else list(t)
         if not ids:
             raise ValueError(f"text {i} is empty (nothing to score)")
         windows.append(rolling_requests(ids, prefix, max_length))
