@@ -4,6 +4,7 @@ Subcommands, in ``--help`` order, one module each (``ivl_fast/cli/<name>.py`` wi
 ``add_parser``, its work in ``run``; tests/test_docs_text.py keeps this list equal to the parser's):
 
 - ``generate``: IVL decoding from checkpoints
+- ``eval``: lm-evaluation-harness tasks on a base + value pair
 - ``train``: a value network on a frozen base
 - ``vocab-map``: a cross-vocabulary map
 - ``demo``: the paper's transfer table in miniature
@@ -21,6 +22,7 @@ import os
 import sys
 
 from . import demo, generate, make_tiny, train, vocab_map
+from . import eval as eval_cmd
 from .errors import UsageError
 
 # bad input: one line and exit code 2, never a traceback
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivl-fast", description="Fast Inverse Value Learning")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, train, vocab_map, demo, make_tiny):
+    for command in (generate, eval_cmd, train, vocab_map, demo, make_tiny):
         command.add_parser(sub)
     return parser
 
