@@ -105,6 +105,20 @@ def benchmark_rows() -> list[str]:
                 "make_tiny_generate_cpu.json",
             )
         )
+    if sc := _load("scoring_cpu.json"):
+        t = sc["tokens_per_s"]
+        rows.append(
+            _row(
+                f"log-likelihood scoring, {sc['config']['requests']} text requests ({sc['config']['tokens']} tokens), "
+                f"batch {sc['config']['batch_size']}, random demo-size models (base 4x128, value 2x64, fp32)",
+                sc,
+                f"ivl scheme=base {_range(t['ivl_base'], '.0f', ' tokens/s')}, lm-eval hf "
+                f"{_range(t['hf_base'], '.0f', ' tokens/s')}: ivl/hf time **{_range(sc['ivl_base_over_hf_time'], '.2f', 'x')}**; "
+                f"pair {_range(t['ivl_pair'], '.0f', ' tokens/s')}: pair/base time "
+                f"**{_range(sc['pair_over_base_time'], '.2f', 'x')}**",
+                "scoring_cpu.json",
+            )
+        )
     if dc := _load("decode_core_refactor_cpu.json"):
         f = dc["figures"]
         rows.append(
