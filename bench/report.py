@@ -113,7 +113,8 @@ def benchmark_rows() -> list[str]:
                 f"batch {sc['config']['batch_size']}, random demo-size models (base 4x128, value 2x64, fp32)",
                 sc,
                 f"ivl scheme=base {_range(t['ivl_base'], '.0f', ' tokens/s')}, lm-eval hf "
-                f"{_range(t['hf_base'], '.0f', ' tokens/s')}: ivl/hf time **{_range(sc['ivl_base_over_hf_time'], '.2f', 'x')}**; "
+                f"{_range(t['hf_base'], '.0f', ' tokens/s')}: ivl/hf time "
+                f"**{_range(sc['ivl_base_over_hf_time'], '.2f', 'x')}**; "
                 f"pair {_range(t['ivl_pair'], '.0f', ' tokens/s')}: pair/base time "
                 f"**{_range(sc['pair_over_base_time'], '.2f', 'x')}**",
                 "scoring_cpu.json",
