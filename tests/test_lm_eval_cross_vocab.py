@@ -1,0 +1,52 @@
+"""The "ivl" lm-eval model across vocabularies: generate_until hands the base the prompt text and gives the
+decoder's own greedy text; log-likelihood requests are refused with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import build_model
+
+from ivl_fast import FastIVLDecoder
+from ivl_fast.tiny import corpus_text, train_tokenizer
+from ivl_fast.vocab import VocabMap
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(scope="module")
+def cross_dirs(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("xv")
+    base_tok = train_tokenizer(700, max_chars=150_000)
+    base = build_model("llama", seed=0, vocab_size=len(base_tok), hidden_size=96, num_attention_heads=6)
+    value = build_model("llama", seed=1, vocab_size=len(tokenizer))
+    base.save_pretrained(root / "base")
+    base_tok.save_pretrained(root / "base")
+    value.save_pretrained(root / "value")
+    tokenizer.save_pretrained(root / "value")
+    VocabMap.build(base_tok, tokenizer, [corpus_text()[200_000:240_000]], top_k=3).save(root / "map.safetensors")
+    return root
+
+
+def test_generate_until_across_vocabularies_equals_the_decoders_text(cross_dirs):
+    from lm_eval.api.instance import Instance
+
+    import ivl_fast.lm_eval  # noqa: F401  (registers "ivl")
+    from ivl_fast.lm_eval import IVLLM
+
+    kw = dict(
+        base=str(cross_dirs / "base"), value=str(cross_dirs / "value"), vocab_map=str(cross_dirs / "map.safetensors")
+    )
+    lm = IVLLM(device="cpu", batch_size=2, **kw)
+    prompts = ["The for statement is used", "A function definition"]
+    gen = {"until": ["\n\n"], "max_gen_toks": 10, "do_sample": False}
+    got = lm.generate_until([Instance("generate_until", {}, (p, gen), i) for i, p in enumerate(prompts)])
+    dec = FastIVLDecoder.from_pretrained(cross_dirs / "base", cross_dirs / "value", cross_dirs / "map.safetensors")
+    assert dec.cross_vocab
+    tok = dec.tokenizer
+    for p, text in zip(prompts, got, strict=True):
+        ids = tok(p)["input_ids"]  # lm-eval's HF encoding: the tokenizer's own special tokens
+        out = dec.generate([ids], texts=[tok.decode(ids, skip_special_tokens=True)], max_new_tokens=10)
+        want = tok.decode(out.sequences[0, len(ids) : len(ids) + int(out.num_new_tokens[0])], skip_special_tokens=True)
+        assert text == want.split("\n\n")[0]
+    with pytest.raises(ValueError, match="across vocabularies is not supported"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("The for", " statement"), 0)])
