@@ -23,7 +23,6 @@ def main(out: str) -> None:
     from ivl_fast import FastIVLDecoder
     from ivl_fast.tiny import llama_config, save_random_model
 
-    torch.set_num_threads(torch.get_num_threads())
     vocab = 600
     with tempfile.TemporaryDirectory() as d:
         shapes = {"large": (128, 4, 4, 2), "value": (64, 2, 2, 1)}

@@ -17,8 +17,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from ..schemes import DECODE_SCHEMES
 from .errors import DefaultsHelp, UsageError
+from .model_args import add_pair_args, check_pair_args
 
 # arXiv 2410.21027, Table 1: (task, few-shot examples)
 PAPER_SUITE = (
@@ -50,32 +50,7 @@ def add_parser(sub) -> None:
         usage="ivl-fast eval --base DIR --value DIR (--tasks T1,T2 | --suite paper) [options]",
         formatter_class=DefaultsHelp,
     )
-    req = e.add_argument_group("required")
-    req.add_argument(
-        "--base", type=Path, metavar="DIR", help="base model checkpoint directory; not with --scheme value_only"
-    )
-    req.add_argument(
-        "--value", type=Path, metavar="DIR", help="value network checkpoint directory; not with --scheme base"
-    )
-    req = e.add_argument_group("models")
-    req.add_argument(
-        "--vocab-map",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="map file from `ivl-fast vocab-map` (generation only)",
-    )
-    req.add_argument("--alpha", type=float, default=1.0, help="weight of the value logits")
-    req.add_argument(
-        "--scheme",
-        default=None,
-        choices=list(DECODE_SCHEMES),
-        help="default: the value checkpoint's ivl.json, else residual",
-    )
-    req.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    req.add_argument(
-        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, checkpoint's on GPU)"
-    )
+    req = add_pair_args(e, vocab_map_help="map file from `ivl-fast vocab-map` (generation only)", what="evaluates")
     req.add_argument("--max-length", type=int, default=None, help="context window in tokens (default: the models')")
     t = e.add_argument_group("tasks (one of --tasks, --suite)")
     t.add_argument("--tasks", default=None, metavar="T1,T2", help="comma-separated lm-eval task (or group) names")
@@ -104,10 +79,7 @@ def _check(args) -> list[tuple[int | None, list[str]]]:
         raise UsageError("give exactly one of --tasks or --suite")
     if args.suite is not None and args.num_fewshot is not None:
         raise UsageError("--num-fewshot does not go with --suite (the suite fixes each task's shot count)")
-    if args.base is None and args.scheme != "value_only":
-        raise UsageError("--base is required (the base model's checkpoint directory)")
-    if args.value is None and args.scheme != "base":
-        raise UsageError("--value is required (the value network's directory); --scheme base evaluates the base alone")
+    check_pair_args(args, alone="evaluates")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_fewshot is not None and args.num_fewshot < 0:

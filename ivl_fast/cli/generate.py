@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from ..decode.options import GenerationOptions
-from ..schemes import DECODE_SCHEMES
 from .errors import DefaultsHelp, UsageError
+from .model_args import add_pair_args, check_pair_args
 
 
 def add_parser(sub) -> None:
@@ -79,24 +79,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    req = p.add_argument_group("required")
-    req.add_argument(
-        "--base", type=Path, help="base model checkpoint directory (Hugging Face layout); not with --scheme value_only"
-    )
-    req.add_argument("--value", type=Path, help="value network checkpoint directory; not with --scheme base")
-    g = p.add_argument_group("models")
-    g.add_argument("--vocab-map", type=Path, default=None, help="map file from `ivl-fast vocab-map` (other tokenizers)")
-    g.add_argument("--alpha", type=float, default=1.0, help="weight of the value logits")
-    g.add_argument(
-        "--scheme",
-        default=None,
-        choices=list(DECODE_SCHEMES),
-        help="default: the value checkpoint's ivl.json, else residual",
-    )
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument(
-        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, checkpoint's on GPU)"
-    )
+    g = add_pair_args(p, vocab_map_help="map file from `ivl-fast vocab-map` (other tokenizers)", what="decodes")
     g.add_argument(
         "--engine", default="auto", choices=["auto", "lean", "hf"], help="lean Llama-family engine or transformers"
     )
@@ -105,14 +88,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--sample-backend", default="auto", choices=["auto", "triton", "torch"], help="fused sampling op backend"
     )
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .bin checkpoints (unsafe)")
-
-
-def _check_model_args(args) -> None:
-    """The flags the library would report by its parameter names (base_path), reported by flag."""
-    if args.base is None and args.scheme != "value_only":
-        raise UsageError("--base is required (the base model's checkpoint directory)")
-    if args.value is None and args.scheme != "base":
-        raise UsageError("--value is required (the value network's directory); --scheme base decodes the base alone")
 
 
 def _read_prompts(args) -> list:
@@ -190,7 +165,7 @@ def run(args) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.system is not None and not args.chat:  # else the system message would be dropped without a word
         raise UsageError("--system needs --chat (the system message is rendered by the chat template)")
-    _check_model_args(args)
+    check_pair_args(args, alone="decodes")
     prompts = _read_prompts(args)
     common = dict(device=args.device, dtype=args.dtype, engine=args.engine, attn_backend=args.attn_backend)
     dec = FastIVLDecoder.from_pretrained(

@@ -1,0 +1,44 @@
+"""The flags naming an IVL pair, shared by every subcommand that loads one (generate, eval)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..schemes import DECODE_SCHEMES
+from .errors import UsageError
+
+
+def add_pair_args(p: argparse.ArgumentParser, *, vocab_map_help: str, what: str) -> argparse._ArgumentGroup:
+    """--base / --value (group "required"), --vocab-map, --alpha, --scheme, --device, --dtype (group "models");
+    -> the "models" group, for the subcommand's own model flags. ``what``: the verb in --value's help."""
+    req = p.add_argument_group("required")
+    req.add_argument(
+        "--base", type=Path, metavar="DIR", help="base model checkpoint directory; not with --scheme value_only"
+    )
+    req.add_argument(
+        "--value", type=Path, metavar="DIR", help=f"value network checkpoint directory; not with --scheme base ({what})"
+    )
+    g = p.add_argument_group("models")
+    g.add_argument("--vocab-map", type=Path, default=None, metavar="FILE", help=vocab_map_help)
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of the value logits")
+    g.add_argument(
+        "--scheme",
+        default=None,
+        choices=list(DECODE_SCHEMES),
+        help="default: the value checkpoint's ivl.json, else residual",
+    )
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, checkpoint's on GPU)"
+    )
+    return g
+
+
+def check_pair_args(args, *, alone: str) -> None:
+    """The checkpoints the scheme needs, reported by flag (the library would name its parameters). ``alone``: what
+    --scheme base does without a value network ("decodes", "evaluates")."""
+    if args.base is None and args.scheme != "value_only":
+        raise UsageError("--base is required (the base model's checkpoint directory)")
+    if args.value is None and args.scheme != "base":
+        raise UsageError(f"--value is required (the value network's directory); --scheme base {alone} the base alone")
