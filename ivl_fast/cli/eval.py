@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
         usage="ivl-fast eval --base DIR --value DIR (--tasks T1,T2 | --suite paper) [options]",
         formatter_class=DefaultsHelp,
     )
-    req = add_pair_args(e, vocab_map_help="map file from `ivl-fast vocab-map` (generation only)", what="evaluates")
+    req = add_pair_args(e, vocab_map_help="map file from `ivl-fast vocab-map` (generation only)")
     req.add_argument("--max-length", type=int, default=None, help="context window in tokens (default: the models')")
     t = e.add_argument_group("tasks (one of --tasks, --suite)")
     t.add_argument("--tasks", default=None, metavar="T1,T2", help="comma-separated lm-eval task (or group) names")

@@ -79,7 +79,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = add_pair_args(p, vocab_map_help="map file from `ivl-fast vocab-map` (other tokenizers)", what="decodes")
+    g = add_pair_args(p, vocab_map_help="map file from `ivl-fast vocab-map` (other tokenizers)")
     g.add_argument(
         "--engine", default="auto", choices=["auto", "lean", "hf"], help="lean Llama-family engine or transformers"
     )

@@ -9,15 +9,15 @@ from ..schemes import DECODE_SCHEMES
 from .errors import UsageError
 
 
-def add_pair_args(p: argparse.ArgumentParser, *, vocab_map_help: str, what: str) -> argparse._ArgumentGroup:
+def add_pair_args(p: argparse.ArgumentParser, *, vocab_map_help: str) -> argparse._ArgumentGroup:
     """--base / --value (group "required"), --vocab-map, --alpha, --scheme, --device, --dtype (group "models");
-    -> the "models" group, for the subcommand's own model flags. ``what``: the verb in --value's help."""
+    -> the "models" group, for the subcommand's own model flags."""
     req = p.add_argument_group("required")
     req.add_argument(
         "--base", type=Path, metavar="DIR", help="base model checkpoint directory; not with --scheme value_only"
     )
     req.add_argument(
-        "--value", type=Path, metavar="DIR", help=f"value network checkpoint directory; not with --scheme base ({what})"
+        "--value", type=Path, metavar="DIR", help="value network checkpoint directory; not with --scheme base"
     )
     g = p.add_argument_group("models")
     g.add_argument("--vocab-map", type=Path, default=None, metavar="FILE", help=vocab_map_help)
