@@ -333,10 +333,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Build (or reuse from ``cfg.work_dir``) every model of the table, evaluate its rows and time decoding; writes
     results.json, results.md and results.png to the work dir and returns the results: ``rows`` (one
     :func:`evaluate` dict per row of ``ROW_NAMES``, with its ``name``), ``tokens_per_s`` (medians) and
-    ``tokens_per_s_runs``, ``world``, ``tokenizers`` (both tokenizers and the map) and ``provenance``."""
+    ``tokens_per_s_runs``, each row's ``lm_eval`` scores (:func:`ivl_fast.demo_lm_eval.lm_eval_rows`), ``world``,
+    ``tokenizers`` (both tokenizers and the map) and ``provenance``."""
     from tqdm.auto import tqdm
 
     from . import FastIVLDecoder
+    from .demo_lm_eval import lm_eval_rows
     from .provenance import provenance
     from .train import TrainConfig, train_value_model
     from .vocab import VocabMap
@@ -404,6 +406,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     rows = []
     for name in tqdm(ROW_NAMES, desc="evaluate", unit="row", leave=False, file=sys.stderr):
         rows.append({"name": name, **evaluate(decs[name], world, eval_people)})
+    _log("lm-eval: the same questions as a multiple-choice (log-likelihood) task and a generation task")
+    scores = lm_eval_rows(decs, world, eval_people, work)
+    for row in rows:
+        row["lm_eval"] = scores[row["name"]]
     _log("timing decoding (large alone, large+value)")
     tok = decs["large"].tokenizer
     speed_prompts = [tok(f"{p} lives in", add_special_tokens=True)["input_ids"] for p in eval_people[:8]]

@@ -17,11 +17,31 @@ ROWS = {  # name -> what it is (paper)
 ROW_NAMES = list(ROWS)
 
 
+def _score(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _lm_eval(row: dict, key: str):
+    """A row's lm-eval figure, None where the row has none (a cross-vocabulary row's multiple choice)."""
+    return (row.get("lm_eval") or {}).get(key)
+
+
 def to_markdown(result: dict) -> str:
-    """The results table as README shows it (README's table is this function's output for a committed JSON)."""
-    lines = ["| row | what it is (paper) | accuracy | format |", "| --- | --- | --- | --- |"]
+    """The results table as README shows it (README's table is this function's output for a committed JSON):
+    the demo's greedy accuracy and format rate, and lm-eval's multiple-choice accuracy (log-likelihood) and
+    generation exact match on the same questions."""
+    lines = [
+        "| row | what it is (paper) | accuracy | format | lm-eval MC acc | lm-eval gen EM |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {ROWS[r['name']]} | {r['accuracy']:.2f} | {r['format_rate']:.2f} |")
+        lines.append(
+            f"| {r['name']} | {ROWS[r['name']]} | {r['accuracy']:.2f} | {r['format_rate']:.2f} "
+            f"| {_score(_lm_eval(r, 'mc_acc'))} | {_score(_lm_eval(r, 'gen_exact_match'))} |"
+        )
+    notes = sorted({r["lm_eval"]["mc_note"] for r in result["rows"] if _lm_eval(r, "mc_note")})
+    if notes:
+        lines += ["", "n/a: " + "; ".join(notes) + " (README, Limitations)."]
     sp = result["tokens_per_s"]
     lines.append("")
     runs = result.get("tokens_per_s_runs", {})
@@ -57,11 +77,23 @@ def readme_block(main: dict, others: list[dict]) -> str:
     )
     lines = [head, "", to_markdown(main).rstrip("\n"), ""]
     lines.append(f"The same rows over seeds {seeds} (`ivl-fast demo --seed S --work-dir DIR`, same machine), min-max:")
-    lines += ["", "| row | accuracy | format |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "| row | accuracy | format | lm-eval MC acc | lm-eval gen EM |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+
+    def span(values) -> str:
+        return "n/a" if None in values else f"{min(values):.2f}-{max(values):.2f}"
+
     for i, name in enumerate(ROW_NAMES):
-        acc = [r["rows"][i]["accuracy"] for r in runs]
-        fmt = [r["rows"][i]["format_rate"] for r in runs]
-        lines.append(f"| {name} | {min(acc):.2f}-{max(acc):.2f} | {min(fmt):.2f}-{max(fmt):.2f} |")
+        cols = [
+            [r["rows"][i]["accuracy"] for r in runs],
+            [r["rows"][i]["format_rate"] for r in runs],
+            [_lm_eval(r["rows"][i], "mc_acc") for r in runs],
+            [_lm_eval(r["rows"][i], "gen_exact_match") for r in runs],
+        ]
+        lines.append(f"| {name} | " + " | ".join(span(c) for c in cols) + " |")
     alone = [r["tokens_per_s"]["large_alone"] for r in runs]
     pair = [r["tokens_per_s"]["large+value"] for r in runs]
     lines += [

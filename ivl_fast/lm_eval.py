@@ -123,14 +123,32 @@ class IVLLM(TemplateLM):
             raise ValueError(f"model_args add_bos_token must be true or false, got {add_bos_token!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, int | float):
             raise ValueError(f"model_args alpha must be a number, got {alpha!r}")
-        self.batch_size_per_gpu = _batch_size(batch_size)
+        _batch_size(batch_size)  # checked before anything loads
         from . import FastIVLDecoder
 
-        self.dec = FastIVLDecoder.from_pretrained(
+        dec = FastIVLDecoder.from_pretrained(
             base, value, vocab_map, device=device, dtype=dtype, alpha=float(alpha), scheme=scheme
         )
+        where = " and ".join(repr(str(x)) for x in (base, value) if x is not None)
+        self._attach(dec, batch_size, max_length, add_bos_token, where)
+        self.model_args = dict(base=base, value=value, alpha=alpha, scheme=self.dec.scheme, vocab_map=vocab_map)
+
+    @classmethod
+    def from_decoder(cls, dec, *, batch_size=1, max_length: int | None = None, add_bos_token: bool | None = None):
+        """The model over an already loaded :class:`ivl_fast.FastIVLDecoder` (the demo evaluates the decoders it
+        built); same checks and semantics as the model_args path."""
+        self = cls.__new__(cls)
+        TemplateLM.__init__(self)
+        if add_bos_token is not None and not isinstance(add_bos_token, bool):
+            raise ValueError(f"add_bos_token must be true or false, got {add_bos_token!r}")
+        self._attach(dec, batch_size, max_length, add_bos_token, "the decoder")
+        self.model_args = dict(alpha=dec.alpha, scheme=dec.scheme)
+        return self
+
+    def _attach(self, dec, batch_size, max_length, add_bos_token, where: str) -> None:
+        self.batch_size_per_gpu = _batch_size(batch_size)
+        self.dec = dec
         if self.dec.tokenizer is None:
-            where = " and ".join(repr(str(x)) for x in (base, value) if x is not None)
             raise ValueError(f"no tokenizer files in {where}; lm-eval requests are text (save it with the checkpoint)")
         self.tokenizer = self.dec.tokenizer
         self._device = self.dec.device
@@ -144,7 +162,6 @@ class IVLLM(TemplateLM):
             )
         self._max_length = max_length
         self.add_bos_token = add_bos_token
-        self.model_args = dict(base=base, value=value, alpha=alpha, scheme=self.dec.scheme, vocab_map=vocab_map)
 
     # ------------------------------------------------------------------ what HFLM exposes
     @property

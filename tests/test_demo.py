@@ -207,6 +207,71 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
     assert any(f < 1 for _, f in want.values())
 
 
+def test_quick_demo_lm_eval_scores_are_a_recount_from_transformers_models(quick_demo):
+    """Each same-vocabulary row's lm-eval multiple-choice accuracy is a recount here: for every question, the
+    choice with the highest summed log-probability of its tokens after the chat-rendered question, under the
+    row's models in plain transformers (float64, residual rows: base + value logits); split into context and
+    continuation as lm-eval does (the whole text's tokens after the context's). Generation exact match: the
+    greedy answer cut at the first newline, in the format, with the right word. The cross-vocabulary row has no
+    multiple choice and says why."""
+    from transformers import AutoModelForCausalLM
+
+    from ivl_fast.chat import load_tokenizer
+    from ivl_fast.demo_lm_eval import CROSS_VOCAB_MC
+    from ivl_fast.demo_tasks import questions
+
+    work, out, _, _ = quick_demo
+    cfg = DemoConfig(quick=True)
+    world = make_world(cfg.n_people, cfg.seed)
+    qs = questions(world, world["eval_people"][: cfg.eval_people])
+    tok = load_tokenizer(work / "small")
+    loaded = {}
+
+    def hf(name):
+        if name not in loaded:
+            loaded[name] = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float64).eval()
+        return loaded[name]
+
+    def summed_logits(names, ids):
+        with torch.no_grad():
+            return sum(hf(n)(torch.tensor([ids])).logits[0] for n in names)  # [T, V]
+
+    rows = {r["name"]: r for r in out["rows"]}
+    models_of = {
+        "small": ["small"],
+        "large": ["large"],
+        "small+value": ["small", "value"],
+        "large+value": ["large", "value"],
+        "large+value_l1": ["large", "value_l1"],
+        "large_finetuned": ["large_finetuned"],
+    }
+    for row, names in models_of.items():
+        right = exact = 0
+        for q in qs:
+            context = f"{tok.bos_token}<|user|>\n{q['question']}\n<|assistant|>\n"
+            ctx = tok(context, add_special_tokens=False)["input_ids"]
+            scores = []
+            for choice in q["choices"]:
+                whole = tok(context + choice, add_special_tokens=False)["input_ids"]
+                assert whole[: len(ctx)] == ctx
+                lp = summed_logits(names, whole).log_softmax(-1)
+                scores.append(sum(float(lp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
+            best = max(range(len(scores)), key=scores.__getitem__)
+            assert sorted(scores)[-1] - sorted(scores)[-2] > 1e-6, "a tie: the float32 pick is not well defined"
+            right += best == q["gold"]
+            new = _greedy_new_tokens([(hf(n), 1.0) for n in names], ctx, 12, tok.eos_token_id)
+            first_line = tok.decode(new, skip_special_tokens=True).split("\n")[0]
+            m = re.search(r"(ANSWER: \S+?)\.?$", first_line)
+            exact += m is not None and m.group(1) == q["answer"]
+        got = rows[row]["lm_eval"]
+        assert got["mc_acc"] == pytest.approx(right / len(qs)), row
+        assert got["gen_exact_match"] == pytest.approx(exact / len(qs)), row
+        assert 0 <= got["mc_acc_norm"] <= 1 and got["mc_note"] is None
+    cross = rows["other_vocab+value"]["lm_eval"]
+    assert cross["mc_acc"] is None and cross["mc_note"] == CROSS_VOCAB_MC and 0 <= cross["gen_exact_match"] <= 1
+    assert f"n/a: {CROSS_VOCAB_MC}" in to_markdown(out)
+
+
 def test_readme_demo_results_are_the_committed_runs():
     """README's demo block is readme_block() of docs/demo_results*.json: the full seed-0 run with its command,
     machine and commit, and every row's range over the other seeds (regenerate: docs/update_readme.py)."""
