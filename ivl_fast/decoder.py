@@ -28,7 +28,8 @@ from .decode.options import (
     resolve_options,
 )
 from .decode.scoring import loglikelihood, loglikelihood_rolling
-from .decode.start import capture_buckets, kv_capacity, open_slots, start_generation
+from .decode.speculative_loop import SpeculativeLoop, check_draft
+from .decode.start import capture_buckets, kv_capacity, open_slots, start_generation, start_speculative
 from .decode.stops import NonFiniteLogitsError
 from .graphs import KV_BUCKET_MIN
 from .models import from_hf_model, load_model
@@ -95,6 +96,10 @@ class FastIVLDecoder:
             columns that cover every position (one graph per bucket), so attention reads follow the sequence.
         generation_config: the checkpoint's own ``GenerationConfig`` (defaults for :meth:`generate`, below a
             config passed to it; ``from_pretrained`` reads ``generation_config.json``).
+        draft_model: a small base sharing the base's vocabulary (the one the value network was trained on): with
+            it, generate / stream decode speculatively (:mod:`ivl_fast.decode.speculative`): the draft + the value
+            network propose ``num_draft_tokens`` tokens, the base verifies them in one forward. Same output law as
+            without it (greedy: the same tokens). Schemes "residual" and "base", one vocabulary, lean engines.
     """
 
     def __init__(
@@ -116,6 +121,8 @@ class FastIVLDecoder:
         graph_runner: str = "auto",
         kv_block: int = KV_BUCKET_MIN,
         generation_config=None,
+        draft_model=None,
+        num_draft_tokens: int = 4,
     ):
         check_scheme(scheme)
         if uses_base(scheme) and base_model is None:
@@ -138,6 +145,10 @@ class FastIVLDecoder:
                 vocab_map, scheme=scheme, base=base, value=value, tokenizer=tokenizer, base_tokenizer=base_tokenizer
             )
         self.models = ModelSet(scheme, base, value, float(alpha), vocab_map, sample_backend)
+        self.draft = None if draft_model is None else wrap(draft_model)
+        self.num_draft_tokens = num_draft_tokens
+        if self.draft is not None:
+            check_draft(self.models, self.draft, num_draft_tokens)
         self.graphs_option = graphs
         settings = GraphSettings.resolve(graphs, graph_mode, graph_runner, kv_block, self.models)
         self.graph_cache = GraphCache(settings, self.device)
@@ -184,9 +195,12 @@ class FastIVLDecoder:
         graph_mode: str = "fused",
         graph_runner: str = "auto",
         kv_block: int = KV_BUCKET_MIN,
+        draft: str | Path | None = None,
+        num_draft_tokens: int = 4,
     ) -> FastIVLDecoder:
         """Load base and value checkpoints (Hugging Face directories), their tokenizer and generation config (the
-        value checkpoint's ``generation_config.json``, else the base's); every other option as in the constructor."""
+        value checkpoint's ``generation_config.json``, else the base's); ``draft``: a small base's checkpoint for
+        speculative decoding (its vocabulary must be the base's); every other option as in the constructor."""
         kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
         scheme = scheme_of_checkpoint(value_path) if scheme is None else check_scheme(scheme)
         need_base, need_value = uses_base(scheme), uses_value(scheme)
@@ -194,8 +208,11 @@ class FastIVLDecoder:
             raise ValueError(f"scheme={scheme!r} needs base_path")
         if need_value and value_path is None:
             raise ValueError(f"scheme={scheme!r} needs value_path")
+        if draft is not None and not need_base:
+            raise ValueError(f"draft needs a base model to verify its tokens; scheme={scheme!r} has none")
         base = load_model(base_path, **kw) if need_base else None
         value = load_model(value_path, **kw) if need_value else None
+        draft_model = load_model(draft, **kw) if draft is not None else None
         tokenizer, base_tokenizer = checkpoint_tokenizers(
             tokenizer, base_path if need_base else None, value_path if need_value else None, base, value, vocab_map
         )
@@ -215,6 +232,8 @@ class FastIVLDecoder:
             graph_runner=graph_runner,
             kv_block=kv_block,
             generation_config=checkpoint_generation_config(paths),
+            draft_model=draft_model,
+            num_draft_tokens=num_draft_tokens,
         )
 
     # ------------------------------------------------------------------ public API
@@ -262,6 +281,8 @@ class FastIVLDecoder:
             "graphs": loop.graph_kind or "off",
             "graph_captures": loop.captures,
         }
+        if isinstance(loop, SpeculativeLoop):  # rounds, drafted, accepted, acceptance_rate
+            timings.update(loop.timings())
         return IVLGenerateOutput(seqs, lp, loop.num_new_tokens(b), prompt.shape[1], timings)
 
     def stream(self, input_ids, attention_mask=None, *, generation_config=None, **options) -> Iterator[torch.Tensor]:
@@ -322,6 +343,8 @@ class FastIVLDecoder:
         """A persistent batch of ``slots`` rows for continuous batching: ``admit(ids)`` a request into a free slot
         between rounds, ``step()`` one round, ``tokens(slot)``, ``retire(slot)``. Each slot's KV holds
         ``max_seq_len`` tokens (prompt + new); ``options`` as for :meth:`generate` (per-request budgets at admit)."""
+        if self.draft is not None:
+            raise ValueError("open_batch does not support a draft model yet (speculative continuous batching)")
         opts, cache = self.options(generation_config, **options), self.graph_cache.for_models(self.models)
         return open_slots(self.models, opts, cache, slots, max_seq_len, self.kv_block, self.sync_every)
 
@@ -381,6 +404,20 @@ class FastIVLDecoder:
         if texts is not None and len(texts) != prompt.shape[0]:
             raise ValueError(f"texts has {len(texts)} entries for {prompt.shape[0]} prompts")
         prompt, mask, texts = repeat_prompts(prompt, mask, texts, opts.num_return_sequences)
+        if self.draft is not None:
+            s = self.graph_cache.settings
+            lean = self.models.all_support("graphs") and self.draft.supports_graphs
+            return start_speculative(
+                self.models,
+                self.draft,
+                self.num_draft_tokens,
+                opts,
+                prompt,
+                mask,
+                graph_cache=self.graph_cache if s.kind and lean else None,
+                kv_block=self.kv_block,
+                tokenizer=self.tokenizer,
+            )
         return start_generation(
             self.models,
             opts,

@@ -28,7 +28,7 @@ from .inputs import left_pad, pack_prompts
 from .model_set import ModelSet
 from .options import GenerationOptions
 from .step import StepConfig, decode_step, emit, prefill_logits, sample
-from .stops import StopStringScanner, nonfinite_error
+from .stops import StopStringScanner, cut_at_stop_strings, nonfinite_error
 
 
 class DecodeLoop:
@@ -351,30 +351,8 @@ class DecodeLoop:
         return bool(bufs.finished.all())  # host sync
 
     def _check_stop_strings(self) -> None:
-        bufs = self.bufs
-        slots = sorted(self.length)
-        out = bufs.out[slots].tolist()
-        stop_step, finished = bufs.stop_step.tolist(), bufs.finished.tolist()
-        new: dict[int, int] = {}
-        for row, r in zip(out, slots, strict=True):
-            end = stop_step[r] + 1 if finished[r] else self._emitted(r)  # up to the row's last token
-            if end > self.checked[r]:
-                s = self.stops.first_stop(row, self.checked[r], end)
-                if s is not None and (not finished[r] or s < stop_step[r]):
-                    new[r] = s
-            self.checked[r] = self._emitted(r)
-        if new:
-            dev = bufs.out.device
-            rows = torch.tensor(list(new), dtype=torch.int64, device=dev)
-            at = torch.tensor(list(new.values()), dtype=torch.int64, device=dev)
-            cols = torch.arange(bufs.out.shape[1], device=dev)[None]
-            after = torch.zeros_like(bufs.out, dtype=torch.bool)
-            after[rows] = cols > at[:, None]
-            bufs.out.masked_fill_(after, self.opts.pad_token_id)
-            bufs.logprobs.masked_fill_(after, 0.0)
-            bufs.stop_step.index_copy_(0, rows, at)
-            bufs.finished.index_fill_(0, rows, True)
-            bufs.done.copy_(bufs.finished.all().to(torch.int32).reshape(1))
+        emitted = {r: self._emitted(r) for r in self.length}
+        cut_at_stop_strings(self.bufs, self.stops, self.checked, emitted, self.opts.pad_token_id)
 
     # ------------------------------------------------------------------ across vocabularies
     def _cross_vocab_prefill(self, prompt, mask):

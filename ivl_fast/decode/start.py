@@ -14,6 +14,7 @@ from .graph_cache import GraphCache
 from .loop import DecodeLoop
 from .model_set import ModelSet
 from .options import GenerationOptions
+from .speculative_loop import SpeculativeLoop
 from .stops import StopStringScanner
 
 
@@ -130,3 +131,39 @@ def open_slots(
         sync_every=sync_every,
         graph_cache=graph_cache,
     )
+
+
+def start_speculative(
+    models: ModelSet,
+    draft,
+    k: int,
+    opts: GenerationOptions,
+    prompt: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    graph_cache: GraphCache | None,
+    kv_block: int,
+    tokenizer=None,
+) -> SpeculativeLoop:
+    """The prefilled speculative loop of left-padded prompts [B, T] (its first tokens emitted)."""
+    b, t = prompt.shape
+    n = opts.max_new_tokens
+    need = t + n + k + 1  # a round reads up to k + 1 tokens past what a row keeps
+    top = min(models.max_context, draft.max_context)
+    if need > top:
+        raise ValueError(
+            f"prompt length {t} + max_new_tokens {n} + num_draft_tokens {k} + 1 = {need} exceeds the model context "
+            f"of {top} tokens"
+        )
+    loop = SpeculativeLoop(
+        models,
+        draft,
+        opts,
+        k=k,
+        rows=b,
+        capacity=kv_bucket(need, top, kv_block),
+        graph_cache=graph_cache,
+        stops=StopStringScanner(tokenizer, opts.stop_strings) if opts.stop_strings else None,
+    )
+    loop.start(prompt.to(models.device), mask.to(models.device))
+    return loop

@@ -6,6 +6,8 @@ is looked at here, every ``sync_every`` steps.
 
 from __future__ import annotations
 
+import torch
+
 
 class NonFiniteLogitsError(FloatingPointError):
     """A model produced NaN or inf logits; no token was emitted from them."""
@@ -41,3 +43,32 @@ class StopStringScanner:
             if any(x in cur and x not in prev for x in self.stops):
                 return s
         return None
+
+
+def cut_at_stop_strings(bufs, scanner: StopStringScanner, checked: dict[int, int], emitted: dict[int, int], pad_id):
+    """End the rows of ``checked`` (slot -> tokens already scanned) whose new tokens complete a stop string: their
+    output after that token becomes pad and they are finished there. ``emitted``: slot -> tokens it has emitted (an
+    upper bound is fine); ``checked`` is advanced to it. Host work (one read of the output)."""
+    slots = sorted(checked)
+    out = bufs.out[slots].tolist()
+    stop_step, finished = bufs.stop_step.tolist(), bufs.finished.tolist()
+    new: dict[int, int] = {}
+    for row, r in zip(out, slots, strict=True):
+        end = stop_step[r] + 1 if finished[r] else emitted[r]  # up to the row's last token
+        if end > checked[r]:
+            s = scanner.first_stop(row, checked[r], end)
+            if s is not None and (not finished[r] or s < stop_step[r]):
+                new[r] = s
+        checked[r] = emitted[r]
+    if new:
+        dev = bufs.out.device
+        rows = torch.tensor(list(new), dtype=torch.int64, device=dev)
+        at = torch.tensor(list(new.values()), dtype=torch.int64, device=dev)
+        cols = torch.arange(bufs.out.shape[1], device=dev)[None]
+        after = torch.zeros_like(bufs.out, dtype=torch.bool)
+        after[rows] = cols > at[:, None]
+        bufs.out.masked_fill_(after, pad_id)
+        bufs.logprobs.masked_fill_(after, 0.0)
+        bufs.stop_step.index_copy_(0, rows, at)
+        bufs.finished.index_fill_(0, rows, True)
+        bufs.done.copy_(bufs.finished.all().to(torch.int32).reshape(1))

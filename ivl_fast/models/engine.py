@@ -17,6 +17,7 @@ CAPABILITIES = (
     "rewind",  # rewind(lengths) truncates rows' contexts (cross-vocabulary re-tokenization)
     "inputs_embeds",  # prefill/decode accept inputs_embeds (cascade value networks); soft_embed() exists
     "slots",  # prefill(..., rows=) fills some cache rows without touching the others; decode(active=)
+    "extend",  # extend(ids [B, M]) feeds several tokens per row from its own position (speculative verify)
 )
 
 
@@ -33,6 +34,7 @@ class Engine(Protocol):
     supports_rewind: bool
     supports_inputs_embeds: bool
     supports_slots: bool
+    supports_extend: bool
 
     @property
     def vocab_size(self) -> int: ...

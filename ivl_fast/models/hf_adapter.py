@@ -17,6 +17,7 @@ class HFCausalLM:
     supports_rewind = False
     supports_inputs_embeds = False
     supports_slots = False
+    supports_extend = False
 
     def __init__(self, model):
         self.model = model.eval()

@@ -124,6 +124,7 @@ class LeanCausalLM(nn.Module):
     supports_rewind = True
     supports_inputs_embeds = True
     supports_slots = True
+    supports_extend = True
 
     def __init__(self, cfg: LeanConfig, attn_backend: str = "sdpa"):
         super().__init__()
@@ -342,6 +343,35 @@ class LeanCausalLM(nn.Module):
             h = layer(h, cos, sin, attend)
         self.seq_lens.add_(1 if active is None else active.to(self.seq_lens.dtype))
         return self._logits(h[:, 0])
+
+    def extend(self, input_ids: torch.Tensor, *, kv_len: int | None = None) -> torch.Tensor:
+        """Several tokens per row at once, each row from its own position (a speculative verify): input_ids [B, M]
+        -> logits [B, M, V] (position i sees the row's context and the first i + 1 of these tokens); their K/V go
+        to cache columns seq_lens + i and seq_lens advances by M (rewind() takes back what is not kept).
+        ``kv_len``: cache columns to attend to (the caller guarantees seq_lens + M <= kv_len). Static shapes, no
+        host sync (graph-capturable); always SDPA (flash-attn's cache kernel is used for one-token decode only)."""
+        h = self.embed(input_ids, None)  # [B, M, H]
+        b, m = input_ids.shape
+        pos = self.seq_lens[:, None] + torch.arange(m, device=h.device)[None]  # [B, M] positions == cache columns
+        cos, sin = self.rotary.cos_sin(pos, self.dtype)
+        rows = torch.arange(b, device=h.device)[:, None].expand(b, m)
+        s_len = self.max_seq_len if kv_len is None else kv_len
+        if not m <= s_len <= self.max_seq_len:
+            raise ValueError(f"kv_len={kv_len} must be in [{m}, {self.max_seq_len}] (the cache's columns)")
+        cols = torch.arange(s_len, device=h.device)
+        valid = (cols[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, M, S]
+
+        for i, layer in enumerate(self.model.layers):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+
+            def attend(a, q, k, v, kc=kc, vc=vc):
+                kc.index_put_((rows, pos), k)
+                vc.index_put_((rows, pos), v)
+                return a.sdpa(q, kc[:, :s_len], vc[:, :s_len], valid)
+
+            h = layer(h, cos, sin, attend)
+        self.seq_lens.add_(m)
+        return self._logits(h)
 
 
 def _prefill_mask(mask: torch.Tensor) -> torch.Tensor:

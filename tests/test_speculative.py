@@ -1,0 +1,221 @@
+"""Speculative IVL decoding: a small draft base + the value network propose tokens, the large base + the value
+network verify them. Greedy output equals plain IVL decoding token for token; sampled output is distributed
+exactly as plain IVL sampling (checked by frequency against the enumerated distribution); the round runs as a
+captured graph (emulated on CPU); bad combinations are refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import build_model
+
+from ivl_fast import FastIVLDecoder
+from ivl_fast.sampling import SamplingParams, apply_penalties, warp_logits
+
+PROMPTS = [[1, 5, 9, 22, 7], [1, 40, 41], [1, 8, 9, 10, 11, 12, 13, 14], [1, 300]]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(base, value, draft, same): hf models; ``draft`` disagrees with the base (another init), ``same`` is the
+    base itself (every draft accepted)."""
+    base = build_model("llama", seed=0, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    value = build_model("llama", seed=1)
+    draft = build_model("llama", seed=2)
+    return base, value, draft, base
+
+
+def _dec(models, draft="draft", k=3, **kw):
+    base, value, d, same = models
+    drafts = {"draft": d, "same": same, None: None}
+    graphs = kw.pop("graphs", "off")
+    return FastIVLDecoder(base, value, graphs=graphs, draft_model=drafts[draft], num_draft_tokens=k, **kw)
+
+
+def test_lean_extend_equals_the_full_forward(models):
+    """extend() over M tokens from each row's own position gives the logits of a full pass, and leaves the cache
+    as M decode steps would (rows of different lengths)."""
+    from ivl_fast.models import from_hf_model
+
+    eng = from_hf_model(models[0])
+    ids = torch.tensor([[3, 3, 1, 5, 9], [1, 40, 41, 42, 43]])
+    mask = ids != 3
+    eng.allocate(2, 32)
+    eng.prefill(ids, mask)
+    more = torch.tensor([[7, 8, 9], [10, 11, 12]])
+    got = eng.extend(more, kv_len=16)
+    for r in range(2):
+        full = torch.cat([ids[r][mask[r]], more[r]])
+        want = eng(full[None])[0, -3:]
+        torch.testing.assert_close(got[r], want, atol=1e-4, rtol=1e-4)
+    assert eng.seq_lens.tolist() == [6, 8]
+    nxt = eng.decode(torch.tensor([20, 21]))
+    for r in range(2):
+        full = torch.cat([ids[r][mask[r]], more[r], torch.tensor([20 + r])])
+        torch.testing.assert_close(nxt[r], eng(full[None])[0, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("draft", ["draft", "same"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_greedy_equals_plain_decoding_token_for_token(models, draft, k):
+    plain = _dec(models, None).generate(PROMPTS, max_new_tokens=17, eos_token_id=[], return_logprobs=True)
+    spec = _dec(models, draft, k).generate(PROMPTS, max_new_tokens=17, eos_token_id=[], return_logprobs=True)
+    assert torch.equal(spec.sequences, plain.sequences)
+    torch.testing.assert_close(spec.logprobs, plain.logprobs, atol=1e-4, rtol=1e-4)
+    assert torch.equal(spec.num_new_tokens, plain.num_new_tokens)
+    t = spec.timings
+    assert t["num_draft_tokens"] == k and t["drafted"] > 0 and 0 <= t["accepted"] <= t["drafted"]
+    assert t["acceptance_rate"] == pytest.approx(t["accepted"] / t["drafted"])
+    if draft == "same":  # the draft is the target: every token accepted, k + 1 per round
+        assert t["acceptance_rate"] == 1.0 and t["rounds"] == math.ceil(16 / (k + 1))
+    else:
+        assert t["acceptance_rate"] < 0.5  # another init disagrees: the rejection path ran
+
+
+def test_greedy_equal_with_eos_budgets_stop_strings_penalties(models, tokenizer):
+    """EOS ids that occur mid-round, a stop string, repetition / presence penalties: the same as plain."""
+    plain = _dec(models, None, tokenizer=tokenizer)
+    ref = plain.generate(PROMPTS, max_new_tokens=20, eos_token_id=[])
+    new = ref.sequences[:, ref.prompt_length :]
+    eos = [int(new[0, 5]), int(new[2, 3])]  # tokens the rows really produce, mid-sequence
+    for kw in (
+        dict(eos_token_id=eos),
+        dict(eos_token_id=[], repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+        dict(eos_token_id=eos, max_new_tokens=7),
+        dict(eos_token_id=[], stop_strings=[tokenizer.decode(new[1, 4:6].tolist())]),
+    ):
+        kw = {"max_new_tokens": 20, **kw}
+        want = plain.generate(PROMPTS, **kw)
+        for k in (2, 3):
+            got = _dec(models, "draft", k, tokenizer=tokenizer).generate(PROMPTS, **kw)
+            assert torch.equal(got.sequences, want.sequences), kw
+            assert torch.equal(got.num_new_tokens, want.num_new_tokens), kw
+
+
+def test_streaming_equals_plain_streaming(models):
+    plain = list(_dec(models, None).stream(PROMPTS, max_new_tokens=12, eos_token_id=[2, 77]))
+    spec = list(_dec(models, "draft", 3).stream(PROMPTS, max_new_tokens=12, eos_token_id=[2, 77]))
+    assert len(spec) == len(plain) and all(torch.equal(a, b) for a, b in zip(spec, plain, strict=True))
+
+
+def test_num_return_sequences_with_a_single_token_support(models):
+    """Sampling with top_k=1 is deterministic, so speculative and plain runs must agree for every return
+    sequence (the sampling path, with rows laid out as in transformers)."""
+    kw = dict(max_new_tokens=10, eos_token_id=[], do_sample=True, top_k=1, num_return_sequences=3, seed=5)
+    want = _dec(models, None).generate(PROMPTS[:2], **kw)
+    got = _dec(models, "draft", 2).generate(PROMPTS[:2], **kw)
+    assert got.sequences.shape[0] == 6 and torch.equal(got.sequences, want.sequences)
+
+
+def test_emulated_graphs_equal_eager(models):
+    for kw in (
+        dict(eos_token_id=[2]),
+        dict(eos_token_id=[], do_sample=True, temperature=0.9, top_k=20, top_p=0.9, seed=3),
+        dict(eos_token_id=[], repetition_penalty=1.2, return_logprobs=True),
+    ):
+        eager = _dec(models, "draft", 3).generate(PROMPTS, max_new_tokens=14, **kw)
+        dec = _dec(models, "draft", 3, graphs="emulate")
+        graphed = dec.generate(PROMPTS, max_new_tokens=14, **kw)
+        assert graphed.timings["graphs"] == "emulate" and graphed.timings["graph_captures"] >= 1
+        assert torch.equal(graphed.sequences, eager.sequences), kw
+        again = dec.generate(PROMPTS, max_new_tokens=14, **kw)  # replayed from the cache
+        assert again.timings["graph_captures"] == 0 and torch.equal(again.sequences, eager.sequences)
+
+
+# ---------------------------------------------------------------------------------------- the output law
+def _target_law(models, prompt, n, sp: SamplingParams):
+    """Exact distribution of the first ``n`` new tokens under plain IVL sampling: {tuple: prob}, enumerated over
+    the warped support (float64, the reference warpers on base + value logits)."""
+    base, value = models[0], models[1]
+    law = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for seq, pr in law.items():
+            ids = torch.tensor([prompt + list(seq)])
+            with torch.no_grad():
+                z = (base(ids).logits[0, -1] + value(ids).logits[0, -1]).double()[None]
+            if sp.penalties_on:
+                counts = torch.zeros_like(z, dtype=torch.int32)
+                for t in seq:
+                    counts[0, t] += 1
+                pm = torch.zeros_like(z, dtype=torch.bool)
+                pm[0, prompt] = True
+                z = apply_penalties(z, pm, counts, sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty)
+            p = warp_logits(z, sp.temperature, sp.top_k, sp.top_p, sp.min_p).softmax(-1)[0]
+            for t in p.nonzero().flatten().tolist():
+                nxt[seq + (t,)] = pr * float(p[t])
+        law = nxt
+    return law
+
+
+def _chi2_ok(counts: dict, law: dict, n: int) -> tuple[float, float]:
+    """(statistic, threshold): Pearson chi-square over the law's cells (cells of expected count < 5 pooled),
+    threshold at p = 1e-4 by the Wilson-Hilferty approximation."""
+    assert set(counts) <= set(law), "a sequence outside the target's support was produced"
+    cells, pool_o, pool_e = [], 0, 0.0
+    for seq, pr in law.items():
+        e, o = pr * n, counts.get(seq, 0)
+        if e < 5:
+            pool_o, pool_e = pool_o + o, pool_e + e
+        else:
+            cells.append((o, e))
+    if pool_e > 0:
+        cells.append((pool_o, pool_e))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    df = len(cells) - 1
+    z = 3.719  # the standard normal's 1 - 1e-4 quantile
+    return stat, df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize(
+    "draft,options",
+    [
+        ("draft", dict(temperature=1.0, top_k=4)),  # the draft's top-4 support differs from the target's
+        ("draft", dict(temperature=0.5, top_p=0.5)),
+        ("same", dict(temperature=0.8, top_k=5, repetition_penalty=1.5)),
+    ],
+)
+def test_sampled_output_follows_plain_ivl_sampling(models, draft, options):
+    """Three new tokens per sample (the first from the prefill, then speculation with k = 2, so both the draft
+    tokens and the correction / bonus token are in the window), 3000 samples against the exact enumerated law."""
+    prompt, n, samples = [1, 5, 9, 22], 3, 3000
+    sp = SamplingParams(do_sample=True, **options)
+    law = _target_law(models, prompt, n, sp)
+    dec = _dec(models, draft, 2)
+    out = dec.generate(
+        [prompt], max_new_tokens=n, eos_token_id=[], do_sample=True, num_return_sequences=samples, seed=11, **options
+    )
+    got: dict = {}
+    for row in out.sequences[:, len(prompt) :].tolist():
+        got[tuple(row)] = got.get(tuple(row), 0) + 1
+    stat, limit = _chi2_ok(got, law, samples)
+    assert stat < limit, (stat, limit)
+    if draft == "draft":
+        assert out.timings["acceptance_rate"] < 0.9  # rejections happened: the residual law was exercised
+    else:
+        assert out.timings["acceptance_rate"] > 0.99
+
+
+def test_refusals(models, tokenizer):
+    base, value, draft, _ = models
+    other_vocab = build_model("llama", seed=3, vocab_size=300)
+    with pytest.raises(ValueError, match="draft model's vocabulary"):
+        FastIVLDecoder(base, value, draft_model=other_vocab)
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        FastIVLDecoder(base, value, draft_model=draft, num_draft_tokens=0)
+    with pytest.raises(ValueError, match="scheme 'residual' or 'base'"):
+        FastIVLDecoder(base, value, draft_model=draft, scheme="cascade")
+    dec = FastIVLDecoder(base, value, draft_model=draft)
+    with pytest.raises(ValueError, match="open_batch does not support a draft"):
+        dec.open_batch(2, 32)
+    with pytest.raises(ValueError, match="num_draft_tokens 4"):
+        dec.generate([[1] * 200], max_new_tokens=60)
+
+
+def test_base_alone_with_a_draft_is_plain_speculative_decoding(models):
+    base, _, draft, _ = models
+    plain = FastIVLDecoder(base, None, scheme="base", graphs="off").generate(PROMPTS, max_new_tokens=12)
+    spec = FastIVLDecoder(base, None, scheme="base", graphs="off", draft_model=draft, num_draft_tokens=3)
+    assert torch.equal(spec.generate(PROMPTS, max_new_tokens=12).sequences, plain.sequences)
