@@ -29,9 +29,10 @@ or ``ivl-fast eval`` (:mod:`ivl_fast.cli.eval`). Semantics are those of lm-eval'
 
 model_args: ``base``, ``value`` (checkpoint directories), ``alpha``, ``scheme``, ``vocab_map``, ``dtype``,
 ``device``, ``batch_size`` (an integer; "auto" is refused), ``max_length`` (default: the models' context),
-``add_bos_token`` (as HFLM's); also what lm-eval passes itself (``max_batch_size``, unused without "auto";
-``trust_remote_code=False``). Unknown keys are refused with a ValueError naming them. Nothing is downloaded and no
-remote code runs: checkpoints are local safetensors directories.
+``add_bos_token`` (as HFLM's), ``draft`` (a small base's checkpoint: generate_until decodes speculatively, with
+the same outputs) and ``num_draft_tokens`` (default 4); also what lm-eval passes itself (``max_batch_size``,
+unused without "auto"; ``trust_remote_code=False``). Unknown keys are refused with a ValueError naming them.
+Nothing is downloaded and no remote code runs: checkpoints are local safetensors directories.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ MODEL_ARGS = (
     "batch_size",
     "max_length",
     "add_bos_token",
+    "draft",
+    "num_draft_tokens",
 )
 # also accepted: what lm_eval.simple_evaluate / lm-eval's CLI pass themselves (max_batch_size, trust_remote_code)
 # the gen_kwargs generate_until reads (lm-eval's normalize_gen_kwargs resolves the max-token aliases)
@@ -91,6 +94,16 @@ def _batch_size(value) -> int:
     return value
 
 
+def _draft_tokens(value) -> int:
+    if value is None:
+        return 4
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"model_args num_draft_tokens must be an integer >= 1, got {value!r}")
+    return value
+
+
 @register_model("ivl")
 class IVLLM(TemplateLM):
     """lm-eval model over :class:`ivl_fast.FastIVLDecoder` (see the module docstring for the semantics)."""
@@ -107,6 +120,8 @@ class IVLLM(TemplateLM):
         batch_size=1,
         max_length: int | None = None,
         add_bos_token: bool | None = None,
+        draft=None,
+        num_draft_tokens=None,
         max_batch_size=None,  # lm-eval passes it; it only bounds batch_size="auto", which is refused
         trust_remote_code: bool = False,
         **unknown,
@@ -124,10 +139,15 @@ class IVLLM(TemplateLM):
         if isinstance(alpha, bool) or not isinstance(alpha, int | float):
             raise ValueError(f"model_args alpha must be a number, got {alpha!r}")
         _batch_size(batch_size)  # checked before anything loads
+        spec = {}
+        if draft is not None:
+            spec = {"draft": draft, "num_draft_tokens": _draft_tokens(num_draft_tokens)}
+        elif num_draft_tokens is not None:
+            raise ValueError("model_args num_draft_tokens needs draft (the small base that drafts the tokens)")
         from . import FastIVLDecoder
 
         dec = FastIVLDecoder.from_pretrained(
-            base, value, vocab_map, device=device, dtype=dtype, alpha=float(alpha), scheme=scheme
+            base, value, vocab_map, device=device, dtype=dtype, alpha=float(alpha), scheme=scheme, **spec
         )
         where = " and ".join(repr(str(x)) for x in (base, value) if x is not None)
         self._attach(dec, batch_size, max_length, add_bos_token, where)

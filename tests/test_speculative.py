@@ -170,20 +170,21 @@ def _chi2_ok(counts: dict, law: dict, n: int) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize(
-    "draft,options",
+    "draft,k,options",
     [
-        ("draft", dict(temperature=1.0, top_k=4)),  # the draft's top-4 support differs from the target's
-        ("draft", dict(temperature=0.5, top_p=0.5)),
-        ("same", dict(temperature=0.8, top_k=5, repetition_penalty=1.5)),
+        ("draft", 2, dict(temperature=1.0, top_k=4)),  # the draft's top-4 support differs from the target's
+        ("draft", 1, dict(temperature=0.5, top_p=0.5)),
+        ("same", 1, dict(temperature=0.8, top_k=5, repetition_penalty=1.5)),  # token 3 is always a bonus token
     ],
 )
-def test_sampled_output_follows_plain_ivl_sampling(models, draft, options):
-    """Three new tokens per sample (the first from the prefill, then speculation with k = 2, so both the draft
-    tokens and the correction / bonus token are in the window), 3000 samples against the exact enumerated law."""
+def test_sampled_output_follows_plain_ivl_sampling(models, draft, k, options):
+    """Three new tokens per sample: the first from the prefill, then one speculative round (k = 2: two drafts,
+    the third token cut by the budget; k = 1: a draft, then the correction or the bonus token), 3000 samples
+    against the exact enumerated law."""
     prompt, n, samples = [1, 5, 9, 22], 3, 3000
     sp = SamplingParams(do_sample=True, **options)
     law = _target_law(models, prompt, n, sp)
-    dec = _dec(models, draft, 2)
+    dec = _dec(models, draft, k)
     out = dec.generate(
         [prompt], max_new_tokens=n, eos_token_id=[], do_sample=True, num_return_sequences=samples, seed=11, **options
     )
@@ -219,3 +220,48 @@ def test_base_alone_with_a_draft_is_plain_speculative_decoding(models):
     plain = FastIVLDecoder(base, None, scheme="base", graphs="off").generate(PROMPTS, max_new_tokens=12)
     spec = FastIVLDecoder(base, None, scheme="base", graphs="off", draft_model=draft, num_draft_tokens=3)
     assert torch.equal(spec.generate(PROMPTS, max_new_tokens=12).sequences, plain.sequences)
+
+
+# ---------------------------------------------------------------------------------------- CLI and lm-eval
+@pytest.fixture(scope="module")
+def draft_dir(save_checkpoint):
+    return save_checkpoint(build_model("llama", seed=2), "draft")
+
+
+def _cli(capsys, *argv):
+    from ivl_fast.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_generate_with_a_draft_prints_the_same_text_and_the_acceptance(capsys, pair, draft_dir):
+    import json
+
+    _, _, base_dir, value_dir = pair
+    common = ["generate", "--base", base_dir, "--value", value_dir, "--prompt", "def main", "--max-new-tokens", "12"]
+    rc, plain, _ = _cli(capsys, *common, "--json", "--no-progress")
+    assert rc == 0
+    rc, spec, err = _cli(capsys, *common, "--draft", draft_dir, "--num-draft-tokens", "3", "--json", "--no-progress")
+    assert rc == 0, err
+    plain, spec = json.loads(plain), json.loads(spec)
+    assert spec["outputs"] == plain["outputs"]
+    s = spec["speed"]["speculative"]
+    assert s["num_draft_tokens"] == 3 and s["rounds"] >= 1 and 0 <= s["accepted"] <= s["drafted"]
+    assert "drafted tokens accepted" in err
+    rc, _, err = _cli(capsys, *common, "--num-draft-tokens", "3")
+    assert rc == 2 and "--num-draft-tokens needs --draft" in err
+
+
+def test_lm_eval_model_args_take_a_draft(pair, draft_dir):
+    pytest.importorskip("lm_eval")
+    from ivl_fast.lm_eval import IVLLM
+
+    _, _, base_dir, value_dir = pair
+    lm = IVLLM(base=str(base_dir), value=str(value_dir), draft=str(draft_dir), num_draft_tokens="2")
+    assert lm.dec.draft is not None and lm.dec.num_draft_tokens == 2
+    with pytest.raises(ValueError, match="num_draft_tokens needs draft"):
+        IVLLM(base=str(base_dir), value=str(value_dir), num_draft_tokens=2)
+    with pytest.raises(ValueError, match="num_draft_tokens must be an integer"):
+        IVLLM(base=str(base_dir), value=str(value_dir), draft=str(draft_dir), num_draft_tokens="x")

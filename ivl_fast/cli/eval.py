@@ -140,6 +140,8 @@ def run(args) -> int:
         device=args.device,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        draft=None if args.draft is None else str(args.draft),
+        num_draft_tokens=args.num_draft_tokens,
     )
     model_args = {k: v for k, v in model_args.items() if v is not None}
     include = None if args.include_path is None else str(args.include_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..decode.options import GenerationOptions
 from .errors import DefaultsHelp, UsageError
-from .model_args import add_pair_args, check_pair_args
+from .model_args import add_pair_args, check_pair_args, draft_kwargs
 
 
 def add_parser(sub) -> None:
@@ -124,6 +124,7 @@ def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
     from tqdm.auto import tqdm
 
     texts, tokens, t0 = [], 0, time.perf_counter()
+    spec = {"rounds": 0, "drafted": 0, "accepted": 0}  # speculative decoding's counts over every batch
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     n_new = dec.options(**gen_kwargs).max_new_tokens  # unset flags resolved as generate() resolves them
     # one bar over every batch's decode steps (a batch that stops early jumps to its end)
@@ -146,12 +147,16 @@ def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
         texts_for_base = raw if getattr(dec, "cross_vocab", False) else None
         out = dec.generate(ids, texts=texts_for_base, progress=progress, **gen_kwargs)
         progress(n_new)
+        for key in spec if "drafted" in out.timings else ():
+            spec[key] += out.timings[key]
         t = out.prompt_length
         for row, n in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
             texts.append(tok.decode(row[t : t + n], skip_special_tokens=True))
             tokens += n
     bar.close()
-    return texts, tokens, time.perf_counter() - t0
+    if spec["drafted"]:
+        spec["acceptance_rate"] = spec["accepted"] / spec["drafted"]
+    return texts, tokens, time.perf_counter() - t0, spec if spec["drafted"] else None
 
 
 def run(args) -> int:
@@ -178,6 +183,7 @@ def run(args) -> int:
         sample_backend=args.sample_backend,
         graphs=args.graphs,
         graph_mode=args.graph_mode,
+        **draft_kwargs(args),
         **common,
     )
     if dec.tokenizer is None:
@@ -201,9 +207,16 @@ def run(args) -> int:
     label = {"base": "base alone", "value_only": "value alone"}.get(dec.scheme, f"base+value ({dec.scheme})")
     if args.compare_base:  # time both sides warm (first calls pay one-off allocation and compilation)
         _run_batches(dec, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
-    texts, ntok, secs = _run_batches(dec, prompts, args, gen_kwargs, label)
+    texts, ntok, secs, spec = _run_batches(dec, prompts, args, gen_kwargs, label)
     report = {"scheme": dec.scheme, "tokens": ntok, "seconds": secs, "tokens_per_s": ntok / secs if secs else 0.0}
     print(f"{label}: {ntok} tokens in {secs:.2f} s = {report['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    if spec is not None:
+        report["speculative"] = {"num_draft_tokens": dec.num_draft_tokens, **spec}
+        print(
+            f"speculative: {spec['rounds']} rounds, {spec['accepted']}/{spec['drafted']} drafted tokens accepted "
+            f"({spec['acceptance_rate']:.2f})",
+            file=sys.stderr,
+        )
     compare = None
     if args.compare_base and dec.scheme not in ("base", "value_only"):
         base_tok = dec.base_tokenizer if dec.cross_vocab else dec.tokenizer  # the base reads its own tokens
@@ -217,7 +230,7 @@ def run(args) -> int:
             generation_config=dec.generation_config,  # the same defaults as the pair's run
         )
         _run_batches(base_only, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
-        _, btok, bsecs = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")
+        _, btok, bsecs, _ = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")
         compare = {"tokens": btok, "seconds": bsecs, "tokens_per_s": btok / bsecs if bsecs else 0.0}
         ratio = (secs / max(ntok, 1)) / (bsecs / max(btok, 1))
         compare["pair_over_base_time_per_token"] = ratio

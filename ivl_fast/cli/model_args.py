@@ -32,6 +32,21 @@ def add_pair_args(p: argparse.ArgumentParser, *, vocab_map_help: str) -> argpars
     g.add_argument(
         "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, checkpoint's on GPU)"
     )
+    g.add_argument(
+        "--draft",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="speculative decoding: a small base sharing the base's tokenizer (the value network's training base) "
+        "drafts tokens with the value network; the base verifies them. Same outputs' law, fewer base steps",
+    )
+    g.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        metavar="K",
+        help="tokens drafted per speculative round (default 4; needs --draft)",
+    )
     return g
 
 
@@ -42,3 +57,14 @@ def check_pair_args(args, *, alone: str) -> None:
         raise UsageError("--base is required (the base model's checkpoint directory)")
     if args.value is None and args.scheme != "base":
         raise UsageError(f"--value is required (the value network's directory); --scheme base {alone} the base alone")
+    if args.num_draft_tokens is not None and args.draft is None:
+        raise UsageError("--num-draft-tokens needs --draft (the small base that drafts the tokens)")
+    if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
+        raise UsageError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+
+
+def draft_kwargs(args) -> dict:
+    """from_pretrained's speculative-decoding arguments of the flags (none without --draft)."""
+    if args.draft is None:
+        return {}
+    return {"draft": args.draft, "num_draft_tokens": args.num_draft_tokens or 4}
