@@ -1,0 +1,198 @@
+"""Speculative IVL decoding on CPU with the demo's models: small + value drafting for large + value, against plain
+pair decoding and the large base alone, in one run (calls interleaved, so a slow moment of the machine hits all).
+
+Workload: the demo's held-out questions, chat-rendered as the value network was trained, greedy, 32 new tokens
+per row (EOS off, so every call decodes the same number of tokens), batch 1 and 8, k = 2, 3, 4, 6. Reported per
+config: acceptance rate, tokens per round, ms per token (a call's time / new tokens per row) and the ratios.
+
+The cost model, measured on the same engines (medians of repeated calls, inference mode): one plain step (base
+decode + value decode), one draft step (draft decode + value decode), one verify over k + 1 positions (base
+extend); from them, per k, the predicted round time (k + 1) * draft_step + verify, the acceptance at which a
+round breaks even with plain decoding (tokens per round E(a) = (1 - a^(k+1)) / (1 - a) = round / plain step) and
+with the base alone, and the measured speedup.
+
+    IVL_DEMO_DIR=ivl-demo IVL_BENCH_OUT=bench/results/speculative_cpu.json \\
+        pytest -q -p no:cacheprovider bench/test_speculative.py -s
+
+IVL_DEMO_DIR: a full `ivl-fast demo` work dir (built there first when it holds none); IVL_SPEC_RUNS: timed rounds
+(default 3).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from conftest import save_results, spread
+
+from ivl_fast import FastIVLDecoder
+from ivl_fast.chat import as_messages, render_chat
+
+KS = (2, 3, 4, 6)
+BATCHES = (1, 8)
+NEW = 32
+
+
+def _demo_dir() -> Path:
+    from ivl_fast.demo import DemoConfig, run_demo
+
+    work = Path(os.environ.get("IVL_DEMO_DIR", "ivl-demo"))
+    if not (work / "results.json").is_file():
+        run_demo(DemoConfig(work_dir=str(work)))
+    return work
+
+
+def _prompts(tok, work: Path) -> list[list[int]]:
+    from ivl_fast.demo import DemoConfig, make_world
+
+    cfg = DemoConfig(work_dir=str(work))
+    world = make_world(cfg.n_people, cfg.seed)
+    qs = [f"Where does {p} live?" for p in world["eval_people"][:8]]
+    return [tok(render_chat(tok, as_messages(q)), add_special_tokens=False)["input_ids"] for q in qs]
+
+
+def _median_s(fn, repeats: int = 30) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _costs(dec: FastIVLDecoder, draft, b: int, prompt_len: int) -> dict:
+    """Seconds of one plain step, one draft step, and one verify over k + 1 positions per k (batch ``b``)."""
+    base, value = dec.base, dec.value
+    ids = torch.full((b,), 5, dtype=torch.int64)
+    cap = prompt_len + 64
+    out = {}
+    with torch.inference_mode():
+        for e in (base, value, draft):
+            e.allocate(b, cap)
+            e.prefill(torch.full((b, prompt_len), 5), torch.ones(b, prompt_len, dtype=torch.bool))
+        at = base.seq_lens.clone()
+
+        def step(engines):
+            def run():
+                for e in engines:
+                    e.decode(ids, kv_len=cap)
+                    e.rewind(at)
+
+            return run
+
+        out["base_step"] = _median_s(step([base]))
+        out["value_step"] = _median_s(step([value]))
+        out["draft_step"] = _median_s(step([draft]))
+        out["plain_step"] = out["base_step"] + out["value_step"]
+        out["draft_and_value_step"] = out["draft_step"] + out["value_step"]
+        for k in KS:
+            x = torch.full((b, k + 1), 5, dtype=torch.int64)
+
+            def verify(x=x):
+                base.extend(x, kv_len=cap)
+                base.rewind(at)
+
+            out[f"verify_{k + 1}"] = _median_s(verify)
+    return out
+
+
+def _tokens_per_round(a: float, k: int) -> float:
+    return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+
+
+def _break_even(ratio: float, k: int) -> float | None:
+    """The per-token acceptance a at which E(a) = ratio (round time / per-token time of the alternative)."""
+    if ratio <= 1:
+        return 0.0
+    if ratio > k + 1:
+        return None  # even accepting everything, a round costs more than k + 1 plain tokens
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _tokens_per_round(mid, k) < ratio else (lo, mid)
+    return (lo + hi) / 2
+
+
+def test_speculative_decoding_cpu(benchmark):
+    work = _demo_dir()
+    runs = int(os.environ.get("IVL_SPEC_RUNS", "3"))
+    large, small, value = work / "large", work / "small", work / "value"
+    alone = FastIVLDecoder.from_pretrained(large, None, scheme="base", device="cpu")
+    pair = FastIVLDecoder.from_pretrained(large, value, device="cpu")
+    spec = {k: FastIVLDecoder.from_pretrained(large, value, device="cpu", draft=small, num_draft_tokens=k) for k in KS}
+    prompts = _prompts(pair.tokenizer, work)
+    decs = {"large_alone": alone, "pair": pair, **{f"spec_k{k}": d for k, d in spec.items()}}
+    gen = dict(max_new_tokens=NEW, eos_token_id=[])
+    for b in BATCHES:  # greedy speculation is plain decoding, token for token
+        want = pair.generate(prompts[:b], **gen).sequences
+        for k, d in spec.items():
+            assert torch.equal(d.generate(prompts[:b], **gen).sequences, want), (b, k)
+    times = {(name, b): [] for name in decs for b in BATCHES}
+    stats: dict = {}
+
+    def rounds():
+        for _ in range(runs):
+            for b in BATCHES:
+                for name, d in decs.items():
+                    t0 = time.perf_counter()
+                    out = d.generate(prompts[:b], **gen)
+                    times[(name, b)].append(time.perf_counter() - t0)
+                    if name.startswith("spec"):
+                        stats[(name, b)] = {key: out.timings[key] for key in ("rounds", "drafted", "accepted")}
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    plen = max(len(p) for p in prompts)
+    results = {}
+    for b in BATCHES:
+        ms = {name: spread([1e3 * t / NEW for t in times[(name, b)]]) for name in decs}
+        costs = _costs(pair, spec[KS[0]].draft, b, plen)
+        row = {"ms_per_token": ms, "cost_model_s": costs, "speculative": {}}
+        for k in KS:
+            name = f"spec_k{k}"
+            st = stats[(name, b)]
+            acc = st["accepted"] / st["drafted"]
+            # the per-token acceptance a of the i.i.d. model that gives the measured tokens per round
+            per_round = (st["accepted"] + st["rounds"] * b) / (st["rounds"] * b)
+            round_s = (k + 1) * costs["draft_and_value_step"] + costs[f"verify_{k + 1}"]
+            row["speculative"][k] = {
+                "acceptance_rate": acc,
+                "tokens_per_round": per_round,
+                "predicted_round_s": round_s,
+                "break_even_acceptance_vs_pair": _break_even(round_s / costs["plain_step"], k),
+                "break_even_acceptance_vs_base_alone": _break_even(round_s / costs["base_step"], k),
+                "speedup_vs_pair": spread([a / s for a, s in zip(times[("pair", b)], times[(name, b)], strict=True)]),
+                "speedup_vs_base_alone": spread(
+                    [a / s for a, s in zip(times[("large_alone", b)], times[(name, b)], strict=True)]
+                ),
+            }
+        results[b] = row
+    lines = [f"\n{'batch':>5} {'config':>12} {'ms/token':>9} {'accept':>7} {'tok/round':>9} {'vs pair':>8}"]
+    for b, row in results.items():
+        for name, s in row["ms_per_token"].items():
+            sp = row["speculative"].get(int(name[6:])) if name.startswith("spec") else None
+            extra = (
+                f"{sp['acceptance_rate']:>7.2f} {sp['tokens_per_round']:>9.2f} {sp['speedup_vs_pair']['median']:>7.2f}x"
+                if sp
+                else ""
+            )
+            lines.append(f"{b:>5} {name:>12} {s['median']:>9.2f} {extra}")
+    print("\n".join(lines))
+    save_results(
+        {
+            "benchmark": "speculative IVL decoding (small + value draft, large + value verify) vs plain pair and base",
+            "config": {
+                "models": "the demo's: large 4x128 base, small 2x64 draft, value 2x64 (ivl-fast demo, seed 0), fp32",
+                "demo_dir": str(work),
+                "workload": f"the demo's held-out city questions, chat-rendered, greedy, {NEW} new tokens, EOS off",
+                "batches": list(BATCHES),
+                "num_draft_tokens": list(KS),
+                "runs": runs,
+                "threads": torch.get_num_threads(),
+            },
+            "results": {str(b): r for b, r in results.items()},
+        }
+    )
