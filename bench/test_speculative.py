@@ -16,6 +16,12 @@ with the base alone, and the measured speedup.
 
 IVL_DEMO_DIR: a full `ivl-fast demo` work dir (built there first when it holds none); IVL_SPEC_RUNS: timed rounds
 (default 3).
+
+The GPU floor (an analytic model, not a measurement: no GPU was lent): bytes a batch-1 step must read (every weight
+but the input embedding, bf16, plus a 256-column KV bucket) over the H100 SXM's 3.35 TB/s, for a TinyLlama-1.1B
+draft and value and a Llama-2-7B base (bench/configs); a verify over k + 1 positions reads the base's weights once.
+From it, per k, the acceptance at which speculation breaks even with the 7B base alone and with the plain pair,
+and the speedup the floor predicts at the acceptance measured here on the demo's models.
 """
 
 from __future__ import annotations
@@ -100,6 +106,51 @@ def _costs(dec: FastIVLDecoder, draft, b: int, prompt_len: int) -> dict:
     return out
 
 
+CONFIGS = Path(__file__).parent / "configs"
+HBM = 3.35e12  # H100 SXM bytes/s
+
+
+def _step_bytes(name: str, kv_cols: int = 256, dtype_bytes: int = 2) -> float:
+    """Bytes one batch-1 decode step of config ``name`` reads: every weight but the input embedding, and the K/V of
+    ``kv_cols`` columns."""
+    import json
+
+    c = json.loads((CONFIGS / f"{name}.json").read_text())
+    h, inter, layers, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = h // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter + 2 * h  # q, o; k, v; gate, up, down; two norms
+    weights = layers * per_layer + h + v * h  # + the final norm and the head
+    return dtype_bytes * (weights + layers * 2 * kv * kv_cols)
+
+
+def gpu_floor(acceptance: dict[int, float]) -> dict:
+    """The bandwidth floor of speculative rounds for a TinyLlama-1.1B draft + value and a Llama-2-7B base, per k:
+    round time, break-even acceptance against the base alone and the pair, and the speedups at ``acceptance``
+    (k -> the per-token acceptance measured on the demo)."""
+    d = v = _step_bytes("tinyllama-1.1b") / HBM
+    b = _step_bytes("llama-2-7b") / HBM
+    out = {"draft_or_value_step_ms": 1e3 * d, "base_step_ms": 1e3 * b, "pair_step_ms": 1e3 * (b + v), "per_k": {}}
+    for k in KS:
+        round_s = k * d + (k + 1) * v + b  # k draft steps, k + 1 value steps, one verify (the base's weights once)
+        e = _tokens_per_round(acceptance[k], k)
+        out["per_k"][k] = {
+            "round_ms": 1e3 * round_s,
+            "break_even_acceptance_vs_base_alone": _break_even(round_s / b, k),
+            "break_even_acceptance_vs_pair": _break_even(round_s / (b + v), k),
+            "acceptance_measured_on_demo": acceptance[k],
+            "ms_per_token_at_that_acceptance": 1e3 * round_s / e,
+            "speedup_vs_base_alone": b * e / round_s,
+            "speedup_vs_pair": (b + v) * e / round_s,
+        }
+    return out
+
+
+def _per_token_acceptance(tokens_per_round: float, k: int) -> float:
+    """The a of the i.i.d. model whose E(a) is the measured tokens per round."""
+    return _break_even(tokens_per_round, k) or 1.0
+
+
 def _tokens_per_round(a: float, k: int) -> float:
     return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
 
@@ -157,9 +208,11 @@ def test_speculative_decoding_cpu(benchmark):
             acc = st["accepted"] / st["drafted"]
             # the per-token acceptance a of the i.i.d. model that gives the measured tokens per round
             per_round = (st["accepted"] + st["rounds"] * b) / (st["rounds"] * b)
-            round_s = (k + 1) * costs["draft_and_value_step"] + costs[f"verify_{k + 1}"]
+            # k draft steps (the first a two-token extend, counted as one step), k + 1 value steps, one verify
+            round_s = k * costs["draft_step"] + (k + 1) * costs["value_step"] + costs[f"verify_{k + 1}"]
             row["speculative"][k] = {
                 "acceptance_rate": acc,
+                "per_token_acceptance": _per_token_acceptance(per_round, k),
                 "tokens_per_round": per_round,
                 "predicted_round_s": round_s,
                 "break_even_acceptance_vs_pair": _break_even(round_s / costs["plain_step"], k),
@@ -170,6 +223,7 @@ def test_speculative_decoding_cpu(benchmark):
                 ),
             }
         results[b] = row
+    floor = gpu_floor({k: results[1]["speculative"][k]["per_token_acceptance"] for k in KS})
     lines = [f"\n{'batch':>5} {'config':>12} {'ms/token':>9} {'accept':>7} {'tok/round':>9} {'vs pair':>8}"]
     for b, row in results.items():
         for name, s in row["ms_per_token"].items():
@@ -180,6 +234,12 @@ def test_speculative_decoding_cpu(benchmark):
                 else ""
             )
             lines.append(f"{b:>5} {name:>12} {s['median']:>9.2f} {extra}")
+    for k, f in floor["per_k"].items():
+        lines.append(
+            f"GPU floor k={k}: round {f['round_ms']:.2f} ms, break-even acceptance vs 7B alone "
+            f"{f['break_even_acceptance_vs_base_alone']:.2f}, at a={f['acceptance_measured_on_demo']:.2f}: "
+            f"{f['speedup_vs_base_alone']:.2f}x the 7B alone"
+        )
     print("\n".join(lines))
     save_results(
         {
@@ -194,5 +254,6 @@ def test_speculative_decoding_cpu(benchmark):
                 "threads": torch.get_num_threads(),
             },
             "results": {str(b): r for b, r in results.items()},
+            "gpu_floor_model": floor,
         }
     )

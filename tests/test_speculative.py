@@ -122,6 +122,8 @@ def test_emulated_graphs_equal_eager(models):
         assert torch.equal(graphed.sequences, eager.sequences), kw
         again = dec.generate(PROMPTS, max_new_tokens=14, **kw)  # replayed from the cache
         assert again.timings["graph_captures"] == 0 and torch.equal(again.sequences, eager.sequences)
+        for key in ("rounds", "drafted", "accepted"):  # the counters the replayed graphs update are this call's
+            assert again.timings[key] == graphed.timings[key] == eager.timings[key], key
 
 
 # ---------------------------------------------------------------------------------------- the output law

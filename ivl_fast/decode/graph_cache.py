@@ -51,6 +51,7 @@ class _Bucket:
     graphs: dict = field(default_factory=dict)  # graph key -> StepGraphs
     pools: dict = field(default_factory=dict)  # CUDA graph memory pools (dropped with the graphs, never reused)
     versions: tuple = ()  # the KV store versions the graphs captured
+    extras: dict = field(default_factory=dict)  # other persistent state the graphs read (name -> object)
 
 
 class GraphCache:
@@ -68,6 +69,14 @@ class GraphCache:
         if b is None or not b.buffers.fits(rows, cols, backend):
             b = self._buckets[bucket] = _Bucket(DecodeBuffers(rows, cols, vocab, self.device, backend))
         return b.buffers
+
+    def persistent(self, bucket, name: str, make: Callable[[], object]):
+        """Persistent state of ``bucket`` besides its buffers that its graphs read and write (made by ``make()``
+        once; replaced together with the buffers)."""
+        extras = self._buckets[bucket].extras
+        if name not in extras:
+            extras[name] = make()
+        return extras[name]
 
     def streams(self):
         """(capture stream, side stream): graphs are warmed up and captured on the stream they will use, so each

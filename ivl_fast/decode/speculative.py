@@ -16,10 +16,11 @@ exactly as plain IVL sampling. Greedy rows (q, p one-hot at their argmax, lowest
 it is the target's argmax, so the output is plain IVL greedy decoding token for token.
 
 A round, per row of the batch [B] (shapes in brackets):
-  feed y (the row's pending token), x_0 .. x_{k-1} to the draft and the value network (k + 1 steps each; the
-  draft's last logits are unused: it reads x_{k-1} so that its cache is complete when every draft is accepted)
-  -> base.extend([y, x_0 .. x_{k-1}]) [B, k + 1, V] -> accept / correct -> emit up to k + 1 tokens (cut at EOS
-  and at the row's budget) -> rewind every model's KV to what the row kept.
+  feed y (the row's pending token), x_0 .. x_{k-1} to the value network (k + 1 steps) and [p, y], x_0 .. x_{k-2}
+  to the draft (k steps, the first a two-token extend: p is the token before y, which the draft's cache lacks,
+  so the draft never computes logits nobody uses) -> base.extend([y, x_0 .. x_{k-1}]) [B, k + 1, V] -> accept /
+  correct -> emit up to k + 1 tokens (cut at EOS and at the row's budget) -> rewind every model's KV to what the
+  row kept (the draft's to one token less).
 No host sync inside (static shapes for a static k); penalties count the drafted tokens position by position.
 """
 
@@ -50,17 +51,22 @@ class SpecConfig:
 
 
 @dataclass
-class SpecStats:
-    """Device counters of a run (read once at the end): rounds, drafted and accepted tokens of live rows."""
+class SpecState:
+    """What rounds carry besides the decode buffers: ``prev`` [B], each row's token before its pending one (the
+    draft has read neither: a round's first draft step reads both, so the draft never runs a step whose logits go
+    unused); device counters of drafted and accepted tokens of live rows (read once at the end)."""
 
-    rounds: int
+    prev: torch.Tensor  # [B] int64
     drafted: torch.Tensor  # [] int64
     accepted: torch.Tensor  # [] int64
 
     @classmethod
-    def new(cls, device) -> SpecStats:
+    def new(cls, rows: int, device) -> SpecState:
         z = dict(dtype=torch.int64, device=device)
-        return cls(0, torch.zeros((), **z), torch.zeros((), **z))
+        return cls(torch.zeros(rows, **z), torch.zeros((), **z), torch.zeros((), **z))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.prev, self.drafted, self.accepted]
 
 
 def distribution(z: torch.Tensor, sp: SamplingParams, bufs: DecodeBuffers, counts, prompt_mask):
@@ -128,8 +134,21 @@ def _combine(zm: torch.Tensor, zv: torch.Tensor | None, alpha: float, v: int) ->
     return z if zv is None else z + alpha * zv[..., :v].float()
 
 
+def _penalize(z: torch.Tensor, sp: SamplingParams, bufs: DecodeBuffers, counts, prompt_mask) -> torch.Tensor:
+    if not sp.penalties_on:
+        return z
+    reps = z.shape[0] // bufs.rows
+
+    def per(x):
+        return x.repeat_interleave(reps) if isinstance(x, torch.Tensor) else x
+
+    return apply_penalties(
+        z, prompt_mask, counts, per(sp.repetition_penalty), per(sp.presence_penalty), per(sp.frequency_penalty)
+    )
+
+
 def speculative_round(
-    models: ModelSet, draft, bufs: DecodeBuffers, cfg: SpecConfig, eos: torch.Tensor, kv_len: int, stats: SpecStats
+    models: ModelSet, draft, bufs: DecodeBuffers, cfg: SpecConfig, eos: torch.Tensor, kv_len: int, state: SpecState
 ) -> None:
     """One round for every row of ``bufs`` (see the module docstring); in place, no host sync. ``kv_len``: cache
     columns every model attends to (>= every row's position + k + 1)."""
@@ -137,27 +156,34 @@ def speculative_round(
     sp = cfg.sampling
     use_value = value is not None and value in models.engines
     v = models.sampled_vocab
-    gen = None if sp.greedy else bufs.gen
+    greedy = sp.greedy
+    gen = None if greedy else bufs.gen
     live = ~bufs.finished  # [B]
     engines = [base, draft] + ([value] if use_value else [])
-    start = [e.seq_lens.clone() for e in engines]  # [B] each: the context every model has read, y excluded
+    start = [e.seq_lens.clone() for e in engines]  # [B] each: what every model has read (the draft: one less)
     pen = sp.penalties_on
     counts = bufs.output_counts.clone() if pen else None  # [B, V] the generated ids so far
     tok, xs, qs, zvs, bad = bufs.ids, [], [], [], torch.zeros_like(live)
     for j in range(k + 1):  # draft phase: the value network's logits at all k + 1 positions come from here
-        zd = draft.decode(tok, kv_len=kv_len)  # [B, V]
-        zv = value.decode(tok, kv_len=kv_len) if use_value else None
+        zv = value.decode(tok, kv_len=kv_len) if use_value else None  # [B, V]
         zvs.append(zv)
         if j == k:
             break
+        if j == 0:
+            zd = draft.extend(torch.stack([state.prev, tok], 1), kv_len=kv_len)[:, -1]
+        else:
+            zd = draft.decode(tok, kv_len=kv_len)
         zq = _combine(zd, zv, alpha, v)
         bad |= ~torch.isfinite(zq).all(-1)
-        _, q = distribution(zq, sp, bufs, counts, bufs.prompt_mask)
-        x = race(q, gen)
+        if greedy:  # q is one-hot at the (penalized) argmax: only the argmax is needed
+            x = _penalize(zq, sp, bufs, counts, bufs.prompt_mask).argmax(-1)
+        else:
+            _, q = distribution(zq, sp, bufs, counts, bufs.prompt_mask)
+            x = race(q, gen)
+            qs.append(q)
         if pen:
             counts = counts.scatter_add(1, x[:, None], torch.ones_like(x[:, None], dtype=counts.dtype))
         xs.append(x)
-        qs.append(q)
         tok = x
     x = torch.stack(xs, 1)  # [B, k]
     zb = base.extend(torch.cat([bufs.ids[:, None], x], 1), kv_len=kv_len)  # [B, k + 1, V]
@@ -169,17 +195,23 @@ def speculative_round(
         onehot[:, 1:].scatter_(2, x[..., None], 1)
         flat_counts = (bufs.output_counts[:, None] + onehot.cumsum(1)).reshape(-1, v)
         prompt_mask = bufs.prompt_mask.repeat_interleave(k + 1, 0)
-    zpen, p = distribution(zp.reshape(-1, v), sp, bufs, flat_counts, prompt_mask)
-    p = p.reshape(-1, k + 1, v)
-    n, tokens = accept(p, torch.stack(qs, 1), x, sp.greedy, gen)  # [B], [B, k + 1]
-    kept = _emit(bufs, cfg, eos, live, n, tokens, zpen.reshape(-1, k + 1, v), bad)  # [B] tokens emitted
+    if greedy:  # accept x_j iff it is the target's argmax; the first mismatch (or the bonus) is the argmax
+        zpen = _penalize(zp.reshape(-1, v), sp, bufs, flat_counts, prompt_mask).reshape(-1, k + 1, v)
+        top = zpen.argmax(-1)  # [B, k + 1]
+        n = (x == top[:, :k]).to(torch.int64).cumprod(1).sum(1)  # [B]
+        tokens = torch.cat([x, top[:, k:]], 1).scatter(1, n[:, None], top.gather(1, n[:, None]))
+    else:
+        zpen, p = distribution(zp.reshape(-1, v), sp, bufs, flat_counts, prompt_mask)
+        zpen = zpen.reshape(-1, k + 1, v)
+        n, tokens = accept(p.reshape(-1, k + 1, v), torch.stack(qs, 1), x, False, gen)  # [B], [B, k + 1]
+    kept = _emit(bufs, cfg, eos, live, n, tokens, zpen, bad, state)  # [B] tokens emitted
     for e, s in zip(engines, start, strict=True):  # each row's KV holds y and the drafts it kept
         e.rewind(s + kept)
-    stats.drafted += live.sum() * k
-    stats.accepted += torch.where(live, n, 0).sum()
+    state.drafted += live.sum() * k
+    state.accepted += torch.where(live, n, 0).sum()
 
 
-def _emit(bufs: DecodeBuffers, cfg: SpecConfig, eos, live, n, tokens, zpen, bad) -> torch.Tensor:
+def _emit(bufs: DecodeBuffers, cfg: SpecConfig, eos, live, n, tokens, zpen, bad, state: SpecState) -> torch.Tensor:
     """Write each live row's tokens 0..m (m: n, cut at its first EOS and at its budget) into its next output
     columns, with their log-probabilities; update penalties' counts, stop flags and the pending token.
     -> [B] tokens emitted per row (0 for finished rows)."""
@@ -204,9 +236,11 @@ def _emit(bufs: DecodeBuffers, cfg: SpecConfig, eos, live, n, tokens, zpen, bad)
     bufs.finished |= hit
     bufs.steps += torch.where(live, m + 1, 0)
     last = tokens.gather(1, m[:, None])[:, 0]
+    before = torch.where(m > 0, tokens.gather(1, (m - 1).clamp(min=0)[:, None])[:, 0], bufs.ids)  # token m - 1
+    state.prev.copy_(torch.where(live, before, state.prev))
     bufs.ids.copy_(torch.where(live, last, bufs.ids))
     bufs.done.copy_((bufs.finished.all() | bufs.bad.any()).to(torch.int32).reshape(1))
     return torch.where(live, m + 1, 0)
 
 
-__all__ = ["SpecConfig", "SpecStats", "accept", "distribution", "race", "speculative_round"]
+__all__ = ["SpecConfig", "SpecState", "accept", "distribution", "race", "speculative_round"]

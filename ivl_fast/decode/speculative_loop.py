@@ -24,7 +24,7 @@ from .buffers import DecodeBuffers
 from .graph_cache import GraphCache
 from .model_set import ModelSet
 from .options import GenerationOptions
-from .speculative import SpecConfig, SpecStats, speculative_round
+from .speculative import SpecConfig, SpecState, speculative_round
 from .step import StepConfig, emit, prefill_logits, sample
 from .stops import StopStringScanner, cut_at_stop_strings, nonfinite_error
 
@@ -69,7 +69,14 @@ class SpeculativeLoop:
         with torch.inference_mode():
             self.bufs.reset(options.pad_token_id, int(seed))
             self.eos = self.bufs.eos_buffer(options.eos_token_id)
-        self.stats = SpecStats.new(models.device)
+        if self.cache is not None:  # graphs captured by an earlier call read this bucket's state tensors
+            self.state = self.cache.persistent(self.bucket, "spec", lambda: SpecState.new(rows, models.device))
+        else:
+            self.state = SpecState.new(rows, models.device)
+        with torch.inference_mode():
+            self.state.drafted.zero_()
+            self.state.accepted.zero_()
+        self.rounds = 0
         self.steps = 0  # output columns every row has (the generate() view: the longest row's new tokens)
         self.prefill_s = 0.0
         self.captures = 0
@@ -98,7 +105,9 @@ class SpeculativeLoop:
             bufs.admit(rows, self.opts.max_new_tokens, self.opts.sampling, prompt, mask)
             t0 = time.perf_counter()
             zb, zv = prefill_logits(m, prompt, mask)
-            self.draft.prefill(prompt, mask)  # its logits are unused: a round starts by feeding the first token
+            self.draft.prefill(prompt, mask)  # its logits are unused: a round starts by reading [p, y]
+            self.draft.rewind(mask.sum(1) - 1)  # p: the prompt's last token, read again with y (same K/V)
+            self.state.prev.copy_(prompt[:, -1])
             self.prefill_s = time.perf_counter() - t0
             emit(bufs, self.first_cfg, self.eos, *sample(m, bufs, self.first_cfg, zb, zv))
         self._longest = int(mask.sum(1).max())
@@ -110,21 +119,21 @@ class SpeculativeLoop:
         need = self._longest + self.steps + self.k  # every row's pending position + k + 1 (host mirror)
         if self.cache is None:
             kv = min(need, self.capacity)
-            speculative_round(self.models, self.draft, self.bufs, self.cfg, self.eos, kv, self.stats)
+            speculative_round(self.models, self.draft, self.bufs, self.cfg, self.eos, kv, self.state)
         else:
             self.graphs(kv_bucket(need, self.capacity, self.cache.settings.kv_block)).replay_step()
-        self.stats.rounds += 1
+        self.rounds += 1
 
     def graphs(self, kv_len: int) -> StepGraphs:
         """The captured round of KV bucket ``kv_len`` (captured on a miss)."""
-        m, bufs, cfg, eos, stats = self.models, self.bufs, self.cfg, self.eos, self.stats
+        m, bufs, cfg, eos, state = self.models, self.bufs, self.cfg, self.eos, self.state
         key = cfg.graph_key(kv_len, m.alpha)
         versions = tuple(e.kv.version for e in self.engines)
-        mutable = (bufs.mutable() + [e.seq_lens for e in self.engines] + [stats.drafted, stats.accepted], bufs.gen)
+        mutable = (bufs.mutable() + [e.seq_lens for e in self.engines] + state.tensors(), bufs.gen)
         kind = self.cache.settings.kind
 
         def run():
-            speculative_round(m, self.draft, bufs, cfg, eos, kv_len, stats)
+            speculative_round(m, self.draft, bufs, cfg, eos, kv_len, state)
 
         def capture(pool):
             if kind == "cuda":  # warm up on the capture stream (lazy inits outside the graph)
@@ -147,21 +156,29 @@ class SpeculativeLoop:
         self.captures += int(new)
         return graphs
 
-    def _sync(self) -> bool:
-        """The round's one host read: NaN/inf, every row finished, the longest row; -> every row finished."""
+    def _sync(self) -> tuple[bool, int]:
+        """The round's one host read: NaN/inf, every row finished, the longest row, the output columns every row
+        has (finished rows: up to their last token); -> (every row finished, columns ready)."""
         b, bufs = len(self._checked), self.bufs
-        bad, done, longest = torch.stack(
-            [bufs.bad[:b].any().to(torch.int64), bufs.finished[:b].all().to(torch.int64), bufs.steps[:b].max()]
-        ).tolist()
+        fin, steps = bufs.finished[:b], bufs.steps[:b]
+        ends = torch.where(fin, bufs.stop_step[:b] + 1, steps)
+        ready = torch.where(fin, torch.full_like(steps, 1 << 40), steps).min()  # unfinished rows' columns
+        flags = torch.stack([bufs.bad[:b].any().to(torch.int64), fin.all().to(torch.int64), steps.max(), ready])
+        bad, done, longest, ready = flags.tolist()
         if bad:
             rows = bufs.bad[:b].nonzero().flatten().tolist()
             raise nonfinite_error(rows, 0, longest)
         self.steps = max(self.steps, longest)
         if self.stops is not None:
-            emitted = dict(enumerate(bufs.steps[:b].tolist()))
+            emitted = dict(enumerate(steps.tolist()))
             cut_at_stop_strings(bufs, self.stops, self._checked, emitted, self.opts.pad_token_id)
-            done = bool(bufs.finished[:b].all())
-        return bool(done)
+            fin = bufs.finished[:b]
+            done = bool(fin.all())
+            ends = torch.where(fin, bufs.stop_step[:b] + 1, steps)
+            ready = int(torch.where(fin, torch.full_like(steps, 1 << 40), steps).min())
+        if done:
+            ready = int(ends.max())
+        return bool(done), min(int(ready), self.opts.max_new_tokens)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """After :meth:`start`: yield the ids [B] of each output column once every row has it (finished rows:
@@ -169,31 +186,20 @@ class SpeculativeLoop:
         b = len(self._checked)
         n = self.opts.max_new_tokens
         yielded = 0
-        done = False
         with torch.inference_mode(), self.on_device():
-            done = self._sync()
+            done, ready = self._sync()
         while True:
             with torch.inference_mode():
-                ready_to = self._ready(b, done)
-                cols = [self.bufs.out[:b, c].clone() for c in range(yielded, ready_to)]
-            yielded = ready_to
+                cols = [self.bufs.out[:b, c].clone() for c in range(yielded, ready)]
+            yielded = ready
             yield from cols
             if done or yielded >= n:
                 break
             with torch.inference_mode(), self.on_device():
                 self._round()
-                done = self._sync()
+                done, ready = self._sync()
         if done:  # the columns after the last row stopped are not steps
-            with torch.inference_mode():
-                self.steps = int(torch.where(self.bufs.finished[:b], self.bufs.stop_step[:b] + 1, 0).max())
-
-    def _ready(self, b: int, done: bool) -> int:
-        """Output columns every row of the batch has (host sync)."""
-        bufs = self.bufs
-        if done:
-            return int(torch.where(bufs.finished[:b], bufs.stop_step[:b] + 1, bufs.steps[:b]).max())
-        have = torch.where(bufs.finished[:b], torch.full_like(bufs.steps[:b], 1 << 40), bufs.steps[:b])
-        return min(int(have.min()), self.opts.max_new_tokens)
+            self.steps = yielded
 
     def num_new_tokens(self, b: int) -> torch.Tensor:
         bufs = self.bufs
@@ -202,9 +208,9 @@ class SpeculativeLoop:
 
     def timings(self) -> dict:
         """rounds, drafted and accepted tokens (live rows) and the acceptance rate of this run (host sync)."""
-        drafted, accepted = int(self.stats.drafted), int(self.stats.accepted)
+        drafted, accepted = int(self.state.drafted), int(self.state.accepted)
         return {
-            "rounds": self.stats.rounds,
+            "rounds": self.rounds,
             "num_draft_tokens": self.k,
             "drafted": drafted,
             "accepted": accepted,
