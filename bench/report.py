@@ -13,6 +13,10 @@ BENCH_START = "<!-- bench-results: made by `python docs/update_readme.py` from b
 BENCH_END = "<!-- /bench-results -->"
 MUTATION_START = "<!-- mutation-results: made by `python docs/update_readme.py` from bench/results/mutation.json -->"
 MUTATION_END = "<!-- /mutation-results -->"
+SPEC_START = (
+    "<!-- speculative-floor: made by `python docs/update_readme.py` from bench/results/speculative_cpu.json -->"
+)
+SPEC_END = "<!-- /speculative-floor -->"
 MIB = 2**20
 
 
@@ -137,7 +141,61 @@ def benchmark_rows() -> list[str]:
                 "decode_core_refactor_cpu.json",
             )
         )
+    if sp := _load("speculative_cpu.json"):
+        rows.append(_row(*_speculative_row(sp), "speculative_cpu.json"))
     return rows
+
+
+def _speculative_row(sp: dict) -> tuple[str, dict, str]:
+    res = sp["results"]
+    parts = []
+    for b, r in res.items():
+        ms = r["ms_per_token"]
+        ks = ", ".join(
+            f"k={k}: accepted {s['acceptance_rate']:.2f}, {s['tokens_per_round']:.2f} tokens/round, "
+            f"{ms[f'spec_k{k}']['median']:.2f} ms/token = **{s['speedup_vs_pair']['median']:.2f}x** the pair's speed"
+            for k, s in r["speculative"].items()
+        )
+        parts.append(
+            f"batch {b}: large alone {_range(ms['large_alone'], '.2f', ' ms/token')}, pair "
+            f"{_range(ms['pair'], '.2f', ' ms/token')}; {ks}"
+        )
+    c = res["1"]["cost_model_s"]
+    parts.append(
+        f"cost model (batch 1): plain step {1e3 * c['plain_step']:.2f} ms, draft step {1e3 * c['draft_step']:.2f} ms, "
+        f"value step {1e3 * c['value_step']:.2f} ms, verify over 3 positions {1e3 * c['verify_3']:.2f} ms"
+    )
+    what = (
+        "speculative IVL decoding: the demo's small + value drafting for large + value (seed 0 models, fp32), "
+        f"greedy, {sp['config']['workload'].split(', ')[2]}, against plain pair decoding and the large base alone"
+    )
+    return what, sp, "; ".join(parts)
+
+
+def speculative_floor_block() -> str:
+    sp = _load("speculative_cpu.json")
+    return "\n".join([SPEC_START, speculative_floor_table(sp) if sp else "(no results yet)", SPEC_END])
+
+
+def speculative_floor_table(sp: dict) -> str:
+    """README's GPU floor of speculative rounds (an analytic model in bench/results/speculative_cpu.json)."""
+    f = sp["gpu_floor_model"]
+    lines = [
+        "| k | round floor | break-even acceptance vs 7B alone | vs 7B + 1.1B pair | at the demo's acceptance a: "
+        "ms/token, vs 7B alone |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for k, r in f["per_k"].items():
+        lines.append(
+            f"| {k} | {r['round_ms']:.2f} ms | {r['break_even_acceptance_vs_base_alone']:.2f} | "
+            f"{r['break_even_acceptance_vs_pair']:.2f} | a = {r['acceptance_measured_on_demo']:.2f}: "
+            f"{r['ms_per_token_at_that_acceptance']:.2f} ms, **{r['speedup_vs_base_alone']:.2f}x** |"
+        )
+    head = (
+        f"Per step: TinyLlama-1.1B {f['draft_or_value_step_ms']:.2f} ms, Llama-2-7B {f['base_step_ms']:.2f} ms, "
+        f"the pair {f['pair_step_ms']:.2f} ms per token."
+    )
+    return "\n".join([head, "", *lines])
 
 
 def benchmarks_block() -> str:

@@ -1,5 +1,6 @@
 """Rewrite README's generated blocks from the committed JSON (run from the repository root): the demo results,
-the benchmark table (bench/results/*.json) and the mutation-testing table (bench/results/mutation.json).
+the benchmark table (bench/results/*.json), the mutation-testing table (bench/results/mutation.json) and the
+speculative decoding floor (bench/results/speculative_cpu.json).
 
 ivl-fast demo --work-dir /tmp/d0 && cp /tmp/d0/results.json docs/demo_results.json && cp /tmp/d0/results.png docs/
 ivl-fast demo --seed 1 --work-dir /tmp/d1 && cp /tmp/d1/results.json docs/demo_results_seed1.json   (and seed 2)
@@ -26,6 +27,7 @@ def main() -> None:
     readme = readme[:a] + readme_block(main_run, others) + readme[b:]
     readme = report.replace_block(readme, report.BENCH_START, report.BENCH_END, report.benchmarks_block())
     readme = report.replace_block(readme, report.MUTATION_START, report.MUTATION_END, report.mutation_block())
+    readme = report.replace_block(readme, report.SPEC_START, report.SPEC_END, report.speculative_floor_block())
     (ROOT / "README.md").write_text(readme)
 
 

@@ -46,6 +46,7 @@ def test_readme_benchmark_and_mutation_tables_are_rendered_from_the_committed_js
     report, readme = _report(), (ROOT / "README.md").read_text()
     assert report.benchmarks_block() in readme, "README's benchmark table differs: run python docs/update_readme.py"
     assert report.mutation_block() in readme, "README's mutation table differs: run python docs/update_readme.py"
+    assert report.speculative_floor_block() in readme, "README's speculative floor differs: run docs/update_readme.py"
 
 
 def test_every_committed_result_records_its_provenance():
@@ -70,3 +71,18 @@ def test_every_committed_result_records_its_provenance():
 
         for s in spreads(data):
             assert s["min"] <= s["median"] <= s["max"] and s["runs"] == len(s["samples"]) >= 2, path.name
+
+
+def test_readme_speculative_prose_holds_for_the_committed_results():
+    """The claims README's speculative-decoding section makes in words, against bench/results/speculative_cpu.json."""
+    res = json.loads((ROOT / "bench" / "results" / "speculative_cpu.json").read_text())
+    assert not res["provenance"]["dirty"]
+    one = res["results"]["1"]
+    c = one["cost_model_s"]
+    assert 0.25 < c["draft_step"] / c["plain_step"] < 0.4  # "about a third of a plain pair step"
+    assert 0.7 < c["value_step"] / c["draft_step"] < 1.4  # "the value network's step as much again"
+    spec = one["speculative"]
+    assert all(s["break_even_acceptance_vs_base_alone"] is None for s in spec.values())  # "costs more than the base"
+    assert all(s["break_even_acceptance_vs_pair"] >= 0.75 for s in spec.values())  # "above about 0.8"
+    speed = {k: s["speedup_vs_pair"]["median"] for k, s in spec.items()}
+    assert max(speed, key=speed.get) == "2" and 0.85 <= speed["2"] < 1  # "best k is 2, about 0.9x": goal not met
