@@ -267,3 +267,27 @@ def test_lm_eval_model_args_take_a_draft(pair, draft_dir):
         IVLLM(base=str(base_dir), value=str(value_dir), num_draft_tokens=2)
     with pytest.raises(ValueError, match="num_draft_tokens must be an integer"):
         IVLLM(base=str(base_dir), value=str(value_dir), draft=str(draft_dir), num_draft_tokens="x")
+
+
+def test_cli_eval_with_a_draft_gives_the_same_results(pair, draft_dir, tmp_path, capsys):
+    """`ivl-fast eval --draft`: lm-eval's generation results (greedy) are those of the run without a draft."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from test_lm_eval import write_tasks
+
+    (tmp_path / "tasks").mkdir()
+    write_tasks(tmp_path / "tasks")
+    _, _, base_dir, value_dir = pair
+    results = []
+    for extra in ([], ["--draft", draft_dir, "--num-draft-tokens", "2"]):
+        out = tmp_path / f"out{len(results)}"
+        out.mkdir()
+        argv = ["eval", "--base", base_dir, "--value", value_dir, "--tasks", "ivl_gen", "--include-path"]
+        argv += [tmp_path / "tasks", "--limit", 3, "--output-path", out, "--device", "cpu", *extra]
+        rc, _, err = _cli(capsys, *argv)
+        assert rc == 0, err
+        (written,) = out.iterdir()
+        results.append(json.loads(written.read_text()))
+    assert results[1]["config"]["model_args"]["draft"] == str(draft_dir)
+    assert results[0]["results"] == results[1]["results"]
