@@ -30,7 +30,11 @@ IVL_BENCH_OUT="$OUT/combine_and_sample.json" $PY -m pytest -q -s bench/test_comb
   -p no:cacheprovider > "$OUT/combine_and_sample.log" 2>&1
 IVL_BENCH_OUT="$OUT/fused_ce_l1.json" $PY -m pytest -q -s bench/test_fused_ce_l1.py -p no:cacheprovider \
   > "$OUT/fused_ce_l1.log" 2>&1
+# 5. speculative rounds (#16): per-step costs, break-even acceptance, draft = base as the all-accepted bound
+IVL_BENCH_OUT="$OUT/speculative_gpu.json" $PY -m pytest -q -s bench/test_speculative.py -k gpu -p no:cacheprovider \
+  > "$OUT/speculative.log" 2>&1
 # the short table, last
 tail -n 3 "$OUT/tests.log"
 sed -n '/decode summary/,$p' "$OUT/decode.log" | head -n 20
 tail -n 5 "$OUT/combine_and_sample.log" "$OUT/fused_ce_l1.log"
+tail -n 12 "$OUT/speculative.log"

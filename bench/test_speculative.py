@@ -31,6 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import save_results, spread
 
@@ -61,11 +62,14 @@ def _prompts(tok, work: Path) -> list[list[int]]:
 
 
 def _median_s(fn, repeats: int = 30) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU work is asynchronous
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -73,13 +77,16 @@ def _median_s(fn, repeats: int = 30) -> float:
 def _costs(dec: FastIVLDecoder, draft, b: int, prompt_len: int) -> dict:
     """Seconds of one plain step, one draft step, and one verify over k + 1 positions per k (batch ``b``)."""
     base, value = dec.base, dec.value
-    ids = torch.full((b,), 5, dtype=torch.int64)
+    dev = base.device
+    ids = torch.full((b,), 5, dtype=torch.int64, device=dev)
     cap = prompt_len + 64
     out = {}
     with torch.inference_mode():
         for e in (base, value, draft):
             e.allocate(b, cap)
-            e.prefill(torch.full((b, prompt_len), 5), torch.ones(b, prompt_len, dtype=torch.bool))
+            e.prefill(
+                torch.full((b, prompt_len), 5, device=dev), torch.ones(b, prompt_len, dtype=torch.bool, device=dev)
+            )
         at = base.seq_lens.clone()
 
         def step(engines):
@@ -96,7 +103,7 @@ def _costs(dec: FastIVLDecoder, draft, b: int, prompt_len: int) -> dict:
         out["plain_step"] = out["base_step"] + out["value_step"]
         out["draft_and_value_step"] = out["draft_step"] + out["value_step"]
         for k in KS:
-            x = torch.full((b, k + 1), 5, dtype=torch.int64)
+            x = torch.full((b, k + 1), 5, dtype=torch.int64, device=dev)
 
             def verify(x=x):
                 base.extend(x, kv_len=cap)
@@ -255,5 +262,62 @@ def test_speculative_decoding_cpu(benchmark):
             },
             "results": {str(b): r for b, r in results.items()},
             "gpu_floor_model": floor,
+        }
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU configs need a CUDA device")
+def test_speculative_round_costs_gpu(benchmark):
+    """On the device (NOT YET RUN: no GPU was lent so far): random-weight TinyLlama-1.1B draft and value and a
+    Llama-2-7B base (bench/configs, bf16), batch 1. Random weights give meaningless acceptance, so this reports the
+    per-step costs and the break-even acceptance, and draft = base (every draft accepted) as the all-accepted
+    bound, against the 7B alone and the pair, in one run.
+
+        IVL_BENCH_OUT=$OUT/speculative_gpu.json pytest -q -s bench/test_speculative.py -k gpu
+    """
+    from conftest import load_config
+    from test_decode import _random_hf
+
+    dev, dtype = "cuda", torch.bfloat16
+    base_hf = _random_hf(load_config("llama-2-7b"), dev, dtype, 0)
+    small_hf = _random_hf(load_config("tinyllama-1.1b"), dev, dtype, 1)
+    value_hf = _random_hf(load_config("tinyllama-1.1b"), dev, dtype, 2)
+    prompts = [list(range(1, 129))]
+    gen = dict(max_new_tokens=128, eos_token_id=[])
+    decs = {
+        "base_alone": FastIVLDecoder(base_hf, None, scheme="base"),
+        "pair": FastIVLDecoder(base_hf, value_hf),
+        **{f"spec_k{k}": FastIVLDecoder(base_hf, value_hf, draft_model=small_hf, num_draft_tokens=k) for k in KS},
+        **{f"bound_k{k}": FastIVLDecoder(base_hf, value_hf, draft_model=base_hf, num_draft_tokens=k) for k in KS},
+    }
+    for d in decs.values():
+        d.generate(prompts, **gen)  # warm-up: allocation, compilation, graph capture
+    times = {k: [] for k in decs}
+    accept = {}
+
+    def rounds():
+        for _ in range(3):
+            for name, d in decs.items():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = d.generate(prompts, **gen)
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+                accept[name] = out.timings.get("acceptance_rate")
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    ms = {k: spread([1e3 * t / gen["max_new_tokens"] for t in v]) for k, v in times.items()}
+    costs = _costs(decs["pair"], decs[f"spec_k{KS[0]}"].draft, 1, len(prompts[0]))
+    for line in (f"{k:>12} {v['median']:.2f} ms/token acceptance {accept[k]}" for k, v in ms.items()):
+        print(line)
+    save_results(
+        {
+            "benchmark": "speculative rounds on the GPU: TinyLlama-1.1B draft + value, Llama-2-7B base (random bf16)",
+            "config": {"batch": 1, "prompt": 128, "new_tokens": 128, "num_draft_tokens": list(KS)},
+            "device": torch.cuda.get_device_name(),
+            "ms_per_token": ms,
+            "acceptance_rate": accept,
+            "cost_model_s": costs,
+            "gpu_floor_model": gpu_floor({k: 1.0 for k in KS}),
         }
     )
