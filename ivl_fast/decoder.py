@@ -339,14 +339,20 @@ class FastIVLDecoder:
         """Summed log-probability of each whole text (or token-id list), in disjoint windows of ``max_length``."""
         return loglikelihood_rolling(self.models, self.tokenizer, texts, max_length or self.max_context, batch_size)
 
-    def open_batch(self, slots: int, max_seq_len: int, *, generation_config=None, **options) -> DecodeLoop:
+    def open_batch(
+        self, slots: int, max_seq_len: int, *, generation_config=None, per_request: bool = False, **options
+    ) -> DecodeLoop:
         """A persistent batch of ``slots`` rows for continuous batching: ``admit(ids)`` a request into a free slot
         between rounds, ``step()`` one round, ``tokens(slot)``, ``retire(slot)``. Each slot's KV holds
-        ``max_seq_len`` tokens (prompt + new); ``options`` as for :meth:`generate` (per-request budgets at admit)."""
+        ``max_seq_len`` tokens (prompt + new); ``options`` as for :meth:`generate` (per-request budgets at admit;
+        with ``per_request=True`` also per-request sampling values: ``admit(ids, n, sampling=SamplingParams(...))``,
+        ``options`` being the defaults)."""
         if self.draft is not None:
             raise ValueError("open_batch does not support a draft model yet (speculative continuous batching)")
         opts, cache = self.options(generation_config, **options), self.graph_cache.for_models(self.models)
-        return open_slots(self.models, opts, cache, slots, max_seq_len, self.kv_block, self.sync_every)
+        return open_slots(
+            self.models, opts, cache, slots, max_seq_len, self.kv_block, self.sync_every, per_request=per_request
+        )
 
     def capture_graphs(
         self, batch_sizes=(1,), max_seq_len: int | None = None, *, continuous: bool = False, **generate_kwargs

@@ -144,3 +144,33 @@ def test_captured_ahead_continuous_batches_capture_nothing_later(models):
     while not (batch.is_finished(a) and batch.is_finished(b)):
         batch.step()
     assert dec.graph_captures == before  # every round replayed a graph captured at start-up
+
+
+@pytest.mark.parametrize("graphs", ["off", "emulate"])
+def test_per_request_sampling_values_each_decode_as_alone(models, graphs):
+    """A batch opened with per_request=True: every request brings its own values (greedy, a penalty, sampling
+    restricted to one token, a plain greedy default) and each decodes as generate() with those options alone."""
+    from ivl_fast.sampling import SamplingParams
+
+    base, value = models
+    dec = FastIVLDecoder(base, value, graphs=graphs, kv_block=8)
+    cases = [
+        (R, dict()),
+        (OTHERS[0], dict(repetition_penalty=1.5, presence_penalty=0.4)),
+        (OTHERS[1], dict(do_sample=True, temperature=0.7, top_k=1, seed=0)),
+        (OTHERS[2], dict(frequency_penalty=0.8)),
+    ]
+    batch = dec.open_batch(slots=4, max_seq_len=40, eos_token_id=[], per_request=True)
+    slots = []
+    for ids, opts in cases:
+        sampling = None if not opts else dec.options(**opts).sampling
+        slots.append(batch.admit(ids, max_new_tokens=10, sampling=sampling))
+        batch.step()
+    while not all(batch.is_finished(s) for s in slots):
+        batch.step()
+    for (ids, opts), s in zip(cases, slots, strict=True):
+        want = dec.generate([ids], max_new_tokens=10, eos_token_id=[], **opts).sequences[0, len(ids) :].tolist()
+        assert batch.tokens(s) == want, opts
+    plain = dec.open_batch(slots=2, max_seq_len=40, eos_token_id=[])
+    with pytest.raises(ValueError, match="per_request=True"):
+        plain.admit(R, 4, sampling=SamplingParams(False))

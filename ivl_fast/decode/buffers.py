@@ -93,9 +93,12 @@ class DecodeBuffers:
         self.gen.manual_seed(seed)
 
     @torch.inference_mode()
-    def admit(self, rows: torch.Tensor, budget: int, sampling: SamplingParams, prompt=None, mask=None) -> None:
+    def admit(
+        self, rows: torch.Tensor, budget: int, sampling: SamplingParams, prompt=None, mask=None, record_prompt=None
+    ) -> None:
         """Reset the slots ``rows`` [n] (int64, on device) for new requests of ``budget`` new tokens each; with
-        penalties on, record their prompts ``prompt`` [n, T] (``mask`` [n, T] marks the real tokens)."""
+        penalties on (``record_prompt``, default: ``sampling``'s), record their prompts ``prompt`` [n, T] (``mask``
+        [n, T] marks the real tokens)."""
         self.out.index_fill_(0, rows, self.pad_id)
         self.logprobs.index_fill_(0, rows, 0.0)
         for buf, value in (
@@ -104,7 +107,7 @@ class DecodeBuffers:
             (self.stop_step, 0),
             (self.limit, budget),
             (self.bad, False),
-            (self.temperature, sampling.temperature),
+            (self.temperature, 0.0 if sampling.greedy else sampling.temperature),  # a greedy row reads t = 0
             (self.top_k, sampling.top_k),
             (self.top_p, sampling.top_p),
             (self.min_p, sampling.min_p),
@@ -117,7 +120,7 @@ class DecodeBuffers:
             else:
                 buf.index_fill_(0, rows, value)
         self.done.zero_()
-        if sampling.penalties_on:
+        if sampling.penalties_on if record_prompt is None else record_prompt:
             self.ensure_penalty_buffers()
             self.output_counts.index_fill_(0, rows, 0)
             # padding goes to an extra column that is dropped: only real prompt ids are penalised

@@ -21,6 +21,7 @@ import torch
 from ..graphs import kv_bucket, run_cpp, run_python
 from ..models.engine import supports
 from ..ops._backend import pick_backend
+from ..sampling import SamplingParams
 from .buffers import DecodeBuffers
 from .cross_vocab import Retokenizer
 from .graph_cache import GraphCache, capture_step
@@ -40,7 +41,10 @@ class DecodeLoop:
     ``capacity``).
 
     graph_cache: graphs and persistent buffers (None, or a cache whose settings say no graphs: eager);
-    retokenizer: the base's re-tokenizer across vocabularies; stops: the stop-string scanner.
+    retokenizer: the base's re-tokenizer across vocabularies; stops: the stop-string scanner. per_request (a
+    continuous batch): every request brings its own sampling values to :meth:`admit` (``options`` give the
+    defaults); each step then applies every warper and penalty with each row's values (a row at the neutral
+    values is unchanged, a row at temperature 0 is greedy).
     """
 
     def __init__(
@@ -58,8 +62,12 @@ class DecodeLoop:
         graph_cache: GraphCache | None = None,
         stops: StopStringScanner | None = None,
         retokenizer: Retokenizer | None = None,
+        per_request: bool = False,
     ):
+        if per_request and not continuous:
+            raise ValueError("per_request sampling needs a continuous batch")
         self.models, self.opts, self.k = models, options, sync_every
+        self.request_sampling = options.sampling  # what admit() gives a request that brings no values
         self.capacity, self.stops, self.retok = capacity, stops, retokenizer
         dev = models.device
         self.backend = pick_backend(models.sample_backend, dev)
@@ -76,8 +84,26 @@ class DecodeLoop:
         self.requests = slots if requests is None else requests
         self.max_seq_len = capacity if max_seq_len is None else max_seq_len
         sp = options.sampling
+        if per_request:  # the step's shape: every warper and penalty on, the values read from the buffers
+            b = self.bufs
+            sp = SamplingParams.trusted(
+                True,
+                b.temperature,
+                b.top_k,
+                b.top_p,
+                b.min_p,
+                repetition_penalty=b.repetition_penalty,
+                presence_penalty=b.presence_penalty,
+                frequency_penalty=b.frequency_penalty,
+            )
+        self.per_request = per_request
         self.cfg = StepConfig(
-            sp, options.return_logprobs, self.backend, kind is not None, len(options.eos_token_id), slots=continuous
+            sp,
+            options.return_logprobs,
+            self.backend,
+            kind is not None or per_request,
+            len(options.eos_token_id),
+            slots=continuous,
         )
         self._lean = models.all_support("graphs")  # kv_len= is honoured
         seed = options.seed or 0
@@ -120,9 +146,14 @@ class DecodeLoop:
         self.prompt = prompt
         self._admit(list(range(b)), prompt, mask, self.opts.max_new_tokens)
 
-    def admit(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> int:
+    def admit(
+        self, prompt_ids: list[int], max_new_tokens: int | None = None, sampling: SamplingParams | None = None
+    ) -> int:
         """Prefill one request into a free slot between rounds (the other rows are untouched) and emit its first
-        token; -> the slot. Its greedy tokens are the same as when it runs alone."""
+        token; -> the slot. Its greedy tokens are the same as when it runs alone. ``sampling``: this request's
+        values (scalars; a batch opened with ``per_request=True`` only)."""
+        if sampling is not None and not self.per_request:
+            raise ValueError("sampling per request needs a batch opened with per_request=True")
         if not self.cfg.slots:
             raise ValueError("admit() needs a continuous batch (FastIVLDecoder.open_batch)")
         if self.retok is not None or not self.models.all_support("slots"):
@@ -140,7 +171,8 @@ class DecodeLoop:
                 f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
             )
         ids, mask = pack_prompts([list(prompt_ids)], None, self.opts.pad_token_id, self.models.vocab_size)
-        self._admit([free[0]], ids.to(self.models.device), mask.to(self.models.device), budget)
+        dev = self.models.device
+        self._admit([free[0]], ids.to(dev), mask.to(dev), budget, sampling or self.request_sampling)
         return free[0]
 
     def retire(self, slot: int) -> None:
@@ -151,13 +183,15 @@ class DecodeLoop:
         for d in (self.length, self.emitted, self.budget, self.checked):
             d.pop(slot)
 
-    def _admit(self, slots: list[int], prompt, mask, budget: int) -> None:
+    def _admit(self, slots: list[int], prompt, mask, budget: int, sampling: SamplingParams | None = None) -> None:
         m, bufs = self.models, self.bufs
         n = len(slots)
         whole = n == self.rows
         rows_t = torch.tensor(slots, dtype=torch.int64, device=m.device)
         with torch.inference_mode(), self.on_device():
-            bufs.admit(rows_t, budget, self.opts.sampling, prompt, mask)
+            sampling = sampling or self.request_sampling
+            record = self.cfg.sampling.penalties_on  # the step applies penalties: every row needs its prompt
+            bufs.admit(rows_t, budget, sampling, prompt, mask, record_prompt=record)
             t0 = time.perf_counter()
             if self.retok is not None:
                 zb, zv = self._cross_vocab_prefill(prompt, mask)

@@ -109,9 +109,17 @@ def capture_buckets(
 
 
 def open_slots(
-    models: ModelSet, opts: GenerationOptions, graph_cache, slots: int, max_seq_len: int, kv_block: int, sync_every: int
+    models: ModelSet,
+    opts: GenerationOptions,
+    graph_cache,
+    slots: int,
+    max_seq_len: int,
+    kv_block: int,
+    sync_every: int,
+    per_request: bool = False,
 ) -> DecodeLoop:
-    """An empty persistent batch of ``slots`` requests of up to ``max_seq_len`` tokens each (prompt + new)."""
+    """An empty persistent batch of ``slots`` requests of up to ``max_seq_len`` tokens each (prompt + new);
+    ``per_request``: each request brings its own sampling values (:class:`DecodeLoop`)."""
     if opts.stop_strings is not None or opts.num_return_sequences != 1:
         raise ValueError("open_batch supports neither stop_strings nor num_return_sequences yet")
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
@@ -130,6 +138,7 @@ def open_slots(
         out_cols=max_seq_len - 1,
         sync_every=sync_every,
         graph_cache=graph_cache,
+        per_request=per_request,
     )
 
 
