@@ -174,3 +174,22 @@ def test_per_request_sampling_values_each_decode_as_alone(models, graphs):
     plain = dec.open_batch(slots=2, max_seq_len=40, eos_token_id=[])
     with pytest.raises(ValueError, match="per_request=True"):
         plain.admit(R, 4, sampling=SamplingParams(False))
+
+
+def test_per_request_alpha_each_row_decodes_with_its_own_weight(models):
+    """alpha per request in one batch (the torch sampler): 0 = the base alone, 1 = full IVL, 0.5 between; each row
+    equals a decoder with that alpha alone. The fused kernel takes one alpha: refused there, naming it."""
+    base, value = models
+    dec = FastIVLDecoder(base, value, sample_backend="torch")
+    batch = dec.open_batch(slots=3, max_seq_len=40, eos_token_id=[], per_request=True)
+    slots = {a: batch.admit(ids, 10, alpha=a) for a, ids in zip((0.0, 1.0, 0.5), (R, OTHERS[0], OTHERS[1]))}
+    while not all(batch.is_finished(s) for s in slots.values()):
+        batch.step()
+    for a, ids in zip((0.0, 1.0, 0.5), (R, OTHERS[0], OTHERS[1]), strict=True):
+        alone = FastIVLDecoder(base, value, alpha=a, sample_backend="torch")
+        assert batch.tokens(slots[a]) == _alone(alone, ids, 10), a
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        dec.open_batch(slots=1, max_seq_len=40, per_request=True).admit(R, 4, alpha=float("nan"))
+    fused = FastIVLDecoder(base, value, sample_backend="triton")
+    with pytest.raises(ValueError, match="per-request alpha needs the torch sampler"):
+        fused.open_batch(slots=1, max_seq_len=40, per_request=True).admit(R, 4, alpha=0.5)

@@ -43,6 +43,7 @@ class DecodeBuffers:
         self.repetition_penalty = torch.ones(rows, **f32)
         self.presence_penalty = torch.zeros(rows, **f32)
         self.frequency_penalty = torch.zeros(rows, **f32)
+        self.alpha = torch.ones(rows, **f32)  # the value network's weight per row (per-request batches)
         self.prompt_mask: torch.Tensor | None = None  # [rows, vocab] bool: ids in each row's prompt (penalties)
         self.output_counts: torch.Tensor | None = None  # [rows, vocab] int32: each row's generated ids
         self.gen = torch.Generator(device=device)  # the torch sampler's RNG (persistent: graphs replay with it)
@@ -94,7 +95,14 @@ class DecodeBuffers:
 
     @torch.inference_mode()
     def admit(
-        self, rows: torch.Tensor, budget: int, sampling: SamplingParams, prompt=None, mask=None, record_prompt=None
+        self,
+        rows: torch.Tensor,
+        budget: int,
+        sampling: SamplingParams,
+        prompt=None,
+        mask=None,
+        record_prompt=None,
+        alpha: float = 1.0,
     ) -> None:
         """Reset the slots ``rows`` [n] (int64, on device) for new requests of ``budget`` new tokens each; with
         penalties on (``record_prompt``, default: ``sampling``'s), record their prompts ``prompt`` [n, T] (``mask``
@@ -114,6 +122,7 @@ class DecodeBuffers:
             (self.repetition_penalty, sampling.repetition_penalty),
             (self.presence_penalty, sampling.presence_penalty),
             (self.frequency_penalty, sampling.frequency_penalty),
+            (self.alpha, alpha),
         ):
             if isinstance(value, torch.Tensor):
                 buf.index_copy_(0, rows, value.reshape(-1).to(buf))

@@ -13,6 +13,7 @@ it sizes the KV columns each round attends to without reading the device.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 
@@ -104,6 +105,7 @@ class DecodeLoop:
             kind is not None or per_request,
             len(options.eos_token_id),
             slots=continuous,
+            row_alpha=per_request and self.backend == "torch",
         )
         self._lean = models.all_support("graphs")  # kv_len= is honoured
         seed = options.seed or 0
@@ -147,13 +149,26 @@ class DecodeLoop:
         self._admit(list(range(b)), prompt, mask, self.opts.max_new_tokens)
 
     def admit(
-        self, prompt_ids: list[int], max_new_tokens: int | None = None, sampling: SamplingParams | None = None
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int | None = None,
+        sampling: SamplingParams | None = None,
+        alpha: float | None = None,
     ) -> int:
         """Prefill one request into a free slot between rounds (the other rows are untouched) and emit its first
-        token; -> the slot. Its greedy tokens are the same as when it runs alone. ``sampling``: this request's
-        values (scalars; a batch opened with ``per_request=True`` only)."""
-        if sampling is not None and not self.per_request:
-            raise ValueError("sampling per request needs a batch opened with per_request=True")
+        token; -> the slot. Its greedy tokens are the same as when it runs alone. ``sampling``, ``alpha``: this
+        request's values (scalars; a batch opened with ``per_request=True`` only; a per-request alpha needs the
+        torch sampler: the fused kernel takes one alpha per batch)."""
+        if (sampling is not None or alpha is not None) and not self.per_request:
+            raise ValueError("sampling or alpha per request needs a batch opened with per_request=True")
+        if alpha is not None:
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+                raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+            if not self.cfg.row_alpha and float(alpha) != self.models.alpha:
+                raise ValueError(
+                    f"alpha={alpha} differs from the decoder's {self.models.alpha}: a per-request alpha needs the "
+                    "torch sampler (sample_backend='torch'); the fused kernel takes one alpha per batch"
+                )
         if not self.cfg.slots:
             raise ValueError("admit() needs a continuous batch (FastIVLDecoder.open_batch)")
         if self.retok is not None or not self.models.all_support("slots"):
@@ -172,7 +187,8 @@ class DecodeLoop:
             )
         ids, mask = pack_prompts([list(prompt_ids)], None, self.opts.pad_token_id, self.models.vocab_size)
         dev = self.models.device
-        self._admit([free[0]], ids.to(dev), mask.to(dev), budget, sampling or self.request_sampling)
+        a = self.models.alpha if alpha is None else float(alpha)
+        self._admit([free[0]], ids.to(dev), mask.to(dev), budget, sampling or self.request_sampling, a)
         return free[0]
 
     def retire(self, slot: int) -> None:
@@ -183,7 +199,9 @@ class DecodeLoop:
         for d in (self.length, self.emitted, self.budget, self.checked):
             d.pop(slot)
 
-    def _admit(self, slots: list[int], prompt, mask, budget: int, sampling: SamplingParams | None = None) -> None:
+    def _admit(
+        self, slots: list[int], prompt, mask, budget: int, sampling: SamplingParams | None = None, alpha=None
+    ) -> None:
         m, bufs = self.models, self.bufs
         n = len(slots)
         whole = n == self.rows
@@ -191,7 +209,8 @@ class DecodeLoop:
         with torch.inference_mode(), self.on_device():
             sampling = sampling or self.request_sampling
             record = self.cfg.sampling.penalties_on  # the step applies penalties: every row needs its prompt
-            bufs.admit(rows_t, budget, sampling, prompt, mask, record_prompt=record)
+            a = m.alpha if alpha is None else alpha
+            bufs.admit(rows_t, budget, sampling, prompt, mask, record_prompt=record, alpha=a)
             t0 = time.perf_counter()
             if self.retok is not None:
                 zb, zv = self._cross_vocab_prefill(prompt, mask)

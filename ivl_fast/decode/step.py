@@ -33,6 +33,7 @@ class StepConfig:
     per_row_values: bool
     n_eos: int
     slots: bool = False
+    row_alpha: bool = False  # alpha per row from the buffers (per-request batches on the torch sampler)
 
     def graph_key(self, mode: str, kv_len: int, alpha: float) -> tuple:
         sp = self.sampling
@@ -47,6 +48,7 @@ class StepConfig:
             alpha,
             self.backend,
             self.slots,
+            self.row_alpha,
         )
 
 
@@ -120,7 +122,7 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
         zb,
         zv,
         vocab_map=models.vocab_map,
-        alpha=models.alpha,
+        alpha=bufs.alpha if cfg.row_alpha else models.alpha,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,

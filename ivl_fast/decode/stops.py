@@ -14,10 +14,12 @@ class NonFiniteLogitsError(FloatingPointError):
 
 
 def nonfinite_error(rows: list[int], first: int, last: int) -> NonFiniteLogitsError:
-    return NonFiniteLogitsError(
+    err = NonFiniteLogitsError(
         f"non-finite (NaN/inf) logits for batch row(s) {rows} within steps [{first}, {last}); "
         "no tokens were returned from them"
     )
+    err.rows = list(rows)  # the slots a server fails (the others carry on)
+    return err
 
 
 class StopStringScanner:

@@ -194,6 +194,12 @@ def combine_and_sample(
                 raise ValueError(f"{name} must be a scalar or a [B={b}] tensor, got shape {tuple(val.shape)}")
         _check_penalty_inputs(prompt_mask, output_counts, b, v_out, dev, params.penalties_on)
     be = pick_backend(backend, dev)
+    if isinstance(alpha, torch.Tensor):  # one weight per row (a server's requests each choose theirs)
+        if be != "torch":
+            raise ValueError("a per-row alpha tensor needs backend='torch' (the fused kernel takes one alpha)")
+        if tuple(alpha.shape) != (b,):
+            raise ValueError(f"alpha must be a float or a [B={b}] tensor, got shape {tuple(alpha.shape)}")
+        alpha = alpha.reshape(b, 1)
     if be == "torch":
         return combine_and_sample_ref(
             base_logits,
