@@ -182,10 +182,11 @@ def test_per_request_alpha_each_row_decodes_with_its_own_weight(models):
     base, value = models
     dec = FastIVLDecoder(base, value, sample_backend="torch")
     batch = dec.open_batch(slots=3, max_seq_len=40, eos_token_id=[], per_request=True)
-    slots = {a: batch.admit(ids, 10, alpha=a) for a, ids in zip((0.0, 1.0, 0.5), (R, OTHERS[0], OTHERS[1]))}
+    cases = list(zip((0.0, 1.0, 0.5), (R, OTHERS[0], OTHERS[1]), strict=True))
+    slots = {a: batch.admit(ids, 10, alpha=a) for a, ids in cases}
     while not all(batch.is_finished(s) for s in slots.values()):
         batch.step()
-    for a, ids in zip((0.0, 1.0, 0.5), (R, OTHERS[0], OTHERS[1]), strict=True):
+    for a, ids in cases:
         alone = FastIVLDecoder(base, value, alpha=a, sample_backend="torch")
         assert batch.tokens(slots[a]) == _alone(alone, ids, 10), a
     with pytest.raises(ValueError, match="alpha must be a finite number"):

@@ -1,0 +1,82 @@
+"""`ivl-fast serve`: the OpenAI-compatible server (:mod:`ivl_fast.serve`) on one continuous batch."""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import DefaultsHelp, UsageError
+from .model_args import add_pair_args, check_pair_args
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server (completions, chat, streaming) with continuous batching",
+        usage="ivl-fast serve --base DIR --value DIR [--host 127.0.0.1] [--port 8000] [options]",
+        formatter_class=DefaultsHelp,
+    )
+    add_pair_args(s, vocab_map_help="map file from `ivl-fast vocab-map` (not supported by serve yet)")
+    g = s.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    g.add_argument("--port", type=int, default=8000, help="port to bind")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--served-model-name", default=None, help="the model id of the API (default: the value dir's name)")
+    g.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="sequences decoded together (slots)")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per sequence, prompt + new (default: the models' context, at most 2048)",
+    )
+    g.add_argument("--max-queue", type=int, default=256, metavar="N", help="sequences waiting for a slot (then 503)")
+    s.set_defaults(func=run)
+
+
+def load(args):
+    """-> (scheduler, app) for the flags (the models loaded, the batch opened, the worker not yet started)."""
+    from .. import FastIVLDecoder
+    from ..serve.app import build_app
+    from ..serve.metrics import Metrics
+    from ..serve.scheduler import Scheduler
+
+    check_pair_args(args, alone="serves")
+    if args.vocab_map is not None:
+        raise UsageError("--vocab-map: serve does not support cross-vocabulary decoding yet (one vocabulary only)")
+    if args.draft is not None:
+        raise UsageError("--draft: serve does not support speculative decoding yet (no continuous batching with it)")
+    for flag, v, lo in (
+        ("--max-batch-size", args.max_batch_size, 1),
+        ("--max-queue", args.max_queue, 1),
+        ("--port", args.port, 0),
+    ):
+        if v < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {v}")
+    dec = FastIVLDecoder.from_pretrained(
+        args.base, args.value, alpha=args.alpha, scheme=args.scheme, device=args.device, dtype=args.dtype
+    )
+    if dec.tokenizer is None:
+        raise UsageError("the checkpoints hold no tokenizer files; the server needs one to read text")
+    top = dec.max_context
+    max_len = args.max_model_len or min(top, 2048)
+    if not 2 <= max_len <= top:
+        raise UsageError(f"--max-model-len must be in [2, {top}] (the models' context), got {max_len}")
+    name = args.served_model_name or (args.value or args.base).resolve().name
+    sched = Scheduler(
+        dec, max_batch_size=args.max_batch_size, max_model_len=max_len, max_queue=args.max_queue, metrics=Metrics()
+    )
+    return sched, build_app(sched, served_model_name=name, api_key=args.api_key)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    sched, app = load(args)
+    sched.start()
+    print(f"ivl-fast serve: http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr)
+    try:
+        # uvicorn handles SIGINT / SIGTERM: it stops accepting, lets running requests finish, then returns
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+    finally:
+        sched.shutdown()
+    return 0

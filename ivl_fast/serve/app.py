@@ -1,0 +1,358 @@
+"""The OpenAI-compatible HTTP API over a :class:`~ivl_fast.serve.scheduler.Scheduler` (FastAPI).
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (non-streaming, or server-sent
+events in OpenAI's chunk format ending with ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+Errors are OpenAI's JSON shape (:class:`~ivl_fast.serve.protocol.APIError`). With an API key every ``/v1`` route
+needs ``Authorization: Bearer KEY``. A streaming client that disconnects cancels its sequences (their slots are
+freed at the next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..chat import as_messages, render_chat
+from .metrics import Metrics
+from .protocol import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    APIError,
+    chat_logprobs,
+    check_fields,
+    completion_logprobs,
+    new_id,
+    now,
+    refuse,
+    sampling_request,
+    usage,
+)
+from .scheduler import Delta, Failed, Finished, QueueFull, Scheduler
+
+
+def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="ivl-fast", docs_url=None, redoc_url=None)
+    metrics: Metrics = scheduler.metrics
+    tok = scheduler.tokenizer
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        metrics.requests.labels(request.url.path, str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    async def read(request: Request, fields: set[str]) -> dict:
+        authorize(request)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        check_fields(body, fields)
+        model = body.get("model")
+        if model != served_model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", code="model_not_found")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        card = {"id": served_model_name, "object": "model", "created": now(), "owned_by": "ivl-fast"}
+        return {"object": "list", "data": [card]}
+
+    def check_alpha(req) -> None:
+        dec = scheduler.dec
+        if req.alpha is not None and not scheduler.batch.cfg.row_alpha and req.alpha != dec.alpha:
+            raise APIError(
+                400,
+                f"'alpha' per request needs the torch sampler; this server decodes with alpha "
+                f"{dec.alpha} (the fused kernel takes one alpha per batch)",
+                "alpha",
+            )
+
+    def submit(req, n: int):
+        loop = asyncio.get_running_loop()
+        seqs = []
+        try:
+            for _ in range(n):
+                seqs.append(scheduler.submit(req, loop))
+        except QueueFull as e:
+            for s in seqs:
+                s.cancel()
+            raise APIError(503, str(e), type_="server_error", code="queue_full") from None
+        return seqs
+
+    async def events(seq):
+        """The sequence's events until it ends (Failed raises)."""
+        while True:
+            ev = await seq.events.get()
+            if isinstance(ev, Failed):
+                raise ev.error
+            yield ev
+            if isinstance(ev, Finished):
+                return
+
+    async def collect(seq) -> tuple[str, list[int], list[float], Finished]:
+        text, ids, lps, fin = [], [], [], None
+        async for ev in events(seq):
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+                ids += ev.token_ids
+                lps += ev.logprobs
+            else:
+                fin = ev
+        return "".join(text), ids, lps, fin
+
+    async def run_all(seqs):
+        try:
+            return await asyncio.gather(*(collect(s) for s in seqs))
+        except Exception as e:  # noqa: BLE001  (a failed request fails alone, as a 500 in OpenAI's shape)
+            for s in seqs:
+                s.cancel()
+            raise APIError(500, f"decoding failed: {e}", type_="server_error") from None
+        finally:
+            for s in seqs:
+                s.cancel()  # a no-op once finished; frees slots when the client went away
+
+    def sse(payload) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    async def stream(seqs, make_chunk, first_chunks, usage_of):
+        """Interleave the sequences' deltas as chunks; cancel every sequence when the client goes away."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, seq):
+            try:
+                async for ev in events(seq):
+                    await queue.put((i, ev))
+            except Exception as e:  # noqa: BLE001
+                await queue.put((i, Failed(e)))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(seqs)]
+        try:
+            for c in first_chunks:
+                yield sse(c)
+            done, completion = 0, 0
+            while done < len(seqs):
+                i, ev = await queue.get()
+                if isinstance(ev, Failed):
+                    yield sse(APIError(500, f"decoding failed: {ev.error}", type_="server_error").body())
+                    done += 1
+                    continue
+                if isinstance(ev, Delta) and not ev.text and not ev.token_ids:
+                    continue
+                if isinstance(ev, Finished):
+                    done += 1
+                    completion += ev.completion_tokens
+                yield sse(make_chunk(i, ev))
+            if usage_of is not None:
+                yield sse(usage_of(completion))
+            yield "data: [DONE]\n\n"
+        finally:
+            for s in seqs:
+                s.cancel()
+            for t in tasks:
+                t.cancel()
+
+    # ------------------------------------------------------------------ /v1/completions
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read(request, COMPLETION_FIELDS)
+        refuse(body, "echo", lambda v: v is False)
+        refuse(body, "best_of", lambda v: v == body.get("n", 1) or v == 1)
+        refuse(body, "logit_bias", lambda v: v == {})
+        refuse(body, "suffix", lambda v: False)
+        lp = body.get("logprobs")
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or lp != 0):
+            raise APIError(
+                400,
+                "'logprobs' supports 0 only (the sampled tokens' log-probabilities; no top alternatives yet)",
+                "logprobs",
+            )
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = tok(prompt)["input_ids"]
+        elif (
+            isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
+        ):
+            ids = list(prompt)
+        else:
+            raise APIError(400, "'prompt' must be a string, a list of one string, or a list of token ids", "prompt")
+        if not ids:
+            raise APIError(400, "'prompt' is empty", "prompt")
+        req, n, streaming = sampling_request(
+            body,
+            ids,
+            eos=scheduler.eos,
+            max_model_len=scheduler.max_model_len,
+            default_max_tokens=16,
+            logprobs=lp is not None,
+        )
+        check_alpha(req)
+        rid, created, model = new_id("cmpl"), now(), served_model_name
+        metrics.requests.labels("/v1/completions", "200").inc()
+        seqs = submit(req, n)
+        if streaming:
+            include = (body.get("stream_options") or {}).get("include_usage", False)
+            offsets = [0] * n
+
+            def chunk(i, ev):
+                choice = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
+                if isinstance(ev, Delta):
+                    choice["text"] = ev.text
+                    if req.logprobs:
+                        choice["logprobs"] = completion_logprobs(tok, ev.token_ids, ev.logprobs, offsets[i])
+                    offsets[i] += len(ev.text)
+                else:
+                    choice["finish_reason"] = ev.reason
+                return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+            def usage_chunk(completion):
+                return {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage(len(ids) * n, completion),
+                }
+
+            return StreamingResponse(
+                stream(seqs, chunk, [], usage_chunk if include else None), media_type="text/event-stream"
+            )
+        results = await run_all(seqs)
+        choices = []
+        for i, (text, tids, lps, fin) in enumerate(results):
+            lpd = completion_logprobs(tok, tids, lps, 0) if req.logprobs else None
+            choices.append({"index": i, "text": text, "logprobs": lpd, "finish_reason": fin.reason})
+        used = usage(len(ids) * n, sum(r[3].completion_tokens for r in results))
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": used,
+        }
+
+    # ------------------------------------------------------------------ /v1/chat/completions
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read(request, CHAT_FIELDS)
+        refuse(body, "logit_bias", lambda v: v == {})
+        refuse(body, "tools", lambda v: v == [])
+        refuse(body, "tool_choice", lambda v: v == "none")
+        refuse(body, "parallel_tool_calls", lambda v: False)
+        refuse(body, "response_format", lambda v: v == {"type": "text"})
+        lp = body.get("logprobs", False)
+        if not isinstance(lp, bool):
+            raise APIError(400, f"'logprobs' must be true or false, got {lp!r}", "logprobs")
+        top = body.get("top_logprobs")
+        if top not in (None, 0):
+            raise APIError(400, "'top_logprobs' > 0 is not supported yet (no top alternatives)", "top_logprobs")
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise APIError(400, f"messages[{i}] must be {{'role': str, 'content': str}}", "messages")
+        try:
+            text = render_chat(tok, as_messages([{"role": m["role"], "content": m["content"]} for m in msgs]))
+        except Exception as e:  # noqa: BLE001  (a template that refuses the conversation)
+            raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        req, n, streaming = sampling_request(
+            body,
+            ids,
+            eos=scheduler.eos,
+            max_model_len=scheduler.max_model_len,
+            default_max_tokens=None,
+            logprobs=lp,
+        )
+        check_alpha(req)
+        rid, created, model = new_id("chatcmpl"), now(), served_model_name
+        metrics.requests.labels("/v1/chat/completions", "200").inc()
+        seqs = submit(req, n)
+        if streaming:
+            include = (body.get("stream_options") or {}).get("include_usage", False)
+
+            def base(choices):
+                return {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": choices,
+                }
+
+            firsts = [
+                base(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+                for i in range(n)
+            ]
+
+            def chunk(i, ev):
+                choice = {"index": i, "delta": {}, "logprobs": None, "finish_reason": None}
+                if isinstance(ev, Delta):
+                    choice["delta"] = {"content": ev.text}
+                    if lp:
+                        choice["logprobs"] = chat_logprobs(tok, ev.token_ids, ev.logprobs)
+                else:
+                    choice["finish_reason"] = ev.reason
+                return base([choice])
+
+            def usage_chunk(completion):
+                return {**base([]), "usage": usage(len(ids) * n, completion)}
+
+            return StreamingResponse(
+                stream(seqs, chunk, firsts, usage_chunk if include else None), media_type="text/event-stream"
+            )
+        results = await run_all(seqs)
+        choices = []
+        for i, (content, tids, lps, fin) in enumerate(results):
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": chat_logprobs(tok, tids, lps) if lp else None,
+                    "finish_reason": fin.reason,
+                }
+            )
+        used = usage(len(ids) * n, sum(r[3].completion_tokens for r in results))
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": used,
+        }
+
+    return app

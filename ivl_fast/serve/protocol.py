@@ -1,0 +1,196 @@
+"""OpenAI request bodies -> sequences to decode, and the response / chunk / error shapes, as the OpenAI API
+defines them (``/v1/completions``, ``/v1/chat/completions``), plus vLLM's extra sampling fields and ``alpha``.
+
+Every field is either implemented or refused with a 400 naming it; nothing is ignored silently (metadata fields
+such as ``user`` carry no decoding meaning and are accepted).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+from ..sampling import SamplingParams
+from .scheduler import SequenceRequest
+
+
+class APIError(Exception):
+    """An error response in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
+            status, "invalid_request_error"
+        )
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+SAMPLING_FIELDS = {
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "alpha",
+}
+METADATA_FIELDS = {"user", "metadata", "store"}  # no decoding meaning
+COMPLETION_FIELDS = {"model", "prompt", "logprobs", "echo", "best_of", "logit_bias", "suffix"} | SAMPLING_FIELDS
+CHAT_FIELDS = {"model", "messages", "logprobs", "top_logprobs", "max_completion_tokens", "logit_bias"}
+CHAT_FIELDS |= SAMPLING_FIELDS | {"tools", "tool_choice", "response_format", "parallel_tool_calls"}
+
+
+def _number(body: dict, name: str, default, lo=None, hi=None, integer=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    ok = not isinstance(v, bool) and isinstance(v, int if integer else int | float)
+    if ok and not integer:
+        ok = math.isfinite(v)
+    if ok and lo is not None:
+        ok = v >= lo
+    if ok and hi is not None:
+        ok = v <= hi
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise APIError(400, f"'{name}' must be {kind}{rng}, got {v!r}", name)
+    return v
+
+
+def check_fields(body, allowed: set[str]) -> None:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed - METADATA_FIELDS)
+    if unknown:
+        raise APIError(
+            400, f"unsupported field '{unknown[0]}' (ivl-fast implements: {', '.join(sorted(allowed))})", unknown[0]
+        )
+
+
+def sampling_request(
+    body: dict,
+    prompt_ids: list[int],
+    *,
+    eos: frozenset[int],
+    max_model_len: int,
+    default_max_tokens: int | None,
+    logprobs: bool,
+) -> tuple[SequenceRequest, int, bool]:
+    """The fields shared by both endpoints -> (a sequence request, n, stream)."""
+    if body.get("seed") is not None:
+        raise APIError(400, "'seed' is not supported yet: sampled requests share the batch's random stream", "seed")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0:
+        raise APIError(400, "'top_p' must be in (0, 1], got 0", "top_p")
+    top_k = _number(body, "top_k", -1, -1, integer=True)
+    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
+    rep = _number(body, "repetition_penalty", 1.0, 0.0)
+    if rep == 0:
+        raise APIError(400, "'repetition_penalty' must be > 0, got 0", "repetition_penalty")
+    pres = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    freq = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    alpha = body.get("alpha")
+    if alpha is not None:
+        alpha = float(_number(body, "alpha", None))
+    n = _number(body, "n", 1, 1, 16, integer=True)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, f"'stream' must be true or false, got {stream!r}", "stream")
+    opts = body.get("stream_options")
+    if opts is not None and (not stream or not isinstance(opts, dict) or set(opts) - {"include_usage"}):
+        raise APIError(400, "'stream_options' takes only {\"include_usage\": bool}, with stream=true", "stream_options")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    ids = body.get("stop_token_ids") or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise APIError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
+    room = max_model_len - len(prompt_ids)
+    if room < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has {len(prompt_ids)} tokens",
+            "messages" if "messages" in body else "prompt",
+        )
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, name, default_max_tokens or room, 1, integer=True)
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the prompt or the completion length.",
+            name,
+        )
+    greedy = temperature == 0
+    sampling = SamplingParams(
+        do_sample=not greedy,
+        temperature=1.0 if greedy else temperature,
+        top_k=0 if top_k == -1 else top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=rep,
+        presence_penalty=pres,
+        frequency_penalty=freq,
+    )
+    stops = frozenset(ids) | (frozenset() if ignore_eos else eos)
+    req = SequenceRequest(list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs)
+    return req, n, stream
+
+
+def refuse(body: dict, name: str, ok) -> None:
+    """Refuse a field whose value asks for something not implemented (ok(value) False)."""
+    if name in body and body[name] is not None and not ok(body[name]):
+        raise APIError(400, f"'{name}'={body[name]!r} is not supported by ivl-fast", name)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
+    content = []
+    for t, lp in zip(token_ids, logprobs, strict=True):
+        s = tokenizer.decode([t])
+        content.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []})
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float], offset: int) -> dict:
+    tokens = [tokenizer.decode([t]) for t in token_ids]
+    offsets, at = [], offset
+    for s in tokens:
+        offsets.append(at)
+        at += len(s)
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}

@@ -1,0 +1,271 @@
+"""The server's engine: one continuous batch of the decode core (:meth:`FastIVLDecoder.open_batch` with
+per-request values), stepped by one worker thread, fed by the HTTP handlers through a bounded queue.
+
+Between steps the worker retires cancelled and finished sequences and admits waiting ones into free slots (each
+admission prefills one prompt; the running rows wait for it), then runs one decode round for every live row. After
+each round it reads every live row's new token in one device read and does per request, on the host, what the
+device batch cannot do for each row differently: EOS / ``stop_token_ids`` (unless ``ignore_eos``), stop strings
+(cut before the string, as OpenAI returns them) and the text deltas of streaming (held back while they could still
+grow into a stop string or end in half a UTF-8 character). Events go to each sequence's asyncio queue with
+``call_soon_threadsafe``; a request that fails (non-finite logits) fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..decode.stops import NonFiniteLogitsError
+from ..sampling import SamplingParams
+
+
+class QueueFull(Exception):
+    """The bounded queue of waiting requests is full (HTTP 503)."""
+
+
+@dataclass
+class SequenceRequest:
+    """One sequence to decode (a request with ``n`` choices is ``n`` of them)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    alpha: float | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    logprobs: bool = False
+
+
+@dataclass
+class Delta:
+    """New output of a sequence: text (possibly empty while held back), token ids and their log-probabilities."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass
+class Finished:
+    """The sequence ended: ``reason`` "stop" (EOS, a stop token or string) or "length"; ``completion_tokens``."""
+
+    reason: str
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    error: Exception
+
+
+@dataclass
+class Sequence:
+    """What the HTTP side holds: the request, its events and its cancel flag."""
+
+    request: SequenceRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    # worker-side state
+    slot: int | None = None
+    tokens: list[int] = field(default_factory=list)  # generated ids (a stop token excluded)
+    logprobs: list[float] = field(default_factory=list)
+    sent_chars: int = 0  # text characters sent so far
+    sent_tokens: int = 0
+    last_token_at: float = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _emit(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Scheduler:
+    """Owns the decoder's continuous batch. ``max_batch_size`` slots of ``max_model_len`` tokens each (prompt +
+    new); ``max_queue`` waiting sequences at most; ``metrics``: a :class:`~ivl_fast.serve.metrics.Metrics`."""
+
+    def __init__(self, decoder, *, max_batch_size: int, max_model_len: int, max_queue: int, metrics=None):
+        self.dec, self.tokenizer = decoder, decoder.tokenizer
+        self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
+        self.metrics = metrics
+        self.eos = frozenset(decoder.options().eos_token_id)
+        # the batch's own EOS check is off: EOS and stop tokens differ per request and are checked here
+        self.batch = decoder.open_batch(
+            max_batch_size, max_model_len, per_request=True, eos_token_id=[], return_logprobs=True
+        )
+        self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
+        self._active: dict[int, Sequence] = {}  # slot -> sequence
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ivl-fast-scheduler", daemon=True)
+        self.steps = 0
+
+    # ------------------------------------------------------------------ the HTTP side
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: SequenceRequest, loop: asyncio.AbstractEventLoop) -> Sequence:
+        """Queue a sequence (QueueFull when the queue is full); its events arrive on ``.events``."""
+        seq = Sequence(request, loop)
+        try:
+            self._waiting.put_nowait(seq)
+        except queue.Full:
+            raise QueueFull(f"the server's queue of {self._waiting.maxsize} waiting requests is full") from None
+        self._wake.set()
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._waiting.qsize())
+        return seq
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop after the running sequences finish (up to ``timeout`` seconds), then cancel what is left."""
+        deadline = time.monotonic() + timeout
+        while (self._active or not self._waiting.empty()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    # ------------------------------------------------------------------ the worker
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._retire_cancelled()
+                    self._admit_waiting()
+                    if not self._active:
+                        self._wake.wait(0.05)
+                        self._wake.clear()
+                        continue
+                    self._round()
+                except Exception as e:  # noqa: BLE001  (a bug must not kill the server silently: fail what runs)
+                    for slot in list(self._active):
+                        self._fail(slot, e)
+            for slot in list(self._active):
+                self._fail(slot, RuntimeError("the server is shutting down"))
+            while not self._waiting.empty():
+                self._waiting.get_nowait()._emit(Failed(RuntimeError("the server is shutting down")))
+
+    def _retire_cancelled(self) -> None:
+        for slot, seq in list(self._active.items()):
+            if seq.cancelled.is_set():
+                self._release(slot)
+
+    def _admit_waiting(self) -> None:
+        while len(self._active) < self.max_batch_size and not self._waiting.empty():
+            seq = self._waiting.get_nowait()
+            if seq.cancelled.is_set():
+                continue
+            r = seq.request
+            try:
+                slot = self.batch.admit(r.prompt_ids, r.max_tokens, sampling=r.sampling, alpha=r.alpha)
+            except ValueError as e:
+                seq._emit(Failed(e))
+                continue
+            seq.slot = slot
+            self._active[slot] = seq
+            self._collect()  # its first token
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._waiting.qsize())
+            self.metrics.batch_occupancy.set(len(self._active) / self.max_batch_size)
+
+    def _round(self) -> None:
+        try:
+            self.batch.step()
+        except NonFiniteLogitsError as e:
+            for slot in getattr(e, "rows", []):
+                if slot in self._active:
+                    self._fail(slot, e)
+        self.steps += 1
+        self._collect()
+
+    def _collect(self) -> None:
+        """One device read: every live slot's emitted count, last token and its log-probability."""
+        slots = sorted(self._active)
+        if not slots:
+            return
+        b = self.batch.bufs
+        idx = torch.tensor(slots, device=b.steps.device)
+        steps = b.steps[idx]
+        col = (steps - 1).clamp(min=0)[:, None]
+        last = b.out[idx].gather(1, col)[:, 0]
+        lp = b.logprobs[idx].gather(1, col)[:, 0]
+        for slot, n, tok, logp in zip(slots, steps.tolist(), last.tolist(), lp.tolist(), strict=True):
+            seq = self._active[slot]
+            if n > len(seq.tokens):  # one new token per round
+                self._advance(slot, seq, tok, logp)
+
+    def _advance(self, slot: int, seq: Sequence, tok: int, logp: float) -> None:
+        r = seq.request
+        t = time.perf_counter()
+        if self.metrics is not None:
+            if seq.last_token_at:
+                self.metrics.per_token.observe(t - seq.last_token_at)
+            else:
+                self.metrics.ttft.observe(t - seq.submitted)
+            self.metrics.tokens.inc()
+        seq.last_token_at = t
+        stop_tok = tok in r.stop_token_ids
+        if stop_tok:  # the stop token itself is not part of the text
+            self._finish(slot, seq, "stop", flush=True)
+            return
+        seq.tokens.append(tok)
+        seq.logprobs.append(logp)
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        for s in r.stop:
+            at = text.find(s, max(0, seq.sent_chars - len(s)))
+            if at >= 0:
+                self._send(seq, text[:at], final=True)
+                self._finish(slot, seq, "stop")
+                return
+        if len(seq.tokens) >= r.max_tokens:
+            self._send(seq, text, final=True)
+            self._finish(slot, seq, "length")
+            return
+        self._send(seq, text, final=False)
+
+    def _send(self, seq: Sequence, text: str, final: bool) -> None:
+        """Send the text not sent yet, holding back (unless final) a tail that could still become a stop string
+        or is half a character."""
+        upto = len(text)
+        if not final:
+            if text.endswith("\ufffd"):
+                upto = len(text.rstrip("\ufffd"))
+            hold = max((len(s) - 1 for s in seq.request.stop), default=0)
+            upto = max(seq.sent_chars, min(upto, len(text) - hold))
+        new_tokens, new_lps = seq.tokens[seq.sent_tokens :], seq.logprobs[seq.sent_tokens :]
+        seq.sent_tokens = len(seq.tokens)
+        seq._emit(Delta(text[seq.sent_chars : upto], new_tokens, new_lps))
+        seq.sent_chars = max(seq.sent_chars, upto)
+
+    def _finish(self, slot: int, seq: Sequence, reason: str, flush: bool = False) -> None:
+        if flush:
+            text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            self._send(seq, text, final=True)
+        seq._emit(Finished(reason, len(seq.tokens) + (1 if reason == "stop" and flush else 0)))
+        self._release(slot)
+
+    def _fail(self, slot: int, error: Exception) -> None:
+        seq = self._active.get(slot)
+        if seq is not None:
+            seq._emit(Failed(error))
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        self._active.pop(slot, None)
+        try:
+            self.batch.retire(slot)
+        except ValueError:
+            pass  # already free
+        if self.metrics is not None:
+            self.metrics.batch_occupancy.set(len(self._active) / self.max_batch_size)
