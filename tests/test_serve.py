@@ -323,3 +323,67 @@ def test_serve_refuses_what_it_does_not_do_yet(pair, capsys):
     _, _, base_dir, value_dir = pair
     rc = main(["serve", "--base", str(base_dir), "--value", str(value_dir), "--draft", str(base_dir)])
     assert rc == 2 and "--draft" in capsys.readouterr().err
+
+
+def test_sigterm_lets_the_running_request_finish_and_exits_cleanly(pair):
+    """`ivl-fast serve` as its own process: SIGTERM while a request streams -> the stream still ends with
+    data: [DONE] (running requests finish), and the process exits with 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _, _, base_dir, value_dir = pair
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ivl_fast.cli",
+        "serve",
+        "--base",
+        str(base_dir),
+        "--value",
+        str(value_dir),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "ivl",
+        "--max-model-len",
+        "256",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.1)
+        body = {
+            "model": "ivl",
+            "prompt": "def main",
+            "max_tokens": 150,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line and not lines:
+                    os.kill(proc.pid, signal.SIGTERM)  # mid-stream
+                if line:
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]"
+        texts = [json.loads(x[6:])["choices"][0] for x in lines[:-1]]
+        assert texts[-1]["finish_reason"] == "length"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

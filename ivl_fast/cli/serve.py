@@ -68,6 +68,27 @@ def load(args):
     return sched, build_app(sched, served_model_name=name, api_key=args.api_key)
 
 
+def _server(config):
+    """uvicorn's server, except that SIGINT / SIGTERM end it with exit status 0 (uvicorn re-raises the signal after
+    its graceful shutdown): it stops accepting, lets running requests finish, then returns."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return Server(config)
+
+
 def run(args) -> int:
     import uvicorn
 
@@ -75,8 +96,8 @@ def run(args) -> int:
     sched.start()
     print(f"ivl-fast serve: http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr)
     try:
-        # uvicorn handles SIGINT / SIGTERM: it stops accepting, lets running requests finish, then returns
-        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+        _server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
     finally:
         sched.shutdown()
+    print("ivl-fast serve: stopped (running requests finished)", file=sys.stderr)
     return 0
