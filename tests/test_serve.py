@@ -185,7 +185,7 @@ def _error(srv, path, body, key=None):
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
         ({"frobnicate": 1}, "frobnicate"),
-        ({"seed": 3}, "seed"),
+        ({"seed": 3}, "seed"),  # with sampling (temperature 1 by default); greedy requests may carry one
         ({"logprobs": 3}, "logprobs"),
         ({"echo": True}, "echo"),
         ({"stop": [""]}, "stop"),
@@ -387,3 +387,28 @@ def test_sigterm_lets_the_running_request_finish_and_exits_cleanly(pair):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_lm_evals_local_chat_completions_equals_ivl_fast_eval(served, pair, tmp_path, monkeypatch):
+    """lm-eval's own `local-chat-completions` model pointed at the server gives the generations and the metric
+    that `ivl-fast eval --apply-chat-template` (the "ivl" model) gives on the same local task."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.openai_completions import LocalChatCompletion
+    from lm_eval.tasks import TaskManager
+    from test_lm_eval import write_tasks
+
+    from ivl_fast.lm_eval import IVLLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    srv, _ = served
+    (tmp_path / "tasks").mkdir()
+    write_tasks(tmp_path / "tasks")
+    manager = TaskManager(include_path=str(tmp_path / "tasks"))
+    kw = dict(tasks=["ivl_gen"], task_manager=manager, apply_chat_template=True, limit=4, log_samples=True)
+    api = LocalChatCompletion(base_url=f"{srv.url}/v1/chat/completions", model="ivl", tokenized_requests=False)
+    theirs = lm_eval.simple_evaluate(model=api, **kw)
+    ours = lm_eval.simple_evaluate(model=IVLLM(base=str(pair[2]), value=str(pair[3])), **kw)
+    got = [s["filtered_resps"] for s in theirs["samples"]["ivl_gen"]]
+    want = [s["filtered_resps"] for s in ours["samples"]["ivl_gen"]]
+    assert got == want and len(got) == 4 and any(g[0] for g in got)  # real text, not empty answers
+    assert theirs["results"]["ivl_gen"] == ours["results"]["ivl_gen"]

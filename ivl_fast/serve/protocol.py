@@ -91,9 +91,14 @@ def sampling_request(
     logprobs: bool,
 ) -> tuple[SequenceRequest, int, bool]:
     """The fields shared by both endpoints -> (a sequence request, n, stream)."""
-    if body.get("seed") is not None:
-        raise APIError(400, "'seed' is not supported yet: sampled requests share the batch's random stream", "seed")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise APIError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    if seed is not None and temperature != 0:  # greedy decoding draws nothing: a seed changes nothing there
+        raise APIError(
+            400, "'seed' with sampling is not supported yet: sampled requests share the batch's random stream", "seed"
+        )
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise APIError(400, "'top_p' must be in (0, 1], got 0", "top_p")
