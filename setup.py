@@ -68,11 +68,13 @@ setup(
         "ivl_fast.decode",
         "ivl_fast.models",
         "ivl_fast.ops",
+        "ivl_fast.serve",
         "ivl_fast.train",
         "ivl_fast.vocab",
         "ivl_fast.kernels",
     ],
     package_dir={"ivl_fast": "ivl_fast", "ivl_fast.kernels": "kernels"},
+    package_data={"ivl_fast.serve": ["static/*.html"]},  # the chat page
     ext_modules=[CMakeExtension("ivl_fast._C")] if _has_csrc() else [],
     cmdclass={"build_ext": CMakeBuild},
 )

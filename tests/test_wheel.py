@@ -28,6 +28,7 @@ def test_cpu_wheel_builds_installs_and_imports(tmp_path):
     whl = next(dist.glob("ivl_fast-*.whl"))
     names = zipfile.ZipFile(whl).namelist()
     assert "ivl_fast/kernels/combine_and_sample.py" in names and "ivl_fast/decoder.py" in names
+    assert "ivl_fast/serve/static/chat.html" in names  # the chat page is package data
     # every subpackage of the source tree is in the wheel (a new one missing from setup.py would break imports)
     import ivl_fast
 

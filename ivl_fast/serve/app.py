@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over a :class:`~ivl_fast.serve.scheduler.Scheduler` (FastAPI).
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (non-streaming, or server-sent
-events in OpenAI's chunk format ending with ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+Routes: ``GET /`` (the chat page, ``static/chat.html``), ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (non-streaming, or server-sent events in OpenAI's chunk format ending with
+``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
 Errors are OpenAI's JSON shape (:class:`~ivl_fast.serve.protocol.APIError`). With an API key every ``/v1`` route
 needs ``Authorization: Bearer KEY``. A streaming client that disconnects cancels its sequences (their slots are
 freed at the next step).
@@ -12,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..chat import as_messages, render_chat
 from .metrics import Metrics
@@ -62,6 +64,12 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         if model != served_model_name:
             raise APIError(404, f"The model `{model}` does not exist.", "model", code="model_not_found")
         return body
+
+    page = (resources.files("ivl_fast.serve") / "static" / "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/")
+    async def chat_page():
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():

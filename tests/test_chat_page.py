@@ -1,0 +1,74 @@
+"""The chat page (`GET /` of `ivl-fast serve`) in a real headless Chromium (Debian's chromium + chromium-driver,
+driven by selenium): the page loads and finds the model, a message is sent, the answer streams in, and it is the
+greedy answer the decoder gives alone; alpha 0 from the slider gives the base alone's answer. A screenshot is taken
+(README's docs/chat_page.png comes from docs/chat_screenshot.py, on the demo's models)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("fastapi")
+if not (shutil.which("chromium") and shutil.which("chromedriver")):
+    pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)", allow_module_level=True)
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from test_serve import Server  # noqa: E402
+
+from ivl_fast import FastIVLDecoder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
+        opts.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=opts, service=service)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_streams_the_answer_of_the_decoder(pair, browser, tmp_path):
+    _, _, base_dir, value_dir = pair
+    srv = Server("--base", base_dir, "--value", value_dir, "--served-model-name", "ivl-chat", "--max-model-len", 128)
+    try:
+        question = "Where does Kalo live?"
+        msgs = [{"role": "user", "content": question}]
+        want = FastIVLDecoder.from_pretrained(base_dir, value_dir).generate_text(msgs, chat=True, max_new_tokens=24)
+        alone = FastIVLDecoder.from_pretrained(base_dir, None, scheme="base")
+        want_base = alone.generate_text(msgs, chat=True, max_new_tokens=24)
+        assert want != want_base  # so the alpha slider's effect is visible
+        b = browser
+        b.get(srv.url + "/")
+        wait = WebDriverWait(b, 60)
+        b.find_element(By.ID, "max-tokens").clear()
+        b.find_element(By.ID, "max-tokens").send_keys("24")
+        b.find_element(By.ID, "input").send_keys(question)
+        b.find_element(By.ID, "send").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".msg.assistant[data-state=done]")))
+        assert b.find_element(By.ID, "model").text == "model: ivl-chat"
+        answer = b.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        assert answer.get_attribute("textContent") == want  # the streamed chunks, joined, are the decoder's answer
+        assert answer.is_displayed() and answer.get_attribute("data-finish") in ("stop", "length")
+        shot = os.environ.get("IVL_CHAT_SCREENSHOT") or str(tmp_path / "chat.png")
+        b.save_screenshot(shot)
+        assert os.path.getsize(shot) > 0
+        # a new conversation with the alpha slider at 0: the base alone answers
+        b.find_element(By.ID, "clear").click()
+        b.execute_script(
+            "const a = document.getElementById('alpha'); a.value = 0; a.dispatchEvent(new Event('input'));"
+        )
+        assert b.find_element(By.ID, "alpha-out").text == "0.00"
+        b.find_element(By.ID, "input").send_keys(question)
+        b.find_element(By.ID, "send").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".msg.assistant[data-state=done]")))
+        assert b.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].get_attribute("textContent") == want_base
+    finally:
+        srv.stop()
