@@ -35,8 +35,10 @@ def main(work: str, out: str) -> None:
             b.find_element(By.ID, "input").send_keys(q)
             b.find_element(By.ID, "send").click()
             WebDriverWait(b, 60).until(
-                lambda d, n=q: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done]"))
-                == (1 if "live" in n else 2)
+                lambda d, n=q: (
+                    len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done]"))
+                    == (1 if "live" in n else 2)
+                )
             )
         b.save_screenshot(out)
     finally:

@@ -62,7 +62,7 @@ def test_slot_errors(models):
     with pytest.raises(ValueError, match="admit one first"):
         batch.step()
     s = batch.admit([5, 6], max_new_tokens=3)
-    with pytest.raises(ValueError, match="slots is taken"):
+    with pytest.raises(ValueError, match="slots are taken"):
         batch.admit([7])
     batch.retire(s)
     with pytest.raises(ValueError, match="holds no request"):
@@ -194,3 +194,31 @@ def test_per_request_alpha_each_row_decodes_with_its_own_weight(models):
     fused = FastIVLDecoder(base, value, sample_backend="triton")
     with pytest.raises(ValueError, match="per-request alpha needs the torch sampler"):
         fused.open_batch(slots=1, max_seq_len=40, per_request=True).admit(R, 4, alpha=0.5)
+
+
+def test_admit_many_prefills_together_and_each_decodes_as_alone(models):
+    """Several requests of different lengths, budgets and values admitted with one prefill into a running batch."""
+    base, value = models
+    dec = FastIVLDecoder(base, value, sample_backend="torch")
+    alone = FastIVLDecoder(base, value, alpha=0.0, sample_backend="torch")
+    pen = dec.generate([OTHERS[1]], max_new_tokens=12, eos_token_id=[], repetition_penalty=1.4).sequences
+    want = [
+        _alone(dec, OTHERS[0], 9),
+        _alone(dec, R, 7),
+        pen[0, len(OTHERS[1]) :].tolist(),
+        _alone(alone, OTHERS[2], 5),
+    ]
+    batch = dec.open_batch(slots=4, max_seq_len=40, eos_token_id=[], per_request=True)
+    first = batch.admit(OTHERS[0], 9)
+    batch.step()
+    reqs = [(R, 7, None, None), (OTHERS[1], 12, dec.options(repetition_penalty=1.4).sampling, None)]
+    reqs.append((OTHERS[2], 5, None, 0.0))
+    slots = [first, *batch.admit_many(reqs)]
+    assert len(set(slots)) == 4
+    while not all(batch.is_finished(s) for s in slots):
+        batch.step()
+    assert [batch.tokens(s) for s in slots] == want
+    batch.retire(slots[0])
+    batch.retire(slots[1])
+    with pytest.raises(ValueError, match="request 1: max_new_tokens"):
+        batch.admit_many([(R, 3, None, None), (R, 0, None, None)])

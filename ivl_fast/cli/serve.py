@@ -30,6 +30,13 @@ def add_parser(sub) -> None:
         help="tokens per sequence, prompt + new (default: the models' context, at most 2048)",
     )
     g.add_argument("--max-queue", type=int, default=256, metavar="N", help="sequences waiting for a slot (then 503)")
+    g.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="prompt tokens admitted between two decode steps at most (bounds the stall a burst of arrivals causes)",
+    )
     s.set_defaults(func=run)
 
 
@@ -63,7 +70,12 @@ def load(args):
         raise UsageError(f"--max-model-len must be in [2, {top}] (the models' context), got {max_len}")
     name = args.served_model_name or (args.value or args.base).resolve().name
     sched = Scheduler(
-        dec, max_batch_size=args.max_batch_size, max_model_len=max_len, max_queue=args.max_queue, metrics=Metrics()
+        dec,
+        max_batch_size=args.max_batch_size,
+        max_model_len=max_len,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        metrics=Metrics(),
     )
     return sched, build_app(sched, served_model_name=name, api_key=args.api_key)
 

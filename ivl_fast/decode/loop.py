@@ -159,37 +159,56 @@ class DecodeLoop:
         token; -> the slot. Its greedy tokens are the same as when it runs alone. ``sampling``, ``alpha``: this
         request's values (scalars; a batch opened with ``per_request=True`` only; a per-request alpha needs the
         torch sampler: the fused kernel takes one alpha per batch)."""
-        if (sampling is not None or alpha is not None) and not self.per_request:
-            raise ValueError("sampling or alpha per request needs a batch opened with per_request=True")
-        if alpha is not None:
-            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-                raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-            if not self.cfg.row_alpha and float(alpha) != self.models.alpha:
-                raise ValueError(
-                    f"alpha={alpha} differs from the decoder's {self.models.alpha}: a per-request alpha needs the "
-                    "torch sampler (sample_backend='torch'); the fused kernel takes one alpha per batch"
-                )
+        return self.admit_many([(prompt_ids, max_new_tokens, sampling, alpha)])[0]
+
+    def admit_many(self, requests: list[tuple]) -> list[int]:
+        """Admit several requests ``(prompt_ids, max_new_tokens, sampling, alpha)`` (the last three may be None)
+        with one prefill of them all (left-padded); -> their slots. Each is checked as :meth:`admit` checks it
+        (ValueError naming the request) before anything is admitted."""
         if not self.cfg.slots:
             raise ValueError("admit() needs a continuous batch (FastIVLDecoder.open_batch)")
         if self.retok is not None or not self.models.all_support("slots"):
             raise ValueError("admitting requests into a running batch needs the lean engine and one vocabulary")
         self._check_cache()
         free = [r for r in range(self.requests) if r not in self.length]
-        if not free:
-            raise ValueError(f"every one of the {self.requests} slots is taken; retire one first")
+        if len(requests) > len(free):
+            raise ValueError(
+                f"{len(requests)} request(s) for {len(free)} free slot(s) of {self.requests}: the other slots are "
+                "taken; retire some first"
+            )
+        checked = [self.check_request(i, *r) for i, r in enumerate(requests)]
+        if not checked:
+            return []
+        ids, mask = pack_prompts([list(c[0]) for c in checked], None, self.opts.pad_token_id, self.models.vocab_size)
+        dev = self.models.device
+        slots = free[: len(checked)]
+        _, budgets, samplings, alphas = (list(x) for x in zip(*checked, strict=True))
+        self._admit(slots, ids.to(dev), mask.to(dev), budgets, samplings, alphas)
+        return slots
+
+    def check_request(self, i: int, prompt_ids, max_new_tokens=None, sampling=None, alpha=None) -> tuple:
+        """-> (prompt_ids, budget, sampling, alpha) with the defaults filled in; ValueError naming request ``i``."""
+        where = f"request {i}: " if i else ""
+        if (sampling is not None or alpha is not None) and not self.per_request:
+            raise ValueError(f"{where}sampling or alpha per request needs a batch opened with per_request=True")
+        if alpha is not None:
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+                raise ValueError(f"{where}alpha must be a finite number, got {alpha!r}")
+            if not self.cfg.row_alpha and float(alpha) != self.models.alpha:
+                raise ValueError(
+                    f"{where}alpha={alpha} differs from the decoder's {self.models.alpha}: a per-request alpha needs "
+                    "the torch sampler (sample_backend='torch'); the fused kernel takes one alpha per batch"
+                )
         budget = self.opts.max_new_tokens if max_new_tokens is None else max_new_tokens
         if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= self.bufs.cols:
-            raise ValueError(f"max_new_tokens must be an integer in [1, {self.bufs.cols}], got {budget!r}")
+            raise ValueError(f"{where}max_new_tokens must be an integer in [1, {self.bufs.cols}], got {budget!r}")
         if not isinstance(prompt_ids, list | tuple) or not prompt_ids or len(prompt_ids) + budget > self.max_seq_len:
             raise ValueError(
-                f"a prompt of {len(prompt_ids)} tokens + max_new_tokens {budget} does not fit the batch's "
+                f"{where}a prompt of {len(prompt_ids)} tokens + max_new_tokens {budget} does not fit the batch's "
                 f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
             )
-        ids, mask = pack_prompts([list(prompt_ids)], None, self.opts.pad_token_id, self.models.vocab_size)
-        dev = self.models.device
         a = self.models.alpha if alpha is None else float(alpha)
-        self._admit([free[0]], ids.to(dev), mask.to(dev), budget, sampling or self.request_sampling, a)
-        return free[0]
+        return prompt_ids, budget, sampling or self.request_sampling, a
 
     def retire(self, slot: int) -> None:
         """Free ``slot`` (finished or not) between rounds; the other rows are untouched."""
@@ -199,18 +218,32 @@ class DecodeLoop:
         for d in (self.length, self.emitted, self.budget, self.checked):
             d.pop(slot)
 
-    def _admit(
-        self, slots: list[int], prompt, mask, budget: int, sampling: SamplingParams | None = None, alpha=None
-    ) -> None:
+    def _admit(self, slots: list[int], prompt, mask, budget, sampling=None, alpha=None) -> None:
+        """Prefill left-padded prompts [n, T] into ``slots`` and emit their first tokens. ``budget``, ``sampling``,
+        ``alpha``: one value for every row, or a list of one per row."""
         m, bufs = self.models, self.bufs
         n = len(slots)
         whole = n == self.rows
         rows_t = torch.tensor(slots, dtype=torch.int64, device=m.device)
+
+        listed = isinstance(budget, list)  # admit_many: values per row; start(): one set for every row
+        budgets = budget if listed else [budget] * n
         with torch.inference_mode(), self.on_device():
-            sampling = sampling or self.request_sampling
             record = self.cfg.sampling.penalties_on  # the step applies penalties: every row needs its prompt
-            a = m.alpha if alpha is None else alpha
-            bufs.admit(rows_t, budget, sampling, prompt, mask, record_prompt=record, alpha=a)
+            if not listed:
+                bufs.admit(
+                    rows_t,
+                    budget,
+                    sampling or self.request_sampling,
+                    prompt,
+                    mask,
+                    record_prompt=record,
+                    alpha=m.alpha if alpha is None else alpha,
+                )
+            else:
+                for i, (b_, s_, a_) in enumerate(zip(budgets, sampling, alpha, strict=True)):
+                    row = slice(i, i + 1)
+                    bufs.admit(rows_t[row], b_, s_, prompt[row], mask[row], record_prompt=record, alpha=a_)
             t0 = time.perf_counter()
             if self.retok is not None:
                 zb, zv = self._cross_vocab_prefill(prompt, mask)
@@ -228,8 +261,8 @@ class DecodeLoop:
         if self.models.all_support("slots"):
             self._cache_state = self._cache_token()
         lengths = mask.sum(1).tolist()
-        for s, length in zip(slots, lengths, strict=True):
-            self.length[s], self.emitted[s], self.budget[s], self.checked[s] = int(length), 1, budget, 0
+        for s, length, b_ in zip(slots, lengths, budgets, strict=True):
+            self.length[s], self.emitted[s], self.budget[s], self.checked[s] = int(length), 1, b_, 0
         self._longest = max(self.length.values())
         if self.steps == 0:
             self.steps = 1

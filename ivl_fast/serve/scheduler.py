@@ -1,8 +1,8 @@
 """The server's engine: one continuous batch of the decode core (:meth:`FastIVLDecoder.open_batch` with
 per-request values), stepped by one worker thread, fed by the HTTP handlers through a bounded queue.
 
-Between steps the worker retires cancelled and finished sequences and admits waiting ones into free slots (each
-admission prefills one prompt; the running rows wait for it), then runs one decode round for every live row. After
+Between steps the worker retires cancelled and finished sequences and admits waiting ones into free slots (one
+prefill of all of them; the running rows wait for it), then runs one decode round for every live row. After
 each round it reads every live row's new token in one device read and does per request, on the host, what the
 device batch cannot do for each row differently: EOS / ``stop_token_ids`` (unless ``ignore_eos``), stop strings
 (cut before the string, as OpenAI returns them) and the text deltas of streaming (held back while they could still
@@ -89,11 +89,24 @@ class Sequence:
 
 class Scheduler:
     """Owns the decoder's continuous batch. ``max_batch_size`` slots of ``max_model_len`` tokens each (prompt +
-    new); ``max_queue`` waiting sequences at most; ``metrics``: a :class:`~ivl_fast.serve.metrics.Metrics`."""
+    new); ``max_queue`` waiting sequences at most; ``max_prefill_tokens``: prompt tokens admitted between two steps
+    at most (at least one request), so that a burst of arrivals stalls the running streams for a bounded time;
+    ``metrics``: a :class:`~ivl_fast.serve.metrics.Metrics`."""
 
-    def __init__(self, decoder, *, max_batch_size: int, max_model_len: int, max_queue: int, metrics=None):
+    def __init__(
+        self,
+        decoder,
+        *,
+        max_batch_size: int,
+        max_model_len: int,
+        max_queue: int,
+        max_prefill_tokens: int = 256,
+        metrics=None,
+    ):
         self.dec, self.tokenizer = decoder, decoder.tokenizer
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self._held: Sequence | None = None  # taken from the queue, over this step's prefill budget
         self.metrics = metrics
         self.eos = frozenset(decoder.options().eos_token_id)
         # the batch's own EOS check is off: EOS and stop tokens differ per request and are checked here
@@ -126,7 +139,7 @@ class Scheduler:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop after the running sequences finish (up to ``timeout`` seconds), then cancel what is left."""
         deadline = time.monotonic() + timeout
-        while (self._active or not self._waiting.empty()) and time.monotonic() < deadline:
+        while (self._active or self._held or not self._waiting.empty()) and time.monotonic() < deadline:
             time.sleep(0.02)
         self._stop.set()
         self._wake.set()
@@ -143,7 +156,7 @@ class Scheduler:
                 try:
                     self._retire_cancelled()
                     self._admit_waiting()
-                    if not self._active:
+                    if not self._active and self._held is None:
                         self._wake.wait(0.05)
                         self._wake.clear()
                         continue
@@ -153,6 +166,8 @@ class Scheduler:
                         self._fail(slot, e)
             for slot in list(self._active):
                 self._fail(slot, RuntimeError("the server is shutting down"))
+            if self._held is not None:
+                self._held._emit(Failed(RuntimeError("the server is shutting down")))
             while not self._waiting.empty():
                 self._waiting.get_nowait()._emit(Failed(RuntimeError("the server is shutting down")))
 
@@ -162,19 +177,35 @@ class Scheduler:
                 self._release(slot)
 
     def _admit_waiting(self) -> None:
-        while len(self._active) < self.max_batch_size and not self._waiting.empty():
-            seq = self._waiting.get_nowait()
+        """Admit waiting sequences into the free slots with one prefill of them all (a request the batch refuses
+        fails alone)."""
+        room = self.max_batch_size - len(self._active)
+        take: list[Sequence] = []
+        tokens = 0
+        while len(take) < room and (self._held is not None or not self._waiting.empty()):
+            seq, self._held = (self._held, None) if self._held is not None else (self._waiting.get_nowait(), None)
             if seq.cancelled.is_set():
                 continue
+            n = len(seq.request.prompt_ids)
+            if take and tokens + n > self.max_prefill_tokens:
+                self._held = seq  # first in line for the next step
+                break
+            take.append(seq)
+            tokens += n
+        ok = []
+        for seq in take:  # checked one by one, so that one bad request does not refuse the others
             r = seq.request
             try:
-                slot = self.batch.admit(r.prompt_ids, r.max_tokens, sampling=r.sampling, alpha=r.alpha)
+                self.batch.check_request(0, r.prompt_ids, r.max_tokens, r.sampling, r.alpha)
+                ok.append(seq)
             except ValueError as e:
                 seq._emit(Failed(e))
-                continue
-            seq.slot = slot
-            self._active[slot] = seq
-            self._collect()  # its first token
+        if ok:
+            reqs = [(s.request.prompt_ids, s.request.max_tokens, s.request.sampling, s.request.alpha) for s in ok]
+            for seq, slot in zip(ok, self.batch.admit_many(reqs), strict=True):
+                seq.slot = slot
+                self._active[slot] = seq
+            self._collect()  # their first tokens
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._waiting.qsize())
             self.metrics.batch_occupancy.set(len(self._active) / self.max_batch_size)

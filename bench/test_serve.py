@@ -1,0 +1,209 @@
+"""Load on `ivl-fast serve` (CPU, the demo's large base + value network): 64 concurrent streaming clients, each
+sending several chat requests, against the same requests sent one at a time, on loopback; the server runs in its
+own process, the clients in this one (asyncio + httpx). Every answer is checked against the decoder's own greedy
+answer for that question (nothing lost or mixed up). Reported: throughput (generated tokens/s over the wall time),
+time to first token and per-token latency (gaps between a stream's chunks) p50 / p99, for both runs.
+
+    IVL_DEMO_DIR=ivl-demo IVL_BENCH_OUT=bench/results/serve_cpu.json \
+        pytest -q -p no:cacheprovider bench/test_serve.py -s
+
+Bounded: IVL_SERVE_CLIENTS (default 64) clients x IVL_SERVE_REQUESTS (default 3) requests of IVL_SERVE_TOKENS (default
+32) tokens each (EOS ignored, so every answer has the same length), a 600 s limit.
+Goal (issue #17): >= 4x the one-at-a-time throughput at 64 clients, with per-token p99 <= 3x its p50.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import save_results
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+CLIENTS = int(os.environ.get("IVL_SERVE_CLIENTS", "64"))
+REQUESTS = int(os.environ.get("IVL_SERVE_REQUESTS", "3"))
+TOKENS = int(os.environ.get("IVL_SERVE_TOKENS", "32"))
+PREFILL = int(os.environ.get("IVL_SERVE_PREFILL_TOKENS", "256"))  # the server's --max-prefill-tokens
+
+
+def _demo_dir() -> Path:
+    from ivl_fast.demo import DemoConfig, run_demo
+
+    work = Path(os.environ.get("IVL_DEMO_DIR", "ivl-demo"))
+    if not (work / "results.json").is_file():
+        run_demo(DemoConfig(work_dir=str(work)))
+    return work
+
+
+def _questions() -> list[str]:
+    from ivl_fast.demo import DemoConfig, make_world
+
+    world = make_world(DemoConfig().n_people, 0)
+    return [f"Where does {p} live?" for p in world["eval_people"]] + [
+        f"What color does {p} like?" for p in world["eval_people"]
+    ]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def _ask(client, url: str, question: str) -> dict:
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    t0 = time.perf_counter()
+    stamps, text = [], []
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            delta = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if delta:
+                stamps.append(time.perf_counter())
+                text.append(delta)
+    return {"question": question, "text": "".join(text), "t0": t0, "stamps": stamps}
+
+
+async def _run(url: str, jobs: list[list[str]]) -> tuple[list[dict], float]:
+    """Each inner list is one client's requests, sent one after the other; the clients run at once."""
+    limits = httpx.Limits(max_connections=len(jobs) + 4, max_keepalive_connections=len(jobs) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one_client(qs):
+            return [await _ask(client, url, q) for q in qs]
+
+        t0 = time.perf_counter()
+        per_client = await asyncio.gather(*(one_client(qs) for qs in jobs))
+        wall = time.perf_counter() - t0
+    return [r for rs in per_client for r in rs], wall
+
+
+def _stats(results: list[dict], wall: float, tokenizer) -> dict:
+    ttft = [1e3 * (r["stamps"][0] - r["t0"]) for r in results]
+    gaps = [1e3 * (b - a) for r in results for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
+    tokens = sum(len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in results)
+    return {
+        "requests": len(results),
+        "wall_s": wall,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_ms": {"p50": _pct(ttft, 0.5), "p99": _pct(ttft, 0.99), "mean": statistics.mean(ttft)},
+        "per_token_ms": {"p50": _pct(gaps, 0.5), "p99": _pct(gaps, 0.99), "mean": statistics.mean(gaps)},
+    }
+
+
+def test_serve_load_cpu(benchmark):
+    from ivl_fast import FastIVLDecoder
+
+    work = _demo_dir()
+    questions = _questions()
+    jobs = [[questions[(c * REQUESTS + i) % len(questions)] for i in range(REQUESTS)] for c in range(CLIENTS)]
+    dec = FastIVLDecoder.from_pretrained(work / "large", work / "value", device="cpu")
+    want = {
+        q: dec.generate_text([{"role": "user", "content": q}], chat=True, max_new_tokens=TOKENS, eos_token_id=[])
+        for q in {q for qs in jobs for q in qs}
+    }
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ivl_fast.cli",
+        "serve",
+        "--base",
+        str(work / "large"),
+        "--value",
+        str(work / "value"),
+        "--served-model-name",
+        "demo",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(CLIENTS),
+        "--max-model-len",
+        "256",
+        "--device",
+        "cpu",
+        "--max-prefill-tokens",
+        str(PREFILL),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    out: dict = {}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        asyncio.run(_run(url, [[questions[0]]] * 4))  # warm-up
+
+        def both():
+            flat = [[q] for qs in jobs for q in qs]
+            seq_results, seq_wall = asyncio.run(_run(url, [sum(flat, [])]))  # one client: one request at a time
+            con_results, con_wall = asyncio.run(_run(url, jobs))
+            out["sequential"], out["concurrent"] = (seq_results, seq_wall), (con_results, con_wall)
+
+        benchmark.pedantic(both, rounds=1, iterations=1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    figures = {}
+    for name, (results, wall) in out.items():
+        assert len(results) == CLIENTS * REQUESTS
+        wrong = [r["question"] for r in results if r["text"] != want[r["question"]]]
+        assert not wrong, f"{name}: {len(wrong)} answers differ from the decoder's, e.g. {wrong[:3]}"
+        figures[name] = _stats(results, wall, dec.tokenizer)
+    seq, con = figures["sequential"], figures["concurrent"]
+    speedup = con["tokens_per_s"] / seq["tokens_per_s"]
+    p99_over_p50 = con["per_token_ms"]["p99"] / con["per_token_ms"]["p50"]
+    for name, f in figures.items():
+        print(
+            f"\n{name:>10}: {f['requests']} requests, {f['tokens_per_s']:.0f} tokens/s, ttft p50 "
+            f"{f['ttft_ms']['p50']:.1f} ms p99 {f['ttft_ms']['p99']:.1f} ms, per token p50 "
+            f"{f['per_token_ms']['p50']:.2f} ms p99 {f['per_token_ms']['p99']:.2f} ms"
+        )
+    print(f"concurrent / sequential throughput {speedup:.2f}x; per-token p99 / p50 {p99_over_p50:.2f}")
+    save_results(
+        {
+            "benchmark": "ivl-fast serve under load: concurrent streaming clients vs one request at a time",
+            "config": {
+                "models": "the demo's large 4x128 base + value 2x64 (ivl-fast demo, seed 0), fp32, CPU",
+                "clients": CLIENTS,
+                "requests_per_client": REQUESTS,
+                "tokens_per_request": TOKENS,
+                "max_batch_size": CLIENTS,
+                "max_prefill_tokens": PREFILL,
+                "workload": "chat, greedy, EOS ignored, the demo's held-out questions",
+            },
+            "sequential": seq,
+            "concurrent": con,
+            "throughput_ratio": speedup,
+            "per_token_p99_over_p50": p99_over_p50,
+            "every_answer_checked": True,
+        }
+    )
