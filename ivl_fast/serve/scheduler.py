@@ -83,7 +83,8 @@ class Sequence:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def _emit(self, event) -> None:
+    def emit(self, event) -> None:
+        """Hand an event to the HTTP side (called from the worker thread)."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -167,9 +168,9 @@ class Scheduler:
             for slot in list(self._active):
                 self._fail(slot, RuntimeError("the server is shutting down"))
             if self._held is not None:
-                self._held._emit(Failed(RuntimeError("the server is shutting down")))
+                self._held.emit(Failed(RuntimeError("the server is shutting down")))
             while not self._waiting.empty():
-                self._waiting.get_nowait()._emit(Failed(RuntimeError("the server is shutting down")))
+                self._waiting.get_nowait().emit(Failed(RuntimeError("the server is shutting down")))
 
     def _retire_cancelled(self) -> None:
         for slot, seq in list(self._active.items()):
@@ -199,7 +200,7 @@ class Scheduler:
                 self.batch.check_request(0, r.prompt_ids, r.max_tokens, r.sampling, r.alpha)
                 ok.append(seq)
             except ValueError as e:
-                seq._emit(Failed(e))
+                seq.emit(Failed(e))
         if ok:
             reqs = [(s.request.prompt_ids, s.request.max_tokens, s.request.sampling, s.request.alpha) for s in ok]
             for seq, slot in zip(ok, self.batch.admit_many(reqs), strict=True):
@@ -231,10 +232,11 @@ class Scheduler:
         col = (steps - 1).clamp(min=0)[:, None]
         last = b.out[idx].gather(1, col)[:, 0]
         lp = b.logprobs[idx].gather(1, col)[:, 0]
-        for slot, n, tok, logp in zip(slots, steps.tolist(), last.tolist(), lp.tolist(), strict=True):
+        read = torch.stack([steps.double(), last.double(), lp.double()]).tolist()  # one host read (ids < 2^53)
+        for slot, n, tok, logp in zip(slots, *read, strict=True):
             seq = self._active[slot]
             if n > len(seq.tokens):  # one new token per round
-                self._advance(slot, seq, tok, logp)
+                self._advance(slot, seq, int(tok), logp)
 
     def _advance(self, slot: int, seq: Sequence, tok: int, logp: float) -> None:
         r = seq.request
@@ -276,20 +278,20 @@ class Scheduler:
             upto = max(seq.sent_chars, min(upto, len(text) - hold))
         new_tokens, new_lps = seq.tokens[seq.sent_tokens :], seq.logprobs[seq.sent_tokens :]
         seq.sent_tokens = len(seq.tokens)
-        seq._emit(Delta(text[seq.sent_chars : upto], new_tokens, new_lps))
+        seq.emit(Delta(text[seq.sent_chars : upto], new_tokens, new_lps))
         seq.sent_chars = max(seq.sent_chars, upto)
 
     def _finish(self, slot: int, seq: Sequence, reason: str, flush: bool = False) -> None:
         if flush:
             text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
             self._send(seq, text, final=True)
-        seq._emit(Finished(reason, len(seq.tokens) + (1 if reason == "stop" and flush else 0)))
+        seq.emit(Finished(reason, len(seq.tokens) + (1 if reason == "stop" and flush else 0)))
         self._release(slot)
 
     def _fail(self, slot: int, error: Exception) -> None:
         seq = self._active.get(slot)
         if seq is not None:
-            seq._emit(Failed(error))
+            seq.emit(Failed(error))
         self._release(slot)
 
     def _release(self, slot: int) -> None:
