@@ -222,3 +222,30 @@ def test_admit_many_prefills_together_and_each_decodes_as_alone(models):
     batch.retire(slots[1])
     with pytest.raises(ValueError, match="request 1: max_new_tokens"):
         batch.admit_many([(R, 3, None, None), (R, 0, None, None)])
+
+
+def test_an_eager_step_skips_the_free_slots_above_the_busy_ones(models):
+    """One request in an 8-slot batch: the models decode 1 row per step, not 8 (and the tokens are its own); a
+    request in slot 2 makes them decode 3."""
+    base, value = models
+    dec = FastIVLDecoder(base, value)
+    want = _alone(dec, R, 6)
+    seen = []
+    real = dec.base.decode
+
+    def spy(ids, **kw):
+        seen.append(ids.shape[0])
+        return real(ids, **kw)
+
+    dec.base.decode = spy
+    batch = dec.open_batch(slots=8, max_seq_len=40, eos_token_id=[])
+    s = batch.admit(R, 6)
+    while not batch.is_finished(s):
+        batch.step()
+    assert batch.tokens(s) == want and set(seen) == {1}
+    a, b = batch.admit(OTHERS[0], 4), batch.admit(OTHERS[1], 4)
+    batch.retire(s)
+    batch.retire(a)
+    seen.clear()
+    batch.step()
+    assert (a, b) == (1, 2) and seen == [3]

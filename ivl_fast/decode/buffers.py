@@ -8,6 +8,8 @@ same tensors; graph runs borrow the persistent buffers of their batch bucket fro
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..sampling import SamplingParams
@@ -51,6 +53,39 @@ class DecodeBuffers:
         self.work = torch.empty(rows, vocab, **f32) if backend == "triton" else None
         self._host = None
         self.pad_id = 0
+
+    ROW_TENSORS = (
+        "ids",
+        "out",
+        "logprobs",
+        "finished",
+        "steps",
+        "limit",
+        "stop_step",
+        "bad",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "alpha",
+        "prompt_mask",
+        "output_counts",
+        "work",
+    )  # [rows, ...]; the rest (done, the RNG state, pad, eos ids) is shared by every row
+
+    def head(self, n: int) -> DecodeBuffers:
+        """A view of the first ``n`` rows (every write goes to these buffers): an eager step of a continuous batch
+        whose busy slots are all below ``n`` runs on it, so free slots cost nothing."""
+        view = copy.copy(self)
+        for name in self.ROW_TENSORS:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(view, name, t[:n])
+        view.rows = n
+        return view
 
     def fits(self, rows: int, cols: int, backend: str) -> bool:
         return self.rows == rows and self.cols >= cols and (self.work is None) == (backend != "triton")

@@ -294,7 +294,17 @@ class DecodeLoop:
             emit(bufs, self.cfg, self.eos, *sample(m, bufs, self.cfg, zb, zv))
         else:
             kv = self.kv_need() if self._lean else None
-            decode_step(m, bufs, self.cfg, self.eos, kv)
+            hi = max(self.length) + 1 if self.cfg.slots and self.length else self.rows
+            if hi < self.rows and self._cache_state is not None:  # free slots above every busy one: skip them
+                for e in m.engines:
+                    e.kv.use_rows(hi)
+                try:
+                    decode_step(m, bufs.head(hi), self.cfg, self.eos, kv)
+                finally:
+                    for e in m.engines:
+                        e.kv.use_rows(self.rows)
+            else:
+                decode_step(m, bufs, self.cfg, self.eos, kv)
         self.note_rounds(1)
 
     def step(self) -> bool:
