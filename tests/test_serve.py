@@ -412,3 +412,20 @@ def test_lm_evals_local_chat_completions_equals_ivl_fast_eval(served, pair, tmp_
     want = [s["filtered_resps"] for s in ours["samples"]["ivl_gen"]]
     assert got == want and len(got) == 4 and any(g[0] for g in got)  # real text, not empty answers
     assert theirs["results"]["ivl_gen"] == ours["results"]["ivl_gen"]
+
+
+def test_several_prompts_in_one_completion_request(served):
+    """OpenAI's list of prompts: choices run prompt by prompt (index = prompt * n + sample), each its own answer;
+    usage counts every prompt n times."""
+    srv, dec = served
+    prompts = PROMPTS[:3]
+    r = srv.client().completions.create(model="ivl", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in r.choices] == list(range(6))
+    want = [dec.generate_text(p, max_new_tokens=6) for p in prompts]
+    assert [c.text for c in r.choices] == [w for w in want for _ in range(2)]
+    assert r.usage.prompt_tokens == 2 * sum(len(dec.tokenizer(p)["input_ids"]) for p in prompts)
+    ids = [dec.tokenizer(p)["input_ids"] for p in prompts[:2]]
+    r = srv.client().completions.create(model="ivl", prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in r.choices] == want[:2]
+    status, err = _error(srv, "/v1/completions", {"model": "ivl", "prompt": ["a", 3]})
+    assert status == 400 and err["param"] == "prompt"

@@ -36,6 +36,22 @@ from .protocol import (
 from .scheduler import Delta, Failed, Finished, QueueFull, Scheduler
 
 
+def _prompt_ids(prompt, tok) -> list[list[int]]:
+    """OpenAI's ``prompt``: a string, a list of strings, a list of token ids or a list of such lists."""
+
+    def is_ids(x):
+        return isinstance(x, list) and x and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or is_ids(p) for p in prompt):
+        raise APIError(400, "'prompt' must be a string, token ids, or a non-empty list of either", "prompt")
+    out = [tok(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
+    if any(not ids for ids in out):
+        raise APIError(400, "'prompt' holds an empty prompt", "prompt")
+    return out
+
+
 def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="ivl-fast", docs_url=None, redoc_url=None)
     metrics: Metrics = scheduler.metrics
@@ -106,6 +122,19 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 s.cancel()
             raise APIError(503, str(e), type_="server_error", code="queue_full") from None
         return seqs
+
+    def _submit_all(reqs, n: int) -> list[list]:
+        """Submit every prompt's n sequences, or none (a full queue cancels what this request queued)."""
+        parts = []
+        try:
+            for req in reqs:
+                parts.append(submit(req, n))
+        except APIError:
+            for part in parts:
+                for s in part:
+                    s.cancel()
+            raise
+        return parts
 
     async def events(seq):
         """The sequence's events until it ends (Failed raises)."""
@@ -194,40 +223,32 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 "'logprobs' supports 0 only (the sampled tokens' log-probabilities; no top alternatives yet)",
                 "logprobs",
             )
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = tok(prompt)["input_ids"]
-        elif (
-            isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
-        ):
-            ids = list(prompt)
-        else:
-            raise APIError(400, "'prompt' must be a string, a list of one string, or a list of token ids", "prompt")
-        if not ids:
-            raise APIError(400, "'prompt' is empty", "prompt")
-        req, n, streaming = sampling_request(
-            body,
-            ids,
-            eos=scheduler.eos,
-            max_model_len=scheduler.max_model_len,
-            default_max_tokens=16,
-            logprobs=lp is not None,
-        )
-        check_alpha(req)
+        prompts = _prompt_ids(body.get("prompt"), tok)  # one or several prompts: choices run prompt by prompt
+        reqs = []
+        for ids in prompts:
+            req, n, streaming = sampling_request(
+                body,
+                ids,
+                eos=scheduler.eos,
+                max_model_len=scheduler.max_model_len,
+                default_max_tokens=16,
+                logprobs=lp is not None,
+            )
+            check_alpha(req)
+            reqs.append(req)
+        n_prompt = sum(len(ids) for ids in prompts) * n
         rid, created, model = new_id("cmpl"), now(), served_model_name
         metrics.requests.labels("/v1/completions", "200").inc()
-        seqs = submit(req, n)
+        seqs = [s for part in _submit_all(reqs, n) for s in part]
         if streaming:
             include = (body.get("stream_options") or {}).get("include_usage", False)
-            offsets = [0] * n
+            offsets = [0] * len(seqs)
 
             def chunk(i, ev):
                 choice = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
                 if isinstance(ev, Delta):
                     choice["text"] = ev.text
-                    if req.logprobs:
+                    if lp is not None:
                         choice["logprobs"] = completion_logprobs(tok, ev.token_ids, ev.logprobs, offsets[i])
                     offsets[i] += len(ev.text)
                 else:
@@ -241,7 +262,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": usage(len(ids) * n, completion),
+                    "usage": usage(n_prompt, completion),
                 }
 
             return StreamingResponse(
@@ -250,9 +271,9 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         results = await run_all(seqs)
         choices = []
         for i, (text, tids, lps, fin) in enumerate(results):
-            lpd = completion_logprobs(tok, tids, lps, 0) if req.logprobs else None
+            lpd = completion_logprobs(tok, tids, lps, 0) if lp is not None else None
             choices.append({"index": i, "text": text, "logprobs": lpd, "finish_reason": fin.reason})
-        used = usage(len(ids) * n, sum(r[3].completion_tokens for r in results))
+        used = usage(n_prompt, sum(r[3].completion_tokens for r in results))
         return {
             "id": rid,
             "object": "text_completion",
