@@ -112,6 +112,30 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     ]
 
 
+ROW_MODELS = {  # the checkpoints each same-vocabulary row's logits are summed from
+    "small": ["small"],
+    "large": ["large"],
+    "small+value": ["small", "value"],
+    "large+value": ["large", "value"],
+    "large+value_l1": ["large", "value_l1"],
+    "large_finetuned": ["large_finetuned"],
+}
+
+
+def _float64_loader(work: Path):
+    """name -> the demo's checkpoint ``work/name`` in plain transformers, float64, loaded once."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = {}
+
+    def hf(name):
+        if name not in loaded:
+            loaded[name] = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float64).eval()
+        return loaded[name]
+
+    return hf
+
+
 def _greedy_new_tokens(models, ids: list[int], n: int, eos_id: int) -> list[int]:
     """Greedy new ids under z = sum(alpha * logits) of ``models`` [(hf_model, alpha)]: a plain transformers loop
     (one prompt, no padding, its own KV cache), float64."""
@@ -147,7 +171,6 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
     questions, regenerated here from the demo's checkpoints (plain transformers; residual rows: base + value
     logits) and parsed by _answer_word. The cross-vocabulary row is regenerated one question at a time through
     the public generate_text (the demo decodes all questions in one padded batch)."""
-    from transformers import AutoModelForCausalLM
 
     from ivl_fast import FastIVLDecoder
     from ivl_fast.chat import load_tokenizer
@@ -171,21 +194,9 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
         n = len(qa)
         return sum(w == a for w, (_, a) in zip(words, qa, strict=True)) / n, sum(w is not None for w in words) / n
 
-    loaded = {}
+    hf = _float64_loader(work)
 
-    def hf(name):
-        if name not in loaded:
-            loaded[name] = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float64).eval()
-        return loaded[name]
-
-    models_of = {  # the residual value checkpoints record their scheme; the demo decodes with alpha 1
-        "small": ["small"],
-        "large": ["large"],
-        "small+value": ["small", "value"],
-        "large+value": ["large", "value"],
-        "large+value_l1": ["large", "value_l1"],
-        "large_finetuned": ["large_finetuned"],
-    }
+    models_of = ROW_MODELS  # the residual value checkpoints record their scheme; the demo decodes with alpha 1
     for name in ("value", "value_l1"):
         assert json.loads((work / name / "ivl.json").read_text())["scheme"] == "residual"
     got = {r["name"]: (r["accuracy"], r["format_rate"]) for r in out["rows"]}
@@ -214,7 +225,6 @@ def test_quick_demo_lm_eval_scores_are_a_recount_from_transformers_models(quick_
     continuation as lm-eval does (the whole text's tokens after the context's). Generation exact match: the
     greedy answer cut at the first newline, in the format, with the right word. The cross-vocabulary row has no
     multiple choice and says why."""
-    from transformers import AutoModelForCausalLM
 
     from ivl_fast.chat import load_tokenizer
     from ivl_fast.demo_lm_eval import CROSS_VOCAB_MC
@@ -225,26 +235,14 @@ def test_quick_demo_lm_eval_scores_are_a_recount_from_transformers_models(quick_
     world = make_world(cfg.n_people, cfg.seed)
     qs = questions(world, world["eval_people"][: cfg.eval_people])
     tok = load_tokenizer(work / "small")
-    loaded = {}
-
-    def hf(name):
-        if name not in loaded:
-            loaded[name] = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float64).eval()
-        return loaded[name]
+    hf = _float64_loader(work)
 
     def summed_logits(names, ids):
         with torch.no_grad():
             return sum(hf(n)(torch.tensor([ids])).logits[0] for n in names)  # [T, V]
 
     rows = {r["name"]: r for r in out["rows"]}
-    models_of = {
-        "small": ["small"],
-        "large": ["large"],
-        "small+value": ["small", "value"],
-        "large+value": ["large", "value"],
-        "large+value_l1": ["large", "value_l1"],
-        "large_finetuned": ["large_finetuned"],
-    }
+    models_of = ROW_MODELS
     for row, names in models_of.items():
         right = exact = 0
         for q in qs:

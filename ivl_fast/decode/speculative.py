@@ -70,53 +70,36 @@ class SpecState:
 
 
 def distribution(z: torch.Tensor, sp: SamplingParams, bufs: DecodeBuffers, counts, prompt_mask):
-    """Combined logits z [N, V] fp32 -> (penalized logits [N, V], warped probabilities [N, V]). ``counts`` [N, V]:
-    the generated ids each row has seen at this position (penalties; None when off). Greedy rows: one-hot at the
-    argmax (lowest index on ties), as :func:`ivl_fast.sampling.sample_ref` picks."""
-    n = z.shape[0]
-    reps = n // bufs.rows  # rows of z per buffer row (positions of a round, row-major)
-
-    def per(x):  # a scalar, or the buffers' [B] values repeated for each position
-        return x.repeat_interleave(reps) if isinstance(x, torch.Tensor) else x
-
-    if sp.penalties_on:
-        z = apply_penalties(
-            z,
-            prompt_mask,
-            counts,
-            per(sp.repetition_penalty),
-            per(sp.presence_penalty),
-            per(sp.frequency_penalty),
-        )
-    top = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
-    if sp.greedy:
-        return z, top
-    t = per(sp.temperature)
-    probs = warp_logits(z, t, per(sp.top_k), per(sp.top_p), per(sp.min_p)).softmax(-1)
-    return z, torch.where(_col(t, z) > 0, probs, top)
+    """Combined logits z [N, V] fp32 of a sampled round -> (penalized logits [N, V], warped probabilities [N, V]).
+    ``counts`` [N, V]: the generated ids each row has seen at this position (penalties; None when off). Rows at
+    temperature 0 (per-row values) are one-hot at the argmax (lowest index on ties), as
+    :func:`ivl_fast.sampling.sample_ref` picks."""
+    z = _penalize(z, sp, bufs, counts, prompt_mask)
+    t = _per_position(sp.temperature, z, bufs)
+    probs = warp_logits(
+        z, t, _per_position(sp.top_k, z, bufs), _per_position(sp.top_p, z, bufs), _per_position(sp.min_p, z, bufs)
+    ).softmax(-1)
+    if isinstance(t, torch.Tensor):  # some rows may be greedy
+        top = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+        probs = torch.where(_col(t, z) > 0, probs, top)
+    return z, probs
 
 
-def race(probs: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """A draw from each row of (unnormalised) ``probs`` [N, V] (the exponential race: argmax(p / E), E ~ Exp(1));
-    ``gen`` None: the argmax."""
-    if gen is None:
-        return probs.argmax(-1)
+def race(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A draw from each row of (unnormalised) ``probs`` [N, V] (the exponential race: argmax(p / E), E ~ Exp(1))."""
     e = torch.empty_like(probs).exponential_(1.0, generator=gen)
     return (probs / e.clamp_(min=torch.finfo(probs.dtype).tiny)).argmax(-1)
 
 
-def accept(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, greedy: bool, gen: torch.Generator | None):
+def accept(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, gen: torch.Generator):
     """Exact speculative sampling. p [B, k + 1, V] target, q [B, k, V] draft probabilities, x [B, k] the drafted
     ids -> (n [B] accepted drafts, the row's tokens [B, k + 1]: x_0 .. x_{n-1}, then the correction (or bonus)
-    at index n; what follows n is meaningless)."""
+    at index n; what follows n is meaningless). (Greedy rounds accept by argmax in :func:`speculative_round`.)"""
     b, k = x.shape
     px = p[:, :k].gather(-1, x[..., None])[..., 0]  # [B, k]
     qx = q.gather(-1, x[..., None])[..., 0]
-    if greedy:
-        ok = px > 0  # p one-hot: x_j is the target's argmax
-    else:
-        u = torch.rand((b, k), generator=gen, device=p.device)
-        ok = u * qx < px  # u < p / q (q(x) > 0: x was drawn from q)
+    u = torch.rand((b, k), generator=gen, device=p.device)
+    ok = u * qx < px  # u < p / q (q(x) > 0: x was drawn from q)
     n = ok.to(torch.int64).cumprod(1).sum(1)  # [B] leading accepts
     rows = torch.arange(b, device=p.device)
     p_n = p[rows, n]  # [B, V]
@@ -124,7 +107,7 @@ def accept(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, greedy: bool, gen:
     resid = (p_n - q_n).clamp(min=0)
     # p == q up to rounding leaves nothing: then rejection had probability ~0, and p itself is the right law
     resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p_n)
-    extra = p_n.argmax(-1) if greedy else race(resid, gen)
+    extra = race(resid, gen)
     tokens = torch.cat([x, torch.zeros_like(x[:, :1])], 1).scatter(1, n[:, None], extra[:, None])
     return n, tokens
 
@@ -134,16 +117,21 @@ def _combine(zm: torch.Tensor, zv: torch.Tensor | None, alpha: float, v: int) ->
     return z if zv is None else z + alpha * zv[..., :v].float()
 
 
+def _per_position(x, z: torch.Tensor, bufs: DecodeBuffers):
+    """A scalar, or the buffers' [B] values repeated for each of z's rows (positions of a round, row-major)."""
+    return x.repeat_interleave(z.shape[0] // bufs.rows) if isinstance(x, torch.Tensor) else x
+
+
 def _penalize(z: torch.Tensor, sp: SamplingParams, bufs: DecodeBuffers, counts, prompt_mask) -> torch.Tensor:
     if not sp.penalties_on:
         return z
-    reps = z.shape[0] // bufs.rows
-
-    def per(x):
-        return x.repeat_interleave(reps) if isinstance(x, torch.Tensor) else x
-
     return apply_penalties(
-        z, prompt_mask, counts, per(sp.repetition_penalty), per(sp.presence_penalty), per(sp.frequency_penalty)
+        z,
+        prompt_mask,
+        counts,
+        _per_position(sp.repetition_penalty, z, bufs),
+        _per_position(sp.presence_penalty, z, bufs),
+        _per_position(sp.frequency_penalty, z, bufs),
     )
 
 
@@ -203,7 +191,7 @@ def speculative_round(
     else:
         zpen, p = distribution(zp.reshape(-1, v), sp, bufs, flat_counts, prompt_mask)
         zpen = zpen.reshape(-1, k + 1, v)
-        n, tokens = accept(p.reshape(-1, k + 1, v), torch.stack(qs, 1), x, False, gen)  # [B], [B, k + 1]
+        n, tokens = accept(p.reshape(-1, k + 1, v), torch.stack(qs, 1), x, gen)  # [B], [B, k + 1]
     kept = _emit(bufs, cfg, eos, live, n, tokens, zpen, bad, state)  # [B] tokens emitted
     for e, s in zip(engines, start, strict=True):  # each row's KV holds y and the drafts it kept
         e.rewind(s + kept)

@@ -161,12 +161,10 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         try:
             return await asyncio.gather(*(collect(s) for s in seqs))
         except Exception as e:  # noqa: BLE001  (a failed request fails alone, as a 500 in OpenAI's shape)
-            for s in seqs:
-                s.cancel()
             raise APIError(500, f"decoding failed: {e}", type_="server_error") from None
         finally:
             for s in seqs:
-                s.cancel()  # a no-op once finished; frees slots when the client went away
+                s.cancel()  # a no-op once finished; frees the slots of the others when one failed
 
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
