@@ -340,18 +340,35 @@ class FastIVLDecoder:
         return loglikelihood_rolling(self.models, self.tokenizer, texts, max_length or self.max_context, batch_size)
 
     def open_batch(
-        self, slots: int, max_seq_len: int, *, generation_config=None, per_request: bool = False, **options
+        self,
+        slots: int,
+        max_seq_len: int,
+        *,
+        generation_config=None,
+        per_request: bool = False,
+        top_logprobs: int = 0,
+        **options,
     ) -> DecodeLoop:
         """A persistent batch of ``slots`` rows for continuous batching: ``admit(ids)`` a request into a free slot
         between rounds, ``step()`` one round, ``tokens(slot)``, ``retire(slot)``. Each slot's KV holds
         ``max_seq_len`` tokens (prompt + new); ``options`` as for :meth:`generate` (per-request budgets at admit;
-        with ``per_request=True`` also per-request sampling values: ``admit(ids, n, sampling=SamplingParams(...))``,
-        ``options`` being the defaults)."""
+        with ``per_request=True`` also per-request sampling values and seeds: ``admit(ids, n,
+        sampling=SamplingParams(...), seed=7)``, ``options`` being the defaults). ``top_logprobs``: requests may
+        ask for up to that many top alternatives per token (``admit(..., top_logprobs=k)``; read them from
+        ``bufs.top_ids`` / ``bufs.top_logprobs``)."""
         if self.draft is not None:
             raise ValueError("open_batch does not support a draft model yet (speculative continuous batching)")
         opts, cache = self.options(generation_config, **options), self.graph_cache.for_models(self.models)
         return open_slots(
-            self.models, opts, cache, slots, max_seq_len, self.kv_block, self.sync_every, per_request=per_request
+            self.models,
+            opts,
+            cache,
+            slots,
+            max_seq_len,
+            self.kv_block,
+            self.sync_every,
+            per_request=per_request,
+            top_logprobs=top_logprobs,
         )
 
     def capture_graphs(

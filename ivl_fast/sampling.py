@@ -28,6 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from .philox import row_uniforms
 
 Param = float | int | torch.Tensor
 
@@ -244,17 +247,38 @@ def sample_ref(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None = None,
+    row_seeds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """logits [B, V] (fp32) -> next ids [B] int64. Greedy rows: argmax, lowest index on ties."""
+    """logits [B, V] (fp32) -> next ids [B] int64. Greedy rows: argmax, lowest index on ties.
+
+    row_seeds: None, or (seed [B] int64, step [B] int64, seeded [B] bool): the seeded rows race with
+    E = -log(u), u = Philox(seed; column, 0, step) (:func:`ivl_fast.philox.row_uniforms`, what the fused kernel
+    draws), so their ids do not depend on the rest of the batch; the others draw from ``generator``."""
     greedy_ids = logits.argmax(-1)
     if params.greedy:
         return greedy_ids
     warped = warp_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p)
     probs = warped.softmax(-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if row_seeds is not None:
+        race = _seeded_race(race, *row_seeds)
     sampled = (probs / race.clamp_(min=torch.finfo(probs.dtype).tiny)).argmax(-1)
     t = _col(params.temperature, logits)[:, 0]
     return torch.where(t > 0, sampled, greedy_ids)
+
+
+def _seeded_race(race: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, seeded: torch.Tensor) -> torch.Tensor:
+    """race [B, V] with the seeded rows' exponentials replaced by their counter-based ones."""
+    if race.device.type == "cpu" and not is_in_torch_dispatch_mode():
+        # eager on CPU: only the seeded rows pay for Philox (a host read, fine there; never under the graph
+        # emulator, whose recording is a dispatch mode)
+        rows = seeded.nonzero().flatten()
+        if rows.numel():
+            u = row_uniforms(seed[rows], step[rows], race.shape[1]).clamp_(min=2.3283064e-10)
+            race = race.index_copy(0, rows, -torch.log(u).to(race.dtype))
+        return race
+    u = row_uniforms(seed, step, race.shape[1]).clamp_(min=2.3283064e-10)  # graph-safe: every row, then select
+    return torch.where(seeded[:, None], -torch.log(u).to(race.dtype), race)
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

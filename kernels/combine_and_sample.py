@@ -16,7 +16,9 @@ Per tile of ROWS rows (one program), looping over the vocabulary in BLOCK column
            transformers' ascending-cumsum rule with ties ordered stably (its order on CUDA).
   min_p    keep exp((z - max) / T) >= min_p (a closed-form threshold).
   sample   Gumbel-max over the kept tokens: argmax(z / T - log(-log u)), u from Philox(seed; col, row,
-           offset), so a captured graph draws fresh numbers when the offset tensor is advanced on device.
+           offset), so a captured graph draws fresh numbers when the offset tensor is advanced on device;
+           with HAS_ROW_SEED, a row flagged in ``seeded`` draws from Philox(its seed; col, 0, its step) instead
+           (:func:`ivl_fast.philox.row_uniforms` is the torch twin), whatever else shares the batch.
 
 The logits are read a fixed number of times: 1 (greedy) or 1 + 8 [top_k] + 15 [top_p] + 1 (the first from the
 inputs, the others from the workspace). With HAS_PENALTY, pass A also reads prompt_mask (1 byte per token) and
@@ -73,6 +75,9 @@ def _combine_sample_kernel(
     minp_ptr,
     seed_ptr,
     offset_ptr,
+    row_seed_ptr,
+    row_step_ptr,
+    seeded_ptr,
     pmask_ptr,
     counts_ptr,
     rep_ptr,
@@ -95,6 +100,7 @@ def _combine_sample_kernel(
     HAS_TOPP: tl.constexpr,
     HAS_MINP: tl.constexpr,
     HAS_PENALTY: tl.constexpr,
+    HAS_ROW_SEED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -238,10 +244,18 @@ def _combine_sample_kernel(
         if HAS_MINP:
             minp = tl.load(minp_ptr + rows, mask=row_ok, other=0.0)
         # ---- final pass: Gumbel-max over the kept tokens
-        seed = tl.load(seed_ptr).to(tl.int64)
-        off = tl.load(offset_ptr).to(tl.int64)
-        c2 = (off & 0xFFFFFFFF).to(tl.uint32)
-        c3 = ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        # counters per row [R]: the batch's stream (key seed; row, offset), or with HAS_ROW_SEED, for the rows that
+        # bring a seed, their own stream (key row seed; 0, the row's step): the same draws in any batch or slot
+        rkey = tl.zeros([ROWS], tl.int64) + tl.load(seed_ptr).to(tl.int64)
+        ctr = tl.zeros([ROWS], tl.int64) + tl.load(offset_ptr).to(tl.int64)
+        c1r = rows
+        if HAS_ROW_SEED:
+            own = tl.load(seeded_ptr + rows, mask=row_ok, other=0) != 0
+            rkey = tl.where(own, tl.load(row_seed_ptr + rows, mask=row_ok, other=0), rkey)
+            ctr = tl.where(own, tl.load(row_step_ptr + rows, mask=row_ok, other=0), ctr)
+            c1r = tl.where(own, 0, rows)
+        c2 = (ctr & 0xFFFFFFFF).to(tl.uint32)
+        c3 = ((ctr >> 32) & 0xFFFFFFFF).to(tl.uint32)
         sbest = tl.full([ROWS], neg_inf, tl.float32)
         sbest_i = greedy_i  # never emitted unless every kept score is -inf (then the argmax is kept anyway)
         sbest_z = m
@@ -254,9 +268,10 @@ def _combine_sample_kernel(
             if HAS_MINP:
                 keep = keep & (tl.exp((z - m[:, None]) * inv_t[:, None]) >= minp[:, None])
             c0 = tl.broadcast_to(cols[None, :], [ROWS, BLOCK]).to(tl.uint32)
-            c1 = tl.broadcast_to(rows[:, None], [ROWS, BLOCK]).to(tl.uint32)
-            c2b, c3b = tl.broadcast_to(c2, [ROWS, BLOCK]), tl.broadcast_to(c3, [ROWS, BLOCK])
-            r, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2b, c3b)
+            c1 = tl.broadcast_to(c1r[:, None], [ROWS, BLOCK]).to(tl.uint32)
+            c2b, c3b = tl.broadcast_to(c2[:, None], [ROWS, BLOCK]), tl.broadcast_to(c3[:, None], [ROWS, BLOCK])
+            keyb = tl.broadcast_to(rkey[:, None], [ROWS, BLOCK])
+            r, _r1, _r2, _r3 = tl.philox(keyb, c0, c1, c2b, c3b)
             # u == 0 (probability 2^-31) would give a -inf score; clamp to the smallest positive draw's half
             u = tl.maximum(tl.uint_to_uniform_float(r), 2.3283064e-10)
             score = tl.where(keep, z * inv_t[:, None] - tl.log(-tl.log(u)), neg_inf)
@@ -292,11 +307,13 @@ def launch(
     has_minp,
     workspace=None,
     penalties=None,
+    row_seeds=None,
 ):
     """Allocate outputs and launch; returns (ids int64 [B], logprobs fp32 [B], bad bool [B]).
 
     ``penalties``: None, or (prompt_mask [B, V] bool, output_counts [B, V] int32, repetition [B] fp32,
-    presence [B] fp32, frequency [B] fp32) -> HAS_PENALTY=True.
+    presence [B] fp32, frequency [B] fp32) -> HAS_PENALTY=True. ``row_seeds``: None, or (seed [B] int64, step [B]
+    int64, seeded [B] bool) -> HAS_ROW_SEED=True.
     """
     import os
 
@@ -324,6 +341,11 @@ def launch(
         counts = counts.contiguous()
     else:  # unused pointers when HAS_PENALTY is False
         pmask, counts, rep_p, pres_p, freq_p = bad, bad, lp, lp, lp
+    if row_seeds is not None:
+        row_seed, row_step, seeded = (t.contiguous() for t in row_seeds)
+        seeded = seeded.view(torch.uint8)
+    else:  # unused pointers when HAS_ROW_SEED is False
+        row_seed, row_step, seeded = ids, ids, bad
     grid = (triton.cdiv(b, rows),)
     _combine_sample_kernel[grid](
         base_t,
@@ -340,6 +362,9 @@ def launch(
         min_p,
         seed,
         offset,
+        row_seed,
+        row_step,
+        seeded,
         pmask,
         counts,
         rep_p,
@@ -362,6 +387,7 @@ def launch(
         HAS_TOPP=has_topp,
         HAS_MINP=has_minp,
         HAS_PENALTY=penalties is not None,
+        HAS_ROW_SEED=row_seeds is not None,
         ROWS=rows,
         BLOCK=block,
         num_warps=4 if interp else 8,
@@ -385,6 +411,9 @@ def _aot_spec(dtype: str, **flags):
         "minp_ptr": "*fp32",
         "seed_ptr": "*i64",
         "offset_ptr": "*i64",
+        "row_seed_ptr": "*i64",
+        "row_step_ptr": "*i64",
+        "seeded_ptr": "*u8",
         "pmask_ptr": "*u8",
         "counts_ptr": "*i32",
         "rep_ptr": "*fp32",
@@ -400,18 +429,20 @@ def _aot_spec(dtype: str, **flags):
         "alpha": "fp32",
     }
     const = dict(HAS_BASE=True, HAS_VALUE=True, HAS_MAP=False, K=1, DO_SAMPLE=False, HAS_TOPK=False, HAS_TOPP=False)
-    const.update(HAS_MINP=False, HAS_PENALTY=False, ROWS=1, BLOCK=1024)
+    const.update(HAS_MINP=False, HAS_PENALTY=False, HAS_ROW_SEED=False, ROWS=1, BLOCK=1024)
     const.update(flags)
     sig.update({k: "constexpr" for k in const})
     return (_combine_sample_kernel, sig, const, {"num_warps": 8})
 
 
-# Ahead-of-time compile specs: the decode defaults (bf16 logits, greedy), the full sampling path with a map, and
-# the penalties (greedy, and with the full sampling path and a map).
+# Ahead-of-time compile specs: the decode defaults (bf16 logits, greedy), the full sampling path with a map, the
+# penalties (greedy, and with the full sampling path and a map), and a server's per-request batch (every warper,
+# the penalties, per-request seeds).
 AOT_SPECS = [
     _aot_spec("bf16"),
     _aot_spec("bf16", HAS_MAP=True, K=4, DO_SAMPLE=True, HAS_TOPK=True, HAS_TOPP=True, HAS_MINP=True),
     _aot_spec("fp32", DO_SAMPLE=True, HAS_TOPP=True),
     _aot_spec("bf16", HAS_PENALTY=True),
     _aot_spec("bf16", HAS_MAP=True, K=4, DO_SAMPLE=True, HAS_TOPK=True, HAS_TOPP=True, HAS_MINP=True, HAS_PENALTY=True),
+    _aot_spec("bf16", DO_SAMPLE=True, HAS_TOPK=True, HAS_TOPP=True, HAS_MINP=True, HAS_PENALTY=True, HAS_ROW_SEED=True),
 ]

@@ -185,8 +185,10 @@ def _error(srv, path, body, key=None):
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
         ({"frobnicate": 1}, "frobnicate"),
-        ({"seed": 3}, "seed"),  # with sampling (temperature 1 by default); greedy requests may carry one
-        ({"logprobs": 3}, "logprobs"),
+        ({"seed": "3"}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
         ({"echo": True}, "echo"),
         ({"stop": [""]}, "stop"),
         ({"max_tokens": 500}, "max_tokens"),  # beyond the context of 128
@@ -429,3 +431,63 @@ def test_several_prompts_in_one_completion_request(served):
     assert [c.text for c in r.choices] == want[:2]
     status, err = _error(srv, "/v1/completions", {"model": "ivl", "prompt": ["a", 3]})
     assert status == 400 and err["param"] == "prompt"
+
+
+def test_a_seed_reproduces_a_sampled_answer_whatever_else_runs(served):
+    """A sampled request with a seed gets the same choices alone and amid concurrent sampled traffic (its rows
+    draw from their own streams); its n choices differ (choice i draws from seed + i, vLLM's rule), and another
+    seed gives other answers."""
+    srv, _ = served
+
+    def ask(seed, prompt="def main", n=2):
+        r = srv.client().completions.create(model="ivl", prompt=prompt, max_tokens=12, temperature=1.2, n=n, seed=seed)
+        return [c.text for c in r.choices]
+
+    alone = ask(42)
+    assert alone[0] != alone[1]
+    with ThreadPoolExecutor(6) as pool:
+        noise = [pool.submit(ask, None, p) for p in PROMPTS[:4]]
+        again = [pool.submit(ask, 42) for _ in range(2)]
+        [f.result() for f in noise]
+        assert [f.result() for f in again] == [alone, alone]
+    assert ask(43) != alone
+    # one choice with seed s + 1 is the second choice of seed s
+    assert ask(43, n=1) == [alone[1]] and ask(42, n=1) == [alone[0]]
+
+
+def test_logprobs_and_top_logprobs_in_openai_shape(served):
+    """chat: logprobs=true + top_logprobs=k gives per token the k most likely alternatives, most likely first,
+    the greedy token first among them with its own logprob; completions: logprobs=k gives {token: logprob} dicts
+    holding the sampled token."""
+    srv, dec = served
+    c = srv.client()
+    msgs = [{"role": "user", "content": "Where does Kalo live?"}]
+    r = c.chat.completions.create(
+        model="ivl", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=4
+    )
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        alts = t.top_logprobs
+        assert len(alts) == 4 and [a.logprob for a in alts] == sorted((a.logprob for a in alts), reverse=True)
+        assert alts[0].token == t.token and abs(alts[0].logprob - t.logprob) < 1e-5
+        assert sum(2.718281828**a.logprob for a in alts) <= 1 + 1e-4
+        assert alts[0].bytes == list(alts[0].token.encode())
+    # streamed: the same alternatives, chunk by chunk
+    chunks = c.chat.completions.create(
+        model="ivl", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=4, stream=True
+    )
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [[a.token for a in t.top_logprobs] for t in streamed] == [[a.token for a in t.top_logprobs] for t in content]
+    r = c.completions.create(model="ivl", prompt="def main", max_tokens=5, temperature=0.9, seed=1, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.top_logprobs) == len(lp.tokens) == len(lp.token_logprobs)
+    for tok_s, tok_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        # up to k + 1 entries; fewer when alternatives decode to the same text (byte tokens: "\ufffd")
+        assert tok_s in top and abs(top[tok_s] - tok_lp) < 1e-5 and 1 <= len(top) <= 3
+    status, err = _error(srv, "/v1/chat/completions", {"model": "ivl", "messages": msgs, "top_logprobs": 2})
+    assert status == 400 and err["param"] == "top_logprobs"
+    status, err = _error(
+        srv, "/v1/chat/completions", {"model": "ivl", "messages": msgs, "logprobs": True, "top_logprobs": 21}
+    )
+    assert status == 400 and err["param"] == "top_logprobs"

@@ -249,3 +249,68 @@ def test_an_eager_step_skips_the_free_slots_above_the_busy_ones(models):
     seen.clear()
     batch.step()
     assert (a, b) == (1, 2) and seen == [3]
+
+
+def _run(batch, slots):
+    while not all(batch.is_finished(s) for s in slots):
+        batch.step()
+    return [batch.tokens(s) for s in slots]
+
+
+@pytest.mark.parametrize("graphs", ["off", "emulate"])
+def test_a_seeded_request_draws_the_same_tokens_in_any_batch_and_slot(models, graphs):
+    """A sampled request with its own seed: the same tokens alone, in a later slot of a batch busy with other
+    sampled requests (seeded and not), and on the other sampler (the fused kernel draws the same Philox numbers);
+    another seed draws other tokens."""
+    base, value = models
+    sp = FastIVLDecoder(base, value).options(do_sample=True, temperature=1.3, top_p=0.95).sampling
+    want = None
+    for backend in ("torch", "triton"):
+        dec = FastIVLDecoder(base, value, graphs=graphs, kv_block=8, sample_backend=backend)
+        alone = dec.open_batch(slots=1, max_seq_len=40, eos_token_id=[], per_request=True)
+        (got,) = _run(alone, [alone.admit(R, 16, sampling=sp, seed=2024)])
+        want = got if want is None else want
+        assert got == want, backend  # both samplers: the same tokens for the same seed
+        batch = dec.open_batch(slots=4, max_seq_len=40, eos_token_id=[], per_request=True)
+        busy = [batch.admit(OTHERS[0], 12, sampling=sp), batch.admit(OTHERS[1], 6, sampling=sp, seed=7)]
+        batch.step()
+        batch.step()
+        mine = batch.admit(R, 16, sampling=sp, seed=2024)  # slot 2, joining a running batch
+        other_seed = batch.admit(R, 16, sampling=sp, seed=2025)
+        got, different = _run(batch, [mine, other_seed])
+        _run(batch, busy)
+        assert mine == 2 and got == want, backend
+        assert different != want
+    assert len(set(want)) > 3  # it sampled (not one token over and over)
+
+
+def test_top_logprobs_are_the_most_likely_tokens_of_the_combined_distribution(models):
+    """open_batch(top_logprobs=3): a request that asks records, per new token, the 3 most likely tokens of
+    log_softmax(z_base + z_value) and their log-probabilities (recomputed here with the transformers models); the
+    sampled token's own logprob is among them under greedy decoding; a request that does not ask costs nothing."""
+    import torch
+
+    base, value = models
+    dec = FastIVLDecoder(base, value)
+    batch = dec.open_batch(
+        slots=2, max_seq_len=40, eos_token_id=[], per_request=True, top_logprobs=3, return_logprobs=True
+    )
+    asks = batch.admit(R, 8, top_logprobs=3)
+    quiet = batch.admit(OTHERS[0], 8)
+    toks, _ = _run(batch, [asks, quiet])
+    b = batch.bufs
+    ids = torch.tensor([R + toks])
+    with torch.no_grad():
+        z = (base(ids).logits + value(ids).logits)[0, len(R) - 1 : -1].log_softmax(-1)  # [8, V]
+    want_lp, want_ids = z.topk(3, dim=-1)
+    assert b.top_ids[asks, :8].tolist() == want_ids.tolist()
+    torch.testing.assert_close(b.top_logprobs[asks, :8], want_lp, atol=1e-4, rtol=0)
+    assert b.top_ids[asks, :8, 0].tolist() == toks  # greedy: the top-1 is the token emitted
+    torch.testing.assert_close(b.logprobs[asks, :8], want_lp[:, 0], atol=1e-4, rtol=0)
+    batch.retire(asks)
+    with pytest.raises(ValueError, match=r"top_logprobs must be an integer in \[0, 3\]"):
+        batch.admit(R, 4, top_logprobs=4)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        batch.admit(R, 4, seed=1.5)
+    with pytest.raises(ValueError, match="per_request=True"):
+        dec.open_batch(slots=1, max_seq_len=40).admit(R, 4, seed=3)

@@ -46,6 +46,12 @@ class DecodeBuffers:
         self.presence_penalty = torch.zeros(rows, **f32)
         self.frequency_penalty = torch.zeros(rows, **f32)
         self.alpha = torch.ones(rows, **f32)  # the value network's weight per row (per-request batches)
+        # a request's own random stream (per-request batches): Philox(row_seed; column, 0, steps) when seeded
+        self.row_seed = torch.zeros(rows, **i64)
+        self.seeded = torch.zeros(rows, dtype=torch.bool, device=device)
+        # the K most likely tokens per row and output column, with their logprobs (ensure_top allocates them)
+        self.top_ids: torch.Tensor | None = None  # [rows, cols + 1, K] int64
+        self.top_logprobs: torch.Tensor | None = None  # [rows, cols + 1, K] fp32
         self.prompt_mask: torch.Tensor | None = None  # [rows, vocab] bool: ids in each row's prompt (penalties)
         self.output_counts: torch.Tensor | None = None  # [rows, vocab] int32: each row's generated ids
         self.gen = torch.Generator(device=device)  # the torch sampler's RNG (persistent: graphs replay with it)
@@ -71,6 +77,10 @@ class DecodeBuffers:
         "presence_penalty",
         "frequency_penalty",
         "alpha",
+        "row_seed",
+        "seeded",
+        "top_ids",
+        "top_logprobs",
         "prompt_mask",
         "output_counts",
         "work",
@@ -105,6 +115,13 @@ class DecodeBuffers:
             buf.copy_(torch.tensor(list(eos), dtype=torch.int64), non_blocking=True)
         return buf
 
+    def ensure_top(self, k: int) -> None:
+        """Room for ``k`` top alternatives per row and column (kept when already as large)."""
+        if self.top_ids is None or self.top_ids.shape[2] < k:
+            shape = (self.rows, self.cols + 1, k)
+            self.top_ids = torch.zeros(shape, dtype=torch.int64, device=self.device)
+            self.top_logprobs = torch.zeros(shape, dtype=torch.float32, device=self.device)
+
     def ensure_penalty_buffers(self) -> None:
         if self.prompt_mask is None:
             self.prompt_mask = torch.zeros((self.rows, self.vocab), dtype=torch.bool, device=self.device)
@@ -138,10 +155,11 @@ class DecodeBuffers:
         mask=None,
         record_prompt=None,
         alpha: float = 1.0,
+        seed: int | None = None,
     ) -> None:
         """Reset the slots ``rows`` [n] (int64, on device) for new requests of ``budget`` new tokens each; with
         penalties on (``record_prompt``, default: ``sampling``'s), record their prompts ``prompt`` [n, T] (``mask``
-        [n, T] marks the real tokens)."""
+        [n, T] marks the real tokens). ``seed``: the rows' own random stream (None: the batch's)."""
         self.out.index_fill_(0, rows, self.pad_id)
         self.logprobs.index_fill_(0, rows, 0.0)
         for buf, value in (
@@ -158,6 +176,8 @@ class DecodeBuffers:
             (self.presence_penalty, sampling.presence_penalty),
             (self.frequency_penalty, sampling.frequency_penalty),
             (self.alpha, alpha),
+            (self.row_seed, 0 if seed is None else seed),
+            (self.seeded, seed is not None),
         ):
             if isinstance(value, torch.Tensor):
                 buf.index_copy_(0, rows, value.reshape(-1).to(buf))

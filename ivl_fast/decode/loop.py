@@ -13,6 +13,7 @@ it sizes the KV columns each round attends to without reading the device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from .graph_cache import GraphCache, capture_step
 from .inputs import left_pad, pack_prompts
 from .model_set import ModelSet
 from .options import GenerationOptions
+from .slot_request import INT64_MAX, INT64_MIN, SlotRequest
 from .step import StepConfig, decode_step, emit, prefill_logits, sample
 from .stops import StopStringScanner, cut_at_stop_strings, nonfinite_error
 
@@ -45,7 +47,9 @@ class DecodeLoop:
     retokenizer: the base's re-tokenizer across vocabularies; stops: the stop-string scanner. per_request (a
     continuous batch): every request brings its own sampling values to :meth:`admit` (``options`` give the
     defaults); each step then applies every warper and penalty with each row's values (a row at the neutral
-    values is unchanged, a row at temperature 0 is greedy).
+    values is unchanged, a row at temperature 0 is greedy), and a request with a ``seed`` draws from its own
+    counter-based stream. top_logprobs: the most tokens a request may ask the top alternatives of (each step then
+    records, for the rows that ask, that many most likely tokens and their log-probabilities).
     """
 
     def __init__(
@@ -64,9 +68,14 @@ class DecodeLoop:
         stops: StopStringScanner | None = None,
         retokenizer: Retokenizer | None = None,
         per_request: bool = False,
+        top_logprobs: int = 0,
     ):
         if per_request and not continuous:
             raise ValueError("per_request sampling needs a continuous batch")
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+        if top_logprobs and not continuous:
+            raise ValueError("top_logprobs needs a continuous batch (FastIVLDecoder.open_batch)")
         self.models, self.opts, self.k = models, options, sync_every
         self.request_sampling = options.sampling  # what admit() gives a request that brings no values
         self.capacity, self.stops, self.retok = capacity, stops, retokenizer
@@ -106,7 +115,11 @@ class DecodeLoop:
             len(options.eos_token_id),
             slots=continuous,
             row_alpha=per_request and self.backend == "torch",
+            row_seeds=per_request,
+            top_logprobs=top_logprobs,
         )
+        # eager rounds where no busy row asks for top alternatives skip computing them
+        self._cfg_no_top = dataclasses.replace(self.cfg, top_logprobs=0)
         self._lean = models.all_support("graphs")  # kv_len= is honoured
         seed = options.seed or 0
         if options.seed is None and not sp.greedy:
@@ -114,11 +127,14 @@ class DecodeLoop:
         with torch.inference_mode():  # the buffers may be inference tensors (made under a caller's inference mode)
             self.bufs.reset(options.pad_token_id, int(seed))
             self.eos = self.bufs.eos_buffer(options.eos_token_id)
+            if top_logprobs:
+                self.bufs.ensure_top(top_logprobs)
         # host mirror per slot: prompt length, tokens emitted (an upper bound), budget, tokens stop-checked
         self.length: dict[int, int] = {}
         self.emitted: dict[int, int] = {}
         self.budget: dict[int, int] = {}
         self.checked: dict[int, int] = {}
+        self.top: dict[int, int] = {}  # slot -> top alternatives it asked for (0 left out)
         self.steps = 0  # decode rounds run (the generate() view: every row starts at round 0)
         self.prefill_s = 0.0
         self.captures = 0
@@ -154,17 +170,21 @@ class DecodeLoop:
         max_new_tokens: int | None = None,
         sampling: SamplingParams | None = None,
         alpha: float | None = None,
+        *,
+        seed: int | None = None,
+        top_logprobs: int = 0,
     ) -> int:
         """Prefill one request into a free slot between rounds (the other rows are untouched) and emit its first
-        token; -> the slot. Its greedy tokens are the same as when it runs alone. ``sampling``, ``alpha``: this
-        request's values (scalars; a batch opened with ``per_request=True`` only; a per-request alpha needs the
-        torch sampler: the fused kernel takes one alpha per batch)."""
-        return self.admit_many([(prompt_ids, max_new_tokens, sampling, alpha)])[0]
+        token; -> the slot. Its greedy tokens are the same as when it runs alone. ``sampling``, ``alpha``, ``seed``:
+        this request's values (a batch opened with ``per_request=True`` only; a per-request alpha needs the torch
+        sampler: the fused kernel takes one alpha per batch); ``top_logprobs``: see :class:`SlotRequest`."""
+        req = SlotRequest(prompt_ids, max_new_tokens, sampling, alpha, seed, top_logprobs)
+        return self.admit_many([req])[0]
 
-    def admit_many(self, requests: list[tuple]) -> list[int]:
-        """Admit several requests ``(prompt_ids, max_new_tokens, sampling, alpha)`` (the last three may be None)
-        with one prefill of them all (left-padded); -> their slots. Each is checked as :meth:`admit` checks it
-        (ValueError naming the request) before anything is admitted."""
+    def admit_many(self, requests: list) -> list[int]:
+        """Admit several requests (:class:`SlotRequest`, or tuples ``(prompt_ids, max_new_tokens, sampling,
+        alpha)``) with one prefill of them all (left-padded); -> their slots. Each is checked as :meth:`admit`
+        checks it (ValueError naming the request) before anything is admitted."""
         if not self.cfg.slots:
             raise ValueError("admit() needs a continuous batch (FastIVLDecoder.open_batch)")
         if self.retok is not None or not self.models.all_support("slots"):
@@ -176,21 +196,25 @@ class DecodeLoop:
                 f"{len(requests)} request(s) for {len(free)} free slot(s) of {self.requests}: the other slots are "
                 "taken; retire some first"
             )
-        checked = [self.check_request(i, *r) for i, r in enumerate(requests)]
+        checked = [self.check_request(i, r) for i, r in enumerate(requests)]
         if not checked:
             return []
-        ids, mask = pack_prompts([list(c[0]) for c in checked], None, self.opts.pad_token_id, self.models.vocab_size)
+        ids, mask = pack_prompts(
+            [list(c.prompt_ids) for c in checked], None, self.opts.pad_token_id, self.models.vocab_size
+        )
         dev = self.models.device
         slots = free[: len(checked)]
-        _, budgets, samplings, alphas = (list(x) for x in zip(*checked, strict=True))
-        self._admit(slots, ids.to(dev), mask.to(dev), budgets, samplings, alphas)
+        self._admit(slots, ids.to(dev), mask.to(dev), checked)
         return slots
 
-    def check_request(self, i: int, prompt_ids, max_new_tokens=None, sampling=None, alpha=None) -> tuple:
-        """-> (prompt_ids, budget, sampling, alpha) with the defaults filled in; ValueError naming request ``i``."""
+    def check_request(self, i: int, request) -> SlotRequest:
+        """``request`` (a :class:`SlotRequest` or its tuple) -> the SlotRequest with the defaults filled in;
+        ValueError naming request ``i``."""
+        r = SlotRequest.of(request)
         where = f"request {i}: " if i else ""
-        if (sampling is not None or alpha is not None) and not self.per_request:
-            raise ValueError(f"{where}sampling or alpha per request needs a batch opened with per_request=True")
+        if (r.sampling is not None or r.alpha is not None or r.seed is not None) and not self.per_request:
+            raise ValueError(f"{where}sampling, alpha or seed per request needs a batch opened with per_request=True")
+        alpha = r.alpha
         if alpha is not None:
             if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
                 raise ValueError(f"{where}alpha must be a finite number, got {alpha!r}")
@@ -199,16 +223,28 @@ class DecodeLoop:
                     f"{where}alpha={alpha} differs from the decoder's {self.models.alpha}: a per-request alpha needs "
                     "the torch sampler (sample_backend='torch'); the fused kernel takes one alpha per batch"
                 )
-        budget = self.opts.max_new_tokens if max_new_tokens is None else max_new_tokens
+        seed = r.seed
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not INT64_MIN <= seed <= INT64_MAX
+        ):
+            raise ValueError(f"{where}seed must be an integer in [-2^63, 2^63), got {seed!r}")
+        top = r.top_logprobs
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= self.cfg.top_logprobs:
+            raise ValueError(
+                f"{where}top_logprobs must be an integer in [0, {self.cfg.top_logprobs}] (the batch's top_logprobs), "
+                f"got {top!r}"
+            )
+        budget = self.opts.max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
         if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= self.bufs.cols:
             raise ValueError(f"{where}max_new_tokens must be an integer in [1, {self.bufs.cols}], got {budget!r}")
+        prompt_ids = r.prompt_ids
         if not isinstance(prompt_ids, list | tuple) or not prompt_ids or len(prompt_ids) + budget > self.max_seq_len:
             raise ValueError(
                 f"{where}a prompt of {len(prompt_ids)} tokens + max_new_tokens {budget} does not fit the batch's "
                 f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
             )
         a = self.models.alpha if alpha is None else float(alpha)
-        return prompt_ids, budget, sampling or self.request_sampling, a
+        return SlotRequest(prompt_ids, budget, r.sampling or self.request_sampling, a, seed, top)
 
     def retire(self, slot: int) -> None:
         """Free ``slot`` (finished or not) between rounds; the other rows are untouched."""
@@ -217,33 +253,37 @@ class DecodeLoop:
         self.bufs.retire(torch.tensor([slot], device=self.models.device))
         for d in (self.length, self.emitted, self.budget, self.checked):
             d.pop(slot)
+        self.top.pop(slot, None)
 
-    def _admit(self, slots: list[int], prompt, mask, budget, sampling=None, alpha=None) -> None:
-        """Prefill left-padded prompts [n, T] into ``slots`` and emit their first tokens. ``budget``, ``sampling``,
-        ``alpha``: one value for every row, or a list of one per row."""
+    def _admit(self, slots: list[int], prompt, mask, requests: list[SlotRequest] | int) -> None:
+        """Prefill left-padded prompts [n, T] into ``slots`` and emit their first tokens. ``requests``: one checked
+        SlotRequest per row (admit_many), or one budget for every row with the batch's values (start())."""
         m, bufs = self.models, self.bufs
         n = len(slots)
         whole = n == self.rows
         rows_t = torch.tensor(slots, dtype=torch.int64, device=m.device)
 
-        listed = isinstance(budget, list)  # admit_many: values per row; start(): one set for every row
-        budgets = budget if listed else [budget] * n
+        listed = isinstance(requests, list)
+        budgets = [r.max_new_tokens for r in requests] if listed else [requests] * n
         with torch.inference_mode(), self.on_device():
             record = self.cfg.sampling.penalties_on  # the step applies penalties: every row needs its prompt
             if not listed:
-                bufs.admit(
-                    rows_t,
-                    budget,
-                    sampling or self.request_sampling,
-                    prompt,
-                    mask,
-                    record_prompt=record,
-                    alpha=m.alpha if alpha is None else alpha,
-                )
+                bufs.admit(rows_t, requests, self.request_sampling, prompt, mask, record_prompt=record, alpha=m.alpha)
             else:
-                for i, (b_, s_, a_) in enumerate(zip(budgets, sampling, alpha, strict=True)):
+                for i, r in enumerate(requests):
                     row = slice(i, i + 1)
-                    bufs.admit(rows_t[row], b_, s_, prompt[row], mask[row], record_prompt=record, alpha=a_)
+                    bufs.admit(
+                        rows_t[row],
+                        r.max_new_tokens,
+                        r.sampling,
+                        prompt[row],
+                        mask[row],
+                        record_prompt=record,
+                        alpha=r.alpha,
+                        seed=r.seed,
+                    )
+                    if r.top_logprobs:
+                        self.top[slots[i]] = r.top_logprobs
             t0 = time.perf_counter()
             if self.retok is not None:
                 zb, zv = self._cross_vocab_prefill(prompt, mask)
@@ -257,7 +297,8 @@ class DecodeLoop:
                     for z in (zb, zv)
                 )
                 live = torch.zeros(self.rows, dtype=torch.bool, device=m.device).index_fill_(0, rows_t, True)
-            emit(bufs, self.cfg, self.eos, *sample(m, bufs, self.cfg, zb, zv), live=live)
+            cfg = self._round_cfg()
+            emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv), live=live)
         if self.models.all_support("slots"):
             self._cache_state = self._cache_token()
         lengths = mask.sum(1).tolist()
@@ -287,6 +328,10 @@ class DecodeLoop:
         for r in self.length:
             self.emitted[r] = min(self.emitted[r] + rounds, self.budget[r])
 
+    def _round_cfg(self) -> StepConfig:
+        """The step's config for an eager round: the top alternatives only while some busy row asks for them."""
+        return self.cfg if self.top else self._cfg_no_top
+
     def _eager_round(self) -> None:
         m, bufs = self.models, self.bufs
         if self.retok is not None:
@@ -299,12 +344,12 @@ class DecodeLoop:
                 for e in m.engines:
                     e.kv.use_rows(hi)
                 try:
-                    decode_step(m, bufs.head(hi), self.cfg, self.eos, kv)
+                    decode_step(m, bufs.head(hi), self._round_cfg(), self.eos, kv)
                 finally:
                     for e in m.engines:
                         e.kv.use_rows(self.rows)
             else:
-                decode_step(m, bufs, self.cfg, self.eos, kv)
+                decode_step(m, bufs, self._round_cfg(), self.eos, kv)
         self.note_rounds(1)
 
     def step(self) -> bool:

@@ -117,9 +117,11 @@ def open_slots(
     kv_block: int,
     sync_every: int,
     per_request: bool = False,
+    top_logprobs: int = 0,
 ) -> DecodeLoop:
     """An empty persistent batch of ``slots`` requests of up to ``max_seq_len`` tokens each (prompt + new);
-    ``per_request``: each request brings its own sampling values (:class:`DecodeLoop`)."""
+    ``per_request``: each request brings its own sampling values and seed; ``top_logprobs``: the most top
+    alternatives a request may ask for (:class:`DecodeLoop`)."""
     if opts.stop_strings is not None or opts.num_return_sequences != 1:
         raise ValueError("open_batch supports neither stop_strings nor num_return_sequences yet")
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
@@ -139,6 +141,7 @@ def open_slots(
         sync_every=sync_every,
         graph_cache=graph_cache,
         per_request=per_request,
+        top_logprobs=top_logprobs,
     )
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..graphs import fork_join
 from ..ops import combine_and_sample
+from ..ops.combine_and_sample import penalized_logits
 from ..sampling import SamplingParams
 from .buffers import DecodeBuffers
 from .model_set import ModelSet
@@ -34,6 +35,8 @@ class StepConfig:
     n_eos: int
     slots: bool = False
     row_alpha: bool = False  # alpha per row from the buffers (per-request batches on the torch sampler)
+    row_seeds: bool = False  # rows may bring their own seed (per-request batches): bufs.row_seed / bufs.seeded
+    top_logprobs: int = 0  # record the K most likely tokens and their log-probabilities per row and step
 
     def graph_key(self, mode: str, kv_len: int, alpha: float) -> tuple:
         sp = self.sampling
@@ -49,6 +52,8 @@ class StepConfig:
             self.backend,
             self.slots,
             self.row_alpha,
+            self.row_seeds,
+            self.top_logprobs,
         )
 
 
@@ -96,7 +101,9 @@ def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None
 
 
 def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
-    """-> (ids [B], logprobs [B] or None, non-finite flags [B]) from one combine_and_sample call."""
+    """-> (ids [B], logprobs [B] or None, non-finite flags [B], top or None) from one combine_and_sample call;
+    top: (ids [B, K], logprobs [B, K]) of the K = ``cfg.top_logprobs`` most likely tokens of the distribution the
+    logprobs are taken from (penalized, before the warpers), computed apart from the fused sampler."""
     sp = cfg.sampling
     do_sample = sp.do_sample
     if cfg.per_row_values and sp.greedy:  # values unused; Python scalars keep user tensors out of the capture
@@ -136,15 +143,30 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
         workspace=bufs.work,
         validate=False,  # checked once when the options were resolved; per-step checks would sync
         **penalties,
+        **(dict(row_seed=bufs.row_seed, row_step=bufs.steps, seeded=bufs.seeded) if cfg.row_seeds else {}),
     )
     bufs.offset_t += 1
-    return ids, lp, bad
+    top = None
+    if cfg.top_logprobs:
+        z = penalized_logits(
+            zb,
+            zv,
+            vocab_map=models.vocab_map,
+            alpha=bufs.alpha[:, None] if cfg.row_alpha else models.alpha,
+            **penalties,
+        )
+        top_lp, top_ids = z.log_softmax(-1).topk(cfg.top_logprobs, dim=-1)
+        top = (top_ids, top_lp)
+    return ids, lp, bad, top
 
 
-def emit(bufs: DecodeBuffers, cfg: StepConfig, eos: torch.Tensor, ids, lp, bad, live: torch.Tensor | None = None):
+def emit(
+    bufs: DecodeBuffers, cfg: StepConfig, eos: torch.Tensor, ids, lp, bad, top=None, live: torch.Tensor | None = None
+):
     """The step's bookkeeping, on device and in place. ``live`` [B] bool: the rows this emission advances (an
     admission emits for its new rows only; default: every unfinished row). Other rows write pad into their next
-    column, which holds pad already (finished rows: the column after their last token, or the spare last one)."""
+    column, which holds pad already (finished rows: the column after their last token, or the spare last one).
+    ``top``: (ids [B, K], logprobs [B, K]) written to every row's column (read only for the live rows)."""
     track = cfg.slots or live is not None  # per-row budgets and columns (see StepConfig.slots)
     live = ~bufs.finished if live is None else live & ~bufs.finished
     bufs.bad |= bad & live
@@ -153,6 +175,11 @@ def emit(bufs: DecodeBuffers, cfg: StepConfig, eos: torch.Tensor, ids, lp, bad, 
     bufs.out.scatter_(1, col, ids[:, None])
     if lp is not None:
         bufs.logprobs.scatter_(1, col, torch.where(live, lp, 0.0)[:, None])
+    if top is not None:
+        k = top[0].shape[1]
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        bufs.top_ids[rows, bufs.steps, :k] = top[0]
+        bufs.top_logprobs[rows, bufs.steps, :k] = top[1]
     if cfg.sampling.penalties_on:
         bufs.output_counts.scatter_add_(1, ids[:, None], live.to(torch.int32)[:, None])
     hit = live & (ids[:, None] == eos[None, :]).any(1) if eos.numel() else None

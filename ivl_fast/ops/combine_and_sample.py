@@ -16,7 +16,9 @@ those of the penalized combined distribution before the warpers (temperature and
 
 Randomness: the Triton kernel draws from Philox(seed; column, row, offset) with ``seed`` and ``offset`` int64
 device tensors, so a captured CUDA graph draws fresh numbers when ``offset`` is advanced on device; the same
-seed and offset give the same ids. The torch path (CPU) draws from a ``torch.Generator`` instead.
+seed and offset give the same ids. The torch path (CPU) draws from a ``torch.Generator`` instead. Rows with their
+own seed (``row_seed`` / ``row_step`` / ``seeded``) draw from Philox(row seed; column, 0, row step) on both paths,
+bit for bit the same uniforms (:mod:`ivl_fast.philox`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ def _check_penalty_inputs(prompt_mask, output_counts, b: int, v_out: int, device
             raise ValueError(f"{name} must be on {device} (the logits' device), got {t.device}")
 
 
+def _check_row_seeds(row_seed, row_step, seeded, b: int, device):
+    """All three [B] tensors (int64, int64, bool) on ``device``, or none -> the tuple or None (metadata only)."""
+    given = [t is not None for t in (row_seed, row_step, seeded)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("row_seed, row_step and seeded go together: pass all three [B] tensors or none")
+    for name, t, dtype in (("row_seed", row_seed, torch.int64), ("row_step", row_step, torch.int64)) + (
+        ("seeded", seeded, torch.bool),
+    ):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (b,) or t.dtype != dtype or t.device != device:
+            got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a [B={b}] {dtype} tensor on {device}, got {got}")
+    return row_seed, row_step, seeded
+
+
 def _one_penalty(name: str, arg, from_params, off):
     """The penalty the reference applies: the argument, else the one in ``params``; both set (and not the very same
     object) is ambiguous and refused."""
@@ -99,6 +117,7 @@ def combine_and_sample_ref(
     frequency_penalty=0.0,
     prompt_mask=None,
     output_counts=None,
+    row_seeds=None,
 ):
     """The torch reference: sparse map, add, penalties, warp (sort-based), sample.
 
@@ -117,9 +136,31 @@ def combine_and_sample_ref(
         _check_penalty_inputs(prompt_mask, output_counts, z.shape[0], z.shape[1], z.device, on)
         if on:
             z = apply_penalties(z, prompt_mask, output_counts, rep, pres, freq)
-    ids = sample_ref(z, params, generator)
+    ids = sample_ref(z, params, generator, row_seeds)
     lp = token_logprobs(z, ids) if return_logprobs else None
     return ids, lp, bad
+
+
+def penalized_logits(
+    base_logits,
+    value_logits,
+    *,
+    vocab_map=None,
+    alpha=1.0,
+    repetition_penalty=1.0,
+    presence_penalty=0.0,
+    frequency_penalty=0.0,
+    prompt_mask=None,
+    output_counts=None,
+) -> torch.Tensor:
+    """[B, V_out] fp32: the distribution the sampler's logprobs come from (mapped, combined, penalized; before the
+    warpers). For the top alternatives of a step (a server's ``top_logprobs``), computed apart from the fused
+    kernel, which never materialises it outside its workspace. ``alpha``: a float or [B, 1]."""
+    zb = vocab_map.apply(base_logits) if (vocab_map is not None and base_logits is not None) else base_logits
+    z = combine_logits(zb, value_logits, alpha)
+    if not _all_off(repetition_penalty, presence_penalty, frequency_penalty):
+        z = apply_penalties(z, prompt_mask, output_counts, repetition_penalty, presence_penalty, frequency_penalty)
+    return z
 
 
 def combine_and_sample(
@@ -145,8 +186,16 @@ def combine_and_sample(
     frequency_penalty=0.0,
     prompt_mask: torch.Tensor | None = None,
     output_counts: torch.Tensor | None = None,
+    row_seed: torch.Tensor | None = None,
+    row_step: torch.Tensor | None = None,
+    seeded: torch.Tensor | None = None,
 ):
     """See the module docstring. Per-row parameters (penalties included) may be scalars or [B] tensors.
+
+    ``row_seed`` [B] int64, ``row_step`` [B] int64, ``seeded`` [B] bool (all three or none): rows flagged in
+    ``seeded`` draw from their own counter-based stream, Philox(row_seed; column, 0, row_step), on both backends
+    (the same numbers), so a request with a seed gets the same ids whatever shares its batch; the other rows draw
+    from ``seed`` / ``offset`` (kernel) or ``generator`` (torch).
 
     ``validate=False`` skips the value checks of the sampling parameters (for callers that checked them once,
     like the decoder: validating [B] tensors reads them back to the host); the shapes, dtypes and presence of
@@ -193,6 +242,7 @@ def combine_and_sample(
             if isinstance(val, torch.Tensor) and val.dim() > 0 and tuple(val.shape) != (b,):
                 raise ValueError(f"{name} must be a scalar or a [B={b}] tensor, got shape {tuple(val.shape)}")
         _check_penalty_inputs(prompt_mask, output_counts, b, v_out, dev, params.penalties_on)
+    row_seeds = _check_row_seeds(row_seed, row_step, seeded, b, dev)
     be = pick_backend(backend, dev)
     if isinstance(alpha, torch.Tensor):  # one weight per row (a server's requests each choose theirs)
         if be != "torch":
@@ -211,6 +261,7 @@ def combine_and_sample(
             return_logprobs=return_logprobs,
             prompt_mask=prompt_mask,
             output_counts=output_counts,
+            row_seeds=row_seeds,
         )
     seed_t = _as_row_tensor("seed", 0 if seed is None else seed, 1, torch.int64, dev)
     off_t = _as_row_tensor("offset", offset, 1, torch.int64, dev)
@@ -242,6 +293,7 @@ def combine_and_sample(
         params.min_p_on,
         workspace,
         *pen_t,
+        *(row_seeds if row_seeds is not None else (None, None, None)),
     )
     return ids, (lp if return_logprobs else None), bad
 
@@ -272,6 +324,9 @@ def _triton_op(
     repetition_penalty: torch.Tensor | None = None,
     presence_penalty: torch.Tensor | None = None,
     frequency_penalty: torch.Tensor | None = None,
+    row_seed: torch.Tensor | None = None,
+    row_step: torch.Tensor | None = None,
+    seeded: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # the penalty arguments trail with defaults (older positional callers keep working); all five or none:
     # prompt_mask [B, V_out] bool, output_counts [B, V_out] int32, the three penalties [B] fp32
@@ -297,6 +352,7 @@ def _triton_op(
         penalties=(prompt_mask, output_counts, repetition_penalty, presence_penalty, frequency_penalty)
         if prompt_mask is not None
         else None,
+        row_seeds=(row_seed, row_step, seeded) if row_seed is not None else None,
     )
 
 

@@ -26,11 +26,13 @@ from .protocol import (
     APIError,
     chat_logprobs,
     check_fields,
+    choice_requests,
     completion_logprobs,
     new_id,
     now,
     refuse,
     sampling_request,
+    top_logprobs_field,
     usage,
 )
 from .scheduler import Delta, Failed, Finished, QueueFull, Scheduler
@@ -115,8 +117,8 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         loop = asyncio.get_running_loop()
         seqs = []
         try:
-            for _ in range(n):
-                seqs.append(scheduler.submit(req, loop))
+            for choice in choice_requests(req, n):
+                seqs.append(scheduler.submit(choice, loop))
         except QueueFull as e:
             for s in seqs:
                 s.cancel()
@@ -146,16 +148,17 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             if isinstance(ev, Finished):
                 return
 
-    async def collect(seq) -> tuple[str, list[int], list[float], Finished]:
-        text, ids, lps, fin = [], [], [], None
+    async def collect(seq) -> tuple[str, list[int], list[float], list, Finished]:
+        text, ids, lps, tops, fin = [], [], [], [], None
         async for ev in events(seq):
             if isinstance(ev, Delta):
                 text.append(ev.text)
                 ids += ev.token_ids
                 lps += ev.logprobs
+                tops += ev.top
             else:
                 fin = ev
-        return "".join(text), ids, lps, fin
+        return "".join(text), ids, lps, tops, fin
 
     async def run_all(seqs):
         try:
@@ -215,12 +218,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         refuse(body, "logit_bias", lambda v: v == {})
         refuse(body, "suffix", lambda v: False)
         lp = body.get("logprobs")
-        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or lp != 0):
-            raise APIError(
-                400,
-                "'logprobs' supports 0 only (the sampled tokens' log-probabilities; no top alternatives yet)",
-                "logprobs",
-            )
+        k = top_logprobs_field(body, "logprobs", scheduler.max_top_logprobs)
         prompts = _prompt_ids(body.get("prompt"), tok)  # one or several prompts: choices run prompt by prompt
         reqs = []
         for ids in prompts:
@@ -231,6 +229,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 max_model_len=scheduler.max_model_len,
                 default_max_tokens=16,
                 logprobs=lp is not None,
+                top_logprobs=k,
             )
             check_alpha(req)
             reqs.append(req)
@@ -247,7 +246,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 if isinstance(ev, Delta):
                     choice["text"] = ev.text
                     if lp is not None:
-                        choice["logprobs"] = completion_logprobs(tok, ev.token_ids, ev.logprobs, offsets[i])
+                        choice["logprobs"] = completion_logprobs(tok, ev.token_ids, ev.logprobs, offsets[i], ev.top)
                     offsets[i] += len(ev.text)
                 else:
                     choice["finish_reason"] = ev.reason
@@ -268,10 +267,10 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             )
         results = await run_all(seqs)
         choices = []
-        for i, (text, tids, lps, fin) in enumerate(results):
-            lpd = completion_logprobs(tok, tids, lps, 0) if lp is not None else None
+        for i, (text, tids, lps, tops, fin) in enumerate(results):
+            lpd = completion_logprobs(tok, tids, lps, 0, tops) if lp is not None else None
             choices.append({"index": i, "text": text, "logprobs": lpd, "finish_reason": fin.reason})
-        used = usage(n_prompt, sum(r[3].completion_tokens for r in results))
+        used = usage(n_prompt, sum(r[-1].completion_tokens for r in results))
         return {
             "id": rid,
             "object": "text_completion",
@@ -293,9 +292,9 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         lp = body.get("logprobs", False)
         if not isinstance(lp, bool):
             raise APIError(400, f"'logprobs' must be true or false, got {lp!r}", "logprobs")
-        top = body.get("top_logprobs")
-        if top not in (None, 0):
-            raise APIError(400, "'top_logprobs' > 0 is not supported yet (no top alternatives)", "top_logprobs")
+        top = top_logprobs_field(body, "top_logprobs", scheduler.max_top_logprobs)
+        if top and not lp:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
@@ -314,6 +313,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             max_model_len=scheduler.max_model_len,
             default_max_tokens=None,
             logprobs=lp,
+            top_logprobs=top,
         )
         check_alpha(req)
         rid, created, model = new_id("chatcmpl"), now(), served_model_name
@@ -350,7 +350,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 if isinstance(ev, Delta):
                     choice["delta"] = {"content": ev.text}
                     if lp:
-                        choice["logprobs"] = chat_logprobs(tok, ev.token_ids, ev.logprobs)
+                        choice["logprobs"] = chat_logprobs(tok, ev.token_ids, ev.logprobs, ev.top)
                 else:
                     choice["finish_reason"] = ev.reason
                 return base([choice])
@@ -363,16 +363,16 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             )
         results = await run_all(seqs)
         choices = []
-        for i, (content, tids, lps, fin) in enumerate(results):
+        for i, (content, tids, lps, tops, fin) in enumerate(results):
             choices.append(
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": content},
-                    "logprobs": chat_logprobs(tok, tids, lps) if lp else None,
+                    "logprobs": chat_logprobs(tok, tids, lps, tops) if lp else None,
                     "finish_reason": fin.reason,
                 }
             )
-        used = usage(len(ids) * n, sum(r[3].completion_tokens for r in results))
+        used = usage(len(ids) * n, sum(r[-1].completion_tokens for r in results))
         return {
             "id": rid,
             "object": "chat.completion",

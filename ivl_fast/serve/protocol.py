@@ -7,6 +7,7 @@ such as ``user`` carry no decoding meaning and are accepted).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -89,16 +90,16 @@ def sampling_request(
     max_model_len: int,
     default_max_tokens: int | None,
     logprobs: bool,
+    top_logprobs: int = 0,
 ) -> tuple[SequenceRequest, int, bool]:
-    """The fields shared by both endpoints -> (a sequence request, n, stream)."""
+    """The fields shared by both endpoints -> (a sequence request, n, stream). ``top_logprobs``: alternatives per
+    token (checked by the endpoint, whose field it is)."""
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, f"'seed' must be an integer, got {seed!r}", "seed")
-    if seed is not None and temperature != 0:  # greedy decoding draws nothing: a seed changes nothing there
-        raise APIError(
-            400, "'seed' with sampling is not supported yet: sampled requests share the batch's random stream", "seed"
-        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63):
+        raise APIError(400, f"'seed' must be an integer in [-2^63, 2^63), got {seed!r}", "seed")
+    if temperature == 0:  # greedy decoding draws nothing: a seed changes nothing there (and costs nothing)
+        seed = None
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise APIError(400, "'top_p' must be in (0, 1], got 0", "top_p")
@@ -158,8 +159,29 @@ def sampling_request(
         frequency_penalty=freq,
     )
     stops = frozenset(ids) | (frozenset() if ignore_eos else eos)
-    req = SequenceRequest(list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs)
+    req = SequenceRequest(
+        list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs, top_logprobs, seed
+    )
     return req, n, stream
+
+
+def choice_requests(req: SequenceRequest, n: int) -> list[SequenceRequest]:
+    """The ``n`` choices of a request; with a seed, choice i draws from seed + i (vLLM's rule), so the choices
+    differ from each other and each is reproducible."""
+    if req.seed is None:
+        return [req] * n
+    wrap = lambda s: (s + 2**63) % 2**64 - 2**63  # noqa: E731  (stay in int64)
+    return [dataclasses.replace(req, seed=wrap(req.seed + i)) for i in range(n)]
+
+
+def top_logprobs_field(body: dict, name: str, hi: int = 20) -> int:
+    """An alternatives count in [0, hi] (``top_logprobs`` of chat, ``logprobs`` of completions)."""
+    v = body.get(name)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+        raise APIError(400, f"'{name}' must be an integer in [0, {hi}], got {v!r}", name)
+    return v
 
 
 def refuse(body: dict, name: str, ok) -> None:
@@ -184,18 +206,37 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float], top: list | None = None) -> dict:
+    """OpenAI's chat ``logprobs``: per token its string, log-probability, UTF-8 bytes and ``top_logprobs`` (the
+    alternatives asked for, most likely first: [(id, logprob), ...] per token in ``top``)."""
     content = []
-    for t, lp in zip(token_ids, logprobs, strict=True):
+    for i, (t, lp) in enumerate(zip(token_ids, logprobs, strict=True)):
         s = tokenizer.decode([t])
-        content.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []})
+        alts = []
+        for a, alp in top[i] if top else []:
+            a_s = tokenizer.decode([a])
+            alts.append({"token": a_s, "logprob": alp, "bytes": list(a_s.encode())})
+        content.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": alts})
     return {"content": content}
 
 
-def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float], offset: int) -> dict:
+def completion_logprobs(
+    tokenizer, token_ids: list[int], logprobs: list[float], offset: int, top: list | None = None
+) -> dict:
+    """OpenAI's legacy ``logprobs``: tokens, their log-probabilities, text offsets and, with ``logprobs`` = k > 0,
+    ``top_logprobs``: per token a {token: logprob} of the k most likely and the sampled one (up to k + 1 entries,
+    as OpenAI returns them; None for k = 0)."""
     tokens = [tokenizer.decode([t]) for t in token_ids]
     offsets, at = [], offset
     for s in tokens:
         offsets.append(at)
         at += len(s)
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+    tops = None
+    if top:
+        tops = []
+        for s, lp, alts in zip(tokens, logprobs, top, strict=True):
+            d = {s: lp}  # the sampled token first: alternatives whose text collides with it (two byte tokens
+            for a, alp in alts:  # that each decode to "\ufffd") do not replace its logprob
+                d.setdefault(tokenizer.decode([a]), alp)
+            tops.append(d)
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": tops, "text_offset": offsets}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decode.slot_request import SlotRequest
 from ..decode.stops import NonFiniteLogitsError
 from ..sampling import SamplingParams
 
@@ -39,15 +40,22 @@ class SequenceRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     logprobs: bool = False
+    top_logprobs: int = 0  # the most likely alternatives per token, with their log-probabilities
+    seed: int | None = None  # this sequence's own random stream (sampled requests)
+
+    def slot_request(self) -> SlotRequest:
+        return SlotRequest(self.prompt_ids, self.max_tokens, self.sampling, self.alpha, self.seed, self.top_logprobs)
 
 
 @dataclass
 class Delta:
-    """New output of a sequence: text (possibly empty while held back), token ids and their log-probabilities."""
+    """New output of a sequence: text (possibly empty while held back), token ids, their log-probabilities and,
+    when asked for, the top alternatives of each ([(id, logprob), ...] per token, most likely first)."""
 
     text: str
     token_ids: list[int]
     logprobs: list[float]
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +84,7 @@ class Sequence:
     slot: int | None = None
     tokens: list[int] = field(default_factory=list)  # generated ids (a stop token excluded)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
     sent_chars: int = 0  # text characters sent so far
     sent_tokens: int = 0
     last_token_at: float = 0.0
@@ -102,17 +111,23 @@ class Scheduler:
         max_model_len: int,
         max_queue: int,
         max_prefill_tokens: int = 256,
+        max_top_logprobs: int = 20,
         metrics=None,
     ):
         self.dec, self.tokenizer = decoder, decoder.tokenizer
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens, self.max_top_logprobs = max_prefill_tokens, max_top_logprobs
         self._held: Sequence | None = None  # taken from the queue, over this step's prefill budget
         self.metrics = metrics
         self.eos = frozenset(decoder.options().eos_token_id)
         # the batch's own EOS check is off: EOS and stop tokens differ per request and are checked here
         self.batch = decoder.open_batch(
-            max_batch_size, max_model_len, per_request=True, eos_token_id=[], return_logprobs=True
+            max_batch_size,
+            max_model_len,
+            per_request=True,
+            top_logprobs=max_top_logprobs,
+            eos_token_id=[],
+            return_logprobs=True,
         )
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self._active: dict[int, Sequence] = {}  # slot -> sequence
@@ -195,14 +210,13 @@ class Scheduler:
             tokens += n
         ok = []
         for seq in take:  # checked one by one, so that one bad request does not refuse the others
-            r = seq.request
             try:
-                self.batch.check_request(0, r.prompt_ids, r.max_tokens, r.sampling, r.alpha)
+                self.batch.check_request(0, seq.request.slot_request())
                 ok.append(seq)
             except ValueError as e:
                 seq.emit(Failed(e))
         if ok:
-            reqs = [(s.request.prompt_ids, s.request.max_tokens, s.request.sampling, s.request.alpha) for s in ok]
+            reqs = [s.request.slot_request() for s in ok]
             for seq, slot in zip(ok, self.batch.admit_many(reqs), strict=True):
                 seq.slot = slot
                 self._active[slot] = seq
@@ -222,23 +236,30 @@ class Scheduler:
         self._collect()
 
     def _collect(self) -> None:
-        """One device read: every live slot's emitted count, last token and its log-probability."""
+        """One device read: every live slot's emitted count, last token, its log-probability and (for the slots
+        that ask) the top alternatives."""
         slots = sorted(self._active)
         if not slots:
             return
         b = self.batch.bufs
         idx = torch.tensor(slots, device=b.steps.device)
         steps = b.steps[idx]
-        col = (steps - 1).clamp(min=0)[:, None]
-        last = b.out[idx].gather(1, col)[:, 0]
-        lp = b.logprobs[idx].gather(1, col)[:, 0]
-        read = torch.stack([steps.double(), last.double(), lp.double()]).tolist()  # one host read (ids < 2^53)
-        for slot, n, tok, logp in zip(slots, *read, strict=True):
+        col = (steps - 1).clamp(min=0)
+        last = b.out[idx].gather(1, col[:, None])[:, 0]
+        lp = b.logprobs[idx].gather(1, col[:, None])[:, 0]
+        cols = [steps.double(), last.double(), lp.double()]
+        k = max(self._active[s].request.top_logprobs for s in slots)
+        if k:  # [n, k] ids then [n, k] logprobs of each slot's last column
+            cols += list(b.top_ids[idx, col, :k].double().T) + list(b.top_logprobs[idx, col, :k].double().T)
+        read = torch.stack(cols).tolist()  # one host read (ids < 2^53)
+        for j, slot in enumerate(slots):
             seq = self._active[slot]
-            if n > len(seq.tokens):  # one new token per round
-                self._advance(slot, seq, int(tok), logp)
+            if read[0][j] > len(seq.tokens):  # one new token per round
+                kk = seq.request.top_logprobs
+                top = [(int(read[3 + i][j]), read[3 + k + i][j]) for i in range(kk)] if kk else None
+                self._advance(slot, seq, int(read[1][j]), read[2][j], top)
 
-    def _advance(self, slot: int, seq: Sequence, tok: int, logp: float) -> None:
+    def _advance(self, slot: int, seq: Sequence, tok: int, logp: float, top=None) -> None:
         r = seq.request
         t = time.perf_counter()
         if self.metrics is not None:
@@ -254,6 +275,8 @@ class Scheduler:
             return
         seq.tokens.append(tok)
         seq.logprobs.append(logp)
+        if top is not None:
+            seq.top.append(top)
         text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         for s in r.stop:
             at = text.find(s, max(0, seq.sent_chars - len(s)))
@@ -277,8 +300,9 @@ class Scheduler:
             hold = max((len(s) - 1 for s in seq.request.stop), default=0)
             upto = max(seq.sent_chars, min(upto, len(text) - hold))
         new_tokens, new_lps = seq.tokens[seq.sent_tokens :], seq.logprobs[seq.sent_tokens :]
+        new_top = seq.top[seq.sent_tokens :]
         seq.sent_tokens = len(seq.tokens)
-        seq.emit(Delta(text[seq.sent_chars : upto], new_tokens, new_lps))
+        seq.emit(Delta(text[seq.sent_chars : upto], new_tokens, new_lps, new_top))
         seq.sent_chars = max(seq.sent_chars, upto)
 
     def _finish(self, slot: int, seq: Sequence, reason: str, flush: bool = False) -> None:
