@@ -369,6 +369,9 @@ class FastIVLDecoder:
             self.sync_every,
             per_request=per_request,
             top_logprobs=top_logprobs,
+            tokenizer=self.tokenizer,
+            base_tokenizer=self.base_tokenizer,
+            same_tokenizers=self._same_tokenizers,
         )
 
     def capture_graphs(

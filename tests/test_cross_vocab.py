@@ -9,6 +9,7 @@ import torch
 from conftest import build_model
 
 from ivl_fast import FastIVLDecoder
+from ivl_fast.decode.slot_request import SlotRequest
 from ivl_fast.tiny import corpus_text, train_tokenizer
 from ivl_fast.vocab import VocabMap
 
@@ -329,3 +330,41 @@ def test_penalties_across_vocabularies_with_padded_value_logits(setting, tokeniz
     # no generated id repeats within a row once it has been produced (the penalties are this strong)
     for row in pen.sequences[:, pen.prompt_length :].tolist():
         assert len(set(row)) >= len(row) - 2
+
+
+def test_continuous_batching_across_vocabularies_decodes_each_request_as_alone(setting, tokenizer):
+    """open_batch across vocabularies: requests join a running batch (each prefilled into its slot, the base reading
+    its own tokenization), others leave, a freed slot is reused; every greedy row equals generate() alone and the
+    definition (the base re-reads the text after every step); a prompt the base cannot hold is refused alone."""
+    base_tok, vmap, base, value = setting
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok, sample_backend="torch")
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    budgets = [14, 5, 9]
+
+    def alone(i):
+        return dec.generate([ids[i]], texts=[PROMPTS[i]], max_new_tokens=budgets[i], eos_token_id=[])
+
+    want = [alone(i).sequences[0, len(ids[i]) :].tolist() for i in range(3)]
+
+    batch = dec.open_batch(slots=2, max_seq_len=64, eos_token_id=[], per_request=True)
+    a = batch.admit(ids[0], budgets[0])
+    batch.step()
+    b = batch.admit(ids[1], budgets[1])  # joins mid-way
+    got, c = {}, None
+    while not batch.is_finished(a):
+        batch.step()
+        if c is None and batch.is_finished(b):
+            got[1] = batch.tokens(b)
+            batch.retire(b)
+            c = batch.admit_many([SlotRequest(ids[2], budgets[2], text=PROMPTS[2])])[0]  # takes the freed slot
+    got[0] = batch.tokens(a)
+    while not batch.is_finished(c):
+        batch.step()
+    got[2] = batch.tokens(c)
+    assert c == b and [got[i] for i in range(3)] == want
+    ref = cross_vocab_reference(base, value, vmap, base_tok, tokenizer, [ids[0]], budgets[0], texts=[PROMPTS[0]])
+    assert got[0] == ref[0]["ids"]
+    batch.retire(a)
+    with pytest.raises(ValueError, match="base tokens long"):
+        batch.admit_many([SlotRequest(ids[2], 2, text="word " * 1000)])  # the base's reading of it: too long
+    assert batch.admit(ids[2], 3) in (0, 1)  # nothing was admitted by the refused request

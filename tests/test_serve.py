@@ -319,6 +319,55 @@ def test_a_failing_request_fails_alone(pair, save_checkpoint, tmp_path):
         srv.stop()
 
 
+def test_serving_across_vocabularies_with_a_vocab_map(tmp_path, tokenizer, save_checkpoint):
+    """--vocab-map: the value network on its tokenizer steers a base with another one; concurrent completions and
+    chat requests (more than the slots) each equal the decoder's own cross-vocabulary answer alone."""
+    from conftest import build_model
+
+    from ivl_fast.tiny import corpus_text, train_tokenizer
+    from ivl_fast.vocab import VocabMap
+
+    base_tok = train_tokenizer(700, max_chars=150_000)
+    base = build_model("llama", seed=0, vocab_size=len(base_tok), hidden_size=96, num_attention_heads=6)
+    bdir = tmp_path / "xbase"
+    base.save_pretrained(bdir)
+    base_tok.save_pretrained(bdir)
+    vdir = save_checkpoint(build_model("llama", seed=1, vocab_size=len(tokenizer)), "xvalue")
+    VocabMap.build(base_tok, tokenizer, [corpus_text()[200_000:260_000]], top_k=3).save(tmp_path / "m.safetensors")
+    dec = FastIVLDecoder.from_pretrained(bdir, vdir, tmp_path / "m.safetensors")
+    srv = Server(
+        "--base",
+        bdir,
+        "--value",
+        vdir,
+        "--vocab-map",
+        tmp_path / "m.safetensors",
+        "--served-model-name",
+        "x",
+        "--max-batch-size",
+        2,
+        "--max-model-len",
+        96,
+    )
+    try:
+        jobs = [(p, 5 + 2 * i) for i, p in enumerate(PROMPTS[:5])]
+        msgs = [{"role": "user", "content": "Where does Kalo live?"}]
+
+        def ask(job):
+            p, n = job
+            return srv.client().completions.create(model="x", prompt=p, max_tokens=n, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(jobs) + 1) as pool:
+            chat = pool.submit(
+                lambda: srv.client().chat.completions.create(model="x", messages=msgs, max_tokens=8, temperature=0)
+            )
+            got = list(pool.map(ask, jobs))
+        assert got == [dec.generate_text(p, max_new_tokens=n) for p, n in jobs]
+        assert chat.result().choices[0].message.content == dec.generate_text(msgs, chat=True, max_new_tokens=8)
+    finally:
+        srv.stop()
+
+
 def test_serve_refuses_what_it_does_not_do_yet(pair, capsys):
     from ivl_fast.cli import main
 

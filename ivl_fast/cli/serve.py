@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
         usage="ivl-fast serve --base DIR --value DIR [--host 127.0.0.1] [--port 8000] [options]",
         formatter_class=DefaultsHelp,
     )
-    add_pair_args(s, vocab_map_help="map file from `ivl-fast vocab-map` (not supported by serve yet)")
+    add_pair_args(s, vocab_map_help="map file from `ivl-fast vocab-map` (a value network on another tokenizer)")
     g = s.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     g.add_argument("--port", type=int, default=8000, help="port to bind")
@@ -48,8 +48,6 @@ def load(args):
     from ..serve.scheduler import Scheduler
 
     check_pair_args(args, alone="serves")
-    if args.vocab_map is not None:
-        raise UsageError("--vocab-map: serve does not support cross-vocabulary decoding yet (one vocabulary only)")
     if args.draft is not None:
         raise UsageError("--draft: serve does not support speculative decoding yet (no continuous batching with it)")
     for flag, v, lo in (
@@ -60,7 +58,13 @@ def load(args):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
     dec = FastIVLDecoder.from_pretrained(
-        args.base, args.value, alpha=args.alpha, scheme=args.scheme, device=args.device, dtype=args.dtype
+        args.base,
+        args.value,
+        vocab_map=args.vocab_map,
+        alpha=args.alpha,
+        scheme=args.scheme,
+        device=args.device,
+        dtype=args.dtype,
     )
     if dec.tokenizer is None:
         raise UsageError("the checkpoints hold no tokenizer files; the server needs one to read text")

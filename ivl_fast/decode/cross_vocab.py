@@ -32,6 +32,39 @@ class Retokenizer:
                 raise ValueError(f"prompt {i} is {len(ctx)} base tokens long; the base's context is {base_context}")
         self.generated: list[list[int]] = [[] for _ in self.texts]  # value ids per row
 
+    @classmethod
+    def slots(cls, tokenizer, base_tokenizer, rows: int, same_tokens: bool, base_context: int) -> Retokenizer:
+        """``rows`` free slots (a continuous batch): :meth:`context` then :meth:`add` requests, :meth:`remove`
+        them; a free slot has an empty base context and is skipped by :meth:`advance` (it is finished)."""
+        rt = cls(tokenizer, base_tokenizer, [], [], same_tokens, base_context)
+        rt.texts, rt.prompt_ids, rt.prompt_text = [""] * rows, [[] for _ in range(rows)], [""] * rows
+        rt.base_ctx, rt.generated = [[] for _ in range(rows)], [[] for _ in range(rows)]
+        return rt
+
+    def context(self, prompt_ids: list[int], text: str | None, where: str = "") -> tuple[str, list[int]]:
+        """A request's (text, base ids) as the base reads its prompt (``text``: default the value tokenizer's
+        decoding of ``prompt_ids``); ValueError when the base cannot read it (nothing is changed)."""
+        if text is None:
+            text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        ctx = list(prompt_ids) if self.same_tokens else self.base_ids(text)
+        if not ctx:
+            raise ValueError(f"{where}the prompt is empty for the base tokenizer")
+        if len(ctx) + 1 >= self.base_context:
+            raise ValueError(
+                f"{where}the prompt is {len(ctx)} base tokens long; the base's context is {self.base_context}"
+            )
+        return text, ctx
+
+    def add(self, row: int, prompt_ids: list[int], text: str, base_ctx: list[int]) -> None:
+        """Put a request (from :meth:`context`) into free slot ``row``."""
+        self.prompt_ids[row], self.texts[row] = list(prompt_ids), text
+        self.prompt_text[row] = self.tokenizer.decode(self.prompt_ids[row], skip_special_tokens=True)
+        self.base_ctx[row], self.generated[row] = list(base_ctx), []
+
+    def remove(self, row: int) -> None:
+        self.prompt_ids[row], self.texts[row], self.prompt_text[row] = [], "", ""
+        self.base_ctx[row], self.generated[row] = [], []
+
     def base_ids(self, text: str) -> list[int]:
         """The base tokenization of ``text``, with the base's special tokens, but one BOS only: a chat prompt
         rendered with a template already starts with the BOS string ("<s>..."), which the tokenizer would
@@ -83,7 +116,7 @@ class Retokenizer:
         return keep, feed
 
     def longest(self) -> int:
-        return max(len(c) for c in self.base_ctx)
+        return max((len(c) for c in self.base_ctx), default=0)
 
 
 def check_vocab_map(vocab_map, *, scheme: str, base, value, tokenizer, base_tokenizer):

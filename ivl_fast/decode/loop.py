@@ -154,9 +154,12 @@ class DecodeLoop:
                         e.seq_lens.zero_()
             return
         m.value.allocate(self.rows, self.capacity)
-        # base tokens per value token vary; give the base room for a few per step, within its context
+        # base tokens per value token vary; give the base room for a few per step, within its context (it grows
+        # on demand: _cross_vocab_logits, _cross_vocab_prefill)
         n = self.bufs.cols
-        m.base.allocate(self.rows, min(m.base.max_context, self.retok.longest() + 4 * n + 16))
+        room = 2 * self.max_seq_len + 16 if self.cfg.slots else self.retok.longest() + 4 * n + 16
+        m.base.allocate(self.rows, min(m.base.max_context, room))
+        self._zb = None  # [rows, V_base] the base's latest logits per row
 
     def start(self, prompt: torch.Tensor, mask: torch.Tensor) -> None:
         """Admit a batch of left-padded prompts [b, T] into slots 0..b-1 (one prefill) and emit their first tokens."""
@@ -187,8 +190,8 @@ class DecodeLoop:
         checks it (ValueError naming the request) before anything is admitted."""
         if not self.cfg.slots:
             raise ValueError("admit() needs a continuous batch (FastIVLDecoder.open_batch)")
-        if self.retok is not None or not self.models.all_support("slots"):
-            raise ValueError("admitting requests into a running batch needs the lean engine and one vocabulary")
+        if not self.models.all_support("slots"):
+            raise ValueError("admitting requests into a running batch needs the lean engine")
         self._check_cache()
         free = [r for r in range(self.requests) if r not in self.length]
         if len(requests) > len(free):
@@ -199,11 +202,17 @@ class DecodeLoop:
         checked = [self.check_request(i, r) for i, r in enumerate(requests)]
         if not checked:
             return []
+        if self.retok is not None:  # how the base reads each prompt (refused before anything is admitted)
+            where = (f"request {i}: " if i else "" for i in range(len(checked)))
+            contexts = [self.retok.context(list(c.prompt_ids), c.text, w) for c, w in zip(checked, where, strict=True)]
         ids, mask = pack_prompts(
             [list(c.prompt_ids) for c in checked], None, self.opts.pad_token_id, self.models.vocab_size
         )
         dev = self.models.device
         slots = free[: len(checked)]
+        if self.retok is not None:
+            for s_, c, (text, ctx) in zip(slots, checked, contexts, strict=True):
+                self.retok.add(s_, list(c.prompt_ids), text, ctx)
         self._admit(slots, ids.to(dev), mask.to(dev), checked)
         return slots
 
@@ -244,7 +253,7 @@ class DecodeLoop:
                 f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
             )
         a = self.models.alpha if alpha is None else float(alpha)
-        return SlotRequest(prompt_ids, budget, r.sampling or self.request_sampling, a, seed, top)
+        return SlotRequest(prompt_ids, budget, r.sampling or self.request_sampling, a, seed, top, r.text)
 
     def retire(self, slot: int) -> None:
         """Free ``slot`` (finished or not) between rounds; the other rows are untouched."""
@@ -254,6 +263,8 @@ class DecodeLoop:
         for d in (self.length, self.emitted, self.budget, self.checked):
             d.pop(slot)
         self.top.pop(slot, None)
+        if self.retok is not None:
+            self.retok.remove(slot)
 
     def _admit(self, slots: list[int], prompt, mask, requests: list[SlotRequest] | int) -> None:
         """Prefill left-padded prompts [n, T] into ``slots`` and emit their first tokens. ``requests``: one checked
@@ -286,7 +297,7 @@ class DecodeLoop:
                         self.top[slots[i]] = r.top_logprobs
             t0 = time.perf_counter()
             if self.retok is not None:
-                zb, zv = self._cross_vocab_prefill(prompt, mask)
+                zb, zv = self._cross_vocab_prefill(prompt, mask, rows_t if self.cfg.slots else None)
             else:
                 zb, zv = prefill_logits(m, prompt, mask, rows=None if whole else rows_t)
             self.prefill_s += time.perf_counter() - t0
@@ -336,7 +347,8 @@ class DecodeLoop:
         m, bufs = self.models, self.bufs
         if self.retok is not None:
             zb, zv = self._cross_vocab_logits(bufs.ids)
-            emit(bufs, self.cfg, self.eos, *sample(m, bufs, self.cfg, zb, zv))
+            cfg = self._round_cfg()
+            emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv))
         else:
             kv = self.kv_need() if self._lean else None
             hi = max(self.length) + 1 if self.cfg.slots and self.length else self.rows
@@ -496,21 +508,37 @@ class DecodeLoop:
         cut_at_stop_strings(self.bufs, self.stops, self.checked, emitted, self.opts.pad_token_id)
 
     # ------------------------------------------------------------------ across vocabularies
-    def _cross_vocab_prefill(self, prompt, mask):
+    def _cross_vocab_prefill(self, prompt, mask, rows: torch.Tensor | None = None):
+        """(z_base, z_value) of the prompts [n, T]: the base reads their base contexts. ``rows`` [n]: the slots
+        they go to (a continuous batch; default: every row, start())."""
         m, rt = self.models, self.retok
-        bids, bmask = left_pad(rt.base_ctx, rt.base_tokenizer.pad_token_id or 0)
-        self._zb = m.base.prefill(bids.to(m.device), bmask.to(m.device))[:, : m.vocab_map.v_base]
-        return self._zb, m.value.prefill(prompt, mask)[:, : m.vocab_map.v_value]
+        vb = m.vocab_map.v_base
+        if rows is None:
+            bids, bmask = left_pad(rt.base_ctx, rt.base_tokenizer.pad_token_id or 0)
+            self._zb = m.base.prefill(bids.to(m.device), bmask.to(m.device))[:, :vb]
+            return self._zb, m.value.prefill(prompt, mask)[:, : m.vocab_map.v_value]
+        bids, bmask = left_pad([rt.base_ctx[r] for r in rows.tolist()], rt.base_tokenizer.pad_token_id or 0)
+        if bids.shape[1] + 1 > m.base.max_seq_len:  # a longer base prompt than planned: grow, within the context
+            m.base.grow(min(m.base.max_context, max(bids.shape[1] + 1, 2 * m.base.max_seq_len)))
+            self._cache_state = self._cache_token()
+        zb = m.base.prefill(bids.to(m.device), bmask.to(m.device), rows=rows)[:, :vb]
+        if self._zb is None:
+            self._zb = zb.new_zeros((self.rows, vb))
+        self._zb.index_copy_(0, rows, zb)
+        return zb, m.value.prefill(prompt, mask, rows=rows)[:, : m.vocab_map.v_value]
 
     def _cross_vocab_logits(self, ids: torch.Tensor):
         """Feed the value its token, then the base the re-tokenized suffix of each row (rows in lock step)."""
         m, rt = self.models, self.retok
         base = m.base
-        zv = m.value.decode(ids)[:, : m.vocab_map.v_value]
+        active = ~self.bufs.finished if self.cfg.slots else None  # free slots and finished rows stay put
+        zv = m.value.decode(ids, active=active)[:, : m.vocab_map.v_value]
         keep, feed = rt.advance(ids.tolist(), self.bufs.finished.tolist())  # host sync: re-tokenizing is host work
         need = rt.longest() + 1  # + a free column for idle rows' writes
         if need > base.max_seq_len:  # more base tokens per value token than planned: grow, up to the context
             base.grow(min(base.max_context, max(need, 2 * base.max_seq_len)))
+            if self._cache_state is not None:  # our own growth, not another run taking the caches
+                self._cache_state = self._cache_token()
         base.rewind(torch.tensor(keep))
         zb = self._zb
         for j in range(max((len(f) for f in feed), default=0)):

@@ -14,7 +14,9 @@ class SlotRequest:
     """prompt_ids: the prompt; max_new_tokens: its budget (None: the batch's default); sampling, alpha: its values
     (None: the batch's; a batch opened with ``per_request=True`` only); seed: its own random stream (sampled rows
     draw the same tokens whatever shares the batch; None: the batch's stream); top_logprobs: how many of the most
-    likely tokens to record per step with their log-probabilities (at most the batch's ``top_logprobs``)."""
+    likely tokens to record per step with their log-probabilities (at most the batch's ``top_logprobs``); text:
+    across vocabularies, the prompt's text as the base reads it (None: the value tokenizer's decoding of
+    ``prompt_ids``)."""
 
     prompt_ids: list[int] | tuple[int, ...]
     max_new_tokens: int | None = None
@@ -22,6 +24,7 @@ class SlotRequest:
     alpha: float | None = None
     seed: int | None = None
     top_logprobs: int = 0
+    text: str | None = None
 
     @classmethod
     def of(cls, request) -> SlotRequest:

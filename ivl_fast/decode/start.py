@@ -118,10 +118,14 @@ def open_slots(
     sync_every: int,
     per_request: bool = False,
     top_logprobs: int = 0,
+    tokenizer=None,
+    base_tokenizer=None,
+    same_tokenizers: bool = False,
 ) -> DecodeLoop:
     """An empty persistent batch of ``slots`` requests of up to ``max_seq_len`` tokens each (prompt + new);
     ``per_request``: each request brings its own sampling values and seed; ``top_logprobs``: the most top
-    alternatives a request may ask for (:class:`DecodeLoop`)."""
+    alternatives a request may ask for (:class:`DecodeLoop`). Across vocabularies each admitted request's base
+    context is re-derived from its text after every step, as in generate() (the tokenizers are needed)."""
     if opts.stop_strings is not None or opts.num_return_sequences != 1:
         raise ValueError("open_batch supports neither stop_strings nor num_return_sequences yet")
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
@@ -129,6 +133,10 @@ def open_slots(
     top = models.max_context
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= top:
         raise ValueError(f"max_seq_len must be an integer in [2, {top}], got {max_seq_len!r}")
+    retok = None
+    if models.cross_vocab:
+        retok = Retokenizer.slots(tokenizer, base_tokenizer, slots, same_tokenizers, models.base.max_context)
+        graph_cache = None  # cross-vocabulary runs decode eagerly
     return DecodeLoop(
         models,
         opts,
@@ -142,6 +150,7 @@ def open_slots(
         graph_cache=graph_cache,
         per_request=per_request,
         top_logprobs=top_logprobs,
+        retokenizer=retok,
     )
 
 

@@ -38,8 +38,9 @@ from .protocol import (
 from .scheduler import Delta, Failed, Finished, QueueFull, Scheduler
 
 
-def _prompt_ids(prompt, tok) -> list[list[int]]:
-    """OpenAI's ``prompt``: a string, a list of strings, a list of token ids or a list of such lists."""
+def _prompts(prompt, tok) -> list[tuple[list[int], str | None]]:
+    """OpenAI's ``prompt``: a string, a list of strings, a list of token ids or a list of such lists -> (ids, text
+    or None for token ids) per prompt."""
 
     def is_ids(x):
         return isinstance(x, list) and x and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
@@ -48,8 +49,8 @@ def _prompt_ids(prompt, tok) -> list[list[int]]:
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or is_ids(p) for p in prompt):
         raise APIError(400, "'prompt' must be a string, token ids, or a non-empty list of either", "prompt")
-    out = [tok(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
-    if any(not ids for ids in out):
+    out = [(tok(p)["input_ids"], p) if isinstance(p, str) else (list(p), None) for p in prompt]
+    if any(not ids for ids, _ in out):
         raise APIError(400, "'prompt' holds an empty prompt", "prompt")
     return out
 
@@ -219,9 +220,9 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         refuse(body, "suffix", lambda v: False)
         lp = body.get("logprobs")
         k = top_logprobs_field(body, "logprobs", scheduler.max_top_logprobs)
-        prompts = _prompt_ids(body.get("prompt"), tok)  # one or several prompts: choices run prompt by prompt
+        prompts = _prompts(body.get("prompt"), tok)  # one or several prompts: choices run prompt by prompt
         reqs = []
-        for ids in prompts:
+        for ids, text in prompts:
             req, n, streaming = sampling_request(
                 body,
                 ids,
@@ -230,10 +231,11 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 default_max_tokens=16,
                 logprobs=lp is not None,
                 top_logprobs=k,
+                text=text,
             )
             check_alpha(req)
             reqs.append(req)
-        n_prompt = sum(len(ids) for ids in prompts) * n
+        n_prompt = sum(len(ids) for ids, _ in prompts) * n
         rid, created, model = new_id("cmpl"), now(), served_model_name
         metrics.requests.labels("/v1/completions", "200").inc()
         seqs = [s for part in _submit_all(reqs, n) for s in part]
@@ -314,6 +316,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             default_max_tokens=None,
             logprobs=lp,
             top_logprobs=top,
+            text=text,
         )
         check_alpha(req)
         rid, created, model = new_id("chatcmpl"), now(), served_model_name

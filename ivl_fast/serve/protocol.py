@@ -91,6 +91,7 @@ def sampling_request(
     default_max_tokens: int | None,
     logprobs: bool,
     top_logprobs: int = 0,
+    text: str | None = None,
 ) -> tuple[SequenceRequest, int, bool]:
     """The fields shared by both endpoints -> (a sequence request, n, stream). ``top_logprobs``: alternatives per
     token (checked by the endpoint, whose field it is)."""
@@ -160,7 +161,7 @@ def sampling_request(
     )
     stops = frozenset(ids) | (frozenset() if ignore_eos else eos)
     req = SequenceRequest(
-        list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs, top_logprobs, seed
+        list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs, top_logprobs, seed, text
     )
     return req, n, stream
 

@@ -42,9 +42,12 @@ class SequenceRequest:
     logprobs: bool = False
     top_logprobs: int = 0  # the most likely alternatives per token, with their log-probabilities
     seed: int | None = None  # this sequence's own random stream (sampled requests)
+    text: str | None = None  # the prompt's text (across vocabularies the base reads it with its own tokenizer)
 
     def slot_request(self) -> SlotRequest:
-        return SlotRequest(self.prompt_ids, self.max_tokens, self.sampling, self.alpha, self.seed, self.top_logprobs)
+        return SlotRequest(
+            self.prompt_ids, self.max_tokens, self.sampling, self.alpha, self.seed, self.top_logprobs, self.text
+        )
 
 
 @dataclass
