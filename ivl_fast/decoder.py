@@ -29,6 +29,7 @@ from .decode.options import (
 )
 from .decode.scoring import loglikelihood, loglikelihood_rolling
 from .decode.speculative_loop import SpeculativeLoop, check_draft
+from .decode.speculative_slots import SpeculativeSlots, check_slots
 from .decode.start import capture_buckets, kv_capacity, open_slots, start_generation, start_speculative
 from .decode.stops import NonFiniteLogitsError
 from .graphs import KV_BUCKET_MIN
@@ -348,17 +349,31 @@ class FastIVLDecoder:
         per_request: bool = False,
         top_logprobs: int = 0,
         **options,
-    ) -> DecodeLoop:
+    ) -> DecodeLoop | SpeculativeSlots:
         """A persistent batch of ``slots`` rows for continuous batching: ``admit(ids)`` a request into a free slot
         between rounds, ``step()`` one round, ``tokens(slot)``, ``retire(slot)``. Each slot's KV holds
         ``max_seq_len`` tokens (prompt + new); ``options`` as for :meth:`generate` (per-request budgets at admit;
         with ``per_request=True`` also per-request sampling values and seeds: ``admit(ids, n,
         sampling=SamplingParams(...), seed=7)``, ``options`` being the defaults). ``top_logprobs``: requests may
         ask for up to that many top alternatives per token (``admit(..., top_logprobs=k)``; read them from
-        ``bufs.top_ids`` / ``bufs.top_logprobs``)."""
-        if self.draft is not None:
-            raise ValueError("open_batch does not support a draft model yet (speculative continuous batching)")
+        ``bufs.top_ids`` / ``bufs.top_logprobs``). With a draft model: a
+        :class:`~ivl_fast.decode.speculative_slots.SpeculativeSlots` batch (speculative rounds, each emitting 1 to
+        k + 1 tokens per row; one alpha, one random stream, no top alternatives)."""
         opts, cache = self.options(generation_config, **options), self.graph_cache.for_models(self.models)
+        if self.draft is not None:  # speculative rounds over the slots (eager); see SpeculativeSlots for limits
+            if top_logprobs:
+                raise ValueError("top_logprobs is not supported with a draft model")
+            top = min(self.max_context, self.draft.max_context) - self.num_draft_tokens - 1
+            check_slots(slots, max_seq_len, top)
+            return SpeculativeSlots(
+                self.models,
+                self.draft,
+                opts,
+                k=self.num_draft_tokens,
+                slots=slots,
+                max_seq_len=max_seq_len,
+                per_request=per_request,
+            )
         return open_slots(
             self.models,
             opts,

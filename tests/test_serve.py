@@ -368,12 +368,58 @@ def test_serving_across_vocabularies_with_a_vocab_map(tmp_path, tokenizer, save_
         srv.stop()
 
 
-def test_serve_refuses_what_it_does_not_do_yet(pair, capsys):
-    from ivl_fast.cli import main
+def test_serving_with_a_draft_model(pair, save_checkpoint):
+    """--draft: the batch decodes in speculative rounds; concurrent greedy requests (more than the slots, joining
+    running rounds) each equal plain decoding alone, streamed or not; what one alpha and one random stream cannot
+    give is a 400 naming the field."""
+    from conftest import build_model
 
     _, _, base_dir, value_dir = pair
-    rc = main(["serve", "--base", str(base_dir), "--value", str(value_dir), "--draft", str(base_dir)])
-    assert rc == 2 and "--draft" in capsys.readouterr().err
+    draft_dir = save_checkpoint(build_model("llama", seed=2), "serve-draft")
+    dec = FastIVLDecoder.from_pretrained(base_dir, value_dir)
+    srv = Server(
+        "--base",
+        base_dir,
+        "--value",
+        value_dir,
+        "--draft",
+        draft_dir,
+        "--num-draft-tokens",
+        3,
+        "--served-model-name",
+        "d",
+        "--max-batch-size",
+        3,
+        "--max-model-len",
+        96,
+    )
+    try:
+        jobs = [(p, 6 + 3 * i) for i, p in enumerate(PROMPTS)]
+
+        def ask(job):
+            p, n = job
+            return srv.client().completions.create(model="d", prompt=p, max_tokens=n, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(ask, jobs))
+        assert got == [dec.generate_text(p, max_new_tokens=n) for p, n in jobs]
+        msgs = [{"role": "user", "content": "Where does Kalo live?"}]
+        chunks = srv.client().chat.completions.create(
+            model="d", messages=msgs, max_tokens=10, temperature=0, stream=True
+        )
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == dec.generate_text(msgs, chat=True, max_new_tokens=10)
+        r = srv.client().completions.create(model="d", prompt="def main", max_tokens=6, temperature=0.8, n=2)
+        assert len(r.choices) == 2 and r.usage.completion_tokens >= 2
+        for body, param in (
+            ({"seed": 3, "temperature": 0.7}, "seed"),
+            ({"alpha": 0.5}, "alpha"),
+            ({"logprobs": 2}, "logprobs"),
+        ):
+            status, err = _error(srv, "/v1/completions", {"model": "d", "prompt": "hi", **body})
+            assert status == 400 and err["param"] == param, err
+    finally:
+        srv.stop()
 
 
 def test_sigterm_lets_the_running_request_finish_and_exits_cleanly(pair):

@@ -12,6 +12,7 @@ import torch
 from conftest import build_model
 
 from ivl_fast import FastIVLDecoder
+from ivl_fast.decode.slot_request import SlotRequest
 from ivl_fast.sampling import SamplingParams, apply_penalties, warp_logits
 
 PROMPTS = [[1, 5, 9, 22, 7], [1, 40, 41], [1, 8, 9, 10, 11, 12, 13, 14], [1, 300]]
@@ -211,8 +212,8 @@ def test_refusals(models, tokenizer):
     with pytest.raises(ValueError, match="scheme 'residual' or 'base'"):
         FastIVLDecoder(base, value, draft_model=draft, scheme="cascade")
     dec = FastIVLDecoder(base, value, draft_model=draft)
-    with pytest.raises(ValueError, match="open_batch does not support a draft"):
-        dec.open_batch(2, 32)
+    with pytest.raises(ValueError, match=r"max_seq_len must be an integer in \[2, 251\]"):
+        dec.open_batch(2, 256)  # the context minus the k + 1 tokens a round reads past a row's end
     with pytest.raises(ValueError, match="num_draft_tokens 4"):
         dec.generate([[1] * 200], max_new_tokens=60)
 
@@ -291,3 +292,61 @@ def test_cli_eval_with_a_draft_gives_the_same_results(pair, draft_dir, tmp_path,
         results.append(json.loads(written.read_text()))
     assert results[1]["config"]["model_args"]["draft"] == str(draft_dir)
     assert results[0]["results"] == results[1]["results"]
+
+
+def test_a_continuous_speculative_batch_decodes_each_greedy_request_as_alone(models):
+    """open_batch with a draft: requests join between rounds, leave, and a freed slot is reused; every greedy row
+    equals plain decoding alone (rows emit 1 to k + 1 tokens per round, at different positions)."""
+    plain = _dec(models, None)
+    dec = _dec(models, "draft", k=3)
+    budgets = [11, 4, 9, 7]
+    want = [
+        plain.generate([p], max_new_tokens=n, eos_token_id=[]).sequences[0, len(p) :].tolist()
+        for p, n in zip(PROMPTS, budgets, strict=True)
+    ]
+    batch = dec.open_batch(slots=3, max_seq_len=40, eos_token_id=[])
+    slots = {0: batch.admit(PROMPTS[0], budgets[0])}
+    batch.step()
+    slots.update(zip((1, 2), batch.admit_many([(PROMPTS[1], budgets[1]), (PROMPTS[2], budgets[2])]), strict=True))
+    got = {}
+    while len(got) < 4:
+        batch.step()
+        for i, s in list(slots.items()):
+            if i not in got and batch.is_finished(s):
+                got[i] = batch.tokens(s)
+                batch.retire(s)
+                if i == 1:
+                    slots[3] = batch.admit(PROMPTS[3], budgets[3])  # takes the freed slot
+        assert batch.rounds < 40
+    assert [got[i] for i in range(4)] == want
+    assert batch.timings()["accepted"] > 0
+    with pytest.raises(ValueError, match="top_logprobs is not supported with a draft model"):
+        dec.open_batch(slots=1, max_seq_len=40, top_logprobs=2)
+    with pytest.raises(ValueError, match="alpha=0.5 differs"):
+        batch.admit(PROMPTS[0], 3, alpha=0.5)
+
+
+def test_per_request_values_in_a_speculative_batch_follow_plain_sampling(models):
+    """per_request=True with a draft: greedy rows (temperature 0) and sampled rows (their own temperature and
+    top_k) in one batch; the greedy rows equal plain greedy decoding, the sampled rows' 3-token outputs follow the
+    exact law of plain IVL sampling (chi-square)."""
+    prompt, n, samples = [1, 5, 9, 22], 3, 1500
+    options = dict(temperature=1.0, top_k=4)
+    sp = SamplingParams(do_sample=True, **options)
+    law = _target_law(models, prompt, n, sp)
+    greedy = _dec(models, None).generate([prompt], max_new_tokens=n, eos_token_id=[]).sequences[0, 4:].tolist()
+    dec = _dec(models, "draft", k=2)
+    batch = dec.open_batch(slots=samples + 4, max_seq_len=16, eos_token_id=[], per_request=True, seed=5)
+    g = [(prompt, n, dec.options(do_sample=False).sampling)] * 4
+    slots = batch.admit_many(g + [(prompt, n, sp)] * samples)
+    while not batch.step():
+        pass
+    assert all(batch.tokens(s) == greedy for s in slots[:4])
+    got: dict = {}
+    for s in slots[4:]:
+        t = tuple(batch.tokens(s))
+        got[t] = got.get(t, 0) + 1
+    stat, limit = _chi2_ok(got, law, samples)
+    assert stat < limit, (stat, limit)
+    with pytest.raises(ValueError, match="seed with sampling is not supported with a draft model"):
+        batch.check_request(0, SlotRequest(prompt, 2, sp, seed=3))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .errors import DefaultsHelp, UsageError
-from .model_args import add_pair_args, check_pair_args
+from .model_args import add_pair_args, check_pair_args, draft_kwargs
 
 
 def add_parser(sub) -> None:
@@ -48,8 +48,6 @@ def load(args):
     from ..serve.scheduler import Scheduler
 
     check_pair_args(args, alone="serves")
-    if args.draft is not None:
-        raise UsageError("--draft: serve does not support speculative decoding yet (no continuous batching with it)")
     for flag, v, lo in (
         ("--max-batch-size", args.max_batch_size, 1),
         ("--max-queue", args.max_queue, 1),
@@ -65,6 +63,7 @@ def load(args):
         scheme=args.scheme,
         device=args.device,
         dtype=args.dtype,
+        **draft_kwargs(args),
     )
     if dec.tokenizer is None:
         raise UsageError("the checkpoints hold no tokenizer files; the server needs one to read text")

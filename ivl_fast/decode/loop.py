@@ -143,6 +143,12 @@ class DecodeLoop:
         self._allocate()
         self._cache_state = self._cache_token() if models.all_support("slots") else None
 
+    # what a server asks of a batch (SpeculativeSlots answers the same)
+    per_row_alpha = property(lambda self: self.cfg.row_alpha)
+    per_row_seeds = property(lambda self: self.cfg.row_seeds)
+    max_top_logprobs = property(lambda self: self.cfg.top_logprobs)
+    max_tokens_per_step = 1
+
     # ------------------------------------------------------------------ admission
     def _allocate(self) -> None:
         m = self.models

@@ -105,14 +105,17 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         return {"object": "list", "data": [card]}
 
     def check_alpha(req) -> None:
-        dec = scheduler.dec
-        if req.alpha is not None and not scheduler.batch.cfg.row_alpha and req.alpha != dec.alpha:
-            raise APIError(
-                400,
-                f"'alpha' per request needs the torch sampler; this server decodes with alpha "
-                f"{dec.alpha} (the fused kernel takes one alpha per batch)",
-                "alpha",
+        """What this server's batch cannot take per request (a 400 naming the field, before queueing)."""
+        dec, batch = scheduler.dec, scheduler.batch
+        if req.alpha is not None and not batch.per_row_alpha and req.alpha != dec.alpha:
+            why = (
+                "a draft model's rounds combine with one alpha"
+                if dec.draft is not None
+                else ("the fused kernel takes one alpha per batch; the torch sampler takes one per request")
             )
+            raise APIError(400, f"'alpha' per request: this server decodes with alpha {dec.alpha} ({why})", "alpha")
+        if req.seed is not None and not batch.per_row_seeds:
+            raise APIError(400, "'seed' with sampling is not supported with a draft model (one random stream)", "seed")
 
     def submit(req, n: int):
         loop = asyncio.get_running_loop()

@@ -180,8 +180,11 @@ def top_logprobs_field(body: dict, name: str, hi: int = 20) -> int:
     v = body.get(name)
     if v is None:
         return 0
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
-        raise APIError(400, f"'{name}' must be an integer in [0, {hi}], got {v!r}", name)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= max(hi, 20):
+        raise APIError(400, f"'{name}' must be an integer in [0, {max(hi, 20)}], got {v!r}", name)
+    if v > hi:
+        why = "a server with a draft model gives none" if hi == 0 else f"at most {hi} here"
+        raise APIError(400, f"'{name}'={v} is not supported by this server ({why})", name)
     return v
 
 

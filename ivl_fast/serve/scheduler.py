@@ -119,19 +119,23 @@ class Scheduler:
     ):
         self.dec, self.tokenizer = decoder, decoder.tokenizer
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
-        self.max_prefill_tokens, self.max_top_logprobs = max_prefill_tokens, max_top_logprobs
+        self.max_prefill_tokens = max_prefill_tokens
         self._held: Sequence | None = None  # taken from the queue, over this step's prefill budget
         self.metrics = metrics
         self.eos = frozenset(decoder.options().eos_token_id)
-        # the batch's own EOS check is off: EOS and stop tokens differ per request and are checked here
+        # the batch's own EOS check is off: EOS and stop tokens differ per request and are checked here. With a
+        # draft model the batch decodes in speculative rounds (1 to k + 1 tokens per row and round; no top
+        # alternatives, one alpha, no per-request seeds for sampled requests: the batch says so)
         self.batch = decoder.open_batch(
             max_batch_size,
             max_model_len,
             per_request=True,
-            top_logprobs=max_top_logprobs,
+            top_logprobs=0 if decoder.draft is not None else max_top_logprobs,
             eos_token_id=[],
             return_logprobs=True,
         )
+        self.max_top_logprobs = self.batch.max_top_logprobs
+        self.window = self.batch.max_tokens_per_step
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self._active: dict[int, Sequence] = {}  # slot -> sequence
         self._stop = threading.Event()
@@ -239,28 +243,36 @@ class Scheduler:
         self._collect()
 
     def _collect(self) -> None:
-        """One device read: every live slot's emitted count, last token, its log-probability and (for the slots
-        that ask) the top alternatives."""
+        """One device read: every live slot's emitted count and its new tokens (up to ``window`` per round) with
+        their log-probabilities and, for the slots that ask, the top alternatives."""
         slots = sorted(self._active)
         if not slots:
             return
         b = self.batch.bufs
-        idx = torch.tensor(slots, device=b.steps.device)
-        steps = b.steps[idx]
-        col = (steps - 1).clamp(min=0)
-        last = b.out[idx].gather(1, col[:, None])[:, 0]
-        lp = b.logprobs[idx].gather(1, col[:, None])[:, 0]
-        cols = [steps.double(), last.double(), lp.double()]
+        dev = b.steps.device
+        idx = torch.tensor(slots, device=dev)
+        seen = torch.tensor([len(self._active[s].tokens) for s in slots], device=dev)  # columns already read
+        w = self.window
+        cols = (seen[:, None] + torch.arange(w, device=dev)[None]).clamp(max=b.out.shape[1] - 1)  # [n, w]
+        parts = [b.steps[idx].double()[:, None], b.out[idx].gather(1, cols).double(), b.logprobs[idx].gather(1, cols)]
         k = max(self._active[s].request.top_logprobs for s in slots)
-        if k:  # [n, k] ids then [n, k] logprobs of each slot's last column
-            cols += list(b.top_ids[idx, col, :k].double().T) + list(b.top_logprobs[idx, col, :k].double().T)
-        read = torch.stack(cols).tolist()  # one host read (ids < 2^53)
+        if k:  # the window's [n, w * k] ids then logprobs (window 1: top alternatives need one token per round)
+            parts += [b.top_ids[idx[:, None], cols, :k].flatten(1).double(), b.top_logprobs[idx[:, None], cols, :k]]
+            parts[-1] = parts[-1].flatten(1)
+        read = torch.cat([p.double() for p in parts], 1).tolist()  # one host read (ids < 2^53)
         for j, slot in enumerate(slots):
             seq = self._active[slot]
-            if read[0][j] > len(seq.tokens):  # one new token per round
-                kk = seq.request.top_logprobs
-                top = [(int(read[3 + i][j]), read[3 + k + i][j]) for i in range(kk)] if kk else None
-                self._advance(slot, seq, int(read[1][j]), read[2][j], top)
+            row = read[j]
+            n_new = int(row[0]) - len(seq.tokens)
+            kk = seq.request.top_logprobs
+            for t in range(min(n_new, w)):
+                top = None
+                if kk:
+                    at = 1 + 2 * w + t * k
+                    top = [(int(row[at + i]), row[at + w * k + i]) for i in range(kk)]
+                self._advance(slot, seq, int(row[1 + t]), row[1 + w + t], top)
+                if slot not in self._active:  # finished (EOS, a stop, the budget): the rest is past its end
+                    break
 
     def _advance(self, slot: int, seq: Sequence, tok: int, logp: float, top=None) -> None:
         r = seq.request

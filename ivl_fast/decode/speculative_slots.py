@@ -1,0 +1,263 @@
+"""SpeculativeSlots: a continuous batch decoded in speculative rounds (a server with a draft model).
+
+The rows are slots, as in :class:`~ivl_fast.decode.loop.DecodeLoop`'s continuous batches: a request is prefilled
+into a free slot between rounds (the base, the value network and the draft all read its prompt into that row;
+its first token comes from plain decoding's sampler), then every round drafts ``k`` tokens per live row and the
+base verifies them (:func:`~ivl_fast.decode.speculative.speculative_round`), so each row emits 1 to k + 1
+tokens per round; finished rows are rewound by the round and retired slots go back to position 0. Greedy rows
+emit exactly their tokens alone (the round's greedy acceptance is plain greedy decoding); sampled rows follow the
+plain sampling law (exact speculative sampling) from the batch's random stream.
+
+Per-request values: budgets, and with ``per_request=True`` every warper and penalty per row (greedy rows at
+temperature 0). Not here (refused naming the field): a per-request alpha other than the decoder's, per-request
+seeds with sampling, top alternatives; the round draws from one stream and combines with one alpha.
+
+Eager rounds; the host reads the round's flags and every row's column count once per round (one sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from ..ops._backend import pick_backend
+from ..sampling import SamplingParams
+from .buffers import DecodeBuffers
+from .inputs import pack_prompts
+from .model_set import ModelSet
+from .options import GenerationOptions
+from .slot_request import SlotRequest
+from .speculative import SpecConfig, SpecState, speculative_round
+from .step import StepConfig, emit, prefill_logits, sample
+from .stops import nonfinite_error
+
+
+class SpeculativeSlots:
+    """``slots`` requests of up to ``max_seq_len`` tokens each (prompt + new), drafted ``k`` at a time by
+    ``draft`` (+ the value network) and verified by the base."""
+
+    def __init__(
+        self,
+        models: ModelSet,
+        draft,
+        options: GenerationOptions,
+        *,
+        k: int,
+        slots: int,
+        max_seq_len: int,
+        per_request: bool = False,
+    ):
+        self.models, self.draft, self.opts, self.k = models, draft, options, k
+        self.rows = self.requests = slots
+        self.max_seq_len = max_seq_len
+        self.capacity = max_seq_len + k + 1  # a round reads up to k + 1 tokens past what a row keeps
+        self.backend = pick_backend(models.sample_backend, models.device)
+        cols = max_seq_len - 1 + k  # a round writes up to k + 1 columns past a row's last; the spare takes the rest
+        self.bufs = DecodeBuffers(slots, cols, models.sampled_vocab, models.device, self.backend)
+        self.request_sampling = options.sampling
+        self.per_request = per_request
+        sp = _row_sampling(self.bufs) if per_request else options.sampling
+        n_eos = len(options.eos_token_id)
+        self.first_cfg = StepConfig(sp, options.return_logprobs, self.backend, per_request, n_eos, slots=True)
+        self.cfg = SpecConfig(k, sp, options.return_logprobs, n_eos)
+        seed = options.seed or 0
+        if options.seed is None and not options.sampling.greedy:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        elif options.seed is None and per_request:
+            seed = int(torch.randint(0, 2**62, (1,)))  # requests may sample
+        self.state = SpecState.new(slots, models.device)
+        with torch.inference_mode():
+            self.bufs.reset(options.pad_token_id, int(seed))
+            self.eos = self.bufs.eos_buffer(options.eos_token_id)
+            for e in self.engines:
+                e.allocate(slots, self.capacity)
+                e.seq_lens.zero_()
+        # host mirror per slot: prompt length, tokens emitted (read after every round), budget
+        self.length: dict[int, int] = {}
+        self.emitted: dict[int, int] = {}
+        self.budget: dict[int, int] = {}
+        self.rounds = 0
+        self.prefill_s = 0.0
+
+    # what a server asks of a batch (DecodeLoop answers the same)
+    per_row_alpha = False
+    per_row_seeds = False
+    max_top_logprobs = 0
+    max_tokens_per_step = property(lambda self: self.k + 1)
+
+    @property
+    def engines(self) -> list:
+        return [*self.models.engines, self.draft]
+
+    def on_device(self):
+        dev = self.models.device
+        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ admission
+    def check_request(self, i: int, request) -> SlotRequest:
+        """``request`` (a :class:`SlotRequest` or its tuple) with the defaults filled in; ValueError naming
+        request ``i`` and the field a speculative batch cannot take."""
+        r = SlotRequest.of(request)
+        where = f"request {i}: " if i else ""
+        if r.sampling is not None and not self.per_request:
+            raise ValueError(f"{where}sampling per request needs a batch opened with per_request=True")
+        if r.alpha is not None and float(r.alpha) != self.models.alpha:
+            raise ValueError(
+                f"{where}alpha={r.alpha} differs from the decoder's {self.models.alpha}: speculative rounds combine "
+                "with one alpha"
+            )
+        sampling = r.sampling or self.request_sampling
+        if r.seed is not None and not sampling.greedy:
+            raise ValueError(f"{where}seed with sampling is not supported with a draft model (one random stream)")
+        if r.top_logprobs:
+            raise ValueError(f"{where}top_logprobs is not supported with a draft model")
+        budget = self.opts.max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= self.max_seq_len - 1:
+            raise ValueError(f"{where}max_new_tokens must be an integer in [1, {self.max_seq_len - 1}], got {budget!r}")
+        ids = r.prompt_ids
+        if not isinstance(ids, list | tuple) or not ids or len(ids) + budget > self.max_seq_len:
+            raise ValueError(
+                f"{where}a prompt of {len(ids)} tokens + max_new_tokens {budget} does not fit the batch's "
+                f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
+            )
+        return SlotRequest(ids, budget, sampling, self.models.alpha, None, 0)
+
+    def admit(self, prompt_ids, max_new_tokens=None, sampling=None, alpha=None) -> int:
+        return self.admit_many([SlotRequest(prompt_ids, max_new_tokens, sampling, alpha)])[0]
+
+    def admit_many(self, requests: list) -> list[int]:
+        """Prefill several requests into free slots with one prefill per model; -> their slots (first tokens
+        emitted)."""
+        free = [r for r in range(self.rows) if r not in self.length]
+        if len(requests) > len(free):
+            raise ValueError(f"{len(requests)} request(s) for {len(free)} free slot(s) of {self.rows}")
+        checked = [self.check_request(i, r) for i, r in enumerate(requests)]
+        if not checked:
+            return []
+        m, bufs, dev = self.models, self.bufs, self.models.device
+        prompt, mask = pack_prompts([list(c.prompt_ids) for c in checked], None, self.opts.pad_token_id, m.vocab_size)
+        prompt, mask = prompt.to(dev), mask.to(dev)
+        slots = free[: len(checked)]
+        rows = torch.tensor(slots, dtype=torch.int64, device=dev)
+        with torch.inference_mode(), self.on_device():
+            for i, c in enumerate(checked):
+                row = slice(i, i + 1)
+                bufs.admit(
+                    rows[row],
+                    c.max_new_tokens,
+                    c.sampling,
+                    prompt[row],
+                    mask[row],
+                    record_prompt=self.cfg.sampling.penalties_on,
+                )
+            t0 = time.perf_counter()
+            zb, zv = prefill_logits(m, prompt, mask, rows=rows)
+            self.draft.prefill(prompt, mask, rows=rows)  # its logits are unused: a round starts by reading [p, y]
+            lens = self.draft.seq_lens.clone()
+            lens.index_copy_(0, rows, mask.sum(1) - 1)  # p: the prompt's last token, read again with y
+            self.draft.rewind(lens)
+            self.state.prev.index_copy_(0, rows, prompt[:, -1])
+            self.prefill_s += time.perf_counter() - t0
+            zb, zv = (
+                None if z is None else z.new_zeros((self.rows, z.shape[1])).index_copy_(0, rows, z) for z in (zb, zv)
+            )
+            live = torch.zeros(self.rows, dtype=torch.bool, device=dev).index_fill_(0, rows, True)
+            emit(bufs, self.first_cfg, self.eos, *sample(m, bufs, self.first_cfg, zb, zv), live=live)
+        for s, length, c in zip(slots, mask.sum(1).tolist(), checked, strict=True):
+            self.length[s], self.emitted[s], self.budget[s] = int(length), 1, c.max_new_tokens
+        return slots
+
+    def retire(self, slot: int) -> None:
+        """Free ``slot`` between rounds: marked finished, every model's position back to 0."""
+        if slot not in self.length:
+            raise ValueError(f"slot {slot} holds no request")
+        with torch.inference_mode():
+            row = torch.tensor([slot], device=self.models.device)
+            self.bufs.retire(row)
+            for e in self.engines:
+                e.seq_lens.index_fill_(0, row, 0)
+        for d in (self.length, self.emitted, self.budget):
+            d.pop(slot)
+
+    # ------------------------------------------------------------------ rounds
+    def step(self) -> bool:
+        """One speculative round for every live slot, then the round's host read; -> True when every slot has
+        finished. NaN/inf in a row raises :class:`~ivl_fast.decode.stops.NonFiniteLogitsError` naming it."""
+        if not self.length:
+            raise ValueError("no request in the batch: admit one first")
+        hi = max(self.length) + 1  # free slots above every busy one are skipped
+        need = max(self.length[r] + self.emitted[r] for r in self.length) + self.k + 1
+        with torch.inference_mode(), self.on_device():
+            for e in self.engines:
+                e.kv.use_rows(hi)
+            try:
+                state = SpecState(self.state.prev[:hi], self.state.drafted, self.state.accepted)
+                bufs = self.bufs.head(hi)
+                cfg = self.cfg
+                if self.per_request:  # the round reads the per-row values of the rows it runs over
+                    cfg = SpecConfig(self.k, _row_sampling(bufs), cfg.return_logprobs, cfg.n_eos)
+                speculative_round(self.models, self.draft, bufs, cfg, self.eos, min(need, self.capacity), state)
+            finally:
+                for e in self.engines:
+                    e.kv.use_rows(self.rows)
+            self.rounds += 1
+            return self._sync()
+
+    def _sync(self) -> bool:
+        b = self.bufs
+        slots = sorted(self.length)
+        idx = torch.tensor(slots, device=b.steps.device)
+        read = torch.cat([b.steps[idx], b.bad[idx].to(torch.int64), b.finished[idx].to(torch.int64)]).tolist()
+        n = len(slots)
+        for s, e in zip(slots, read[:n], strict=True):
+            self.emitted[s] = int(e)
+        bad = [s for s, f in zip(slots, read[n : 2 * n], strict=True) if f]
+        if bad:
+            raise nonfinite_error(bad, self.rounds, self.rounds)
+        return all(read[2 * n :])
+
+    def tokens(self, slot: int) -> list[int]:
+        """The new tokens of ``slot`` so far (host sync)."""
+        if slot not in self.length:
+            raise ValueError(f"slot {slot} holds no request")
+        b = self.bufs
+        n = int(b.stop_step[slot]) + 1 if bool(b.finished[slot]) else int(b.steps[slot])
+        return b.out[slot, :n].tolist()
+
+    def is_finished(self, slot: int) -> bool:
+        return bool(self.bufs.finished[slot])
+
+    def timings(self) -> dict:
+        drafted, accepted = int(self.state.drafted), int(self.state.accepted)
+        return {
+            "rounds": self.rounds,
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+        }
+
+
+def _row_sampling(b: DecodeBuffers) -> SamplingParams:
+    """Every warper and penalty on, the values read from ``b``'s per-row buffers (greedy rows: temperature 0)."""
+    return SamplingParams.trusted(
+        True,
+        b.temperature,
+        b.top_k,
+        b.top_p,
+        b.min_p,
+        repetition_penalty=b.repetition_penalty,
+        presence_penalty=b.presence_penalty,
+        frequency_penalty=b.frequency_penalty,
+    )
+
+
+def check_slots(slots, max_seq_len, top: int) -> None:
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= top:
+        raise ValueError(f"max_seq_len must be an integer in [2, {top}], got {max_seq_len!r}")
+
+
+__all__ = ["SpeculativeSlots", "check_slots"]
