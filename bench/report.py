@@ -151,7 +151,12 @@ def benchmark_rows() -> list[str]:
                 f"`ivl-fast serve` under load: {c['clients']} concurrent streaming clients x "
                 f"{c['requests_per_client']} chat requests of {c['tokens_per_request']} tokens (greedy, EOS ignored, "
                 f"every answer checked against the decoder's) vs the same requests one at a time; the demo's large + "
-                f"value, {c['max_batch_size']} slots, --max-prefill-tokens {c['max_prefill_tokens']}",
+                f"value, {c['max_batch_size']} slots, --max-prefill-tokens {c['max_prefill_tokens']}"
+                + (
+                    f", --max-num-batched-tokens {c['max_num_batched_tokens']}"
+                    if c.get("max_num_batched_tokens")
+                    else ""
+                ),
                 sv,
                 f"one at a time {_range(seq['tokens_per_s'], '.0f', ' tokens/s')}, per token p50 "
                 f"{_range(seq['per_token_ms_p50'], '.1f', ' ms')}; concurrent "

@@ -8,7 +8,9 @@ time to first token and per-token latency (gaps between a stream's chunks) p50 /
         pytest -q -p no:cacheprovider bench/test_serve.py -s
 
 Bounded: IVL_SERVE_CLIENTS (default 64) clients x IVL_SERVE_REQUESTS (default 3) requests of IVL_SERVE_TOKENS (default
-32) tokens each (EOS ignored, so every answer has the same length), a 600 s limit.
+32) tokens each (EOS ignored, so every answer has the same length), a 600 s limit. The server's admission:
+IVL_SERVE_PREFILL_TOKENS (--max-prefill-tokens, default 256), IVL_SERVE_BATCHED_TOKENS (--max-num-batched-tokens,
+default unset).
 Goal (issue #17): >= 4x the one-at-a-time throughput at 64 clients, with per-token p99 <= 3x its p50.
 """
 
@@ -34,6 +36,8 @@ CLIENTS = int(os.environ.get("IVL_SERVE_CLIENTS", "64"))
 REQUESTS = int(os.environ.get("IVL_SERVE_REQUESTS", "3"))
 TOKENS = int(os.environ.get("IVL_SERVE_TOKENS", "32"))
 PREFILL = int(os.environ.get("IVL_SERVE_PREFILL_TOKENS", "256"))  # the server's --max-prefill-tokens
+# the server's --max-num-batched-tokens (unset: no per-step token bound, --max-prefill-tokens alone)
+BATCHED = int(os.environ["IVL_SERVE_BATCHED_TOKENS"]) if os.environ.get("IVL_SERVE_BATCHED_TOKENS") else None
 RUNS = int(os.environ.get("IVL_SERVE_RUNS", "3"))  # each run: the sequential pass, then the concurrent one
 
 
@@ -147,7 +151,7 @@ def test_serve_load_cpu(benchmark):
         "cpu",
         "--max-prefill-tokens",
         str(PREFILL),
-    ]
+    ] + ([] if BATCHED is None else ["--max-num-batched-tokens", str(BATCHED)])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -229,6 +233,7 @@ def test_serve_load_cpu(benchmark):
                 "tokens_per_request": TOKENS,
                 "max_batch_size": CLIENTS,
                 "max_prefill_tokens": PREFILL,
+                "max_num_batched_tokens": BATCHED,
                 "workload": "chat, greedy, EOS ignored, the demo's held-out questions",
             },
             "runs": per_run,

@@ -586,3 +586,51 @@ def test_logprobs_and_top_logprobs_in_openai_shape(served):
         srv, "/v1/chat/completions", {"model": "ivl", "messages": msgs, "logprobs": True, "top_logprobs": 21}
     )
     assert status == 400 and err["param"] == "top_logprobs"
+
+
+@pytest.mark.parametrize("budget", [None, 14])
+def test_max_num_batched_tokens_bounds_each_steps_tokens(pair, budget):
+    """--max-num-batched-tokens: one token per running row + the prompt tokens admitted before a step stay within
+    the budget (a request alone may exceed it: prompts are not split); without it a burst is admitted at once.
+    Every answer is still its own."""
+    import asyncio
+
+    from ivl_fast.sampling import SamplingParams
+    from ivl_fast.serve.scheduler import Finished, Scheduler, SequenceRequest
+
+    dec = FastIVLDecoder.from_pretrained(pair[2], pair[3])
+    sched = Scheduler(dec, max_batch_size=4, max_model_len=64, max_queue=8, max_num_batched_tokens=budget)
+    prompts = [dec.tokenizer(p)["input_ids"] for p in PROMPTS]
+    admitted = []
+    admit = sched.batch.admit_many
+
+    def spy(reqs):
+        admitted.append((sched.running, [len(r.prompt_ids) for r in reqs]))
+        return admit(reqs)
+
+    sched.batch.admit_many = spy
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        seqs = [sched.submit(SequenceRequest(p, 5, SamplingParams(False)), loop) for p in prompts]
+        sched.start()
+        out = []
+        for s in seqs:
+            toks = []
+            while not isinstance(ev := await s.events.get(), Finished):
+                toks += ev.token_ids
+            out.append(toks)
+        return out
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        sched.shutdown(timeout=5)
+    want = [dec.generate([p], max_new_tokens=5, eos_token_id=[]).sequences[0, len(p) :].tolist() for p in prompts]
+    assert got == want
+    if budget is None:
+        assert admitted[0][1] == [len(p) for p in prompts[:4]]  # the burst at once (4 slots)
+    else:
+        assert len(admitted) > 2
+        for running, lens in admitted:
+            assert len(lens) == 1 or running + sum(lens) <= budget, admitted

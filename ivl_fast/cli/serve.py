@@ -37,6 +37,15 @@ def add_parser(sub) -> None:
         metavar="N",
         help="prompt tokens admitted between two decode steps at most (bounds the stall a burst of arrivals causes)",
     )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens one step processes at most: one per running sequence + the prompt tokens admitted before it "
+        "(at least one request while a slot is free), so every step costs about the same and streams stay even "
+        "(default: no such bound, --max-prefill-tokens only)",
+    )
     s.set_defaults(func=run)
 
 
@@ -52,6 +61,8 @@ def load(args):
         ("--max-batch-size", args.max_batch_size, 1),
         ("--max-queue", args.max_queue, 1),
         ("--port", args.port, 0),
+        ("--max-prefill-tokens", args.max_prefill_tokens, 1),
+        ("--max-num-batched-tokens", args.max_num_batched_tokens or 1, 1),
     ):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
@@ -78,6 +89,7 @@ def load(args):
         max_model_len=max_len,
         max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         metrics=Metrics(),
     )
     return sched, build_app(sched, served_model_name=name, api_key=args.api_key)

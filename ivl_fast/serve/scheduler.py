@@ -104,7 +104,11 @@ class Scheduler:
     """Owns the decoder's continuous batch. ``max_batch_size`` slots of ``max_model_len`` tokens each (prompt +
     new); ``max_queue`` waiting sequences at most; ``max_prefill_tokens``: prompt tokens admitted between two steps
     at most (at least one request), so that a burst of arrivals stalls the running streams for a bounded time;
-    ``metrics``: a :class:`~ivl_fast.serve.metrics.Metrics`."""
+    ``max_num_batched_tokens`` (vLLM's name): tokens a step processes at most, one per running row plus the prompt
+    tokens admitted before it (at least one request while a slot is free), so that every step costs about the
+    same and the running streams' per-token latency stays even (prompts are not split: one longer than the budget
+    is admitted alone); None: only ``max_prefill_tokens`` bounds admission; ``max_top_logprobs``: the most top
+    alternatives a request may ask for; ``metrics``: a :class:`~ivl_fast.serve.metrics.Metrics`."""
 
     def __init__(
         self,
@@ -114,12 +118,13 @@ class Scheduler:
         max_model_len: int,
         max_queue: int,
         max_prefill_tokens: int = 256,
+        max_num_batched_tokens: int | None = None,
         max_top_logprobs: int = 20,
         metrics=None,
     ):
         self.dec, self.tokenizer = decoder, decoder.tokenizer
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens, self.max_num_batched_tokens = max_prefill_tokens, max_num_batched_tokens
         self._held: Sequence | None = None  # taken from the queue, over this step's prefill budget
         self.metrics = metrics
         self.eos = frozenset(decoder.options().eos_token_id)
@@ -205,12 +210,15 @@ class Scheduler:
         room = self.max_batch_size - len(self._active)
         take: list[Sequence] = []
         tokens = 0
+        budget = self.max_prefill_tokens
+        if self.max_num_batched_tokens is not None:  # the step's tokens: one per running row + the prompts admitted
+            budget = min(budget, self.max_num_batched_tokens - len(self._active))
         while len(take) < room and (self._held is not None or not self._waiting.empty()):
             seq, self._held = (self._held, None) if self._held is not None else (self._waiting.get_nowait(), None)
             if seq.cancelled.is_set():
                 continue
             n = len(seq.request.prompt_ids)
-            if take and tokens + n > self.max_prefill_tokens:
+            if take and tokens + n > budget:
                 self._held = seq  # first in line for the next step
                 break
             take.append(seq)
