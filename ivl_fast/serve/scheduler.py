@@ -96,8 +96,32 @@ class Sequence:
         self.cancelled.set()
 
     def emit(self, event) -> None:
-        """Hand an event to the HTTP side (called from the worker thread)."""
+        """Hand an event to the HTTP side now (called from the worker thread; rounds batch theirs: Outbox)."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Outbox:
+    """The events of one worker iteration, handed to each event loop with one ``call_soon_threadsafe``: a round
+    of 64 streams wakes the HTTP side once instead of 64 times (fewer GIL hand-overs between the two threads)."""
+
+    def __init__(self):
+        self._by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def post(self, seq: Sequence, event) -> None:
+        self._by_loop.setdefault(seq.loop, []).append((seq.events, event))
+
+    def flush(self) -> None:
+        for loop, items in self._by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed (its clients are gone)
+                pass
+        self._by_loop = {}
+
+
+def _deliver(items) -> None:
+    for q, event in items:
+        q.put_nowait(event)
 
 
 class Scheduler:
@@ -146,6 +170,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ivl-fast-scheduler", daemon=True)
+        self._out = Outbox()
         self.steps = 0
 
     # ------------------------------------------------------------------ the HTTP side
@@ -192,8 +217,11 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001  (a bug must not kill the server silently: fail what runs)
                     for slot in list(self._active):
                         self._fail(slot, e)
+                finally:
+                    self._out.flush()
             for slot in list(self._active):
                 self._fail(slot, RuntimeError("the server is shutting down"))
+            self._out.flush()
             if self._held is not None:
                 self._held.emit(Failed(RuntimeError("the server is shutting down")))
             while not self._waiting.empty():
@@ -229,7 +257,7 @@ class Scheduler:
                 self.batch.check_request(0, seq.request.slot_request())
                 ok.append(seq)
             except ValueError as e:
-                seq.emit(Failed(e))
+                self._out.post(seq, Failed(e))
         if ok:
             reqs = [s.request.slot_request() for s in ok]
             for seq, slot in zip(ok, self.batch.admit_many(reqs), strict=True):
@@ -325,20 +353,20 @@ class Scheduler:
         new_tokens, new_lps = seq.tokens[seq.sent_tokens :], seq.logprobs[seq.sent_tokens :]
         new_top = seq.top[seq.sent_tokens :]
         seq.sent_tokens = len(seq.tokens)
-        seq.emit(Delta(text[seq.sent_chars : upto], new_tokens, new_lps, new_top))
+        self._out.post(seq, Delta(text[seq.sent_chars : upto], new_tokens, new_lps, new_top))
         seq.sent_chars = max(seq.sent_chars, upto)
 
     def _finish(self, slot: int, seq: Sequence, reason: str, flush: bool = False) -> None:
         if flush:
             text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
             self._send(seq, text, final=True)
-        seq.emit(Finished(reason, len(seq.tokens) + (1 if reason == "stop" and flush else 0)))
+        self._out.post(seq, Finished(reason, len(seq.tokens) + (1 if reason == "stop" and flush else 0)))
         self._release(slot)
 
     def _fail(self, slot: int, error: Exception) -> None:
         seq = self._active.get(slot)
         if seq is not None:
-            seq.emit(Failed(error))
+            self._out.post(seq, Failed(error))
         self._release(slot)
 
     def _release(self, slot: int) -> None:
