@@ -144,31 +144,31 @@ def benchmark_rows() -> list[str]:
     if sp := _load("speculative_cpu.json"):
         rows.append(_row(*_speculative_row(sp), "speculative_cpu.json"))
     if sv := _load("serve_cpu.json"):
-        c, su = sv["config"], sv["summary"]
-        seq, con = su["sequential"], su["concurrent"]
-        rows.append(
-            _row(
-                f"`ivl-fast serve` under load: {c['clients']} concurrent streaming clients x "
-                f"{c['requests_per_client']} chat requests of {c['tokens_per_request']} tokens (greedy, EOS ignored, "
-                f"every answer checked against the decoder's) vs the same requests one at a time; the demo's large + "
-                f"value, {c['max_batch_size']} slots, --max-prefill-tokens {c['max_prefill_tokens']}"
-                + (
-                    f", --max-num-batched-tokens {c['max_num_batched_tokens']}"
-                    if c.get("max_num_batched_tokens")
-                    else ""
-                ),
-                sv,
-                f"one at a time {_range(seq['tokens_per_s'], '.0f', ' tokens/s')}, per token p50 "
-                f"{_range(seq['per_token_ms_p50'], '.1f', ' ms')}; concurrent "
-                f"{_range(con['tokens_per_s'], '.0f', ' tokens/s')}: **{_range(sv['throughput_ratio'], '.1f', 'x')}** "
-                f"the throughput; time to first token p50 {_range(con['ttft_ms_p50'], '.0f', ' ms')}, p99 "
-                f"{_range(con['ttft_ms_p99'], '.0f', ' ms')}; per token p50 "
-                f"{_range(con['per_token_ms_p50'], '.1f', ' ms')}, p99 "
-                f"{_range(con['per_token_ms_p99'], '.1f', ' ms')}: "
-                f"p99/p50 **{_range(sv['per_token_p99_over_p50'], '.2f', '')}**",
-                "serve_cpu.json",
+        c = sv["config"]
+        for st in sv["settings"]:
+            su = st["summary"]
+            seq, con = su["sequential"], su["concurrent"]
+            b = st["max_num_batched_tokens"]
+            rows.append(
+                _row(
+                    f"`ivl-fast serve` under load: {c['clients']} concurrent streaming clients x "
+                    f"{c['requests_per_client']} chat requests of {c['tokens_per_request']} tokens (greedy, EOS "
+                    f"ignored, every answer checked against the decoder's) vs the same requests one at a time; the "
+                    f"demo's large + value, {c['max_batch_size']} slots, --max-prefill-tokens "
+                    f"{c['max_prefill_tokens']}, "
+                    + (f"--max-num-batched-tokens {b}" if b is not None else "no --max-num-batched-tokens"),
+                    sv,
+                    f"one at a time {_range(seq['tokens_per_s'], '.0f', ' tokens/s')}, per token p50 "
+                    f"{_range(seq['per_token_ms_p50'], '.1f', ' ms')}; concurrent "
+                    f"{_range(con['tokens_per_s'], '.0f', ' tokens/s')}: **{_range(st['throughput_ratio'], '.1f', 'x')}"
+                    f"** the throughput; time to first token p50 {_range(con['ttft_ms_p50'], '.0f', ' ms')}, p99 "
+                    f"{_range(con['ttft_ms_p99'], '.0f', ' ms')}; per token p50 "
+                    f"{_range(con['per_token_ms_p50'], '.1f', ' ms')}, p99 "
+                    f"{_range(con['per_token_ms_p99'], '.1f', ' ms')}: "
+                    f"p99/p50 **{_range(st['per_token_p99_over_p50'], '.2f', '')}**",
+                    "serve_cpu.json",
+                )
             )
-        )
     return rows
 
 

@@ -9,8 +9,8 @@ time to first token and per-token latency (gaps between a stream's chunks) p50 /
 
 Bounded: IVL_SERVE_CLIENTS (default 64) clients x IVL_SERVE_REQUESTS (default 3) requests of IVL_SERVE_TOKENS (default
 32) tokens each (EOS ignored, so every answer has the same length), a 600 s limit. The server's admission:
-IVL_SERVE_PREFILL_TOKENS (--max-prefill-tokens, default 256), IVL_SERVE_BATCHED_TOKENS (--max-num-batched-tokens,
-default unset).
+IVL_SERVE_PREFILL_TOKENS (--max-prefill-tokens, default 256), IVL_SERVE_BATCHED_TOKENS (a comma list of
+--max-num-batched-tokens settings, each measured with its own server: default "none,80").
 Goal (issue #17): >= 4x the one-at-a-time throughput at 64 clients, with per-token p99 <= 3x its p50.
 """
 
@@ -36,8 +36,11 @@ CLIENTS = int(os.environ.get("IVL_SERVE_CLIENTS", "64"))
 REQUESTS = int(os.environ.get("IVL_SERVE_REQUESTS", "3"))
 TOKENS = int(os.environ.get("IVL_SERVE_TOKENS", "32"))
 PREFILL = int(os.environ.get("IVL_SERVE_PREFILL_TOKENS", "256"))  # the server's --max-prefill-tokens
-# the server's --max-num-batched-tokens (unset: no per-step token bound, --max-prefill-tokens alone)
-BATCHED = int(os.environ["IVL_SERVE_BATCHED_TOKENS"]) if os.environ.get("IVL_SERVE_BATCHED_TOKENS") else None
+# the server's --max-num-batched-tokens settings measured one after the other ("none": no per-step token bound,
+# --max-prefill-tokens alone)
+BATCHED = [
+    None if b.strip() == "none" else int(b) for b in os.environ.get("IVL_SERVE_BATCHED_TOKENS", "none,80").split(",")
+]
 RUNS = int(os.environ.get("IVL_SERVE_RUNS", "3"))  # each run: the sequential pass, then the concurrent one
 
 
@@ -116,17 +119,7 @@ def _stats(results: list[dict], wall: float, tokenizer) -> dict:
     }
 
 
-def test_serve_load_cpu(benchmark):
-    from ivl_fast import FastIVLDecoder
-
-    work = _demo_dir()
-    questions = _questions()
-    jobs = [[questions[(c * REQUESTS + i) % len(questions)] for i in range(REQUESTS)] for c in range(CLIENTS)]
-    dec = FastIVLDecoder.from_pretrained(work / "large", work / "value", device="cpu")
-    want = {
-        q: dec.generate_text([{"role": "user", "content": q}], chat=True, max_new_tokens=TOKENS, eos_token_id=[])
-        for q in {q for qs in jobs for q in qs}
-    }
+def _start_server(work: Path, batched: int | None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -151,60 +144,34 @@ def test_serve_load_cpu(benchmark):
         "cpu",
         "--max-prefill-tokens",
         str(PREFILL),
-    ] + ([] if BATCHED is None else ["--max-num-batched-tokens", str(BATCHED)])
+    ] + ([] if batched is None else ["--max-num-batched-tokens", str(batched)])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
-        asyncio.run(_run(url, [[questions[0]]] * 4))  # warm-up
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.2)
 
-        def both():
-            flat = [q for qs in jobs for q in qs]
-            for _ in range(RUNS):
-                runs.append(
-                    {
-                        "sequential": asyncio.run(_run(url, [flat])),  # one client: one request at a time
-                        "concurrent": asyncio.run(_run(url, jobs)),
-                    }
-                )
 
-        runs: list[dict] = []
-        benchmark.pedantic(both, rounds=1, iterations=1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    per_run = []
-    for run in runs:
-        figures = {}
-        for name, (results, wall) in run.items():
-            assert len(results) == CLIENTS * REQUESTS
-            wrong = [r["question"] for r in results if r["text"] != want[r["question"]]]
-            assert not wrong, f"{name}: {len(wrong)} answers differ from the decoder's, e.g. {wrong[:3]}"
-            figures[name] = _stats(results, wall, dec.tokenizer)
-        seq, con = figures["sequential"], figures["concurrent"]
-        figures["throughput_ratio"] = con["tokens_per_s"] / seq["tokens_per_s"]
-        figures["per_token_p99_over_p50"] = con["per_token_ms"]["p99"] / con["per_token_ms"]["p50"]
-        per_run.append(figures)
-        for name in ("sequential", "concurrent"):
-            f = figures[name]
-            print(
-                f"\n{name:>10}: {f['requests']} requests, {f['tokens_per_s']:.0f} tokens/s, ttft p50 "
-                f"{f['ttft_ms']['p50']:.1f} ms p99 {f['ttft_ms']['p99']:.1f} ms, per token p50 "
-                f"{f['per_token_ms']['p50']:.2f} ms p99 {f['per_token_ms']['p99']:.2f} ms"
-            )
-        print(
-            f"concurrent / sequential throughput {figures['throughput_ratio']:.2f}x; per-token p99 / p50 "
-            f"{figures['per_token_p99_over_p50']:.2f}"
-        )
+def _figures(run: dict, want: dict, tokenizer) -> dict:
+    figures = {}
+    for name, (results, wall) in run.items():
+        assert len(results) == CLIENTS * REQUESTS
+        wrong = [r["question"] for r in results if r["text"] != want[r["question"]]]
+        assert not wrong, f"{name}: {len(wrong)} answers differ from the decoder's, e.g. {wrong[:3]}"
+        figures[name] = _stats(results, wall, tokenizer)
+    seq, con = figures["sequential"], figures["concurrent"]
+    figures["throughput_ratio"] = con["tokens_per_s"] / seq["tokens_per_s"]
+    figures["per_token_p99_over_p50"] = con["per_token_ms"]["p99"] / con["per_token_ms"]["p50"]
+    return figures
 
+
+def _summary(per_run: list[dict]) -> dict:
     def over_runs(*path):
         vals = []
         for f in per_run:
@@ -213,16 +180,64 @@ def test_serve_load_cpu(benchmark):
             vals.append(f)
         return spread(vals)
 
-    summary = {
-        name: {
-            "tokens_per_s": over_runs(name, "tokens_per_s"),
-            "ttft_ms_p50": over_runs(name, "ttft_ms", "p50"),
-            "ttft_ms_p99": over_runs(name, "ttft_ms", "p99"),
-            "per_token_ms_p50": over_runs(name, "per_token_ms", "p50"),
-            "per_token_ms_p99": over_runs(name, "per_token_ms", "p99"),
-        }
-        for name in ("sequential", "concurrent")
+    return {
+        "runs": per_run,
+        "summary": {
+            name: {
+                "tokens_per_s": over_runs(name, "tokens_per_s"),
+                "ttft_ms_p50": over_runs(name, "ttft_ms", "p50"),
+                "ttft_ms_p99": over_runs(name, "ttft_ms", "p99"),
+                "per_token_ms_p50": over_runs(name, "per_token_ms", "p50"),
+                "per_token_ms_p99": over_runs(name, "per_token_ms", "p99"),
+            }
+            for name in ("sequential", "concurrent")
+        },
+        "throughput_ratio": over_runs("throughput_ratio"),
+        "per_token_p99_over_p50": over_runs("per_token_p99_over_p50"),
     }
+
+
+def test_serve_load_cpu(benchmark):
+    from ivl_fast import FastIVLDecoder
+
+    work = _demo_dir()
+    questions = _questions()
+    jobs = [[questions[(c * REQUESTS + i) % len(questions)] for i in range(REQUESTS)] for c in range(CLIENTS)]
+    flat = [q for qs in jobs for q in qs]
+    dec = FastIVLDecoder.from_pretrained(work / "large", work / "value", device="cpu")
+    want = {
+        q: dec.generate_text([{"role": "user", "content": q}], chat=True, max_new_tokens=TOKENS, eos_token_id=[])
+        for q in set(flat)
+    }
+    settings: list[dict] = []
+
+    def measure_all():
+        for batched in BATCHED:
+            proc, url = _start_server(work, batched)
+            try:
+                asyncio.run(_run(url, [[questions[0]]] * 4))  # warm-up
+                runs = []
+                for _ in range(RUNS):
+                    run = {
+                        "sequential": asyncio.run(_run(url, [flat])),  # one client: one request at a time
+                        "concurrent": asyncio.run(_run(url, jobs)),
+                    }
+                    runs.append(_figures(run, want, dec.tokenizer))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            for f in runs:
+                s_, c_ = f["sequential"], f["concurrent"]
+                print(
+                    f"\n--max-num-batched-tokens {batched}: one at a time {s_['tokens_per_s']:.0f} tokens/s, "
+                    f"concurrent {c_['tokens_per_s']:.0f} tokens/s ({f['throughput_ratio']:.2f}x), ttft p50 "
+                    f"{c_['ttft_ms']['p50']:.1f} ms p99 {c_['ttft_ms']['p99']:.1f} ms, per token p50 "
+                    f"{c_['per_token_ms']['p50']:.2f} ms p99 {c_['per_token_ms']['p99']:.2f} ms "
+                    f"(p99/p50 {f['per_token_p99_over_p50']:.2f})"
+                )
+            settings.append({"max_num_batched_tokens": batched, **_summary(runs)})
+
+    benchmark.pedantic(measure_all, rounds=1, iterations=1)
     save_results(
         {
             "benchmark": "ivl-fast serve under load: concurrent streaming clients vs one request at a time",
@@ -233,13 +248,10 @@ def test_serve_load_cpu(benchmark):
                 "tokens_per_request": TOKENS,
                 "max_batch_size": CLIENTS,
                 "max_prefill_tokens": PREFILL,
-                "max_num_batched_tokens": BATCHED,
                 "workload": "chat, greedy, EOS ignored, the demo's held-out questions",
+                "server_and_clients": "two processes on the same machine, loopback",
             },
-            "runs": per_run,
-            "summary": summary,
-            "throughput_ratio": over_runs("throughput_ratio"),
-            "per_token_p99_over_p50": over_runs("per_token_p99_over_p50"),
+            "settings": settings,
             "every_answer_checked": True,
         }
     )
