@@ -322,8 +322,10 @@ def test_a_continuous_speculative_batch_decodes_each_greedy_request_as_alone(mod
     assert batch.timings()["accepted"] > 0
     with pytest.raises(ValueError, match="top_logprobs is not supported with a draft model"):
         dec.open_batch(slots=1, max_seq_len=40, top_logprobs=2)
-    with pytest.raises(ValueError, match="alpha=0.5 differs"):
+    with pytest.raises(ValueError, match="per_request=True"):
         batch.admit(PROMPTS[0], 3, alpha=0.5)
+    with pytest.raises(ValueError, match="alpha=0.5 differs from the decoder's 1.0: speculative rounds combine"):
+        dec.open_batch(slots=1, max_seq_len=40, per_request=True).admit(PROMPTS[0], 3, alpha=0.5)
 
 
 def test_per_request_values_in_a_speculative_batch_follow_plain_sampling(models):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Iterator
 
@@ -26,11 +25,12 @@ from ..ops._backend import pick_backend
 from ..sampling import SamplingParams
 from .buffers import DecodeBuffers
 from .cross_vocab import Retokenizer
+from .cross_vocab_feed import CrossVocabFeed
 from .graph_cache import GraphCache, capture_step
-from .inputs import left_pad, pack_prompts
+from .inputs import pack_prompts
 from .model_set import ModelSet
 from .options import GenerationOptions
-from .slot_request import INT64_MAX, INT64_MIN, SlotRequest
+from .slot_request import SlotRequest, check_slot_request
 from .step import StepConfig, decode_step, emit, prefill_logits, sample
 from .stops import StopStringScanner, cut_at_stop_strings, nonfinite_error
 
@@ -159,13 +159,8 @@ class DecodeLoop:
                     with torch.inference_mode():
                         e.seq_lens.zero_()
             return
-        m.value.allocate(self.rows, self.capacity)
-        # base tokens per value token vary; give the base room for a few per step, within its context (it grows
-        # on demand: _cross_vocab_logits, _cross_vocab_prefill)
-        n = self.bufs.cols
-        room = 2 * self.max_seq_len + 16 if self.cfg.slots else self.retok.longest() + 4 * n + 16
-        m.base.allocate(self.rows, min(m.base.max_context, room))
-        self._zb = None  # [rows, V_base] the base's latest logits per row
+        self.feed = CrossVocabFeed(m, self.retok, self.rows)
+        self.feed.allocate(self.capacity, self.max_seq_len, self.bufs.cols, self.cfg.slots)
 
     def start(self, prompt: torch.Tensor, mask: torch.Tensor) -> None:
         """Admit a batch of left-padded prompts [b, T] into slots 0..b-1 (one prefill) and emit their first tokens."""
@@ -225,41 +220,23 @@ class DecodeLoop:
     def check_request(self, i: int, request) -> SlotRequest:
         """``request`` (a :class:`SlotRequest` or its tuple) -> the SlotRequest with the defaults filled in;
         ValueError naming request ``i``."""
-        r = SlotRequest.of(request)
-        where = f"request {i}: " if i else ""
-        if (r.sampling is not None or r.alpha is not None or r.seed is not None) and not self.per_request:
-            raise ValueError(f"{where}sampling, alpha or seed per request needs a batch opened with per_request=True")
-        alpha = r.alpha
-        if alpha is not None:
-            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-                raise ValueError(f"{where}alpha must be a finite number, got {alpha!r}")
-            if not self.cfg.row_alpha and float(alpha) != self.models.alpha:
-                raise ValueError(
-                    f"{where}alpha={alpha} differs from the decoder's {self.models.alpha}: a per-request alpha needs "
-                    "the torch sampler (sample_backend='torch'); the fused kernel takes one alpha per batch"
-                )
-        seed = r.seed
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int) or not INT64_MIN <= seed <= INT64_MAX
-        ):
-            raise ValueError(f"{where}seed must be an integer in [-2^63, 2^63), got {seed!r}")
-        top = r.top_logprobs
-        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= self.cfg.top_logprobs:
-            raise ValueError(
-                f"{where}top_logprobs must be an integer in [0, {self.cfg.top_logprobs}] (the batch's top_logprobs), "
-                f"got {top!r}"
-            )
-        budget = self.opts.max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= self.bufs.cols:
-            raise ValueError(f"{where}max_new_tokens must be an integer in [1, {self.bufs.cols}], got {budget!r}")
-        prompt_ids = r.prompt_ids
-        if not isinstance(prompt_ids, list | tuple) or not prompt_ids or len(prompt_ids) + budget > self.max_seq_len:
-            raise ValueError(
-                f"{where}a prompt of {len(prompt_ids)} tokens + max_new_tokens {budget} does not fit the batch's "
-                f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
-            )
-        a = self.models.alpha if alpha is None else float(alpha)
-        return SlotRequest(prompt_ids, budget, r.sampling or self.request_sampling, a, seed, top, r.text)
+        return check_slot_request(
+            request,
+            i,
+            per_request=self.per_request,
+            alpha=self.models.alpha,
+            alpha_why=None
+            if self.cfg.row_alpha
+            else "a per-request alpha needs the torch sampler (sample_backend='torch'); the fused kernel takes one "
+            "alpha per batch",
+            seed_why=None,
+            max_top_logprobs=self.cfg.top_logprobs,
+            top_why="by this batch (open it with top_logprobs=K)",
+            default_budget=self.opts.max_new_tokens,
+            max_budget=self.bufs.cols,
+            max_seq_len=self.max_seq_len,
+            default_sampling=self.request_sampling,
+        )
 
     def retire(self, slot: int) -> None:
         """Free ``slot`` (finished or not) between rounds; the other rows are untouched."""
@@ -303,7 +280,9 @@ class DecodeLoop:
                         self.top[slots[i]] = r.top_logprobs
             t0 = time.perf_counter()
             if self.retok is not None:
-                zb, zv = self._cross_vocab_prefill(prompt, mask, rows_t if self.cfg.slots else None)
+                zb, zv, grew = self.feed.prefill(prompt, mask, rows_t if self.cfg.slots else None)
+                if grew:  # our own growth, not another run taking the caches
+                    self._cache_state = self._cache_token()
             else:
                 zb, zv = prefill_logits(m, prompt, mask, rows=None if whole else rows_t)
             self.prefill_s += time.perf_counter() - t0
@@ -352,7 +331,9 @@ class DecodeLoop:
     def _eager_round(self) -> None:
         m, bufs = self.models, self.bufs
         if self.retok is not None:
-            zb, zv = self._cross_vocab_logits(bufs.ids)
+            zb, zv, grew = self.feed.step(bufs.ids, bufs.finished, self.cfg.slots)
+            if grew and self._cache_state is not None:  # our own growth, not another run taking the caches
+                self._cache_state = self._cache_token()
             cfg = self._round_cfg()
             emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv))
         else:
@@ -512,48 +493,6 @@ class DecodeLoop:
     def _check_stop_strings(self) -> None:
         emitted = {r: self._emitted(r) for r in self.length}
         cut_at_stop_strings(self.bufs, self.stops, self.checked, emitted, self.opts.pad_token_id)
-
-    # ------------------------------------------------------------------ across vocabularies
-    def _cross_vocab_prefill(self, prompt, mask, rows: torch.Tensor | None = None):
-        """(z_base, z_value) of the prompts [n, T]: the base reads their base contexts. ``rows`` [n]: the slots
-        they go to (a continuous batch; default: every row, start())."""
-        m, rt = self.models, self.retok
-        vb = m.vocab_map.v_base
-        if rows is None:
-            bids, bmask = left_pad(rt.base_ctx, rt.base_tokenizer.pad_token_id or 0)
-            self._zb = m.base.prefill(bids.to(m.device), bmask.to(m.device))[:, :vb]
-            return self._zb, m.value.prefill(prompt, mask)[:, : m.vocab_map.v_value]
-        bids, bmask = left_pad([rt.base_ctx[r] for r in rows.tolist()], rt.base_tokenizer.pad_token_id or 0)
-        if bids.shape[1] + 1 > m.base.max_seq_len:  # a longer base prompt than planned: grow, within the context
-            m.base.grow(min(m.base.max_context, max(bids.shape[1] + 1, 2 * m.base.max_seq_len)))
-            self._cache_state = self._cache_token()
-        zb = m.base.prefill(bids.to(m.device), bmask.to(m.device), rows=rows)[:, :vb]
-        if self._zb is None:
-            self._zb = zb.new_zeros((self.rows, vb))
-        self._zb.index_copy_(0, rows, zb)
-        return zb, m.value.prefill(prompt, mask, rows=rows)[:, : m.vocab_map.v_value]
-
-    def _cross_vocab_logits(self, ids: torch.Tensor):
-        """Feed the value its token, then the base the re-tokenized suffix of each row (rows in lock step)."""
-        m, rt = self.models, self.retok
-        base = m.base
-        active = ~self.bufs.finished if self.cfg.slots else None  # free slots and finished rows stay put
-        zv = m.value.decode(ids, active=active)[:, : m.vocab_map.v_value]
-        keep, feed = rt.advance(ids.tolist(), self.bufs.finished.tolist())  # host sync: re-tokenizing is host work
-        need = rt.longest() + 1  # + a free column for idle rows' writes
-        if need > base.max_seq_len:  # more base tokens per value token than planned: grow, up to the context
-            base.grow(min(base.max_context, max(need, 2 * base.max_seq_len)))
-            if self._cache_state is not None:  # our own growth, not another run taking the caches
-                self._cache_state = self._cache_token()
-        base.rewind(torch.tensor(keep))
-        zb = self._zb
-        for j in range(max((len(f) for f in feed), default=0)):
-            col = torch.tensor([f[j] if j < len(f) else 0 for f in feed], device=m.device)
-            act = torch.tensor([j < len(f) for f in feed], device=m.device)
-            out = base.decode(col, active=act)[:, : m.vocab_map.v_base]
-            zb = torch.where(act[:, None], out, zb)
-        self._zb = zb
-        return zb, zv
 
 
 __all__ = ["DecodeLoop"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..sampling import SamplingParams
@@ -32,4 +33,62 @@ class SlotRequest:
         return request if isinstance(request, SlotRequest) else cls(*request)
 
 
-__all__ = ["SlotRequest"]
+def check_slot_request(
+    request,
+    i: int,
+    *,
+    per_request: bool,
+    alpha: float,
+    alpha_why: str | None,
+    seed_why: str | None,
+    max_top_logprobs: int,
+    top_why: str,
+    default_budget: int,
+    max_budget: int,
+    max_seq_len: int,
+    default_sampling: SamplingParams,
+) -> SlotRequest:
+    """``request`` (a :class:`SlotRequest` or its tuple) checked against a batch -> the SlotRequest with the
+    defaults filled in (budget, sampling, alpha); ValueError naming request ``i`` and the field.
+
+    alpha: the decoder's; alpha_why: why an alpha other than it is refused (None: any alpha per row); seed_why:
+    why a seed on a sampled request is refused (None: seeds per row); top_why: why top alternatives are refused
+    when ``max_top_logprobs`` is 0."""
+    r = SlotRequest.of(request)
+    where = f"request {i}: " if i else ""
+    if (r.sampling is not None or r.alpha is not None or r.seed is not None) and not per_request:
+        raise ValueError(f"{where}sampling, alpha or seed per request needs a batch opened with per_request=True")
+    a = r.alpha
+    if a is not None:
+        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a):
+            raise ValueError(f"{where}alpha must be a finite number, got {a!r}")
+        if alpha_why is not None and float(a) != alpha:
+            raise ValueError(f"{where}alpha={a} differs from the decoder's {alpha}: {alpha_why}")
+    sampling = r.sampling or default_sampling
+    seed = r.seed
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not INT64_MIN <= seed <= INT64_MAX:
+            raise ValueError(f"{where}seed must be an integer in [-2^63, 2^63), got {seed!r}")
+        if seed_why is not None and not sampling.greedy:
+            raise ValueError(f"{where}seed with sampling is not supported {seed_why}")
+    top = r.top_logprobs
+    if top and not max_top_logprobs:
+        raise ValueError(f"{where}top_logprobs is not supported {top_why}")
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= max_top_logprobs:
+        raise ValueError(
+            f"{where}top_logprobs must be an integer in [0, {max_top_logprobs}] (the batch's top_logprobs), got {top!r}"
+        )
+    budget = default_budget if r.max_new_tokens is None else r.max_new_tokens
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= max_budget:
+        raise ValueError(f"{where}max_new_tokens must be an integer in [1, {max_budget}], got {budget!r}")
+    ids = r.prompt_ids
+    if not isinstance(ids, list | tuple) or not ids or len(ids) + budget > max_seq_len:
+        raise ValueError(
+            f"{where}a prompt of {len(ids)} tokens + max_new_tokens {budget} does not fit the batch's max_seq_len of "
+            f"{max_seq_len} (and a prompt needs at least one token)"
+        )
+    a = alpha if a is None else float(a)
+    return SlotRequest(ids, budget, sampling, a, seed, top, r.text)
+
+
+__all__ = ["SlotRequest", "check_slot_request"]

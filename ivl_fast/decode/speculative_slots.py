@@ -28,7 +28,7 @@ from .buffers import DecodeBuffers
 from .inputs import pack_prompts
 from .model_set import ModelSet
 from .options import GenerationOptions
-from .slot_request import SlotRequest
+from .slot_request import SlotRequest, check_slot_request
 from .speculative import SpecConfig, SpecState, speculative_round
 from .step import StepConfig, emit, prefill_logits, sample
 from .stops import nonfinite_error
@@ -99,30 +99,20 @@ class SpeculativeSlots:
     def check_request(self, i: int, request) -> SlotRequest:
         """``request`` (a :class:`SlotRequest` or its tuple) with the defaults filled in; ValueError naming
         request ``i`` and the field a speculative batch cannot take."""
-        r = SlotRequest.of(request)
-        where = f"request {i}: " if i else ""
-        if r.sampling is not None and not self.per_request:
-            raise ValueError(f"{where}sampling per request needs a batch opened with per_request=True")
-        if r.alpha is not None and float(r.alpha) != self.models.alpha:
-            raise ValueError(
-                f"{where}alpha={r.alpha} differs from the decoder's {self.models.alpha}: speculative rounds combine "
-                "with one alpha"
-            )
-        sampling = r.sampling or self.request_sampling
-        if r.seed is not None and not sampling.greedy:
-            raise ValueError(f"{where}seed with sampling is not supported with a draft model (one random stream)")
-        if r.top_logprobs:
-            raise ValueError(f"{where}top_logprobs is not supported with a draft model")
-        budget = self.opts.max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= self.max_seq_len - 1:
-            raise ValueError(f"{where}max_new_tokens must be an integer in [1, {self.max_seq_len - 1}], got {budget!r}")
-        ids = r.prompt_ids
-        if not isinstance(ids, list | tuple) or not ids or len(ids) + budget > self.max_seq_len:
-            raise ValueError(
-                f"{where}a prompt of {len(ids)} tokens + max_new_tokens {budget} does not fit the batch's "
-                f"max_seq_len of {self.max_seq_len} (and a prompt needs at least one token)"
-            )
-        return SlotRequest(ids, budget, sampling, self.models.alpha, None, 0)
+        return check_slot_request(
+            request,
+            i,
+            per_request=self.per_request,
+            alpha=self.models.alpha,
+            alpha_why="speculative rounds combine with one alpha",
+            seed_why="with a draft model (one random stream)",
+            max_top_logprobs=0,
+            top_why="with a draft model",
+            default_budget=self.opts.max_new_tokens,
+            max_budget=self.max_seq_len - 1,
+            max_seq_len=self.max_seq_len,
+            default_sampling=self.request_sampling,
+        )
 
     def admit(self, prompt_ids, max_new_tokens=None, sampling=None, alpha=None) -> int:
         return self.admit_many([SlotRequest(prompt_ids, max_new_tokens, sampling, alpha)])[0]
