@@ -20,7 +20,7 @@ from .decode.cross_vocab import check_vocab_map
 from .decode.graph_cache import GraphCache, GraphSettings
 from .decode.inputs import pack_prompts, repeat_prompts
 from .decode.loop import DecodeLoop
-from .decode.model_set import ModelSet, check_models
+from .decode.model_set import ModelSet, check_models, check_terms
 from .decode.options import (
     GenerationOptions,
     checkpoint_generation_config,
@@ -97,6 +97,10 @@ class FastIVLDecoder:
             columns that cover every position (one graph per bucket), so attention reads follow the sequence.
         generation_config: the checkpoint's own ``GenerationConfig`` (defaults for :meth:`generate`, below a
             config passed to it; ``from_pretrained`` reads ``generation_config.json``).
+        terms: ((model, weight), ...) more same-vocabulary models in the logit arithmetic, z = z_base +
+            alpha * z_value + sum_i w_i * z_i, each read like a residual value network and summed in the fused
+            sampler: proxy tuning is ``FastIVLDecoder(large, small_tuned, terms=[(small, -1.0)])``, DExperts
+            ``FastIVLDecoder(base, expert, alpha=a, terms=[(anti_expert, -a)])``.
         draft_model: a small base sharing the base's vocabulary (the one the value network was trained on): with
             it, generate / stream decode speculatively (:mod:`ivl_fast.decode.speculative`): the draft + the value
             network propose ``num_draft_tokens`` tokens, the base verifies them in one forward. Same output law as
@@ -124,6 +128,7 @@ class FastIVLDecoder:
         generation_config=None,
         draft_model=None,
         num_draft_tokens: int = 4,
+        terms=(),
     ):
         check_scheme(scheme)
         if uses_base(scheme) and base_model is None:
@@ -145,7 +150,8 @@ class FastIVLDecoder:
             vocab_map, self._same_tokenizers = check_vocab_map(
                 vocab_map, scheme=scheme, base=base, value=value, tokenizer=tokenizer, base_tokenizer=base_tokenizer
             )
-        self.models = ModelSet(scheme, base, value, float(alpha), vocab_map, sample_backend)
+        terms = check_terms(scheme, base, value, [(wrap(m), w) for m, w in terms or ()], vocab_map is not None)
+        self.models = ModelSet(scheme, base, value, float(alpha), vocab_map, sample_backend, terms)
         self.draft = None if draft_model is None else wrap(draft_model)
         self.num_draft_tokens = num_draft_tokens
         if self.draft is not None:
@@ -198,10 +204,12 @@ class FastIVLDecoder:
         kv_block: int = KV_BUCKET_MIN,
         draft: str | Path | None = None,
         num_draft_tokens: int = 4,
+        terms=(),
     ) -> FastIVLDecoder:
         """Load base and value checkpoints (Hugging Face directories), their tokenizer and generation config (the
         value checkpoint's ``generation_config.json``, else the base's); ``draft``: a small base's checkpoint for
-        speculative decoding (its vocabulary must be the base's); every other option as in the constructor."""
+        speculative decoding (its vocabulary must be the base's); ``terms``: ((checkpoint dir, weight), ...), more
+        models in the logit arithmetic (see the constructor); every other option as in the constructor."""
         kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
         scheme = scheme_of_checkpoint(value_path) if scheme is None else check_scheme(scheme)
         need_base, need_value = uses_base(scheme), uses_value(scheme)
@@ -214,6 +222,7 @@ class FastIVLDecoder:
         base = load_model(base_path, **kw) if need_base else None
         value = load_model(value_path, **kw) if need_value else None
         draft_model = load_model(draft, **kw) if draft is not None else None
+        term_models = [(load_model(p, **kw), w) for p, w in terms or ()]
         tokenizer, base_tokenizer = checkpoint_tokenizers(
             tokenizer, base_path if need_base else None, value_path if need_value else None, base, value, vocab_map
         )
@@ -235,6 +244,7 @@ class FastIVLDecoder:
             generation_config=checkpoint_generation_config(paths),
             draft_model=draft_model,
             num_draft_tokens=num_draft_tokens,
+            terms=term_models,
         )
 
     # ------------------------------------------------------------------ public API

@@ -38,6 +38,7 @@ Nothing is downloaded and no remote code runs: checkpoints are local safetensors
 from __future__ import annotations
 
 import logging
+import math
 
 import jinja2
 from lm_eval import utils as lm_utils
@@ -69,6 +70,7 @@ MODEL_ARGS = (
     "add_bos_token",
     "draft",
     "num_draft_tokens",
+    "terms",
 )
 # also accepted: what lm_eval.simple_evaluate / lm-eval's CLI pass themselves (max_batch_size, trust_remote_code)
 # the gen_kwargs generate_until reads (lm-eval's normalize_gen_kwargs resolves the max-token aliases)
@@ -104,6 +106,23 @@ def _draft_tokens(value) -> int:
     return value
 
 
+def _terms(value) -> list[tuple[str, float]]:
+    """model_args ``terms``: "DIR@WEIGHT|DIR@WEIGHT" (lm-eval's model_args string splits on ',' and '=')."""
+    if value is None:
+        return []
+    out = []
+    for part in str(value).split("|"):
+        d, at, w = part.rpartition("@")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = None
+        if not at or not d or weight is None or not math.isfinite(weight):
+            raise ValueError(f"model_args terms must be 'DIR@WEIGHT|DIR@WEIGHT...', got {value!r}")
+        out.append((d, weight))
+    return out
+
+
 @register_model("ivl")
 class IVLLM(TemplateLM):
     """lm-eval model over :class:`ivl_fast.FastIVLDecoder` (see the module docstring for the semantics)."""
@@ -122,6 +141,7 @@ class IVLLM(TemplateLM):
         add_bos_token: bool | None = None,
         draft=None,
         num_draft_tokens=None,
+        terms=None,
         max_batch_size=None,  # lm-eval passes it; it only bounds batch_size="auto", which is refused
         trust_remote_code: bool = False,
         **unknown,
@@ -147,7 +167,15 @@ class IVLLM(TemplateLM):
         from . import FastIVLDecoder
 
         dec = FastIVLDecoder.from_pretrained(
-            base, value, vocab_map, device=device, dtype=dtype, alpha=float(alpha), scheme=scheme, **spec
+            base,
+            value,
+            vocab_map,
+            device=device,
+            dtype=dtype,
+            alpha=float(alpha),
+            scheme=scheme,
+            terms=_terms(terms),
+            **spec,
         )
         where = " and ".join(repr(str(x)) for x in (base, value) if x is not None)
         self._attach(dec, batch_size, max_length, add_bos_token, where)

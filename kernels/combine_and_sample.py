@@ -2,7 +2,8 @@
 
 Per tile of ROWS rows (one program), looping over the vocabulary in BLOCK columns:
 
-  pass A   z = sum_k W[v,k] * z_base[idx[v,k]] + alpha * z_value[v]  (ELL map; identity without one); the
+  pass A   z = sum_k W[v,k] * z_base[idx[v,k]] + alpha * z_value[v] + sum_i w_i * z_i[v] (ELL map; identity
+           without one; the M_TERMS extra same-vocabulary models of logit arithmetic: proxy tuning, DExperts); the
            non-finite flag of that combined z (no host sync: the caller checks the flag at its stop check); then,
            with HAS_PENALTY, the penalties in vLLM's order: repetition (seen = prompt_mask | count > 0:
            z * p if z < 0 else z / p, correctly rounded like torch), then z -= freq * count, then
@@ -78,6 +79,8 @@ def _combine_sample_kernel(
     row_seed_ptr,
     row_step_ptr,
     seeded_ptr,
+    terms_ptr,
+    term_w_ptr,
     pmask_ptr,
     counts_ptr,
     rep_ptr,
@@ -90,6 +93,8 @@ def _combine_sample_kernel(
     stride_work,
     stride_pmask,
     stride_counts,
+    stride_term_m,
+    stride_term_b,
     alpha,
     HAS_BASE: tl.constexpr,
     HAS_VALUE: tl.constexpr,
@@ -101,6 +106,7 @@ def _combine_sample_kernel(
     HAS_MINP: tl.constexpr,
     HAS_PENALTY: tl.constexpr,
     HAS_ROW_SEED: tl.constexpr,
+    M_TERMS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -137,6 +143,12 @@ def _combine_sample_kernel(
         if HAS_VALUE:
             zv = tl.load(value_ptr + rows[:, None] * stride_value + cols[None, :], mask=ok, other=0.0)
             z += alpha * zv.to(tl.float32)
+        for m_i in tl.static_range(M_TERMS):  # logit arithmetic: + w_i * z_i of each extra model
+            w_i = tl.load(term_w_ptr + m_i)
+            zt = tl.load(
+                terms_ptr + m_i * stride_term_m + rows[:, None] * stride_term_b + cols[None, :], mask=ok, other=0.0
+            )
+            z += w_i * zt.to(tl.float32)
         finite = (z == z) & (tl.abs(z) < float("inf"))
         bad = tl.maximum(bad, tl.max(tl.where(ok & ~finite, 1, 0), axis=1))  # of the combined z, unpenalized
         if HAS_PENALTY:
@@ -308,12 +320,14 @@ def launch(
     workspace=None,
     penalties=None,
     row_seeds=None,
+    terms=None,
 ):
     """Allocate outputs and launch; returns (ids int64 [B], logprobs fp32 [B], bad bool [B]).
 
     ``penalties``: None, or (prompt_mask [B, V] bool, output_counts [B, V] int32, repetition [B] fp32,
     presence [B] fp32, frequency [B] fp32) -> HAS_PENALTY=True. ``row_seeds``: None, or (seed [B] int64, step [B]
-    int64, seeded [B] bool) -> HAS_ROW_SEED=True.
+    int64, seeded [B] bool) -> HAS_ROW_SEED=True. ``terms``: None, or (logits [M, B, V_out] (any float dtype; rows and
+    columns may be strided), weights [M] fp32) -> M_TERMS=M.
     """
     import os
 
@@ -346,6 +360,12 @@ def launch(
         seeded = seeded.view(torch.uint8)
     else:  # unused pointers when HAS_ROW_SEED is False
         row_seed, row_step, seeded = ids, ids, bad
+    if terms is not None:
+        term_z, term_w = terms[0], terms[1].contiguous()
+        if term_z.stride(2) != 1:
+            term_z = term_z.contiguous()
+    else:  # unused pointers when M_TERMS is 0
+        term_z, term_w = lp.view(1, 1, -1), lp
     grid = (triton.cdiv(b, rows),)
     _combine_sample_kernel[grid](
         base_t,
@@ -365,6 +385,8 @@ def launch(
         row_seed,
         row_step,
         seeded,
+        term_z,
+        term_w,
         pmask,
         counts,
         rep_p,
@@ -377,6 +399,8 @@ def launch(
         workspace.stride(0),
         pmask.stride(0),
         counts.stride(0),
+        term_z.stride(0),
+        term_z.stride(1),
         alpha,
         HAS_BASE=base is not None,
         HAS_VALUE=value is not None,
@@ -388,6 +412,7 @@ def launch(
         HAS_MINP=has_minp,
         HAS_PENALTY=penalties is not None,
         HAS_ROW_SEED=row_seeds is not None,
+        M_TERMS=0 if terms is None else int(term_z.shape[0]),
         ROWS=rows,
         BLOCK=block,
         num_warps=4 if interp else 8,
@@ -414,6 +439,8 @@ def _aot_spec(dtype: str, **flags):
         "row_seed_ptr": "*i64",
         "row_step_ptr": "*i64",
         "seeded_ptr": "*u8",
+        "terms_ptr": f"*{dtype}",
+        "term_w_ptr": "*fp32",
         "pmask_ptr": "*u8",
         "counts_ptr": "*i32",
         "rep_ptr": "*fp32",
@@ -426,10 +453,12 @@ def _aot_spec(dtype: str, **flags):
         "stride_work": "i32",
         "stride_pmask": "i32",
         "stride_counts": "i32",
+        "stride_term_m": "i32",
+        "stride_term_b": "i32",
         "alpha": "fp32",
     }
     const = dict(HAS_BASE=True, HAS_VALUE=True, HAS_MAP=False, K=1, DO_SAMPLE=False, HAS_TOPK=False, HAS_TOPP=False)
-    const.update(HAS_MINP=False, HAS_PENALTY=False, HAS_ROW_SEED=False, ROWS=1, BLOCK=1024)
+    const.update(HAS_MINP=False, HAS_PENALTY=False, HAS_ROW_SEED=False, M_TERMS=0, ROWS=1, BLOCK=1024)
     const.update(flags)
     sig.update({k: "constexpr" for k in const})
     return (_combine_sample_kernel, sig, const, {"num_warps": 8})
@@ -445,4 +474,5 @@ AOT_SPECS = [
     _aot_spec("bf16", HAS_PENALTY=True),
     _aot_spec("bf16", HAS_MAP=True, K=4, DO_SAMPLE=True, HAS_TOPK=True, HAS_TOPP=True, HAS_MINP=True, HAS_PENALTY=True),
     _aot_spec("bf16", DO_SAMPLE=True, HAS_TOPK=True, HAS_TOPP=True, HAS_MINP=True, HAS_PENALTY=True, HAS_ROW_SEED=True),
+    _aot_spec("bf16", DO_SAMPLE=True, HAS_TOPP=True, M_TERMS=1),  # proxy tuning: large + (small tuned - small)
 ]

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import DefaultsHelp, UsageError
-from .model_args import add_pair_args, check_pair_args
+from .model_args import add_pair_args, check_pair_args, parse_terms
 
 # arXiv 2410.21027, Table 1: (task, few-shot examples)
 PAPER_SUITE = (
@@ -142,6 +142,7 @@ def run(args) -> int:
         max_length=args.max_length,
         draft=None if args.draft is None else str(args.draft),
         num_draft_tokens=args.num_draft_tokens,
+        terms="|".join(f"{d}@{w}" for d, w in parse_terms(args)) or None,
     )
     model_args = {k: v for k, v in model_args.items() if v is not None}
     include = None if args.include_path is None else str(args.include_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..decode.options import GenerationOptions
 from .errors import DefaultsHelp, UsageError
-from .model_args import add_pair_args, check_pair_args, draft_kwargs
+from .model_args import add_pair_args, check_pair_args, draft_kwargs, term_kwargs
 
 
 def add_parser(sub) -> None:
@@ -184,6 +184,7 @@ def run(args) -> int:
         graphs=args.graphs,
         graph_mode=args.graph_mode,
         **draft_kwargs(args),
+        **term_kwargs(args),
         **common,
     )
     if dec.tokenizer is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..schemes import DECODE_SCHEMES
@@ -41,6 +42,15 @@ def add_pair_args(p: argparse.ArgumentParser, *, vocab_map_help: str) -> argpars
         "drafts tokens with the value network; the base verifies them. Same outputs' law, fewer base steps",
     )
     g.add_argument(
+        "--term",
+        nargs=2,
+        action="append",
+        default=None,
+        metavar=("DIR", "WEIGHT"),
+        help="one more same-vocabulary model in the logit arithmetic z = z_base + alpha z_value + sum w z_DIR "
+        "(repeatable). Proxy tuning: --base LARGE --value SMALL_TUNED --term SMALL -1",
+    )
+    g.add_argument(
         "--num-draft-tokens",
         type=int,
         default=None,
@@ -61,6 +71,26 @@ def check_pair_args(args, *, alone: str) -> None:
         raise UsageError("--num-draft-tokens needs --draft (the small base that drafts the tokens)")
     if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
         raise UsageError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+
+
+def parse_terms(args) -> list[tuple]:
+    """--term DIR WEIGHT pairs -> [(Path, float), ...] (UsageError naming the flag)."""
+    out = []
+    for d, w in args.term or []:
+        try:
+            weight = float(w)
+        except ValueError:
+            raise UsageError(f"--term {d} {w}: the weight must be a number") from None
+        if not math.isfinite(weight):
+            raise UsageError(f"--term {d} {w}: the weight must be finite")
+        out.append((Path(d), weight))
+    return out
+
+
+def term_kwargs(args) -> dict:
+    """from_pretrained's logit-term argument of the flags (none without --term)."""
+    terms = parse_terms(args)
+    return {"terms": terms} if terms else {}
 
 
 def draft_kwargs(args) -> dict:

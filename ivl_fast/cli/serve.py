@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .errors import DefaultsHelp, UsageError
-from .model_args import add_pair_args, check_pair_args, draft_kwargs
+from .model_args import add_pair_args, check_pair_args, draft_kwargs, term_kwargs
 
 
 def add_parser(sub) -> None:
@@ -75,6 +75,7 @@ def load(args):
         device=args.device,
         dtype=args.dtype,
         **draft_kwargs(args),
+        **term_kwargs(args),
     )
     if dec.tokenizer is None:
         raise UsageError("the checkpoints hold no tokenizer files; the server needs one to read text")

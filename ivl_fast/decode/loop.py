@@ -31,7 +31,7 @@ from .inputs import pack_prompts
 from .model_set import ModelSet
 from .options import GenerationOptions
 from .slot_request import SlotRequest, check_slot_request
-from .step import StepConfig, decode_step, emit, prefill_logits, sample
+from .step import StepConfig, decode_step, emit, into_slots, prefill_logits, sample
 from .stops import StopStringScanner, cut_at_stop_strings, nonfinite_error
 
 
@@ -288,10 +288,7 @@ class DecodeLoop:
             self.prefill_s += time.perf_counter() - t0
             live = None
             if not whole:  # the new rows' logits in their slots; the other rows do not emit
-                zb, zv = (
-                    None if z is None else z.new_zeros((self.rows, z.shape[1])).index_copy_(0, rows_t, z)
-                    for z in (zb, zv)
-                )
+                zb, zv = into_slots(zb, rows_t, self.rows), into_slots(zv, rows_t, self.rows)
                 live = torch.zeros(self.rows, dtype=torch.bool, device=m.device).index_fill_(0, rows_t, True)
             cfg = self._round_cfg()
             emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv), live=live)

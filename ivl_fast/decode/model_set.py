@@ -3,6 +3,7 @@ parts of :mod:`ivl_fast.decode` receive instead of reaching back into the decode
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,10 @@ from ..schemes import is_cascade, uses_base, uses_value
 class ModelSet:
     """scheme: one of :data:`ivl_fast.schemes.DECODE_SCHEMES`; base / value: engines (None when the scheme does not
     use one); alpha: weight of the value logits; vocab_map: a VocabMap when the vocabularies differ (sampling
-    happens in the value vocabulary); sample_backend: combine_and_sample's backend option."""
+    happens in the value vocabulary); sample_backend: combine_and_sample's backend option; terms: more
+    same-vocabulary engines with signed weights, ((engine, weight), ...): logit arithmetic, z = z_base +
+    alpha * z_value + sum_i w_i * z_i (proxy tuning: the value a tuned small model, a term its untuned self at -1;
+    DExperts; EFT), each reading the tokens as a residual value network does."""
 
     scheme: str
     base: object | None
@@ -24,15 +28,23 @@ class ModelSet:
     alpha: float = 1.0
     vocab_map: object | None = None
     sample_backend: str = "auto"
+    terms: tuple = ()
 
     @property
     def engines(self) -> list:
-        """The engines a decode step runs (base first)."""
+        """The engines a decode step runs (base first, then the value network, then the terms')."""
         return [
             m
             for m, used in ((self.base, uses_base(self.scheme)), (self.value, uses_value(self.scheme)))
             if used and m is not None
-        ]
+        ] + [e for e, _ in self.terms]
+
+    @functools.cached_property
+    def term_weights(self) -> torch.Tensor | None:
+        """[M] fp32 on the models' device, made once (graph replays read it)."""
+        if not self.terms:
+            return None
+        return torch.tensor([w for _, w in self.terms], dtype=torch.float32).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -68,6 +80,32 @@ class ModelSet:
     def config(self):
         """The config that supplies fallback special ids (the base's, else the value's)."""
         return (self.base or self.value).config
+
+
+def check_terms(scheme: str, base, value, terms, has_vocab_map: bool) -> tuple:
+    """((engine, weight), ...) of logit terms that fit the pair (ValueError naming what does not)."""
+    terms = tuple(terms or ())
+    if not terms:
+        return ()
+    if scheme not in ("residual", "base"):
+        raise ValueError(f"logit terms need scheme 'residual' or 'base' (they read the tokens), got {scheme!r}")
+    if has_vocab_map:
+        raise ValueError("logit terms and a vocab_map cannot be combined (terms share the sampled vocabulary)")
+    ref = value if value is not None else base
+    for i, t in enumerate(terms):
+        if not (isinstance(t, tuple | list) and len(t) == 2):
+            raise ValueError(f"terms[{i}] must be a (model, weight) pair, got {t!r}")
+        e, w = t
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+            raise ValueError(f"terms[{i}]: the weight must be a finite number, got {w!r}")
+        if e.vocab_size != ref.vocab_size:
+            raise ValueError(
+                f"terms[{i}]: its vocabulary ({e.vocab_size} tokens) differs from the pair's ({ref.vocab_size}); "
+                "logit terms share one vocabulary"
+            )
+        if e.device != ref.device:
+            raise ValueError(f"terms[{i}] is on {e.device} but the pair on {ref.device}")
+    return tuple((e, float(w)) for e, w in terms)
 
 
 def check_models(scheme: str, base, value, alpha, has_vocab_map: bool) -> None:

@@ -141,6 +141,7 @@ def score(
     out: list[tuple[float, bool] | None] = [None] * len(reqs)
     base_run = _head(models.base) if models.base in models.engines else None
     value_run = _head(models.value) if models.value in models.engines else None
+    term_runs = [(_head(e), w) for e, w in models.terms]  # logit terms: + w_i * z_i
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         inputs = [(reqs[i][0] + reqs[i][1])[-(max_length + 1) :][:-1] for i in idx]
@@ -165,6 +166,7 @@ def score(
             value_at = value_run(ids, mask, inputs_embeds=emb)
         else:
             value_at = value_run(ids, mask) if value_run is not None else None
+        terms_at = [(run(ids, mask), w) for run, w in term_runs]
         lp = torch.empty(len(targets), dtype=torch.float64, device=dev)
         hit = torch.empty(len(targets), dtype=torch.bool, device=dev)
         for c in range(0, len(targets), chunk_rows):
@@ -173,6 +175,8 @@ def score(
             if value_at is not None:
                 zv = value_at(b, p)
                 z = models.alpha * zv if z is None else z + models.alpha * zv
+            for at, w in terms_at:
+                z = z + w * at(b, p)
             logp = z.log_softmax(-1)
             y = tgt[c : c + chunk_rows]
             lp[c : c + chunk_rows] = logp.gather(1, y[:, None])[:, 0].double()

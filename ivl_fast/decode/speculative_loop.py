@@ -222,6 +222,8 @@ def check_draft(models: ModelSet, draft, k) -> None:
     """The draft base fits speculative decoding of ``models`` (ValueError naming what does not)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
+    if models.terms:
+        raise ValueError("a draft model and logit terms cannot be combined yet (speculative rounds combine two)")
     if models.scheme not in ("residual", "base"):
         raise ValueError(
             f"a draft model needs scheme 'residual' or 'base', got {models.scheme!r} (a cascade value network reads "

@@ -30,7 +30,7 @@ from .model_set import ModelSet
 from .options import GenerationOptions
 from .slot_request import SlotRequest, check_slot_request
 from .speculative import SpecConfig, SpecState, speculative_round
-from .step import StepConfig, emit, prefill_logits, sample
+from .step import StepConfig, emit, into_slots, prefill_logits, sample
 from .stops import nonfinite_error
 
 
@@ -150,9 +150,7 @@ class SpeculativeSlots:
             self.draft.rewind(lens)
             self.state.prev.index_copy_(0, rows, prompt[:, -1])
             self.prefill_s += time.perf_counter() - t0
-            zb, zv = (
-                None if z is None else z.new_zeros((self.rows, z.shape[1])).index_copy_(0, rows, z) for z in (zb, zv)
-            )
+            zb, zv = into_slots(zb, rows, self.rows), into_slots(zv, rows, self.rows)
             live = torch.zeros(self.rows, dtype=torch.bool, device=dev).index_fill_(0, rows, True)
             emit(bufs, self.first_cfg, self.eos, *sample(m, bufs, self.first_cfg, zb, zv), live=live)
         for s, length, c in zip(slots, mask.sum(1).tolist(), checked, strict=True):

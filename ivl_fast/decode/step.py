@@ -67,9 +67,28 @@ def _kw(engine, kv_len: int | None, active: torch.Tensor | None) -> dict:
     return kw
 
 
+def _with_terms(models: ModelSet, zv, run):
+    """The value side's logits: z_value, or with logit terms the list [z_value, z_term_1, ...] (``run(engine)``
+    gives a term's logits), which :func:`sample` unpacks."""
+    if not models.terms:
+        return zv
+    return [zv, *(run(e) for e, _ in models.terms)]
+
+
+def into_slots(z, rows: torch.Tensor, n: int):
+    """Logits of admitted rows [k, V] (or None, or the value side's list with logit terms) -> [n, V] with them at
+    ``rows`` [k] and zeros elsewhere (rows that do not emit)."""
+    if z is None:
+        return None
+    if isinstance(z, list):
+        return [into_slots(x, rows, n) for x in z]
+    return z.new_zeros((n, z.shape[1])).index_copy_(0, rows, z)
+
+
 def prefill_logits(models: ModelSet, prompt: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None):
     """(z_base, z_value) [n, V] each (None for a model the scheme does not use) of left-padded prompts [n, T];
-    ``rows``: the cache slots they fill (None: the whole batch)."""
+    ``rows``: the cache slots they fill (None: the whole batch). With logit terms the value side is a list
+    (see :func:`_with_terms`)."""
     kw = {} if rows is None else {"rows": rows}
     if models.cascade:  # sequential: the value network reads the base's distribution
         zb_all = models.base.prefill(prompt, mask, all_logits=True, **kw)  # [n, T, V]
@@ -77,7 +96,7 @@ def prefill_logits(models: ModelSet, prompt: torch.Tensor, mask: torch.Tensor, r
         return zb_all[:, -1], models.value.prefill(None, mask, inputs_embeds=emb, **kw)
     zb = models.base.prefill(prompt, mask, **kw) if models.base in models.engines else None
     zv = models.value.prefill(prompt, mask, **kw) if models.value in models.engines else None
-    return zb, zv
+    return zb, _with_terms(models, zv, lambda e: e.prefill(prompt, mask, **kw))
 
 
 def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None, side=None, active=None):
@@ -89,13 +108,17 @@ def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None
         zb = base.decode(ids, **_kw(base, kv_len, active))
         emb = value.soft_embed(zb, ids if models.scheme == "cascade+" else None)
         return zb, value.decode(None, inputs_embeds=emb, **_kw(value, kv_len, active))
+
+    def terms(zv):  # the logit terms run where the value network runs (its stream)
+        return _with_terms(models, zv, lambda e: e.decode(ids, **_kw(e, kv_len, active)))
+
     if models.scheme == "base":
-        return base.decode(ids, **_kw(base, kv_len, active)), None
+        return fork_join(lambda: base.decode(ids, **_kw(base, kv_len, active)), lambda: terms(None), side)
     if models.scheme == "value_only":
-        return None, value.decode(ids, **_kw(value, kv_len, active))
+        return None, terms(value.decode(ids, **_kw(value, kv_len, active)))
     return fork_join(
         lambda: base.decode(ids, **_kw(base, kv_len, active)),
-        lambda: value.decode(ids, **_kw(value, kv_len, active)),
+        lambda: terms(value.decode(ids, **_kw(value, kv_len, active))),
         side,
     )
 
@@ -106,6 +129,10 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
     logprobs are taken from (penalized, before the warpers), computed apart from the fused sampler."""
     sp = cfg.sampling
     do_sample = sp.do_sample
+    terms = {}
+    if isinstance(zv, list):  # logit terms: [z_value, z_term_1, ...]
+        zv, zts = zv[0], zv[1:]
+        terms = dict(terms=zts, term_weights=models.term_weights)
     if cfg.per_row_values and sp.greedy:  # values unused; Python scalars keep user tensors out of the capture
         temperature, top_k, top_p, min_p, do_sample = 1.0, 0, 1.0, 0.0, False
     elif cfg.per_row_values:
@@ -144,6 +171,7 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
         validate=False,  # checked once when the options were resolved; per-step checks would sync
         **penalties,
         **(dict(row_seed=bufs.row_seed, row_step=bufs.steps, seeded=bufs.seeded) if cfg.row_seeds else {}),
+        **terms,
     )
     bufs.offset_t += 1
     top = None
@@ -153,6 +181,7 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
             zv,
             vocab_map=models.vocab_map,
             alpha=bufs.alpha[:, None] if cfg.row_alpha else models.alpha,
+            terms=(terms["terms"], terms["term_weights"]) if terms else None,
             **penalties,
         )
         top_lp, top_ids = z.log_softmax(-1).topk(cfg.top_logprobs, dim=-1)

@@ -23,6 +23,8 @@ bit for bit the same uniforms (:mod:`ivl_fast.philox`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..sampling import SamplingParams, apply_penalties, combine_logits, nonfinite_rows, sample_ref, token_logprobs
@@ -68,6 +70,38 @@ def _check_penalty_inputs(prompt_mask, output_counts, b: int, v_out: int, device
             raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name} must be on {device} (the logits' device), got {t.device}")
+
+
+def add_terms(z: torch.Tensor, terms) -> torch.Tensor:
+    """z [B, V] fp32 + sum_i w_i * z_i for ``terms`` = (list of [B, V] logits, weights: floats or a [M] tensor)."""
+    if terms is None:
+        return z
+    for i, t in enumerate(terms[0]):
+        z = z + terms[1][i] * t.float()
+    return z
+
+
+def _check_terms(terms, term_weights, b: int, v_out: int, device):
+    """``terms`` (a list of [B, V_out] logits) with ``term_weights`` (floats or a [M] fp32 tensor on device) ->
+    (list, weights) or None; ValueError naming what does not fit (metadata only, no sync)."""
+    if terms is None and term_weights is None:
+        return None
+    if terms is None or term_weights is None:
+        raise ValueError("terms and term_weights go together: a list of [B, V] logits and one weight each")
+    terms = list(terms)
+    m = len(term_weights) if not isinstance(term_weights, torch.Tensor) else term_weights.shape[0]
+    if not terms or m != len(terms):
+        raise ValueError(f"term_weights has {m} weight(s) for {len(terms)} term(s): one weight per term, at least one")
+    for i, t in enumerate(terms):
+        _check_logits(f"terms[{i}]", t)
+        if tuple(t.shape) != (b, v_out) or t.device != device:
+            raise ValueError(f"terms[{i}] must be [B={b}, V={v_out}] on {device}, got {tuple(t.shape)} on {t.device}")
+    if isinstance(term_weights, torch.Tensor):
+        if term_weights.dim() != 1 or term_weights.dtype != torch.float32 or term_weights.device != device:
+            raise ValueError(f"term_weights must be a [M] float32 tensor on {device}")
+    elif not all(isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in term_weights):
+        raise ValueError(f"term_weights must be finite numbers, got {term_weights!r}")
+    return terms, term_weights
 
 
 def _check_row_seeds(row_seed, row_step, seeded, b: int, device):
@@ -118,14 +152,16 @@ def combine_and_sample_ref(
     prompt_mask=None,
     output_counts=None,
     row_seeds=None,
+    terms=None,
 ):
-    """The torch reference: sparse map, add, penalties, warp (sort-based), sample.
+    """The torch reference: sparse map, add (+ the logit terms ``terms``: (list of [B, V_out], weights)), penalties,
+    warp (sort-based), sample.
 
     The penalties may come as arguments or in ``params`` (not both). Logprobs are those of the penalized combined
     distribution before the warpers; ``bad`` flags the combined logits (before the penalties) holding NaN/inf.
     """
     zb = vocab_map.apply(base_logits) if (vocab_map is not None and base_logits is not None) else base_logits
-    z = combine_logits(zb, value_logits, alpha)  # [B, V_out] fp32
+    z = add_terms(combine_logits(zb, value_logits, alpha), terms)  # [B, V_out] fp32
     bad = nonfinite_rows(z)
     plain = prompt_mask is None and output_counts is None and not params.penalties_on
     if not (plain and _all_off(repetition_penalty, presence_penalty, frequency_penalty)):  # (the decode step's case)
@@ -152,12 +188,13 @@ def penalized_logits(
     frequency_penalty=0.0,
     prompt_mask=None,
     output_counts=None,
+    terms=None,
 ) -> torch.Tensor:
     """[B, V_out] fp32: the distribution the sampler's logprobs come from (mapped, combined, penalized; before the
     warpers). For the top alternatives of a step (a server's ``top_logprobs``), computed apart from the fused
     kernel, which never materialises it outside its workspace. ``alpha``: a float or [B, 1]."""
     zb = vocab_map.apply(base_logits) if (vocab_map is not None and base_logits is not None) else base_logits
-    z = combine_logits(zb, value_logits, alpha)
+    z = add_terms(combine_logits(zb, value_logits, alpha), terms)
     if not _all_off(repetition_penalty, presence_penalty, frequency_penalty):
         z = apply_penalties(z, prompt_mask, output_counts, repetition_penalty, presence_penalty, frequency_penalty)
     return z
@@ -189,8 +226,15 @@ def combine_and_sample(
     row_seed: torch.Tensor | None = None,
     row_step: torch.Tensor | None = None,
     seeded: torch.Tensor | None = None,
+    terms: list[torch.Tensor] | None = None,
+    term_weights=None,
 ):
     """See the module docstring. Per-row parameters (penalties included) may be scalars or [B] tensors.
+
+    ``terms`` (a list of [B, V_out] logits of more same-vocabulary models) with ``term_weights`` (one weight each:
+    floats, or a [M] fp32 device tensor, which graph replays need): logit arithmetic, z = map(z_base) +
+    alpha * z_value + sum_i w_i * z_i, before the penalties (proxy tuning: the value a tuned small model, one term
+    its untuned self at -1).
 
     ``row_seed`` [B] int64, ``row_step`` [B] int64, ``seeded`` [B] bool (all three or none): rows flagged in
     ``seeded`` draw from their own counter-based stream, Philox(row_seed; column, 0, row_step), on both backends
@@ -243,6 +287,7 @@ def combine_and_sample(
                 raise ValueError(f"{name} must be a scalar or a [B={b}] tensor, got shape {tuple(val.shape)}")
         _check_penalty_inputs(prompt_mask, output_counts, b, v_out, dev, params.penalties_on)
     row_seeds = _check_row_seeds(row_seed, row_step, seeded, b, dev)
+    terms_t = _check_terms(terms, term_weights, b, v_out, dev)
     be = pick_backend(backend, dev)
     if isinstance(alpha, torch.Tensor):  # one weight per row (a server's requests each choose theirs)
         if be != "torch":
@@ -262,7 +307,12 @@ def combine_and_sample(
             prompt_mask=prompt_mask,
             output_counts=output_counts,
             row_seeds=row_seeds,
+            terms=terms_t,
         )
+    if terms_t is not None:  # the kernel reads [M, B, V] and [M] fp32 weights
+        w = terms_t[1]
+        w = w if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=torch.float32).to(dev, non_blocking=True)
+        terms_t = (torch.stack(terms_t[0]), w)
     seed_t = _as_row_tensor("seed", 0 if seed is None else seed, 1, torch.int64, dev)
     off_t = _as_row_tensor("offset", offset, 1, torch.int64, dev)
     ell = vocab_map.ell(dev) if (vocab_map is not None and base_logits is not None) else (None, None)
@@ -294,6 +344,7 @@ def combine_and_sample(
         workspace,
         *pen_t,
         *(row_seeds if row_seeds is not None else (None, None, None)),
+        *(terms_t if terms_t is not None else (None, None)),
     )
     return ids, (lp if return_logprobs else None), bad
 
@@ -327,6 +378,8 @@ def _triton_op(
     row_seed: torch.Tensor | None = None,
     row_step: torch.Tensor | None = None,
     seeded: torch.Tensor | None = None,
+    terms: torch.Tensor | None = None,
+    term_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # the penalty arguments trail with defaults (older positional callers keep working); all five or none:
     # prompt_mask [B, V_out] bool, output_counts [B, V_out] int32, the three penalties [B] fp32
@@ -353,6 +406,7 @@ def _triton_op(
         if prompt_mask is not None
         else None,
         row_seeds=(row_seed, row_step, seeded) if row_seed is not None else None,
+        terms=(terms, term_weights) if terms is not None else None,
     )
 
 
