@@ -34,6 +34,7 @@ from .decode.start import capture_buckets, kv_capacity, open_slots, start_genera
 from .decode.stops import NonFiniteLogitsError
 from .graphs import KV_BUCKET_MIN
 from .models import from_hf_model, load_model
+from .models.probe import ProbeValue
 from .schemes import DECODE_SCHEMES, check_scheme, scheme_of_checkpoint, uses_base, uses_value
 from .tokenizer_identity import checkpoint_tokenizers
 
@@ -141,7 +142,9 @@ class FastIVLDecoder:
         self.sync_every, self.tokenizer, self.base_tokenizer = sync_every, tokenizer, base_tokenizer
 
         def wrap(m):
-            return from_hf_model(m, engine=engine, attn_backend=attn_backend) if m is not None else None
+            if m is None or isinstance(m, ProbeValue):  # a probe is no engine: it reads the base's hidden state
+                return m
+            return from_hf_model(m, engine=engine, attn_backend=attn_backend)
 
         base, value = wrap(base_model), wrap(value_model)
         check_models(scheme, base, value, alpha, vocab_map is not None)

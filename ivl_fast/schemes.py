@@ -5,12 +5,14 @@ One definition shared by the decoder, the trainer and the CLI (bottom layer: imp
 - residual: the value network sees the tokens only (both models can run at the same time);
 - cascade:  its input embedding is softmax(z_base) @ E_value (the base runs first);
 - cascade+: that plus the token embedding;
+- probe:    no network over the tokens: the Llama MLP on the base's final hidden state, its own head
+            (:mod:`ivl_fast.models.probe`; paper Section 3.2, Figure 2). It runs after the base, on its width only;
 - base / value_only: one model alone (decoding only: the baselines of the transfer table).
 """
 
 from __future__ import annotations
 
-TRAIN_SCHEMES = ("residual", "cascade", "cascade+")  # what a value network can be trained for
+TRAIN_SCHEMES = ("residual", "cascade", "cascade+", "probe")  # what a value network can be trained for
 DECODE_SCHEMES = (*TRAIN_SCHEMES, "base", "value_only")  # what a decode can run
 CASCADE_SCHEMES = ("cascade", "cascade+")
 
@@ -32,6 +34,15 @@ def uses_value(scheme: str) -> bool:
 
 def is_cascade(scheme: str) -> bool:
     return scheme in CASCADE_SCHEMES
+
+
+def is_probe(scheme: str) -> bool:
+    return scheme == "probe"
+
+
+def value_is_engine(scheme: str) -> bool:
+    """The value model is a causal LM with its own KV cache (not a probe on the base's hidden state)."""
+    return uses_value(scheme) and not is_probe(scheme)
 
 
 def scheme_of_checkpoint(value_path) -> str:

@@ -456,7 +456,7 @@ def test_bad_training_arguments(setup, tmp_path):
         train_value_model(_cfg(setup, tmp_path / "b", lr=0))
     with pytest.raises(FileNotFoundError, match="data file"):
         train_value_model(_cfg(setup, tmp_path / "c", data=str(tmp_path / "missing.jsonl")))
-    assert trainer_mod.SCHEMES == ("residual", "cascade", "cascade+")
+    assert trainer_mod.SCHEMES == ("residual", "cascade", "cascade+", "probe")
 
 
 @pytest.mark.parametrize("per_step", [1, 2, 3])

@@ -58,7 +58,7 @@ def test_from_args_copies_every_flag():
         *("--max-steps", "7", "--batch-tokens", "512", "--grad-accum", "3", "--max-grad-norm", "0.5"),
         *("--weight-decay", "0.01", "--seed", "5", "--max-length", "128", "--drop-long", "--grad-checkpointing"),
         *("--save-every", "4", "--resume", "--device", "cpu", "--dtype", "float32", "--loss-backend", "torch"),
-        *("--fsdp", "--no-progress", "--allow-pickle", "--debug-kill-at-step", "3"),
+        *("--fsdp", "--no-progress", "--allow-pickle", "--debug-kill-at-step", "3", "--probe-intermediate-size", "16"),
     ]
     want = TrainConfig(
         bases=["b1", "b2"],
@@ -86,6 +86,7 @@ def test_from_args_copies_every_flag():
         dtype="float32",
         loss_backend="torch",
         fsdp=True,
+        probe_intermediate_size=16,
         progress=False,
         allow_pickle=True,
         debug_kill_at_step=3,
@@ -112,7 +113,9 @@ def test_schemes_come_from_ivl_fast_schemes():
     scheme = next(a for a in _train_parser()._actions if a.dest == "scheme")
     assert tuple(scheme.choices) == schemes.TRAIN_SCHEMES
     assert SCHEMES is schemes.TRAIN_SCHEMES  # the old name, kept for callers
-    with pytest.raises(ValueError, match=r"scheme must be one of \('residual', 'cascade', 'cascade\+'\), got 'base'"):
+    with pytest.raises(
+        ValueError, match=r"scheme must be one of \('residual', 'cascade', 'cascade\+', 'probe'\), got 'base'"
+    ):
         TrainConfig(bases=["b"], value_init="v", data="d", out="o", scheme="base").validate()
 
 

@@ -47,6 +47,12 @@ def add_parser(sub) -> None:
         "--loss-backend", default="auto", choices=["auto", "triton", "torch"], help="fused CE+L1 implementation"
     )
     tr.add_argument("--fsdp", action="store_true", help="shard the value network with FSDP (under torchrun)")
+    tr.add_argument(
+        "--probe-intermediate-size",
+        type=int,
+        default=None,
+        help="--scheme probe: the MLP width of the probe (default: --value-init's intermediate_size)",
+    )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tr.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .bin checkpoints (unsafe)")
     tr.add_argument("--debug-kill-at-step", type=int, default=None, help=argparse.SUPPRESS)

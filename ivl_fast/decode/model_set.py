@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.engine import all_support, supports
-from ..schemes import is_cascade, uses_base, uses_value
+from ..schemes import is_cascade, is_probe, uses_base, value_is_engine
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ModelSet:
         """The engines a decode step runs (base first, then the value network, then the terms')."""
         return [
             m
-            for m, used in ((self.base, uses_base(self.scheme)), (self.value, uses_value(self.scheme)))
+            for m, used in ((self.base, uses_base(self.scheme)), (self.value, value_is_engine(self.scheme)))
             if used and m is not None
         ] + [e for e, _ in self.terms]
 
@@ -72,6 +72,11 @@ class ModelSet:
     @property
     def cascade(self) -> bool:
         return is_cascade(self.scheme)
+
+    @property
+    def probe(self) -> bool:
+        """The value model is a probe on the base's final hidden state (scheme "probe")."""
+        return is_probe(self.scheme)
 
     def all_support(self, capability: str) -> bool:
         return all_support(self.engines, capability)
@@ -114,6 +119,23 @@ def check_models(scheme: str, base, value, alpha, has_vocab_map: bool) -> None:
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     if is_cascade(scheme) and not (supports(base, "inputs_embeds") and supports(value, "inputs_embeds")):
         raise ValueError(f"scheme={scheme!r} needs the lean engine for both models (Llama/Mistral/Qwen2)")
+    from ..models.probe import ProbeValue
+
+    if isinstance(value, ProbeValue) and not is_probe(scheme):
+        raise ValueError(f"a probe value model decodes with scheme='probe' only, got scheme={scheme!r}")
+    if is_probe(scheme):
+        if not isinstance(value, ProbeValue):
+            raise ValueError(
+                f"scheme='probe' needs a probe value model (ivl-fast train --scheme probe), got {type(value).__name__}"
+            )
+        if not supports(base, "graphs") or not hasattr(base, "config"):
+            raise ValueError("scheme='probe' needs the lean engine for the base (it returns its hidden state)")
+        if has_vocab_map:
+            raise ValueError("scheme='probe' reads the base's hidden state: it has the base's vocabulary, no vocab_map")
+        value.check_base(base.config.hidden_size, base.vocab_size)
+        if base.device != value.device:
+            raise ValueError(f"base model is on {base.device} but the probe is on {value.device}")
+        return
     if base is not None and value is not None:
         if base.device != value.device:
             raise ValueError(f"base model is on {base.device} but value model is on {value.device}")

@@ -114,6 +114,17 @@ def _head(engine):
     return run
 
 
+def _probe_head(base, probe):
+    """-> run(ids, mask) giving (base projector, probe projector) over one base pass (rows of (b, t) -> [n, V])."""
+
+    def run(ids, mask):
+        h = base.forward(ids, mask, output_hidden=True)
+        w = base.head_weight()
+        return (lambda b, t: F.linear(h[b, t], w).float()), (lambda b, t: probe.logits(h[b, t]).float())
+
+    return run
+
+
 @torch.inference_mode()
 def score(
     models: ModelSet,
@@ -141,6 +152,9 @@ def score(
     out: list[tuple[float, bool] | None] = [None] * len(reqs)
     base_run = _head(models.base) if models.base in models.engines else None
     value_run = _head(models.value) if models.value in models.engines else None
+    if models.probe:  # the probe reads the base's final hidden states: both projectors from one base pass
+        base_run = value_run = None
+        probe_run = _probe_head(models.base, models.value)
     term_runs = [(_head(e), w) for e, w in models.terms]  # logit terms: + w_i * z_i
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
@@ -161,7 +175,9 @@ def score(
         rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
         tgt = torch.tensor(targets, device=dev)
         base_at = base_run(ids, mask) if base_run is not None else None
-        if models.cascade:  # the value network reads softmax(z_base) @ E (+ E[token]) at every position
+        if models.probe:
+            base_at, value_at = probe_run(ids, mask)
+        elif models.cascade:  # the value network reads softmax(z_base) @ E (+ E[token]) at every position
             emb = _soft_inputs(models, base_at, ids, mask, chunk_rows)
             value_at = value_run(ids, mask, inputs_embeds=emb)
         else:

@@ -90,6 +90,9 @@ def prefill_logits(models: ModelSet, prompt: torch.Tensor, mask: torch.Tensor, r
     ``rows``: the cache slots they fill (None: the whole batch). With logit terms the value side is a list
     (see :func:`_with_terms`)."""
     kw = {} if rows is None else {"rows": rows}
+    if models.probe:  # the probe reads the base's last hidden state
+        zb, h = models.base.prefill(prompt, mask, hidden=True, **kw)
+        return zb, models.value.logits(h)
     if models.cascade:  # sequential: the value network reads the base's distribution
         zb_all = models.base.prefill(prompt, mask, all_logits=True, **kw)  # [n, T, V]
         emb = models.value.soft_embed(zb_all, prompt if models.scheme == "cascade+" else None)
@@ -104,6 +107,9 @@ def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None
     attend to; ``side``: a CUDA stream for the value model (residual scheme); ``active`` [B] bool: rows whose
     context advances (finished rows and free slots stay where they are)."""
     base, value = models.base, models.value
+    if models.probe:  # sequential: the probe reads the base's final hidden state
+        zb, h = base.decode(ids, hidden=True, **_kw(base, kv_len, active))
+        return zb, value.logits(h)
     if models.cascade:
         zb = base.decode(ids, **_kw(base, kv_len, active))
         emb = value.soft_embed(zb, ids if models.scheme == "cascade+" else None)

@@ -16,6 +16,7 @@ from .checkpoint import checkpoint_dir, iter_tensors, read_config, weight_files
 from .config import LEAN_MODEL_TYPES, LeanConfig, UnsupportedArchitecture, parse_dtype
 from .hf_adapter import HFCausalLM
 from .llama import ATTN_BACKENDS, LeanCausalLM
+from .probe import ProbeValue, is_probe_config, load_probe
 from .rope import static_inv_freq
 
 logger = logging.getLogger("ivl_fast")
@@ -26,6 +27,7 @@ __all__ = [
     "LEAN_MODEL_TYPES",
     "LeanCausalLM",
     "LeanConfig",
+    "ProbeValue",
     "UnsupportedArchitecture",
     "checkpoint_dir",
     "from_hf_model",
@@ -121,6 +123,8 @@ def load_model(
     ckpt_dtype = parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or None)
     dt = resolve_dtype(dtype, dev, ckpt_dtype)
     _, fmt = weight_files(path, allow_pickle=allow_pickle)  # refuses pickle-only checkpoints early
+    if is_probe_config(raw):  # a linear-probe value model (scheme "probe"): no engine, no KV cache
+        return load_probe(path, raw, dev, dt)
     if engine != "hf":
         try:
             cfg = LeanConfig.from_dict(raw)

@@ -252,11 +252,13 @@ class LeanCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         all_logits: bool = False,
         rows: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Left-padded prompts [B, T] + mask [B, T] -> next-token logits [B, V] ([B, T, V] with all_logits);
         fills the cache. ``inputs_embeds`` [B, T, H] replaces the token embeddings (cascade value networks).
         ``rows`` [B] int64: the cache rows (slots) these prompts go to; the other rows are left untouched
-        (default: all rows, B == the allocated batch)."""
+        (default: all rows, B == the allocated batch). ``hidden``: -> (logits [B, V], the last position's final
+        normed hidden state [B, H]) (a probe value model reads it)."""
         h = self.embed(input_ids, inputs_embeds)
         b, t = attention_mask.shape
         if (
@@ -293,6 +295,9 @@ class LeanCausalLM(nn.Module):
             self.kv.claims += 1  # every row rewritten: a persistent batch on this cache lost its rows
         else:
             self.seq_lens.index_copy_(0, rows, lengths)
+        if hidden:
+            hn = self.model.norm(h[:, -1])
+            return F.linear(hn, self.head_weight()), hn
         return self._logits(h) if all_logits else self._logits(h[:, -1])
 
     @torch.inference_mode()
@@ -307,8 +312,10 @@ class LeanCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         active: torch.Tensor | None = None,
         kv_len: int | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
-        """One token per row: input_ids [B] (or inputs_embeds [B, H]) -> logits [B, V].
+        """One token per row: input_ids [B] (or inputs_embeds [B, H]) -> logits [B, V] (``hidden``: and the final
+        normed hidden state [B, H], which a probe value model reads).
 
         ``active`` [B] bool: rows that really take this token (the others' contexts do not advance; their
         logits are meaningless). ``kv_len``: attend to the first ``kv_len`` cache columns only (the caller
@@ -342,6 +349,9 @@ class LeanCausalLM(nn.Module):
 
             h = layer(h, cos, sin, attend)
         self.seq_lens.add_(1 if active is None else active.to(self.seq_lens.dtype))
+        if hidden:
+            hn = self.model.norm(h[:, 0])
+            return F.linear(hn, self.head_weight()), hn
         return self._logits(h[:, 0])
 
     def extend(self, input_ids: torch.Tensor, *, kv_len: int | None = None) -> torch.Tensor:

@@ -47,6 +47,8 @@ class TrainConfig:
         out: the run's directory: checkpoints, log, the exported value network
         l1: weight of the L1 penalty on the value logits (0: plain IVL)
         scheme: the value network's input, one of TRAIN_SCHEMES (:mod:`ivl_fast.schemes`)
+            ("probe": no network over the tokens, the Llama MLP on the base's final hidden state; then value_init
+            only sizes it: its hidden and vocabulary sizes must be the bases', normally it is the base itself)
         lr: AdamW's peak learning rate
         warmup_ratio: share of each stage's steps spent warming up linearly (then cosine to 0)
         epochs: passes over the data per base (ignored when max_steps is set)
@@ -67,6 +69,7 @@ class TrainConfig:
             float32 on CPU); the value network's master weights stay float32
         loss_backend: fused CE+L1 implementation: auto, triton or torch
         fsdp: shard the value network with FSDP (several processes, residual scheme only)
+        probe_intermediate_size: the probe's MLP width (default: value_init's intermediate_size)
         progress: a progress bar on stderr (rank 0)
         allow_pickle: allow loading pickled .bin checkpoints (unsafe)
         debug_kill_at_step: testing aid: SIGKILL this process right after this optimizer step (simulates a crash)
@@ -97,6 +100,7 @@ class TrainConfig:
     dtype: str | None = None
     loss_backend: str = "auto"
     fsdp: bool = False
+    probe_intermediate_size: int | None = None
     progress: bool = True
     allow_pickle: bool = False
     debug_kill_at_step: int | None = field(default=None, repr=False)
@@ -118,6 +122,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_scheme(self.scheme, TRAIN_SCHEMES)
+        if self.probe_intermediate_size is not None and self.scheme != "probe":
+            raise ValueError("--probe-intermediate-size (probe_intermediate_size) needs --scheme probe")
+        if self.probe_intermediate_size is not None and self.probe_intermediate_size < 1:
+            raise ValueError(f"--probe-intermediate-size must be >= 1, got {self.probe_intermediate_size}")
+        if self.scheme == "probe" and self.fsdp:
+            raise ValueError("--fsdp supports the residual scheme only (got 'probe'); use DDP for a probe")
         if not self.bases:
             raise ValueError("at least one base (--base DIR) is required")
         checks = [  # (field, holds, what it must be); errors name the CLI flag and the field

@@ -202,7 +202,13 @@ def export(cfg: TrainConfig, out: Path, sd: dict, tokenizer, run: dict, summary:
     """
     from safetensors.torch import save_file
 
-    raw = read_config(cfg.value_init)
+    if cfg.scheme == "probe":  # not a transformers model: its own config (ivl_fast.models.probe)
+        from ..models.probe import probe_config
+
+        (i, h), v = sd["gate_proj.weight"].shape, sd["lm_head.weight"].shape[0]
+        raw = probe_config(int(h), int(i), int(v))
+    else:
+        raw = read_config(cfg.value_init)
     raw["torch_dtype"] = "float32"
     raw.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(raw, indent=2))

@@ -170,7 +170,10 @@ def pad_token_id(tokenizer) -> int:
 def load_value(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> tuple[LeanCausalLM, torch.nn.Module]:
     """(the value network, what runs its forward): float32 master weights (the forward runs under autocast on
     GPU), trainable, wrapped by DDP under several processes or sharded by FSDP2 with --fsdp."""
-    value = load_model(cfg.value_init, device=device, dtype="float32", engine="lean", allow_pickle=cfg.allow_pickle)
+    if cfg.scheme == "probe":
+        value = new_probe(cfg, device)
+    else:
+        value = load_model(cfg.value_init, device=device, dtype="float32", engine="lean", allow_pickle=cfg.allow_pickle)
     value.requires_grad_(True).train()
     value.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.fsdp and not dist.comm:
@@ -191,6 +194,28 @@ def load_value(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> tuple[
 
         return value, DDP(value, device_ids=[device.index] if device.type == "cuda" else None)
     return value, value
+
+
+def new_probe(cfg: TrainConfig, device: torch.device):
+    """A fresh probe value model sized by ``cfg.value_init``'s config (seeded); its head starts at zero, so the
+    run starts from the base itself (z_post = z_base)."""
+    from ..models.probe import ProbeValue
+
+    raw = read_config(cfg.value_init)
+    width = cfg.probe_intermediate_size or int(raw.get("intermediate_size") or 4 * raw["hidden_size"])
+    for b in cfg.bases:  # every base of a curriculum must have the width and vocabulary the probe reads
+        rb = read_config(b)
+        if (rb.get("hidden_size"), rb.get("vocab_size")) != (raw.get("hidden_size"), raw.get("vocab_size")):
+            raise ValueError(
+                f"--scheme probe: base {b} has hidden size {rb.get('hidden_size')} and vocabulary "
+                f"{rb.get('vocab_size')}, --value-init {cfg.value_init} has {raw.get('hidden_size')} and "
+                f"{raw.get('vocab_size')}: a probe reads one base width"
+            )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        probe = ProbeValue(int(raw["hidden_size"]), width, int(raw["vocab_size"]))
+    torch.nn.init.zeros_(probe.lm_head.weight)
+    return probe.to(device=device, dtype=torch.float32)
 
 
 def load_base(run: TrainRun, stage: int) -> LeanCausalLM:

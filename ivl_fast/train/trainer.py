@@ -270,7 +270,9 @@ def micro_batch_loss(cfg: TrainConfig, value_fwd, value: LeanCausalLM, base: Lea
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad():
         base_h = base(ids, attention_mask=mask, output_hidden=True)  # [B, T, Hb]
-    if not is_cascade(cfg.scheme):  # residual: the value network reads the tokens
+    if cfg.scheme == "probe":  # the probe reads the base's final hidden states
+        value_h = value_fwd(base_h)
+    elif not is_cascade(cfg.scheme):  # residual: the value network reads the tokens
         value_h = value_fwd(ids, attention_mask=mask, output_hidden=True)
     else:  # cascade(+): the value network reads the base's next-token distribution
         with torch.no_grad():
