@@ -16,8 +16,9 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} MAX_JOBS=${MAX_JO
 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1  # the image has the deps; nothing can be fetched there
 $PY -c "import ivl_fast, json; print(json.dumps(ivl_fast.build_info()))" > "$OUT/build_info.json" 2>> "$OUT/build.log"
 # 2. correctness on the device: graph path vs eager (python and C++ runners, all layouts), kernels vs references
+#    (test_row_seeds / test_logit_terms run the compiled kernel's per-row seeds and logit terms against the torch path)
 $PY -m pytest -q -x tests/test_graphs.py tests/test_combine_and_sample.py tests/test_fused_ce_l1.py \
-  tests/test_decoder.py -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  tests/test_decoder.py tests/test_row_seeds.py tests/test_logit_terms.py -p no:cacheprovider > "$OUT/tests.log" 2>&1
 echo "tests rc=$?" >> "$OUT/tests.log"
 # 3. decode measurements: base alone vs pair (fused / two streams / one stream / eager) vs naive HF
 IVL_BENCH_PAIRS=${IVL_BENCH_PAIRS:-"tinyllama-1.1b+llama-2-7b,tinyllama-1.1b+llama-2-13b"} \

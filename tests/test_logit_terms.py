@@ -13,6 +13,7 @@ from ivl_fast import FastIVLDecoder
 from ivl_fast.ops.combine_and_sample import combine_and_sample
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy log(0) inside the interpreter
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel compiled on a GPU, else interpreted
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -22,6 +23,8 @@ def test_terms_add_their_weighted_logits_before_sampling(backend):
     zb, zv, t1, t2 = (torch.randn(b, v, generator=g) * 3 for _ in range(4))
     t2 = t2.to(torch.bfloat16)  # a term in another dtype than the others
     want = zb.double() + 0.7 * zv.double() - 1.0 * t1.double() + 0.25 * t2.double()
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    zb, zv, t1, t2 = (t.to(dev) for t in (zb, zv, t1, t2))
     ids, lp, bad = combine_and_sample(
         zb,
         zv,
@@ -31,10 +34,11 @@ def test_terms_add_their_weighted_logits_before_sampling(backend):
         backend=backend,
         return_logprobs=True,
     )
+    ids, lp, bad = ids.cpu(), lp.cpu(), bad.cpu()
     assert ids.tolist() == want.argmax(-1).tolist() and not bad.any()
     torch.testing.assert_close(lp.double(), want.log_softmax(-1).gather(1, ids[:, None])[:, 0], atol=1e-4, rtol=0)
     # weights as a device tensor (what the decoder keeps, graph-safe), sampling with top_k = 1
-    w = torch.tensor([-1.0, 0.25])
+    w = torch.tensor([-1.0, 0.25], device=dev)
     ids2 = combine_and_sample(
         zb,
         zv,
@@ -45,9 +49,9 @@ def test_terms_add_their_weighted_logits_before_sampling(backend):
         do_sample=True,
         top_k=1,
         seed=3,
-        generator=torch.Generator().manual_seed(1),
+        generator=torch.Generator(device=dev).manual_seed(1),
     )[0]
-    assert ids2.tolist() == ids.tolist()
+    assert ids2.cpu().tolist() == ids.tolist()
 
 
 def test_bad_terms_are_refused_naming_them():

@@ -19,6 +19,9 @@ from ivl_fast.ops.combine_and_sample import combine_and_sample
 from ivl_fast.philox import row_uniforms
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy log(0) inside the interpreter
+# the fused kernel runs where Triton can: on the GPU when there is one (then these tests validate the compiled
+# kernel against the torch path on CPU), else in the interpreter on CPU
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @triton.jit
@@ -37,10 +40,10 @@ def _philox_rows(seed_ptr, step_ptr, out_ptr, V, BLOCK: tl.constexpr):
 def test_torch_philox_equals_tritons_bit_for_bit():
     seed = torch.tensor([0, 1, -5, 2**40 + 7, -(2**62), 2**63 - 1], dtype=torch.int64)
     step = torch.tensor([0, 3, 2**33 + 1, 17, 5, 2**32 - 1], dtype=torch.int64)
-    out = torch.zeros(len(seed), 128)
-    _philox_rows[(len(seed),)](seed, step, out, 128, BLOCK=128)
+    out = torch.zeros(len(seed), 128, device=KERNEL_DEVICE)
+    _philox_rows[(len(seed),)](seed.to(KERNEL_DEVICE), step.to(KERNEL_DEVICE), out, 128, BLOCK=128)
     ref = row_uniforms(seed, step, 128)
-    assert torch.equal(out, ref)
+    assert torch.equal(out.cpu(), ref)
     assert 0.4 < ref.mean() < 0.6 and ref.min() >= 0 and ref.max() < 1
     # counters matter: another step, another seed -> other numbers
     assert not torch.equal(row_uniforms(seed, step + 1, 128), ref)
@@ -51,19 +54,21 @@ WARP = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02)
 
 
 def _seeded_draw(z, seeds, steps, seeded, backend, **kw):
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    z, seeds, steps, seeded = (t.to(dev) for t in (z, seeds, steps, seeded))
     return combine_and_sample(
         z,
         None,
         do_sample=True,
         seed=99,
         offset=3,
-        generator=torch.Generator().manual_seed(5),
+        generator=torch.Generator(device=dev).manual_seed(5),
         backend=backend,
         row_seed=seeds,
         row_step=steps,
         seeded=seeded,
         **{**WARP, **kw},
-    )[0]
+    )[0].cpu()
 
 
 def test_the_kernel_and_the_torch_path_draw_the_same_ids_for_seeded_rows():
@@ -109,16 +114,17 @@ def test_unseeded_rows_keep_the_batch_stream():
     z = torch.randn(16, 100, generator=g) * 2
     none = torch.zeros(16, dtype=torch.bool)
     for backend in ("torch", "triton"):
+        dev = KERNEL_DEVICE if backend == "triton" else "cpu"
         plain = combine_and_sample(
-            z,
+            z.to(dev),
             None,
             do_sample=True,
             seed=99,
             offset=3,
-            generator=torch.Generator().manual_seed(5),
+            generator=torch.Generator(device=dev).manual_seed(5),
             backend=backend,
             **WARP,
-        )[0]
+        )[0].cpu()
         flagged = _seeded_draw(z, torch.zeros(16, dtype=torch.int64), torch.zeros(16, dtype=torch.int64), none, backend)
         assert torch.equal(plain, flagged), backend
 
