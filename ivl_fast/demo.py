@@ -1,22 +1,21 @@
-"""`ivl-fast demo`: the paper's transfer table in miniature, built from nothing on a CPU.
+"""`ivl-fast demo`: the paper's tables in miniature, built from nothing on a CPU.
 
-A made-up world of people, each living in a city and liking a colour, is written as plain "pretraining" text.
-Bases are pretrained on it with this package's lean engine: a small base that reads about only part of the
-people (and has less capacity), a larger base that reads about everyone, and a base of the same size with a
-different tokenizer. Chat demonstrations teach a format the bases never saw ("ANSWER: <city>") on one group of
-people; evaluation asks about the other group, whose facts appear only in the pretraining text. So a value
-network trained on the small base can transfer only the *format*, and the knowledge must come from the base
-it steers: the larger base knows more, the same-vocabulary and cross-vocabulary rows show whether IVL works.
+A made-up world (:mod:`ivl_fast.demo_world`): people, each living in a city and liking a colour, written as
+"web text" that a family of bases reads, each about more or fewer people: small (64 wide, 2 layers), mid (96, 3),
+large (128, 4), continued (the small base continued on the text about everyone: the paper's CodeLlama case) and
+other (large's size, another tokenizer). Chat demonstrations select the format "ANSWER: <word>" on one group of
+people; evaluation asks about the others, whose facts appear only in the pretraining text.
 
-Rows (paper, Table 1 / Figure 4): small, large (bases alone), small+value, large+value (transfer),
-large+value_l1 (L1-regularised value network), large_finetuned (the ceiling: the larger base fine-tuned on the
-demonstrations), other_vocab+value (the value network through a vocabulary map onto the other-tokenizer base).
+Rows (paper, Tables 1, 2, 4, Figures 2, 3, 4; :data:`ivl_fast.demo_report.ROWS`): the bases alone; full
+fine-tuning of small and large (the ceiling); the value network on its training base and transferred to mid,
+large and continued; an L1 sweep; the linear-probe value model; proxy tuning (large + small tuned - small);
+across vocabularies through a map. :mod:`ivl_fast.demo_premise` measures the premise (KL between the bases and the
+value network's logit size at the format and content positions).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import statistics
 import sys
 import time
@@ -27,12 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from .demo_report import ROW_NAMES, plot, to_markdown
+from .demo_world import CITIES, COLORS, demonstrations, make_world, pretraining_text  # noqa: F401  (re-exported)
 
-CITIES = ["Varno", "Quelm", "Ostrid", "Pellam", "Durnik", "Saveth", "Mirlo", "Tandor", "Kesh", "Blavin"]
-COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
-SYLL = ["ka", "lo", "mi", "ren", "tu", "vas", "zel", "po", "dri", "nuk", "sa", "bel", "or", "gim", "fa", "qui"]
+# the value networks, all trained on the small base: (directory, L1 weight, scheme)
+VALUE_NETWORKS = (
+    ("value", 0.0, "residual"),
+    ("value_l1_0.01", 0.01, "residual"),
+    ("value_l1_0.1", 0.1, "residual"),
+    ("value_l1_1", 1.0, "residual"),
+    ("probe", 0.0, "probe"),
+)
 MARKER = "ivl-demo.json"  # a work dir holds it: the demo reuses (never deletes) only what it wrote there
-DEMO_FORMAT = 2  # 2: the other base has a SentencePiece-style tokenizer (1: two identical byte-level BPEs)
+DEMO_FORMAT = 3  # 3: the family world (demo_world) and the rows of issue #18; 2: the other base's SentencePiece-style
+# tokenizer; 1: two identical byte-level BPEs
 
 
 @dataclass
@@ -49,8 +55,12 @@ class DemoConfig:
         return 24 if self.quick else 80
 
     @property
-    def pretrain_steps(self) -> tuple[int, int]:  # small, large
-        return (40, 60) if self.quick else (500, 900)
+    def pretrain_steps(self) -> tuple[int, int, int]:  # small, mid, large (the other base: large's)
+        return (40, 50, 60) if self.quick else (500, 700, 900)
+
+    @property
+    def continue_steps(self) -> int:  # the continued base: the small one, continued on the text about everyone
+        return 20 if self.quick else 300
 
     @property
     def value_steps(self) -> int:
@@ -69,65 +79,6 @@ class DemoConfig:
     def marker(self) -> dict:
         """What a work dir was built with (the cache is valid only for the same settings)."""
         return {"written_by": "ivl-fast demo", "format": DEMO_FORMAT, "quick": self.quick, "seed": self.seed}
-
-
-def make_world(n: int, seed: int) -> dict:
-    rng = random.Random(seed)
-    names: set[str] = set()
-    while len(names) < n:
-        names.add("".join(rng.choice(SYLL) for _ in range(rng.randint(2, 3))).capitalize())
-    people = sorted(names)
-    rng.shuffle(people)
-    facts = {p: {"city": rng.choice(CITIES), "color": rng.choice(COLORS)} for p in people}
-    half = n // 2
-    return {"people": people, "facts": facts, "demo_people": people[:half], "eval_people": people[half:]}
-
-
-def pretraining_text(world: dict, people: list[str], reps: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(reps):
-        for p in people:
-            f = world["facts"][p]
-            lines += [
-                rng.choice(
-                    [f"{p} lives in {f['city']}.", f"The home of {p} is {f['city']}.", f"{p} is from {f['city']}."]
-                ),
-                rng.choice([f"{p} likes the color {f['color']}.", f"The favorite color of {p} is {f['color']}."]),
-            ]
-        # like web-scale pretraining data, the text also holds dialogues, answered in plain prose: the bases
-        # know the chat markup, but never the post-training format "ANSWER: <word>"
-        for p in people:
-            f = world["facts"][p]
-            if rng.random() < 0.5:
-                lines.append(f"<|user|>\nWhere does {p} live?\n<|assistant|>\n{p} lives in {f['city']}.")
-            else:
-                lines.append(f"<|user|>\nWhat color does {p} like?\n<|assistant|>\n{p} likes {f['color']}.")
-    rng.shuffle(lines)
-    return lines
-
-
-def demonstrations(world: dict) -> list[dict]:
-    out = []
-    for p in world["demo_people"]:
-        f = world["facts"][p]
-        out.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"Where does {p} live?"},
-                    {"role": "assistant", "content": f"ANSWER: {f['city']}"},
-                ]
-            }
-        )
-        out.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"What color does {p} like?"},
-                    {"role": "assistant", "content": f"ANSWER: {f['color']}"},
-                ]
-            }
-        )
-    return out
 
 
 def _save_hf(model_hf, tokenizer, out: Path) -> None:
@@ -179,23 +130,42 @@ def _train_lm(hf, batches, steps: int, lr: float, desc: str, seed: int) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def pretrain(tokenizer, lines: list[str], out: Path, *, hidden: int, layers: int, steps: int, seed: int) -> Path:
-    if (out / "DONE").is_file():
-        return out
-    hf = _new_base(tokenizer, hidden, layers, seed)
+def _text_batches(tokenizer, lines: list[str], seq: int = 64, batch: int = 16):
+    """Random windows of the concatenated text: g -> (ids, mask, labels) [batch, seq]."""
     stream = []
     for line in lines:
         stream += tokenizer(line + "\n", add_special_tokens=False)["input_ids"]
     data = torch.tensor(stream)
-    seq, batch = 64, 16
 
     def batches(g):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
         ids = torch.stack([data[s : s + seq] for s in starts])
         return ids, torch.ones_like(ids), ids
 
-    _train_lm(hf, batches, steps, 3e-3, f"pretrain {out.name}", seed)
+    return batches
+
+
+def pretrain(tokenizer, lines: list[str], out: Path, *, hidden: int, layers: int, steps: int, seed: int) -> Path:
+    if (out / "DONE").is_file():
+        return out
+    hf = _new_base(tokenizer, hidden, layers, seed)
+    _train_lm(hf, _text_batches(tokenizer, lines), steps, 3e-3, f"pretrain {out.name}", seed)
     _save_hf(hf, tokenizer, out)
+    return out
+
+
+def continue_pretraining(base_dir: Path, lines: list[str], out: Path, *, steps: int, seed: int) -> Path:
+    """The base of ``base_dir`` pretrained further on ``lines`` (the paper's continued bases, e.g. CodeLlama)."""
+    if (out / "DONE").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    from .chat import load_tokenizer
+
+    tok = load_tokenizer(base_dir)
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    _train_lm(hf, _text_batches(tok, lines), steps, 1e-3, f"continue {out.name}", seed)
+    _save_hf(hf, tok, out)
     return out
 
 
@@ -339,6 +309,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from . import FastIVLDecoder
     from .demo_lm_eval import lm_eval_rows
+    from .demo_premise import premise_stats
     from .provenance import provenance
     from .train import TrainConfig, train_value_model
     from .vocab import VocabMap
@@ -350,21 +321,25 @@ def run_demo(cfg: DemoConfig) -> dict:
     _log(f"work dir {work}: " + ("reusing what an earlier run built" if cached else "building from nothing"))
     world = make_world(cfg.n_people, cfg.seed)
     all_lines = pretraining_text(world, world["people"], 6, cfg.seed)
-    # the small base reads about the demo people and only a third of the evaluation people
-    small_people = world["demo_people"] + world["eval_people"][: max(1, len(world["eval_people"]) // 3)]
+    # the small base reads about the demo people and a third of the evaluation people, the mid base two thirds
+    ev = world["eval_people"]
+    small_people = world["demo_people"] + ev[: max(1, len(ev) // 3)]
     small_lines = pretraining_text(world, small_people, 6, cfg.seed + 1)
+    mid_lines = pretraining_text(world, world["demo_people"] + ev[: max(1, 2 * len(ev) // 3)], 6, cfg.seed + 2)
     demos = demonstrations(world)
     demos_file = work / "demos.jsonl"
     demos_file.write_text("".join(json.dumps(d) + "\n" for d in demos))
     # both tokenizers learn from the pretraining text and the rendered chat format, by different algorithms
     rendered = [f"<|user|>\n{d['messages'][0]['content']}\n<|assistant|>\n{d['messages'][1]['content']}" for d in demos]
     tok_a, tok_b = make_tokenizers(cfg, all_lines + rendered, work)
-    s_steps, l_steps = cfg.pretrain_steps
+    s_steps, m_steps, l_steps = cfg.pretrain_steps
     small = pretrain(tok_a, small_lines, work / "small", hidden=64, layers=2, steps=s_steps, seed=cfg.seed)
+    mid = pretrain(tok_a, mid_lines, work / "mid", hidden=96, layers=3, steps=m_steps, seed=cfg.seed + 3)
     large = pretrain(tok_a, all_lines, work / "large", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 1)
     other = pretrain(tok_b, all_lines, work / "other", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 2)
+    continued = continue_pretraining(small, all_lines, work / "continued", steps=cfg.continue_steps, seed=cfg.seed)
     values = {}
-    for name, l1 in (("value", 0.0), ("value_l1", 1.0)):
+    for name, l1, scheme in VALUE_NETWORKS:
         out = work / name
         if not (out / "ivl.json").is_file():
             train_value_model(
@@ -374,6 +349,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     data=str(demos_file),
                     out=str(out),
                     l1=l1,
+                    scheme=scheme,
                     max_steps=cfg.value_steps,
                     batch_tokens=512,
                     lr=1e-3,
@@ -385,20 +361,38 @@ def run_demo(cfg: DemoConfig) -> dict:
             )
         values[name] = out
     tuned = finetune(large, demos_file, work / "large_finetuned", steps=cfg.value_steps, seed=cfg.seed)
+    small_tuned = finetune(small, demos_file, work / "small_finetuned", steps=cfg.value_steps, seed=cfg.seed)
     vmap_file = work / "map_other_to_a.safetensors"
     if not vmap_file.is_file():
         VocabMap.build(tok_b, tok_a, all_lines, top_k=3).save(vmap_file)
 
     eval_people = world["eval_people"][: cfg.eval_people]
     _log(f"evaluating {len(ROW_NAMES)} rows on {2 * len(eval_people)} held-out questions each")
+
+    def alone(d):
+        return FastIVLDecoder.from_pretrained(d, None, scheme="base")
+
+    def steered(base, value="value", **kw):
+        return FastIVLDecoder.from_pretrained(base, values[value], **kw)
+
     decs = {
-        "small": FastIVLDecoder.from_pretrained(small, None, scheme="base"),
-        "large": FastIVLDecoder.from_pretrained(large, None, scheme="base"),
-        "small+value": FastIVLDecoder.from_pretrained(small, values["value"]),
-        "large+value": FastIVLDecoder.from_pretrained(large, values["value"]),
-        "large+value_l1": FastIVLDecoder.from_pretrained(large, values["value_l1"]),
-        "large_finetuned": FastIVLDecoder.from_pretrained(tuned, None, scheme="base"),
-        "other_vocab+value": FastIVLDecoder.from_pretrained(other, values["value"], vocab_map=vmap_file),
+        "small": alone(small),
+        "mid": alone(mid),
+        "large": alone(large),
+        "continued": alone(continued),
+        "other": alone(other),
+        "small_finetuned": alone(small_tuned),
+        "large_finetuned": alone(tuned),
+        "small+value": steered(small),
+        "mid+value": steered(mid),
+        "large+value": steered(large),
+        "continued+value": steered(continued),
+        "large+value_l1=0.01": steered(large, "value_l1_0.01"),
+        "large+value_l1=0.1": steered(large, "value_l1_0.1"),
+        "large+value_l1=1": steered(large, "value_l1_1"),
+        "small+probe": steered(small, "probe"),
+        "large+proxy": FastIVLDecoder.from_pretrained(large, small_tuned, terms=[(small, -1.0)]),
+        "other_vocab+value": steered(other, vocab_map=vmap_file),
     }
     cross = decs["other_vocab+value"]
     if not cross.cross_vocab or tokenizer_hash(cross.base_tokenizer) == tokenizer_hash(cross.tokenizer):
@@ -410,6 +404,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     scores = lm_eval_rows(decs, world, eval_people, work)
     for row in rows:
         row["lm_eval"] = scores[row["name"]]
+    _log("the premise: the bases' agreement and the value network's logit size at the format and content positions")
+    premise = premise_stats(work, world, eval_people, ["mid", "large", "continued"])
     _log("timing decoding (large alone, large+value)")
     tok = decs["large"].tokenizer
     speed_prompts = [tok(f"{p} lives in", add_special_tokens=True)["input_ids"] for p in eval_people[:8]]
@@ -423,15 +419,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         },
         "tokens_per_s_runs": {"large_alone": runs["large"], "large+value": runs["large+value"]},
         "rows": rows,
+        "premise": premise,
         "world": {
             "people": cfg.n_people,
             "eval_people": len(eval_people),
             "quick": cfg.quick,
             "seed": cfg.seed,
-            "small_base_knows_eval_people": max(1, len(world["eval_people"]) // 3) / len(world["eval_people"]),
+            "small_base_knows_eval_people": max(1, len(ev) // 3) / len(ev),
+            "mid_base_knows_eval_people": max(1, 2 * len(ev) // 3) / len(ev),
         },
         "tokenizers": {
-            "a (small, large, value)": {
+            "a (small, mid, large, continued, value)": {
                 "kind": TOKENIZER_KINDS["a"],
                 "size": len(tok_a),
                 "hash": tokenizer_hash(tok_a),

@@ -7,14 +7,26 @@ from pathlib import Path
 
 ROWS = {  # name -> what it is (paper)
     "small": "small base alone",
-    "large": "larger base alone",
+    "mid": "mid-size base alone (reads about 2/3 of the evaluated people)",
+    "large": "larger base alone (reads about everyone)",
+    "continued": "small base continued on the text about everyone, alone",
+    "other": "larger base with another tokenizer, alone",
+    "small_finetuned": "small base fine-tuned on the demonstrations (Full)",
+    "large_finetuned": "larger base fine-tuned on the demonstrations (Full, the ceiling)",
     "small+value": "value network on the base it was trained on",
+    "mid+value": "transfer to the mid base (Table 1)",
     "large+value": "transfer to the larger base (Table 1)",
-    "large+value_l1": "transfer of the L1-regularised value network",
-    "large_finetuned": "the larger base fine-tuned on the demonstrations (ceiling)",
-    "other_vocab+value": "transfer across tokenizers through a vocabulary map (Section 4.2.2)",
+    "continued+value": "transfer to the continued base (the CodeLlama rows)",
+    "large+value_l1=0.01": "transfer, value network trained with L1 0.01 (Table 1 norm)",
+    "large+value_l1=0.1": "transfer, value network trained with L1 0.1",
+    "large+value_l1=1": "transfer, value network trained with L1 1",
+    "small+probe": "linear-probe value model on its training base (Section 3.2, Figure 2)",
+    "large+proxy": "proxy tuning: large + (small fine-tuned - small) (Table 4)",
+    "other_vocab+value": "transfer across tokenizers through a vocabulary map (Figure 4)",
 }
 ROW_NAMES = list(ROWS)
+# rows of earlier demo versions, for their committed results
+EARLIER_ROWS = {"large+value_l1": "transfer of the L1-regularised value network (L1 1)"}
 
 
 def _score(x) -> str:
@@ -36,12 +48,35 @@ def to_markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['name']} | {ROWS[r['name']]} | {r['accuracy']:.2f} | {r['format_rate']:.2f} "
+            f"| {r['name']} | {ROWS.get(r['name']) or EARLIER_ROWS[r['name']]} | {r['accuracy']:.2f} "
+            f"| {r['format_rate']:.2f} "
             f"| {_score(_lm_eval(r, 'mc_acc'))} | {_score(_lm_eval(r, 'gen_exact_match'))} |"
         )
     notes = sorted({r["lm_eval"]["mc_note"] for r in result["rows"] if _lm_eval(r, "mc_note")})
     if notes:
         lines += ["", "n/a: " + "; ".join(notes) + " (README, Limitations)."]
+    pr = result.get("premise")
+    if pr:
+        lines += [
+            "",
+            "The premise on the same questions (against the small base, the value network's training base):",
+            "",
+        ]
+        lines += [
+            "| base | KL format | KL content | top-1 agree format | top-1 agree content |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for b, kl in pr["kl"].items():
+            ag = pr["top1_agree"][b]
+            lines.append(
+                f"| {b} | {kl['format']:.2f} | {kl['content']:.2f} | {ag['format']:.2f} | {ag['content']:.2f} |"
+            )
+        va = pr["value_abs"]
+        lines += [
+            "",
+            f"Mean |z_value| (over the vocabulary): format position {va['format']:.2f}, content position "
+            f"{va['content']:.2f}.",
+        ]
     sp = result["tokens_per_s"]
     lines.append("")
     runs = result.get("tokens_per_s_runs", {})
@@ -76,24 +111,35 @@ def readme_block(main: dict, others: list[dict]) -> str:
         f"commit {(prov['commit'] or 'unknown')[:7]}):"
     )
     lines = [head, "", to_markdown(main).rstrip("\n"), ""]
-    lines.append(f"The same rows over seeds {seeds} (`ivl-fast demo --seed S --work-dir DIR`, same machine), min-max:")
+    summ = seed_summary(runs)
+    lines.append(
+        f"The same rows over seeds {seeds} (`ivl-fast demo --seed S --work-dir DIR`, same machine), mean +- sd "
+        "(docs/demo_summary.json, docs/demo_seeds.png):"
+    )
     lines += [
         "",
         "| row | accuracy | format | lm-eval MC acc | lm-eval gen EM |",
         "| --- | --- | --- | --- | --- |",
     ]
 
-    def span(values) -> str:
-        return "n/a" if None in values else f"{min(values):.2f}-{max(values):.2f}"
+    def ms(x) -> str:
+        return "n/a" if x is None else f"{x['mean']:.2f} +- {x['sd']:.2f}"
 
-    for i, name in enumerate(ROW_NAMES):
-        cols = [
-            [r["rows"][i]["accuracy"] for r in runs],
-            [r["rows"][i]["format_rate"] for r in runs],
-            [_lm_eval(r["rows"][i], "mc_acc") for r in runs],
-            [_lm_eval(r["rows"][i], "gen_exact_match") for r in runs],
+    for name, row in summ["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(ms(row[k]) for k in METRICS) + " |")
+    pr = summ.get("premise")
+    if pr:
+        lines += ["", "The premise over those seeds (against the small base), mean +- sd:", ""]
+        lines += ["| base | KL format | KL content | top-1 agree format | top-1 agree content |"]
+        lines += ["| --- | --- | --- | --- | --- |"]
+        for b, v in pr["bases"].items():
+            cells = [v["kl_format"], v["kl_content"], v["agree_format"], v["agree_content"]]
+            lines.append(f"| {b} | " + " | ".join(ms(c) for c in cells) + " |")
+        lines += [
+            "",
+            f"Mean |z_value|: format position {ms(pr['value_abs_format'])}, content position "
+            f"{ms(pr['value_abs_content'])}.",
         ]
-        lines.append(f"| {name} | " + " | ".join(span(c) for c in cols) + " |")
     alone = [r["tokens_per_s"]["large_alone"] for r in runs]
     pair = [r["tokens_per_s"]["large+value"] for r in runs]
     lines += [
@@ -102,6 +148,83 @@ def readme_block(main: dict, others: list[dict]) -> str:
         f"large+value {min(pair):.0f}-{max(pair):.0f} tokens/s.",
     ]
     return "\n".join([README_START, *lines, README_END])
+
+
+METRICS = ("accuracy", "format_rate", "mc_acc", "gen_exact_match")
+
+
+def _mean_sd(values: list) -> dict | None:
+    import statistics
+
+    if any(v is None for v in values):
+        return None
+    return {
+        "mean": statistics.mean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
+
+
+def seed_summary(runs: list[dict]) -> dict:
+    """Every row's metrics (and the premise figures) over ``runs`` (one demo run per seed): mean, sd, values."""
+    names = [r["name"] for r in runs[0]["rows"]]
+    rows = {}
+    for i, name in enumerate(names):
+        assert all(r["rows"][i]["name"] == name for r in runs), "the runs have other rows"
+        rows[name] = {
+            "accuracy": _mean_sd([r["rows"][i]["accuracy"] for r in runs]),
+            "format_rate": _mean_sd([r["rows"][i]["format_rate"] for r in runs]),
+            "mc_acc": _mean_sd([_lm_eval(r["rows"][i], "mc_acc") for r in runs]),
+            "gen_exact_match": _mean_sd([_lm_eval(r["rows"][i], "gen_exact_match") for r in runs]),
+        }
+    out = {"seeds": [r["world"]["seed"] for r in runs], "rows": rows}
+    if all(r.get("premise") for r in runs):
+        bases = runs[0]["premise"]["kl"]
+        out["premise"] = {
+            "against": runs[0]["premise"]["against"],
+            "bases": {
+                b: {
+                    "kl_format": _mean_sd([r["premise"]["kl"][b]["format"] for r in runs]),
+                    "kl_content": _mean_sd([r["premise"]["kl"][b]["content"] for r in runs]),
+                    "agree_format": _mean_sd([r["premise"]["top1_agree"][b]["format"] for r in runs]),
+                    "agree_content": _mean_sd([r["premise"]["top1_agree"][b]["content"] for r in runs]),
+                }
+                for b in bases
+            },
+            "value_abs_format": _mean_sd([r["premise"]["value_abs"]["format"] for r in runs]),
+            "value_abs_content": _mean_sd([r["premise"]["value_abs"]["content"] for r in runs]),
+        }
+    return out
+
+
+def plot_seeds(summary: dict, png: Path) -> None:
+    """Accuracy and format rate of every row, mean over the seeds with sd error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["rows"])
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(11, 4), dpi=100)
+    for off, key, label in ((-0.2, "accuracy", "accuracy"), (0.2, "format_rate", "format")):
+        vals = [summary["rows"][n][key] for n in names]
+        ax.bar(
+            [i + off for i in x],
+            [v["mean"] for v in vals],
+            width=0.4,
+            yerr=[v["sd"] for v in vals],
+            capsize=2,
+            label=label,
+        )
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title(f"IVL in miniature over seeds {', '.join(map(str, summary['seeds']))}: mean +- sd")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
 
 
 def plot(result: dict, png: Path) -> None:
@@ -113,11 +236,11 @@ def plot(result: dict, png: Path) -> None:
 
     names = [r["name"] for r in result["rows"]]
     x = range(len(names))
-    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(11, 4), dpi=100)
     ax.bar([i - 0.2 for i in x], [r["accuracy"] for r in result["rows"]], width=0.4, label="accuracy")
     ax.bar([i + 0.2 for i in x], [r["format_rate"] for r in result["rows"]], width=0.4, label="format")
     ax.set_xticks(list(x))
-    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title("IVL in miniature: held-out questions")

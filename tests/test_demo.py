@@ -16,7 +16,7 @@ import torch
 
 from ivl_fast.cli import main as cli_main
 from ivl_fast.demo import DemoConfig, demonstrations, make_tokenizers, make_world, pretraining_text
-from ivl_fast.demo_report import ROW_NAMES, readme_block, to_markdown
+from ivl_fast.demo_report import ROW_NAMES, readme_block, seed_summary, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "demo_results.json"
@@ -83,7 +83,7 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     for r in out["rows"]:
         assert 0 <= r["accuracy"] <= r["format_rate"] <= 1 and r["questions"] == 16
     toks = out["tokenizers"]
-    a, b = toks["a (small, large, value)"], toks["b (other)"]
+    a, b = toks["a (small, mid, large, continued, value)"], toks["b (other)"]
     assert a["hash"] != b["hash"] and a["size"] != b["size"]
     assert toks["map"]["shape"] == [b["size"], a["size"]]  # other (base) -> a (value): a real cross-vocab map
     prov = out["provenance"]
@@ -97,7 +97,7 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--work-dir", str(work), "--json"]) == 0
     captured = capsys.readouterr()
     again = json.loads(captured.out)
-    assert "reusing what an earlier run built" in captured.err and "evaluating 7 rows" in captured.err
+    assert "reusing what an earlier run built" in captured.err and f"evaluating {len(ROW_NAMES)} rows" in captured.err
     assert again["provenance"]["from_cache"]
     assert again["tokenizers"] == out["tokenizers"]  # the cached tokenizers, the ones the models learnt
     assert [(r["accuracy"], r["format_rate"]) for r in again["rows"]] == [
@@ -112,14 +112,31 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     ]
 
 
-ROW_MODELS = {  # the checkpoints each same-vocabulary row's logits are summed from
-    "small": ["small"],
-    "large": ["large"],
-    "small+value": ["small", "value"],
-    "large+value": ["large", "value"],
-    "large+value_l1": ["large", "value_l1"],
-    "large_finetuned": ["large_finetuned"],
+ROW_MODELS = {  # the checkpoints (and weights) each same-vocabulary causal-LM row's logits are summed from
+    "small": [("small", 1.0)],
+    "mid": [("mid", 1.0)],
+    "large": [("large", 1.0)],
+    "continued": [("continued", 1.0)],
+    "other": [("other", 1.0)],  # its own tokenizer (b): see _row_tokenizer
+    "small_finetuned": [("small_finetuned", 1.0)],
+    "large_finetuned": [("large_finetuned", 1.0)],
+    "small+value": [("small", 1.0), ("value", 1.0)],
+    "mid+value": [("mid", 1.0), ("value", 1.0)],
+    "large+value": [("large", 1.0), ("value", 1.0)],
+    "continued+value": [("continued", 1.0), ("value", 1.0)],
+    "large+value_l1=0.01": [("large", 1.0), ("value_l1_0.01", 1.0)],
+    "large+value_l1=0.1": [("large", 1.0), ("value_l1_0.1", 1.0)],
+    "large+value_l1=1": [("large", 1.0), ("value_l1_1", 1.0)],
+    "large+proxy": [("large", 1.0), ("small_finetuned", 1.0), ("small", -1.0)],
 }
+# small+probe (not a causal LM: tests/test_probe.py checks its decoding against the definition) and
+# other_vocab+value (across vocabularies) are recounted through the public API below
+
+
+def _row_tokenizer(work: Path, row: str):
+    from ivl_fast.chat import load_tokenizer
+
+    return load_tokenizer(work / ("other" if row == "other" else "small"))
 
 
 def _float64_loader(work: Path):
@@ -145,7 +162,7 @@ def _greedy_new_tokens(models, ids: list[int], n: int, eos_id: int) -> list[int]
     with torch.no_grad():
         for _ in range(n):
             z = 0
-            for (model, alpha), cache in zip(models, caches, strict=True):
+            for (model, alpha), cache in zip(models, caches, strict=True):  # alpha: the model's weight in the sum
                 # the cache goes 4th positionally: `past_key_values` in older transformers 5.x, `cache` in newer
                 logits = model(x, None, None, cache, use_cache=True).logits
                 z = z + alpha * logits[0, -1].double()  # [V]
@@ -187,7 +204,7 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
     assert len(qa) == out["rows"][0]["questions"]
     tok = load_tokenizer(work / "small")
     assert tok.chat_template is None  # so the documented default chat format applies, written out here
-    prompts = [f"{tok.bos_token}<|user|>\n{q}\n<|assistant|>\n" for q, _ in qa]
+    prompts = [f"{tok.bos_token}<|user|>\n{q}\n<|assistant|>\n" for q, _ in qa]  # both tokenizers' BOS is <s>
 
     def recount(texts):
         words = [_answer_word(t) for t in texts]
@@ -197,21 +214,25 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
     hf = _float64_loader(work)
 
     models_of = ROW_MODELS  # the residual value checkpoints record their scheme; the demo decodes with alpha 1
-    for name in ("value", "value_l1"):
+    for name in ("value", "value_l1_0.01", "value_l1_0.1", "value_l1_1"):
         assert json.loads((work / name / "ivl.json").read_text())["scheme"] == "residual"
     got = {r["name"]: (r["accuracy"], r["format_rate"]) for r in out["rows"]}
     want = {}
-    for row, names in models_of.items():
-        models = [(hf(m), 1.0) for m in names]
+    for row, parts in models_of.items():
+        models = [(hf(m), w) for m, w in parts]
+        rtok = _row_tokenizer(work, row)
         texts = []
         for prompt in prompts:
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            texts.append(tok.decode(_greedy_new_tokens(models, ids, 12, tok.eos_token_id), skip_special_tokens=True))
+            ids = rtok(prompt, add_special_tokens=False)["input_ids"]
+            texts.append(rtok.decode(_greedy_new_tokens(models, ids, 12, rtok.eos_token_id), skip_special_tokens=True))
         want[row] = recount(texts)
     cross = FastIVLDecoder.from_pretrained(
         work / "other", work / "value", vocab_map=work / "map_other_to_a.safetensors"
     )
     want["other_vocab+value"] = recount([cross.generate_text(q, chat=True, max_new_tokens=12) for q, _ in qa])
+    probe = FastIVLDecoder.from_pretrained(work / "small", work / "probe")
+    assert probe.scheme == "probe"
+    want["small+probe"] = recount([probe.generate_text(q, chat=True, max_new_tokens=12) for q, _ in qa])
     assert got == want
     # the recount is not vacuous: some answers are in the format, some are right, some are not in the format
     assert any(f > 0 for _, f in want.values()) and any(a > 0 for a, _ in want.values())
@@ -237,13 +258,14 @@ def test_quick_demo_lm_eval_scores_are_a_recount_from_transformers_models(quick_
     tok = load_tokenizer(work / "small")
     hf = _float64_loader(work)
 
-    def summed_logits(names, ids):
+    def summed_logits(parts, ids):
         with torch.no_grad():
-            return sum(hf(n)(torch.tensor([ids])).logits[0] for n in names)  # [T, V]
+            return sum(w * hf(n)(torch.tensor([ids])).logits[0] for n, w in parts)  # [T, V]
 
     rows = {r["name"]: r for r in out["rows"]}
     models_of = ROW_MODELS
     for row, names in models_of.items():
+        tok = _row_tokenizer(work, row)
         right = exact = 0
         for q in qs:
             context = f"{tok.bos_token}<|user|>\n{q['question']}\n<|assistant|>\n"
@@ -257,7 +279,7 @@ def test_quick_demo_lm_eval_scores_are_a_recount_from_transformers_models(quick_
             best = max(range(len(scores)), key=scores.__getitem__)
             assert sorted(scores)[-1] - sorted(scores)[-2] > 1e-6, "a tie: the float32 pick is not well defined"
             right += best == q["gold"]
-            new = _greedy_new_tokens([(hf(n), 1.0) for n in names], ctx, 12, tok.eos_token_id)
+            new = _greedy_new_tokens([(hf(n), w) for n, w in names], ctx, 12, tok.eos_token_id)
             first_line = tok.decode(new, skip_special_tokens=True).split("\n")[0]
             m = re.search(r"(ANSWER: \S+?)\.?$", first_line)
             exact += m is not None and m.group(1) == q["answer"]
@@ -277,6 +299,9 @@ def test_readme_demo_results_are_the_committed_runs():
     others = [json.loads(p.read_text()) for p in sorted(COMMITTED.parent.glob("demo_results_seed*.json"))]
     readme = (ROOT / "README.md").read_text()
     assert readme_block(main, others) in readme, "README's demo results differ from docs/: run docs/update_readme.py"
+    summary = json.loads((ROOT / "docs" / "demo_summary.json").read_text())
+    assert summary == json.loads(json.dumps(seed_summary([main, *others]))), "docs/demo_summary.json is stale"
+    assert (ROOT / "docs" / "demo_seeds.png").stat().st_size > 0
     assert not main["world"]["quick"] and main["provenance"]["command"] == "ivl-fast demo"
     assert main["provenance"]["commit"] and not main["provenance"]["from_cache"]
     vb, vv = main["tokenizers"]["map"]["shape"]
