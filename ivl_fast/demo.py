@@ -28,13 +28,17 @@ import torch.nn.functional as F
 from .demo_report import ROW_NAMES, plot, to_markdown
 from .demo_world import CITIES, COLORS, demonstrations, make_world, pretraining_text  # noqa: F401  (re-exported)
 
-# the value networks, all trained on the small base: (directory, L1 weight, scheme)
+# the value networks: (directory, the bases they are trained on in turn, L1 weight, scheme)
 VALUE_NETWORKS = (
-    ("value", 0.0, "residual"),
-    ("value_l1_0.01", 0.01, "residual"),
-    ("value_l1_0.1", 0.1, "residual"),
-    ("value_l1_1", 1.0, "residual"),
-    ("probe", 0.0, "probe"),
+    ("value", ("small",), 0.0, "residual"),
+    ("value_l1_0.01", ("small",), 0.01, "residual"),
+    ("value_l1_0.1", ("small",), 0.1, "residual"),
+    ("value_l1_1", ("small",), 1.0, "residual"),
+    ("value_cascade", ("small",), 0.0, "cascade"),
+    ("value_cascade+", ("small",), 0.0, "cascade+"),
+    ("probe", ("small",), 0.0, "probe"),
+    ("value_curriculum", ("small", "mid"), 0.0, "residual"),  # Table 2: small, then mid
+    ("value_b", ("small_b",), 0.0, "residual"),  # the other tokenizer's own family (Figure 4's comparison)
 )
 MARKER = "ivl-demo.json"  # a work dir holds it: the demo reuses (never deletes) only what it wrote there
 DEMO_FORMAT = 3  # 3: the family world (demo_world) and the rows of issue #18; 2: the other base's SentencePiece-style
@@ -338,14 +342,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     large = pretrain(tok_a, all_lines, work / "large", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 1)
     other = pretrain(tok_b, all_lines, work / "other", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 2)
     continued = continue_pretraining(small, all_lines, work / "continued", steps=cfg.continue_steps, seed=cfg.seed)
+    # the other tokenizer's small base: the family whose own value network the cross-vocabulary row is compared with
+    small_b = pretrain(tok_b, small_lines, work / "small_b", hidden=64, layers=2, steps=s_steps, seed=cfg.seed + 4)
+    base_dirs = {"small": small, "mid": mid, "small_b": small_b}
     values = {}
-    for name, l1, scheme in VALUE_NETWORKS:
+    for name, bases, l1, scheme in VALUE_NETWORKS:
         out = work / name
         if not (out / "ivl.json").is_file():
             train_value_model(
                 TrainConfig(
-                    bases=[str(small)],
-                    value_init=str(small),
+                    bases=[str(base_dirs[b]) for b in bases],
+                    value_init=str(base_dirs[bases[0]]),
                     data=str(demos_file),
                     out=str(out),
                     l1=l1,
@@ -390,9 +397,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         "large+value_l1=0.01": steered(large, "value_l1_0.01"),
         "large+value_l1=0.1": steered(large, "value_l1_0.1"),
         "large+value_l1=1": steered(large, "value_l1_1"),
+        "small+value_cascade": steered(small, "value_cascade"),
+        "large+value_cascade": steered(large, "value_cascade"),
+        "small+value_cascade+": steered(small, "value_cascade+"),
+        "large+value_cascade+": steered(large, "value_cascade+"),
+        "large+value_curriculum": steered(large, "value_curriculum"),
         "small+probe": steered(small, "probe"),
         "large+proxy": FastIVLDecoder.from_pretrained(large, small_tuned, terms=[(small, -1.0)]),
         "other_vocab+value": steered(other, vocab_map=vmap_file),
+        "other+value_b": steered(other, "value_b"),
     }
     cross = decs["other_vocab+value"]
     if not cross.cross_vocab or tokenizer_hash(cross.base_tokenizer) == tokenizer_hash(cross.tokenizer):

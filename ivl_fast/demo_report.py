@@ -20,9 +20,15 @@ ROWS = {  # name -> what it is (paper)
     "large+value_l1=0.01": "transfer, value network trained with L1 0.01 (Table 1 norm)",
     "large+value_l1=0.1": "transfer, value network trained with L1 0.1",
     "large+value_l1=1": "transfer, value network trained with L1 1",
+    "small+value_cascade": "cascade value network (reads softmax(z_base) @ E) on its training base (Figure 3b)",
+    "large+value_cascade": "cascade value network transferred to the larger base",
+    "small+value_cascade+": "cascade+ value network (also the token embedding) on its training base",
+    "large+value_cascade+": "cascade+ value network transferred to the larger base",
+    "large+value_curriculum": "value network trained on small, then mid; evaluated on large (Table 2)",
     "small+probe": "linear-probe value model on its training base (Section 3.2, Figure 2)",
     "large+proxy": "proxy tuning: large + (small fine-tuned - small) (Table 4)",
     "other_vocab+value": "transfer across tokenizers through a vocabulary map (Figure 4)",
+    "other+value_b": "the other base with its own family's value network (trained on a small base of its tokenizer)",
 }
 ROW_NAMES = list(ROWS)
 # rows of earlier demo versions, for their committed results

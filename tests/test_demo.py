@@ -128,15 +128,25 @@ ROW_MODELS = {  # the checkpoints (and weights) each same-vocabulary causal-LM r
     "large+value_l1=0.1": [("large", 1.0), ("value_l1_0.1", 1.0)],
     "large+value_l1=1": [("large", 1.0), ("value_l1_1", 1.0)],
     "large+proxy": [("large", 1.0), ("small_finetuned", 1.0), ("small", -1.0)],
+    "large+value_curriculum": [("large", 1.0), ("value_curriculum", 1.0)],
+    "other+value_b": [("other", 1.0), ("value_b", 1.0)],  # tokenizer b
 }
-# small+probe (not a causal LM: tests/test_probe.py checks its decoding against the definition) and
-# other_vocab+value (across vocabularies) are recounted through the public API below
+# recounted through the public API below: small+probe (not a causal LM: tests/test_probe.py checks its decoding
+# against the definition), the cascade rows (tests/test_train.py checks cascade decoding against the definition)
+# and other_vocab+value (across vocabularies)
+API_ROWS = {
+    "small+probe": ("small", "probe"),
+    "small+value_cascade": ("small", "value_cascade"),
+    "large+value_cascade": ("large", "value_cascade"),
+    "small+value_cascade+": ("small", "value_cascade+"),
+    "large+value_cascade+": ("large", "value_cascade+"),
+}
 
 
 def _row_tokenizer(work: Path, row: str):
     from ivl_fast.chat import load_tokenizer
 
-    return load_tokenizer(work / ("other" if row == "other" else "small"))
+    return load_tokenizer(work / ("other" if row in ("other", "other+value_b") else "small"))
 
 
 def _float64_loader(work: Path):
@@ -214,7 +224,7 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
     hf = _float64_loader(work)
 
     models_of = ROW_MODELS  # the residual value checkpoints record their scheme; the demo decodes with alpha 1
-    for name in ("value", "value_l1_0.01", "value_l1_0.1", "value_l1_1"):
+    for name in ("value", "value_l1_0.01", "value_l1_0.1", "value_l1_1", "value_curriculum", "value_b"):
         assert json.loads((work / name / "ivl.json").read_text())["scheme"] == "residual"
     got = {r["name"]: (r["accuracy"], r["format_rate"]) for r in out["rows"]}
     want = {}
@@ -230,9 +240,10 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
         work / "other", work / "value", vocab_map=work / "map_other_to_a.safetensors"
     )
     want["other_vocab+value"] = recount([cross.generate_text(q, chat=True, max_new_tokens=12) for q, _ in qa])
-    probe = FastIVLDecoder.from_pretrained(work / "small", work / "probe")
-    assert probe.scheme == "probe"
-    want["small+probe"] = recount([probe.generate_text(q, chat=True, max_new_tokens=12) for q, _ in qa])
+    for row, (base, value) in API_ROWS.items():
+        dec = FastIVLDecoder.from_pretrained(work / base, work / value)  # the scheme from the value's ivl.json
+        assert dec.scheme == json.loads((work / value / "ivl.json").read_text())["scheme"] != "residual"
+        want[row] = recount([dec.generate_text(q, chat=True, max_new_tokens=12) for q, _ in qa])
     assert got == want
     # the recount is not vacuous: some answers are in the format, some are right, some are not in the format
     assert any(f > 0 for _, f in want.values()) and any(a > 0 for a, _ in want.values())
