@@ -341,6 +341,11 @@ def test_readme_demo_prose_holds_for_every_committed_run():
         assert acc["large+value_l1=1"] >= acc["large+value"]  # "at least as good as no L1"
         assert abs(acc["small+probe"] - acc["small+value"]) <= 0.07  # the probe on its training base
         assert acc["large+proxy"] >= acc["large+value"]  # "at least as good as large+value in every seed"
+        schemes = [acc["small+value"], acc["small+value_cascade"], acc["small+value_cascade+"]]
+        assert max(schemes) - min(schemes) <= 0.05  # "within 0.05 of each other"
+        assert min(acc["large+value_cascade"], acc["large+value_cascade+"]) >= acc["large+value"]  # transferred
+        assert acc["large+value_curriculum"] < acc["large+value"]  # the curriculum: "does worse ... in every seed"
+        assert acc["other+value_b"] > 0.9  # "its own family's value network transfers to it (above 0.9)"
         assert acc["other_vocab+value"] == 0 and fmt["other_vocab+value"] == 0 and mc["other"] >= 0.95  # Figure 4
         pr = r["premise"]
         for b in ("mid", "large", "continued"):
