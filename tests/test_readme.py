@@ -95,8 +95,8 @@ def test_readme_serve_load_prose_holds_for_the_committed_results():
     by = {st["max_num_batched_tokens"]: st for st in res["settings"]}
     assert set(by) == {None, 80}
     assert all(st["throughput_ratio"]["min"] >= 4 for st in by.values())  # "with either (goal >= 4x: met)"
-    assert by[None]["per_token_p99_over_p50"]["min"] > 3  # "above 3x its p50 in every run (not met that way)"
-    assert by[80]["per_token_p99_over_p50"]["max"] <= 3  # "within 3x its p50 in every run (... met, narrowly)"
+    for st in by.values():  # "p99 is above 3x its p50 in every run with either setting (not met)"
+        assert st["per_token_p99_over_p50"]["min"] > 3
     # "a later first token under a burst and somewhat less throughput"
     con = {b: st["summary"]["concurrent"] for b, st in by.items()}
     assert con[80]["ttft_ms_p99"]["median"] > con[None]["ttft_ms_p99"]["median"]
