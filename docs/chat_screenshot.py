@@ -13,7 +13,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_serve import Server  # noqa: E402
+from serve_fixtures import Server  # noqa: E402
 
 
 def main(work: str, out: str) -> None:

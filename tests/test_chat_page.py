@@ -18,7 +18,7 @@ if not (shutil.which("chromium") and shutil.which("chromedriver")):
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from test_serve import Server  # noqa: E402
+from serve_fixtures import Server  # noqa: E402
 
 from ivl_fast import FastIVLDecoder  # noqa: E402
 

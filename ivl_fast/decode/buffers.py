@@ -97,6 +97,20 @@ class DecodeBuffers:
         view.rows = n
         return view
 
+    def row_sampling(self) -> SamplingParams:
+        """Every warper and penalty on, the values read from these per-row buffers (a greedy row: temperature 0):
+        the sampling of a per-request batch, whose step reads each row's own values."""
+        return SamplingParams.trusted(
+            True,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
     def fits(self, rows: int, cols: int, backend: str) -> bool:
         return self.rows == rows and self.cols >= cols and (self.work is None) == (backend != "triton")
 

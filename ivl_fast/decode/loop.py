@@ -95,17 +95,7 @@ class DecodeLoop:
         self.max_seq_len = capacity if max_seq_len is None else max_seq_len
         sp = options.sampling
         if per_request:  # the step's shape: every warper and penalty on, the values read from the buffers
-            b = self.bufs
-            sp = SamplingParams.trusted(
-                True,
-                b.temperature,
-                b.top_k,
-                b.top_p,
-                b.min_p,
-                repetition_penalty=b.repetition_penalty,
-                presence_penalty=b.presence_penalty,
-                frequency_penalty=b.frequency_penalty,
-            )
+            sp = self.bufs.row_sampling()
         self.per_request = per_request
         self.cfg = StepConfig(
             sp,
@@ -118,8 +108,16 @@ class DecodeLoop:
             row_seeds=per_request,
             top_logprobs=top_logprobs,
         )
-        # eager rounds where no busy row asks for top alternatives skip computing them
-        self._cfg_no_top = dataclasses.replace(self.cfg, top_logprobs=0)
+        # eager rounds skip what no busy row asks for: top alternatives, per-row seeds (Philox over [B, V])
+        self._eager_cfgs = {
+            (top, seeds): dataclasses.replace(
+                self.cfg,
+                top_logprobs=self.cfg.top_logprobs if top else 0,
+                row_seeds=self.cfg.row_seeds and seeds,
+            )
+            for top in (False, True)
+            for seeds in (False, True)
+        }
         self._lean = models.all_support("graphs")  # kv_len= is honoured
         seed = options.seed or 0
         if options.seed is None and not sp.greedy:
@@ -135,6 +133,7 @@ class DecodeLoop:
         self.budget: dict[int, int] = {}
         self.checked: dict[int, int] = {}
         self.top: dict[int, int] = {}  # slot -> top alternatives it asked for (0 left out)
+        self.seeded: set[int] = set()  # slots whose request brought its own seed
         self.steps = 0  # decode rounds run (the generate() view: every row starts at round 0)
         self.prefill_s = 0.0
         self.captures = 0
@@ -246,6 +245,7 @@ class DecodeLoop:
         for d in (self.length, self.emitted, self.budget, self.checked):
             d.pop(slot)
         self.top.pop(slot, None)
+        self.seeded.discard(slot)
         if self.retok is not None:
             self.retok.remove(slot)
 
@@ -278,6 +278,8 @@ class DecodeLoop:
                     )
                     if r.top_logprobs:
                         self.top[slots[i]] = r.top_logprobs
+                    if r.seed is not None:
+                        self.seeded.add(slots[i])
             t0 = time.perf_counter()
             if self.retok is not None:
                 zb, zv, grew = self.feed.prefill(prompt, mask, rows_t if self.cfg.slots else None)
@@ -322,8 +324,9 @@ class DecodeLoop:
             self.emitted[r] = min(self.emitted[r] + rounds, self.budget[r])
 
     def _round_cfg(self) -> StepConfig:
-        """The step's config for an eager round: the top alternatives only while some busy row asks for them."""
-        return self.cfg if self.top else self._cfg_no_top
+        """The step's config for an eager round: top alternatives and per-row seeds only while some busy row asks
+        for them (graph replays always run the full config)."""
+        return self._eager_cfgs[(bool(self.top), bool(self.seeded))]
 
     def _eager_round(self) -> None:
         m, bufs = self.models, self.bufs

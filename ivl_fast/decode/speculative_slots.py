@@ -23,7 +23,6 @@ import time
 import torch
 
 from ..ops._backend import pick_backend
-from ..sampling import SamplingParams
 from .buffers import DecodeBuffers
 from .inputs import pack_prompts
 from .model_set import ModelSet
@@ -58,15 +57,13 @@ class SpeculativeSlots:
         self.bufs = DecodeBuffers(slots, cols, models.sampled_vocab, models.device, self.backend)
         self.request_sampling = options.sampling
         self.per_request = per_request
-        sp = _row_sampling(self.bufs) if per_request else options.sampling
+        sp = self.bufs.row_sampling() if per_request else options.sampling
         n_eos = len(options.eos_token_id)
         self.first_cfg = StepConfig(sp, options.return_logprobs, self.backend, per_request, n_eos, slots=True)
         self.cfg = SpecConfig(k, sp, options.return_logprobs, n_eos)
         seed = options.seed or 0
-        if options.seed is None and not options.sampling.greedy:
+        if options.seed is None and (per_request or not options.sampling.greedy):  # requests may sample
             seed = int(torch.randint(0, 2**62, (1,)))
-        elif options.seed is None and per_request:
-            seed = int(torch.randint(0, 2**62, (1,)))  # requests may sample
         self.state = SpecState.new(slots, models.device)
         with torch.inference_mode():
             self.bufs.reset(options.pad_token_id, int(seed))
@@ -185,7 +182,7 @@ class SpeculativeSlots:
                 bufs = self.bufs.head(hi)
                 cfg = self.cfg
                 if self.per_request:  # the round reads the per-row values of the rows it runs over
-                    cfg = SpecConfig(self.k, _row_sampling(bufs), cfg.return_logprobs, cfg.n_eos)
+                    cfg = SpecConfig(self.k, bufs.row_sampling(), cfg.return_logprobs, cfg.n_eos)
                 speculative_round(self.models, self.draft, bufs, cfg, self.eos, min(need, self.capacity), state)
             finally:
                 for e in self.engines:
@@ -225,20 +222,6 @@ class SpeculativeSlots:
             "accepted": accepted,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
         }
-
-
-def _row_sampling(b: DecodeBuffers) -> SamplingParams:
-    """Every warper and penalty on, the values read from ``b``'s per-row buffers (greedy rows: temperature 0)."""
-    return SamplingParams.trusted(
-        True,
-        b.temperature,
-        b.top_k,
-        b.top_p,
-        b.min_p,
-        repetition_penalty=b.repetition_penalty,
-        presence_penalty=b.presence_penalty,
-        frequency_penalty=b.frequency_penalty,
-    )
 
 
 def check_slots(slots, max_seq_len, top: int) -> None:
