@@ -95,8 +95,13 @@ def test_readme_serve_load_prose_holds_for_the_committed_results():
     by = {st["max_num_batched_tokens"]: st for st in res["settings"]}
     assert set(by) == {None, 80}
     assert all(st["throughput_ratio"]["min"] >= 4 for st in by.values())  # "with either (goal >= 4x: met)"
-    for st in by.values():  # "p99 is above 3x its p50 in every run with either setting (not met)"
-        assert st["per_token_p99_over_p50"]["min"] > 3
+    # "with --max-num-batched-tokens 80 p99 is within 3x its p50 in every run"; "without the bound ... above 3x
+    # p50 in some runs"
+    assert by[80]["per_token_p99_over_p50"]["max"] <= 3 < by[None]["per_token_p99_over_p50"]["max"]
+    # "the gaps between chunks with visible text are longer"
+    for st in by.values():
+        c = st["summary"]["concurrent"]
+        assert c["per_text_chunk_ms_p99"]["median"] > c["per_token_ms_p99"]["median"]
     # "a later first token under a burst and somewhat less throughput"
     con = {b: st["summary"]["concurrent"] for b, st in by.items()}
     assert con[80]["ttft_ms_p99"]["median"] > con[None]["ttft_ms_p99"]["median"]
