@@ -6,9 +6,10 @@ ship inside mistral-common's wheel (no hub access).
     /tmp/tokconv/bin/python bench/mistral_tokenizers.py /tmp/ivl-tokenizers
 
 writes /tmp/ivl-tokenizers/tekken_240911 (131072 byte-level BPE tokens, the Llama-3-sized side) and
-/tmp/ivl-tokenizers/tokenizer_v1 (32000 SentencePiece tokens, the Llama-2-sized side). The conversion needs
-mistral-common, sentencepiece and protobuf; loading the result needs none of them, so they stay out of the
-project's environment.
+/tmp/ivl-tokenizers/tokenizer_v1 (32000 SentencePiece tokens, the Llama-2-sized side) and
+/tmp/ivl-tokenizers/tokenizer_v3 (Mistral's v3 SentencePiece model, 32768 tokens). The conversion needs
+mistral-common, sentencepiece and protobuf; loading the result needs none of them, so they stay out of the project's
+environment.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ def main(out: Path) -> None:
         shutil.copyfile(data / "tokenizer.model.v1", Path(src) / "tokenizer.model")
         v1 = LlamaTokenizer.from_pretrained(src, legacy=True)
     v1.save_pretrained(str(out / "tokenizer_v1"))
-    print(f"{out / 'tekken_240911'}: {len(tekken)} tokens; {out / 'tokenizer_v1'}: {len(v1)} tokens")
+    with tempfile.TemporaryDirectory() as src:
+        shutil.copyfile(data / "mistral_instruct_tokenizer_240323.model.v3", Path(src) / "tokenizer.model")
+        v3 = LlamaTokenizer.from_pretrained(src, legacy=True)
+    v3.save_pretrained(str(out / "tokenizer_v3"))
+    print(
+        f"{out / 'tekken_240911'}: {len(tekken)} tokens; {out / 'tokenizer_v1'}: {len(v1)} tokens; "
+        f"{out / 'tokenizer_v3'}: {len(v3)} tokens"
+    )
 
 
 if __name__ == "__main__":

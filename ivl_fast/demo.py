@@ -371,7 +371,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     small_tuned = finetune(small, demos_file, work / "small_finetuned", steps=cfg.value_steps, seed=cfg.seed)
     vmap_file = work / "map_other_to_a.safetensors"
     if not vmap_file.is_file():
-        VocabMap.build(tok_b, tok_a, all_lines, top_k=3).save(vmap_file)
+        VocabMap.build(tok_b, tok_a, all_lines).save(vmap_file)
 
     eval_people = world["eval_people"][: cfg.eval_people]
     _log(f"evaluating {len(ROW_NAMES)} rows on {2 * len(eval_people)} held-out questions each")

@@ -25,6 +25,32 @@ def corpus_text(max_chars: int | None = None) -> str:
     return text[:max_chars] if max_chars else text
 
 
+def prose_documents(min_chars: int = 600, max_chars: int = 3000) -> list[str]:
+    """Real English prose available offline, as documents: the docstrings (modules, classes, functions) of this
+    Python's standard library sources of ``min_chars`` to ``max_chars`` characters, in a fixed order (files sorted,
+    each file's docstrings in ``ast.walk`` order); tests and test suites of the library are left out. 533
+    documents of 1066 characters on average on CPython 3.11.7. Read with ``ast``: nothing is imported."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).parts
+        if rel[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in rel:
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                d = ast.get_docstring(node)
+                if d and min_chars <= len(d) <= max_chars:
+                    docs.append(d)
+    return docs
+
+
 def train_tokenizer(vocab_size: int = 1024, *, max_chars: int = 300_000):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with <s>/</s>/<pad>/<unk> (ids 1/2/3/0), trained on pydoc text."""
     text = corpus_text(max_chars)

@@ -31,6 +31,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# probability floor of a value token no base token maps to (its log, -69.1, is its mapped base log-probability):
+# the same constant as ivl_fast.vocab.EMPTY_PROB (kernels/ imports nothing of the package)
+EMPTY_PROB: tl.constexpr = tl.constexpr(1e-30)
 NPIV: tl.constexpr = tl.constexpr(16)  # pivots per search pass (4 bits of the 32-bit key per pass)
 NPASS: tl.constexpr = tl.constexpr(8)
 NPASS_IDX: tl.constexpr = tl.constexpr(6)  # index searches: 16^6 covers vocabularies up to 16.7M
@@ -66,6 +69,7 @@ def _combine_sample_kernel(
     value_ptr,
     map_idx_ptr,
     map_w_ptr,
+    base_lse_ptr,
     work_ptr,
     ids_ptr,
     lp_ptr,
@@ -132,11 +136,16 @@ def _combine_sample_kernel(
         z = tl.zeros([ROWS, BLOCK], tl.float32)
         if HAS_BASE:
             if HAS_MAP:
+                # the base's distribution pushed through W: log(sum_k w * p_base[idx]), p_base = exp(z - lse)
+                # (lse [R] from the launcher); a value token no base token maps to gets EMPTY_LOGPROB
+                lse_b = tl.load(base_lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
+                acc = tl.zeros([ROWS, BLOCK], tl.float32)
                 for k in range(K):
                     idx = tl.load(map_idx_ptr + cols.to(tl.int64) * K + k, mask=cols < V, other=0).to(tl.int64)
                     w = tl.load(map_w_ptr + cols.to(tl.int64) * K + k, mask=cols < V, other=0.0)
                     zb = tl.load(base_ptr + rows[:, None] * stride_base + idx[None, :], mask=ok, other=0.0)
-                    z += w[None, :] * zb.to(tl.float32)
+                    acc += w[None, :] * tl.exp(zb.to(tl.float32) - lse_b)
+                z += tl.log(tl.maximum(acc, EMPTY_PROB))
             else:
                 zb = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=ok, other=0.0)
                 z += zb.to(tl.float32)
@@ -348,6 +357,8 @@ def launch(
     base_t = base if base is not None else ref
     value_t = value if value is not None else ref
     idx, w = ell if ell is not None else (ids, lp)  # unused pointers when HAS_MAP is False
+    # [B] fp32: the base rows' log-sum-exp, for the map's push-forward of probabilities (one read of the logits)
+    base_lse = torch.logsumexp(base.float(), dim=-1).contiguous() if ell is not None else lp
     base_t, value_t = base_t.contiguous(), value_t.contiguous()
     if penalties is not None:
         pmask, counts, rep_p, pres_p, freq_p = penalties
@@ -372,6 +383,7 @@ def launch(
         value_t,
         idx,
         w,
+        base_lse,
         workspace,
         ids,
         lp,
@@ -426,6 +438,7 @@ def _aot_spec(dtype: str, **flags):
         "value_ptr": f"*{dtype}",
         "map_idx_ptr": "*i32",
         "map_w_ptr": "*fp32",
+        "base_lse_ptr": "*fp32",
         "work_ptr": "*fp32",
         "ids_ptr": "*i64",
         "lp_ptr": "*fp32",

@@ -39,8 +39,8 @@ def dense_map(vmap) -> torch.Tensor:
 def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n, *, texts=None, eos=(), alpha=1.0):
     """Cross-vocabulary greedy decoding from its definition, one full forward per step and no cache: the text so far
     is the prompt text plus the value tokenizer's reading of the reply (decoded together with the prompt, cut
-    after it); the base reads the base tokenization of that text (one BOS); z = z_base @ W + alpha z_value with
-    float64 copies of both transformers models; argmax; a row ends at its first EOS.
+    after it); the base reads the base tokenization of that text (one BOS); z = log(softmax(z_base) @ W) + alpha z_value
+    with float64 copies of both transformers models; argmax; a row ends at its first EOS.
 
     Returns per row a dict: "ids" (value ids), "reads" (base ids read at each step), "lp64" (log-probability of
     each chosen token, float64 throughout) and "lp32" (the same through the float32 models and a float32 combine:
@@ -61,8 +61,11 @@ def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n,
             row["reads"].append(bids)
             bx, vx = torch.tensor([bids]), torch.tensor([ids + gen])
             with torch.no_grad():
-                z64 = base64(bx).logits[0, -1, :vb] @ w + alpha * value64(vx).logits[0, -1, :vv]
-                z32 = base(bx).logits[0, -1, :vb] @ w.float() + alpha * value(vx).logits[0, -1, :vv]
+                # the base's distribution pushed through W: log(softmax(z_base) @ W), 1e-30 where nothing maps
+                p64 = base64(bx).logits[0, -1, :vb].softmax(-1) @ w
+                p32 = base(bx).logits[0, -1, :vb].softmax(-1) @ w.float()
+                z64 = p64.clamp_min(1e-30).log() + alpha * value64(vx).logits[0, -1, :vv]
+                z32 = p32.clamp_min(1e-30).log() + alpha * value(vx).logits[0, -1, :vv]
             tok = int(z64.argmax())
             gen.append(tok)
             row["lp64"].append(float(z64.log_softmax(-1)[tok]))
@@ -263,7 +266,9 @@ def ragged_setting():
     words = [vtok.convert_tokens_to_ids(t) for t in words if vtok.convert_tokens_to_ids(t) not in ids[1]][:12]
     base = build_model("llama", seed=0, vocab_size=len(btok), hidden_size=96, num_attention_heads=6)
     value = build_model("llama", seed=1, vocab_size=len(vtok))
-    _script(value, [[ids[0][-1], *bytes_of], [ids[1][-1], *words, vtok.eos_token_id]])
+    # strength 10 (a margin of ~80): the scripted links must win whatever the base's pushed log-probabilities are,
+    # down to the floor log(1e-30) of value tokens nothing maps to (the byte tokens: the base has none)
+    _script(value, [[ids[0][-1], *bytes_of], [ids[1][-1], *words, vtok.eos_token_id]], strength=10.0)
     return btok, vtok, vmap, base, value, ids
 
 

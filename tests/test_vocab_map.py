@@ -96,30 +96,61 @@ def test_build_save_load_evaluate(toks, texts, tmp_path):
     assert torch.allclose(rows[mapped], torch.ones(int(mapped.sum())))  # weights sum to 1
     assert int((d > 0).sum(1).max()) <= 3
     assert vmap.stats["coverage"] > 0.9 and vmap.stats["distinct_pairs"] > 0
-    # identical strings are preferred: every base token whose string exists in the value vocabulary keeps that
-    # value token (the lowest id with the string) in its row, ranked first, whatever its alignment count
+    # the ranking rule, against the alignment counts recomputed here: each seen base token keeps its value tokens
+    # by count (ties: the identical surface, then the lower id), top 3, weights = counts over the kept ones; a base
+    # token never aligned gets the value token of its surface (a regular one before a byte-fallback one), weight 1
     sa, sb = surface_strings(a), surface_strings(b)
-    by_s = {}
-    for i, s in enumerate(sb):
-        if s:
-            by_s.setdefault(s, i)
-    with_twin = [x for x in range(len(a)) if sa[x] in by_s]
-    assert len(with_twin) > 100  # the two real vocabularies share many strings: the check below has teeth
-    assert a.convert_tokens_to_ids("Ġthe") in with_twin
-    crow, col = vmap.crow.tolist(), vmap.col.tolist()
-    for x in with_twin:
-        assert crow[x + 1] > crow[x], f"base token {x} ({sa[x]!r}) has an identical value token but no row"
-        assert col[crow[x]] == by_s[sa[x]], f"base token {x} ({sa[x]!r}) does not rank its identical string first"
-        assert d[x, by_s[sa[x]]] > 0
+    pieces = split_corpus(texts[:40])
+    pairs, counts = align_counts(
+        sa,
+        sb,
+        [a(t, add_special_tokens=False)["input_ids"] for t in pieces],
+        [b(t, add_special_tokens=False)["input_ids"] for t in pieces],
+    )
+    by_row: dict[int, list[tuple[int, int]]] = {}
+    for (x, y), c in zip(pairs.tolist(), counts.tolist(), strict=True):
+        by_row.setdefault(x, []).append((y, c))
+    fallback = {i for t, i in b.get_vocab().items() if t.startswith("<0x") and len(t) == 6}
+    twin = {}
+    for i, t in enumerate(sb):
+        if t and (t not in twin or (twin[t] in fallback and i not in fallback)):
+            twin[t] = i
+    from ivl_fast.vocab.build import special_pairs
+
+    roles = dict(special_pairs(a, b))
+    assert roles[a.eos_token_id] == b.eos_token_id
+    crow, col, val = vmap.crow.tolist(), vmap.col.tolist(), vmap.val.tolist()
+    ties = 0
+    for x in range(len(a)):
+        got = [(col[j], val[j]) for j in range(crow[x], crow[x + 1])]
+        if x in by_row:
+            same = twin.get(sa[x]) if sa[x] else None
+            ranked = sorted(by_row[x], key=lambda yc: (-yc[1], yc[0] != same, yc[0]))[:3]
+            ties += len(ranked) > 1 and ranked[0][1] == ranked[1][1]
+            total = sum(c for _, c in ranked)
+            assert [y for y, _ in got] == [y for y, _ in ranked], f"base token {x} ({sa[x]!r})"
+            assert [w for _, w in got] == pytest.approx([c / total for _, c in ranked])
+            assert int(vmap.argmax[x]) == max(by_row[x], key=lambda yc: (yc[1], -yc[0]))[0]
+        elif x in roles:  # a special token: the value's token of the same role (EOS -> EOS)
+            assert got == [(roles[x], 1.0)] and int(vmap.argmax[x]) == -1
+        elif sa[x] and sa[x] in twin:
+            assert got == [(twin[sa[x]], 1.0)], f"unseen base token {x} ({sa[x]!r})"
+            assert int(vmap.argmax[x]) == -1
+        else:
+            assert got == [] and int(vmap.argmax[x]) == -1
+    assert ties > 10  # count ties happen: the tie-break is exercised
     assert vmap.ell()[0].shape[0] == len(b)
     p = tmp_path / "m.safetensors"
     vmap.save(p)
     back = VocabMap.load(p, base_tokenizer=a, value_tokenizer=b)
     assert torch.equal(back.to_dense(), d) and back.meta["top_k"] == "3"
+    assert torch.equal(back.argmax, vmap.argmax)  # the authors' argmax baseline travels with the file
     idx, w = back.ell()
     assert torch.equal(idx, vmap.ell()[0]) and torch.equal(w, vmap.ell()[1])
     rep = vmap.evaluate(a, b, texts[40:50])
-    assert 0.3 < rep["overlap_ratio"] <= 1.0
+    assert 0.3 < rep["overlap_ratio"] <= 1.0 and 0 < rep["overlap_ratio_weighted"] <= 1.0
+    base = rep["argmax_baseline"]
+    assert 0.3 < base["overlap_ratio"] <= rep["overlap_ratio"] and base["coverage"] < rep["coverage"]
     with pytest.raises(ValueError, match="another base tokenizer"):
         VocabMap.load(p, base_tokenizer=b)
 
@@ -174,18 +205,23 @@ def test_ranking_rule_on_a_hand_made_case(backend):
         "at": (["at"], ["at"]),
     }
     # aligned counts: c-cat 3, c-cup 2, c-cow 2, c-cab 1; at-cat 3, at-at 1; up-cup 2; ow-cow 2; ab-cab 1
-    expected = {  # base token -> [(value token, weight)] in rank order, for K = 1, 3, 4
-        1: {"c": [("c", 1.0)], "at": [("at", 1.0)], "up": [("up", 1.0)], "ow": [("ow", 1.0)], "ab": [("ab", 1.0)]},
+    expected = {  # base token -> [(value token, weight)] in rank order (by count; "cup" < "cow" by id), K = 1, 3, 4
+        1: {
+            "c": [("cat", 1.0)],
+            "at": [("cat", 1.0)],
+            "up": [("cup", 1.0)],
+            "ow": [("cow", 1.0)],
+            "ab": [("cab", 1.0)],
+        },
         3: {
-            "c": [("c", 3 / 8), ("cat", 3 / 8), ("cup", 2 / 8)],  # "c" never paired: joins with the top count 3
-            "at": [("at", 1 / 4), ("cat", 3 / 4)],  # identical first although its count is the lower one
-            "up": [("up", 1 / 2), ("cup", 1 / 2)],
-            "ow": [("ow", 1 / 2), ("cow", 1 / 2)],
-            "ab": [("ab", 1 / 2), ("cab", 1 / 2)],
+            "c": [("cat", 3 / 7), ("cup", 2 / 7), ("cow", 2 / 7)],  # "c" was aligned: its identical twin is not added
+            "at": [("cat", 3 / 4), ("at", 1 / 4)],  # the count decides, not the identical string
+            "up": [("cup", 1.0)],
+            "ow": [("cow", 1.0)],
+            "ab": [("cab", 1.0)],
         },
     }
-    # K = 4 reaches the id tie-break's loser "cow"; the other rows have at most 2 candidates
-    expected[4] = {**expected[3], "c": [("c", 3 / 10), ("cat", 3 / 10), ("cup", 2 / 10), ("cow", 2 / 10)]}
+    expected[4] = {**expected[3], "c": [("cat", 3 / 8), ("cup", 2 / 8), ("cow", 2 / 8), ("cab", 1 / 8)]}
     for k, rows in expected.items():
         rows = dict(rows)
         vmap = VocabMap.build(b, v, ["\n".join(HAND_LINES)], top_k=k, backend=backend)
@@ -198,32 +234,76 @@ def test_ranking_rule_on_a_hand_made_case(backend):
 
         for tok in "a t o w u p b".split():  # never seen as base tokens: their identical value token, weight 1
             rows.setdefault(tok, [(tok, 1.0)])
-        rows.update({"z": [], "<unk>": []})  # no counterpart, never aligned / special: unmapped
+        rows.update({"z": [], "<unk>": [("<unk>", 1.0)]})  # no counterpart: unmapped; special: by its role
         assert set(rows) == set(bid)
         for tok, want in rows.items():
             got = row(tok)
             assert [t for t, _ in got] == [t for t, _ in want], f"K={k}, base token {tok!r}: {got}"
             assert [w for _, w in got] == pytest.approx([w for _, w in want], abs=1e-7), f"K={k}, {tok!r}: {got}"
+        assert set(vmap.stats.pop("seconds")) == {"surfaces", "tokenize", "align", "rank", "hash"}
         assert vmap.stats == {
             "texts": len(HAND_LINES),
             "skipped_texts": 0,
             "aligned_pairs": 17,  # 3*2 + 2*2 + 2*2 + 2 + 1
             "distinct_pairs": 9,
-            "coverage": 12 / 14,
+            "coverage": 13 / 14,
+            "aligned_base_tokens": 5,  # c, at, up, ow, ab
         }
+        # the authors' argmax: the most aligned value token (ties to the lower id), nothing for the others
+        assert {
+            b.convert_ids_to_tokens(x): v.convert_ids_to_tokens(int(y)) for x, y in enumerate(vmap.argmax) if y >= 0
+        } == {"c": "cat", "at": "cat", "up": "cup", "ow": "cow", "ab": "cab"}
+
+
+def test_rank_candidates_ties_and_identical_surfaces():
+    """The ranking of rank_candidates on pairs given by hand, and identical_ids' preference of a regular token over
+    a byte-fallback one of the same surface (SentencePiece's "<0x2E>" and "." are both ".")."""
+    from ivl_fast.vocab.build import identical_ids, rank_candidates
+
+    # value vocab: 0 "<0x2E>" (byte fallback), 1 ".", 2 "a", 3 "b", 4 "ab"; base vocab: 0 ".", 1 "ab", 2 "b", 3 "zz"
+    same = identical_ids([".", "ab", "b", "zz"], [".", ".", "a", "b", "ab"], {0})
+    assert same.tolist() == [1, 4, 3, -1]
+    # base 0: value 0 x2, value 1 x2 (a tie: the identical surface, the regular ".", wins); base 1: "a" x3, "ab"
+    # x1, "b" x1 (count first; "b" < "ab" by id breaks nothing: "ab" is identical and wins the tie with "b");
+    # base 2 and 3: never aligned ("b" gets its twin, "zz" nothing)
+    pairs = torch.tensor([[0, 0], [0, 1], [1, 2], [1, 3], [1, 4]])
+    counts = torch.tensor([2, 2, 3, 1, 1])
+    crow, col, val, argmax = rank_candidates(pairs, counts, same, top_k=2)
+    rows = [
+        list(zip(col[crow[i] : crow[i + 1]].tolist(), val[crow[i] : crow[i + 1]].tolist(), strict=True))
+        for i in range(4)
+    ]
+    assert rows == [
+        [(1, 0.5), (0, 0.5)],
+        [(2, 0.75), (4, 0.25)],
+        [(3, 1.0)],
+        [],
+    ]
+    assert argmax.tolist() == [0, 2, -1, -1]  # the authors' argmax: count, then the lower id; no twins
 
 
 def test_evaluate_map_overlap_on_a_hand_made_case():
     """overlap_ratio = |multiset(top value token of each base token) & multiset(value tokens)| / #value tokens,
-    summed over texts; the top value token is the row's largest weight, the first in rank order on a tie."""
+    summed over texts; overlap_ratio_weighted: each base token spread over its row by the weights, each value
+    token's mass capped at its own count; argmax_baseline: the same overlap for the argmax map of the counts."""
     vmap = VocabMap.build(HAND_BASE, HAND_VALUE, ["\n".join(HAND_LINES)], top_k=3)
-    # by hand (rows as in the test above): top(c) = c (3/8 ties cat: first), top(at) = cat (3/4), top(up) = up,
-    # top(ow) = ow. "cat cup": base c at c up -> {c, cat, c, up} vs value {cat, cup}: 1 of 2.
-    # "at": base at -> {cat} vs {at}: 0 of 1. "ow": {ow} vs {ow}: 1 of 1. Overlap (1 + 0 + 1) / (2 + 1 + 1).
+    # by hand (rows as in the test above): top(c) = cat, top(at) = cat, top(up) = cup, top(ow) = cow.
+    # "cat cup": base c at c up -> {cat, cat, cat, cup} vs value {cat, cup}: 2 of 2. "at": {cat} vs {at}: 0 of 1.
+    # "ow": {cow} vs {ow}: 0 of 1. Overlap (2 + 0 + 0) / (2 + 1 + 1).
+    # Weighted: "cat cup": mass cat 2 * 3/7 + 3/4, cup 2 * 2/7 + 1 (both >= 1): 2; "at": at 1/4; "ow": 0 -> 2.25 / 4.
     rep = vmap.evaluate(HAND_BASE, HAND_VALUE, ["cat cup", "at", "ow"])
-    assert rep == {"overlap_ratio": 0.5, "coverage": 12 / 14, "texts": 3}
+    assert rep == {
+        "overlap_ratio": 0.5,
+        "overlap_ratio_weighted": pytest.approx(2.25 / 4),
+        "coverage": 13 / 14,
+        "texts": 3,
+        "argmax_baseline": {"overlap_ratio": 0.5, "coverage": 5 / 14},  # the same tops; only 5 base tokens mapped
+    }
     assert vmap.evaluate(HAND_BASE, HAND_VALUE, ["at at"])["overlap_ratio"] == 0.0
-    assert vmap.evaluate(HAND_BASE, HAND_VALUE, ["cow ow up"])["overlap_ratio"] == pytest.approx(2 / 3)
+    # "cow ow up": base c ow ow up -> {cat, cow, cow, cup} vs {cow, ow, up}: 1 of 3
+    assert vmap.evaluate(HAND_BASE, HAND_VALUE, ["cow ow up"])["overlap_ratio"] == pytest.approx(1 / 3)
+    plain = VocabMap(vmap.crow, vmap.col, vmap.val, vmap.shape)  # a map without the baseline: reported as None
+    assert plain.evaluate(HAND_BASE, HAND_VALUE, ["at"])["argmax_baseline"] is None
 
 
 def test_bad_input(toks, texts, tmp_path):
@@ -278,9 +358,27 @@ def test_cli_vocab_map(toks, texts, tmp_path, capsys):
         + ["--corpus", str(corpus), "--out", str(out), "--top-k", "2", "--evaluate"]
     )
     assert rc == 0
-    rep = json.loads(capsys.readouterr().out)
-    assert rep["shape"] == [len(a), len(b)] and 0 < rep["evaluation"]["overlap_ratio"] <= 1
+    cap = capsys.readouterr()
+    rep = json.loads(cap.out)
+    ev = rep["evaluation"]
+    assert rep["shape"] == [len(a), len(b)] and set(ev) == {"held_out_texts", "map", "argmax_baseline"}
+    assert 0 < ev["argmax_baseline"]["overlap_ratio"] <= ev["map"]["overlap_ratio"] <= 1
+    assert ev["argmax_baseline"]["coverage"] < ev["map"]["coverage"]
+    # the same figures, side by side, on stderr
+    lines = cap.err.strip().splitlines()[-3:]
+    assert lines[1].split() == [
+        "map",
+        *(f"{ev['map'][k]:.3f}" for k in ("overlap_ratio", "overlap_ratio_weighted", "coverage")),
+    ]
+    bl = ev["argmax_baseline"]
+    assert lines[2].split() == ["argmax", "baseline", f"{bl['overlap_ratio']:.3f}", "-", f"{bl['coverage']:.3f}"]
     assert VocabMap.load(out, base_tokenizer=a, value_tokenizer=b).meta["top_k"] == "2"
+    # evaluating the saved map: its argmax baseline came with the file
+    rc = cli_main(
+        ["vocab-map", "--base-tokenizer", str(tmp_path / "ta"), "--value-tokenizer", str(tmp_path / "tb")]
+        + ["--corpus", str(corpus), "--map", str(out)]
+    )
+    assert rc == 0 and json.loads(capsys.readouterr().out)["evaluation"]["argmax_baseline"] is not None
     rc = cli_main(
         ["vocab-map", "--base-tokenizer", str(tmp_path / "ta"), "--value-tokenizer", str(tmp_path / "tb")]
         + ["--corpus", str(tmp_path / "nope.txt"), "--out", str(out)]

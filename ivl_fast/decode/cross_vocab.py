@@ -1,6 +1,7 @@
 """Cross-vocabulary re-tokenization: after every value token, what the base must re-read.
 
-Sampling happens in the value vocabulary (z = z_base @ W + alpha z_value). Rule for unstable token boundaries:
+Sampling happens in the value vocabulary (z = log(softmax(z_base) @ W) + alpha z_value: the base's distribution
+pushed through the map). Rule for unstable token boundaries:
 after each step the base's context is re-derived as the base tokenization of (prompt text + generated text); the
 longest common prefix with what the base has already read is kept, the rest of its KV cache is rewound, and the
 new suffix is fed (0..k tokens; the loop feeds rows in lock step, rows with fewer tokens idle). So the base's

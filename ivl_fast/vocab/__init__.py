@@ -2,11 +2,17 @@
 
 ``VocabMap`` holds W [V_base, V_value] as CSR (rows = base tokens) and derives the orientation the fused
 sampling kernel reads: ELL by value token, ``idx`` [V_value, K] (base ids) and ``w`` [V_value, K] (weights,
-0 for padding), so ``z_value_space[v] = sum_k w[v, k] * z_base[idx[v, k]]`` is a fixed-width gather.
-``VocabMap.build`` aligns two tokenizations of the same texts by DTW on an edit-distance cost (MinED, C++ in
-``ivl_fast._C`` with a Python fallback), counts aligned pairs and keeps the top-K value tokens per base token
-(weights summing to 1, identical strings preferred). ``save``/``load`` use safetensors with metadata (format
-tag, shape, vocab sizes, tokenizer content hashes, corpus hash, K); loading checks the tokenizers when given.
+0 for padding), a fixed-width gather.
+
+The base's logits cross into the value vocabulary as a distribution: ``z_value_space = log(softmax(z_base) @ W)``
+(rows of W sum to 1, so this is the base's next-token distribution pushed through the map), floored at
+``log(EMPTY_PROB)`` for value tokens no base token maps to. Mapping the raw logits instead (``z_base @ W``) gives
+those unmapped tokens logit 0, above most mapped ones, and scored 0.00 on the demo's cross-vocabulary row (issue
+#19). ``VocabMap.build`` aligns two tokenizations of the same texts by DTW on an edit-distance cost (MinED, C++ in
+``ivl_fast._C`` with a Python fallback), counts aligned pairs and keeps the top-K value tokens per base token by
+count (weights summing to 1; the identical surface breaks ties and maps base tokens the corpus never aligned).
+``save``/``load`` use safetensors with metadata (format tag, shape, vocab sizes, tokenizer content hashes, corpus
+hash, K); loading checks the tokenizers when given.
 """
 
 from __future__ import annotations
@@ -15,13 +21,21 @@ import warnings
 
 import torch
 
+# value tokens kept per base token by default: the best K of the demo's cross-vocabulary row (bench/vocab_k_sweep.py)
+DEFAULT_TOP_K = 3
+
+# probability floor of a value token no base token maps to, in VocabMap.apply (and the fused kernel's constant)
+EMPTY_PROB = 1e-30
+
 
 class VocabMap:
     """W [V_base, V_value] in CSR: ``crow`` [V_base + 1], ``col`` (value ids) and ``val`` (weights) of its nonzeros.
 
     ``shape`` = (V_base, V_value) (also :attr:`v_base`, :attr:`v_value`); ``meta``: the file metadata (what
     :meth:`build` recorded, or what :meth:`load` read); ``stats``: only on a map from :meth:`build` (texts,
-    skipped_texts, aligned_pairs, distinct_pairs, coverage).
+    skipped_texts, aligned_pairs, distinct_pairs, coverage, aligned_base_tokens); ``argmax`` [V_base] int64 or
+    None: the authors' map (the most aligned value token per base token, -1 where none) from the same alignment
+    counts, which :meth:`evaluate` reports beside the map (built maps and their files carry it).
     """
 
     def __init__(self, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]):
@@ -36,6 +50,7 @@ class VocabMap:
         self.shape = (int(vb), int(vv))
         self._ell: dict = {}
         self.meta: dict = {}
+        self.argmax: torch.Tensor | None = None
 
     @property
     def v_base(self) -> int:
@@ -83,21 +98,33 @@ class VocabMap:
         return self._ell[key]
 
     def apply(self, base_logits: torch.Tensor) -> torch.Tensor:
-        """Reference mapping: [B, V_base] -> [B, V_value] = base_logits @ W (fp32)."""
+        """Reference mapping: [B, V_base] logits -> [B, V_value] = log(max(softmax(base_logits) @ W, EMPTY_PROB))
+        (fp32, or float64 for float64 logits): the base's distribution pushed through the map."""
         if base_logits.shape[-1] != self.v_base:
             raise ValueError(f"base logits have {base_logits.shape[-1]} entries but the map expects {self.v_base}")
-        w = self.to_torch_sparse().to(base_logits.device)
+        z = base_logits.double() if base_logits.dtype == torch.float64 else base_logits.float()
+        w = self.to_torch_sparse().to(device=z.device, dtype=z.dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return (w.t() @ base_logits.float().t()).t()
+            p = (w.t() @ torch.softmax(z, dim=-1).t()).t()
+        return torch.log(p.clamp_min(EMPTY_PROB))
 
     # ------------------------------------------------------------------ building and files
     @classmethod
     def build(
-        cls, base_tokenizer, value_tokenizer, texts, *, top_k: int = 3, threads=None, backend="auto", progress=False
+        cls,
+        base_tokenizer,
+        value_tokenizer,
+        texts,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        threads=None,
+        backend="auto",
+        progress=False,
     ):
         """Align ``texts`` with both tokenizers (objects or directories) and return the map (stats in ``.stats``).
-        ``top_k``: value tokens kept per base token; ``threads``: alignment threads (default: every core);
+        ``top_k``: value tokens kept per base token (1: the authors' argmax map, plus an identical-surface entry
+        for base tokens the corpus never aligned); ``threads``: alignment threads (default: every core);
         ``backend``: "cpp" (``ivl_fast._C``), "python" or "auto" (cpp when built); ``progress=True`` shows tqdm
         bars on stderr."""
         from .build import build_map
@@ -130,7 +157,8 @@ class VocabMap:
         return load_map(path, base_tokenizer=base_tokenizer, value_tokenizer=value_tokenizer)
 
     def evaluate(self, base_tokenizer, value_tokenizer, texts) -> dict:
-        """``{"overlap_ratio", "coverage", "texts"}`` on held-out ``texts`` (``ivl_fast.vocab.build.evaluate_map``)."""
+        """Held-out quality on ``texts``: ``{"overlap_ratio", "overlap_ratio_weighted", "coverage", "texts",
+        "argmax_baseline": {"overlap_ratio", "coverage"} or None}`` (``ivl_fast.vocab.build.evaluate_map``)."""
         from .build import evaluate_map
 
         return evaluate_map(self, base_tokenizer, value_tokenizer, list(texts))
