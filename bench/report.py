@@ -97,6 +97,48 @@ def benchmark_rows() -> list[str]:
                     "vocab_map_cpu.json",
                 )
             )
+        if q := vm.get("against_the_authors"):
+            for name, e in q["pairs"].items():
+                m, own, au = (
+                    e["map_top_k4"],
+                    e["argmax_of_the_maps_counts"],
+                    e["authors_naive_mined_argmax_whole_documents"],
+                )
+                speed = ""
+                if "speedup_per_document" in e:
+                    speed = (
+                        f"; whole build {_range(e['build_ms_per_document'], '.2f', ' ms')} per document against "
+                        f"{e['python_dtw_ms_per_document']:.0f} ms for the authors' pure-Python DTW alone "
+                        f"({e['python_dtw_sample_documents']} documents): **{e['speedup_per_document']:.0f}x**"
+                    )
+                rows.append(
+                    _row(
+                        f"vocabulary map {name} ({e['base_vocab']} x {e['value_vocab']}), top_k=4, from "
+                        f"{q['train_documents']} documents of English prose (`prose_documents()`), "
+                        f"{q['held_out_documents']} held out, 2 threads; against the authors' naive MinED map "
+                        "(whole documents aligned by DTW, argmax per base token) from the same documents",
+                        vm,
+                        f"held-out overlap of the top-1 **{m['overlap_ratio']:.4f}** (top-K weighted "
+                        f"{m['overlap_ratio_weighted']:.4f}, coverage {m['coverage']:.3f}) vs the authors' "
+                        f"**{au['overlap_ratio']:.4f}** (coverage {au['coverage']:.3f}) and the argmax of the map's "
+                        f"own counts {own['overlap_ratio']:.4f}" + speed,
+                        "vocab_map_cpu.json",
+                    )
+                )
+    if ks := _load("vocab_k_sweep_cpu.json"):
+        per = ", ".join(
+            f"K={r['top_k']}: {r['accuracy_mean']:.2f} (" + "/".join(f"{a:.2f}" for a in r["accuracy"]) + ")"
+            for r in ks["rows"]
+        )
+        rows.append(
+            _row(
+                "the demo's cross-vocabulary row (other_vocab+value, accuracy on the held-out questions) against the "
+                f"map's K, seeds {'/'.join(str(x) for x in ks['config']['seeds'])}",
+                ks,
+                f"{per}; default K = **{ks['best_top_k']}**",
+                "vocab_k_sweep_cpu.json",
+            )
+        )
     if mt := _load("make_tiny_generate_cpu.json"):
         rows.append(
             _row(

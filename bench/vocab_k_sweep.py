@@ -2,63 +2,84 @@
 (``other_vocab+value``: the demo's other base, with its own tokenizer, steered by the value network through a
 map), issue #19.
 
-    python bench/vocab_k_sweep.py DEMO_DIR [OUT.json]
+    python bench/vocab_k_sweep.py OUT.json DEMO_DIR [DEMO_DIR ...]
 
-DEMO_DIR: a finished ``ivl-fast demo --work-dir DEMO_DIR`` (its models are reused; nothing in it is changed).
-For each K in 1, 2, 4, 8 a map is built from the demo's own pretraining text (as the demo builds its map), the
-row is evaluated on the demo's held-out questions (accuracy: the share of answers in the format with the right
-word), and the map's held-out overlap is reported beside it. The demo's default seed only. Writes OUT.json
-(default bench/results/vocab_k_sweep_cpu.json) with the provenance.
+Each DEMO_DIR: a finished ``ivl-fast demo --seed S --work-dir DEMO_DIR`` (its models are reused; nothing in it is
+changed). For each K in 1, 2, 4, 8 and each demo, a map is built from that demo's pretraining text (as the demo
+builds its own map), the row is evaluated on the demo's held-out questions (accuracy: the share of answers in the
+format with the right word), and the map's held-out overlap is reported beside it. The best K: the highest mean
+accuracy over the demos, ties to the higher mean top-K weighted overlap, then to the smaller K.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+KS = (1, 2, 4, 8)
 
-def main(work: Path, out: Path) -> None:
+
+def sweep(work: Path, tmp: Path) -> dict[int, dict]:
     from ivl_fast import FastIVLDecoder
     from ivl_fast.chat import load_tokenizer
     from ivl_fast.demo import DemoConfig, evaluate, make_world, pretraining_text
-    from ivl_fast.provenance import provenance
     from ivl_fast.vocab import VocabMap
     from ivl_fast.vocab.build import split_corpus
 
     cfg = DemoConfig()
-    res = json.loads((work / "results.json").read_text())
-    seed = res["world"]["seed"]
+    seed = json.loads((work / "results.json").read_text())["world"]["seed"]
     world = make_world(cfg.n_people, seed)
     lines = pretraining_text(world, world["people"], 6, seed)
-    held = split_corpus(pretraining_text(world, world["people"], 1, seed + 100))
+    held = split_corpus(pretraining_text(world, world["people"], 1, seed + 100))  # other shuffles and layouts
     people = world["eval_people"][: cfg.eval_people]
     tok_b, tok_a = load_tokenizer(work / "tokenizer_b"), load_tokenizer(work / "tokenizer_a")
-    rows = []
+    out = {}
+    for k in KS:
+        vmap = VocabMap.build(tok_b, tok_a, lines, top_k=k)
+        path = tmp / f"map_seed{seed}_k{k}.safetensors"
+        vmap.save(path)
+        dec = FastIVLDecoder.from_pretrained(work / "other", work / "value", vocab_map=path)
+        out[k] = {"seed": seed, **evaluate(dec, world, people), "map": vmap.evaluate(tok_b, tok_a, held)}
+        r = out[k]
+        print(
+            f"seed {seed} K={k}: accuracy {r['accuracy']:.3f}, format {r['format_rate']:.3f}, map overlap "
+            f"{r['map']['overlap_ratio']:.3f} (weighted {r['map']['overlap_ratio_weighted']:.3f})"
+        )
+    return out
+
+
+def main(out: Path, works: list[Path]) -> None:
+    from ivl_fast.provenance import provenance
+
     with tempfile.TemporaryDirectory() as tmp:
-        for k in (1, 2, 4, 8):
-            vmap = VocabMap.build(tok_b, tok_a, lines, top_k=k)
-            path = Path(tmp) / f"map_k{k}.safetensors"
-            vmap.save(path)
-            dec = FastIVLDecoder.from_pretrained(work / "other", work / "value", vocab_map=path)
-            row = {"top_k": k, **evaluate(dec, world, people), "map": vmap.evaluate(tok_b, tok_a, held)}
-            rows.append(row)
-            print(
-                f"K={k}: accuracy {row['accuracy']:.3f}, format {row['format_rate']:.3f}, map overlap "
-                f"{row['map']['overlap_ratio']:.3f} (weighted {row['map']['overlap_ratio_weighted']:.3f})"
-            )
-    best = max(rows, key=lambda r: (r["accuracy"], r["format_rate"], -r["top_k"]))
-    cmd = "python bench/vocab_k_sweep.py " + " ".join(sys.argv[1:])
+        per_demo = [sweep(w, Path(tmp)) for w in works]
+    rows = []
+    for k in KS:
+        runs = [d[k] for d in per_demo]
+        rows.append(
+            {
+                "top_k": k,
+                "accuracy": [r["accuracy"] for r in runs],
+                "accuracy_mean": statistics.mean(r["accuracy"] for r in runs),
+                "format_rate": [r["format_rate"] for r in runs],
+                "map_overlap": [r["map"]["overlap_ratio"] for r in runs],
+                "map_overlap_weighted": [r["map"]["overlap_ratio_weighted"] for r in runs],
+                "runs": runs,
+            }
+        )
+    best = max(rows, key=lambda r: (r["accuracy_mean"], statistics.mean(r["map_overlap_weighted"]), -r["top_k"]))
     out.write_text(
         json.dumps(
             {
-                "provenance": provenance(cmd),
+                "provenance": provenance("python bench/vocab_k_sweep.py " + " ".join(sys.argv[1:])),
                 "benchmark": "the demo's cross-vocabulary row (other_vocab+value) against the map's K",
                 "config": {
-                    "demo_dir_seed": seed,
-                    "questions": 2 * len(people),
-                    "map_corpus": "the demo's pretraining text",
+                    "seeds": [d[KS[0]]["seed"] for d in per_demo],
+                    "questions_per_seed": per_demo[0][KS[0]]["questions"],
+                    "map_corpus": "each demo's pretraining text; held out for the overlap: other shuffles of it",
                 },
                 "rows": rows,
                 "best_top_k": best["top_k"],
@@ -66,9 +87,10 @@ def main(work: Path, out: Path) -> None:
             indent=1,
         )
     )
+    print(f"best K: {best['top_k']}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: vocab_k_sweep.py DEMO_DIR [OUT.json]")
-    main(Path(sys.argv[1]), Path(sys.argv[2] if len(sys.argv) == 3 else "bench/results/vocab_k_sweep_cpu.json"))
+    if len(sys.argv) < 3:
+        sys.exit("usage: vocab_k_sweep.py OUT.json DEMO_DIR [DEMO_DIR ...]")
+    main(Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]])
