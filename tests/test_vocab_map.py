@@ -185,9 +185,10 @@ HAND_LINES = ["cat"] * 3 + ["cup"] * 2 + ["cow"] * 2 + ["cab", "at"]
 
 @pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_ext)])
 def test_ranking_rule_on_a_hand_made_case(backend):
-    """The documented rule, worked out by hand: per base token, candidates ranked by (identical string first,
-    aligned count, lower value id), the top K kept, weights = counts / their sum; an identical value token that
-    the alignment never paired joins with the row's top count; a token with neither stays unmapped."""
+    """The documented rule, worked out by hand: per base token, candidates ranked by (aligned count, identical
+    string, lower value id), the top K kept, weights = counts / their sum; a base token the alignment never saw
+    maps to its identical value token (weight 1), a special token to the value's of its role; any other stays
+    unmapped."""
     b, v = HAND_BASE, HAND_VALUE
     bid, vid = b.get_vocab(), v.get_vocab()
     enc = {
