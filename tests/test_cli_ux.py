@@ -112,7 +112,8 @@ def test_vocab_map_evaluates_an_existing_map(vocab_map_cli, tmp_path):
     rc, stdout, err = vocab_map_cli("--map", out)
     assert rc == 0, err
     ev = json.loads(stdout)["evaluation"]
-    assert ev["overlap_ratio"] == pytest.approx(1.0)  # one tokenizer on both sides: every token maps to itself
+    # one tokenizer on both sides: every token maps to itself, in the map and in the argmax baseline
+    assert ev["map"]["overlap_ratio"] == pytest.approx(1.0) == ev["argmax_baseline"]["overlap_ratio"]
     rc, _, err = vocab_map_cli("--map", out, "--top-k", "2")
     assert rc == 2 and "--top-k" in err and "not to --map" in err
     rc, _, err = vocab_map_cli()
