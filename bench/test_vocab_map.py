@@ -168,7 +168,7 @@ def test_map_against_the_authors_argmax(benchmark):
     documents; its counts checked equal to the C++ DTW's)."""
     from ivl_fast.chat import load_tokenizer
     from ivl_fast.tiny import prose_documents
-    from ivl_fast.vocab.build import encode_all
+    from ivl_fast.vocab.build import _overlap, encode_all
 
     docs = prose_documents()
     train, held = docs[0::2][:250], docs[1::2][:100]
@@ -189,8 +189,6 @@ def test_map_against_the_authors_argmax(benchmark):
             bseq, _ = encode_all(bt, train)
             vseq, _ = encode_all(vt, train)
             whole = _argmax_of(*align_counts(bs, vs, bseq, vseq, threads=os.cpu_count()), len(bs))
-            from ivl_fast.vocab.build import _overlap
-
             ids_b = [bt(t, add_special_tokens=False)["input_ids"] for t in held_pieces]
             ids_v = [vt(t, add_special_tokens=False)["input_ids"] for t in held_pieces]
             authors = {"overlap_ratio": _overlap(whole, ids_b, ids_v), "coverage": float((whole >= 0).float().mean())}

@@ -357,7 +357,9 @@ def launch(
     base_t = base if base is not None else ref
     value_t = value if value is not None else ref
     idx, w = ell if ell is not None else (ids, lp)  # unused pointers when HAS_MAP is False
-    # [B] fp32: the base rows' log-sum-exp, for the map's push-forward of probabilities (one read of the logits)
+    # [B] fp32: the base rows' log-sum-exp, for the map's push-forward of probabilities. NOTE: one more read of the
+    # [B, V_base] logits (and an fp32 copy of bf16 ones) before the kernel; a pre-pass over the base row inside the
+    # kernel would save it (not done: the GPU path is not yet validated, nothing measured)
     base_lse = torch.logsumexp(base.float(), dim=-1).contiguous() if ell is not None else lp
     base_t, value_t = base_t.contiguous(), value_t.contiguous()
     if penalties is not None:

@@ -100,3 +100,28 @@ def vocab_map_cli(capsys, vocab_map_files):
         return rc, out, err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def served(pair):
+    """A real ``ivl-fast serve`` of the tiny pair (4 slots) for one test module (tests/test_serve*.py), with the
+    decoder whose answers each request must equal."""
+    from serve_fixtures import Server
+
+    from ivl_fast import FastIVLDecoder
+
+    _, _, base_dir, value_dir = pair
+    srv = Server(
+        "--base",
+        base_dir,
+        "--value",
+        value_dir,
+        "--served-model-name",
+        "ivl",
+        "--max-batch-size",
+        4,
+        "--max-model-len",
+        128,
+    )
+    yield srv, FastIVLDecoder.from_pretrained(base_dir, value_dir)
+    srv.stop()

@@ -22,25 +22,6 @@ from serve_fixtures import PROMPTS, Server, _error  # noqa: E402
 from ivl_fast import FastIVLDecoder  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def served(pair):
-    _, _, base_dir, value_dir = pair
-    srv = Server(
-        "--base",
-        base_dir,
-        "--value",
-        value_dir,
-        "--served-model-name",
-        "ivl",
-        "--max-batch-size",
-        4,
-        "--max-model-len",
-        128,
-    )
-    yield srv, FastIVLDecoder.from_pretrained(base_dir, value_dir)
-    srv.stop()
-
-
 def test_models_and_health(served):
     srv, _ = served
     assert [m.id for m in srv.client().models.list().data] == ["ivl"]

@@ -19,25 +19,6 @@ from serve_fixtures import PROMPTS, Server, _error  # noqa: E402
 from ivl_fast import FastIVLDecoder  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def served(pair):
-    _, _, base_dir, value_dir = pair
-    srv = Server(
-        "--base",
-        base_dir,
-        "--value",
-        value_dir,
-        "--served-model-name",
-        "ivl",
-        "--max-batch-size",
-        4,
-        "--max-model-len",
-        128,
-    )
-    yield srv, FastIVLDecoder.from_pretrained(base_dir, value_dir)
-    srv.stop()
-
-
 def test_serving_across_vocabularies_with_a_vocab_map(tmp_path, tokenizer, save_checkpoint):
     """--vocab-map: the value network on its tokenizer steers a base with another one; concurrent completions and
     chat requests (more than the slots) each equal the decoder's own cross-vocabulary answer alone."""

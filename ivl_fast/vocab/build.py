@@ -127,23 +127,25 @@ def rank_candidates(
     baseline :func:`evaluate_map` compares with."""
     vb = same.numel()
     b, v = pairs[:, 0], pairs[:, 1]
-    tie = (v != same[b]).to(torch.int64)  # 0 for the identical surface
-    # rank inside each row: sort by (base asc, count desc, identical first, value id asc); stable sorts, last key first
-    order = torch.argsort(v, stable=True)
-    order = order[torch.argsort(tie[order], stable=True)]
-    order = order[torch.argsort(-counts[order], stable=True)]
-    order = order[torch.argsort(b[order], stable=True)]
+    seen = torch.bincount(b, minlength=vb)
+    first = torch.cumsum(seen, 0) - seen  # each row's first position once sorted by base token
+
+    def by_row(*keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs' order sorted by (base, *keys, value id), ascending (stable sorts, last key first), and each
+        pair's rank inside its row in that order."""
+        order = torch.argsort(v, stable=True)
+        for key in reversed(keys):
+            order = order[torch.argsort(key[order], stable=True)]
+        order = order[torch.argsort(b[order], stable=True)]
+        return order, torch.arange(order.numel()) - first[b[order]]
+
+    # the map: count desc, then the identical surface first (0), then the value id
+    order, rank = by_row(-counts, (v != same[b]).to(torch.int64))
     b_s, v_s, c_s = b[order], v[order], counts[order]
-    seen = torch.bincount(b_s, minlength=vb)
-    first = torch.cumsum(seen, 0) - seen  # the row's first position in the sorted pairs
-    rank = torch.arange(b_s.numel()) - first[b_s]
     # the authors' argmax: most pairs, ties to the lower id (not to the identical surface)
-    o2 = torch.argsort(v, stable=True)
-    o2 = o2[torch.argsort(-counts[o2], stable=True)]
-    o2 = o2[torch.argsort(b[o2], stable=True)]
+    o2, r2 = by_row(-counts)
     argmax = torch.full((vb,), -1, dtype=torch.int64)
-    top1 = o2[(torch.arange(o2.numel()) - first[b[o2]]) == 0]  # each row's first entry
-    argmax[b[top1]] = v[top1]
+    argmax[b[o2[r2 == 0]]] = v[o2[r2 == 0]]
     keep = rank < top_k
     kb, kv, kc = b_s[keep], v_s[keep], c_s[keep].to(torch.float64)
     # unseen base tokens with an identical value surface: one entry of weight 1
