@@ -27,13 +27,12 @@ def sweep(work: Path, tmp: Path) -> dict[int, dict]:
     from ivl_fast.chat import load_tokenizer
     from ivl_fast.demo import DemoConfig, evaluate, make_world, pretraining_text
     from ivl_fast.vocab import VocabMap
-    from ivl_fast.vocab.build import split_corpus
 
     cfg = DemoConfig()
     seed = json.loads((work / "results.json").read_text())["world"]["seed"]
     world = make_world(cfg.n_people, seed)
     lines = pretraining_text(world, world["people"], 6, seed)
-    held = split_corpus(pretraining_text(world, world["people"], 1, seed + 100))  # other shuffles and layouts
+    held = pretraining_text(world, world["people"], 1, seed + 100)  # other shuffles and layouts
     people = world["eval_people"][: cfg.eval_people]
     tok_b, tok_a = load_tokenizer(work / "tokenizer_b"), load_tokenizer(work / "tokenizer_a")
     out = {}

@@ -12,7 +12,7 @@ from ivl_fast.cli import main as cli_main
 from ivl_fast.tiny import corpus_text, train_tokenizer
 from ivl_fast.vocab import VocabMap
 from ivl_fast.vocab.align import align_counts, dtw_align, edit_distance, surface_strings
-from ivl_fast.vocab.build import split_corpus
+from ivl_fast.vocab.build import pieces_of, split_corpus
 
 needs_ext = pytest.mark.skipif(not extension_available(), reason="ivl_fast._C not built")
 
@@ -96,17 +96,14 @@ def test_build_save_load_evaluate(toks, texts, tmp_path):
     assert torch.allclose(rows[mapped], torch.ones(int(mapped.sum())))  # weights sum to 1
     assert int((d > 0).sum(1).max()) <= 3
     assert vmap.stats["coverage"] > 0.9 and vmap.stats["distinct_pairs"] > 0
-    # the ranking rule, against the alignment counts recomputed here: each seen base token keeps its value tokens
-    # by count (ties: the identical surface, then the lower id), top 3, weights = counts over the kept ones; a base
-    # token never aligned gets the value token of its surface (a regular one before a byte-fallback one), weight 1
+    # the ranking rule, against the alignment counts recomputed here (the pieces as the build cuts them, tested in
+    # tests/test_vocab_segment.py; the pure-Python DTW): each seen base token keeps its value tokens by count (ties:
+    # the identical surface, then the lower id), top 3, weights = counts over the kept ones; a base token never
+    # aligned gets the value token of its surface (a regular one before a byte-fallback one), weight 1
     sa, sb = surface_strings(a), surface_strings(b)
-    pieces = split_corpus(texts[:40])
-    pairs, counts = align_counts(
-        sa,
-        sb,
-        [a(t, add_special_tokens=False)["input_ids"] for t in pieces],
-        [b(t, add_special_tokens=False)["input_ids"] for t in pieces],
-    )
+    pieces, skipped, cut = pieces_of(a, b, texts[:40])
+    assert (skipped, cut, vmap.stats["pieces"]) == ([], "in context", len(pieces))
+    pairs, counts = align_counts(sa, sb, *pieces.lists(), backend="python")
     by_row: dict[int, list[tuple[int, int]]] = {}
     for (x, y), c in zip(pairs.tolist(), counts.tolist(), strict=True):
         by_row.setdefault(x, []).append((y, c))
@@ -178,8 +175,9 @@ HAND_BASE = _word_bpe(
     {k: i for i, k in enumerate("<unk> z c a t o w u p b at ab up ow".split())},
     [("a", "t"), ("a", "b"), ("u", "p"), ("o", "w")],
 )
-# one word per line: a line whose value tokenization is ONE token aligns every base token of it with that token
-# (the only monotone path), so the aligned-pair counts below follow from the line counts alone
+# one word per text (each shorter than a piece, so one piece each): a text whose value tokenization is ONE token
+# aligns every base token of it with that token (the only monotone path), so the aligned-pair counts below follow
+# from the text counts alone
 HAND_LINES = ["cat"] * 3 + ["cup"] * 2 + ["cow"] * 2 + ["cab", "at"]
 
 
@@ -225,7 +223,7 @@ def test_ranking_rule_on_a_hand_made_case(backend):
     expected[4] = {**expected[3], "c": [("cat", 3 / 8), ("cup", 2 / 8), ("cow", 2 / 8), ("cab", 1 / 8)]}
     for k, rows in expected.items():
         rows = dict(rows)
-        vmap = VocabMap.build(b, v, ["\n".join(HAND_LINES)], top_k=k, backend=backend)
+        vmap = VocabMap.build(b, v, HAND_LINES, top_k=k, backend=backend)
         assert vmap.shape == (len(bid), len(vid))
         crow, col, val = vmap.crow.tolist(), vmap.col.tolist(), vmap.val.tolist()
 
@@ -244,6 +242,9 @@ def test_ranking_rule_on_a_hand_made_case(backend):
         assert set(vmap.stats.pop("seconds")) == {"surfaces", "tokenize", "align", "rank", "hash"}
         assert vmap.stats == {
             "texts": len(HAND_LINES),
+            "cut": "in context",
+            "pieces": len(HAND_LINES),  # each text shorter than a piece: one piece each
+            "forced_cuts": 0,
             "skipped_texts": 0,
             "aligned_pairs": 17,  # 3*2 + 2*2 + 2*2 + 2 + 1
             "distinct_pairs": 9,
@@ -287,7 +288,7 @@ def test_evaluate_map_overlap_on_a_hand_made_case():
     """overlap_ratio = |multiset(top value token of each base token) & multiset(value tokens)| / #value tokens,
     summed over texts; overlap_ratio_weighted: each base token spread over its row by the weights, each value
     token's mass capped at its own count; argmax_baseline: the same overlap for the argmax map of the counts."""
-    vmap = VocabMap.build(HAND_BASE, HAND_VALUE, ["\n".join(HAND_LINES)], top_k=3)
+    vmap = VocabMap.build(HAND_BASE, HAND_VALUE, HAND_LINES, top_k=3)
     # by hand (rows as in the test above): top(c) = cat, top(at) = cat, top(up) = cup, top(ow) = cow.
     # "cat cup": base c at c up -> {cat, cat, cat, cup} vs value {cat, cup}: 2 of 2. "at": {cat} vs {at}: 0 of 1.
     # "ow": {cow} vs {ow}: 0 of 1. Overlap (2 + 0 + 0) / (2 + 1 + 1).
@@ -298,6 +299,8 @@ def test_evaluate_map_overlap_on_a_hand_made_case():
         "overlap_ratio_weighted": pytest.approx(2.25 / 4),
         "coverage": 13 / 14,
         "texts": 3,
+        "pieces": 3,
+        "skipped_texts": 0,
         "argmax_baseline": {"overlap_ratio": 0.5, "coverage": 5 / 14},  # the same tops; only 5 base tokens mapped
     }
     assert vmap.evaluate(HAND_BASE, HAND_VALUE, ["at at"])["overlap_ratio"] == 0.0
@@ -362,7 +365,12 @@ def test_cli_vocab_map(toks, texts, tmp_path, capsys):
     cap = capsys.readouterr()
     rep = json.loads(cap.out)
     ev = rep["evaluation"]
-    assert rep["shape"] == [len(a), len(b)] and set(ev) == {"held_out_texts", "map", "argmax_baseline"}
+    assert rep["shape"] == [len(a), len(b)] and set(ev) == {
+        "held_out_texts",
+        "held_out_pieces",
+        "map",
+        "argmax_baseline",
+    }
     assert 0 < ev["argmax_baseline"]["overlap_ratio"] <= ev["map"]["overlap_ratio"] <= 1
     assert ev["argmax_baseline"]["coverage"] < ev["map"]["coverage"]
     # the same figures, side by side, on stderr

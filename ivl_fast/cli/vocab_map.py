@@ -67,6 +67,7 @@ def _side_by_side(ev: dict) -> dict:
     base = ev["argmax_baseline"]
     return {
         "held_out_texts": ev["texts"],
+        "held_out_pieces": ev["pieces"],
         "map": {k: ev[k] for k in ("overlap_ratio", "overlap_ratio_weighted", "coverage")},
         "argmax_baseline": base,
     }
@@ -84,7 +85,7 @@ def _table(ev: dict) -> str:
 def run(args) -> int:
     from ..safe_output import check_output_location
     from ..vocab import VocabMap
-    from ..vocab.build import check_map_output, split_corpus
+    from ..vocab.build import check_map_output
 
     if (args.out is None) == (args.map is None):
         raise UsageError("give exactly one of --out (build a map) or --map (evaluate an existing one)")
@@ -96,9 +97,7 @@ def run(args) -> int:
     if args.map is not None:  # evaluate a map that exists on the whole corpus: nothing is written
         vmap = VocabMap.load(args.map, base_tokenizer=args.base_tokenizer, value_tokenizer=args.value_tokenizer)
         report = {"map": str(args.map), "shape": list(vmap.shape)}
-        report["evaluation"] = _side_by_side(
-            vmap.evaluate(args.base_tokenizer, args.value_tokenizer, split_corpus(texts))
-        )
+        report["evaluation"] = _side_by_side(vmap.evaluate(args.base_tokenizer, args.value_tokenizer, texts))
         print(_table(report["evaluation"]), file=sys.stderr)
         print(json.dumps(report, indent=1))
         return 0
@@ -127,9 +126,7 @@ def run(args) -> int:
     vmap.save(args.out, overwrite=args.overwrite)
     report = {"out": str(args.out), "shape": list(vmap.shape), "seconds": secs, **vmap.stats}
     if args.evaluate:
-        report["evaluation"] = _side_by_side(
-            vmap.evaluate(args.base_tokenizer, args.value_tokenizer, split_corpus(held_out))
-        )
+        report["evaluation"] = _side_by_side(vmap.evaluate(args.base_tokenizer, args.value_tokenizer, held_out))
         print(_table(report["evaluation"]), file=sys.stderr)
     print(json.dumps(report, indent=1))
     return 0

@@ -9,7 +9,8 @@ The base's logits cross into the value vocabulary as a distribution: ``z_value_s
 ``log(EMPTY_PROB)`` for value tokens no base token maps to. Mapping the raw logits instead (``z_base @ W``) gives
 those unmapped tokens logit 0, above most mapped ones, and scored 0.00 on the demo's cross-vocabulary row (issue
 #19). ``VocabMap.build`` aligns two tokenizations of the same texts by DTW on an edit-distance cost (MinED, C++ in
-``ivl_fast._C`` with a Python fallback), counts aligned pairs and keeps the top-K value tokens per base token by
+``ivl_fast._C`` with a Python fallback), each text tokenized whole and cut where both tokenizations have a
+boundary (``ivl_fast.vocab.segment``), counts aligned pairs and keeps the top-K value tokens per base token by
 count (weights summing to 1; the identical surface breaks ties and maps base tokens the corpus never aligned).
 ``save``/``load`` use safetensors with metadata (format tag, shape, vocab sizes, tokenizer content hashes, corpus
 hash, K); loading checks the tokenizers when given.
@@ -157,8 +158,9 @@ class VocabMap:
         return load_map(path, base_tokenizer=base_tokenizer, value_tokenizer=value_tokenizer)
 
     def evaluate(self, base_tokenizer, value_tokenizer, texts) -> dict:
-        """Held-out quality on ``texts``: ``{"overlap_ratio", "overlap_ratio_weighted", "coverage", "texts",
-        "argmax_baseline": {"overlap_ratio", "coverage"} or None}`` (``ivl_fast.vocab.build.evaluate_map``)."""
+        """Held-out quality on ``texts``: ``{"overlap_ratio", "overlap_ratio_weighted", "coverage", "texts", "pieces",
+        "skipped_texts", "argmax_baseline": {"overlap_ratio", "coverage"} or None}``, compared piece by piece in
+        running text (``ivl_fast.vocab.build.evaluate_map``)."""
         from .build import evaluate_map
 
         return evaluate_map(self, base_tokenizer, value_tokenizer, list(texts))

@@ -153,6 +153,33 @@ def align_counts(
         bi, bo = _pack(base_seqs)
         vi, vo = _pack(value_seqs)
         return ops().align_counts(base_surface, value_surface, bi, bo, vi, vo, int(threads))
+    return _align_python(base_surface, value_surface, base_seqs, value_seqs)
+
+
+def align_pieces(
+    base_surface: list[str], value_surface: list[str], pieces, *, threads: int = 1, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`align_counts` over packed pieces (``ivl_fast.vocab.segment.Pieces``): the C++ path reads the packed
+    tensors as they are, without building per-piece lists."""
+    if backend not in ("auto", "cpp", "python"):
+        raise ValueError(f"backend must be auto, cpp or python, got {backend!r}")
+    if backend == "cpp" or (backend == "auto" and extension_available()):
+        return ops().align_counts(
+            base_surface,
+            value_surface,
+            pieces.base_ids,
+            pieces.base_offsets,
+            pieces.value_ids,
+            pieces.value_offsets,
+            int(threads),
+        )
+    return _align_python(base_surface, value_surface, *pieces.lists())
+
+
+def _align_python(
+    base_surface: list[str], value_surface: list[str], base_seqs: list[list[int]], value_seqs: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path of :func:`align_counts`: DTW per text in Python, pairs counted in a dict."""
     counts: dict[tuple[int, int], int] = {}
     for a_ids, b_ids in zip(base_seqs, value_seqs, strict=True):
         for x in (*a_ids, *b_ids):

@@ -14,7 +14,8 @@ import torch
 
 from ..safe_output import UnsafeOutputError, replace_file_atomically
 from . import DEFAULT_TOP_K
-from .align import align_counts, byte_fallback_ids, surface_strings
+from .align import align_pieces, byte_fallback_ids, surface_strings
+from .segment import NoOffsets, Pieces, cut_in_context, encode_with_offsets
 
 
 def _tokenizer(t):
@@ -63,8 +64,8 @@ def encode_all(tokenizer, texts: list[str], bar=None) -> tuple[list[list[int]], 
 
 def split_corpus(texts: list[str], max_chars: int = 256) -> list[str]:
     """Lines, and long lines cut into pieces of <= max_chars, at the last space (at max_chars itself when the
-    line has no space past half of it); blank pieces are dropped. DTW is quadratic in a piece's length, so
-    bounded pieces keep the build linear in the corpus size."""
+    line has no space past half of it); blank pieces are dropped. The fallback of :func:`pieces_of` for a
+    tokenizer without character offsets (the pieces are tokenized one by one, out of context)."""
     out = []
     for text in texts:
         for line in text.splitlines():
@@ -77,6 +78,32 @@ def split_corpus(texts: list[str], max_chars: int = 256) -> list[str]:
             if line.strip():
                 out.append(line)
     return out
+
+
+def pieces_of(base_tokenizer, value_tokenizer, texts: list[str], bar=None) -> tuple[Pieces, list[int], str]:
+    """The texts as pieces to align -> (pieces, indices of the units skipped because a tokenizer failed on them,
+    how they were cut: "in context" or "lines").
+
+    In context (``ivl_fast.vocab.segment``): each text tokenized whole by both tokenizers and cut where both have a
+    token boundary, so every piece holds the tokens of running text. When a tokenizer cannot give character
+    offsets (a slow tokenizer): the texts' lines (:func:`split_corpus`), each tokenized alone, and the skipped
+    indices are of lines. ``bar``: a progress bar, advanced once per text and tokenizer."""
+    try:
+        b_enc, b_fail = encode_with_offsets(base_tokenizer, texts, bar)
+        v_enc, v_fail = encode_with_offsets(value_tokenizer, texts, bar)
+    except NoOffsets:
+        lines = split_corpus(texts)
+        if bar is not None:
+            bar.reset(total=2 * len(lines))
+        bseqs, bfail = encode_all(base_tokenizer, lines, bar)
+        vseqs, vfail = encode_all(value_tokenizer, lines, bar)
+        skip = sorted(set(bfail) | set(vfail))
+        keep = [i for i in range(len(lines)) if i not in set(skip)]
+        return Pieces.from_lists([bseqs[i] for i in keep], [vseqs[i] for i in keep]), skip, "lines"
+    skip = sorted(set(b_fail) | set(v_fail))
+    keep = [i for i in range(len(texts)) if i not in set(skip)]
+    pieces = cut_in_context([b_enc[i] for i in keep], [v_enc[i] for i in keep], [len(texts[i]) for i in keep])
+    return pieces, skip, "in context"
 
 
 def _merge_counts(found: list[tuple[torch.Tensor, torch.Tensor]], v_value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +206,7 @@ def build_map(
 
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    texts = split_corpus([t for t in texts if t and t.strip()])
+    texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("the corpus is empty: no text to align")
     bt, vt = _tokenizer(base_tokenizer), _tokenizer(value_tokenizer)
@@ -190,24 +217,21 @@ def build_map(
     seconds["surfaces"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with tqdm(total=2 * len(texts), desc="tokenize", unit="text", disable=not progress, file=sys.stderr) as bar:
-        bseqs, bfail = encode_all(bt, texts, bar)
-        vseqs, vfail = encode_all(vt, texts, bar)
-    skip = set(bfail) | set(vfail)
-    seconds["tokenize"] = time.perf_counter() - t0
+        pieces, skip, cut = pieces_of(bt, vt, texts, bar)
+    seconds["tokenize"] = time.perf_counter() - t0  # both tokenizers, and cutting the pieces
     t0 = time.perf_counter()
-    pairs_b = [s for i, s in enumerate(bseqs) if i not in skip]
-    pairs_v = [s for i, s in enumerate(vseqs) if i not in skip]
     threads = threads or os.cpu_count() or 1
     vb, vv = len(bsurf), len(vsurf)
     # aligned in chunks (each still multithreaded) so the bar moves; chunk counts are merged exactly.
     # NOTE: each call converts both surface lists (21 ms for 131072 + 32000 tokens), so at most 20 chunks, and
     # one call when no bar is shown.
-    chunk = max(64 * threads, -(-len(pairs_b) // 20)) if progress else max(1, len(pairs_b))
+    n = len(pieces)
+    chunk = max(64 * threads, -(-n // 20)) if progress else max(1, n)
     found = []
-    with tqdm(total=len(pairs_b), desc="align", unit="text", disable=not progress, file=sys.stderr) as bar:
-        for lo in range(0, len(pairs_b), chunk):
-            hi = min(lo + chunk, len(pairs_b))
-            found.append(align_counts(bsurf, vsurf, pairs_b[lo:hi], pairs_v[lo:hi], threads=threads, backend=backend))
+    with tqdm(total=n, desc="align", unit="piece", disable=not progress, file=sys.stderr) as bar:
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            found.append(align_pieces(bsurf, vsurf, pieces.slice(lo, hi), threads=threads, backend=backend))
             bar.update(hi - lo)
     pairs, counts = _merge_counts(found, vv)
     seconds["align"] = time.perf_counter() - t0  # DTW and counting (C++), and merging the chunks' counts
@@ -232,6 +256,9 @@ def build_map(
     seconds["hash"] = time.perf_counter() - t0  # the tokenizers' and the corpus's hashes (file metadata)
     stats = {
         "texts": len(texts),
+        "cut": cut,  # "in context" or, for a tokenizer without offsets, "lines" (then skipped_texts counts lines)
+        "pieces": n,
+        "forced_cuts": pieces.forced_cuts,
         "skipped_texts": len(skip),
         "aligned_pairs": int(counts.sum()),
         "distinct_pairs": int(pairs.shape[0]),
@@ -392,24 +419,30 @@ def _weighted_overlap(vmap, ids_b: list[list[int]], ids_v: list[list[int]]) -> f
 
 
 def evaluate_map(vmap, base_tokenizer, value_tokenizer, texts: list[str]) -> dict:
-    """Held-out quality of a map: ``{"overlap_ratio", "overlap_ratio_weighted", "coverage", "texts",
-    "argmax_baseline"}``.
+    """Held-out quality of a map: ``{"overlap_ratio", "overlap_ratio_weighted", "coverage", "texts", "pieces",
+    "skipped_texts", "argmax_baseline"}``.
 
     overlap_ratio: each base token of held-out text mapped to its top value token, compared (as multisets, per
-    text) with the value tokenizer's own tokenization, as a share of the value tokens; overlap_ratio_weighted: the
-    same with each base token spread over its row by the weights (the top-K mass); coverage: the share of base
-    tokens with a mapping; texts: how many were given. argmax_baseline: ``{"overlap_ratio", "coverage"}`` of the
-    authors' map (argmax of the alignment counts per base token) built from the same corpus, when the map carries
-    it (``vmap.argmax``: maps built by ivl-fast do), else None."""
+    piece) with the value tokenizer's own tokenization, as a share of the value tokens; overlap_ratio_weighted:
+    the same with each base token spread over its row by the weights (the top-K mass); coverage: the share of base
+    tokens with a mapping; texts: how many were given; pieces: how many multisets were compared. argmax_baseline:
+    ``{"overlap_ratio", "coverage"}`` of the authors' map (argmax of the alignment counts per base token) built
+    from the same corpus, when the map carries it (``vmap.argmax``: maps built by ivl-fast do), else None.
+
+    The pieces are cut as the build cuts them (:func:`pieces_of`): each text tokenized whole, as running text, and
+    compared piece by piece (<= 256 characters, cut where both tokenizations have a boundary), so a long text is not
+    one loose multiset. Texts a tokenizer fails on are left out (``skipped_texts``)."""
     bt, vt = _tokenizer(base_tokenizer), _tokenizer(value_tokenizer)
-    ids_b = [bt(t, add_special_tokens=False)["input_ids"] for t in texts]
-    ids_v = [vt(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pieces, skip, _ = pieces_of(bt, vt, [t for t in texts if t])
+    ids_b, ids_v = pieces.lists()
     rows = vmap.crow[1:] > vmap.crow[:-1]
     report = {
         "overlap_ratio": _overlap(_top1(vmap.crow, vmap.col, vmap.val), ids_b, ids_v),
         "overlap_ratio_weighted": _weighted_overlap(vmap, ids_b, ids_v),
         "coverage": int(rows.sum()) / vmap.v_base,
         "texts": len(texts),
+        "pieces": len(pieces),
+        "skipped_texts": len(skip),
         "argmax_baseline": None,
     }
     argmax = getattr(vmap, "argmax", None)

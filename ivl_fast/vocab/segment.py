@@ -1,0 +1,189 @@
+"""Cutting texts into pieces to align, where both tokenizations have a token boundary ("in context").
+
+DTW is quadratic in a piece's length, so a map is built from pieces of at most ``max_chars`` characters.
+Cutting a text into lines and tokenizing each line alone changes the tokenization at every cut: a SentencePiece
+tokenizer adds its dummy prefix ("▁") at the start of each piece, a byte-level one sees no preceding space. The
+map then learns pairs that never occur in running text (issue #19: on whole held-out documents, a map built from
+line pieces scored 0.735 against the authors' whole-document argmax 0.789, tekken -> tokenizer.model.v1).
+
+Here each text is tokenized whole, with character offsets, by both tokenizers, and cut only at character positions
+where both tokenizations have a boundary (no token of either side straddles it). Every piece then holds exactly the
+tokens the tokenizers emit in running text, and aligning the pieces is the whole-text DTW constrained to pass
+through those common boundaries. Where a text has no common boundary for ``hard_chars`` characters (no shared
+boundary at all is rare: spaces and punctuation are boundaries for both), it is cut at ``max_chars`` regardless
+(a "forced" cut: the tokens on each side of it are split by their end offsets) so that no piece grows unbounded.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+
+class NoOffsets(Exception):
+    """The tokenizer cannot report character offsets (a slow tokenizer): texts cannot be cut in context."""
+
+
+def encode_with_offsets(tokenizer, texts: list[str], bar=None) -> tuple[list[tuple[list[int], list] | None], list[int]]:
+    """-> (per text (ids, each token's (start, end) character offsets) or None where it failed, the failed indices).
+
+    No special tokens. A fast tokenizer encodes all texts in one batched call (on all cores; on failure one at a
+    time, to lose only the texts that fail); any other tokenizer is called with ``return_offsets_mapping=True``.
+    Raises :class:`NoOffsets` when the tokenizer cannot give offsets at all. ``bar``: advanced once per text."""
+    from transformers import PreTrainedTokenizerFast
+
+    rust = tokenizer._tokenizer if isinstance(tokenizer, PreTrainedTokenizerFast) else None  # `tokenizers`' own
+    if rust is not None and rust.truncation is None and rust.padding is None:
+        try:
+            encs = rust.encode_batch(texts, add_special_tokens=False)
+            if bar is not None:
+                bar.update(len(texts))
+            return [(e.ids, e.offsets) for e in encs], []
+        except Exception:  # some text fails: one at a time below
+            pass
+    out: list[tuple[list[int], list] | None] = []
+    failed = []
+    for i, t in enumerate(texts):
+        if bar is not None:
+            bar.update(1)
+        try:
+            enc = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception as e:
+            try:  # the text encodes without offsets: the tokenizer has none (transformers 4's slow ones raise)
+                tokenizer(t, add_special_tokens=False)
+            except Exception:  # a tokenizer error on one text must not lose the whole build
+                out.append(None)
+                failed.append(i)
+                continue
+            raise NoOffsets(f"{type(tokenizer).__name__} gives no character offsets ({e})") from e
+        if "offset_mapping" not in enc:  # transformers 5's Python tokenizers (PythonBackend) ignore the flag
+            raise NoOffsets(f"{type(tokenizer).__name__} gives no character offsets")
+        out.append((list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]))
+    return out, failed
+
+
+@dataclass
+class Pieces:
+    """Both sides' tokens of the pieces to align, packed: piece i is ``base_ids[base_offsets[i]:base_offsets[i + 1]]``
+    against ``value_ids[value_offsets[i]:value_offsets[i + 1]]`` (ids int64, offsets [n + 1] int64: the layout
+    ``torch.ops.ivl_fast.align_counts`` reads). ``forced_cuts``: cuts made where no common boundary was near."""
+
+    base_ids: torch.Tensor
+    base_offsets: torch.Tensor
+    value_ids: torch.Tensor
+    value_offsets: torch.Tensor
+    forced_cuts: int = 0
+
+    def __len__(self) -> int:
+        return self.base_offsets.numel() - 1
+
+    def slice(self, lo: int, hi: int) -> Pieces:
+        """Pieces lo..hi-1, packed on their own (offsets from 0)."""
+        bo, vo = self.base_offsets[lo : hi + 1], self.value_offsets[lo : hi + 1]
+        return Pieces(self.base_ids[bo[0] : bo[-1]], bo - bo[0], self.value_ids[vo[0] : vo[-1]], vo - vo[0])
+
+    def lists(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(base token ids per piece, value token ids per piece) as Python lists."""
+
+        def unpack(ids: torch.Tensor, off: torch.Tensor) -> list[list[int]]:
+            flat, o = ids.tolist(), off.tolist()
+            return [flat[o[i] : o[i + 1]] for i in range(len(o) - 1)]
+
+        return unpack(self.base_ids, self.base_offsets), unpack(self.value_ids, self.value_offsets)
+
+    @classmethod
+    def from_lists(cls, base: list[list[int]], value: list[list[int]]) -> Pieces:
+        """Pieces from per-piece token lists (e.g. lines tokenized one by one)."""
+        if len(base) != len(value):
+            raise ValueError(f"{len(base)} base tokenizations but {len(value)} value tokenizations")
+
+        def pack(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            off = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+            off[1:] = torch.tensor([len(s) for s in seqs], dtype=torch.int64).cumsum(0)
+            return torch.tensor([x for s in seqs for x in s], dtype=torch.int64), off
+
+        (bi, bo), (vi, vo) = pack(base), pack(value)
+        return cls(bi, bo, vi, vo)
+
+
+def _side(encoded: list[tuple[list[int], list]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One tokenizer's texts laid end to end -> (ids [N], ends [N], boundaries): each token's end offset in the
+    joined characters (text i starts at ``starts[i]``; made monotone, as searchsorted needs), and the sorted
+    positions a cut may take on this side: after a token the next token of its text starts at or after (none
+    straddles), and every text's end."""
+    ids = torch.tensor([x for e, _ in encoded for x in e], dtype=torch.int64)
+    off = torch.tensor([o for _, offs in encoded for o in offs], dtype=torch.int64).reshape(-1, 2)
+    shift = torch.repeat_interleave(
+        torch.tensor(starts, dtype=torch.int64), torch.tensor([len(e) for e, _ in encoded], dtype=torch.int64)
+    )
+    begin, ends = off[:, 0] + shift, off[:, 1] + shift
+    ends = torch.cummax(ends, 0).values if ends.numel() else ends
+    # the next token's start, across a text's end: the next text starts past this one's end, so "ok" there
+    ok = torch.ones(ends.numel(), dtype=torch.bool)
+    ok[:-1] = begin[1:] >= ends[:-1]
+    return ids, ends, ends[ok]
+
+
+def _cuts(common: list[int], start: int, end: int, max_chars: int, hard_chars: int) -> tuple[list[int], int]:
+    """Cut positions of one text [start, end) (joined coordinates), ending with ``end``: greedily the last common
+    boundary within ``max_chars`` of the previous cut; past it, the next common boundary if within
+    ``hard_chars``, else a forced cut at ``max_chars``. -> (cuts, forced cuts)."""
+    cuts, forced, last = [], 0, start
+    while end - last > max_chars:
+        j = bisect.bisect_right(common, last + max_chars) - 1
+        if j >= 0 and common[j] > last:
+            c = common[j]
+        else:
+            j = bisect.bisect_right(common, last)  # the first common boundary past the last cut
+            nxt = common[j] if j < len(common) and common[j] < end else end
+            if nxt - last <= hard_chars:
+                if nxt == end:
+                    break
+                c = nxt
+            else:
+                c, forced = last + max_chars, forced + 1
+        cuts.append(c)
+        last = c
+    cuts.append(end)
+    return cuts, forced
+
+
+def cut_in_context(
+    base: list[tuple[list[int], list]],
+    value: list[tuple[list[int], list]],
+    lengths: list[int],
+    *,
+    max_chars: int = 256,
+    hard_chars: int | None = None,
+) -> Pieces:
+    """The texts' two tokenizations (``encode_with_offsets`` of each side; ``lengths``: the texts' lengths in
+    characters) cut at common boundaries into pieces of at most ``max_chars`` characters where the boundaries
+    allow, never more than ``hard_chars`` (default 4 x ``max_chars``). Every token of both sides is in exactly
+    one piece, in order; a text's last piece ends at its end."""
+    if len(base) != len(value) or len(base) != len(lengths):
+        raise ValueError(f"{len(base)} base and {len(value)} value tokenizations for {len(lengths)} texts")
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    hard_chars = 4 * max_chars if hard_chars is None else hard_chars
+    starts, pos = [], 0
+    for n in lengths:  # one character of gap between texts: a text's end is never another's start
+        starts.append(pos)
+        pos += n + 1
+    b_ids, b_ends, b_ok = _side(base, starts)
+    v_ids, v_ends, v_ok = _side(value, starts)
+    common = torch.unique(b_ok[torch.isin(b_ok, v_ok)]).tolist()
+    cuts, forced = [], 0
+    for s, n in zip(starts, lengths, strict=True):
+        c, f = _cuts(common, s, s + n, max_chars, hard_chars)
+        cuts += c
+        forced += f
+    at = torch.tensor(cuts, dtype=torch.int64)
+
+    def offsets(ends: torch.Tensor) -> torch.Tensor:  # tokens ending at or before each cut go left of it
+        out = torch.zeros(at.numel() + 1, dtype=torch.int64)
+        out[1:] = torch.searchsorted(ends, at, right=True)
+        return out
+
+    return Pieces(b_ids, offsets(b_ends), v_ids, offsets(v_ends), forced)
