@@ -16,7 +16,10 @@ boundary at all is rare: spaces and punctuation are boundaries for both), it is 
 
 from __future__ import annotations
 
+import array
 import bisect
+import gc
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +29,23 @@ class NoOffsets(Exception):
     """The tokenizer cannot report character offsets (a slow tokenizer): texts cannot be cut in context."""
 
 
-def encode_with_offsets(tokenizer, texts: list[str], bar=None) -> tuple[list[tuple[list[int], list] | None], list[int]]:
-    """-> (per text (ids, each token's (start, end) character offsets) or None where it failed, the failed indices).
+Encoded = tuple[torch.Tensor, torch.Tensor]  # one text: ids [n] int64, (start, end) character offsets [n, 2] int64
+
+
+def _as_tensors(ids, offsets) -> Encoded:
+    """A tokenization's ids and offsets (Python lists, of ints and of pairs) -> int64 tensors, through array('q')
+    (half the time of torch.tensor on a list of pairs)."""
+    flat = array.array("q", itertools.chain.from_iterable(offsets))
+    return (
+        torch.frombuffer(array.array("q", ids), dtype=torch.int64) if len(ids) else torch.zeros(0, dtype=torch.int64),
+        torch.frombuffer(flat, dtype=torch.int64).reshape(-1, 2)
+        if len(flat)
+        else torch.zeros((0, 2), dtype=torch.int64),
+    )
+
+
+def encode_with_offsets(tokenizer, texts: list[str], bar=None) -> tuple[list[Encoded | None], list[int]]:
+    """-> (per text (ids [n], (start, end) character offsets [n, 2]) or None where it failed, the failed indices).
 
     No special tokens. A fast tokenizer encodes all texts in one batched call (on all cores; on failure one at a
     time, to lose only the texts that fail); any other tokenizer is called with ``return_offsets_mapping=True``.
@@ -40,10 +58,18 @@ def encode_with_offsets(tokenizer, texts: list[str], bar=None) -> tuple[list[tup
             encs = rust.encode_batch(texts, add_special_tokens=False)
             if bar is not None:
                 bar.update(len(texts))
-            return [(e.ids, e.offsets) for e in encs], []
+            # millions of offset pairs: without the collector, which would rescan the heap as they are made
+            # (0.30 s -> 0.06 s for 690k tokens)
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                return [_as_tensors(e.ids, e.offsets) for e in encs], []
+            finally:
+                if enabled:
+                    gc.enable()
         except Exception:  # some text fails: one at a time below
             pass
-    out: list[tuple[list[int], list] | None] = []
+    out: list[Encoded | None] = []
     failed = []
     for i, t in enumerate(texts):
         if bar is not None:
@@ -60,7 +86,7 @@ def encode_with_offsets(tokenizer, texts: list[str], bar=None) -> tuple[list[tup
             raise NoOffsets(f"{type(tokenizer).__name__} gives no character offsets ({e})") from e
         if "offset_mapping" not in enc:  # transformers 5's Python tokenizers (PythonBackend) ignore the flag
             raise NoOffsets(f"{type(tokenizer).__name__} gives no character offsets")
-        out.append((list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]))
+        out.append(_as_tensors(list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]))
     return out, failed
 
 
@@ -108,15 +134,15 @@ class Pieces:
         return cls(bi, bo, vi, vo)
 
 
-def _side(encoded: list[tuple[list[int], list]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _side(encoded: list[Encoded], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One tokenizer's texts laid end to end -> (ids [N], ends [N], boundaries): each token's end offset in the
     joined characters (text i starts at ``starts[i]``; made monotone, as searchsorted needs), and the sorted
     positions a cut may take on this side: after a token the next token of its text starts at or after (none
     straddles), and every text's end."""
-    ids = torch.tensor([x for e, _ in encoded for x in e], dtype=torch.int64)
-    off = torch.tensor([o for _, offs in encoded for o in offs], dtype=torch.int64).reshape(-1, 2)
+    ids = torch.cat([e for e, _ in encoded])
+    off = torch.cat([o for _, o in encoded])
     shift = torch.repeat_interleave(
-        torch.tensor(starts, dtype=torch.int64), torch.tensor([len(e) for e, _ in encoded], dtype=torch.int64)
+        torch.tensor(starts, dtype=torch.int64), torch.tensor([e.numel() for e, _ in encoded], dtype=torch.int64)
     )
     begin, ends = off[:, 0] + shift, off[:, 1] + shift
     ends = torch.cummax(ends, 0).values if ends.numel() else ends
@@ -151,8 +177,8 @@ def _cuts(common: list[int], start: int, end: int, max_chars: int, hard_chars: i
 
 
 def cut_in_context(
-    base: list[tuple[list[int], list]],
-    value: list[tuple[list[int], list]],
+    base: list[Encoded],
+    value: list[Encoded],
     lengths: list[int],
     *,
     max_chars: int = 256,
@@ -173,7 +199,9 @@ def cut_in_context(
         pos += n + 1
     b_ids, b_ends, b_ok = _side(base, starts)
     v_ids, v_ends, v_ok = _side(value, starts)
-    common = torch.unique(b_ok[torch.isin(b_ok, v_ok)]).tolist()
+    # both sorted: a base boundary is common if the value side has it too (searchsorted, not isin: 5x faster)
+    at_v = torch.searchsorted(v_ok, b_ok).clamp_max(max(v_ok.numel() - 1, 0))
+    common = torch.unique_consecutive(b_ok[v_ok[at_v] == b_ok]).tolist() if v_ok.numel() else []
     cuts, forced = [], 0
     for s, n in zip(starts, lengths, strict=True):
         c, f = _cuts(common, s, s + n, max_chars, hard_chars)
