@@ -170,7 +170,9 @@ def test_map_against_the_authors_argmax(benchmark):
     25 documents; its counts checked equal to the C++ DTW's)."""
     from ivl_fast.chat import load_tokenizer
     from ivl_fast.tiny import prose_documents
-    from ivl_fast.vocab.build import _overlap, _top1, encode_all, pieces_of
+    from ivl_fast.vocab.align import align_pieces
+    from ivl_fast.vocab.build import _overlap, _top1, encode_all, pieces_of, rank_candidates, twins
+    from ivl_fast.vocab.segment import Pieces
 
     docs = prose_documents()
     train, held = docs[0::2][:250], docs[1::2][:100]
@@ -196,8 +198,14 @@ def test_map_against_the_authors_argmax(benchmark):
             # the same three maps on the held-out lines, each tokenized alone (the measure of the earlier runs)
             lb = [bt(t, add_special_tokens=False)["input_ids"] for t in held_lines]
             lv = [vt(t, add_special_tokens=False)["input_ids"] for t in held_lines]
+            # the earlier rule, for comparison: the same map built from the training lines, each tokenized alone
+            train_lines = split_corpus(train)
+            by_lines = Pieces.from_lists(encode_all(bt, train_lines)[0], encode_all(vt, train_lines)[0])
+            counts = align_pieces(bs, vs, by_lines, threads=os.cpu_count())
+            line_map = _top1(*rank_candidates(*counts, twins(bt, vt, bs, vs, vt.get_vocab()), 4)[:3])
             lines = {
                 "map_top1": _overlap(_top1(vmap.crow, vmap.col, vmap.val), lb, lv),
+                "line_piece_map_top1": _overlap(line_map, lb, lv),
                 "argmax_of_the_maps_counts": _overlap(vmap.argmax, lb, lv),
                 "authors_naive_mined_argmax_whole_documents": _overlap(whole, lb, lv),
             }
@@ -210,6 +218,7 @@ def test_map_against_the_authors_argmax(benchmark):
                 "map_top_k4": {k: rep[k] for k in ("overlap_ratio", "overlap_ratio_weighted", "coverage")},
                 "argmax_of_the_maps_counts": rep["argmax_baseline"],
                 "authors_naive_mined_argmax_whole_documents": authors,
+                "line_piece_map_top1": _overlap(line_map, ids_b, ids_v),  # the earlier rule, in running text
                 "held_out_pieces": rep["pieces"],
                 "held_out_lines_overlap": lines,
                 "build_stats": {k: v for k, v in vmap.stats.items() if k != "seconds"},

@@ -98,8 +98,9 @@ def test_build_save_load_evaluate(toks, texts, tmp_path):
     assert vmap.stats["coverage"] > 0.9 and vmap.stats["distinct_pairs"] > 0
     # the ranking rule, against the alignment counts recomputed here (the pieces as the build cuts them, tested in
     # tests/test_vocab_segment.py; the pure-Python DTW): each seen base token keeps its value tokens by count (ties:
-    # the identical surface, then the lower id), top 3, weights = counts over the kept ones; a base token never
-    # aligned gets the value token of its surface (a regular one before a byte-fallback one), weight 1
+    # the nearer surface by edit distance, the identical surface, then the lower id), top 3, weights = counts over
+    # the kept ones; a base token never aligned gets the value token of its surface (a regular one before a
+    # byte-fallback one), weight 1
     sa, sb = surface_strings(a), surface_strings(b)
     pieces, skipped, cut = pieces_of(a, b, texts[:40])
     assert (skipped, cut, vmap.stats["pieces"]) == ([], "in context", len(pieces))
@@ -122,7 +123,9 @@ def test_build_save_load_evaluate(toks, texts, tmp_path):
         got = [(col[j], val[j]) for j in range(crow[x], crow[x + 1])]
         if x in by_row:
             same = twin.get(sa[x]) if sa[x] else None
-            ranked = sorted(by_row[x], key=lambda yc: (-yc[1], yc[0] != same, yc[0]))[:3]
+            ranked = sorted(by_row[x], key=lambda yc: (-yc[1], edit_distance(sa[x], sb[yc[0]]), yc[0] != same, yc[0]))[
+                :3
+            ]
             ties += len(ranked) > 1 and ranked[0][1] == ranked[1][1]
             total = sum(c for _, c in ranked)
             assert [y for y, _ in got] == [y for y, _ in ranked], f"base token {x} ({sa[x]!r})"
@@ -282,6 +285,18 @@ def test_rank_candidates_ties_and_identical_surfaces():
         [],
     ]
     assert argmax.tolist() == [0, 2, -1, -1]  # the authors' argmax: count, then the lower id; no twins
+    # the edit-distance tie-break: base " re" aligned once with value " " (id 0) and once with "re" (id 1), as
+    # SentencePiece's "▁re" against byte-level "Ġ" "re"; "re" is nearer (1 edit against 2), so it leads the row
+    from ivl_fast.vocab.build import pair_distances
+
+    pairs = torch.tensor([[0, 0], [0, 1]])
+    counts = torch.tensor([1, 1])
+    dist = pair_distances(pairs, [" re"], [" ", "re"])
+    assert dist.tolist() == [2, 1]
+    none = torch.tensor([-1])
+    assert rank_candidates(pairs, counts, none, 2, dist)[1].tolist() == [1, 0]
+    assert rank_candidates(pairs, counts, none, 2)[1].tolist() == [0, 1]  # without distances: the lower id
+    assert rank_candidates(pairs, counts, none, 1, dist)[3].tolist() == [0]  # the authors' argmax: unchanged
 
 
 def test_evaluate_map_overlap_on_a_hand_made_case():

@@ -37,7 +37,8 @@ def _spell(surface: list[str], ids: list[int]) -> str:
 def test_pieces_are_running_text_cut_at_common_boundaries(pair, docs):
     """Each text's pieces, put back together, are its whole tokenization on both sides (nothing lost, no token the
     tokenizer would not emit in running text: no dummy prefix at a cut); both sides of every piece spell the same
-    characters (the cut is a boundary of both); pieces stay within max_chars here (no forced cut)."""
+    characters (the cut is a boundary of both); with max_chars=64 pieces stay under 2 x 64 characters (no forced
+    cut); with max_chars=1 (the build's) no piece holds a boundary of both sides inside it."""
     a, b = pair
     sa, sb = surface_strings(a), surface_strings(b)
     enc_a, fa = encode_with_offsets(a, docs)
@@ -58,10 +59,17 @@ def test_pieces_are_running_text_cut_at_common_boundaries(pair, docs):
             vb = _spell(sb, xb)
             want = (" " + span) if k == 0 and not span.startswith(" ") else span  # SentencePiece's dummy prefix
             assert vb == want, f"text {i} piece {k}: value side {vb!r} vs {want!r}"
-            assert len(span) <= max_chars
+            assert len(span) < 2 * max_chars
             pos += len(span)
         assert pos == len(d.rstrip("\n")) or pos == len(d)
         per_text.append(len(pa))
+        finest = cut_in_context([enc_a[i]], [enc_b[i]], [len(d)])  # max_chars=1: at every common boundary
+        fa_, fb_ = finest.lists()
+        assert sum(fa_, []) == sum(pa, []) and sum(fb_, []) == sum(pb, []) and len(fa_) > len(pa)
+        for k, (xa, xb) in enumerate(zip(fa_, fb_, strict=True)):
+            inner_a = {len(_spell(sa, xa[:j])) for j in range(1, len(xa))}
+            inner_b = {len(_spell(sb, xb[:j])) - (k == 0) for j in range(1, len(xb))}  # k == 0: the dummy " "
+            assert not inner_a & inner_b, f"text {i} piece {k}: a boundary of both inside it"
     assert sum(per_text) > 4 * len(docs)  # the texts were cut, not passed whole
     # all texts at once: the same pieces, in order
     together = cut_in_context(enc_a, enc_b, [len(d) for d in docs], max_chars=max_chars)
@@ -86,12 +94,12 @@ def test_forced_cuts_where_the_tokenizations_share_no_boundary():
     assert two.convert_ids_to_tokens(two(text, add_special_tokens=False)["input_ids"])[:3] == ["xa", "ba", "ba"]
     e1, _ = encode_with_offsets(one, [text])
     e2, _ = encode_with_offsets(two, [text])
-    p = cut_in_context(e1, e2, [len(text)], max_chars=4, hard_chars=8)
-    assert p.forced_cuts == len(p) - 1 > 0
+    p = cut_in_context(e1, e2, [len(text)], hard_chars=8)
+    assert p.forced_cuts == len(p) - 1 == 5  # cuts at 8, 16, 24, 32, 40 of 41 characters
     l1, l2 = p.lists()
     assert sum(l1, []) == e1[0][0].tolist() and sum(l2, []) == e2[0][0].tolist()
-    assert max(map(len, l1)) <= 3 and max(map(len, l2)) <= 3  # <= 4 characters each side
-    loose = cut_in_context(e1, e2, [len(text)], max_chars=4, hard_chars=100)  # within hard_chars: one piece
+    assert max(map(len, l1)) <= 5 and max(map(len, l2)) <= 5  # <= 8 characters each side
+    loose = cut_in_context(e1, e2, [len(text)], hard_chars=100)  # within hard_chars: one piece
     assert len(loose) == 1 and loose.forced_cuts == 0
 
 
@@ -115,7 +123,7 @@ def test_a_cut_never_falls_inside_a_token():
     e2, _ = encode_with_offsets(by_char, [text])
     assert byte_level.convert_ids_to_tokens(e1[0][0].tolist()) == ["a", "Ã", "©x", "b"]
     assert by_char.convert_ids_to_tokens(e2[0][0].tolist()) == ["a", "é", "x", "b"]
-    p = cut_in_context(e1, e2, [len(text)], max_chars=1, hard_chars=2)
+    p = cut_in_context(e1, e2, [len(text)])
     s1, s2 = surface_strings(byte_level), surface_strings(by_char)
     spelled = [("".join(s1[x] for x in x1), "".join(s2[y] for y in x2)) for x1, x2 in zip(*p.lists(), strict=True)]
     assert spelled == [("a", "a"), ("\xc3\xa9x", "\xc3\xa9x"), ("b", "b")]  # the bytes of a, éx, b on both sides
@@ -128,8 +136,14 @@ def test_pieces_slice_and_lists_round_trip():
     assert p.slice(1, 3).lists() == ([[], [3]], [[5, 6], []])
     with pytest.raises(ValueError, match="2 base tokenizations but 1"):
         Pieces.from_lists([[1], [2]], [[3]])
-    with pytest.raises(ValueError, match="max_chars must be"):
-        cut_in_context([([1], [(0, 1)])], [([1], [(0, 1)])], [1], max_chars=0)
+    one = (torch.tensor([1]), torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="max_chars and hard_chars must be >= 1"):
+        cut_in_context([one], [one], [1], max_chars=0)
+    with pytest.raises(ValueError, match="1 base and 1 value tokenizations for 2 texts"):
+        cut_in_context([one], [one], [1, 1])
+    empty = (torch.zeros(0, dtype=torch.int64), torch.zeros((0, 2), dtype=torch.int64))
+    got = cut_in_context([one, empty], [one, empty], [1, 0])  # a text without tokens: no piece
+    assert got.lists() == ([[1]], [[1]])
 
 
 @pytest.mark.skipif(not extension_available(), reason="ivl_fast._C not built")

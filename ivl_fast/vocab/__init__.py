@@ -11,7 +11,8 @@ those unmapped tokens logit 0, above most mapped ones, and scored 0.00 on the de
 #19). ``VocabMap.build`` aligns two tokenizations of the same texts by DTW on an edit-distance cost (MinED, C++ in
 ``ivl_fast._C`` with a Python fallback), each text tokenized whole and cut where both tokenizations have a
 boundary (``ivl_fast.vocab.segment``), counts aligned pairs and keeps the top-K value tokens per base token by
-count (weights summing to 1; the identical surface breaks ties and maps base tokens the corpus never aligned).
+count (weights summing to 1; ties go to the nearer surface in edit distance, then the identical one, which
+also maps base tokens the corpus never aligned).
 ``save``/``load`` use safetensors with metadata (format tag, shape, vocab sizes, tokenizer content hashes, corpus
 hash, K); loading checks the tokenizers when given.
 """

@@ -80,12 +80,20 @@ def split_corpus(texts: list[str], max_chars: int = 256) -> list[str]:
     return out
 
 
-def pieces_of(base_tokenizer, value_tokenizer, texts: list[str], bar=None) -> tuple[Pieces, list[int], str]:
+# characters per piece when a held-out text is compared as multisets (evaluate_map); the build cuts finer
+EVAL_PIECE_CHARS = 256
+
+
+def pieces_of(
+    base_tokenizer, value_tokenizer, texts: list[str], bar=None, *, max_chars: int = 1
+) -> tuple[Pieces, list[int], str]:
     """The texts as pieces to align -> (pieces, indices of the units skipped because a tokenizer failed on them,
     how they were cut: "in context" or "lines").
 
     In context (``ivl_fast.vocab.segment``): each text tokenized whole by both tokenizers and cut where both have a
-    token boundary, so every piece holds the tokens of running text. When a tokenizer cannot give character
+    token boundary, so every piece holds the tokens of running text (``max_chars``: see
+    :func:`~ivl_fast.vocab.segment.cut_in_context`; 1, the build's: at every common boundary). When a tokenizer
+    cannot give character
     offsets (a slow tokenizer): the texts' lines (:func:`split_corpus`), each tokenized alone, and the skipped
     indices are of lines. ``bar``: a progress bar, advanced once per text and tokenizer."""
     try:
@@ -102,7 +110,9 @@ def pieces_of(base_tokenizer, value_tokenizer, texts: list[str], bar=None) -> tu
         return Pieces.from_lists([bseqs[i] for i in keep], [vseqs[i] for i in keep]), skip, "lines"
     skip = sorted(set(b_fail) | set(v_fail))
     keep = [i for i in range(len(texts)) if i not in set(skip)]
-    pieces = cut_in_context([b_enc[i] for i in keep], [v_enc[i] for i in keep], [len(texts[i]) for i in keep])
+    pieces = cut_in_context(
+        [b_enc[i] for i in keep], [v_enc[i] for i in keep], [len(texts[i]) for i in keep], max_chars=max_chars
+    )
     return pieces, skip, "in context"
 
 
@@ -140,14 +150,40 @@ def special_pairs(base_tokenizer, value_tokenizer) -> list[tuple[int, int]]:
     return out
 
 
+def twins(base_tokenizer, value_tokenizer, base_surface: list[str], value_surface: list[str], value_vocab: dict):
+    """[V_base] int64: the value token each base token falls back on when the corpus never aligned it (-1: none):
+    the identical surface (:func:`identical_ids`), and for special tokens the value's token of the same role
+    (:func:`special_pairs`: they have no surface, so the alignment never pairs them)."""
+    same = identical_ids(base_surface, value_surface, byte_fallback_ids(value_vocab))
+    for b_id, v_id in special_pairs(base_tokenizer, value_tokenizer):
+        same[b_id] = v_id
+    return same
+
+
+def pair_distances(pairs: torch.Tensor, base_surface: list[str], value_surface: list[str]) -> torch.Tensor:
+    """[M] int64: the edit distance between the surfaces of each aligned (base, value) pair (pairs [M, 2])."""
+    from .align import edit_distance
+
+    return torch.tensor(
+        [edit_distance(base_surface[b], value_surface[v]) for b, v in pairs.tolist()], dtype=torch.int64
+    )
+
+
 def rank_candidates(
-    pairs: torch.Tensor, counts: torch.Tensor, same: torch.Tensor, top_k: int
+    pairs: torch.Tensor,
+    counts: torch.Tensor,
+    same: torch.Tensor,
+    top_k: int,
+    distance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The map's rows from the aligned pairs (pairs [M, 2] (base, value) sorted, counts [M]) -> (crow [V_base + 1],
     col [nnz], val [nnz], argmax [V_base]).
 
     Per base token the value tokens it was aligned to are ranked by count (how often the alignment paired them);
-    a tie goes to the value token with the same surface, then to the lower id. The top ``top_k`` are kept and
+    a tie goes to the value token nearer in edit distance (``distance`` [M], :func:`pair_distances`; when given),
+    then to the one with the same surface, then to the lower id. The distance matters where one base token spans
+    several value tokens: SentencePiece's " re" against byte-level "Ġ" "re" pairs it once with each, and "re"
+    shares more of it than " ". The top ``top_k`` are kept and
     weighted by their counts (normalised per row). A base token the alignment never saw is mapped to the value
     token with the same surface (``same`` [V_base], -1: none), weight 1, if there is one. ``argmax``: the authors'
     map from the same counts (the most paired value token, ties to the lower id; -1 where never aligned), the
@@ -166,8 +202,9 @@ def rank_candidates(
         order = order[torch.argsort(b[order], stable=True)]
         return order, torch.arange(order.numel()) - first[b[order]]
 
-    # the map: count desc, then the identical surface first (0), then the value id
-    order, rank = by_row(-counts, (v != same[b]).to(torch.int64))
+    # the map: count desc, then the nearer surface, then the identical surface first (0), then the value id
+    near = torch.zeros_like(counts) if distance is None else distance
+    order, rank = by_row(-counts, near, (v != same[b]).to(torch.int64))
     b_s, v_s, c_s = b[order], v[order], counts[order]
     # the authors' argmax: most pairs, ties to the lower id (not to the identical surface)
     o2, r2 = by_row(-counts)
@@ -236,10 +273,8 @@ def build_map(
     pairs, counts = _merge_counts(found, vv)
     seconds["align"] = time.perf_counter() - t0  # DTW and counting (C++), and merging the chunks' counts
     t0 = time.perf_counter()
-    same = identical_ids(bsurf, vsurf, byte_fallback_ids(vvocab))
-    for b_id, v_id in special_pairs(bt, vt):  # EOS to EOS...: never aligned (no surface), mapped by their role
-        same[b_id] = v_id
-    crow, col, val, argmax = rank_candidates(pairs, counts, same, top_k)
+    same = twins(bt, vt, bsurf, vsurf, vvocab)
+    crow, col, val, argmax = rank_candidates(pairs, counts, same, top_k, pair_distances(pairs, bsurf, vsurf))
     seconds["rank"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     vmap = VocabMap(crow, col, val, (vb, vv))
@@ -429,11 +464,12 @@ def evaluate_map(vmap, base_tokenizer, value_tokenizer, texts: list[str]) -> dic
     ``{"overlap_ratio", "coverage"}`` of the authors' map (argmax of the alignment counts per base token) built
     from the same corpus, when the map carries it (``vmap.argmax``: maps built by ivl-fast do), else None.
 
-    The pieces are cut as the build cuts them (:func:`pieces_of`): each text tokenized whole, as running text, and
-    compared piece by piece (<= 256 characters, cut where both tokenizations have a boundary), so a long text is not
-    one loose multiset. Texts a tokenizer fails on are left out (``skipped_texts``)."""
+    The pieces are cut in context as the build cuts them (:func:`pieces_of`): each text tokenized whole, as running
+    text, and compared piece by piece, pieces cut where both tokenizations have a boundary about every
+    ``EVAL_PIECE_CHARS`` characters (under twice that), so a long text is not one loose multiset. Texts a tokenizer
+    fails on are left out (``skipped_texts``)."""
     bt, vt = _tokenizer(base_tokenizer), _tokenizer(value_tokenizer)
-    pieces, skip, _ = pieces_of(bt, vt, [t for t in texts if t])
+    pieces, skip, _ = pieces_of(bt, vt, [t for t in texts if t], max_chars=EVAL_PIECE_CHARS)
     ids_b, ids_v = pieces.lists()
     rows = vmap.crow[1:] > vmap.crow[:-1]
     report = {

@@ -1,23 +1,19 @@
 """Cutting texts into pieces to align, where both tokenizations have a token boundary ("in context").
 
-DTW is quadratic in a piece's length, so a map is built from pieces of at most ``max_chars`` characters.
-Cutting a text into lines and tokenizing each line alone changes the tokenization at every cut: a SentencePiece
-tokenizer adds its dummy prefix ("▁") at the start of each piece, a byte-level one sees no preceding space. The
-map then learns pairs that never occur in running text (issue #19: on whole held-out documents, a map built from
-line pieces scored 0.735 against the authors' whole-document argmax 0.789, tekken -> tokenizer.model.v1).
-
-Here each text is tokenized whole, with character offsets, by both tokenizers, and cut only at character positions
-where both tokenizations have a boundary (no token of either side straddles it). Every piece then holds exactly the
-tokens the tokenizers emit in running text, and aligning the pieces is the whole-text DTW constrained to pass
-through those common boundaries. Where a text has no common boundary for ``hard_chars`` characters (no shared
-boundary at all is rare: spaces and punctuation are boundaries for both), it is cut at ``max_chars`` regardless
-(a "forced" cut: the tokens on each side of it are split by their end offsets) so that no piece grows unbounded.
+DTW is quadratic in a piece's length, so a map is built from short pieces. Cutting a text into lines and
+tokenizing each line alone changes the tokenization at every cut: a SentencePiece tokenizer adds its dummy prefix
+("▁") at the start of each piece, a byte-level one sees no preceding space, so the map learns pairs that never
+occur in running text (issue #19). Here each text is tokenized whole, with character offsets, by both tokenizers,
+and cut only at character positions where both tokenizations have a boundary (no token of either side straddles
+it). Every piece then holds exactly the tokens the tokenizers emit in running text. The build cuts at every
+common boundary (each piece is a shortest span the two tokenizations agree on; DTW pairs tokens inside it only);
+the evaluation cuts about every 256 characters. A span of more than ``hard_chars`` characters without a common
+boundary (rare: spaces and punctuation are boundaries for both) is cut regardless, so no piece grows unbounded.
 """
 
 from __future__ import annotations
 
 import array
-import bisect
 import gc
 import itertools
 from dataclasses import dataclass
@@ -152,66 +148,66 @@ def _side(encoded: list[Encoded], starts: list[int]) -> tuple[torch.Tensor, torc
     return ids, ends, ends[ok]
 
 
-def _cuts(common: list[int], start: int, end: int, max_chars: int, hard_chars: int) -> tuple[list[int], int]:
-    """Cut positions of one text [start, end) (joined coordinates), ending with ``end``: greedily the last common
-    boundary within ``max_chars`` of the previous cut; past it, the next common boundary if within
-    ``hard_chars``, else a forced cut at ``max_chars``. -> (cuts, forced cuts)."""
-    cuts, forced, last = [], 0, start
-    while end - last > max_chars:
-        j = bisect.bisect_right(common, last + max_chars) - 1
-        if j >= 0 and common[j] > last:
-            c = common[j]
-        else:
-            j = bisect.bisect_right(common, last)  # the first common boundary past the last cut
-            nxt = common[j] if j < len(common) and common[j] < end else end
-            if nxt - last <= hard_chars:
-                if nxt == end:
-                    break
-                c = nxt
-            else:
-                c, forced = last + max_chars, forced + 1
-        cuts.append(c)
-        last = c
-    cuts.append(end)
-    return cuts, forced
-
-
 def cut_in_context(
     base: list[Encoded],
     value: list[Encoded],
     lengths: list[int],
     *,
-    max_chars: int = 256,
-    hard_chars: int | None = None,
+    max_chars: int = 1,
+    hard_chars: int = 256,
 ) -> Pieces:
     """The texts' two tokenizations (``encode_with_offsets`` of each side; ``lengths``: the texts' lengths in
-    characters) cut at common boundaries into pieces of at most ``max_chars`` characters where the boundaries
-    allow, never more than ``hard_chars`` (default 4 x ``max_chars``). Every token of both sides is in exactly
-    one piece, in order; a text's last piece ends at its end."""
+    characters) cut at common boundaries. Every token of both sides is in exactly one piece, in order; pieces
+    holding no token of either side are dropped.
+
+    ``max_chars``: the cuts are the last common boundary in each run of ``max_chars`` characters of a text (so
+    pieces are under 2 x ``max_chars`` where boundaries are dense). The default, 1, cuts at every common boundary:
+    a piece is a shortest span both tokenizations agree on, and DTW pairs tokens only inside it. The build uses it:
+    with longer pieces DTW pairs a short token with a neighbour across a shared boundary when that is cheaper in
+    edit distance (the demo's "\nBelvas": base "\n" | "B" "el" "vas", value "Ċ" | "Belvas"; "B" went with "Ċ",
+    1 edit, rather than "Belvas", 5), which is wrong for decoding. The evaluation uses 256, pieces large enough to
+    be compared as multisets. ``hard_chars``: a span of more than that without a common boundary is cut every
+    ``hard_chars`` characters regardless ("forced" cuts: the tokens on each side are split by their end
+    offsets)."""
     if len(base) != len(value) or len(base) != len(lengths):
         raise ValueError(f"{len(base)} base and {len(value)} value tokenizations for {len(lengths)} texts")
-    if max_chars < 1:
-        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
-    hard_chars = 4 * max_chars if hard_chars is None else hard_chars
-    starts, pos = [], 0
-    for n in lengths:  # one character of gap between texts: a text's end is never another's start
-        starts.append(pos)
-        pos += n + 1
-    b_ids, b_ends, b_ok = _side(base, starts)
-    v_ids, v_ends, v_ok = _side(value, starts)
+    if max_chars < 1 or hard_chars < 1:
+        raise ValueError(f"max_chars and hard_chars must be >= 1, got {max_chars} and {hard_chars}")
+    n_texts = len(lengths)
+    size = torch.tensor(lengths, dtype=torch.int64)
+    starts = torch.zeros(n_texts, dtype=torch.int64)
+    starts[1:] = torch.cumsum(size + 1, 0)[:-1]  # one character of gap between texts: no cut is in two texts
+    ends = starts + size
+    b_ids, b_ends, b_ok = _side(base, starts.tolist())
+    v_ids, v_ends, v_ok = _side(value, starts.tolist())
     # both sorted: a base boundary is common if the value side has it too (searchsorted, not isin: 5x faster)
-    at_v = torch.searchsorted(v_ok, b_ok).clamp_max(max(v_ok.numel() - 1, 0))
-    common = torch.unique_consecutive(b_ok[v_ok[at_v] == b_ok]).tolist() if v_ok.numel() else []
-    cuts, forced = [], 0
-    for s, n in zip(starts, lengths, strict=True):
-        c, f = _cuts(common, s, s + n, max_chars, hard_chars)
-        cuts += c
-        forced += f
-    at = torch.tensor(cuts, dtype=torch.int64)
+    if v_ok.numel() and b_ok.numel():
+        at_v = torch.searchsorted(v_ok, b_ok).clamp_max(v_ok.numel() - 1)
+        common = torch.unique_consecutive(b_ok[v_ok[at_v] == b_ok])
+    else:
+        common = torch.zeros(0, dtype=torch.int64)
+    # the last common boundary of each run of max_chars characters, per text
+    text = torch.searchsorted(starts, common, right=True) - 1
+    run = text * (int(size.max()) // max_chars + 2) + (common - starts[text]) // max_chars
+    last = torch.ones(common.numel(), dtype=torch.bool)
+    last[:-1] = run[1:] != run[:-1]
+    edges = torch.unique(torch.cat([common[last], starts, ends]))  # sorted; each text's start and end included
+    # forced cuts inside spans longer than hard_chars
+    gap = edges[1:] - edges[:-1]
+    extra = torch.clamp((gap - 1) // hard_chars, min=0)  # cuts to add in each span
+    forced = int(extra.sum())
+    if forced:
+        origin = torch.repeat_interleave(edges[:-1], extra)
+        k = torch.arange(forced) - torch.repeat_interleave(torch.cumsum(extra, 0) - extra, extra) + 1
+        edges = torch.unique(torch.cat([edges, origin + k * hard_chars]))
+    at = edges[1:]  # each piece ends at a cut; tokens ending at or before it go left of it
 
-    def offsets(ends: torch.Tensor) -> torch.Tensor:  # tokens ending at or before each cut go left of it
+    def offsets(token_ends: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(at.numel() + 1, dtype=torch.int64)
-        out[1:] = torch.searchsorted(ends, at, right=True)
+        out[1:] = torch.searchsorted(token_ends, at, right=True)
         return out
 
-    return Pieces(b_ids, offsets(b_ends), v_ids, offsets(v_ends), forced)
+    bo, vo = offsets(b_ends), offsets(v_ends)
+    keep = (bo[1:] > bo[:-1]) | (vo[1:] > vo[:-1])  # drop empty pieces (the gaps between texts, ...)
+    zero = torch.zeros(1, dtype=torch.int64)
+    return Pieces(b_ids, torch.cat([zero, bo[1:][keep]]), v_ids, torch.cat([zero, vo[1:][keep]]), forced)
