@@ -171,7 +171,7 @@ def test_map_against_the_authors_argmax(benchmark):
     from ivl_fast.chat import load_tokenizer
     from ivl_fast.tiny import prose_documents
     from ivl_fast.vocab.align import align_pieces
-    from ivl_fast.vocab.build import _overlap, _top1, encode_all, pieces_of, rank_candidates, twins
+    from ivl_fast.vocab.build import EVAL_PIECE_CHARS, _overlap, _top1, encode_all, pieces_of, rank_candidates, twins
     from ivl_fast.vocab.segment import Pieces
 
     docs = prose_documents()
@@ -193,7 +193,7 @@ def test_map_against_the_authors_argmax(benchmark):
             bseq, _ = encode_all(bt, train)
             vseq, _ = encode_all(vt, train)
             whole = _argmax_of(*align_counts(bs, vs, bseq, vseq, threads=os.cpu_count()), len(bs))
-            ids_b, ids_v = pieces_of(bt, vt, held)[0].lists()  # as VocabMap.evaluate compares them
+            ids_b, ids_v = pieces_of(bt, vt, held, max_chars=EVAL_PIECE_CHARS)[0].lists()  # as evaluate() does
             authors = {"overlap_ratio": _overlap(whole, ids_b, ids_v), "coverage": float((whole >= 0).float().mean())}
             # the same three maps on the held-out lines, each tokenized alone (the measure of the earlier runs)
             lb = [bt(t, add_special_tokens=False)["input_ids"] for t in held_lines]
