@@ -126,7 +126,7 @@ def test_readme_vocab_map_prose_holds_for_the_committed_results():
     for name, e in pairs.items():  # "at least as well ... on all three pairs, in running text and on held-out lines"
         assert e["top1_at_least_the_authors"] and e["top1_at_least_the_authors_on_lines"], name
         au = e["authors_naive_mined_argmax_whole_documents"]["overlap_ratio"]
-        assert abs(e["argmax_of_the_maps_counts"]["overlap_ratio"] - au) < 1e-4, name  # "or within 1e-4 of it"
+        assert abs(e["argmax_of_the_maps_counts"]["overlap_ratio"] - au) < 0.002, name  # "within 0.002"
     for name in ("tekken_240911 -> tokenizer_v1", "tokenizer_v1 -> tekken_240911"):  # "better by 0.03 on both"
         e = pairs[name]
         gain = e["map_top_k4"]["overlap_ratio"] - e["authors_naive_mined_argmax_whole_documents"]["overlap_ratio"]
