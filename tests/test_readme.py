@@ -140,3 +140,11 @@ def test_readme_vocab_map_prose_holds_for_the_committed_results():
     assert pairs["tekken_240911 -> tokenizer_v1"]["speedup_per_document"] >= 100  # "over 100x faster"
     parts = pairs["tekken_240911 -> tokenizer_v1"]["build_seconds_by_part"]
     assert set(parts) == {"surfaces", "tokenize", "align", "rank", "hash"}
+
+
+def test_the_default_map_k_is_the_sweeps_best():
+    """#19: "make the default the best one" (bench/results/vocab_k_sweep_cpu.json, bench/vocab_k_sweep.py)."""
+    from ivl_fast.vocab import DEFAULT_TOP_K
+
+    ks = json.loads((ROOT / "bench" / "results" / "vocab_k_sweep_cpu.json").read_text())
+    assert not ks["provenance"]["dirty"] and DEFAULT_TOP_K == ks["best_top_k"]

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 # value tokens kept per base token by default: the best K of the demo's cross-vocabulary row (bench/vocab_k_sweep.py)
-DEFAULT_TOP_K = 4
+DEFAULT_TOP_K = 2
 
 # probability floor of a value token no base token maps to, in VocabMap.apply (and the fused kernel's constant)
 EMPTY_PROB = 1e-30
