@@ -346,9 +346,9 @@ def test_readme_demo_prose_holds_for_every_committed_run():
         assert min(acc["large+value_cascade"], acc["large+value_cascade+"]) >= acc["large+value"]  # transferred
         assert acc["large+value_curriculum"] < acc["large+value"]  # the curriculum: "does worse ... in every seed"
         assert acc["other+value_b"] > 0.9  # "its own family's value network transfers to it (above 0.9)"
-        # Figure 4: "lifts the other-tokenizer base above its accuracy alone in every seed"; "MC 0.95 or more";
+        # Figure 4: never below the other-tokenizer base alone ("above it in two seeds", below); "MC 0.95 or more";
         # "its own value network still does better in every seed"
-        assert acc["other"] < acc["other_vocab+value"] < acc["other+value_b"] and mc["other"] >= 0.95
+        assert acc["other"] <= acc["other_vocab+value"] < acc["other+value_b"] and mc["other"] >= 0.95
         pr = r["premise"]
         for b in ("mid", "large", "continued"):
             assert pr["kl"][b]["format"] < 1.1 and pr["kl"][b]["content"] > 1.8  # "below 1.1 ... above 1.8"
@@ -363,5 +363,12 @@ def test_readme_demo_prose_holds_for_every_committed_run():
         (x["accuracy"], x["format_rate"]) for r in runs for x in r["rows"] if x["name"] == "other_vocab+value"
     )
     assert cross[0][0] < 0.2 and cross[0][1] < 0.2 and cross[1][0] >= 0.5 and cross[2][0] >= 0.5
+    # "above its accuracy alone in two seeds"; "no better than the base alone" in the third, whose generation exact
+    # match "is far higher"
+    by_seed = [{x["name"]: x for x in r["rows"]} for r in runs]
+    lifted = [rows["other_vocab+value"]["accuracy"] > rows["other"]["accuracy"] for rows in by_seed]
+    assert sum(lifted) == 2
+    third = next(rows["other_vocab+value"] for rows, up in zip(by_seed, lifted, strict=True) if not up)
+    assert third["lm_eval"]["gen_exact_match"] > third["accuracy"] + 0.5
     # "it varies by seed": the value network's logits are not larger at the format position in every seed
     assert not all(r["premise"]["value_abs"]["format"] > r["premise"]["value_abs"]["content"] for r in runs)
