@@ -208,11 +208,15 @@ class FastIVLDecoder:
         draft: str | Path | None = None,
         num_draft_tokens: int = 4,
         terms=(),
+        tensor_parallel: int | None = None,
     ) -> FastIVLDecoder:
         """Load base and value checkpoints (Hugging Face directories), their tokenizer and generation config (the
         value checkpoint's ``generation_config.json``, else the base's); ``draft``: a small base's checkpoint for
         speculative decoding (its vocabulary must be the base's); ``terms``: ((checkpoint dir, weight), ...), more
-        models in the logit arithmetic (see the constructor); every other option as in the constructor."""
+        models in the logit arithmetic (see the constructor); ``tensor_parallel=N``: shard the base over the N
+        ranks of the initialised process group (call this on every rank; each reads only its slices; the value
+        network, draft and terms are replicated, and every rank samples the same ids:
+        ``ivl_fast.models.tensor_parallel``); every other option as in the constructor."""
         kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
         scheme = scheme_of_checkpoint(value_path) if scheme is None else check_scheme(scheme)
         need_base, need_value = uses_base(scheme), uses_value(scheme)
@@ -222,7 +226,11 @@ class FastIVLDecoder:
             raise ValueError(f"scheme={scheme!r} needs value_path")
         if draft is not None and not need_base:
             raise ValueError(f"draft needs a base model to verify its tokens; scheme={scheme!r} has none")
-        base = load_model(base_path, **kw) if need_base else None
+        if tensor_parallel not in (None, 1) and not need_base:
+            raise ValueError(f"tensor_parallel={tensor_parallel} shards the base; scheme={scheme!r} has none")
+        base = load_model(base_path, **kw, tensor_parallel=tensor_parallel) if need_base else None
+        if base is not None and getattr(base, "plan", None) is not None and kw["device"] is None:
+            kw["device"] = base.device  # the rank's device (cuda:LOCAL_RANK) for the replicated models too
         value = load_model(value_path, **kw) if need_value else None
         draft_model = load_model(draft, **kw) if draft is not None else None
         term_models = [(load_model(p, **kw), w) for p, w in terms or ()]

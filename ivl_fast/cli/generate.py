@@ -160,6 +160,14 @@ def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
 
 
 def run(args) -> int:
+    from .distributed import init_tensor_parallel, quiet_unless
+
+    rank = init_tensor_parallel(args.tp)
+    with quiet_unless(rank == 0):  # every rank decodes the same prompts in lock step; rank 0 prints
+        return _run(args)
+
+
+def _run(args) -> int:
     from .. import FastIVLDecoder
 
     if (args.prompt is None) == (args.prompts_file is None):
@@ -186,6 +194,7 @@ def run(args) -> int:
         **draft_kwargs(args),
         **term_kwargs(args),
         **common,
+        tensor_parallel=args.tp,
     )
     if dec.tokenizer is None:
         where = " and ".join(repr(str(x)) for x in (args.base, args.value) if x is not None)

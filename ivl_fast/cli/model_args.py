@@ -34,6 +34,14 @@ def add_pair_args(p: argparse.ArgumentParser, *, vocab_map_help: str) -> argpars
         "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, checkpoint's on GPU)"
     )
     g.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor parallelism: shard the base over N processes, one per GPU (run under torchrun "
+        "--nproc_per_node N -m ivl_fast.cli ...); the value network is replicated",
+    )
+    g.add_argument(
         "--draft",
         type=Path,
         default=None,
@@ -63,6 +71,13 @@ def add_pair_args(p: argparse.ArgumentParser, *, vocab_map_help: str) -> argpars
 def check_pair_args(args, *, alone: str) -> None:
     """The checkpoints the scheme needs, reported by flag (the library would name its parameters). ``alone``: what
     --scheme base does without a value network ("decodes", "evaluates")."""
+    if args.tp is not None and args.tp < 1:
+        raise UsageError(f"--tp must be >= 1, got {args.tp}")
+    if args.tp not in (None, 1) and alone != "decodes":  # generate only, so far
+        raise UsageError(
+            "--tp is not implemented for this subcommand yet (only `ivl-fast generate` shards the base): the other "
+            "ranks would have to follow rank 0 step by step"
+        )
     if args.base is None and args.scheme != "value_only":
         raise UsageError("--base is required (the base model's checkpoint directory)")
     if args.value is None and args.scheme != "base":

@@ -19,7 +19,6 @@ GPU. Across vocabularies it is refused: the base would have to re-read the text 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .model_set import ModelSet
 
@@ -106,8 +105,7 @@ def _head(engine):
             h = engine.forward(
                 None if inputs_embeds is not None else ids, mask, output_hidden=True, inputs_embeds=inputs_embeds
             )
-            w = engine.head_weight()
-            return lambda b, t: F.linear(h[b, t], w).float()
+            return lambda b, t: engine.project(h[b, t]).float()
         z = engine.forward(ids, mask)  # the transformers adapter: its whole logits
         return lambda b, t: z[b, t].float()
 
@@ -119,8 +117,7 @@ def _probe_head(base, probe):
 
     def run(ids, mask):
         h = base.forward(ids, mask, output_hidden=True)
-        w = base.head_weight()
-        return (lambda b, t: F.linear(h[b, t], w).float()), (lambda b, t: probe.logits(h[b, t]).float())
+        return (lambda b, t: base.project(h[b, t]).float()), (lambda b, t: probe.logits(h[b, t]).float())
 
     return run
 

@@ -72,9 +72,14 @@ def resolve_dtype(dtype, device: torch.device, checkpoint_dtype: torch.dtype | N
     return dt
 
 
-def _build_lean(cfg: LeanConfig, state: dict[str, torch.Tensor], device, dtype, attn_backend) -> LeanCausalLM:
-    with torch.device("meta"):
-        model = LeanCausalLM(cfg, attn_backend=attn_backend)
+def _build_lean(
+    cfg: LeanConfig, state: dict[str, torch.Tensor], device, dtype, attn_backend, model=None
+) -> LeanCausalLM:
+    """``state`` loaded into a lean engine built on the meta device (``model``: one built there already, e.g. a
+    tensor-parallel shard, with ``cfg`` the config its modules follow)."""
+    if model is None:
+        with torch.device("meta"):
+            model = LeanCausalLM(cfg, attn_backend=attn_backend)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -114,10 +119,19 @@ def load_model(
     attn_backend: str = "sdpa",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    tensor_parallel: int | None = None,
 ):
-    """Load a Hugging Face checkpoint directory as an engine (lean when the architecture allows it)."""
+    """Load a Hugging Face checkpoint directory as an engine (lean when the architecture allows it).
+
+    ``tensor_parallel=N`` (N > 1): this process's shard of the model, inside an initialised process group of N
+    ranks (``ivl_fast.models.tensor_parallel``); lean engine and safetensors only. The device defaults to
+    ``cuda:LOCAL_RANK`` when CUDA is there."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if tensor_parallel is not None and (not isinstance(tensor_parallel, int) or tensor_parallel < 1):
+        raise ValueError(f"tensor_parallel must be an integer >= 1, got {tensor_parallel!r}")
+    if tensor_parallel is not None and tensor_parallel > 1:
+        return _load_tensor_parallel(path, tensor_parallel, device, dtype, engine, attn_backend, allow_pickle)
     raw = read_config(path)
     dev = resolve_device(device)
     ckpt_dtype = parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or None)
@@ -144,6 +158,30 @@ def load_model(
         **_hf_dtype_kwargs(dt),
     ).to(dev)
     return HFCausalLM(model)
+
+
+def _load_tensor_parallel(path, tp: int, device, dtype, engine: str, attn_backend: str, allow_pickle: bool):
+    from .tensor_parallel import TensorParallelLlama, current_group, local_device, read_shard, shard_plan
+
+    if engine == "hf":
+        raise ValueError(f"tensor_parallel={tp} needs the lean engine (Llama, Mistral, Qwen2); engine='hf' was given")
+    raw = read_config(path)
+    if is_probe_config(raw):
+        raise ValueError(f"tensor_parallel={tp}: {str(path)!r} is a linear probe, not a model to shard")
+    cfg = LeanConfig.from_dict(raw)  # UnsupportedArchitecture: only the lean engine shards
+    files, fmt = weight_files(path, allow_pickle=allow_pickle)
+    if fmt != "safetensors":
+        raise ValueError(f"tensor_parallel={tp} reads each rank's slices from safetensors files; {path} is pickled")
+    group = current_group(tp)
+    import torch.distributed as dist
+
+    plan = shard_plan(cfg, dist.get_rank(), tp)
+    dev = resolve_device(local_device(device))
+    dt = resolve_dtype(dtype, dev, parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or None))
+    state = read_shard(path, files, cfg, plan)
+    with torch.device("meta"):
+        model = TensorParallelLlama(cfg, plan, group, attn_backend=attn_backend)
+    return _build_lean(model.local_config, state, dev, dt, attn_backend, model=model)
 
 
 def from_hf_model(model, *, engine: str = "auto", attn_backend: str = "sdpa"):

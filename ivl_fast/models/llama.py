@@ -189,8 +189,13 @@ class LeanCausalLM(nn.Module):
         self.kv.free()
 
     # ---------------------------------------------------------------- forward passes
+    def project(self, hn: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states [.., H] -> logits [.., V] (the head; a tensor-parallel engine gathers its
+        vocabulary slices here, so callers never read ``head_weight()`` for logits)."""
+        return F.linear(hn, self.head_weight())
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.model.norm(h), self.head_weight())
+        return self.project(self.model.norm(h))
 
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
@@ -297,7 +302,7 @@ class LeanCausalLM(nn.Module):
             self.seq_lens.index_copy_(0, rows, lengths)
         if hidden:
             hn = self.model.norm(h[:, -1])
-            return F.linear(hn, self.head_weight()), hn
+            return self.project(hn), hn
         return self._logits(h) if all_logits else self._logits(h[:, -1])
 
     @torch.inference_mode()
@@ -351,7 +356,7 @@ class LeanCausalLM(nn.Module):
         self.seq_lens.add_(1 if active is None else active.to(self.seq_lens.dtype))
         if hidden:
             hn = self.model.norm(h[:, 0])
-            return F.linear(hn, self.head_weight()), hn
+            return self.project(hn), hn
         return self._logits(h[:, 0])
 
     def extend(self, input_ids: torch.Tensor, *, kv_len: int | None = None) -> torch.Tensor:
