@@ -2,7 +2,8 @@
 the benchmark table (bench/results/*.json), the mutation-testing table (bench/results/mutation.json) and the
 speculative decoding floor (bench/results/speculative_cpu.json).
 
-ivl-fast demo --work-dir /tmp/d0 && cp /tmp/d0/results.json docs/demo_results.json && cp /tmp/d0/results.png docs/demo_results.png
+ivl-fast demo --work-dir /tmp/d0 && cp /tmp/d0/results.json docs/demo_results.json
+cp /tmp/d0/results.png docs/demo_results.png
 ivl-fast demo --seed 1 --work-dir /tmp/d1 && cp /tmp/d1/results.json docs/demo_results_seed1.json   (and seed 2)
 python docs/update_readme.py   (also writes docs/demo_summary.json and docs/demo_seeds.png: mean +- sd over seeds)
 """

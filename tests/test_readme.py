@@ -148,3 +148,26 @@ def test_the_default_map_k_is_the_sweeps_best():
 
     ks = json.loads((ROOT / "bench" / "results" / "vocab_k_sweep_cpu.json").read_text())
     assert not ks["provenance"]["dirty"] and DEFAULT_TOP_K == ks["best_top_k"]
+
+
+def test_readme_tensor_parallel_figures_are_the_committed_ones():
+    """#20: the floor table is bench/tp_floor.py's output, the memory figures bench/results/tp_memory_cpu.json's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tp_floor", ROOT / "bench" / "tp_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    readme = (ROOT / "README.md").read_text()
+    assert floor.table() in readme
+    res = json.loads((ROOT / "bench" / "results" / "tp_memory_cpu.json").read_text())
+    one, ranks = res["one_process"], res["ranks"]
+    assert not res["provenance"]["dirty"] and f"commit {res['provenance']['commit'][:7]}" in readme
+    flat = " ".join(readme.split())
+    assert (
+        f"holds {ranks[0]['base_param_bytes'] / 2**20:.0f} MiB of parameters per rank of 2 against "
+        f"{one['base_param_bytes'] / 2**20:.0f} MiB alone ({res['param_bytes_per_rank_over_one_process'][0]:.2f}x"
+    ) in flat
+    assert (
+        f"added {ranks[0]['load_rss_added_mb']:.0f} and {ranks[1]['load_rss_added_mb']:.0f} MiB of resident memory per "
+        f"rank against {one['load_rss_added_mb']:.0f} MiB alone"
+    ) in flat
