@@ -71,6 +71,7 @@ MODEL_ARGS = (
     "draft",
     "num_draft_tokens",
     "terms",
+    "tensor_parallel",
 )
 # also accepted: what lm_eval.simple_evaluate / lm-eval's CLI pass themselves (max_batch_size, trust_remote_code)
 # the gen_kwargs generate_until reads (lm-eval's normalize_gen_kwargs resolves the max-token aliases)
@@ -142,6 +143,7 @@ class IVLLM(TemplateLM):
         draft=None,
         num_draft_tokens=None,
         terms=None,
+        tensor_parallel=None,
         max_batch_size=None,  # lm-eval passes it; it only bounds batch_size="auto", which is refused
         trust_remote_code: bool = False,
         **unknown,
@@ -175,6 +177,7 @@ class IVLLM(TemplateLM):
             alpha=float(alpha),
             scheme=scheme,
             terms=_terms(terms),
+            tensor_parallel=None if tensor_parallel is None else int(tensor_parallel),
             **spec,
         )
         where = " and ".join(repr(str(x)) for x in (base, value) if x is not None)

@@ -34,11 +34,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run torchrun in its own process group; on a timeout the whole group is killed (its ranks too, which a
+    rank waiting in a collective for a failed peer would otherwise outlive)."""
+    import signal
+
+    p = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"torchrun timed out after {timeout} s: {err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def _torchrun(base: Path, value: Path, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["--master_addr", "127.0.0.1", str(HERE / "tp_worker.py"), str(base), str(value), str(out)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    r = run_group(cmd, env, 180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
 
@@ -148,7 +165,7 @@ def test_cli_generate_under_torchrun_prints_what_one_process_prints(tp_pair, cap
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["--master_addr", "127.0.0.1", "-m", "ivl_fast.cli", "generate", "--tp", "2", *flags]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    r = run_group(cmd, env, 180)
     assert r.returncode == 0, r.stderr[-3000:]
     printed = [line for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1  # rank 0 only
@@ -166,6 +183,102 @@ def test_cli_tp_refusals(pair, capsys):
     assert cli_main(["generate", *pair_flags, "--prompt", "x", "--tp", "0"]) == 2
     assert "--tp must be >= 1, got 0" in capsys.readouterr().err
     assert cli_main(["serve", *pair_flags, "--tp", "2"]) == 2
-    assert "--tp is not implemented for this subcommand yet" in capsys.readouterr().err
+    assert "--tp 2 needs 2 processes" in capsys.readouterr().err
     assert cli_main(["eval", *pair_flags, "--tasks", "x", "--tp", "2"]) == 2
-    assert "--tp is not implemented for this subcommand yet" in capsys.readouterr().err
+    assert "--tp 2 needs 2 processes" in capsys.readouterr().err
+
+
+def test_cli_eval_under_torchrun_reports_what_one_process_reports(tp_pair, tmp_path, capsys):
+    """`torchrun --nproc_per_node 2 -m ivl_fast.cli eval --tp 2 ...` on local lm-eval tasks: rank 0 writes the
+    results file of one process (the same metrics), and only one file is written."""
+    pytest.importorskip("lm_eval")
+    from test_lm_eval import write_tasks
+
+    from ivl_fast.cli import main as cli_main
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_tasks(tasks)
+    bdir, vdir = tp_pair
+    flags = ["--base", str(bdir), "--value", str(vdir), "--tasks", "ivl_mc,ivl_gen", "--include-path", str(tasks)]
+    flags += ["--limit", "4", "--batch-size", "2", "--device", "cpu", "--seed", "3"]
+    one_dir, tp_dir = tmp_path / "one", tmp_path / "tp"
+    one_dir.mkdir()
+    tp_dir.mkdir()
+    assert cli_main(["eval", *flags, "--output-path", str(one_dir)]) == 0
+    capsys.readouterr()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd += ["--master_addr", "127.0.0.1", "-m", "ivl_fast.cli", "eval", "--tp", "2", *flags]
+    r = run_group(cmd + ["--output-path", str(tp_dir)], env, 300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (one_file,), (tp_file,) = list(one_dir.iterdir()), list(tp_dir.iterdir())
+    want, got = json.loads(one_file.read_text())["results"], json.loads(tp_file.read_text())["results"]
+    assert set(got) == {"ivl_mc", "ivl_gen"}
+    for task, metrics in want.items():
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                assert got[task][k] == pytest.approx(v, abs=1e-6), (task, k)
+    assert r.stdout.count("|ivl_mc ") == 1  # rank 0's table only
+
+
+def test_serve_under_torchrun_answers_as_one_process(tp_pair):
+    """`torchrun --nproc_per_node 2 -m ivl_fast.cli serve --tp 2 ...` on loopback, with the official client: rank 0
+    serves, rank 1 follows its batch. Greedy and seeded sampled completions, several at once (so rows join the batch
+    while others decode), equal those of a one-process server; SIGTERM stops rank 0 gracefully and ends both."""
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from serve_fixtures import Server
+
+    bdir, vdir = tp_pair
+    flags = ["--base", str(bdir), "--value", str(vdir), "--device", "cpu", "--max-batch-size", "4"]
+    flags += ["--served-model-name", "m"]
+    asks = [
+        dict(prompt=p, max_tokens=10, temperature=0.0)
+        for p in ("def main", "The for statement", "import os", "class A:")
+    ] + [dict(prompt="while True", max_tokens=10, temperature=1.0, seed=11)]
+
+    def answers(client):
+        with ThreadPoolExecutor(len(asks)) as pool:
+            done = pool.map(lambda a: client.completions.create(model="m", **a).choices[0].text, asks)
+            return list(done)
+
+    one = Server(*flags)
+    try:
+        want = answers(one.client())
+    finally:
+        one.stop()
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd += ["--master_addr", "127.0.0.1", "-m", "ivl_fast.cli", "serve", "--tp", "2", *flags, "--port", str(port)]
+    p = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the tensor-parallel server did not start"
+            time.sleep(0.5)
+        import openai
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        assert answers(client) == want
+        assert answers(client) == want  # again, on the batch's later rows
+        p.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks: rank 0 stops, then rank 1
+        _, err = p.communicate(timeout=60)
+        assert "ivl-fast serve: stopped (running requests finished)" in err, err[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()

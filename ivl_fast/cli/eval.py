@@ -121,7 +121,17 @@ def _write_new(directory: Path, stem: str, text: str) -> Path:
 
 
 def run(args) -> int:
+    from .distributed import init_tensor_parallel, quiet_unless
+
     runs = _check(args)
+    rank = init_tensor_parallel(args.tp)
+    # --tp: every rank runs the same lm-eval requests in the same order (the model's collectives stay in step);
+    # rank 0 prints and writes the results
+    with quiet_unless(rank == 0):
+        return _run(args, runs, write=rank == 0)
+
+
+def _run(args, runs, *, write: bool) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before lm_eval imports datasets
 
     import lm_eval
@@ -143,6 +153,7 @@ def run(args) -> int:
         draft=None if args.draft is None else str(args.draft),
         num_draft_tokens=args.num_draft_tokens,
         terms="|".join(f"{d}@{w}" for d, w in parse_terms(args)) or None,
+        tensor_parallel=args.tp,
     )
     model_args = {k: v for k, v in model_args.items() if v is not None}
     include = None if args.include_path is None else str(args.include_path)
@@ -184,7 +195,7 @@ def run(args) -> int:
         print(make_table(results))
         if "groups" in results:
             print(make_table(results, "groups"))
-        if args.output_path is not None:
+        if args.output_path is not None and write:
             stem = f"results_{stamp}" + (f"_{shots}shot" if len(runs) > 1 else "")
             text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
             path = _write_new(args.output_path, stem, text)

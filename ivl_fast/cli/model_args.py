@@ -73,11 +73,6 @@ def check_pair_args(args, *, alone: str) -> None:
     --scheme base does without a value network ("decodes", "evaluates")."""
     if args.tp is not None and args.tp < 1:
         raise UsageError(f"--tp must be >= 1, got {args.tp}")
-    if args.tp not in (None, 1) and alone != "decodes":  # generate only, so far
-        raise UsageError(
-            "--tp is not implemented for this subcommand yet (only `ivl-fast generate` shards the base): the other "
-            "ranks would have to follow rank 0 step by step"
-        )
     if args.base is None and args.scheme != "value_only":
         raise UsageError("--base is required (the base model's checkpoint directory)")
     if args.value is None and args.scheme != "base":

@@ -76,6 +76,7 @@ def load(args):
         dtype=args.dtype,
         **draft_kwargs(args),
         **term_kwargs(args),
+        tensor_parallel=args.tp,
     )
     if dec.tokenizer is None:
         raise UsageError("the checkpoints hold no tokenizer files; the server needs one to read text")
@@ -120,12 +121,30 @@ def _server(config):
 def run(args) -> int:
     import uvicorn
 
+    from .distributed import init_tensor_parallel, quiet_unless
+
+    rank = init_tensor_parallel(args.tp)
+    group = None
+    if args.tp not in (None, 1):  # rank 0 serves; the others follow its batch (ivl_fast.serve.follow)
+        from ..serve.follow import MirroredBatch, control_group, follow, shared_seed
+
+        group = control_group()
+        shared_seed(group)
+        if rank != 0:
+            with quiet_unless(False):
+                sched, _ = load(args)
+                follow(sched.batch, group)
+            return 0
     sched, app = load(args)
+    if group is not None:
+        sched.batch = MirroredBatch(sched.batch, group)
     sched.start()
     print(f"ivl-fast serve: http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr)
     try:
         _server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
     finally:
         sched.shutdown()
+        if group is not None:
+            sched.batch.close()
     print("ivl-fast serve: stopped (running requests finished)", file=sys.stderr)
     return 0
