@@ -144,6 +144,7 @@ def test_pieces_slice_and_lists_round_trip():
     empty = (torch.zeros(0, dtype=torch.int64), torch.zeros((0, 2), dtype=torch.int64))
     got = cut_in_context([one, empty], [one, empty], [1, 0])  # a text without tokens: no piece
     assert got.lists() == ([[1]], [[1]])
+    assert len(cut_in_context([], [], [])) == 0  # no texts (every one failed to tokenize): no pieces
 
 
 @pytest.mark.skipif(not extension_available(), reason="ivl_fast._C not built")

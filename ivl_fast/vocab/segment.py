@@ -164,7 +164,7 @@ def cut_in_context(
     pieces are under 2 x ``max_chars`` where boundaries are dense). The default, 1, cuts at every common boundary:
     a piece is a shortest span both tokenizations agree on, and DTW pairs tokens only inside it. The build uses it:
     with longer pieces DTW pairs a short token with a neighbour across a shared boundary when that is cheaper in
-    edit distance (the demo's "\nBelvas": base "\n" | "B" "el" "vas", value "Ċ" | "Belvas"; "B" went with "Ċ",
+    edit distance (the demo's "\\nBelvas": base "\\n" | "B" "el" "vas", value "Ċ" | "Belvas"; "B" went with "Ċ",
     1 edit, rather than "Belvas", 5), which is wrong for decoding. The evaluation uses 256, pieces large enough to
     be compared as multisets. ``hard_chars``: a span of more than that without a common boundary is cut every
     ``hard_chars`` characters regardless ("forced" cuts: the tokens on each side are split by their end
@@ -174,6 +174,9 @@ def cut_in_context(
     if max_chars < 1 or hard_chars < 1:
         raise ValueError(f"max_chars and hard_chars must be >= 1, got {max_chars} and {hard_chars}")
     n_texts = len(lengths)
+    if not n_texts:  # every text failed to tokenize, say: no pieces (the caller reports it)
+        none = torch.zeros(0, dtype=torch.int64)
+        return Pieces(none, torch.zeros(1, dtype=torch.int64), none, torch.zeros(1, dtype=torch.int64))
     size = torch.tensor(lengths, dtype=torch.int64)
     starts = torch.zeros(n_texts, dtype=torch.int64)
     starts[1:] = torch.cumsum(size + 1, 0)[:-1]  # one character of gap between texts: no cut is in two texts
