@@ -51,11 +51,18 @@ def run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.Completed
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+# 2 ranks on loopback, one thread each (2 cores), this checkout's package first
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), "HF_DATASETS_OFFLINE": "1"}
+
+
+def torchrun(*program: str) -> list[str]:
+    """The command that starts ``program`` (a script, or ``-m module``, and its arguments) on 2 local ranks."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return [*launcher, "--master_port", str(free_port()), "--master_addr", "127.0.0.1", *program]
+
+
 def _torchrun(base: Path, value: Path, out: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["--master_addr", "127.0.0.1", str(HERE / "tp_worker.py"), str(base), str(value), str(out)]
-    r = run_group(cmd, env, 180)
+    r = run_group(torchrun(str(HERE / "tp_worker.py"), str(base), str(value), str(out)), ENV, 180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
 
@@ -162,10 +169,7 @@ def test_cli_generate_under_torchrun_prints_what_one_process_prints(tp_pair, cap
     flags += ["--no-eos", "--json", "--device", "cpu"]
     assert cli_main(["generate", *flags]) == 0
     want = json.loads(capsys.readouterr().out)["outputs"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["--master_addr", "127.0.0.1", "-m", "ivl_fast.cli", "generate", "--tp", "2", *flags]
-    r = run_group(cmd, env, 180)
+    r = run_group(torchrun("-m", "ivl_fast.cli", "generate", "--tp", "2", *flags), ENV, 180)
     assert r.returncode == 0, r.stderr[-3000:]
     printed = [line for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1  # rank 0 only
@@ -207,10 +211,7 @@ def test_cli_eval_under_torchrun_reports_what_one_process_reports(tp_pair, tmp_p
     tp_dir.mkdir()
     assert cli_main(["eval", *flags, "--output-path", str(one_dir)]) == 0
     capsys.readouterr()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["--master_addr", "127.0.0.1", "-m", "ivl_fast.cli", "eval", "--tp", "2", *flags]
-    r = run_group(cmd + ["--output-path", str(tp_dir)], env, 300)
+    r = run_group(torchrun("-m", "ivl_fast.cli", "eval", "--tp", "2", *flags, "--output-path", str(tp_dir)), ENV, 300)
     assert r.returncode == 0, r.stderr[-3000:]
     (one_file,), (tp_file,) = list(one_dir.iterdir()), list(tp_dir.iterdir())
     want, got = json.loads(one_file.read_text())["results"], json.loads(tp_file.read_text())["results"]
@@ -252,11 +253,9 @@ def test_serve_under_torchrun_answers_as_one_process(tp_pair):
     finally:
         one.stop()
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["--master_addr", "127.0.0.1", "-m", "ivl_fast.cli", "serve", "--tp", "2", *flags, "--port", str(port)]
+    cmd = torchrun("-m", "ivl_fast.cli", "serve", "--tp", "2", *flags, "--port", str(port))
     p = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -3,14 +3,13 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/tp_worker.py BASE VALUE OUT_DIR
 
 Loads the base with tensor_parallel=2 and the value network replicated, decodes the prompts greedily and sampled
-(seeded), scores one request, and writes what it got to OUT_DIR/rank{R}.json: the ids, the scores, the bytes of
-its base parameters and its peak RSS.
+(seeded), and writes what it got to OUT_DIR/rank{R}.json: the ids, the first logits of the gathered head on a fixed
+hidden state, the bytes of its base parameters and its number of KV heads.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -40,7 +39,6 @@ def main(base: str, value: str, out: str) -> None:
         "head_probe": logits[0, :8].tolist(),
         "base_param_bytes": sum(p.numel() * p.element_size() for p in engine.parameters()),
         "kv_heads_local": engine.local_config.num_kv_heads,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()

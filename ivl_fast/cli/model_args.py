@@ -71,8 +71,6 @@ def add_pair_args(p: argparse.ArgumentParser, *, vocab_map_help: str) -> argpars
 def check_pair_args(args, *, alone: str) -> None:
     """The checkpoints the scheme needs, reported by flag (the library would name its parameters). ``alone``: what
     --scheme base does without a value network ("decodes", "evaluates")."""
-    if args.tp is not None and args.tp < 1:
-        raise UsageError(f"--tp must be >= 1, got {args.tp}")
     if args.base is None and args.scheme != "value_only":
         raise UsageError("--base is required (the base model's checkpoint directory)")
     if args.value is None and args.scheme != "base":

@@ -124,13 +124,6 @@ def dtw_align(a: list[str], b: list[str]) -> list[tuple[int, int]]:
     return path[::-1]
 
 
-def _pack(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
-    offsets[1:] = torch.tensor([len(s) for s in seqs], dtype=torch.int64).cumsum(0)
-    ids = torch.tensor([x for s in seqs for x in s], dtype=torch.int64)
-    return ids, offsets
-
-
 def align_counts(
     base_surface: list[str],
     value_surface: list[str],
@@ -144,16 +137,10 @@ def align_counts(
 
     backend: "cpp" (ivl_fast._C, multithreaded), "python" (reference), or "auto" (cpp when built).
     """
-    if len(base_seqs) != len(value_seqs):
-        raise ValueError(f"{len(base_seqs)} base tokenizations but {len(value_seqs)} value tokenizations")
-    if backend not in ("auto", "cpp", "python"):
-        raise ValueError(f"backend must be auto, cpp or python, got {backend!r}")
-    use_cpp = backend == "cpp" or (backend == "auto" and extension_available())
-    if use_cpp:
-        bi, bo = _pack(base_seqs)
-        vi, vo = _pack(value_seqs)
-        return ops().align_counts(base_surface, value_surface, bi, bo, vi, vo, int(threads))
-    return _align_python(base_surface, value_surface, base_seqs, value_seqs)
+    from .segment import Pieces
+
+    pieces = Pieces.from_lists(base_seqs, value_seqs)  # packed as the C++ op reads them
+    return align_pieces(base_surface, value_surface, pieces, threads=threads, backend=backend)
 
 
 def align_pieces(

@@ -93,9 +93,8 @@ def pieces_of(
     In context (``ivl_fast.vocab.segment``): each text tokenized whole by both tokenizers and cut where both have a
     token boundary, so every piece holds the tokens of running text (``max_chars``: see
     :func:`~ivl_fast.vocab.segment.cut_in_context`; 1, the build's: at every common boundary). When a tokenizer
-    cannot give character
-    offsets (a slow tokenizer): the texts' lines (:func:`split_corpus`), each tokenized alone, and the skipped
-    indices are of lines. ``bar``: a progress bar, advanced once per text and tokenizer."""
+    cannot give character offsets (a slow tokenizer): the texts' lines (:func:`split_corpus`), each tokenized
+    alone, and the skipped indices are of lines. ``bar``: a progress bar, advanced once per text and tokenizer."""
     try:
         b_enc, b_fail = encode_with_offsets(base_tokenizer, texts, bar)
         v_enc, v_fail = encode_with_offsets(value_tokenizer, texts, bar)
@@ -105,15 +104,15 @@ def pieces_of(
             bar.reset(total=2 * len(lines))
         bseqs, bfail = encode_all(base_tokenizer, lines, bar)
         vseqs, vfail = encode_all(value_tokenizer, lines, bar)
-        skip = sorted(set(bfail) | set(vfail))
-        keep = [i for i in range(len(lines)) if i not in set(skip)]
-        return Pieces.from_lists([bseqs[i] for i in keep], [vseqs[i] for i in keep]), skip, "lines"
-    skip = sorted(set(b_fail) | set(v_fail))
-    keep = [i for i in range(len(texts)) if i not in set(skip)]
+        failed = set(bfail) | set(vfail)
+        keep = [i for i in range(len(lines)) if i not in failed]
+        return Pieces.from_lists([bseqs[i] for i in keep], [vseqs[i] for i in keep]), sorted(failed), "lines"
+    failed = set(b_fail) | set(v_fail)
+    keep = [i for i in range(len(texts)) if i not in failed]
     pieces = cut_in_context(
         [b_enc[i] for i in keep], [v_enc[i] for i in keep], [len(texts[i]) for i in keep], max_chars=max_chars
     )
-    return pieces, skip, "in context"
+    return pieces, sorted(failed), "in context"
 
 
 def _merge_counts(found: list[tuple[torch.Tensor, torch.Tensor]], v_value: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -181,12 +181,12 @@ def cut_in_context(
     starts = torch.zeros(n_texts, dtype=torch.int64)
     starts[1:] = torch.cumsum(size + 1, 0)[:-1]  # one character of gap between texts: no cut is in two texts
     ends = starts + size
-    b_ids, b_ends, b_ok = _side(base, starts.tolist())
-    v_ids, v_ends, v_ok = _side(value, starts.tolist())
+    b_ids, b_ends, b_cuts = _side(base, starts.tolist())
+    v_ids, v_ends, v_cuts = _side(value, starts.tolist())
     # both sorted: a base boundary is common if the value side has it too (searchsorted, not isin: 5x faster)
-    if v_ok.numel() and b_ok.numel():
-        at_v = torch.searchsorted(v_ok, b_ok).clamp_max(v_ok.numel() - 1)
-        common = torch.unique_consecutive(b_ok[v_ok[at_v] == b_ok])
+    if v_cuts.numel() and b_cuts.numel():
+        at_v = torch.searchsorted(v_cuts, b_cuts).clamp_max(v_cuts.numel() - 1)
+        common = torch.unique_consecutive(b_cuts[v_cuts[at_v] == b_cuts])
     else:
         common = torch.zeros(0, dtype=torch.int64)
     # the last common boundary of each run of max_chars characters, per text
