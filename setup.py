@@ -1,10 +1,14 @@
 """Build driver for ivl-fast.
 
-The package is Python plus Triton kernels (``kernels/`` installs as ``ivl_fast.kernels``) plus the C++
-extension ``ivl_fast._C``, described by CMakeLists.txt and built here by CMake from ``csrc/``: the vocabulary-map
+The package is Python plus Triton kernels plus the C++ extension ``ivl_fast._C``. The kernels live in ``kernels/``,
+which ``ivl_fast/kernels`` links to and which installs as the namespace package ``ivl_fast.kernels``: the folder has
+no ``__init__.py``, so the repository root never shadows Hugging Face's ``kernels`` (README.md, "Layout"). The
+extension is described by CMakeLists.txt and built here by CMake from ``csrc/``: the vocabulary-map
 DTW alignment (CPU), and with a CUDA build of torch the CUDA-graph replay runner (not yet validated on GPU).
 Every op has a Python fallback, so the package also works without it. Environment: MAX_JOBS, NVCC_THREADS,
-TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), CMAKE_ARGS (extra CMake options).
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), CMAKE_ARGS (extra CMake options), IVL_FAST_CUDA (with a CUDA build of
+torch: "auto", the default, builds the CUDA parts when CMake finds the toolkit and else the CPU parts only, saying
+so; "1" requires them; "0" builds the CPU parts only).
 """
 
 import os
@@ -52,9 +56,47 @@ class CMakeBuild(build_ext):
         args += shlex.split(os.environ.get("CMAKE_ARGS", ""))  # extra -D options (e.g. -DCUDA_TOOLKIT_ROOT_DIR=...)
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
+        cuda = os.environ.get("IVL_FAST_CUDA", "auto")
+        if cuda not in {"auto", "0", "1"}:
+            raise ValueError(f"IVL_FAST_CUDA must be auto, 0 or 1, got {cuda!r}")
+        if torch.version.cuda is not None and cuda == "0":
+            build_dir, args = _cpu_only(build_dir, args)
+        try:
+            subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
+        except subprocess.CalledProcessError:
+            if torch.version.cuda is None or cuda != "auto":
+                raise
+            # pip's CUDA torch on a machine without the CUDA toolkit: the CPU parts still build, and the CUDA-graph
+            # runner has a Python fallback; build_info() reports extension_build "cpu"
+            print(
+                "ivl-fast: torch is a CUDA build but its CMake package found no usable CUDA toolkit (see above): "
+                "building the CPU parts of ivl_fast._C only. For the CUDA parts install the toolkit (nvcc) or point "
+                "CMake at it (CMAKE_ARGS=-DCUDA_TOOLKIT_ROOT_DIR=...); IVL_FAST_CUDA=1 makes this an error.",
+                file=sys.stderr,
+            )
+            build_dir, args = _cpu_only(build_dir, args)
+            subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+
+
+def _cpu_only(build_dir: Path, args: list[str]) -> tuple[Path, list[str]]:
+    """CMake arguments for the CPU sources against torch's headers and libraries, without torch's CMake package
+    (CMakeLists.txt, IVL_TORCH_CPU_ONLY); its own build directory, so the failed CUDA configure is not reused."""
+    import torch
+    from torch.utils import cpp_extension
+
+    build_dir = build_dir.with_name(build_dir.name + "-cpu-only")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lib_dir = cpp_extension.library_paths()[0]  # the paths only: CUDA libraries are asked for with cuda=True
+    return build_dir, [
+        *args,
+        "-DIVL_TORCH_CPU_ONLY=ON",
+        f"-DIVL_TORCH_VERSION={torch.__version__.split('+')[0]}",
+        f"-DIVL_TORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",
+        f"-DIVL_TORCH_LIBRARY_DIR={lib_dir}",
+        f"-DIVL_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ]
 
 
 def _has_csrc() -> bool:
@@ -73,7 +115,6 @@ setup(
         "ivl_fast.vocab",
         "ivl_fast.kernels",
     ],
-    package_dir={"ivl_fast": "ivl_fast", "ivl_fast.kernels": "kernels"},
     package_data={"ivl_fast.serve": ["static/*.html"]},  # the chat page
     ext_modules=[CMakeExtension("ivl_fast._C")] if _has_csrc() else [],
     cmdclass={"build_ext": CMakeBuild},

@@ -57,8 +57,8 @@ def _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _pick(vals, sel):
-    """vals [R, NPIV], sel [R] (index) -> vals[r, sel[r]]."""
+def _pick(vals, sel, NPIV: tl.constexpr):
+    """vals [R, NPIV], sel [R] (index) -> vals[r, sel[r]] (NPIV passed in: triton 3.1 reads no global in arange)."""
     cols = tl.arange(0, NPIV)[None, :]
     return tl.sum(tl.where(cols == sel[:, None], vals, 0), axis=1)
 
@@ -204,8 +204,8 @@ def _combine_sample_kernel(
                     cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
                     cnt += tl.sum((key[:, :, None] >= piv[:, None, :]).to(tl.int64), axis=1)
                 sel = tl.sum((cnt >= k_eff[:, None]).to(tl.int64), axis=1) - 1  # last pivot still holding k
-                new_lo = _pick(piv, sel)
-                nxt = _pick(piv, tl.minimum(sel + 1, NPIV - 1)) - 1
+                new_lo = _pick(piv, sel, NPIV)
+                nxt = _pick(piv, tl.minimum(sel + 1, NPIV - 1), NPIV) - 1
                 hi = tl.where(sel + 1 < NPIV, nxt, hi)
                 lo = new_lo
         if HAS_TOPP:
@@ -223,8 +223,8 @@ def _combine_sample_kernel(
                         zk += tl.sum(tl.where(key >= lo[:, None], w, 0.0), axis=1)
                 holds = mass_gt < (p * zk)[:, None]  # monotone in the pivot: false..false true..true
                 sel = NPIV - tl.sum(holds.to(tl.int64), axis=1)  # first pivot where it holds
-                new_hi = _pick(piv, sel)
-                prev = _pick(piv, tl.maximum(sel - 1, 0)) + 1
+                new_hi = _pick(piv, sel, NPIV)
+                prev = _pick(piv, tl.maximum(sel - 1, 0), NPIV) + 1
                 plo = tl.where(sel > 0, prev, plo)
                 phi = new_hi
             # the boundary value phi may be shared by several tokens: keep as many of them as a stable ascending
@@ -255,8 +255,8 @@ def _combine_sample_kernel(
                     ge = cols[None, :, None].to(tl.int64) >= piv[:, None, :]
                     cnt += tl.sum((eq[:, :, None] & ge).to(tl.int64), axis=1)
                 sel = tl.sum((cnt >= need[:, None]).to(tl.int64), axis=1) - 1
-                new_lo = _pick(piv, sel)
-                nxt = _pick(piv, tl.minimum(sel + 1, NPIV - 1)) - 1
+                new_lo = _pick(piv, sel, NPIV)
+                nxt = _pick(piv, tl.minimum(sel + 1, NPIV - 1), NPIV) - 1
                 ihi = tl.where(sel + 1 < NPIV, nxt, ihi)
                 ilo = new_lo
             use_p = p < 1.0
