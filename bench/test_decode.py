@@ -27,6 +27,7 @@ from conftest import DECODE, bench_settings, load_config
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.graphs import kv_bucket
+from ivl_fast.models.hf_adapter import cache_kwarg
 
 S = bench_settings()
 VARIANTS = ["base_alone", "pair_fused", "pair_two_stream", "pair_one_stream", "pair_eager", "pair_naive_hf"]
@@ -76,11 +77,12 @@ def _prompt(vocab: int, batch: int) -> torch.Tensor:
 @torch.inference_mode()
 def naive_hf_pair(base, value, ids: torch.Tensor, new: int) -> torch.Tensor:
     x, past_b, past_v, out = ids, None, None, []
+    cache = cache_kwarg(base)  # `cache` from transformers 5.25, `past_key_values` before
     for _ in range(new):
-        ob = base(input_ids=x, past_key_values=past_b, use_cache=True)
-        ov = value(input_ids=x, past_key_values=past_v, use_cache=True)
+        ob = base(input_ids=x, use_cache=True, **{cache: past_b})
+        ov = value(input_ids=x, use_cache=True, **{cache: past_v})
         nxt = (ob.logits[:, -1].float() + ov.logits[:, -1].float()).argmax(-1, keepdim=True)
-        past_b, past_v, x = ob.past_key_values, ov.past_key_values, nxt
+        past_b, past_v, x = ob[cache], ov[cache], nxt
         out.append(nxt)
     return torch.cat(out, 1)
 

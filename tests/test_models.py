@@ -16,6 +16,7 @@ import torch
 from conftest import build_model
 
 from ivl_fast.models import HFCausalLM, LeanCausalLM, from_hf_model, load_model
+from ivl_fast.models.hf_adapter import cache_kwarg
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -83,7 +84,8 @@ def _compare_with_hf(hf, lean, *, tol: float, steps: int = STEPS):
     lean.allocate(ids.shape[0], ids.shape[1] + steps)
     z = lean.prefill(ids, mask)
     worst = max(worst, _rel_err(z, ref.logits[:, -1]))
-    past, am, lens = ref.past_key_values, mask, mask.sum(-1)
+    cache = cache_kwarg(hf)  # `cache` from transformers 5.25, `past_key_values` before
+    past, am, lens = ref[cache], mask, mask.sum(-1)
     nxt = ref.logits[:, -1].argmax(-1)
     for _ in range(steps):
         am = torch.cat([am, torch.ones_like(am[:, :1])], dim=1)
@@ -92,12 +94,12 @@ def _compare_with_hf(hf, lean, *, tol: float, steps: int = STEPS):
                 input_ids=nxt[:, None],
                 attention_mask=am,
                 position_ids=lens[:, None],
-                past_key_values=past,
                 use_cache=True,
+                **{cache: past},
             )
         z = lean.decode(nxt)
         worst = max(worst, _rel_err(z, out.logits[:, -1]))
-        past, lens, nxt = out.past_key_values, lens + 1, out.logits[:, -1].argmax(-1)
+        past, lens, nxt = out[cache], lens + 1, out.logits[:, -1].argmax(-1)
     assert worst <= tol, f"lean vs transformers: max relative logit error {worst:.3g} > {tol}"
     return worst
 

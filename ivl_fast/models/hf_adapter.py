@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+
+def cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes (and its output returns) the KV cache by: ``cache`` from transformers 5.25
+    (``past_key_values`` is deprecated there, to be removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class HFCausalLM:
@@ -26,6 +34,7 @@ class HFCausalLM:
         self._max_context = int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30
         )
+        self._cache_kwarg = cache_kwarg(model)
         self._past = None
         self._mask: torch.Tensor | None = None
         self._lens: torch.Tensor | None = None
@@ -73,7 +82,7 @@ class HFCausalLM:
         mask = attention_mask.long()
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        self._past, self._mask, self._lens = out.past_key_values, mask, mask.sum(-1)
+        self._past, self._mask, self._lens = out[self._cache_kwarg], mask, mask.sum(-1)
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -84,9 +93,9 @@ class HFCausalLM:
             input_ids=input_ids[:, None],
             attention_mask=self._mask,
             position_ids=self._lens[:, None],
-            past_key_values=self._past,
             use_cache=True,
+            **{self._cache_kwarg: self._past},
         )
-        self._past = out.past_key_values
+        self._past = out[self._cache_kwarg]
         self._lens = self._lens + 1
         return out.logits[:, -1]
