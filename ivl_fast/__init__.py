@@ -36,6 +36,9 @@ def build_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    from .ops._backend import triton_available
+
+    info["triton_kernels"] = triton_available()  # False below the tested floor: the ops take their torch path
     return info
 
 

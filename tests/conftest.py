@@ -19,7 +19,14 @@ from transformers import (  # noqa: E402
     Qwen2Config,
 )
 
+from ivl_fast.ops._backend import TRITON_MIN, triton_available  # noqa: E402
 from ivl_fast.tiny import train_tokenizer  # noqa: E402
+
+# the kernels' tests: skipped only where the installed triton is older than the tested floor (the lowest-versions
+# stage, torch 2.5 with its triton 3.1); the main suite pins a newer one
+needs_triton = pytest.mark.skipif(
+    not triton_available(), reason=f"needs triton >= {'.'.join(map(str, TRITON_MIN))} (ivl_fast.ops._backend)"
+)
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, needs_triton
 from transformers import GenerationConfig
 
 from ivl_fast import FastIVLDecoder
@@ -261,6 +261,7 @@ def test_mistral_and_qwen_pairs(save_checkpoint):
     assert out.sequences[:, out.prompt_length :].tolist() == ref
 
 
+@needs_triton
 def test_decoder_with_the_fused_triton_sampler(pair):
     """The decoder's per-step op through the Triton kernel (interpreter): greedy identical to the torch path,
     seeded sampling reproducible, and the kernel's NaN flag reaches the stop check."""
@@ -277,6 +278,7 @@ def test_decoder_with_the_fused_triton_sampler(pair):
     assert not torch.equal(s1, tri_dec.generate(PROMPTS, **{**kw, "seed": 4}).sequences)
 
 
+@needs_triton
 def test_fused_sampler_nan_flag_raises_in_the_decoder(pair):
     from ivl_fast import NonFiniteLogitsError
 

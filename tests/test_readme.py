@@ -3,6 +3,9 @@ what bench/report.py renders from the committed results JSON."""
 
 import importlib.util
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +43,23 @@ def test_readme_main_command_installs_and_runs_the_demo():
     blocks = _bash_blocks((ROOT / "README.md").read_text())
     main_cmd = next(b for b in blocks if "pytest" not in b and "venv" in b)
     assert main_cmd.endswith("ivl-fast demo") and "torch==2.13.0" in main_cmd
+    # the demo's smallest extra: lm-eval for its lm-eval columns, not the test tools
+    assert '-e ".[eval]"' in main_cmd
+
+
+def test_ci_runs_the_lowest_versions_stage_and_readme_names_its_pins():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ".ci/lowest-versions" in ci and any(".ci/versions.py" in line for line in ci)
+    pins = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "lowest_pins.py")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    triton_pin = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "lowest_pins.py"), "triton"], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- lowest-pins: \.ci/lowest_pins\.py -->`([^`]*)`<!-- /lowest-pins -->", readme)
+    assert block and block[1] == pins, (block and block[1], pins)
+    assert triton_pin.startswith("triton==") and f"`{triton_pin}`" in readme
 
 
 def test_readme_benchmark_and_mutation_tables_are_rendered_from_the_committed_json():

@@ -180,10 +180,19 @@ def load_value(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> tuple[
         raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
     if cfg.fsdp and is_cascade(cfg.scheme):
         raise ValueError(f"--fsdp supports the residual scheme only (got {cfg.scheme!r}); use DDP for cascade")
+    if cfg.fsdp and device.type != "cuda" and torch.__version__ < "2.6":
+        # torch 2.5's FSDP2 raises "FSDP requires CUDA for streams" at the first forward on any other device
+        raise ValueError(
+            f"--fsdp on {device.type} needs torch >= 2.6 (torch {torch.__version__}'s FSDP2 runs on CUDA only); "
+            "leave out --fsdp (DDP) or upgrade torch"
+        )
     if cfg.fsdp:
         # FSDP2: shard each decoder layer and the root. The root keeps its parameters unsharded after the
         # forward (reshard_after_forward=False) because the fused loss reads the LM head outside the forward.
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.5: FSDP2 was still under torch.distributed._composable
+            from torch.distributed._composable.fsdp import fully_shard
 
         for layer in value.model.layers:
             fully_shard(layer)
