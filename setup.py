@@ -36,14 +36,16 @@ class CMakeBuild(build_ext):
         import torch  # (build with --no-build-isolation so the installed torch is used)
         from torch.utils import cmake_prefix_path
 
-        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()  # .../ivl_fast
-        # one CMake cache per torch build: a cache made against another torch (CPU vs CUDA) would be reused
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()  # .../ivl_fast/_C.<abi>.so
+        # one CMake cache and one output per torch build: a cache made against another torch (CPU vs CUDA) would be
+        # reused, and a library built into a shared folder by another torch would look up to date to this one's
+        # build (the wheel of one venv then shipped the other's library); the result is copied to the target below
         build_dir = Path(self.build_temp).resolve() / f"{ext.name}-torch{torch.__version__}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
         args = [
             f"-DCMAKE_PREFIX_PATH={cmake_prefix_path}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'lib'}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
         ]
@@ -78,6 +80,9 @@ class CMakeBuild(build_ext):
             subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+        (built,) = (build_dir / "lib").glob(f"_C{''.join(Path(target.name).suffixes)}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, target)
 
 
 def _cpu_only(build_dir: Path, args: list[str]) -> tuple[Path, list[str]]:
@@ -89,8 +94,10 @@ def _cpu_only(build_dir: Path, args: list[str]) -> tuple[Path, list[str]]:
     build_dir = build_dir.with_name(build_dir.name + "-cpu-only")
     build_dir.mkdir(parents=True, exist_ok=True)
     lib_dir = cpp_extension.library_paths()[0]  # the paths only: CUDA libraries are asked for with cuda=True
+    output = "-DCMAKE_LIBRARY_OUTPUT_DIRECTORY="
     return build_dir, [
-        *args,
+        *(a for a in args if not a.startswith(output)),
+        f"{output}{build_dir / 'lib'}",
         "-DIVL_TORCH_CPU_ONLY=ON",
         f"-DIVL_TORCH_VERSION={torch.__version__.split('+')[0]}",
         f"-DIVL_TORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",
