@@ -165,6 +165,13 @@ class FastIVLDecoder:
 
     # ------------------------------------------------------------------ the models, read-only views
     scheme = property(lambda self: self.models.scheme)
+
+    @property
+    def max_batch_len(self) -> int:
+        """The longest ``max_seq_len`` :meth:`open_batch` takes: the context, less a draft model's look-ahead."""
+        if self.draft is None:
+            return self.max_context
+        return min(self.max_context, self.draft.max_context) - self.num_draft_tokens - 1
     alpha = property(lambda self: self.models.alpha)
     base = property(lambda self: self.models.base)
     value = property(lambda self: self.models.value)
@@ -384,8 +391,7 @@ class FastIVLDecoder:
         if self.draft is not None:  # speculative rounds over the slots (eager); see SpeculativeSlots for limits
             if top_logprobs:
                 raise ValueError("top_logprobs is not supported with a draft model")
-            top = min(self.max_context, self.draft.max_context) - self.num_draft_tokens - 1
-            check_slots(slots, max_seq_len, top)
+            check_slots(slots, max_seq_len, self.max_batch_len)
             return SpeculativeSlots(
                 self.models,
                 self.draft,

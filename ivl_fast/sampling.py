@@ -25,6 +25,7 @@ exponential-race trick (``argmax(p / E)``, E ~ Exp(1)), which samples exactly fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,8 @@ class SamplingParams:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
         )
+        if not isinstance(self.top_k, torch.Tensor) and self.top_k > TOP_K_MAX:  # as many as any vocabulary: no
+            object.__setattr__(self, "top_k", TOP_K_MAX)  # change, and no size of it overflows an int64 buffer
         t = self.temperature  # validation already read tensors back, so this adds no sync
         greedy = not self.do_sample or (bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0)
         object.__setattr__(self, "_greedy", greedy)
@@ -129,6 +132,15 @@ def _check(name: str, value: Param, ok, expected: str) -> None:
             raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+TOP_K_MAX = 2**31 - 1  # a top_k above any vocabulary keeps every token (transformers takes min(top_k, V))
+
+
+def _f32(v: float) -> float:
+    """``v`` as float32 holds it (inf past its range, 0 below its smallest subnormal)."""
+    return float(torch.tensor(float(v), dtype=torch.float64).to(torch.float32))
+
+
 def validate_sampling(
     temperature: Param,
     top_k: Param,
@@ -140,12 +152,23 @@ def validate_sampling(
     frequency_penalty: Param = 0.0,
 ) -> None:
     """Raise ValueError naming the first invalid argument."""
-    _check("temperature", temperature, lambda v: v >= 0 and v != float("inf"), "a finite number >= 0")
-    _check("top_k", top_k, lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0 (0 disables it)")
-    _check("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)")
+    # the values live in float32 on the device: one that float32 turns into inf (1e308) or 0 (1e-50) is refused
+    # here, before it reaches a batch shared with other requests
+    _check(
+        "temperature",
+        temperature,
+        lambda v: v >= 0 and math.isfinite(_f32(v)) and (v == 0 or _f32(v) > 0),
+        "a finite number >= 0 that float32 holds",
+    )
+    integer = lambda v: isinstance(v, int) or float(v).is_integer()  # noqa: E731  (float(10**400) overflows)
+    _check("top_k", top_k, lambda v: v >= 0 and integer(v), "an integer >= 0 (0 disables it)")
+    _check("top_p", top_p, lambda v: 0 < v <= 1 and _f32(v) > 0, "in (0, 1] (1 disables it)")
     _check("min_p", min_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 disables it)")
     _check(
-        "repetition_penalty", repetition_penalty, lambda v: 0 < v < float("inf"), "a finite number > 0 (1 disables it)"
+        "repetition_penalty",
+        repetition_penalty,
+        lambda v: 0 < _f32(v) < float("inf"),
+        "a finite number > 0 that float32 holds (1 disables it)",
     )
     # OpenAI's range; the bounds also refuse +-inf (NaN is refused by _check)
     _check("presence_penalty", presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)")

@@ -275,7 +275,7 @@ def test_nonfinite_rows_are_flagged():
     [
         (dict(top_p=0.0, do_sample=True), "top_p must be in (0, 1] (1 disables it), got 0.0"),
         (dict(top_p=-0.5, do_sample=True), "top_p must be in (0, 1] (1 disables it), got -0.5"),
-        (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0 that float32 holds, got -1.0"),
         (dict(value_logits=torch.zeros(4, 100)), "base vocabulary (111) != value vocabulary (100) and no vocab_map"),
         (dict(value_logits=torch.zeros(3, 111)), "batch sizes differ: base 4, value 3"),
         (

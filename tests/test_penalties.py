@@ -384,7 +384,7 @@ def test_sampling_params_carry_the_penalties():
     validate_sampling(1.0, 0, 1.0, 0.0, repetition_penalty=1e-3, presence_penalty=-2, frequency_penalty=2.0)
 
 
-REP = "repetition_penalty must be a finite number > 0 (1 disables it), got "
+REP = "repetition_penalty must be a finite number > 0 that float32 holds (1 disables it), got "
 PRES = "presence_penalty must be in [-2, 2] (0 disables it), got "
 FREQ = "frequency_penalty must be in [-2, 2] (0 disables it), got "
 BAD_VALUES = [
@@ -392,6 +392,8 @@ BAD_VALUES = [
     (dict(repetition_penalty=-1.2), REP + "-1.2"),
     (dict(repetition_penalty=float("nan")), REP + "nan"),
     (dict(repetition_penalty=float("inf")), REP + "inf"),
+    (dict(repetition_penalty=1e308), REP + "1e+308"),  # finite in float64, inf in the float32 it lives in
+    (dict(repetition_penalty=1e-50), REP + "1e-50"),  # 0 in float32
     (dict(repetition_penalty=torch.tensor([1.0, 0.0, 1.0, 1.0])), REP + "tensor([1., 0., 1., 1.])"),
     (dict(presence_penalty=3), PRES + "3"),
     (dict(presence_penalty=-2.5), PRES + "-2.5"),

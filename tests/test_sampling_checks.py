@@ -40,6 +40,8 @@ BAD_VALUES = [
     ("top_p", torch.tensor([1.0, 1.5])),
     ("min_p", torch.tensor([0.0, -0.1])),
     ("min_p", torch.tensor([0.5, 1.5])),
+    ("temperature", 1e39),  # finite in float64, inf in the float32 it lives in
+    ("temperature", 1e-50),  # 0 in float32: a division by zero
     # a bool is an int to Python, never a sampling parameter
     ("temperature", True),
     ("top_k", False),
@@ -50,7 +52,7 @@ BAD_VALUES = [
 def test_invalid_values_raise_naming_the_argument(name, value):
     # the whole message: the argument, the documented rule for it, and the value given
     rule = {
-        "temperature": "a finite number >= 0",
+        "temperature": "a finite number >= 0 that float32 holds",
         "top_k": "an integer >= 0 (0 disables it)",
         "top_p": "in (0, 1] (1 disables it)",
         "min_p": "in [0, 1] (0 disables it)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..serve import DEFAULT_MAX_BODY_BYTES
 from .errors import DefaultsHelp, UsageError
 from .model_args import add_pair_args, check_pair_args, draft_kwargs, term_kwargs
 
@@ -30,6 +31,21 @@ def add_parser(sub) -> None:
         help="tokens per sequence, prompt + new (default: the models' context, at most 2048)",
     )
     g.add_argument("--max-queue", type=int, default=256, metavar="N", help="sequences waiting for a slot (then 503)")
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="N",
+        help="largest request body accepted (then 413)",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM / Ctrl-C: seconds the running and waiting requests may still take; then they end with a "
+        "503 and the server exits 0 (a second signal ends them at once)",
+    )
     g.add_argument(
         "--max-prefill-tokens",
         type=int,
@@ -60,12 +76,16 @@ def load(args):
     for flag, v, lo in (
         ("--max-batch-size", args.max_batch_size, 1),
         ("--max-queue", args.max_queue, 1),
-        ("--port", args.port, 0),
         ("--max-prefill-tokens", args.max_prefill_tokens, 1),
         ("--max-num-batched-tokens", args.max_num_batched_tokens or 1, 1),
+        ("--max-body-bytes", args.max_body_bytes, 1),
     ):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if not 0 <= args.drain_timeout < float("inf"):
+        raise UsageError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
     dec = FastIVLDecoder.from_pretrained(
         args.base,
         args.value,
@@ -80,10 +100,12 @@ def load(args):
     )
     if dec.tokenizer is None:
         raise UsageError("the checkpoints hold no tokenizer files; the server needs one to read text")
-    top = dec.max_context
+    top = dec.max_batch_len  # the context, less a draft's look-ahead
     max_len = args.max_model_len or min(top, 2048)
     if not 2 <= max_len <= top:
-        raise UsageError(f"--max-model-len must be in [2, {top}] (the models' context), got {max_len}")
+        ahead = dec.max_context - top
+        why = "the models' context" + (f" less {ahead} for drafted tokens" if ahead > 0 else "")
+        raise UsageError(f"--max-model-len must be in [2, {top}] ({why}), got {max_len}")
     name = args.served_model_name or (args.value or args.base).resolve().name
     sched = Scheduler(
         dec,
@@ -94,12 +116,35 @@ def load(args):
         max_num_batched_tokens=args.max_num_batched_tokens,
         metrics=Metrics(),
     )
-    return sched, build_app(sched, served_model_name=name, api_key=args.api_key)
+    app = build_app(sched, served_model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    return sched, app
 
 
-def _server(config):
-    """uvicorn's server, except that SIGINT / SIGTERM end it with exit status 0 (uvicorn re-raises the signal after
-    its graceful shutdown): it stops accepting, lets running requests finish, then returns."""
+def bind(host: str, port: int):
+    """The listening socket, bound before anything says the server is up: a busy port or a bad host is one line
+    naming the flags (uvicorn would log it after our banner and exit 3)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise OSError(f"--host {host!r}: cannot be resolved to an address to bind ({e.strerror or e})") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _server(config, scheduler, drain_timeout: float):
+    """uvicorn's server, except that SIGINT / SIGTERM drain and end with exit status 0 (uvicorn re-raises the signal
+    after its graceful shutdown): it stops accepting; the requests already taken go on for ``drain_timeout`` seconds
+    at most, then end with a 503 (:meth:`Scheduler.begin_drain`); a second signal ends them at once."""
     import contextlib
     import signal
 
@@ -114,6 +159,13 @@ def _server(config):
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)
+
+        def handle_exit(self, sig, frame):
+            again = self.should_exit
+            scheduler.begin_drain(0.0 if again else drain_timeout)
+            super().handle_exit(sig, frame)
+            if again:
+                self.force_exit = True
 
     return Server(config)
 
@@ -135,16 +187,27 @@ def run(args) -> int:
                 sched, _ = load(args)
                 follow(sched.batch, group)
             return 0
-    sched, app = load(args)
+    sock = bind(args.host, args.port)  # before the models load: a busy port fails fast
+    try:
+        sched, app = load(args)
+    except BaseException:
+        sock.close()
+        raise
     if group is not None:
         sched.batch = MirroredBatch(sched.batch, group)
     sched.start()
-    print(f"ivl-fast serve: http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr)
+    sock.listen(2048)  # from here a client is queued until uvicorn accepts it, so the banner is true when printed
+    port = sock.getsockname()[1]
+    print(f"ivl-fast serve: http://{args.host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
+    # uvicorn's own graceful wait is the backstop: the scheduler ends what is left at the drain deadline
+    config = uvicorn.Config(
+        app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=args.drain_timeout + 5
+    )
     try:
-        _server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+        _server(config, sched, args.drain_timeout).run(sockets=[sock])
     finally:
-        sched.shutdown()
+        sched.shutdown(timeout=args.drain_timeout)
         if group is not None:
             sched.batch.close()
-    print("ivl-fast serve: stopped (running requests finished)", file=sys.stderr)
+    print("ivl-fast serve: stopped", file=sys.stderr)
     return 0

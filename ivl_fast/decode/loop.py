@@ -210,11 +210,31 @@ class DecodeLoop:
         )
         dev = self.models.device
         slots = free[: len(checked)]
-        if self.retok is not None:
-            for s_, c, (text, ctx) in zip(slots, checked, contexts, strict=True):
-                self.retok.add(s_, list(c.prompt_ids), text, ctx)
-        self._admit(slots, ids.to(dev), mask.to(dev), checked)
+        try:  # all or nothing: a failure here leaves the batch as it was, the other rows untouched
+            if self.retok is not None:
+                for s_, c, (text, ctx) in zip(slots, checked, contexts, strict=True):
+                    self.retok.add(s_, list(c.prompt_ids), text, ctx)
+            self._admit(slots, ids.to(dev), mask.to(dev), checked)
+        except BaseException:
+            self._undo_admit(slots)
+            raise
         return slots
+
+    def _undo_admit(self, slots: list[int]) -> None:
+        """Free ``slots`` after a failed admission: the rows it reset are finished again (a step skips them), their
+        bookkeeping is dropped, and the caches' state is this batch's own again (only its prefill touched them)."""
+        with torch.inference_mode():
+            self.bufs.retire(torch.tensor(slots, device=self.models.device))
+        for s in slots:
+            for d in (self.length, self.emitted, self.budget, self.checked):
+                d.pop(s, None)
+            self.top.pop(s, None)
+            self.seeded.discard(s)
+            if self.retok is not None:
+                self.retok.remove(s)
+        self._longest = max(self.length.values(), default=0)
+        if self.models.all_support("slots"):
+            self._cache_state = self._cache_token()
 
     def check_request(self, i: int, request) -> SlotRequest:
         """``request`` (a :class:`SlotRequest` or its tuple) -> the SlotRequest with the defaults filled in;
@@ -235,6 +255,7 @@ class DecodeLoop:
             max_budget=self.bufs.cols,
             max_seq_len=self.max_seq_len,
             default_sampling=self.request_sampling,
+            vocab_size=self.models.vocab_size,
         )
 
     def retire(self, slot: int) -> None:

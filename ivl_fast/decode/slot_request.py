@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..sampling import SamplingParams
+from ..sampling import FLOAT32_MAX, SamplingParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -47,9 +47,12 @@ def check_slot_request(
     max_budget: int,
     max_seq_len: int,
     default_sampling: SamplingParams,
+    vocab_size: int,
 ) -> SlotRequest:
     """``request`` (a :class:`SlotRequest` or its tuple) checked against a batch -> the SlotRequest with the
-    defaults filled in (budget, sampling, alpha); ValueError naming request ``i`` and the field.
+    defaults filled in (budget, sampling, alpha); ValueError naming request ``i`` and the field. Everything a
+    request brings is checked here, before it touches the batch: prompt ids in ``[0, vocab_size)``, every number
+    representable where it will live (alpha in float32; the sampling values are checked by SamplingParams).
 
     alpha: the decoder's; alpha_why: why an alpha other than it is refused (None: any alpha per row); seed_why:
     why a seed on a sampled request is refused (None: seeds per row); top_why: why top alternatives are refused
@@ -60,8 +63,8 @@ def check_slot_request(
         raise ValueError(f"{where}sampling, alpha or seed per request needs a batch opened with per_request=True")
     a = r.alpha
     if a is not None:
-        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a):
-            raise ValueError(f"{where}alpha must be a finite number, got {a!r}")
+        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or abs(a) > FLOAT32_MAX:
+            raise ValueError(f"{where}alpha must be a finite number within float32's range (3.4e38), got {a!r}")
         if alpha_why is not None and float(a) != alpha:
             raise ValueError(f"{where}alpha={a} differs from the decoder's {alpha}: {alpha_why}")
     sampling = r.sampling or default_sampling
@@ -87,6 +90,12 @@ def check_slot_request(
             f"{where}a prompt of {len(ids)} tokens + max_new_tokens {budget} does not fit the batch's max_seq_len of "
             f"{max_seq_len} (and a prompt needs at least one token)"
         )
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)), None)
+    if bad is not None:
+        raise ValueError(f"{where}prompt_ids must hold integer token ids, got {bad!r}")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{where}prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
     a = alpha if a is None else float(a)
     return SlotRequest(ids, budget, sampling, a, seed, top, r.text)
 

@@ -109,6 +109,7 @@ class SpeculativeSlots:
             max_budget=self.max_seq_len - 1,
             max_seq_len=self.max_seq_len,
             default_sampling=self.request_sampling,
+            vocab_size=self.models.vocab_size,
         )
 
     def admit(self, prompt_ids, max_new_tokens=None, sampling=None, alpha=None) -> int:
@@ -123,11 +124,23 @@ class SpeculativeSlots:
         checked = [self.check_request(i, r) for i, r in enumerate(requests)]
         if not checked:
             return []
-        m, bufs, dev = self.models, self.bufs, self.models.device
+        m, dev = self.models, self.models.device
         prompt, mask = pack_prompts([list(c.prompt_ids) for c in checked], None, self.opts.pad_token_id, m.vocab_size)
         prompt, mask = prompt.to(dev), mask.to(dev)
         slots = free[: len(checked)]
         rows = torch.tensor(slots, dtype=torch.int64, device=dev)
+        try:  # all or nothing: a failure leaves the batch as it was, the other rows untouched
+            self._admit(slots, rows, prompt, mask, checked)
+        except BaseException:
+            with torch.inference_mode():
+                self.bufs.retire(rows)
+                for e in self.engines:
+                    e.seq_lens.index_fill_(0, rows, 0)
+            raise
+        return slots
+
+    def _admit(self, slots: list[int], rows: torch.Tensor, prompt, mask, checked: list[SlotRequest]) -> None:
+        m, bufs, dev = self.models, self.bufs, self.models.device
         with torch.inference_mode(), self.on_device():
             for i, c in enumerate(checked):
                 row = slice(i, i + 1)
@@ -152,7 +165,6 @@ class SpeculativeSlots:
             emit(bufs, self.first_cfg, self.eos, *sample(m, bufs, self.first_cfg, zb, zv), live=live)
         for s, length, c in zip(slots, mask.sum(1).tolist(), checked, strict=True):
             self.length[s], self.emitted[s], self.budget[s] = int(length), 1, c.max_new_tokens
-        return slots
 
     def retire(self, slot: int) -> None:
         """Free ``slot`` between rounds: marked finished, every model's position back to 0."""

@@ -3,9 +3,12 @@
 Routes: ``GET /`` (the chat page, ``static/chat.html``), ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (non-streaming, or server-sent events in OpenAI's chunk format ending with
 ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
-Errors are OpenAI's JSON shape (:class:`~ivl_fast.serve.protocol.APIError`). With an API key every ``/v1`` route
-needs ``Authorization: Bearer KEY``. A streaming client that disconnects cancels its sequences (their slots are
-freed at the next step).
+Errors are OpenAI's JSON shape (:class:`~ivl_fast.serve.protocol.APIError`), including 413 for a body over
+``max_body_bytes`` and 500 for anything unexpected. With an API key every ``/v1`` route needs ``Authorization:
+Bearer KEY``. A client that disconnects, streaming or not, cancels its sequences (their slots are freed at the next
+step). Work per request is bounded before it reaches the batch: the body's size, a prompt's length in characters
+(checked against the context before tokenizing), and tokenization runs off the event loop (one thread of its own),
+so a large prompt never stalls the other streams. ``/metrics`` counts a request when it ends, with its status.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..chat import as_messages, render_chat
+from . import DEFAULT_MAX_BODY_BYTES
 from .metrics import Metrics
 from .protocol import (
     CHAT_FIELDS,
@@ -35,12 +40,12 @@ from .protocol import (
     top_logprobs_field,
     usage,
 )
-from .scheduler import Delta, Failed, Finished, QueueFull, Scheduler
+from .scheduler import Delta, Failed, Finished, QueueFull, Scheduler, ShuttingDown
 
 
-def _prompts(prompt, tok) -> list[tuple[list[int], str | None]]:
-    """OpenAI's ``prompt``: a string, a list of strings, a list of token ids or a list of such lists -> (ids, text
-    or None for token ids) per prompt."""
+def _split_prompts(prompt, vocab_size: int) -> list[str | list[int]]:
+    """OpenAI's ``prompt``: a string, a list of strings, a list of token ids or a list of such lists -> the prompts,
+    each a string or token ids in ``[0, vocab_size)`` (400 naming ``prompt`` otherwise)."""
 
     def is_ids(x):
         return isinstance(x, list) and x and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
@@ -49,21 +54,64 @@ def _prompts(prompt, tok) -> list[tuple[list[int], str | None]]:
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or is_ids(p) for p in prompt):
         raise APIError(400, "'prompt' must be a string, token ids, or a non-empty list of either", "prompt")
-    out = [(tok(p)["input_ids"], p) if isinstance(p, str) else (list(p), None) for p in prompt]
-    if any(not ids for ids, _ in out):
+    if any(p == "" for p in prompt):
         raise APIError(400, "'prompt' holds an empty prompt", "prompt")
-    return out
+    for p in prompt:
+        bad = None if isinstance(p, str) else next((i for i in p if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"'prompt' holds token id {bad}, outside the vocabulary [0, {vocab_size})", "prompt")
+    return prompt
 
 
-def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def longest_token_chars(tok) -> int:
+    """The most characters of text one token can stand for (its string's length bounds it: a byte-level or
+    SentencePiece token string has at least one character per character of text it decodes to)."""
+    return max(len(t) for t in tok.convert_ids_to_tokens(list(range(len(tok)))) if t is not None)
+
+
+def build_app(
+    scheduler: Scheduler,
+    *,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     app = FastAPI(title="ivl-fast", docs_url=None, redoc_url=None)
     metrics: Metrics = scheduler.metrics
     tok = scheduler.tokenizer
+    vocab_size = scheduler.vocab_size
+    # a text longer than this many characters cannot fit the context whatever it tokenizes to: refused untokenized
+    max_prompt_chars = scheduler.max_model_len * longest_token_chars(tok)
+    # one thread tokenizes, in arrival order: the event loop (and so every stream) never waits for a long prompt,
+    # and one tokenizer is never used by two requests at once
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivl-fast-tokenize")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         metrics.requests.labels(request.url.path, str(e.status)).inc()
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # a bug: still OpenAI's shape, and counted
+        metrics.requests.labels(request.url.path, "500").inc()
+        body = APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    async def tokenize(text: str, field: str, **kw) -> list[int]:
+        """Token ids of ``text`` off the event loop; 400 naming ``field`` for a text too long to fit the context
+        or one that is not valid Unicode (a lone surrogate)."""
+        if len(text) > max_prompt_chars:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {scheduler.max_model_len} tokens; the {field} has "
+                f"{len(text)} characters, more than that many tokens can hold",
+                field,
+            )
+        try:
+            text.encode("utf-8")  # JSON lets a lone surrogate ("\\ud800") through; no tokenizer takes it
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"the {field} is not valid Unicode text ({e.reason} at {e.start})", field) from None
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, lambda: tok(text, **kw)["input_ids"])
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -74,10 +122,24 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
 
     async def read(request: Request, fields: set[str]) -> dict:
         authorize(request)
+        length = request.headers.get("content-length", "")
+        too_big = APIError(
+            413, f"the request body is larger than this server's limit of {max_body_bytes} bytes", code="too_large"
+        )
+        if length.isdigit() and int(length) > max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a body without Content-Length is bounded too
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
         try:
-            body = await request.json()
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         check_fields(body, fields)
         model = body.get("model")
         if model != served_model_name:
@@ -123,10 +185,11 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         try:
             for choice in choice_requests(req, n):
                 seqs.append(scheduler.submit(choice, loop))
-        except QueueFull as e:
+        except (QueueFull, ShuttingDown) as e:
             for s in seqs:
                 s.cancel()
-            raise APIError(503, str(e), type_="server_error", code="queue_full") from None
+            code = "queue_full" if isinstance(e, QueueFull) else "shutting_down"
+            raise APIError(503, str(e), type_="server_error", code=code) from None
         return seqs
 
     def _submit_all(reqs, n: int) -> list[list]:
@@ -142,12 +205,22 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             raise
         return parts
 
+    def failure(ev: Failed) -> APIError:
+        """A sequence's failure as the error its request answers with (the status the worker gave it)."""
+        if ev.status == 400:
+            return APIError(400, str(ev.error))
+        if ev.status == 503:
+            return APIError(503, str(ev.error), type_="server_error", code="shutting_down")
+        if ev.status == 499:
+            return APIError(499, str(ev.error), code="client_closed_request")
+        return APIError(500, f"decoding failed: {ev.error}", type_="server_error")
+
     async def events(seq):
-        """The sequence's events until it ends (Failed raises)."""
+        """The sequence's events until it ends (Failed raises its APIError)."""
         while True:
             ev = await seq.events.get()
             if isinstance(ev, Failed):
-                raise ev.error
+                raise failure(ev)
             yield ev
             if isinstance(ev, Finished):
                 return
@@ -164,38 +237,49 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 fin = ev
         return "".join(text), ids, lps, tops, fin
 
-    async def run_all(seqs):
+    async def watch_disconnect(request: Request, seqs) -> None:
+        """Cancel ``seqs`` when the client of a non-streaming request goes away (polled: a closed connection shows
+        only when asked)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+        for s in seqs:
+            s.cancel()
+
+    async def run_all(request: Request, seqs):
+        watcher = asyncio.create_task(watch_disconnect(request, seqs))
         try:
             return await asyncio.gather(*(collect(s) for s in seqs))
-        except Exception as e:  # noqa: BLE001  (a failed request fails alone, as a 500 in OpenAI's shape)
-            raise APIError(500, f"decoding failed: {e}", type_="server_error") from None
         finally:
+            watcher.cancel()
             for s in seqs:
                 s.cancel()  # a no-op once finished; frees the slots of the others when one failed
 
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    async def stream(seqs, make_chunk, first_chunks, usage_of):
-        """Interleave the sequences' deltas as chunks; cancel every sequence when the client goes away."""
+    async def stream(path, seqs, make_chunk, first_chunks, usage_of):
+        """Interleave the sequences' deltas as chunks; cancel every sequence when the client goes away. Counted in
+        /metrics when it ends: 200, the status of a choice that failed (its error sent as a chunk), or 499."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, seq):
             try:
                 async for ev in events(seq):
                     await queue.put((i, ev))
-            except Exception as e:  # noqa: BLE001
-                await queue.put((i, Failed(e)))
+            except APIError as e:
+                await queue.put((i, e))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(seqs)]
+        status = "499"  # until the stream ends: a client gone before that closed it
         try:
             for c in first_chunks:
                 yield sse(c)
-            done, completion = 0, 0
+            done, completion, failed = 0, 0, None
             while done < len(seqs):
                 i, ev = await queue.get()
-                if isinstance(ev, Failed):
-                    yield sse(APIError(500, f"decoding failed: {ev.error}", type_="server_error").body())
+                if isinstance(ev, APIError):  # this choice failed (its error as a chunk); the others go on
+                    yield sse(ev.body())
+                    failed = failed or str(ev.status)
                     done += 1
                     continue
                 if isinstance(ev, Delta) and not ev.text and not ev.token_ids:
@@ -207,7 +291,9 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             if usage_of is not None:
                 yield sse(usage_of(completion))
             yield "data: [DONE]\n\n"
+            status = failed or "200"
         finally:
+            metrics.requests.labels(path, status).inc()
             for s in seqs:
                 s.cancel()
             for t in tasks:
@@ -223,7 +309,9 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         refuse(body, "suffix", lambda v: False)
         lp = body.get("logprobs")
         k = top_logprobs_field(body, "logprobs", scheduler.max_top_logprobs)
-        prompts = _prompts(body.get("prompt"), tok)  # one or several prompts: choices run prompt by prompt
+        prompts = []  # one or several prompts (ids, text or None): choices run prompt by prompt
+        for p in _split_prompts(body.get("prompt"), vocab_size):
+            prompts.append((await tokenize(p, "prompt"), p) if isinstance(p, str) else (list(p), None))
         reqs = []
         for ids, text in prompts:
             req, n, streaming = sampling_request(
@@ -240,10 +328,9 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             reqs.append(req)
         n_prompt = sum(len(ids) for ids, _ in prompts) * n
         rid, created, model = new_id("cmpl"), now(), served_model_name
-        metrics.requests.labels("/v1/completions", "200").inc()
+        include = (body.get("stream_options") or {}).get("include_usage", False)  # checked by sampling_request
         seqs = [s for part in _submit_all(reqs, n) for s in part]
         if streaming:
-            include = (body.get("stream_options") or {}).get("include_usage", False)
             offsets = [0] * len(seqs)
 
             def chunk(i, ev):
@@ -268,14 +355,16 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 }
 
             return StreamingResponse(
-                stream(seqs, chunk, [], usage_chunk if include else None), media_type="text/event-stream"
+                stream("/v1/completions", seqs, chunk, [], usage_chunk if include else None),
+                media_type="text/event-stream",
             )
-        results = await run_all(seqs)
+        results = await run_all(request, seqs)
         choices = []
         for i, (text, tids, lps, tops, fin) in enumerate(results):
             lpd = completion_logprobs(tok, tids, lps, 0, tops) if lp is not None else None
             choices.append({"index": i, "text": text, "logprobs": lpd, "finish_reason": fin.reason})
         used = usage(n_prompt, sum(r[-1].completion_tokens for r in results))
+        metrics.requests.labels("/v1/completions", "200").inc()
         return {
             "id": rid,
             "object": "text_completion",
@@ -310,7 +399,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
             text = render_chat(tok, as_messages([{"role": m["role"], "content": m["content"]} for m in msgs]))
         except Exception as e:  # noqa: BLE001  (a template that refuses the conversation)
             raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = await tokenize(text, "messages", add_special_tokens=False)
         req, n, streaming = sampling_request(
             body,
             ids,
@@ -323,10 +412,9 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
         )
         check_alpha(req)
         rid, created, model = new_id("chatcmpl"), now(), served_model_name
-        metrics.requests.labels("/v1/chat/completions", "200").inc()
+        include = (body.get("stream_options") or {}).get("include_usage", False)  # checked by sampling_request
         seqs = submit(req, n)
         if streaming:
-            include = (body.get("stream_options") or {}).get("include_usage", False)
 
             def base(choices):
                 return {
@@ -365,9 +453,10 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 return {**base([]), "usage": usage(len(ids) * n, completion)}
 
             return StreamingResponse(
-                stream(seqs, chunk, firsts, usage_chunk if include else None), media_type="text/event-stream"
+                stream("/v1/chat/completions", seqs, chunk, firsts, usage_chunk if include else None),
+                media_type="text/event-stream",
             )
-        results = await run_all(seqs)
+        results = await run_all(request, seqs)
         choices = []
         for i, (content, tids, lps, tops, fin) in enumerate(results):
             choices.append(
@@ -379,6 +468,7 @@ def build_app(scheduler: Scheduler, *, served_model_name: str, api_key: str | No
                 }
             )
         used = usage(len(ids) * n, sum(r[-1].completion_tokens for r in results))
+        metrics.requests.labels("/v1/chat/completions", "200").inc()
         return {
             "id": rid,
             "object": "chat.completion",

@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 
-from ..sampling import SamplingParams
+from ..sampling import FLOAT32_MAX, SamplingParams
 from .scheduler import SequenceRequest
 
 
@@ -112,14 +112,19 @@ def sampling_request(
     pres = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
     freq = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
     alpha = body.get("alpha")
-    if alpha is not None:
-        alpha = float(_number(body, "alpha", None))
+    if alpha is not None:  # it lives in float32 on the device: -1e300 is finite here, -inf there
+        alpha = float(_number(body, "alpha", None, -FLOAT32_MAX, FLOAT32_MAX))
     n = _number(body, "n", 1, 1, 16, integer=True)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"'stream' must be true or false, got {stream!r}", "stream")
     opts = body.get("stream_options")
-    if opts is not None and (not stream or not isinstance(opts, dict) or set(opts) - {"include_usage"}):
+    if opts is not None and (
+        not stream
+        or not isinstance(opts, dict)
+        or set(opts) - {"include_usage"}
+        or not isinstance(opts.get("include_usage", False), bool)
+    ):
         raise APIError(400, "'stream_options' takes only {\"include_usage\": bool}, with stream=true", "stream_options")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
@@ -149,16 +154,19 @@ def sampling_request(
             name,
         )
     greedy = temperature == 0
-    sampling = SamplingParams(
-        do_sample=not greedy,
-        temperature=1.0 if greedy else temperature,
-        top_k=0 if top_k == -1 else top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=rep,
-        presence_penalty=pres,
-        frequency_penalty=freq,
-    )
+    try:  # what float32 cannot hold (a repetition_penalty of 1e308, a temperature of 1e-50) is refused here
+        sampling = SamplingParams(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else temperature,
+            top_k=0 if top_k == -1 else top_k,  # one above the vocabulary keeps every token (transformers' rule)
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=rep,
+            presence_penalty=pres,
+            frequency_penalty=freq,
+        )
+    except ValueError as e:  # SamplingParams names the field first
+        raise APIError(400, str(e), str(e).split()[0]) from None
     stops = frozenset(ids) | (frozenset() if ignore_eos else eos)
     req = SequenceRequest(
         list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs, top_logprobs, seed, text

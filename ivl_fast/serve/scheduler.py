@@ -71,7 +71,24 @@ class Finished:
 
 @dataclass
 class Failed:
+    """The sequence ended without a result: ``error`` and the HTTP status it answers with (400: the batch refused
+    the request; 499: its client went away; 503: the server is shutting down; 500: decoding failed)."""
+
     error: Exception
+    status: int = 500
+
+
+class Cancelled(Exception):
+    """The sequence's client went away (its slot is freed; 499, nginx's "client closed request")."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining (SIGTERM): no new request is taken, and what runs past the deadline is ended (503)."""
+
+
+def _status(error: Exception) -> int:
+    """A request the batch refuses is the client's fault (ValueError: 400); anything else is the server's (500)."""
+    return 400 if isinstance(error, ValueError) else 500
 
 
 @dataclass
@@ -91,6 +108,7 @@ class Sequence:
     sent_chars: int = 0  # text characters sent so far
     sent_tokens: int = 0
     last_token_at: float = 0.0
+    ended: bool = False  # its Finished or Failed event is posted
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -108,6 +126,10 @@ class Outbox:
         self._by_loop: dict[asyncio.AbstractEventLoop, list] = {}
 
     def post(self, seq: Sequence, event) -> None:
+        if isinstance(event, Finished | Failed):  # a sequence ends once: a second end (a fallback's) is dropped
+            if seq.ended:
+                return
+            seq.ended = True
         self._by_loop.setdefault(seq.loop, []).append((seq.events, event))
 
     def flush(self) -> None:
@@ -147,6 +169,14 @@ class Scheduler:
         metrics=None,
     ):
         self.dec, self.tokenizer = decoder, decoder.tokenizer
+        models = decoder.models
+        if not models.all_support("slots"):  # refused here, not by every request's admission (which hung the server)
+            arch = sorted({a for e in models.engines for a in getattr(e.config, "architectures", None) or ["?"]})
+            raise ValueError(
+                "serving needs every model on the lean engine (continuous batching admits requests into its slots); "
+                f"{', '.join(arch)} runs on the transformers adapter here (ivl-fast generate and eval take it)"
+            )
+        self.vocab_size = models.vocab_size  # a prompt's token ids must be below it
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.max_prefill_tokens, self.max_num_batched_tokens = max_prefill_tokens, max_num_batched_tokens
         self._held: Sequence | None = None  # taken from the queue, over this step's prefill budget
@@ -167,6 +197,7 @@ class Scheduler:
         self.window = self.batch.max_tokens_per_step
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self._active: dict[int, Sequence] = {}  # slot -> sequence
+        self._drain_deadline: float | None = None  # time.monotonic() after which what is left is ended (SIGTERM)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ivl-fast-scheduler", daemon=True)
@@ -178,7 +209,10 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, request: SequenceRequest, loop: asyncio.AbstractEventLoop) -> Sequence:
-        """Queue a sequence (QueueFull when the queue is full); its events arrive on ``.events``."""
+        """Queue a sequence (QueueFull when the queue is full, ShuttingDown while draining); its events arrive on
+        ``.events``."""
+        if self._drain_deadline is not None:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
         seq = Sequence(request, loop)
         try:
             self._waiting.put_nowait(seq)
@@ -189,14 +223,28 @@ class Scheduler:
             self.metrics.queue_depth.set(self._waiting.qsize())
         return seq
 
+    def begin_drain(self, timeout: float) -> None:
+        """Take no new request; the running and waiting sequences go on for ``timeout`` more seconds at most, then
+        end with a 503 (SIGTERM; a second call can only bring the deadline closer)."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        if self._drain_deadline is None or deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+        self._wake.set()
+
+    @property
+    def idle(self) -> bool:
+        return not self._active and self._held is None and self._waiting.empty()
+
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop after the running sequences finish (up to ``timeout`` seconds), then cancel what is left."""
-        deadline = time.monotonic() + timeout
-        while (self._active or self._held or not self._waiting.empty()) and time.monotonic() < deadline:
+        """Drain (:meth:`begin_drain`), wait until nothing is left (``timeout`` seconds at most, then whatever is
+        left was ended), and stop the worker."""
+        self.begin_drain(timeout)
+        while not self.idle and self._thread.is_alive() and time.monotonic() < self._drain_deadline + 5:
             time.sleep(0.02)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     @property
     def running(self) -> int:
@@ -204,9 +252,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the worker
     def _run(self) -> None:
+        """The worker. Every sequence taken off the queue ends with exactly one Finished or Failed event: a request
+        that fails while it is checked or admitted fails alone (the batch and the other requests go on); a failure
+        inside a round, which no one row can be blamed for, fails the rows of that round, and the server goes on."""
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:
+                    if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                        self._end_all(ShuttingDown("the server is shutting down (its drain deadline passed)"))
                     self._retire_cancelled()
                     self._admit_waiting()
                     if not self._active and self._held is None:
@@ -214,27 +267,78 @@ class Scheduler:
                         self._wake.clear()
                         continue
                     self._round()
-                except Exception as e:  # noqa: BLE001  (a bug must not kill the server silently: fail what runs)
+                except Exception as e:  # noqa: BLE001  (a bug or a device error: fail what runs, answered, go on)
                     for slot in list(self._active):
                         self._fail(slot, e)
                 finally:
                     self._out.flush()
-            for slot in list(self._active):
-                self._fail(slot, RuntimeError("the server is shutting down"))
+            self._end_all(ShuttingDown("the server is shutting down"))
             self._out.flush()
-            if self._held is not None:
-                self._held.emit(Failed(RuntimeError("the server is shutting down")))
-            while not self._waiting.empty():
-                self._waiting.get_nowait().emit(Failed(RuntimeError("the server is shutting down")))
+
+    def _end_all(self, error: Exception) -> None:
+        """End every running, held and waiting sequence with ``error`` (503)."""
+        for slot in list(self._active):
+            self._fail(slot, error, 503)
+        if self._held is not None:
+            self._out.post(self._held, Failed(error, 503))
+            self._held = None
+        while not self._waiting.empty():
+            self._out.post(self._waiting.get_nowait(), Failed(error, 503))
 
     def _retire_cancelled(self) -> None:
         for slot, seq in list(self._active.items()):
             if seq.cancelled.is_set():
-                self._release(slot)
+                self._fail(slot, Cancelled("the client went away"), 499)  # wakes a handler still waiting
 
     def _admit_waiting(self) -> None:
-        """Admit waiting sequences into the free slots with one prefill of them all (a request the batch refuses
-        fails alone)."""
+        """Admit waiting sequences into the free slots with one prefill of them all. A request the batch refuses,
+        or whose admission fails, fails alone; every sequence taken here is admitted or answered."""
+        take = self._take()
+        try:
+            self._admit(take)
+        except Exception as e:  # noqa: BLE001  (not expected: _admit answers each failure itself)
+            for seq in take:
+                if seq.slot is None:
+                    self._out.post(seq, Failed(e, _status(e)))
+            raise
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._waiting.qsize())
+            self.metrics.batch_occupancy.set(len(self._active) / self.max_batch_size)
+
+    def _admit(self, seqs: list[Sequence]) -> None:
+        """Check each sequence alone, then admit those that pass with one prefill (:meth:`_admit_checked`)."""
+        ok = []
+        for seq in seqs:
+            try:
+                self.batch.check_request(0, seq.request.slot_request())
+            except Exception as e:  # noqa: BLE001  (whatever the check raises, it is this request's alone)
+                self._out.post(seq, Failed(e, _status(e)))
+            else:
+                ok.append(seq)
+        self._admit_checked(ok)
+
+    def _admit_checked(self, seqs: list[Sequence]) -> None:
+        """One prefill of ``seqs``. ``admit_many`` admits all or none, so when it fails the sequences are admitted
+        one at a time and only the one whose admission fails is answered with the error."""
+        if not seqs:
+            return
+        try:
+            slots = self.batch.admit_many([s.request.slot_request() for s in seqs])
+        except Exception as e:  # noqa: BLE001
+            if len(seqs) == 1:
+                self._out.post(seqs[0], Failed(e, _status(e)))
+                return
+            for seq in seqs:
+                self._admit_checked([seq])
+            return
+        for seq, slot in zip(seqs, slots, strict=True):
+            seq.slot = slot
+            self._active[slot] = seq
+        self._collect()  # their first tokens
+
+    def _take(self) -> list[Sequence]:
+        """Waiting sequences for the free slots, within this step's token budget (the one over it is held, first in
+        line for the next step); a cancelled one is answered (499) and dropped."""
         room = self.max_batch_size - len(self._active)
         take: list[Sequence] = []
         tokens = 0
@@ -244,6 +348,7 @@ class Scheduler:
         while len(take) < room and (self._held is not None or not self._waiting.empty()):
             seq, self._held = (self._held, None) if self._held is not None else (self._waiting.get_nowait(), None)
             if seq.cancelled.is_set():
+                self._out.post(seq, Failed(Cancelled("the client went away"), 499))
                 continue
             n = len(seq.request.prompt_ids)
             if take and tokens + n > budget:
@@ -251,22 +356,7 @@ class Scheduler:
                 break
             take.append(seq)
             tokens += n
-        ok = []
-        for seq in take:  # checked one by one, so that one bad request does not refuse the others
-            try:
-                self.batch.check_request(0, seq.request.slot_request())
-                ok.append(seq)
-            except ValueError as e:
-                self._out.post(seq, Failed(e))
-        if ok:
-            reqs = [s.request.slot_request() for s in ok]
-            for seq, slot in zip(ok, self.batch.admit_many(reqs), strict=True):
-                seq.slot = slot
-                self._active[slot] = seq
-            self._collect()  # their first tokens
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self._waiting.qsize())
-            self.metrics.batch_occupancy.set(len(self._active) / self.max_batch_size)
+        return take
 
     def _round(self) -> None:
         try:
@@ -363,10 +453,10 @@ class Scheduler:
         self._out.post(seq, Finished(reason, len(seq.tokens) + (1 if reason == "stop" and flush else 0)))
         self._release(slot)
 
-    def _fail(self, slot: int, error: Exception) -> None:
+    def _fail(self, slot: int, error: Exception, status: int = 500) -> None:
         seq = self._active.get(slot)
         if seq is not None:
-            self._out.post(seq, Failed(error))
+            self._out.post(seq, Failed(error, status))
         self._release(slot)
 
     def _release(self, slot: int) -> None:
@@ -375,5 +465,7 @@ class Scheduler:
             self.batch.retire(slot)
         except ValueError:
             pass  # already free
+        except Exception:  # noqa: BLE001  (a batch that cannot retire a row must not stop the others' answers)
+            pass
         if self.metrics is not None:
             self.metrics.batch_occupancy.set(len(self._active) / self.max_batch_size)
