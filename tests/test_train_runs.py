@@ -378,8 +378,8 @@ def test_fsdp_run_stopped_by_ctrl_c_on_one_rank_resumes_to_the_uninterrupted_wei
     d, load = two_process_runs.dir, two_process_runs.load
     # rank 0's SIGINT stops both ranks after the same step (the stop flag is all-reduced)
     assert load("fsdp_cut", 0)["interrupted_at"] == load("fsdp_cut", 1)["interrupted_at"] == 2
-    assert json.loads((d / "fsdp_cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
     resumed = load("fsdp_resumed", 0)["summary"]
+    assert not (d / "fsdp_cut" / "checkpoint").exists()  # --save-every 0: none kept once the export is complete
     assert resumed["resumed_from"] == 2 and resumed["steps"] == 4 and resumed["world_size"] == 2
     a, b = load_file(str(d / "fsdp_full" / "model.safetensors")), load_file(str(d / "fsdp_cut" / "model.safetensors"))
     assert a.keys() == b.keys()

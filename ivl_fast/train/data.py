@@ -88,7 +88,10 @@ def read_conversations(path: str | Path) -> tuple[list[list[dict]], str]:
     if not p.is_file():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist")
     raw = p.read_bytes()
-    text = raw.decode("utf-8")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--data {str(p)!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
     convs = []
     stripped = text.lstrip()
     if stripped.startswith("["):

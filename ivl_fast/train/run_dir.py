@@ -4,8 +4,11 @@ Layout of ``--out`` (everything here is written by :mod:`ivl_fast.train`)::
 
     run.json            marker + the run's settings (resume must match them) + the exported files' names
     train_log.jsonl     one line per optimizer step
-    checkpoint/         latest checkpoint: model.safetensors, opt.pt, trainer_state.json
-    .checkpoint.old/    the previous one, only during a swap (survives a crash in the middle of it)
+    checkpoint/         latest checkpoint: model.safetensors, opt.pt, trainer_state.json (with the SHA-256 of
+                        the other two: a resume checks them)
+    .checkpoint.old/    the previous checkpoint, kept: a resume falls back on it when the latest is damaged
+    .checkpoint.tmp-PID/, .NAME.tmp-PID   a checkpoint or an exported file being written (a killed run's are
+                        removed by the next run on this --out)
     config.json, model.safetensors, tokenizer files, ivl.json, loss_curve.png   the exported value network
 
 ``--overwrite`` deletes exactly these entries, and only in a directory whose run.json says this trainer wrote
@@ -26,7 +29,13 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoint import read_config
-from ..safe_output import UnsafeOutputError, check_output_location, check_owned_dir, clear_owned_dir
+from ..safe_output import (
+    UnsafeOutputError,
+    check_output_location,
+    check_owned_dir,
+    clear_owned_dir,
+    replace_file_atomically,
+)
 from .config import TrainConfig
 
 CKPT = "checkpoint"
@@ -39,7 +48,9 @@ RUN_ENTRIES = (
     *(RUN_FILE, LOG_FILE, CKPT, f".{CKPT}.old"),
     *("config.json", "model.safetensors", "ivl.json", "loss_curve.png"),
 )
-RUN_PREFIXES = (f".{CKPT}.tmp-",)
+CKPT_FILES = ("model.safetensors", "opt.pt")  # beside STATE_FILE, which holds their checksums
+TMP_TAG = ".tmp-"  # + the writing process's id: a checkpoint dir or exported file not yet complete
+RUN_PREFIXES = (f".{CKPT}{TMP_TAG}", *(f".{name}{TMP_TAG}" for name in RUN_ENTRIES if "." in name.lstrip(".")))
 # settings a resumed run may change: they only make the run longer or shorter
 EXTENDABLE = ("epochs", "max_steps")
 
@@ -120,16 +131,115 @@ def undo_fresh_run(out: Path, created_dir: bool) -> None:
         out.rmdir()
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files are missing, unreadable or do not match their checksums (nothing was changed)."""
+
+
 def latest_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint directory present (not checked: :func:`choose_checkpoint` checks)."""
     for name in (CKPT, f".{CKPT}.old"):  # .old survives a crash in the middle of a swap
         p = out / name
-        if (p / STATE_FILE).is_file():
+        if p.is_dir():
             return p
     return None
 
 
 def checkpoint_step(ckpt: Path) -> int:
     return int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """``ckpt``'s trainer_state.json after checking every file it lists against its SHA-256; DamagedCheckpoint
+    naming the file and what is wrong. A checkpoint written before checksums existed is checked for its files only
+    (its state says ``"verified": False``)."""
+    state_path = ckpt / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{state_path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{state_path} is not readable JSON ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "stage", "epoch")):
+        raise DamagedCheckpoint(f"{state_path} lacks the run's position (step, stage, epoch)")
+    digest = state.pop("state_sha256", None)
+    if digest is not None and digest != _state_digest(state):  # a flipped digit would still parse
+        raise DamagedCheckpoint(f"{state_path} does not match its own SHA-256 (corrupted or changed)")
+    files = state.get("files")
+    if files is None:  # written by an earlier ivl-fast
+        missing = [n for n in CKPT_FILES if not (ckpt / n).is_file()]
+        if missing:
+            raise DamagedCheckpoint(f"{ckpt / missing[0]} is missing")
+        return {**state, "verified": False}
+    if not isinstance(files, dict) or sorted(files) != sorted(CKPT_FILES):
+        raise DamagedCheckpoint(f"{state_path} does not list the checkpoint's files ({', '.join(CKPT_FILES)})")
+    for name, digest in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            raise DamagedCheckpoint(f"{p} is missing")
+        if sha256_file(p) != digest:
+            raise DamagedCheckpoint(f"{p} does not match its SHA-256 in {STATE_FILE} (corrupted or changed)")
+    return {**state, "verified": True}
+
+
+def _state_digest(state: dict) -> str:
+    """SHA-256 of a checkpoint's state (without this digest), as canonical JSON."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def choose_checkpoint(out: Path) -> tuple[Path, dict, list[str]]:
+    """The checkpoint a resume loads: the latest, or the previous one when the latest is damaged -> (its path, its
+    state, what was skipped and why). DamagedCheckpoint when none is usable, FileNotFoundError when there is none;
+    nothing is changed either way."""
+    found, skipped = [], []
+    for name in (CKPT, f".{CKPT}.old"):
+        p = out / name
+        if not p.exists():
+            continue
+        found.append(p)
+        try:
+            return p, verify_checkpoint(p), skipped
+        except DamagedCheckpoint as e:
+            skipped.append(str(e))
+    if not found:
+        raise FileNotFoundError(
+            f"--resume: {str(out)!r} holds no checkpoint (the run stopped before its first one, or it kept none: "
+            "--save-every 0); nothing was changed: start it again with --overwrite"
+        )
+    why = "; ".join(skipped)
+    raise DamagedCheckpoint(f"--resume: no usable checkpoint in {str(out)!r}: {why}; nothing was changed")
+
+
+def remove_stale_temps(out: Path) -> list[str]:
+    """Remove what a killed run left half-written in ``out`` (a ``.checkpoint.tmp-PID`` dir, an exported file's
+    ``.NAME.tmp-PID``) when no live process has that id; -> the names removed."""
+    removed = []
+    for p in out.iterdir() if out.is_dir() else ():
+        if not p.name.startswith(RUN_PREFIXES):
+            continue
+        pid = p.name.rsplit(TMP_TAG, 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another run is writing there right now
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        removed.append(p.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _sd_options(fsdp: bool):
@@ -148,50 +258,99 @@ def full_states(value, opt, *, fsdp: bool, with_optimizer: bool = True):
     return msd, osd
 
 
-def save_checkpoint(out: Path, model_sd: dict, opt_sd: dict, sched, state: dict) -> Path:
-    """Write weights + optimizer + scheduler + RNG + data position atomically (temp dir, then rename).
+def save_checkpoint(out: Path, model_sd: dict, opt_sd: dict, sched, state: dict, *, drop_latest: bool = False) -> Path:
+    """Write weights + optimizer + scheduler + RNG + data position into a temp dir, with the SHA-256 of each file
+    (read back from disk) in trainer_state.json, then swap it in: the latest becomes ``.checkpoint.old`` (kept, a
+    resume's fallback) and the new one ``checkpoint``. ``drop_latest``: the latest is damaged (the run resumed
+    from the previous one), so it is removed instead of kept.
 
-    If anything fails while writing, the temp dir is removed and the previous checkpoint stays intact. Only a
-    checkpoint this trainer wrote (it holds trainer_state.json) is ever rotated out and deleted.
+    If anything fails while writing (a full disk), the temp dir is removed, the checkpoints on disk stay as they
+    were, and an OSError says so. Only a checkpoint directory holding nothing but a checkpoint's files is ever
+    rotated out or deleted.
     """
     from safetensors.torch import save_file
 
-    tmp = out / f".{CKPT}.tmp-{os.getpid()}"
+    tmp = out / f".{CKPT}{TMP_TAG}{os.getpid()}"
     final, old = out / CKPT, out / f".{CKPT}.old"
     for p in (final, old):
-        if p.exists() and not (p / STATE_FILE).is_file():
+        if p.exists() and not (p.is_dir() and set(os.listdir(p)) <= {STATE_FILE, *CKPT_FILES}):
             raise UnsafeOutputError(f"{str(p)!r} is not a checkpoint ivl-fast wrote; refusing to replace it")
     try:
         tmp.mkdir(parents=True, exist_ok=False)
         save_file(model_sd, str(tmp / "model.safetensors"))
         extra = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
         torch.save(extra, tmp / "opt.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "python_rng": random.getstate()}))
-    except BaseException:
+        files = {name: sha256_file(tmp / name) for name in CKPT_FILES}  # what is on disk, not what was meant
+        full = {**state, "python_rng": random.getstate(), "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps({**full, "state_sha256": _state_digest(full)}))
+        _fsync_dir(tmp)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, UnsafeOutputError):  # torch and safetensors raise their
+            raise OSError(f"writing a checkpoint into {str(out)!r} failed ({e}); the earlier ones are kept") from e
         raise
     if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
+        if drop_latest:
+            shutil.rmtree(final)
+        else:
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out)
     return final
 
 
-def load_checkpoint(ckpt: Path, value, opt, sched, *, fsdp: bool) -> dict:
+def drop_checkpoints(out: Path) -> None:
+    """Remove the checkpoints of a --save-every 0 run once its export is complete (it asked for none to be kept)."""
+    for name in (CKPT, f".{CKPT}.old"):
+        p = out / name
+        if p.is_dir() and set(os.listdir(p)) <= {STATE_FILE, *CKPT_FILES}:
+            shutil.rmtree(p)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make the files in ``d`` and its entries durable (a power cut after the swap keeps the new checkpoint)."""
+    for p in d.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(ckpt: Path, state: dict, value, opt, sched, *, fsdp: bool) -> dict:
+    """Load a checkpoint :func:`verify_checkpoint` passed (``state``: what it returned) into the run; a file that
+    still cannot be read (a checkpoint without checksums, or one crafted to match them) is a DamagedCheckpoint
+    naming it. opt.pt is read with ``weights_only=True``: it can hold tensors and plain values, never code."""
+    import pickle
+
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     o = _sd_options(fsdp)
-    set_model_state_dict(value, load_file(str(ckpt / "model.safetensors")), options=o)
-    extra = torch.load(ckpt / "opt.pt", map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(value, opt, extra["optimizer"], options=o)
-    sched.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"].cpu())
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    v, internal, gauss = state["python_rng"]
-    random.setstate((v, tuple(internal), gauss))
+    weights, extra = ckpt / "model.safetensors", ckpt / "opt.pt"
+    try:
+        model_sd = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001  (safetensors' own error types)
+        raise DamagedCheckpoint(f"{weights} cannot be read as safetensors ({e})") from None
+    try:
+        extra_sd = torch.load(extra, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        why = str(e).strip().splitlines()[0]
+        raise DamagedCheckpoint(f"{extra} cannot be loaded as tensors and plain values ({why})") from None
+    try:
+        set_model_state_dict(value, model_sd, options=o)
+        set_optimizer_state_dict(value, opt, extra_sd["optimizer"], options=o)
+        sched.load_state_dict(extra_sd["scheduler"])
+        torch.set_rng_state(extra_sd["torch_rng"].cpu())
+        v, internal, gauss = state["python_rng"]
+        random.setstate((v, tuple(internal), gauss))
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise DamagedCheckpoint(f"{ckpt} does not fit this run's value network and optimizer ({e})") from None
     return state
 
 
@@ -211,8 +370,9 @@ def export(cfg: TrainConfig, out: Path, sd: dict, tokenizer, run: dict, summary:
         raw = read_config(cfg.value_init)
     raw["torch_dtype"] = "float32"
     raw.pop("dtype", None)
-    (out / "config.json").write_text(json.dumps(raw, indent=2))
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # each file through a temp file and a rename: a failure (a full disk) never leaves half a model.safetensors
+    replace_file_atomically(out / "config.json", lambda p: p.write_text(json.dumps(raw, indent=2)))
+    replace_file_atomically(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     written = tokenizer.save_pretrained(out)
     run = {**run, "outputs": sorted({Path(f).name for f in written} - set(RUN_ENTRIES))}
     write_run_file(out, run)
@@ -227,7 +387,7 @@ def export(cfg: TrainConfig, out: Path, sd: dict, tokenizer, run: dict, summary:
         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("debug_kill_at_step",)},
         "summary": summary,
     }
-    (out / "ivl.json").write_text(json.dumps(ivl, indent=2, default=str))
+    replace_file_atomically(out / "ivl.json", lambda p: p.write_text(json.dumps(ivl, indent=2, default=str)))
     plot_loss(out / LOG_FILE, out / "loss_curve.png")
 
 

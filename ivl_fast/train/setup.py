@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +24,15 @@ from ..models.checkpoint import read_config
 from ..schemes import is_cascade
 from .config import TrainConfig
 from .data import Dataset
-from .run_dir import EXTENDABLE, LOG_FILE, check_out_dir, read_run_file, replace_earlier_run, write_run_file
+from .run_dir import (
+    EXTENDABLE,
+    LOG_FILE,
+    check_out_dir,
+    read_run_file,
+    remove_stale_temps,
+    replace_earlier_run,
+    write_run_file,
+)
 
 
 class DistInfo(NamedTuple):
@@ -95,6 +104,10 @@ class RunState:
         stage: the current curriculum stage (index into ``cfg.bases``)
         resumed_from: the step this process resumed at (None: a new run from step 0)
         tokens_seen: tokens this process read since it started (the log's ``tokens``)
+        epoch: the epoch of the last step
+        saved_step: the step of the newest checkpoint on disk that this process wrote or resumed from
+        drop_latest: the latest checkpoint is damaged (the run resumed from the previous one): the next save
+            removes it instead of keeping it as the previous one
     """
 
     opt: torch.optim.Optimizer
@@ -103,6 +116,9 @@ class RunState:
     stage: int = 0
     resumed_from: int | None = None
     tokens_seen: int = 0
+    epoch: int = 0
+    saved_step: int | None = None
+    drop_latest: bool = False
 
 
 # ----------------------------------------------------------------------------- processes and --out
@@ -135,12 +151,21 @@ def prepare_out_dir(cfg: TrainConfig, out: Path, record: dict, resumed_from: int
     if cfg.overwrite:
         replace_earlier_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in remove_stale_temps(out):  # a killed run's half-written checkpoint or export file
+        print(f"ivl-fast train: removed {name}, left half-written by a run that was killed", file=sys.stderr)
     write_run_file(out, record)
     if resumed_from is not None and log_path.is_file():
-        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_from]
+        kept = [ln for ln in log_path.read_text().splitlines() if ln and _log_step(log_path, ln) <= resumed_from]
         log_path.write_text("".join(k + "\n" for k in kept))
     elif resumed_from is None:
         log_path.write_text("")
+
+
+def _log_step(log_path: Path, line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{log_path}: a line is not a step record ({line[:80]!r}); nothing was changed") from None
 
 
 # ----------------------------------------------------------------------------- inputs and models

@@ -33,7 +33,7 @@ from ..schemes import is_cascade
 from .checkpoint import checkpoint_due, finish, save_run_checkpoint
 from .config import SCHEMES, TrainConfig
 from .data import IGNORE, build_dataset, collate, make_batches
-from .run_dir import CKPT, LOG_FILE, latest_checkpoint, load_checkpoint, undo_fresh_run
+from .run_dir import CKPT, LOG_FILE, choose_checkpoint, load_checkpoint, undo_fresh_run
 from .setup import (
     RunState,
     TrainRun,
@@ -123,12 +123,18 @@ def _start(run: TrainRun) -> RunState:
     """The first stage's optimizer and schedule at step 0, or, with --resume, at the latest checkpoint: its weights,
     optimizer, schedule and RNGs loaded, the schedule then following the run's (possibly new) length."""
     state = RunState(*_make_optimizer(run.value, run.cfg, run.stage_steps))
-    ckpt = latest_checkpoint(run.out) if run.cfg.resume else None
-    if ckpt is not None:
-        saved = load_checkpoint(ckpt, run.value, state.opt, state.sched, fsdp=run.fsdp)
+    if run.cfg.resume:  # the latest checkpoint, checked against its checksums; the previous one if it is damaged
+        ckpt, saved, skipped = choose_checkpoint(run.out)
+        if run.dist.rank == 0:
+            for why in skipped:
+                print(f"ivl-fast train: {why}; resuming from the previous checkpoint, {ckpt.name}", file=sys.stderr)
+            if not saved["verified"]:
+                print(f"ivl-fast train: {ckpt.name} predates checksums: its files are not verified", file=sys.stderr)
+        load_checkpoint(ckpt, saved, run.value, state.opt, state.sched, fsdp=run.fsdp)
         state.step, state.stage = resume_position(saved, run)
         _follow_schedule(state.opt, state.sched)
-        state.resumed_from = state.step
+        state.resumed_from = state.saved_step = state.step
+        state.epoch, state.drop_latest = int(saved["epoch"]), bool(skipped)
     return state
 
 
@@ -157,11 +163,11 @@ def _train_stage(run: TrainRun, state: RunState, stop: StopRequest, bar) -> None
     if state.step == stage_start and state.stage > 0:  # a new curriculum stage restarts the schedule
         state.opt, state.sched = _make_optimizer(run.value, cfg, run.stage_steps)
     while state.step < stage_end:
-        epoch = _train_step(run, state, base, bar)
+        state.epoch = _train_step(run, state, base, bar)
         done_stage = state.step == stage_end
         stopping = _agreed(stop.requested, run.dist.comm, run.device)
         if checkpoint_due(run, state, done_stage, stopping):
-            save_run_checkpoint(run, state, epoch, done_stage)
+            save_run_checkpoint(run, state, done_stage)
         run.dist.barrier()
         if stopping:
             raise TrainingInterrupted(state.step, run.out / CKPT)
