@@ -10,6 +10,7 @@ with ivl-fast on a template-less base decodes with the same format.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -41,7 +42,16 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
 
     if not has_tokenizer(path):
         raise FileNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {str(path)!r}")
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    except (ValueError, OSError, TypeError, KeyError) as e:  # a file that is there but broken: name it
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        for f in sorted(Path(path).glob("*.json")):
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as bad:
+                raise ValueError(f"{str(f)!r} is not valid JSON ({bad}): the tokenizer cannot be loaded") from e
+        raise ValueError(f"the tokenizer files in {str(path)!r} cannot be loaded ({why})") from e
 
 
 def as_messages(prompt, system: str | None = None) -> list[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .safe_output import UnsafeOutputError
+from .safe_output import UnsafeOutputError, check_output_location
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -166,6 +166,9 @@ def make_tiny_pair(out_dir: str | Path, *, vocab_size: int = 1024, seed: int = 0
     ``vocab_size`` tokens (fewer if BPE runs out of merges; the models get its size). Returns
     ``{"base": Path, "value": Path}``. Refuses (UnsafeOutputError) when either directory exists and is not empty."""
     out = Path(out_dir)
+    check_output_location(out, {})  # never the working directory or above it (`--out /` would write /base)
+    if out.exists() and not out.is_dir():
+        raise UnsafeOutputError(f"--out {str(out)!r} is a file, not a directory")
     for sub in ("base", "value"):  # save_pretrained would overwrite a checkpoint that is already there
         if (out / sub).exists() and (not (out / sub).is_dir() or any((out / sub).iterdir())):
             raise UnsafeOutputError(

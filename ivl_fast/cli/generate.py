@@ -123,12 +123,20 @@ def _read_prompts(args) -> list:
 def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
     from tqdm.auto import tqdm
 
-    texts, tokens, t0 = [], 0, time.perf_counter()
-    spec = {"rounds": 0, "drafted": 0, "accepted": 0}  # speculative decoding's counts over every batch
+    t0 = time.perf_counter()
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     n_new = dec.options(**gen_kwargs).max_new_tokens  # unset flags resolved as generate() resolves them
     # one bar over every batch's decode steps (a batch that stops early jumps to its end)
     bar = tqdm(total=len(batches) * n_new, desc=desc, unit="step", disable=args.no_progress, file=sys.stderr)
+    try:
+        return _decode_batches(dec, batches, args, gen_kwargs, bar, n_new, t0)
+    finally:
+        bar.close()  # ends the bar's line, so that an error below it starts on a line of its own
+
+
+def _decode_batches(dec, batches, args, gen_kwargs, bar, n_new: int, t0: float):
+    texts, tokens = [], 0
+    spec = {"rounds": 0, "drafted": 0, "accepted": 0}  # speculative decoding's counts over every batch
     tok = dec.tokenizer
     for k, batch in enumerate(batches):
         if args.chat:
@@ -153,7 +161,6 @@ def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
         for row, n in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
             texts.append(tok.decode(row[t : t + n], skip_special_tokens=True))
             tokens += n
-    bar.close()
     if spec["drafted"]:
         spec["acceptance_rate"] = spec["accepted"] / spec["drafted"]
     return texts, tokens, time.perf_counter() - t0, spec if spec["drafted"] else None

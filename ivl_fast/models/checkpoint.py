@@ -7,6 +7,7 @@ runs arbitrary code. Even then they are read with ``torch.load(weights_only=True
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,5 +95,9 @@ def iter_tensors(path: str | Path, *, allow_pickle: bool = False) -> Iterator[tu
                 for k in sf.keys():
                     yield k, sf.get_tensor(k)
         else:
-            sd = torch.load(str(f), map_location="cpu", weights_only=True)
+            try:  # weights_only: tensors and plain values only; a pickle that would run code is refused
+                sd = torch.load(str(f), map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+                why = str(e).strip().splitlines()[0]
+                raise ValueError(f"cannot load {str(f)!r} as tensors only (refused or damaged): {why}") from None
             yield from sd.items()

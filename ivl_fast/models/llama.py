@@ -131,7 +131,8 @@ class LeanCausalLM(nn.Module):
         if attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
         if attn_backend == "flash" and flash_attn_with_kvcache is None:
-            raise ImportError("attn_backend='flash' needs the flash-attn package (pip install flash-attn)")
+            # a ValueError, as every bad option: the CLI prints it on one line (--attn-backend flash)
+            raise ValueError("attn_backend='flash' needs the flash-attn package (pip install flash-attn)")
         self.config = cfg
         self.attn_backend = attn_backend
         self.gradient_checkpointing = False

@@ -46,7 +46,7 @@ def pick_backend(backend: str, device: torch.device) -> str:
             found = triton_version()
             need = ".".join(map(str, TRITON_MIN))
             have = "no triton" if found is None else "triton " + ".".join(map(str, found))
-            raise RuntimeError(
+            raise ValueError(  # a bad option (--sample-backend triton on a CPU): one line from the CLI
                 f"backend='triton' needs triton >= {need} (found {have}) and a CUDA tensor (or TRITON_INTERPRET=1 on "
                 f"CPU); got {device}"
             )
