@@ -93,15 +93,15 @@ def _flip_bit(path: Path, seed: int) -> None:
 
 DAMAGE = {
     "flip 1 bit": _flip_bit,
-    "flip 1 byte": lambda p, s: _flip_bytes(p, 1, s),
     "flip 1000 bytes": lambda p, s: _flip_bytes(p, 1000, s),
     "truncate": _truncate,
     "delete": lambda p, s: p.unlink(),
 }
+CASES = [(d, n) for d in ("flip 1 bit", "truncate") for n in CKPT_FILES]  # every file, bit-flipped and truncated
+CASES += [("flip 1000 bytes", "model.safetensors"), ("delete", "opt.pt"), ("delete", "trainer_state.json")]
 
 
-@pytest.mark.parametrize("name", CKPT_FILES)
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("damage, name", CASES)
 def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(
     setup, finished, reference, tmp_path, capsys, name, damage
 ):
@@ -158,8 +158,8 @@ def test_a_run_without_any_checkpoint_is_not_resumed_from_step_0(setup, tmp_path
 
 
 def test_code_in_opt_pt_is_refused_on_one_line(setup, finished, tmp_path, capsys):
-    """An opt.pt that would run code when unpickled, with its checksum updated to match: weights_only loading
-    refuses it, as one line naming the file."""
+    """An opt.pt that would run code when unpickled, with every checksum updated to match (a deliberate edit,
+    not corruption): weights_only loading refuses it, as one line naming the file, and its code never runs."""
     import hashlib
     import pickle
 
@@ -175,7 +175,10 @@ def test_code_in_opt_pt_is_refused_on_one_line(setup, finished, tmp_path, capsys
     opt.write_bytes(pickle.dumps({"optimizer": Evil()}))
     state_path = out / "checkpoint" / "trainer_state.json"
     state = json.loads(state_path.read_text())
+    state.pop("state_sha256")
     state["files"]["opt.pt"] = hashlib.sha256(opt.read_bytes()).hexdigest()
+    # the state's own digest, recomputed too (canonical JSON): every checksum agrees with the crafted file
+    state["state_sha256"] = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
     state_path.write_text(json.dumps(state))
     rc, err = _train(capsys, setup, out, "--resume")
     assert rc == 2 and "opt.pt" in err and len(err.strip().splitlines()) == 1, err
@@ -200,7 +203,7 @@ def test_kills_at_random_points_of_checkpoint_writes_resume_to_the_same_weights(
                 break
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.1))
-        if proc.poll() is None and kills < 3:  # up to three kills, then the run may finish
+        if proc.poll() is None and kills < 2:  # up to two kills, then the run may finish
             proc.send_signal(signal.SIGKILL)
             kills += 1
         _, err = proc.communicate(timeout=120)
