@@ -50,7 +50,9 @@ RUN_ENTRIES = (
 )
 CKPT_FILES = ("model.safetensors", "opt.pt")  # beside STATE_FILE, which holds their checksums
 TMP_TAG = ".tmp-"  # + the writing process's id: a checkpoint dir or exported file not yet complete
-RUN_PREFIXES = (f".{CKPT}{TMP_TAG}", *(f".{name}{TMP_TAG}" for name in RUN_ENTRIES if "." in name.lstrip(".")))
+# the exported files written through a temp file beside them (safe_output.replace_file_atomically: .NAME.tmp-PID)
+EXPORTED_ATOMICALLY = ("config.json", "model.safetensors", "ivl.json")
+RUN_PREFIXES = (f".{CKPT}{TMP_TAG}", *(f".{name}{TMP_TAG}" for name in EXPORTED_ATOMICALLY))
 # settings a resumed run may change: they only make the run longer or shorter
 EXTENDABLE = ("epochs", "max_steps")
 
