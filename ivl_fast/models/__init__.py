@@ -1,8 +1,9 @@
 """Model engines: the lean Llama-family decoder and the transformers adapter, plus checkpoint loading.
 
 ``load_model(path)`` returns an engine with the interface ``allocate / prefill / decode`` (see
-:class:`LeanCausalLM`). Llama, Mistral and Qwen2 checkpoints get the lean engine; any other causal LM runs
-through :class:`HFCausalLM` with a one-line notice.
+:class:`LeanCausalLM`). Checkpoints of the lean families (``LEAN_MODEL_TYPES``: Llama, Mistral, Qwen2/3, Gemma 2/3,
+Phi-3, OLMo 2, Granite, SmolLM3) get the lean engine; any other causal LM runs through :class:`HFCausalLM` with a
+one-line notice.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import torch
 
 from .checkpoint import checkpoint_dir, iter_tensors, read_config, weight_files
 from .config import LEAN_MODEL_TYPES, LeanConfig, UnsupportedArchitecture, parse_dtype
+from .families import text_weight_name
 from .hf_adapter import HFCausalLM
 from .llama import ATTN_BACKENDS, LeanCausalLM
 from .probe import ProbeValue, is_probe_config, load_probe
-from .rope import static_inv_freq
 
 logger = logging.getLogger("ivl_fast")
 
@@ -80,6 +81,9 @@ def _build_lean(
     if model is None:
         with torch.device("meta"):
             model = LeanCausalLM(cfg, attn_backend=attn_backend)
+    if cfg.multimodal is not None:  # the text model of a multimodal checkpoint: its weights, renamed
+        renamed = ((text_weight_name(cfg.multimodal, k), v) for k, v in state.items())
+        state = {k: v for k, v in renamed if k is not None}
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -97,8 +101,8 @@ def _build_lean(
     # .to() is a no-op (shares storage) when device and dtype already match
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    # the rotary buffer was created on the meta device with the module; compute it for real
-    model.rotary.inv_freq = static_inv_freq(cfg.rope, cfg.head_dim, device=device)
+    # the rotary buffers were created on the meta device with the module; compute them for real
+    model.reset_buffers(device)
     model.requires_grad_(False)
     return model.eval()
 
@@ -164,7 +168,9 @@ def _load_tensor_parallel(path, tp: int, device, dtype, engine: str, attn_backen
     from .tensor_parallel import TensorParallelLlama, current_group, local_device, read_shard, shard_plan
 
     if engine == "hf":
-        raise ValueError(f"tensor_parallel={tp} needs the lean engine (Llama, Mistral, Qwen2); engine='hf' was given")
+        raise ValueError(
+            f"tensor_parallel={tp} needs the lean engine ({', '.join(LEAN_MODEL_TYPES)}); engine='hf' was given"
+        )
     raw = read_config(path)
     if is_probe_config(raw):
         raise ValueError(f"tensor_parallel={tp}: {str(path)!r} is a linear probe, not a model to shard")

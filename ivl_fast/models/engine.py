@@ -63,3 +63,10 @@ def supports(engine, capability: str) -> bool:
 
 def all_support(engines, capability: str) -> bool:
     return all(supports(e, capability) for e in engines)
+
+
+def graph_safe(engines, kv_len: int) -> bool:
+    """Whether steps attending to ``kv_len`` KV columns may be captured for every engine (an engine without a
+    ``graph_safe(kv_len)`` of its own is safe wherever it supports graphs; a longrope model is not past its
+    switch, where a crossing row is re-read: those steps run eagerly)."""
+    return all(e.graph_safe(kv_len) if hasattr(e, "graph_safe") else True for e in engines)

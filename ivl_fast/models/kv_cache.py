@@ -10,6 +10,9 @@ each time), so alternating batch sizes neither reallocates nor invalidates graph
 (the graph cache compares versions; no object-identity guessing). ``claims`` counts the times a generation took
 the whole cache (every ``allocate`` and every prefill of all rows): a persistent batch that saw a claim of its
 own knows that the rows are still its while the count is unchanged.
+
+``track_tokens``: the store also keeps each row's token ids, ``tokens`` [B, S_max] int64 (column j the token at
+position j), for engines that must re-read a row's whole sequence (longrope crossing its switch).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import torch
 class StaticKVCache:
     """Per-layer K/V buffers [rows, cols, H_kv, D] + ``seq_lens`` [rows]; see the module docstring."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, track_tokens: bool = False):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.track_tokens = track_tokens
+        self.tokens: torch.Tensor | None = None  # [batch_size, cols] int64 when track_tokens
         self.k: list[torch.Tensor] = []  # views [batch_size, cols, H_kv, D] per layer
         self.v: list[torch.Tensor] = []
         self.seq_lens: torch.Tensor | None = None  # [batch_size] int64
@@ -57,25 +62,29 @@ class StaticKVCache:
         ks = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         vs = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         seq = torch.zeros(rows, dtype=torch.int64, device=device)
+        tok = torch.zeros((rows, cols), dtype=torch.int64, device=device) if self.track_tokens else None
         if keep and self._store:  # grow: carry the contents over
-            old_k, old_v, old_seq = self._store
+            old_k, old_v, old_seq, old_tok = self._store
             n, m = old_seq.shape[0], old_k[0].shape[1]
             for new, old in zip(ks + vs, old_k + old_v, strict=True):
                 new[:n, :m].copy_(old)
             seq[:n].copy_(old_seq)
-        self._store, self._views = (ks, vs, seq), {}
+            if tok is not None:
+                tok[:n, :m].copy_(old_tok)
+        self._store, self._views = (ks, vs, seq, tok), {}
         self.version += 1
 
     def use_rows(self, batch_size: int) -> None:
         view = self._views.get(batch_size)
         if view is None:
-            ks, vs, seq = self._store
+            ks, vs, seq, tok = self._store
             view = self._views[batch_size] = (
                 [k[:batch_size] for k in ks],
                 [v[:batch_size] for v in vs],
                 seq[:batch_size],
+                None if tok is None else tok[:batch_size],
             )
-        self.k, self.v, self.seq_lens = view
+        self.k, self.v, self.seq_lens, self.tokens = view
         self.batch_size, self.cols = batch_size, self._store[0][0].shape[1]
 
     def grow(self, cols: int) -> None:
@@ -89,7 +98,7 @@ class StaticKVCache:
         self.use_rows(self.batch_size)
 
     def free(self) -> None:
-        self.k, self.v, self.seq_lens = [], [], None
+        self.k, self.v, self.seq_lens, self.tokens = [], [], None, None
         self._store, self._views = None, {}
         self.batch_size = self.cols = 0
         self.version += 1

@@ -1,4 +1,6 @@
-"""The lean Llama-family decoder: static KV cache, batched left-padded prefill, graph-safe decode step.
+"""The lean decoder: Llama and the families that differ from it in switches (``cfg.arch``, one
+:class:`~ivl_fast.models.families.LayerSpec` per layer); static KV cache, batched left-padded prefill, graph-safe
+decode step.
 
 Parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight`` ...), so a checkpoint's
 state dict loads with ``assign=True`` (no copy) and ``state_dict()`` saves back to the same layout.
@@ -18,6 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import LeanConfig
+from .families import LayerSpec
 from .kv_cache import StaticKVCache
 from .rope import Rotary, apply_rotary
 
@@ -30,43 +33,97 @@ ATTN_BACKENDS = ("sdpa", "flash")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm in fp32; ``offset``: x * (1 + w) (Gemma); ``upcast``: the weight multiplies the fp32 values before the
+    cast (Gemma, OLMo 2) rather than after it (Llama). Only half precision tells the three apart."""
+
+    def __init__(self, dim: int, eps: float, *, offset: bool = False, upcast: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset, self.upcast = eps, offset, upcast
+
+    def mean_square(self, h: torch.Tensor) -> torch.Tensor:
+        """[.., 1] mean of squares over the last dim (a tensor-parallel shard all-reduces it)."""
+        return h.pow(2).mean(-1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h * torch.rsqrt(self.mean_square(h) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).to(dtype)
+        if self.upcast:
+            return (self.weight * h).to(dtype)
         return self.weight * h.to(dtype)
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: LeanConfig):
-        super().__init__()
-        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.o_bias)
-        self.scale = self.d**-0.5
+def make_norm(cfg: LeanConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, cfg.rms_norm_eps, offset=cfg.arch.norm_offset, upcast=cfg.arch.norm_upcast)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+
+class Attention(nn.Module):
+    """Grouped-query attention with the families' variants: fused qkv (Phi-3), q/k norms (per head: Qwen3,
+    Gemma 3; over the projection: OLMo 2), a sliding window, tanh score soft-capping (Gemma 2), no rotary (NoPE)."""
+
+    def __init__(self, cfg: LeanConfig, spec: LayerSpec):
+        super().__init__()
+        arch = cfg.arch
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = self.h * self.d, self.hkv * self.d
+        self.fused = arch.fused_qkv
+        if self.fused:
+            self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = arch.qk_norm
+        if self.qk_norm is not None:
+            per_head = self.qk_norm == "head"
+            self.q_norm = make_norm(cfg, self.d if per_head else q_out)
+            self.k_norm = make_norm(cfg, self.d if per_head else kv_out)
+        self.scale = arch.attn_scale if arch.attn_scale is not None else self.d**-0.5
+        self.softcap = arch.attn_softcap
+        self.window = spec.window
+        self.rope = spec.rope
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.h, self.d)
-        k = self.k_proj(x).view(b, t, self.hkv, self.d)
-        v = self.v_proj(x).view(b, t, self.hkv, self.d)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(b, t, self.h, self.d), k.view(b, t, self.hkv, self.d), v.view(b, t, self.hkv, self.d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is None:  # a NoPE layer
+            return q, k, v
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v  # [B, T, H(kv), D]
+
+    def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's attention, which SDPA cannot do: q [B, Hkv, G*Tq or G, .., D] grouped so it broadcasts
+        against k/v [B, Hkv, Tk, D]; scores capped c * tanh(s / c), then masked, softmax in fp32."""
+        s = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        s = torch.tanh(s / self.softcap) * self.softcap
+        s = s.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, Tq, H, D], k/v [B, Tk, Hkv, D], mask [B, 1, Tq, Tk] bool -> [B, Tq, H*D]."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        # grouped-query attention without copying the KV cache per head (SDPA's enable_gqa)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.hkv != self.h
-        )  # [B, H, Tq, D]
-        return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.h * self.d)
+        b, _, tq, _ = q.shape
+        if self.softcap is not None:
+            g = self.h // self.hkv  # query head j*G + i reads KV head j: [B, Hkv, G, Tq, D] against [B, Hkv, 1, Tk, D]
+            o = self._softcapped(q.reshape(b, self.hkv, g, tq, self.d), k[:, :, None], v[:, :, None], mask[:, :, None])
+            o = o.reshape(b, self.h, tq, self.d)
+        else:
+            # grouped-query attention without copying the KV cache per head (SDPA's enable_gqa)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.hkv != self.h
+            )  # [B, H, Tq, D]
+        return o.transpose(1, 2).reshape(b, tq, self.h * self.d)
 
     def sdpa_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One query per row: q [B, 1, H, D], k/v [B, S, Hkv, D] (cache views), mask [B, 1, 1, S] -> [B, 1, H*D].
@@ -75,47 +132,88 @@ class Attention(nn.Module):
         attention needs neither enable_gqa nor K/V copies and any SDPA kernel that takes a mask can serve it."""
         b, g = q.shape[0], self.h // self.hkv
         qg = q.reshape(b, self.hkv, g, self.d)  # query head j*G + i serves KV head j (transformers' repeat_kv)
-        o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        if self.softcap is not None:
+            o = self._softcapped(qg, kt, vt, mask)
+        else:
+            o = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask, scale=self.scale)
         return o.reshape(b, 1, self.h * self.d)  # [B, Hkv, G, D] -> heads in order j*G + i
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: LeanConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.fused = cfg.arch.fused_qkv  # Phi-3 fuses gate and up as it fuses q, k and v
+        if self.fused:
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gelu = cfg.arch.act == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LeanConfig):
-        super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    """One block. Norm layouts (``Arch.norm_layout``), with the checkpoints' module names:
+    pre (Llama): h + attn(input_layernorm(h)); h + mlp(post_attention_layernorm(h))
+    sandwich (Gemma): h + post_attention_layernorm(attn(input_layernorm(h)));
+                      h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
+    post (OLMo 2): h + post_attention_layernorm(attn(h)); h + post_feedforward_layernorm(mlp(h))"""
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-        """h [B, T, H]; ``attend(attn_module, q, k, v) -> [B, T, H*D]`` does the cache/mask specific part."""
+    def __init__(self, cfg: LeanConfig, spec: LayerSpec):
+        super().__init__()
+        self.layout = cfg.arch.norm_layout
+        self.residual_scale = cfg.arch.residual_scale
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(cfg)
+        if self.layout != "post":
+            self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        if self.layout == "sandwich":
+            self.pre_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+        if self.layout != "pre":
+            self.post_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+
+    def forward(self, h: torch.Tensor, ropes: dict, attend) -> torch.Tensor:
+        """h [B, T, H]; ``ropes[kind]`` the (cos, sin) of each rotary table; ``attend(attn_module, q, k, v) ->
+        [B, T, H*D]`` does the cache/mask specific part."""
         a = self.self_attn
-        q, k, v = a.qkv(self.input_layernorm(h), cos, sin)
-        h = h + a.o_proj(attend(a, q, k, v))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        cos, sin = ropes.get(a.rope, (None, None))
+        q, k, v = a.qkv(h if self.layout == "post" else self.input_layernorm(h), cos, sin)
+        o = a.o_proj(attend(a, q, k, v))
+        if self.layout != "pre":
+            o = self.post_attention_layernorm(o)
+        h = h + (o if self.residual_scale == 1.0 else o * self.residual_scale)
+        if self.layout == "pre":
+            x = self.post_attention_layernorm(h)
+        else:
+            x = self.pre_feedforward_layernorm(h) if self.layout == "sandwich" else h
+        o = self.mlp(x)
+        if self.layout != "pre":
+            o = self.post_feedforward_layernorm(o)
+        return h + (o if self.residual_scale == 1.0 else o * self.residual_scale)
 
 
 class LlamaBody(nn.Module):
     def __init__(self, cfg: LeanConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        specs = cfg.layers or tuple(LayerSpec() for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec) for spec in specs)
+        self.norm = make_norm(cfg, cfg.hidden_size)
 
 
 class LeanCausalLM(nn.Module):
-    """Llama/Mistral/Qwen2 causal LM with a static KV cache.
+    """A lean-family causal LM (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2, Granite, SmolLM3) with a
+    static KV cache.
 
     Implements :class:`~ivl_fast.models.engine.Engine` with every capability.
     """
@@ -139,7 +237,22 @@ class LeanCausalLM(nn.Module):
         self.model = LlamaBody(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-        self.kv = StaticKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        # Gemma 3's sliding layers read a table of their own
+        self.rotary_local = (
+            Rotary(cfg.rope_local, cfg.head_dim, cfg.max_position_embeddings) if cfg.rope_local is not None else None
+        )
+        self.windows = sorted({layer.self_attn.window or 0 for layer in self.model.layers})  # 0: no window
+        # longrope: a row whose length passes this is re-read whole with the long factors (its tokens are kept)
+        self.longrope_switch = cfg.rope.original_max_position_embeddings if cfg.rope.rope_type == "longrope" else None
+        self.kv = StaticKVCache(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, track_tokens=self.longrope_switch is not None
+        )
+
+    def reset_buffers(self, device) -> None:
+        """Compute the rotary tables for real (the module was built on the meta device)."""
+        self.rotary.reset_buffers(device)
+        if self.rotary_local is not None:
+            self.rotary_local.reset_buffers(device)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -191,17 +304,44 @@ class LeanCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- forward passes
     def project(self, hn: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states [.., H] -> logits [.., V] (the head; a tensor-parallel engine gathers its
-        vocabulary slices here, so callers never read ``head_weight()`` for logits)."""
+        """Final normed hidden states [.., H] -> logits [.., V] (the head and the family's logit transform; a
+        tensor-parallel engine gathers its vocabulary slices in ``head``, so callers never read ``head_weight()``
+        for logits)."""
+        return self.finish_logits(self.head(hn))
+
+    def head(self, hn: torch.Tensor) -> torch.Tensor:
         return F.linear(hn, self.head_weight())
+
+    def finish_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The head's output -> the model's logits: Granite's 1 / logits_scaling, Gemma 2's c * tanh(z / c)."""
+        arch = self.config.arch
+        if arch.logit_scale != 1.0:
+            z = z * arch.logit_scale
+        if arch.final_softcap is not None:
+            z = torch.tanh(z / arch.final_softcap) * arch.final_softcap
+        return z
+
+    def ropes(self, positions: torch.Tensor, lengths: torch.Tensor | None = None) -> dict:
+        """positions [B, T] -> {rotary kind: (cos, sin) [B, T, 1, rotary_dim]} for the kinds the layers read
+        (``lengths`` [B]: the row lengths that pick longrope's set, default max(positions) + 1)."""
+        out = {"global": self.rotary.cos_sin(positions, self.dtype, lengths)}
+        if self.rotary_local is not None:
+            out["local"] = self.rotary_local.cos_sin(positions, self.dtype)
+        return out
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.project(self.model.norm(h))
 
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings, or ``inputs_embeds`` (rows of the table or mixtures of them: soft_embed), both times
+        the family's embedding scale (Gemma sqrt(H) in the weights' dtype, as transformers; Granite's multiplier)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        return self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
+        scale = self.config.arch.embed_scale
+        if scale == 1.0:
+            return h
+        return h * (torch.tensor(scale, dtype=h.dtype) if self.config.arch.norm_offset else scale)
 
     def soft_embed(self, base_logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Cascade-scheme input: softmax(z_base) @ E [.., H] (+ E[input_ids] for cascade+), in the model dtype."""
@@ -235,18 +375,18 @@ class LeanCausalLM(nn.Module):
         )
         if position_ids is None:
             position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        attn = _prefill_mask(mask)
-        cos, sin = self.rotary.cos_sin(position_ids, self.dtype)
+        attn = {w: _prefill_mask(mask, position_ids, w) for w in self.windows}
+        ropes = self.ropes(position_ids)
 
         def attend(a, q, k, v):
-            return a.sdpa(q, k, v, attn)
+            return a.sdpa(q, k, v, attn[a.window or 0])
 
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if ckpt:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attend, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, ropes, attend, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attend)
+                h = layer(h, ropes, attend)
         return self.model.norm(h) if output_hidden else self._logits(h)
 
     @torch.inference_mode()
@@ -259,12 +399,14 @@ class LeanCausalLM(nn.Module):
         all_logits: bool = False,
         rows: torch.Tensor | None = None,
         hidden: bool = False,
+        rope_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Left-padded prompts [B, T] + mask [B, T] -> next-token logits [B, V] ([B, T, V] with all_logits);
         fills the cache. ``inputs_embeds`` [B, T, H] replaces the token embeddings (cascade value networks).
         ``rows`` [B] int64: the cache rows (slots) these prompts go to; the other rows are left untouched
         (default: all rows, B == the allocated batch). ``hidden``: -> (logits [B, V], the last position's final
-        normed hidden state [B, H]) (a probe value model reads it)."""
+        normed hidden state [B, H]) (a probe value model reads it). ``rope_lengths`` [B]: the lengths that pick
+        longrope's set (a row re-read because it crosses the switch)."""
         h = self.embed(input_ids, inputs_embeds)
         b, t = attention_mask.shape
         if (
@@ -276,11 +418,18 @@ class LeanCausalLM(nn.Module):
         mask = attention_mask.bool()
         lengths = mask.sum(-1)  # [B]
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
-        attn = _prefill_mask(mask)
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        attn = {w: _prefill_mask(mask, positions, w) for w in self.windows}
+        ropes = self.ropes(positions, rope_lengths)
         # gather index that left-aligns each row: cache column j <- prompt column j + pad_b
         shift = (t - lengths)[:, None] + torch.arange(t, device=h.device)[None]  # [B, T]
-        shift = shift.clamp(max=t - 1)[:, :, None, None]
+        shift = shift.clamp(max=t - 1)
+        if self.kv.tokens is not None:  # the row's ids, left-aligned (-1: fed as embeddings, cannot be re-read)
+            tok = torch.gather(input_ids, 1, shift) if input_ids is not None else torch.full_like(shift, -1)
+            if rows is None:
+                self.kv.tokens[:, :t].copy_(tok)
+            else:
+                self.kv.tokens[:, :t].index_copy_(0, rows, tok)
+        shift = shift[:, :, None, None]
 
         for i, layer in enumerate(self.model.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
@@ -293,9 +442,9 @@ class LeanCausalLM(nn.Module):
                 else:  # only the admitted slots' rows
                     kc[:, :t].index_copy_(0, rows, torch.gather(k, 1, idx))
                     vc[:, :t].index_copy_(0, rows, torch.gather(v, 1, idx))
-                return a.sdpa(q, k, v, attn)
+                return a.sdpa(q, k, v, attn[a.window or 0])
 
-            h = layer(h, cos, sin, attend)
+            h = layer(h, ropes, attend)
         if rows is None:
             self.seq_lens.copy_(lengths)
             self.kv.claims += 1  # every row rewritten: a persistent batch on this cache lost its rows
@@ -309,7 +458,49 @@ class LeanCausalLM(nn.Module):
     @torch.inference_mode()
     def rewind(self, lengths: torch.Tensor) -> None:
         """Truncate each row's cached context to ``lengths`` [B] tokens (later writes overwrite the rest)."""
+        sw = self.longrope_switch
+        back = None
+        if sw is not None and self.max_seq_len > sw:  # rows taken back below the switch: re-read with short
+            back = (self.seq_lens > sw) & (lengths.to(self.seq_lens.device) <= sw)
         self.kv.rewind(lengths)
+        if back is not None:
+            self._reread(back, long=False)
+
+    def graph_safe(self, kv_len: int) -> bool:
+        """Whether decode/extend steps attending to ``kv_len`` columns can be captured: not for longrope past its
+        switch, where a crossing row is re-read (a host check and a prefill of data-dependent rows)."""
+        return self.longrope_switch is None or kv_len <= self.longrope_switch
+
+    def _crossing_any(self, rows_mask: torch.Tensor) -> bool:
+        """Host check of a longrope crossing (refused while a graph is captured: see graph_safe)."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "a longrope model past original_max_position_embeddings cannot run in a captured graph (a row "
+                "crossing it is re-read); decode loops run those steps eagerly (LeanCausalLM.graph_safe)"
+            )
+        return bool(rows_mask.any())  # host sync
+
+    def _reread(self, rows_mask: torch.Tensor, *, long: bool) -> None:
+        """Longrope: re-read the whole cached sequence of the rows where ``rows_mask`` [B] bool, with the long
+        factors (``long``) or the short ones, as transformers' generate does when a sequence crosses
+        original_max_position_embeddings (it drops its cache). Host sync; refused while a graph is captured."""
+        if not self._crossing_any(rows_mask):
+            return
+        idx = rows_mask.nonzero().flatten()
+        lens = self.seq_lens[idx]  # [n]
+        t = int(lens.max())
+        cols = torch.arange(t, device=idx.device)
+        pad = t - lens[:, None]  # left padding per row
+        src = (cols[None] - pad).clamp(min=0)  # [n, T] position read at each padded column
+        ids = torch.gather(self.kv.tokens[idx, :t], 1, src)
+        mask = (cols[None] >= pad).long()
+        if bool((ids[mask.bool()] < 0).any()):
+            raise ValueError(
+                "a longrope model fed embeddings (a cascade value network) cannot be re-read past "
+                "original_max_position_embeddings; keep its sequences within that length"
+            )
+        switch = torch.full_like(lens, self.longrope_switch + (1 if long else 0))
+        self.prefill(ids.clamp(min=0), mask, rows=idx, rope_lengths=switch)
 
     def decode(
         self,
@@ -332,28 +523,47 @@ class LeanCausalLM(nn.Module):
         )  # [B, 1, H]
         b = h.shape[0]
         pos = self.seq_lens  # [B] position of this token == its cache column
-        cos, sin = self.rotary.cos_sin(pos[:, None], self.dtype)
+        ropes = self.ropes(pos[:, None])
         rows = torch.arange(b, device=h.device)
         s_len = self.max_seq_len if kv_len is None else kv_len
         if not 0 < s_len <= self.max_seq_len:
             raise ValueError(f"kv_len={kv_len} must be in [1, {self.max_seq_len}] (the cache's columns)")
+        sw = self.longrope_switch
+        if sw is not None and s_len > sw:  # rows whose length passes the switch with this token: re-read them
+            cross = pos == sw
+            self._reread(cross if active is None else cross & active.bool(), long=True)
+        if self.kv.tokens is not None:
+            self.kv.tokens.index_put_((rows, pos), input_ids if input_ids is not None else torch.full_like(pos, -1))
         cols = torch.arange(s_len, device=h.device)
-        valid = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        valid = {
+            w: ((cols[None, :] <= pos[:, None]) & ((cols[None, :] > pos[:, None] - w) if w else True))[:, None, None]
+            for w in self.windows
+        }  # [B, 1, 1, S] per window
 
         for i, layer in enumerate(self.model.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
 
             def attend(a, q, k, v, kc=kc, vc=vc):
                 if self.attn_backend == "flash":
+                    # NOT YET VALIDATED ON GPU: window_size and softcap (Gemma, Mistral windows) of flash-attn
                     o = flash_attn_with_kvcache(
-                        q, kc, vc, k=k, v=v, cache_seqlens=pos.to(torch.int32), softmax_scale=a.scale, causal=True
+                        q,
+                        kc,
+                        vc,
+                        k=k,
+                        v=v,
+                        cache_seqlens=pos.to(torch.int32),
+                        softmax_scale=a.scale,
+                        causal=True,
+                        window_size=(a.window - 1, 0) if a.window else (-1, -1),
+                        softcap=a.softcap or 0.0,
                     )
                     return o.reshape(b, 1, a.h * a.d)
                 kc.index_put_((rows, pos), k[:, 0])
                 vc.index_put_((rows, pos), v[:, 0])
-                return a.sdpa_decode(q, kc[:, :s_len], vc[:, :s_len], valid)
+                return a.sdpa_decode(q, kc[:, :s_len], vc[:, :s_len], valid[a.window or 0])
 
-            h = layer(h, cos, sin, attend)
+            h = layer(h, ropes, attend)
         self.seq_lens.add_(1 if active is None else active.to(self.seq_lens.dtype))
         if hidden:
             hn = self.model.norm(h[:, 0])
@@ -369,13 +579,25 @@ class LeanCausalLM(nn.Module):
         h = self.embed(input_ids, None)  # [B, M, H]
         b, m = input_ids.shape
         pos = self.seq_lens[:, None] + torch.arange(m, device=h.device)[None]  # [B, M] positions == cache columns
-        cos, sin = self.rotary.cos_sin(pos, self.dtype)
+        ropes = self.ropes(pos)  # longrope: the row's set for its length after these M tokens (see rope.py)
         rows = torch.arange(b, device=h.device)[:, None].expand(b, m)
         s_len = self.max_seq_len if kv_len is None else kv_len
         if not m <= s_len <= self.max_seq_len:
             raise ValueError(f"kv_len={kv_len} must be in [{m}, {self.max_seq_len}] (the cache's columns)")
+        sw = self.longrope_switch
+        if sw is not None and s_len > sw and self._crossing_any((self.seq_lens <= sw) & (self.seq_lens + m > sw)):
+            # a row crosses the longrope switch inside these tokens: its positions before the switch read the short
+            # set, the later ones the whole sequence re-read with the long set; one token at a time does both
+            return torch.stack([self.decode(input_ids[:, j], kv_len=kv_len) for j in range(m)], dim=1)
+        if self.kv.tokens is not None:
+            self.kv.tokens.index_put_((rows, pos), input_ids)
         cols = torch.arange(s_len, device=h.device)
-        valid = (cols[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, M, S]
+        valid = {
+            w: (
+                (cols[None, None, :] <= pos[:, :, None]) & ((cols[None, None, :] > pos[:, :, None] - w) if w else True)
+            )[:, None]
+            for w in self.windows
+        }  # [B, 1, M, S] per window
 
         for i, layer in enumerate(self.model.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
@@ -383,17 +605,20 @@ class LeanCausalLM(nn.Module):
             def attend(a, q, k, v, kc=kc, vc=vc):
                 kc.index_put_((rows, pos), k)
                 vc.index_put_((rows, pos), v)
-                return a.sdpa(q, kc[:, :s_len], vc[:, :s_len], valid)
+                return a.sdpa(q, kc[:, :s_len], vc[:, :s_len], valid[a.window or 0])
 
-            h = layer(h, cos, sin, attend)
+            h = layer(h, ropes, attend)
         self.seq_lens.add_(m)
         return self._logits(h)
 
 
-def _prefill_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Causal + key-padding mask [B, 1, T, T]; padded query rows see themselves so no row is all -inf."""
+def _prefill_mask(mask: torch.Tensor, positions: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
+    """Causal + key-padding mask [B, 1, T, T] (``window`` > 0: and keys less than ``window`` positions back, by
+    ``positions`` [B, T]); padded query rows see themselves so no row is all -inf."""
     t = mask.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
     m = causal[None] & mask[:, None, :]
+    if window:
+        m &= (positions[:, :, None] - positions[:, None, :]) < window
     m |= torch.eye(t, dtype=torch.bool, device=mask.device)[None]
     return m[:, None]

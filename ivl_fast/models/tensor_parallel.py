@@ -3,7 +3,10 @@
 Each of the N ranks of a process group holds (``ShardPlan``):
 
 - q/k/v and gate/up, column-parallel (rows of the weight, the output features): rank r's query heads
-  [r H/N, (r+1) H/N), the KV heads they read, and its I/N of the MLP's intermediate features. With fewer KV heads
+  [r H/N, (r+1) H/N), the KV heads they read, and its I/N of the MLP's intermediate features. Fused weights
+  (Phi-3's qkv_proj and gate_up_proj) are cut into the same pieces, each rank's pieces concatenated.
+- q/k norms: per head (Qwen3, Gemma 3) replicated; over the whole projection (OLMo 2) each rank holds its heads'
+  weights and the mean of squares is all-reduced (two more all-reduces per layer). With fewer KV heads
   than ranks (Hkv < N, N a multiple of Hkv) each rank holds the one KV head its query heads read, so that head is
   replicated on N/Hkv ranks. Query head q reads KV head q // (H/Hkv), as in transformers' ``repeat_kv``.
 - o and down, row-parallel (columns, the input features): each rank's partial sum goes through one all-reduce per
@@ -38,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LeanConfig
-from .llama import LeanCausalLM
+from .families import text_weight_name
+from .llama import LeanCausalLM, RMSNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,21 +93,34 @@ def shard_plan(cfg: LeanConfig, rank: int, world: int) -> ShardPlan:
     )
 
 
-def slice_of(name: str, cfg: LeanConfig, plan: ShardPlan) -> tuple[int, int, int] | None:
-    """(dim, lo, hi) of the checkpoint tensor ``name`` that this rank reads, or None for the whole tensor."""
-    d = cfg.head_dim
+def slice_of(name: str, cfg: LeanConfig, plan: ShardPlan) -> tuple[int, list[tuple[int, int]]] | None:
+    """(dim, [(lo, hi), ...]) of the checkpoint tensor ``name`` that this rank reads (the pieces concatenated
+    along dim: several for fused weights), or None for the whole tensor."""
+    d, h, hkv, inter = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    q = (plan.heads[0] * d, plan.heads[1] * d)
+    kv = (plan.kv_heads[0] * d, plan.kv_heads[1] * d)
+    i0, i1 = plan.intermediate
+    if name.endswith(("self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias")):  # rows [q (H D); k (Hkv D); v]
+        k_at, v_at = h * d, (h + hkv) * d
+        return 0, [q, (k_at + kv[0], k_at + kv[1]), (v_at + kv[0], v_at + kv[1])]
     if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-        return 0, plan.heads[0] * d, plan.heads[1] * d
-    if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias", "v_proj.weight", "v_proj.bias")):
-        return 0, plan.kv_heads[0] * d, plan.kv_heads[1] * d
+        return 0, [q]
+    if name.endswith(tuple(f"self_attn.{p}_proj.{w}" for p in "kv" for w in ("weight", "bias"))):
+        return 0, [kv]
     if name.endswith("self_attn.o_proj.weight"):
-        return 1, plan.heads[0] * d, plan.heads[1] * d
+        return 1, [q]
     if name.endswith(("mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight", "mlp.up_proj.bias")):
-        return 0, *plan.intermediate
+        return 0, [(i0, i1)]
+    if name.endswith(("mlp.gate_up_proj.weight", "mlp.gate_up_proj.bias")):  # rows [gate (I); up (I)]
+        return 0, [(i0, i1), (inter + i0, inter + i1)]
     if name.endswith("mlp.down_proj.weight"):
-        return 1, *plan.intermediate
+        return 1, [(i0, i1)]
+    if cfg.arch.qk_norm == "proj" and name.endswith("self_attn.q_norm.weight"):
+        return 0, [q]
+    if cfg.arch.qk_norm == "proj" and name.endswith("self_attn.k_norm.weight"):
+        return 0, [kv]
     if name == "lm_head.weight":
-        return 0, *plan.vocab
+        return 0, [plan.vocab]
     return None
 
 
@@ -126,6 +143,22 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class ShardedRMSNorm(RMSNorm):
+    """An RMSNorm over a dimension split across the ranks (OLMo 2's q/k norm over the whole projection): this rank
+    holds [.., dim/N]; the sum of squares is all-reduced. Every rank holds the same number of features, so the
+    mean is the sum over world * local features (with replicated KV heads each copy is counted N/Hkv times, in
+    the numerator and the denominator alike)."""
+
+    def __init__(self, dim: int, eps: float, group, world: int, *, offset: bool, upcast: bool):
+        super().__init__(dim, eps, offset=offset, upcast=upcast)
+        self.group, self.world = group, world
+
+    def mean_square(self, h: torch.Tensor) -> torch.Tensor:
+        s = h.pow(2).sum(-1, keepdim=True)
+        dist.all_reduce(s, group=self.group)
+        return s / (self.world * h.shape[-1])
+
+
 class TensorParallelLlama(LeanCausalLM):
     """The lean engine holding one rank's shard (see the module docstring). Same interface and capabilities; its
     ``config`` is the whole model's, ``local_config`` what this rank's modules were built from."""
@@ -144,6 +177,10 @@ class TensorParallelLlama(LeanCausalLM):
             a, m = layer.self_attn, layer.mlp
             a.o_proj = RowParallelLinear(a.h * a.d, cfg.hidden_size, cfg.o_bias, group)
             m.down_proj = RowParallelLinear(local.intermediate_size, cfg.hidden_size, cfg.mlp_bias, group)
+            if a.qk_norm == "proj":
+                flags = dict(offset=cfg.arch.norm_offset, upcast=cfg.arch.norm_upcast)
+                a.q_norm = ShardedRMSNorm(a.h * a.d, cfg.rms_norm_eps, group, plan.world, **flags)
+                a.k_norm = ShardedRMSNorm(a.hkv * a.d, cfg.rms_norm_eps, group, plan.world, **flags)
         self.lm_head = nn.Linear(cfg.hidden_size, plan.vocab_rows, bias=False)
 
     def head_weight(self) -> torch.Tensor:
@@ -152,8 +189,8 @@ class TensorParallelLlama(LeanCausalLM):
             "CE+L1 loss need the whole base on one device"
         )
 
-    def project(self, hn: torch.Tensor) -> torch.Tensor:
-        """hn [.., H] -> logits [.., V]: this rank's rows, then an all-gather of every rank's."""
+    def head(self, hn: torch.Tensor) -> torch.Tensor:
+        """hn [.., H] -> the head's output [.., V]: this rank's rows, then an all-gather of every rank's."""
         local = F.linear(hn, self.lm_head.weight).contiguous()  # [.., V/N]
         out = torch.empty((self.plan.world * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
         _all_gather(out, local, group=self.group)  # [N * B, .., V/N], rank-major
@@ -189,16 +226,18 @@ def read_shard(path: str | Path, files: list[Path], cfg: LeanConfig, plan: Shard
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for name in sf.keys():
-                if name.endswith("rotary_emb.inv_freq"):
+            for stored in sf.keys():
+                name = stored if cfg.multimodal is None else text_weight_name(cfg.multimodal, stored)
+                if name is None or name.endswith("rotary_emb.inv_freq"):  # (a multimodal checkpoint's vision tower)
                     continue
                 cut = slice_of(name, cfg, plan)
-                sl = sf.get_slice(name)
+                sl = sf.get_slice(stored)
                 if cut is None:
                     state[name] = sl[:]
                 else:
-                    dim, lo, hi = cut
-                    state[name] = sl[lo:hi] if dim == 0 else sl[:, lo:hi]
+                    dim, pieces = cut
+                    parts = [sl[lo:hi] if dim == 0 else sl[:, lo:hi] for lo, hi in pieces]
+                    state[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
     if cfg.tie_word_embeddings:
         if "model.embed_tokens.weight" not in state:
             raise ValueError(f"checkpoint {str(path)!r} ties its head but has no model.embed_tokens.weight")

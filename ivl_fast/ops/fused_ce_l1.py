@@ -6,6 +6,10 @@ Definition (``fused_ce_l1_ref``, exactly)::
     M   = rows with labels != -100 ; n = |M|
     loss = sum_{i in M} CE(z_b[i] + z_d[i], labels[i]) / n  +  l1 * sum_{i in M} sum_v |z_d[i, v]| / (n * V)
 
+``value_softcap`` / ``base_softcap`` c (Gemma 2's final logit soft-capping): that model's logits are
+c * tanh(z / c) (the gradient through it is (1 - tanh^2), applied to the chunk's gradient block in place). A
+logit multiplier (Granite) is the caller's: scale the hidden states.
+
 The base is frozen (stop-gradient): gradients flow to ``value_hidden`` and ``value_head`` only. The fused op
 walks the rows in chunks; per chunk it computes both logit blocks, one row-wise pass produces the loss and
 overwrites the value logits with their gradient, then two matmuls give the hidden-state gradient and add into
@@ -24,11 +28,17 @@ from ._backend import pick_backend
 IGNORE_INDEX = -100
 
 
-def fused_ce_l1_ref(value_hidden, value_head, base_hidden, base_head, labels, l1: float = 1.0) -> torch.Tensor:
+def _cap(z: torch.Tensor, c: float | None) -> torch.Tensor:
+    return z if c is None else torch.tanh(z / c) * c
+
+
+def fused_ce_l1_ref(
+    value_hidden, value_head, base_hidden, base_head, labels, l1: float = 1.0, value_softcap=None, base_softcap=None
+) -> torch.Tensor:
     """The definition, materialised (use for tests and small sizes). Computes in float64 if given float64."""
     dt = torch.float64 if value_hidden.dtype == torch.float64 else torch.float32
-    zb = (base_hidden.to(dt) @ base_head.to(dt).T).detach()
-    zd = value_hidden.to(dt) @ value_head.to(dt).T
+    zb = _cap(base_hidden.to(dt) @ base_head.to(dt).T, base_softcap).detach()
+    zd = _cap(value_hidden.to(dt) @ value_head.to(dt).T, value_softcap)
     mask = labels != IGNORE_INDEX
     n = mask.sum().clamp(min=1).to(dt)
     z = zb + zd
@@ -62,7 +72,19 @@ def default_chunk(n: int, v: int, h: int) -> int:
 
 
 def _run_chunks(
-    value_hidden, value_head, base_hidden, base_head, labels, scale, l1, rows_fn, chunk, acc, need_h, need_w
+    value_hidden,
+    value_head,
+    base_hidden,
+    base_head,
+    labels,
+    scale,
+    l1,
+    rows_fn,
+    chunk,
+    acc,
+    need_h,
+    need_w,
+    caps=(None, None),
 ):
     """The chunk loop: loss (scalar, acc dtype), grad of value_hidden, accumulated grad of value_head."""
     n, hv = value_hidden.shape
@@ -74,10 +96,16 @@ def _run_chunks(
         e = min(n, s + chunk)
         xh = value_hidden[s:e]
         with torch.no_grad():
-            zb = (base_hidden[s:e] @ base_head.T).to(acc)  # [C, V]
+            zb = _cap((base_hidden[s:e] @ base_head.T).to(acc), caps[1])  # [C, V]
             zd = (xh @ value_head.T).to(acc)  # [C, V]; becomes d loss / d zd
+            if caps[0] is not None:  # zd <- c tanh(zd / c); t kept for the gradient
+                t = torch.tanh(zd.div_(caps[0]))
+                zd = torch.mul(t, caps[0], out=zd)
             total += rows_fn(zb, zd, labels[s:e], scale, l1).sum()
             del zb
+            if caps[0] is not None:  # d/dz of c tanh(z / c) = 1 - tanh^2
+                zd.mul_(t.square_().neg_().add_(1.0))
+                del t
             if need_h or need_w:
                 g = zd.to(value_hidden.dtype)
                 if need_h:
@@ -89,7 +117,7 @@ def _run_chunks(
 
 class _FusedCEL1(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, value_hidden, value_head, base_hidden, base_head, labels, l1, backend, chunk):
+    def forward(ctx, value_hidden, value_head, base_hidden, base_head, labels, l1, backend, chunk, caps):
         head_dtype = value_head.dtype  # the gradient is returned in the parameter's own dtype
         dev = value_hidden.device
         if backend == "triton":
@@ -118,6 +146,7 @@ class _FusedCEL1(torch.autograd.Function):
                 acc,
                 need_h,
                 need_w,
+                caps,
             )
         ctx.save_for_backward(grad_h, grad_w)
         ctx.head_dtype = head_dtype
@@ -128,7 +157,7 @@ class _FusedCEL1(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.head_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def fused_ce_l1(
@@ -140,10 +169,13 @@ def fused_ce_l1(
     l1: float = 1.0,
     backend: str = "auto",
     chunk_size: int | None = None,
+    value_softcap: float | None = None,
+    base_softcap: float | None = None,
 ) -> torch.Tensor:
     """Scalar IVL loss; differentiable w.r.t. ``value_hidden`` [N, Hv] and ``value_head`` [V, Hv].
 
     ``base_hidden`` [N, Hb] and ``base_head`` [V, Hb] are treated as constants. ``labels`` [N], -100 = ignored.
+    ``value_softcap`` / ``base_softcap``: that model's logits are c * tanh(z / c) (Gemma 2).
     """
     for name, t, dims in (
         ("value_hidden", value_hidden, 2),
@@ -170,6 +202,13 @@ def fused_ce_l1(
         raise ValueError(f"labels hold ids outside [0, {v}) (e.g. {int(labels[bad][0])}); -100 marks ignored rows")
     if not math.isfinite(l1) or l1 < 0:
         raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
+    for name, c in (("value_softcap", value_softcap), ("base_softcap", base_softcap)):
+        if c is not None and not (isinstance(c, int | float) and math.isfinite(c) and c > 0):
+            raise ValueError(f"{name} must be None or a finite number > 0, got {c!r}")
     be = pick_backend(backend, value_hidden.device)
     chunk = chunk_size or default_chunk(n, v, value_hidden.shape[1])
-    return _FusedCEL1.apply(value_hidden, value_head, base_hidden, base_head, labels, float(l1), be, chunk)
+    caps = (
+        None if value_softcap is None else float(value_softcap),
+        None if base_softcap is None else float(base_softcap),
+    )
+    return _FusedCEL1.apply(value_hidden, value_head, base_hidden, base_head, labels, float(l1), be, chunk, caps)

@@ -199,6 +199,11 @@ def load_value(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> tuple[
         value = new_probe(cfg, device)
     else:
         value = load_model(cfg.value_init, device=device, dtype="float32", engine="lean", allow_pickle=cfg.allow_pickle)
+        if value.config.multimodal is not None:  # the export writes the text model's weights only
+            raise ValueError(
+                f"--value-init {cfg.value_init}: a {value.config.multimodal} (multimodal) checkpoint cannot be trained "
+                "as the value network; start from its text-only model (model_type gemma3_text)"
+            )
     value.requires_grad_(True).train()
     value.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.fsdp and not dist.comm:

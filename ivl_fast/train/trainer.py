@@ -271,6 +271,14 @@ def _make_optimizer(value: LeanCausalLM, cfg: TrainConfig, stage_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(stage_steps, int(cfg.warmup_ratio * stage_steps)))
 
 
+def logit_transform(model) -> tuple[float, float | None]:
+    """(logit multiplier, final soft-cap) of a lean-family model (Granite's 1 / logits_scaling, Gemma 2's cap);
+    (1.0, None) for a model without them (a probe). The multiplier is folded into the hidden states (the head is
+    linear), the cap goes to the fused loss."""
+    arch = getattr(getattr(model, "config", None), "arch", None)
+    return (1.0, None) if arch is None else (arch.logit_scale, arch.final_softcap)
+
+
 def micro_batch_loss(cfg: TrainConfig, value_fwd, value: LeanCausalLM, base: LeanCausalLM, batch: dict):
     """Un-normalised pieces: returns (mean loss over this micro-batch's supervised tokens, their count)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -282,19 +290,22 @@ def micro_batch_loss(cfg: TrainConfig, value_fwd, value: LeanCausalLM, base: Lea
         value_h = value_fwd(ids, attention_mask=mask, output_hidden=True)
     else:  # cascade(+): the value network reads the base's next-token distribution
         with torch.no_grad():
-            base_logits = torch.nn.functional.linear(base_h, base.head_weight())  # [B, T, V]
+            base_logits = base.project(base_h)  # [B, T, V] (the family's logit transform included)
         embeds = value.soft_embed(base_logits, ids if cfg.scheme == "cascade+" else None)
         value_h = value_fwd(None, attention_mask=mask, output_hidden=True, inputs_embeds=embeds)
     hv, hb = value_h.shape[-1], base_h.shape[-1]
     lab = labels[:, 1:].reshape(-1)
+    (value_scale, value_cap), (base_scale, base_cap) = logit_transform(value), logit_transform(base)
     loss = fused_ce_l1(
-        value_h[:, :-1].reshape(-1, hv),
+        value_h[:, :-1].reshape(-1, hv) * value_scale if value_scale != 1.0 else value_h[:, :-1].reshape(-1, hv),
         value.head_weight(),
-        base_h[:, :-1].reshape(-1, hb),
+        base_h[:, :-1].reshape(-1, hb) * base_scale if base_scale != 1.0 else base_h[:, :-1].reshape(-1, hb),
         base.head_weight(),
         lab,
         cfg.l1,
         backend=cfg.loss_backend,
+        value_softcap=value_cap,
+        base_softcap=base_cap,
     )
     return loss, int((lab != IGNORE).sum())
 
