@@ -1,7 +1,10 @@
 """What decoding uses of a tokenizer, so two checkpoints' tokenizers compare by what matters, not by class.
 
 Same-vocabulary IVL decodes with one tokenizer for both models, which is right when both directories' tokenizers
-give every token the model can feed or produce the same id and agree on the special ids. Comparing
+give every token both models can feed or produce the same id (the ids below both models' row counts: one
+tokenizer under embeddings padded to different sizes, Qwen2.5 0.5B's 151,936 rows and 7B's 152,064, is one
+vocabulary). Special-token roles (bos, eos, pad, unk) may differ, as between a base and its Instruct model; the
+decoder then stops at the EOS ids of both. Comparing
 ``get_vocab()`` asks more than that and refuses identical files: ``AutoTokenizer`` picks the tokenizer class from
 each directory's ``config.json``, and a class may add tokens of its own (transformers' ``Qwen2Tokenizer`` adds
 ``<|endoftext|>`` as pad/unk when ``tokenizer_config.json`` names none), past the last row of the model's logits.
@@ -9,7 +12,8 @@ each directory's ``config.json``, and a class may add tokens of its own (transfo
 :class:`TokenizerIdentity` is that comparable part: the token -> id map over ``[0, vocab_size)`` of the model,
 and the bos/eos/pad/unk ids (an id outside the model's vocabulary counts as none: no such token can be fed or
 produced). :func:`describe_difference` says in a sentence what differs between two identities;
-:func:`pick_tokenizer` is how ``FastIVLDecoder.from_pretrained`` chooses the tokenizer of a base/value pair.
+:func:`pick_tokenizer` is how ``FastIVLDecoder.from_pretrained`` chooses the tokenizer of a base/value pair;
+:func:`tokenizer_size` is where a model's padding rows start.
 """
 
 from __future__ import annotations
@@ -111,32 +115,69 @@ def _id_text(i: int | None) -> str:
 
 
 def pick_tokenizer(explicit, base_path, value_path, base_vocab_size=None, value_vocab_size=None):
-    """The one tokenizer of a same-vocabulary base/value pair.
+    """The one tokenizer of a same-vocabulary base/value pair (:func:`pick_tokenizers`' first element)."""
+    return pick_tokenizers(explicit, base_path, value_path, base_vocab_size, value_vocab_size)[0]
 
-    ``explicit`` (a directory, or a tokenizer object) wins. Otherwise: the tokenizer of the first of
-    ``base_path``, ``value_path`` (either may be None) that has tokenizer files, or None when neither has. When both
-    have, their :class:`TokenizerIdentity` over each model's vocabulary must be equal, else ValueError naming the
-    difference. ``base_vocab_size`` / ``value_vocab_size``: the models' vocabulary sizes; None reads
-    ``vocab_size`` from the directory's ``config.json`` (every token counts when it has none).
+
+def pick_tokenizers(explicit, base_path, value_path, base_vocab_size=None, value_vocab_size=None):
+    """(the one tokenizer of a same-vocabulary base/value pair, {"base" / "value": each directory's own tokenizer,
+    for those that have one}).
+
+    ``explicit`` (a directory, or a tokenizer object) wins (no comparison: the caller chose; no side's own is
+    loaded). Otherwise: the tokenizer of the first of ``base_path``, ``value_path`` (either may be None) that has
+    tokenizer files, or None when neither has. When both have, their token -> id maps must be the same over the
+    ids both models have rows for (``min`` of the two sizes: one tokenizer under embeddings padded to different
+    row counts is one vocabulary), else ValueError naming the difference. Special-token roles (bos, eos, pad,
+    unk) may differ: the decoder stops at both sides' EOS (:func:`ivl_fast.decode.options.union_stop_ids`).
+    ``base_vocab_size`` / ``value_vocab_size``: the models' vocabulary sizes; None reads ``vocab_size`` from the
+    directory's ``config.json`` (every token counts when neither is known).
     """
     if explicit is not None:
-        return load_tokenizer(explicit) if isinstance(explicit, str | Path) else explicit
-    sides = ((base_path, base_vocab_size), (value_path, value_vocab_size))
-    found = [(p, n) for p, n in sides if p is not None and has_tokenizer(p)]
+        return (load_tokenizer(explicit) if isinstance(explicit, str | Path) else explicit), {}
+    sides = (("base", base_path, base_vocab_size), ("value", value_path, value_vocab_size))
+    found = [(name, p, n) for name, p, n in sides if p is not None and has_tokenizer(p)]
     if not found:
-        return None
-    tok = load_tokenizer(found[0][0])
+        return None, {}
+    tok = load_tokenizer(found[0][1])
+    own = {found[0][0]: tok}
     if len(found) == 2:
-        other = load_tokenizer(found[1][0])
-        (pa, na), (pb, nb) = found
-        a, b = TokenizerIdentity.of(tok, _vocab_size(pa, na)), TokenizerIdentity.of(other, _vocab_size(pb, nb))
-        diff = describe_difference(a, b)
-        if diff is not None:
+        other = load_tokenizer(found[1][1])
+        own[found[1][0]] = other
+        sizes = [_vocab_size(path, given) for _, path, given in found]
+        known = [size for size in sizes if size is not None]
+        common = min(known) if known else None  # the ids both models can read and produce
+        a, b = TokenizerIdentity.of(tok, common), TokenizerIdentity.of(other, common)
+        if a.tokens != b.tokens:  # special ids alone may differ (item: same family, other chat roles)
             raise ValueError(
                 f"the tokenizers of {str(base_path)!r} and {str(value_path)!r} differ over the models' vocabulary: "
-                f"{diff}; same-vocabulary IVL needs one tokenizer ({_HINT})"
+                f"{describe_difference(a, b)}; same-vocabulary IVL needs one tokenizer ({_HINT})"
             )
-    return tok
+    return tok, own
+
+
+def check_same_tokens(tokenizer, path, rows: int, what: str) -> None:
+    """A further model of the run (a draft, a logit term) at ``path`` whose embedding has ``rows`` rows: when its
+    directory has a tokenizer, it must map the ids ``[0, min(rows, tokenizer_size(tokenizer)))`` as ``tokenizer``
+    does (ValueError naming ``what`` and the difference). Nothing to check without one of the two."""
+    if tokenizer is None or path is None or not has_tokenizer(path):
+        return
+    n = min(rows, tokenizer_size(tokenizer))
+    a, b = TokenizerIdentity.of(tokenizer, n), TokenizerIdentity.of(load_tokenizer(path), n)
+    if a.tokens != b.tokens:
+        raise ValueError(
+            f"the tokenizer of {what} {str(path)!r} differs from the pair's: "
+            f"{describe_difference(a, b, names=('pair', what))}; it must share the pair's tokenizer"
+        )
+
+
+def tokenizer_size(tokenizer) -> int | None:
+    """The ids ``tokenizer`` can produce: one past its largest id, added tokens included (``len(tokenizer)``
+    when ids are contiguous); None for no tokenizer. Rows of a model's embedding at or past it are padding
+    (:func:`ivl_fast.decode.model_set.common_vocab`)."""
+    if tokenizer is None:
+        return None
+    ids = [i for i in tokenizer.get_vocab().values() if _is_int(i) and i >= 0]
+    return max(ids) + 1 if ids else len(tokenizer)
 
 
 def _vocab_size(path, given: int | None) -> int | None:
@@ -151,23 +192,39 @@ def _vocab_size(path, given: int | None) -> int | None:
     return n if _is_int(n) and n > 0 else None
 
 
-__all__ = ["SPECIAL_IDS", "TokenizerIdentity", "describe_difference", "pick_tokenizer"]
+__all__ = [
+    "SPECIAL_IDS",
+    "TokenizerIdentity",
+    "check_same_tokens",
+    "describe_difference",
+    "pick_tokenizer",
+    "pick_tokenizers",
+    "tokenizer_size",
+]
 
 
 def checkpoint_tokenizers(tokenizer, base_path, value_path, base, value, vocab_map):
-    """(tokenizer, base_tokenizer) of a decoder loaded from checkpoint directories: with a vocab map each model
-    keeps its own (``tokenizer``: the value's, or the one given); else the pair's one tokenizer
-    (:func:`pick_tokenizer`; a tokenizer object given is used as is) and no base tokenizer."""
+    """(tokenizer, base_tokenizer) of a decoder loaded from checkpoint directories (see
+    :func:`checkpoint_tokenizer_sides`)."""
+    return checkpoint_tokenizer_sides(tokenizer, base_path, value_path, base, value, vocab_map)[:2]
+
+
+def checkpoint_tokenizer_sides(tokenizer, base_path, value_path, base, value, vocab_map):
+    """(tokenizer, base_tokenizer, sides) of a decoder loaded from checkpoint directories: with a vocab map each
+    model keeps its own (``tokenizer``: the value's, or the one given); else the pair's one tokenizer
+    (:func:`pick_tokenizers`; a tokenizer object given is used as is) and no base tokenizer. ``sides``: {"base" /
+    "value": the directory's own tokenizer} of one vocabulary, where loaded (their EOS ids join the stop ids)."""
     if vocab_map is not None:  # two vocabularies
         if tokenizer is None or isinstance(tokenizer, str | Path):
             tokenizer = load_tokenizer(tokenizer or value_path)
-        return tokenizer, load_tokenizer(base_path)
+        return tokenizer, load_tokenizer(base_path), {}
+    sides = {}
     if tokenizer is None or isinstance(tokenizer, str | Path):
-        tokenizer = pick_tokenizer(
+        tokenizer, sides = pick_tokenizers(
             tokenizer,
             base_path,
             value_path,
             base_vocab_size=base.vocab_size if base is not None else None,
             value_vocab_size=value.vocab_size if value is not None else None,
         )
-    return tokenizer, None
+    return tokenizer, None, sides

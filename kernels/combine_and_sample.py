@@ -361,7 +361,10 @@ def launch(
     # [B, V_base] logits (and an fp32 copy of bf16 ones) before the kernel; a pre-pass over the base row inside the
     # kernel would save it (not done: the GPU path is not yet validated, nothing measured)
     base_lse = torch.logsumexp(base.float(), dim=-1).contiguous() if ell is not None else lp
-    base_t, value_t = base_t.contiguous(), value_t.contiguous()
+    # rows may be strided (the kernel reads them through stride(0)): a [B, V] view of [B, V_rows] padded logits
+    # (ModelSet.trim) is read in place instead of copied each step; only columns must be unit-stride
+    base_t = base_t if base_t.stride(-1) == 1 else base_t.contiguous()
+    value_t = value_t if value_t.stride(-1) == 1 else value_t.contiguous()
     if penalties is not None:
         pmask, counts, rep_p, pres_p, freq_p = penalties
         pmask = pmask.contiguous().view(torch.uint8)  # bool -> its bytes (same size; Triton has no bool pointer)

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.chat import load_tokenizer
-from ivl_fast.tokenizer_identity import TokenizerIdentity, describe_difference, pick_tokenizer
+from ivl_fast.tokenizer_identity import TokenizerIdentity, describe_difference, pick_tokenizer, pick_tokenizers
 
 V = 512  # the conftest tokenizer's size and tiny_config's vocab_size
 
@@ -80,11 +80,15 @@ def test_the_qwen2_identity_drops_what_lies_past_the_vocabulary(qwen2_case):
     )
 
 
-def test_a_vocabulary_one_larger_counts_the_added_token(qwen2_case):
+def test_a_vocabulary_one_larger_counts_the_added_token_when_both_have_its_row(qwen2_case):
     base_dir, value_dir = qwen2_case
+    # one model with a row for it, the other without: the ids both models have are one vocabulary (#31: padded
+    # embeddings); the decoder never feeds or produces id 512 (ModelSet.real_vocab)
+    assert type(pick_tokenizer(None, base_dir, value_dir, V + 1, V)).__name__ == "Qwen2Tokenizer"
     with pytest.raises(ValueError, match=r"'<\|endoftext\|>' to 512.*pad_token_id: base 512, value none"):
-        pick_tokenizer(None, base_dir, value_dir, V + 1, V)
+        pick_tokenizer(None, base_dir, value_dir, V + 1, V + 1)
     _save(load_tokenizer(value_dir), base_dir, "qwen2", vocab_size=V + 1)  # the same through config.json
+    _save(load_tokenizer(value_dir), value_dir, "llama", vocab_size=V + 1)
     with pytest.raises(ValueError, match=r"'<\|endoftext\|>' to 512"):
         pick_tokenizer(None, base_dir, value_dir)
 
@@ -117,7 +121,9 @@ def test_swapped_token_ids_are_refused_naming_the_token(tmp_path, tokenizer):
     assert "_token_id:" not in msg  # the special ids agree and are not mentioned
 
 
-def test_a_different_eos_id_is_refused_naming_it(tmp_path, tokenizer):
+def test_a_different_eos_id_is_one_vocabulary(tmp_path, tokenizer):
+    """Special-token roles alone may differ (#31: an Instruct base, a value network with its own EOS); the
+    decoder stops at both EOS ids (tests/test_same_family_pairs.py)."""
     other_eos = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer.backend_tokenizer,
         bos_token="<s>",
@@ -127,12 +133,14 @@ def test_a_different_eos_id_is_refused_naming_it(tmp_path, tokenizer):
     )
     base_dir = _save(tokenizer, tmp_path / "base")
     value_dir = _save(other_eos, tmp_path / "value")
-    with pytest.raises(ValueError) as err:
+    tok, sides = pick_tokenizers(None, base_dir, value_dir, V, V)
+    assert tok is sides["base"] and tok.eos_token_id == 2 and sides["value"].eos_token_id == 3
+    a, b = (TokenizerIdentity.of(sides[k], V) for k in ("base", "value"))
+    assert describe_difference(a, b) == "eos_token_id: base 2, value 3"  # what differs is still named
+    # with the token map different as well, the refusal names both
+    _swap_ids(value_dir, 300, 301)
+    with pytest.raises(ValueError, match=r"to 301, the base tokenizer to 300; 1 more token differs; eos_token_id: "):
         pick_tokenizer(None, base_dir, value_dir, V, V)
-    msg = str(err.value)
-    assert "over the models' vocabulary: eos_token_id: base 2, value 3; same-vocabulary IVL" in msg
-    assert "maps" not in msg  # the token map agrees and is not mentioned
-    assert "ivl-fast vocab-map" in msg
 
 
 def test_tokens_past_the_model_vocabulary_are_ignored(tmp_path, tokenizer):
@@ -150,13 +158,15 @@ def test_tokens_past_the_model_vocabulary_are_ignored(tmp_path, tokenizer):
     assert pick_tokenizer(None, base_dir, value_dir, V, V) is not None
     with pytest.raises(ValueError, match=r"the value tokenizer maps '<extra_0>' to 512"):
         pick_tokenizer(None, base_dir, value_dir)
-    # a model that has rows for them makes them count
+    # rows for them in one model only: past the other's rows, not compared (the pair never uses them)
+    assert pick_tokenizer(None, base_dir, value_dir, V, V + 2) is not None
+    # both models have rows for them: then they count
     with pytest.raises(
         ValueError,
         match=r"the value tokenizer maps '<extra_0>' to 512, the base tokenizer has no "
         r"such token; 1 more token differs; same-vocabulary",
     ):
-        pick_tokenizer(None, base_dir, value_dir, V, V + 2)
+        pick_tokenizer(None, base_dir, value_dir, V + 2, V + 2)
 
 
 # ----------------------------------------------------------------------------- the rest of the contract

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from ..graphs import kv_bucket, run_cpp, run_python
-from ..models.engine import supports
+from ..models.engine import graph_safe, supports
 from ..ops._backend import pick_backend
 from ..sampling import SamplingParams
 from .buffers import DecodeBuffers
@@ -463,6 +463,10 @@ class DecodeLoop:
             else:
                 segments.append([kv, 1])
         for kv, count in segments:
+            if not graph_safe(self.models.engines, kv):  # longrope past its switch: eager rounds
+                for _ in range(count):
+                    self._eager_round()
+                continue
             graphs = self.graphs(kv)
             ran = runner(graphs, count, self.bufs.done, self.bufs.host, self.k)
             self.note_rounds(ran)

@@ -20,7 +20,11 @@ class ModelSet:
     happens in the value vocabulary); sample_backend: combine_and_sample's backend option; terms: more
     same-vocabulary engines with signed weights, ((engine, weight), ...): logit arithmetic, z = z_base +
     alpha * z_value + sum_i w_i * z_i (proxy tuning: the value a tuned small model, a term its untuned self at -1;
-    DExperts; EFT), each reading the tokens as a residual value network does."""
+    DExperts; EFT), each reading the tokens as a residual value network does. real_vocab: one tokenizer under
+    models whose embeddings are padded to different row counts (Qwen2.5 0.5B-3B 151,936 rows, 7B-72B 152,064;
+    Gemma-3 1B 262,144, 4B-27B 262,208): the ids ``[0, real_vocab)`` that exist for every model and the tokenizer
+    (:func:`common_vocab`); every row at or past it is padding, never read, sampled or scored (:meth:`trim`).
+    None: every model has the same rows (or a vocab map relates them), all of which count, as in transformers."""
 
     scheme: str
     base: object | None
@@ -29,6 +33,7 @@ class ModelSet:
     vocab_map: object | None = None
     sample_backend: str = "auto"
     terms: tuple = ()
+    real_vocab: int | None = None
 
     @property
     def engines(self) -> list:
@@ -52,8 +57,38 @@ class ModelSet:
 
     @property
     def vocab_size(self) -> int:
-        """Logits of the value model when there is one (else the base's): the range of token ids in and out."""
+        """The range of token ids in and out: :attr:`real_vocab` when the models' rows differ, else the logits of
+        the value model when there is one (else the base's)."""
+        if self.real_vocab is not None:
+            return self.real_vocab
         return (self.value or self.base).vocab_size
+
+    def trim(self, z):
+        """Logits [.., V_rows] of any model of the set (or None, or the value side's list with logit terms) -> the
+        real vocabulary's [.., real_vocab]: a view (no copy; the fused kernel reads rows through their stride),
+        dropping the padding rows, which then have probability 0 wherever the logits go (sampling, log-probs,
+        top alternatives). Unchanged when every model has the same rows."""
+        v = self.real_vocab
+        if z is None or v is None:
+            return z
+        if isinstance(z, list):
+            return [self.trim(x) for x in z]
+        return z if z.shape[-1] == v else z[..., :v]
+
+    def cascade_input(self, zb: torch.Tensor) -> torch.Tensor:
+        """Base logits [.., V_base_rows] -> what the cascade value network's ``soft_embed`` reads: logits over its
+        own embedding's rows [.., V_value_rows], softmax(z) @ E_value. With padded vocabularies the real ids keep
+        the base's logits and every padding row of either model gets -inf (probability 0): one [.., V_value_rows]
+        copy, on the cascade path only (it runs the two models one after the other anyway)."""
+        v = self.real_vocab
+        if v is None:
+            return zb
+        rows = self.value.vocab_size
+        if rows == v:  # the value has no padding rows: the base's real ids, a view
+            return zb[..., :v]
+        out = zb.new_full((*zb.shape[:-1], rows), float("-inf"))
+        out[..., :v] = zb[..., :v]
+        return out
 
     @property
     def sampled_vocab(self) -> int:
@@ -87,8 +122,27 @@ class ModelSet:
         return (self.base or self.value).config
 
 
-def check_terms(scheme: str, base, value, terms, has_vocab_map: bool) -> tuple:
-    """((engine, weight), ...) of logit terms that fit the pair (ValueError naming what does not)."""
+def common_vocab(rows, tokenizer_size: int | None) -> int | None:
+    """The real vocabulary of models with ``rows`` embedding rows each sharing one tokenizer that knows
+    ``tokenizer_size`` ids (:func:`ivl_fast.tokenizer_identity.tokenizer_size`): None when every model has the
+    same rows (all of them count, as before) or the tokenizer is unknown (nothing tells padding from tokens: the
+    checks then refuse the pair); else the ids every model has a row for and the tokenizer can produce,
+    ``min(rows..., tokenizer_size)``."""
+    rows = [int(r) for r in rows]
+    if len(set(rows)) <= 1 or tokenizer_size is None:
+        return None
+    return min(*rows, int(tokenizer_size))
+
+
+_PADDED_HINT = (
+    "one tokenizer under embeddings padded to different sizes is one vocabulary: pass the tokenizer "
+    "(tokenizer=..., or checkpoints that include it) and the rows past its ids are ignored"
+)
+
+
+def check_terms(scheme: str, base, value, terms, has_vocab_map: bool, real_vocab: int | None = None) -> tuple:
+    """((engine, weight), ...) of logit terms that fit the pair (ValueError naming what does not). ``real_vocab``:
+    see :class:`ModelSet` (a term's rows may then differ; it needs at least those ids)."""
     terms = tuple(terms or ())
     if not terms:
         return ()
@@ -103,18 +157,20 @@ def check_terms(scheme: str, base, value, terms, has_vocab_map: bool) -> tuple:
         e, w = t
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
             raise ValueError(f"terms[{i}]: the weight must be a finite number, got {w!r}")
-        if e.vocab_size != ref.vocab_size:
+        padded = real_vocab is not None and e.vocab_size >= real_vocab
+        if e.vocab_size != ref.vocab_size and not padded:
             raise ValueError(
                 f"terms[{i}]: its vocabulary ({e.vocab_size} tokens) differs from the pair's ({ref.vocab_size}); "
-                "logit terms share one vocabulary"
+                f"logit terms share one vocabulary ({_PADDED_HINT})"
             )
         if e.device != ref.device:
             raise ValueError(f"terms[{i}] is on {e.device} but the pair on {ref.device}")
     return tuple((e, float(w)) for e, w in terms)
 
 
-def check_models(scheme: str, base, value, alpha, has_vocab_map: bool) -> None:
-    """The engines fit the scheme and each other (ValueError naming what does not)."""
+def check_models(scheme: str, base, value, alpha, has_vocab_map: bool, real_vocab: int | None = None) -> None:
+    """The engines fit the scheme and each other (ValueError naming what does not). ``real_vocab``: see
+    :class:`ModelSet`; with it the base's and the value's rows may differ."""
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     if is_cascade(scheme) and not (supports(base, "inputs_embeds") and supports(value, "inputs_embeds")):
@@ -139,9 +195,10 @@ def check_models(scheme: str, base, value, alpha, has_vocab_map: bool) -> None:
     if base is not None and value is not None:
         if base.device != value.device:
             raise ValueError(f"base model is on {base.device} but value model is on {value.device}")
-        if base.vocab_size != value.vocab_size and not has_vocab_map:
+        if base.vocab_size != value.vocab_size and not has_vocab_map and real_vocab is None:
             raise ValueError(
                 f"base vocabulary ({base.vocab_size} tokens) and value vocabulary ({value.vocab_size} "
-                "tokens) differ and no vocab_map was given; build one with `ivl-fast vocab-map "
+                f"tokens) differ, no tokenizer tells their padding rows apart and no vocab_map was given; "
+                f"{_PADDED_HINT}; for different tokenizers build a map with `ivl-fast vocab-map "
                 "--base-tokenizer BASE --value-tokenizer VALUE --corpus FILE --out map.safetensors`"
             )

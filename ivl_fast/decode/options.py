@@ -270,17 +270,104 @@ def resolve_options(
     return GenerationOptions(**values, eos_token_id=tuple(eos), pad_token_id=pad, stop_strings=stops)
 
 
-def checkpoint_generation_config(paths):
-    """The GenerationConfig of the first of ``paths`` holding a generation_config.json (None when none has one):
-    the value network's before the base's, as transformers uses a model's own."""
+def read_generation_config(path):
+    """The GenerationConfig of ``path``'s generation_config.json (None for no path or no such file)."""
     from pathlib import Path
 
     from transformers import GenerationConfig
 
-    for p in paths:
-        if p is not None and (Path(p) / "generation_config.json").is_file():
-            return GenerationConfig.from_pretrained(str(p))
+    if path is not None and (Path(path) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(path))
     return None
+
+
+def checkpoint_generation_config(paths):
+    """The GenerationConfig of the first of ``paths`` holding a generation_config.json (None when none has one):
+    the value network's before the base's, as transformers uses a model's own."""
+    for p in paths:
+        cfg = read_generation_config(p)
+        if cfg is not None:
+            return cfg
+    return None
+
+
+@dataclass(frozen=True)
+class StopIds:
+    """The stop ids of a base/value pair of one vocabulary and where they came from.
+
+    ids: the union, in first-seen order. sources: (where, ids) for each source that has some ("the base's
+    generation_config.json", (128001, 128008, 128009)), in the order they were read."""
+
+    ids: tuple[int, ...]
+    sources: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def agree(self) -> bool:
+        """Every source names the same ids (nothing to point out)."""
+        return len({frozenset(ids) for _, ids in self.sources}) <= 1
+
+    def describe(self) -> str:
+        """The one line a decoder prints at load time."""
+        parts = "; ".join(f"{where} {list(ids) if len(ids) > 1 else ids[0]}" for where, ids in self.sources)
+        return f"ivl-fast: stop ids {list(self.ids)}, the union of {parts} (eos_token_id=... overrides)"
+
+
+def _as_ids(v) -> tuple:
+    """An eos_token_id value (int, list, None) -> a tuple of its entries (unchecked: resolve_options checks)."""
+    if v is None:
+        return ()
+    return (v,) if isinstance(v, int) else tuple(v) if isinstance(v, list | tuple) else (v,)
+
+
+def _owner(name: str) -> str:
+    return f"the {name}'s " if name else "the "
+
+
+def union_stop_ids(configs, tokenizers, vocab_size: int) -> StopIds | None:
+    """The stop ids of a pair: the union of the EOS lists of both checkpoints' generation configs (``configs``:
+    (name, GenerationConfig or None), the value's first) and of the tokenizers' EOS (``tokenizers``: (name,
+    tokenizer or None); name "" for the pair's one tokenizer); None when none has one. An Instruct base stops at its
+    chat-turn ends as well as at the value network's EOS (Llama 3 Instruct: [128001, 128008, 128009]; Gemma:
+    [1, 107]). A tokenizer's EOS outside
+    ``[0, vocab_size)`` counts as none (no model can produce it); a generation config's entries are kept as they
+    are, so :func:`resolve_options` refuses a bad one naming it."""
+    sources = []
+    for name, cfg in configs:
+        ids = _as_ids(getattr(cfg, "eos_token_id", None)) if cfg is not None else ()
+        if ids:
+            sources.append((f"{_owner(name)}generation_config.json", ids))
+    for name, tok in tokenizers:
+        e = getattr(tok, "eos_token_id", None) if tok is not None else None
+        if isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab_size:
+            sources.append((f"{_owner(name)}tokenizer's EOS", (e,)))
+    if not sources:
+        return None
+    ids = tuple(dict.fromkeys(i for _, src in sources for i in src))
+    return StopIds(ids, tuple(sources))
+
+
+def pair_generation_config(configs, tokenizers, vocab_size: int):
+    """(the GenerationConfig a same-vocabulary pair decodes with, its :class:`StopIds` or None).
+
+    The config is the first of ``configs`` present (the value network's, else the base's), as before, with
+    ``eos_token_id`` replaced by :func:`union_stop_ids` when a generation config names EOS ids or the tokenizers
+    disagree (else the fallback to the tokenizer's EOS gives the same ids, and nothing changes). A config passed
+    to generate() or an explicit ``eos_token_id`` still wins over it."""
+    import copy
+
+    first = next((cfg for _, cfg in configs if cfg is not None), None)
+    stop = union_stop_ids(configs, tokenizers, vocab_size)
+    from_files = any(cfg is not None and _as_ids(getattr(cfg, "eos_token_id", None)) for _, cfg in configs)
+    if stop is None or (not from_files and stop.agree):
+        return first, None
+    if first is None:
+        from transformers import GenerationConfig
+
+        out = GenerationConfig()
+    else:
+        out = copy.deepcopy(first)
+    out.eos_token_id = list(stop.ids)
+    return out, stop
 
 
 def own_generation_config(*models):

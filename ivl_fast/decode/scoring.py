@@ -184,12 +184,14 @@ def score(
         hit = torch.empty(len(targets), dtype=torch.bool, device=dev)
         for c in range(0, len(targets), chunk_rows):
             b, p = rows_t[c : c + chunk_rows], cols_t[c : c + chunk_rows]
-            z = base_at(b, p) if base_at is not None else None
+            # [n, V_rows] per model -> [n, real_vocab] views (ModelSet.trim): padding rows of models padded to
+            # different sizes take no probability, so log_softmax normalises over the real ids only
+            z = models.trim(base_at(b, p)) if base_at is not None else None
             if value_at is not None:
-                zv = value_at(b, p)
+                zv = models.trim(value_at(b, p))
                 z = models.alpha * zv if z is None else z + models.alpha * zv
             for at, w in terms_at:
-                z = z + w * at(b, p)
+                z = z + w * models.trim(at(b, p))
             logp = z.log_softmax(-1)
             y = tgt[c : c + chunk_rows]
             lp[c : c + chunk_rows] = logp.gather(1, y[:, None])[:, 0].double()
@@ -213,7 +215,7 @@ def _soft_inputs(models: ModelSet, base_at, ids, mask, chunk_rows: int) -> torch
     for c in range(0, b * t, chunk_rows):
         rb, rt = flat_b[c : c + chunk_rows], flat_t[c : c + chunk_rows]
         tok = ids[rb, rt] if models.scheme == "cascade+" else None
-        parts.append(value.soft_embed(base_at(rb, rt), tok))
+        parts.append(value.soft_embed(models.cascade_input(base_at(rb, rt)), tok))
     return torch.cat(parts).reshape(b, t, -1)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from ..graphs import StepGraphs, kv_bucket, new_graph
+from ..models.engine import graph_safe
 from ..ops._backend import pick_backend
 from .buffers import DecodeBuffers
 from .graph_cache import GraphCache
@@ -117,11 +118,15 @@ class SpeculativeLoop:
     # ------------------------------------------------------------------ rounds
     def _round(self) -> None:
         need = self._longest + self.steps + self.k  # every row's pending position + k + 1 (host mirror)
-        if self.cache is None:
-            kv = min(need, self.capacity)
+        kv = (
+            min(need, self.capacity)
+            if self.cache is None
+            else kv_bucket(need, self.capacity, self.cache.settings.kv_block)
+        )
+        if self.cache is None or not graph_safe([*self.models.engines, self.draft], kv):  # (longrope past its switch)
             speculative_round(self.models, self.draft, self.bufs, self.cfg, self.eos, kv, self.state)
         else:
-            self.graphs(kv_bucket(need, self.capacity, self.cache.settings.kv_block)).replay_step()
+            self.graphs(kv).replay_step()
         self.rounds += 1
 
     def graphs(self, kv_len: int) -> StepGraphs:
@@ -231,10 +236,14 @@ def check_draft(models: ModelSet, draft, k) -> None:
         )
     if models.cross_vocab:
         raise ValueError("a draft model and a vocab_map cannot be combined (speculation needs one vocabulary)")
-    if draft.vocab_size != models.base.vocab_size:
+    # one tokenizer under padded embeddings (ModelSet.real_vocab): the draft needs rows for the real ids only (a
+    # round reads its logits through speculative._combine, cut to models.sampled_vocab)
+    padded = models.real_vocab is not None and draft.vocab_size >= models.real_vocab
+    if draft.vocab_size != models.base.vocab_size and not padded:
         raise ValueError(
             f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from the base's "
-            f"({models.base.vocab_size}); the draft must share the base's tokenizer"
+            f"({models.base.vocab_size}); the draft must share the base's tokenizer (one tokenizer padded to "
+            "different sizes counts as one: pass it as tokenizer=..., or load checkpoints that include it)"
         )
     if draft.device != models.base.device:
         raise ValueError(f"the draft model is on {draft.device} but the base model on {models.base.device}")

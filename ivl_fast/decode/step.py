@@ -95,7 +95,7 @@ def prefill_logits(models: ModelSet, prompt: torch.Tensor, mask: torch.Tensor, r
         return zb, models.value.logits(h)
     if models.cascade:  # sequential: the value network reads the base's distribution
         zb_all = models.base.prefill(prompt, mask, all_logits=True, **kw)  # [n, T, V]
-        emb = models.value.soft_embed(zb_all, prompt if models.scheme == "cascade+" else None)
+        emb = models.value.soft_embed(models.cascade_input(zb_all), prompt if models.scheme == "cascade+" else None)
         return zb_all[:, -1], models.value.prefill(None, mask, inputs_embeds=emb, **kw)
     zb = models.base.prefill(prompt, mask, **kw) if models.base in models.engines else None
     zv = models.value.prefill(prompt, mask, **kw) if models.value in models.engines else None
@@ -112,7 +112,7 @@ def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None
         return zb, value.logits(h)
     if models.cascade:
         zb = base.decode(ids, **_kw(base, kv_len, active))
-        emb = value.soft_embed(zb, ids if models.scheme == "cascade+" else None)
+        emb = value.soft_embed(models.cascade_input(zb), ids if models.scheme == "cascade+" else None)
         return zb, value.decode(None, inputs_embeds=emb, **_kw(value, kv_len, active))
 
     def terms(zv):  # the logit terms run where the value network runs (its stream)
@@ -135,6 +135,13 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
     logprobs are taken from (penalized, before the warpers), computed apart from the fused sampler."""
     sp = cfg.sampling
     do_sample = sp.do_sample
+    # Padded vocabularies (models.real_vocab; one tokenizer, e.g. a 152,064-row base and a 151,936-row value):
+    # every model's logits [B, V_rows] become views [B, real_vocab] (row stride V_rows, no copy), so the op
+    # combines, samples and normalises over the real ids only and a padding id is never drawn. Chosen over masking
+    # the padding rows to -inf, which would need a [B, V_rows] copy per step (the models' outputs are theirs) and
+    # [B, V_rows] penalty buffers; the fused kernel reads rows through their stride. Here, not in decode_logits,
+    # because the two-stream graphs and admissions reach the sampler without it. No-op when the rows agree.
+    zb, zv = models.trim(zb), models.trim(zv)
     terms = {}
     if isinstance(zv, list):  # logit terms: [z_value, z_term_1, ...]
         zv, zts = zv[0], zv[1:]

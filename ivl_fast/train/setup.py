@@ -171,7 +171,11 @@ def _log_step(log_path: Path, line: str) -> int:
 # ----------------------------------------------------------------------------- inputs and models
 def load_checked_tokenizer(cfg: TrainConfig):
     """The run's tokenizer (--value-init's, else the first base's), after checking that every base shares the
-    value network's vocabulary (IVL adds their logits token by token)."""
+    value network's vocabulary (IVL adds their logits token by token). One tokenizer under embeddings padded to
+    other row counts (Qwen2.5 0.5B vs 7B) is one vocabulary: the loss then runs over the ids every model has a
+    row for (``micro_batch_loss``), which the tokenizer's ids must fit in."""
+    from ..tokenizer_identity import check_same_tokens, tokenizer_size
+
     tok_dir = cfg.value_init if has_tokenizer(cfg.value_init) else cfg.bases[0]
     if not has_tokenizer(tok_dir):
         raise FileNotFoundError(f"no tokenizer in --value-init {cfg.value_init!r} or --base {cfg.bases[0]!r}")
@@ -179,11 +183,18 @@ def load_checked_tokenizer(cfg: TrainConfig):
     value_vocab = int(read_config(cfg.value_init)["vocab_size"])
     for b in cfg.bases:
         bv = int(read_config(b)["vocab_size"])
-        if bv != value_vocab:
+        if bv == value_vocab:
+            continue
+        if min(bv, value_vocab) < tokenizer_size(tokenizer) or cfg.scheme != "residual":
             raise ValueError(
-                f"base {b!r} has a {bv}-token vocabulary but the value network {cfg.value_init!r} has {value_vocab}; "
-                "IVL training needs the same vocabulary"
+                f"base {b!r} has a {bv}-token vocabulary but the value network {cfg.value_init!r} has {value_vocab}"
+                + (
+                    f" and the tokenizer {tokenizer_size(tokenizer)} ids; IVL training needs the same vocabulary"
+                    if cfg.scheme == "residual"
+                    else f"; --scheme {cfg.scheme} needs the same row counts (it reads one model's rows in the other)"
+                )
             )
+        check_same_tokens(tokenizer, b, bv, f"base {b}")  # padded rows only: the tokens themselves must agree
     return tokenizer
 
 

@@ -296,11 +296,14 @@ def micro_batch_loss(cfg: TrainConfig, value_fwd, value: LeanCausalLM, base: Lea
     hv, hb = value_h.shape[-1], base_h.shape[-1]
     lab = labels[:, 1:].reshape(-1)
     (value_scale, value_cap), (base_scale, base_cap) = logit_transform(value), logit_transform(base)
+    # embeddings padded to other row counts (one tokenizer, load_checked_tokenizer): the rows both models have;
+    # row slices of the heads, no copy; the larger model's padding rows get probability 0 and no gradient
+    v = min(value.head_weight().shape[0], base.head_weight().shape[0])
     loss = fused_ce_l1(
         value_h[:, :-1].reshape(-1, hv) * value_scale if value_scale != 1.0 else value_h[:, :-1].reshape(-1, hv),
-        value.head_weight(),
+        value.head_weight()[:v],
         base_h[:, :-1].reshape(-1, hb) * base_scale if base_scale != 1.0 else base_h[:, :-1].reshape(-1, hb),
-        base.head_weight(),
+        base.head_weight()[:v],
         lab,
         cfg.l1,
         backend=cfg.loss_backend,
