@@ -75,10 +75,73 @@ def is_message_list(x) -> bool:
     return isinstance(x, list | tuple) and len(x) > 0 and all(isinstance(m, dict) for m in x)
 
 
-def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+# what ``tokenizer.apply_chat_template`` (and the jinja renderer below it) take as their own arguments: a
+# ``chat_template_kwargs`` key among them would change what is rendered or returned (``tokenize``, ``return_dict``)
+# or collide with an argument ivl-fast passes (``messages``), so it is refused rather than passed on
+RESERVED_CHAT_TEMPLATE_KWARGS = frozenset(
+    {
+        "messages",
+        "conversation",
+        "conversations",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "tools",
+        "documents",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "sanitize_control_tokens",
+        "tokenizer_kwargs",
+    }
+)
+
+
+def _reserved_kwargs(tokenizer) -> frozenset[str]:
+    """The reserved keys plus every named parameter of this tokenizer's ``apply_chat_template`` (a newer
+    transformers may add some)."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(tokenizer).apply_chat_template).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return RESERVED_CHAT_TEMPLATE_KWARGS
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+    return RESERVED_CHAT_TEMPLATE_KWARGS | named
+
+
+def check_chat_template_kwargs(kwargs, tokenizer=None, *, name: str = "chat_template_kwargs") -> dict:
+    """``kwargs`` checked as extra variables for a chat template (vLLM's ``chat_template_kwargs``, e.g.
+    ``{"enable_thinking": False}`` for Qwen3) -> a new dict ({} for None). TypeError when it is not a dict with
+    string keys, ValueError naming the first reserved key (:data:`RESERVED_CHAT_TEMPLATE_KWARGS`, and any named
+    parameter of ``tokenizer.apply_chat_template``); ``name``: what the messages call it (a flag, a field)."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{name} must be an object (template variable -> value), got {type(kwargs).__name__}")
+    bad = next((k for k in kwargs if not isinstance(k, str)), None)
+    if bad is not None:
+        raise TypeError(f"{name} keys must be strings (template variable names), got {bad!r}")
+    reserved = _reserved_kwargs(tokenizer) if tokenizer is not None else RESERVED_CHAT_TEMPLATE_KWARGS
+    hit = next((k for k in kwargs if k in reserved), None)
+    if hit is not None:
+        raise ValueError(f"{name} may not set {hit!r}: it is an argument of apply_chat_template, which ivl-fast sets")
+    return dict(kwargs)
+
+
+def render_chat(
+    tokenizer, messages: list[dict], *, add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+) -> str:
     """``messages`` as text through the tokenizer's own chat template, else :data:`DEFAULT_CHAT_TEMPLATE`;
-    ``add_generation_prompt`` ends the text with the assistant's turn header (the prompt of a reply)."""
+    ``add_generation_prompt`` ends the text with the assistant's turn header (the prompt of a reply);
+    ``chat_template_kwargs``: extra template variables (e.g. ``{"enable_thinking": False}`` for Qwen3), checked by
+    :func:`check_chat_template_kwargs`."""
+    extra = check_chat_template_kwargs(chat_template_kwargs, tokenizer)
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )

@@ -8,6 +8,7 @@ are resolved by :mod:`ivl_fast.decode.options`, and the loop, the step, the buff
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from .decode.cross_vocab import check_vocab_map
 from .decode.graph_cache import GraphCache, GraphSettings
 from .decode.inputs import pack_prompts, repeat_prompts
 from .decode.loop import DecodeLoop
-from .decode.model_set import ModelSet, check_models, check_terms
+from .decode.model_set import ModelSet, check_models, check_terms, common_vocab
 from .decode.options import (
     GenerationOptions,
-    checkpoint_generation_config,
     own_generation_config,
+    pair_generation_config,
+    read_generation_config,
     resolve_options,
 )
 from .decode.scoring import loglikelihood, loglikelihood_rolling
@@ -36,7 +38,9 @@ from .graphs import KV_BUCKET_MIN
 from .models import from_hf_model, load_model
 from .models.probe import ProbeValue
 from .schemes import DECODE_SCHEMES, check_scheme, scheme_of_checkpoint, uses_base, uses_value
-from .tokenizer_identity import checkpoint_tokenizers
+from .tokenizer_identity import check_same_tokens, checkpoint_tokenizer_sides, tokenizer_size
+
+logger = logging.getLogger("ivl_fast")
 
 SCHEMES = DECODE_SCHEMES  # kept for callers of the old name
 
@@ -147,15 +151,27 @@ class FastIVLDecoder:
             return from_hf_model(m, engine=engine, attn_backend=attn_backend)
 
         base, value = wrap(base_model), wrap(value_model)
-        check_models(scheme, base, value, alpha, vocab_map is not None)
+        self.draft = None if draft_model is None else wrap(draft_model)
+        terms = [(wrap(m), w) for m, w in terms or ()]
+        # one tokenizer under embeddings padded to different row counts (Qwen2.5 0.5B vs 7B, Gemma-3 1B vs 4B): the
+        # real vocabulary is what every model has rows for and the tokenizer can produce (ModelSet.real_vocab)
+        rows = [e.vocab_size for e in (base, value, self.draft, *(e for e, _ in terms)) if e is not None]
+        real_vocab = None
+        if vocab_map is None and len(set(rows)) > 1:
+            real_vocab = common_vocab(rows, tokenizer_size(tokenizer))
+        check_models(scheme, base, value, alpha, vocab_map is not None, real_vocab)
         self._same_tokenizers = False
         if vocab_map is not None:
             vocab_map, self._same_tokenizers = check_vocab_map(
                 vocab_map, scheme=scheme, base=base, value=value, tokenizer=tokenizer, base_tokenizer=base_tokenizer
             )
-        terms = check_terms(scheme, base, value, [(wrap(m), w) for m, w in terms or ()], vocab_map is not None)
-        self.models = ModelSet(scheme, base, value, float(alpha), vocab_map, sample_backend, terms)
-        self.draft = None if draft_model is None else wrap(draft_model)
+        terms = check_terms(scheme, base, value, terms, vocab_map is not None, real_vocab)
+        self.models = ModelSet(scheme, base, value, float(alpha), vocab_map, sample_backend, terms, real_vocab)
+        self.stop_ids = None  # the pair's StopIds when both sides' EOS were merged (see _merge_stop_ids)
+        if generation_config is None and vocab_map is None:  # transformers models passed in: both own configs
+            own = [(n, own_generation_config(m)) for n, m in (("value", value_model), ("base", base_model))]
+            if any(c is not None for _, c in own):
+                self._merge_stop_ids(own, [("", tokenizer)])
         self.num_draft_tokens = num_draft_tokens
         if self.draft is not None:
             check_draft(self.models, self.draft, num_draft_tokens)
@@ -172,6 +188,7 @@ class FastIVLDecoder:
         if self.draft is None:
             return self.max_context
         return min(self.max_context, self.draft.max_context) - self.num_draft_tokens - 1
+
     alpha = property(lambda self: self.models.alpha)
     base = property(lambda self: self.models.base)
     value = property(lambda self: self.models.value)
@@ -218,11 +235,13 @@ class FastIVLDecoder:
         tensor_parallel: int | None = None,
     ) -> FastIVLDecoder:
         """Load base and value checkpoints (Hugging Face directories), their tokenizer and generation config (the
-        value checkpoint's ``generation_config.json``, else the base's); ``draft``: a small base's checkpoint for
-        speculative decoding (its vocabulary must be the base's); ``terms``: ((checkpoint dir, weight), ...), more
-        models in the logit arithmetic (see the constructor); ``tensor_parallel=N``: shard the base over the N
-        ranks of the initialised process group (call this on every rank; each reads only its slices; the value
-        network, draft and terms are replicated, and every rank samples the same ids:
+        value checkpoint's ``generation_config.json``, else the base's; with one vocabulary it stops at the union of
+        both files' and both tokenizers' EOS ids, logged once: :attr:`stop_ids`). One tokenizer under embeddings
+        padded to different row counts is one vocabulary (``ModelSet.real_vocab``). ``draft``: a small base's
+        checkpoint for speculative decoding (its tokenizer must be the base's); ``terms``: ((checkpoint dir,
+        weight), ...), more models in the logit arithmetic (see the constructor); ``tensor_parallel=N``: shard the
+        base over the N ranks of the initialised process group (call this on every rank; each reads only its
+        slices; the value network, draft and terms are replicated, and every rank samples the same ids:
         ``ivl_fast.models.tensor_parallel``); every other option as in the constructor."""
         kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
         scheme = scheme_of_checkpoint(value_path) if scheme is None else check_scheme(scheme)
@@ -241,11 +260,24 @@ class FastIVLDecoder:
         value = load_model(value_path, **kw) if need_value else None
         draft_model = load_model(draft, **kw) if draft is not None else None
         term_models = [(load_model(p, **kw), w) for p, w in terms or ()]
-        tokenizer, base_tokenizer = checkpoint_tokenizers(
+        tokenizer, base_tokenizer, sides = checkpoint_tokenizer_sides(
             tokenizer, base_path if need_base else None, value_path if need_value else None, base, value, vocab_map
         )
-        paths = [p for p, used in ((value_path, need_value), (base_path, need_base)) if used]
-        return cls(
+        if vocab_map is None:  # a draft or term padded to other rows than the pair's: its tokenizer must match
+            ref_rows = (base or value).vocab_size
+            extra = [(draft, draft_model, "the draft")] + [
+                (p, m, f"terms[{i}]") for i, ((p, _), (m, _)) in enumerate(zip(terms or (), term_models, strict=True))
+            ]
+            for path, model, what in extra:
+                if model is not None and model.vocab_size != ref_rows:
+                    check_same_tokens(tokenizer, path, model.vocab_size, what)
+        # the value network's generation_config.json, else the base's; the EOS ids of both (and of both tokenizers)
+        configs = [
+            (name, read_generation_config(p))
+            for name, p, used in (("value", value_path, need_value), ("base", base_path, need_base))
+            if used
+        ]
+        dec = cls(
             base,
             value,
             vocab_map,
@@ -259,11 +291,14 @@ class FastIVLDecoder:
             graph_mode=graph_mode,
             graph_runner=graph_runner,
             kv_block=kv_block,
-            generation_config=checkpoint_generation_config(paths),
+            generation_config=next((c for _, c in configs if c is not None), None),
             draft_model=draft_model,
             num_draft_tokens=num_draft_tokens,
             terms=term_models,
         )
+        if vocab_map is None:  # one vocabulary: stop at both sides' EOS (across vocabularies ids differ)
+            dec._merge_stop_ids(configs, list(sides.items()) or [("", tokenizer)])
+        return dec
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -326,6 +361,7 @@ class FastIVLDecoder:
         chat: bool = False,
         system: str | None = None,
         skip_special_tokens: bool = True,
+        chat_template_kwargs: dict | None = None,
         **kwargs,
     ) -> list[str] | str:
         """Text in, text out through the checkpoint's tokenizer.
@@ -334,15 +370,19 @@ class FastIVLDecoder:
         ``[{"role": "user", "content": ...}]``; plain strings become one user message, rendered with the
         tokenizer's chat template or :data:`ivl_fast.chat.DEFAULT_CHAT_TEMPLATE`). Returns the generated
         continuation(s) only; a single string for a single prompt without ``num_return_sequences``, else a list
-        (each prompt's samples adjacent).
+        (each prompt's samples adjacent). ``chat_template_kwargs``: extra chat template variables (e.g.
+        ``{"enable_thinking": False}`` for Qwen3), checked by :func:`ivl_fast.chat.check_chat_template_kwargs`;
+        with ``chat=True`` only.
         """
+        if chat_template_kwargs is not None and not chat:
+            raise ValueError("chat_template_kwargs needs chat=True (plain prompts are not rendered by a template)")
         tok = self._require_tokenizer("generate_text")
         single = isinstance(prompts, str) or (chat and is_message_list(prompts))
         items = [prompts] if single else list(prompts)
         if not items:
             raise ValueError("prompts is empty")
         if chat:
-            texts = [render_chat(tok, as_messages(p, system)) for p in items]
+            texts = [render_chat(tok, as_messages(p, system), chat_template_kwargs=chat_template_kwargs) for p in items]
             ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         else:
             for i, p in enumerate(items):
@@ -453,6 +493,14 @@ class FastIVLDecoder:
         )
 
     # ------------------------------------------------------------------ internals
+    def _merge_stop_ids(self, configs, tokenizers) -> None:
+        """Decode with the union of both checkpoints' EOS ids (:func:`~ivl_fast.decode.options.pair_generation_config`)
+        and say once, on the ``ivl_fast`` logger, which ids stop and where they came from: a warning (shown on
+        stderr without a logging setup) when the sources name different ids, else at info level."""
+        self.generation_config, self.stop_ids = pair_generation_config(configs, tokenizers, self.vocab_size)
+        if self.stop_ids is not None:
+            logger.log(logging.INFO if self.stop_ids.agree else logging.WARNING, "%s", self.stop_ids.describe())
+
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer: pass tokenizer=... or load checkpoints that include one")

@@ -26,6 +26,12 @@ def add_parser(sub) -> None:
     src.add_argument("--prompts-file", default=None, help="one prompt per line (.txt) or JSONL (prompt/messages)")
     src.add_argument("--chat", action="store_true", help="render prompts with the chat template")
     src.add_argument("--system", default=None, help="system message for --chat")
+    src.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help="extra chat template variables for --chat, a JSON object (e.g. '{\"enable_thinking\": false}' for Qwen3)",
+    )
     src.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     _add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
@@ -120,6 +126,28 @@ def _read_prompts(args) -> list:
     return prompts
 
 
+def _chat_template_kwargs(args) -> dict | None:
+    """--chat-template-kwargs as a dict (None when not given); bad JSON, a non-object or a reserved key is a
+    UsageError naming the flag."""
+    raw = args.chat_template_kwargs
+    if raw is None:
+        return None
+    if not args.chat:  # else the variables would be dropped without a word
+        raise UsageError("--chat-template-kwargs needs --chat (the variables are read by the chat template)")
+    try:
+        kw = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--chat-template-kwargs is not valid JSON ({e.msg} at character {e.pos}): {raw!r}") from None
+    from ..chat import check_chat_template_kwargs
+
+    try:
+        return check_chat_template_kwargs(kw, name="--chat-template-kwargs")
+    except TypeError:
+        raise UsageError(f"--chat-template-kwargs must be a JSON object, got {type(kw).__name__}: {raw!r}") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
     from tqdm.auto import tqdm
 
@@ -142,7 +170,8 @@ def _decode_batches(dec, batches, args, gen_kwargs, bar, n_new: int, t0: float):
         if args.chat:
             from ..chat import as_messages, render_chat
 
-            raw = [render_chat(tok, as_messages(p, args.system)) for p in batch]
+            kw = args.chat_template_kwargs
+            raw = [render_chat(tok, as_messages(p, args.system), chat_template_kwargs=kw) for p in batch]
             ids = [tok(r, add_special_tokens=False)["input_ids"] for r in raw]
         else:
             raw = list(batch)
@@ -185,6 +214,7 @@ def _run(args) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.system is not None and not args.chat:  # else the system message would be dropped without a word
         raise UsageError("--system needs --chat (the system message is rendered by the chat template)")
+    args.chat_template_kwargs = _chat_template_kwargs(args)
     check_pair_args(args, alone="decodes")
     prompts = _read_prompts(args)
     common = dict(device=args.device, dtype=args.dtype, engine=args.engine, attn_backend=args.attn_backend)

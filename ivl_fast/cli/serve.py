@@ -6,7 +6,7 @@ import sys
 
 from ..serve import DEFAULT_MAX_BODY_BYTES
 from .errors import DefaultsHelp, UsageError
-from .model_args import add_pair_args, check_pair_args, draft_kwargs, term_kwargs
+from .model_args import add_pair_args, check_pair_args, draft_kwargs, parse_terms, term_kwargs
 
 
 def add_parser(sub) -> None:
@@ -86,6 +86,7 @@ def load(args):
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if not 0 <= args.drain_timeout < float("inf"):
         raise UsageError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+    _refuse_adapter_models(args)
     dec = FastIVLDecoder.from_pretrained(
         args.base,
         args.value,
@@ -120,6 +121,37 @@ def load(args):
     return sched, app
 
 
+def _refuse_adapter_models(args) -> None:
+    """A checkpoint the lean engine does not implement would load on the transformers adapter, which has no slots
+    for continuous batching: refused on one line from its config.json, before any weights load (the scheduler
+    refuses such an engine too, whatever loaded it). A directory that cannot be read is left to the loader's error."""
+    from ..models.checkpoint import read_config
+    from ..models.config import LeanConfig, UnsupportedArchitecture
+    from ..models.probe import is_probe_config
+
+    dirs = [("--base", args.base), ("--value", args.value), ("--draft", getattr(args, "draft", None))]
+    dirs += [("--term", d) for d, _ in parse_terms(args)]
+    for flag, d in dirs:
+        if d is None:
+            continue
+        try:
+            raw = read_config(d)
+        except (OSError, ValueError):
+            continue
+        if is_probe_config(raw):
+            continue
+        try:
+            LeanConfig.from_dict(raw)
+        except UnsupportedArchitecture as e:
+            arch = ", ".join(raw.get("architectures") or [str(raw.get("model_type"))])
+            raise UsageError(
+                f"{flag} {str(d)!r} ({arch}): serving needs every model on the lean engine (continuous batching admits "
+                f"requests into its slots) and {e}; ivl-fast generate and eval run it on the transformers adapter"
+            ) from None
+        except (ValueError, TypeError, KeyError):
+            continue  # another problem: the loader names it
+
+
 def bind(host: str, port: int):
     """The listening socket, bound before anything says the server is up: a busy port or a bad host is one line
     naming the flags (uvicorn would log it after our banner and exit 3)."""
@@ -141,12 +173,19 @@ def bind(host: str, port: int):
     return sock
 
 
+# after a second signal: how long the answers of the sequences it ended may take to reach their clients
+FORCED_EXIT_GRACE_S = 2.0
+
+
 def _server(config, scheduler, drain_timeout: float):
     """uvicorn's server, except that SIGINT / SIGTERM drain and end with exit status 0 (uvicorn re-raises the signal
     after its graceful shutdown): it stops accepting; the requests already taken go on for ``drain_timeout`` seconds
-    at most, then end with a 503 (:meth:`Scheduler.begin_drain`); a second signal ends them at once."""
+    at most, then end with a 503 (:meth:`Scheduler.begin_drain`); a second signal ends them at once (their 503s get
+    ``FORCED_EXIT_GRACE_S`` to reach the clients)."""
+    import asyncio
     import contextlib
     import signal
+    import time
 
     import uvicorn
 
@@ -166,6 +205,14 @@ def _server(config, scheduler, drain_timeout: float):
             super().handle_exit(sig, frame)
             if again:
                 self.force_exit = True
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)  # on a forced exit: returns without waiting for the connections
+            # the scheduler ended every sequence at once: give their handlers a moment to send those answers (503s,
+            # a stream's error chunk and [DONE]) before the loop closes the connections under them
+            end = time.monotonic() + FORCED_EXIT_GRACE_S
+            while self.force_exit and self.server_state.connections and time.monotonic() < end:
+                await asyncio.sleep(0.02)
 
     return Server(config)
 
@@ -200,8 +247,15 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     print(f"ivl-fast serve: http://{args.host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
     # uvicorn's own graceful wait is the backstop: the scheduler ends what is left at the drain deadline
+    # lifespan off: the app has no startup / shutdown handlers, and a second signal (force exit) skips the lifespan's
+    # shutdown, which then printed a CancelledError traceback as the process ended
     config = uvicorn.Config(
-        app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=args.drain_timeout + 5
+        app,
+        host=args.host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=args.drain_timeout + 5,
+        lifespan="off",
     )
     try:
         _server(config, sched, args.drain_timeout).run(sockets=[sock])

@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` (the chat page, ``static/chat.html``), ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (non-streaming, or server-sent events in OpenAI's chunk format ending with
-``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+``data: [DONE]``), ``GET /health`` (503 once the decoding worker has stopped on an error), ``GET /metrics``
+(Prometheus text).
 Errors are OpenAI's JSON shape (:class:`~ivl_fast.serve.protocol.APIError`), including 413 for a body over
 ``max_body_bytes`` and 500 for anything unexpected. With an API key every ``/v1`` route needs ``Authorization:
 Bearer KEY``. A client that disconnects, streaming or not, cancels its sequences (their slots are freed at the next
@@ -22,7 +23,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from ..chat import as_messages, render_chat
+from ..chat import as_messages, check_chat_template_kwargs, render_chat
 from . import DEFAULT_MAX_BODY_BYTES
 from .metrics import Metrics
 from .protocol import (
@@ -40,7 +41,7 @@ from .protocol import (
     top_logprobs_field,
     usage,
 )
-from .scheduler import Delta, Failed, Finished, QueueFull, Scheduler, ShuttingDown
+from .scheduler import Delta, Failed, Finished, QueueFull, Scheduler, ShuttingDown, WorkerStopped
 
 
 def _split_prompts(prompt, vocab_size: int) -> list[str | list[int]]:
@@ -153,8 +154,8 @@ def build_app(
         return HTMLResponse(page)
 
     @app.get("/health")
-    async def health():
-        return Response(status_code=200)
+    async def health():  # 503 once the decoding worker has stopped on an error: a supervisor restarts the server
+        return Response(status_code=503 if scheduler.failed is not None else 200)
 
     @app.get("/metrics")
     async def prometheus():
@@ -188,7 +189,7 @@ def build_app(
         except (QueueFull, ShuttingDown) as e:
             for s in seqs:
                 s.cancel()
-            code = "queue_full" if isinstance(e, QueueFull) else "shutting_down"
+            code = {QueueFull: "queue_full", WorkerStopped: "worker_stopped"}.get(type(e), "shutting_down")
             raise APIError(503, str(e), type_="server_error", code=code) from None
         return seqs
 
@@ -395,8 +396,13 @@ def build_app(
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise APIError(400, f"messages[{i}] must be {{'role': str, 'content': str}}", "messages")
+        try:  # vLLM's extra template variables (e.g. {"enable_thinking": false} for Qwen3); null: none
+            extra = check_chat_template_kwargs(body.get("chat_template_kwargs"), tok, name="'chat_template_kwargs'")
+        except (TypeError, ValueError) as e:
+            raise APIError(400, str(e), "chat_template_kwargs") from None
         try:
-            text = render_chat(tok, as_messages([{"role": m["role"], "content": m["content"]} for m in msgs]))
+            conversation = as_messages([{"role": m["role"], "content": m["content"]} for m in msgs])
+            text = render_chat(tok, conversation, chat_template_kwargs=extra)
         except Exception as e:  # noqa: BLE001  (a template that refuses the conversation)
             raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
         ids = await tokenize(text, "messages", add_special_tokens=False)

@@ -52,6 +52,7 @@ METADATA_FIELDS = {"user", "metadata", "store"}  # no decoding meaning
 COMPLETION_FIELDS = {"model", "prompt", "logprobs", "echo", "best_of", "logit_bias", "suffix"} | SAMPLING_FIELDS
 CHAT_FIELDS = {"model", "messages", "logprobs", "top_logprobs", "max_completion_tokens", "logit_bias"}
 CHAT_FIELDS |= SAMPLING_FIELDS | {"tools", "tool_choice", "response_format", "parallel_tool_calls"}
+CHAT_FIELDS |= {"chat_template_kwargs"}  # vLLM's: extra variables for the chat template
 
 
 def _number(body: dict, name: str, default, lo=None, hi=None, integer=False):

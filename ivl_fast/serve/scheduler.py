@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +88,11 @@ class ShuttingDown(Exception):
     """The server is draining (SIGTERM): no new request is taken, and what runs past the deadline is ended (503)."""
 
 
+class WorkerStopped(ShuttingDown):
+    """The worker thread itself broke (not a request or a round: those are answered and it goes on). Everything it
+    held was answered with a 500; a later request is refused at once (503) and ``/health`` answers 503."""
+
+
 def _status(error: Exception) -> int:
     """A request the batch refuses is the client's fault (ValueError: 400); anything else is the server's (500)."""
     return 400 if isinstance(error, ValueError) else 500
@@ -136,7 +143,7 @@ class Outbox:
         for loop, items in self._by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed (its clients are gone)
+            except Exception:  # noqa: BLE001  (that loop is closed, its clients gone: the other loops still get theirs)
                 pass
         self._by_loop = {}
 
@@ -198,6 +205,11 @@ class Scheduler:
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self._active: dict[int, Sequence] = {}  # slot -> sequence
         self._drain_deadline: float | None = None  # time.monotonic() after which what is left is ended (SIGTERM)
+        # set by the worker as it ends (under the lock): from then on submit() refuses, so that no sequence is queued
+        # after the worker's last look at the queue and never answered
+        self._closed: ShuttingDown | None = None
+        self._submit_lock = threading.Lock()
+        self.failed: BaseException | None = None  # what stopped the worker, when it was not asked to stop
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ivl-fast-scheduler", daemon=True)
@@ -214,10 +226,13 @@ class Scheduler:
         if self._drain_deadline is not None:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         seq = Sequence(request, loop)
-        try:
-            self._waiting.put_nowait(seq)
-        except queue.Full:
-            raise QueueFull(f"the server's queue of {self._waiting.maxsize} waiting requests is full") from None
+        with self._submit_lock:
+            if self._closed is not None:  # a new instance each time (one raised again would grow its traceback)
+                raise type(self._closed)(str(self._closed))
+            try:
+                self._waiting.put_nowait(seq)
+            except queue.Full:
+                raise QueueFull(f"the server's queue of {self._waiting.maxsize} waiting requests is full") from None
         self._wake.set()
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._waiting.qsize())
@@ -254,36 +269,54 @@ class Scheduler:
     def _run(self) -> None:
         """The worker. Every sequence taken off the queue ends with exactly one Finished or Failed event: a request
         that fails while it is checked or admitted fails alone (the batch and the other requests go on); a failure
-        inside a round, which no one row can be blamed for, fails the rows of that round, and the server goes on."""
-        with torch.inference_mode():
-            while not self._stop.is_set():
-                try:
-                    if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
-                        self._end_all(ShuttingDown("the server is shutting down (its drain deadline passed)"))
-                    self._retire_cancelled()
-                    self._admit_waiting()
-                    if not self._active and self._held is None:
-                        self._wake.wait(0.05)
-                        self._wake.clear()
-                        continue
-                    self._round()
-                except Exception as e:  # noqa: BLE001  (a bug or a device error: fail what runs, answered, go on)
-                    for slot in list(self._active):
-                        self._fail(slot, e)
-                finally:
-                    self._out.flush()
-            self._end_all(ShuttingDown("the server is shutting down"))
-            self._out.flush()
+        inside a round, which no one row can be blamed for, fails the rows of that round, and the server goes on.
+        Should the worker itself break (anything outside those), every sequence it holds or that waits is answered
+        with a 500, and the server refuses new requests (:class:`WorkerStopped`) instead of queueing them unheard."""
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    try:
+                        if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                            self._end_all(ShuttingDown("the server is shutting down (its drain deadline passed)"))
+                        self._retire_cancelled()
+                        self._admit_waiting()
+                        if not self._active and self._held is None:
+                            self._wake.wait(0.05)
+                            self._wake.clear()
+                            continue
+                        self._round()
+                    except Exception as e:  # noqa: BLE001  (a bug or a device error: fail what runs, answered, go on)
+                        for slot in list(self._active):
+                            self._fail(slot, e)
+                    finally:
+                        self._out.flush()
+        except BaseException as e:  # the worker broke: answer everything (below), refuse from now on, say why
+            self.failed = e
+            why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            self._close(WorkerStopped(f"the server's decoding worker stopped ({why}); restart the server"), 500)
+            # a bug: its traceback on stderr (the thread ends here; the HTTP side answers 503 from now on)
+            print("ivl-fast serve: the decoding worker stopped:", file=sys.stderr)
+            traceback.print_exception(e, file=sys.stderr)
+            return
+        self._close(ShuttingDown("the server is shutting down"), 503)
 
-    def _end_all(self, error: Exception) -> None:
-        """End every running, held and waiting sequence with ``error`` (503)."""
+    def _close(self, error: ShuttingDown, status: int) -> None:
+        """The worker's last act: refuse new requests from now on with ``error``, then end every sequence still held
+        or waiting with it and ``status``."""
+        with self._submit_lock:  # a submit() either queued before this (answered below) or sees the refusal
+            self._closed = error
+        self._end_all(error, status)
+        self._out.flush()
+
+    def _end_all(self, error: BaseException, status: int = 503) -> None:
+        """End every running, held and waiting sequence with ``error`` (``status``: 503 for a drain)."""
         for slot in list(self._active):
-            self._fail(slot, error, 503)
+            self._fail(slot, error, status)
         if self._held is not None:
-            self._out.post(self._held, Failed(error, 503))
+            self._out.post(self._held, Failed(error, status))
             self._held = None
         while not self._waiting.empty():
-            self._out.post(self._waiting.get_nowait(), Failed(error, 503))
+            self._out.post(self._waiting.get_nowait(), Failed(error, status))
 
     def _retire_cancelled(self) -> None:
         for slot, seq in list(self._active.items()):
@@ -293,8 +326,9 @@ class Scheduler:
     def _admit_waiting(self) -> None:
         """Admit waiting sequences into the free slots with one prefill of them all. A request the batch refuses,
         or whose admission fails, fails alone; every sequence taken here is admitted or answered."""
-        take = self._take()
+        take: list[Sequence] = []
         try:
+            self._take(take)
             self._admit(take)
         except Exception as e:  # noqa: BLE001  (not expected: _admit answers each failure itself)
             for seq in take:
@@ -336,11 +370,11 @@ class Scheduler:
             self._active[slot] = seq
         self._collect()  # their first tokens
 
-    def _take(self) -> list[Sequence]:
-        """Waiting sequences for the free slots, within this step's token budget (the one over it is held, first in
-        line for the next step); a cancelled one is answered (499) and dropped."""
+    def _take(self, take: list[Sequence]) -> None:
+        """Waiting sequences for the free slots, appended to ``take`` as they leave the queue (so that the caller
+        answers them whatever fails), within this step's token budget (the one over it is held, first in line for
+        the next step); a cancelled one is answered (499) and dropped."""
         room = self.max_batch_size - len(self._active)
-        take: list[Sequence] = []
         tokens = 0
         budget = self.max_prefill_tokens
         if self.max_num_batched_tokens is not None:  # the step's tokens: one per running row + the prompts admitted
@@ -350,13 +384,12 @@ class Scheduler:
             if seq.cancelled.is_set():
                 self._out.post(seq, Failed(Cancelled("the client went away"), 499))
                 continue
+            take.append(seq)  # before anything else is read from it: taken is answered, whatever fails
             n = len(seq.request.prompt_ids)
-            if take and tokens + n > budget:
-                self._held = seq  # first in line for the next step
+            if len(take) > 1 and tokens + n > budget:
+                self._held = take.pop()  # first in line for the next step
                 break
-            take.append(seq)
             tokens += n
-        return take
 
     def _round(self) -> None:
         try:
