@@ -31,23 +31,25 @@ needs_triton = pytest.mark.skipif(
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
 
+# the tiny models' config values (any family); initializer_range is raised so logits are far from uniform
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
+
+
 def tiny_config(kind: str = "llama", **overrides):
-    """A small config of the given family; initializer_range is raised so logits are far from uniform."""
-    cfg = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    cfg.update(overrides)
-    return CONFIGS[kind](**cfg)
+    """A small config of the given family (Llama, Mistral, Qwen2)."""
+    return CONFIGS[kind](**{**TINY, **overrides})
 
 
 def build_model(kind: str = "llama", *, seed: int = 0, dtype=torch.float32, **overrides):

@@ -11,6 +11,9 @@ from ivl_fast.models.hf_adapter import cache_kwarg
 
 LENGTHS = (9, 5, 2)
 STEPS = 24
+# prompts of the family pair tests (tests/test_model_families.py, its torchrun worker): the first crosses the
+# windows of 6 and, with 14 new tokens, a longrope switch at 16
+FAMILY_PROMPTS = [[1, 17, 42, 99, 7, 8, 9, 10, 11], [1, 5, 300], [1, 200, 201, 202, 203, 204]]
 
 
 def batch(vocab: int, lengths=LENGTHS, seed: int = 0):

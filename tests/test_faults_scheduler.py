@@ -83,12 +83,14 @@ def _burst(url: str) -> list[tuple[int, list[dict]]]:
     return results
 
 
-def _assert_every_client_failed(results, needle: str, status: int = 500) -> None:
+def _assert_every_client_failed(results, needle: str, status: int | tuple = 500) -> None:
+    """Every client got an error naming ``needle``; a non-streaming one with ``status`` (one of them, a tuple)."""
+    allowed = status if isinstance(status, tuple) else (status,)
     for (path, body), (code, errors) in zip(_jobs(), results, strict=True):
         where = f"{path} {body.get('prompt', 'chat')!r} stream={body.get('stream', False)}"
         assert errors, f"{where}: answered {code} without an error"
         if not body.get("stream"):
-            assert code == status, (where, code, errors)
+            assert code in allowed, (where, code, errors)
         for e in errors:
             assert needle in e["message"], (where, e)
 
@@ -161,7 +163,10 @@ def test_a_broken_worker_answers_everything_and_refuses_from_then_on(dirs, monke
 
         monkeypatch.setattr(sched, "_round", round_.__get__(sched))
         results = _burst(srv.url)
-        _assert_every_client_failed(results, "decoding worker stopped (WorkerBug: injected worker bug)")
+        # a request the worker held (running or queued) gets a 500; one whose POST arrived after the worker broke
+        # (a loaded machine delays some of the burst) a 503 at once: both name the bug
+        _assert_every_client_failed(results, "decoding worker stopped (WorkerBug: injected worker bug)", (500, 503))
+        assert sum(code != 503 for code, _ in results) >= 2, results  # the two running rows at least were held
         assert isinstance(sched.failed, WorkerBug)
         t0 = time.monotonic()
         code, errors = _ask(srv.url, "/v1/completions", {"model": "ivl", "prompt": "def main", "max_tokens": 4})

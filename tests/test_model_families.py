@@ -16,25 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
+from parity import FAMILY_PROMPTS as PROMPTS
 from parity import batch, compare_with_hf, rel_err
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.models import LeanCausalLM, load_model
 
 HERE = Path(__file__).parent
-BASE = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=3,
-)
+BASE = {**TINY, "num_hidden_layers": 3}
 SWITCH = 16  # longrope's original_max_position_embeddings in these tests
 
 
@@ -221,9 +211,6 @@ def test_gemma3_multimodal_checkpoint_runs_its_text_model(save_checkpoint):
     assert rel_err(lean(ids), ref) <= 1e-4
 
 
-PROMPTS = [[1, 17, 42, 99, 7, 8, 9, 10, 11], [1, 5, 300], [1, 200, 201, 202, 203, 204]]
-
-
 def two_model_loop(base, value, rows, new):
     """Greedy IVL with the two transformers models reading each whole sequence (z_base + z_value, argmax)."""
     out = []
@@ -295,13 +282,12 @@ def test_family_speculative_decoding_is_exact(name, family_pairs):
 
 
 def test_families_under_tensor_parallel_decode_as_one_process(family_pairs, save_checkpoint, tmp_path):
-    """--tp 2 (gloo, 2 ranks) equals one process for the families whose sharding differs from Llama's: fused
-    qkv/gate_up (Phi-3, with longrope), q/k norm over the projection (OLMo 2, all-reduced; a base with one KV
-    head, replicated on both ranks), soft-capping after the gathered head (Gemma 2), per-head q/k norm (Qwen3)."""
-    from test_tensor_parallel import ENV, run_group, torchrun
+    """--tp 2 (gloo, 2 ranks) equals one process for every family: fused qkv/gate_up (Phi-3, with longrope), q/k
+    norm over the projection (OLMo 2, all-reduced; also a base with one KV head, replicated on both ranks),
+    soft-capping after the gathered head (Gemma 2), per-head q/k norm (Qwen3, Gemma 3), multipliers, NoPE."""
+    from torchrun_helpers import ENV, run_group, torchrun
 
-    names = ["phi3-longrope", "olmo2", "gemma2", "qwen3"]
-    dirs = {n: family_pairs(n)[2:] for n in names}
+    dirs = {n: family_pairs(n)[2:] for n in FAMILIES}
     kv1 = save_checkpoint(family_model("olmo2", seed=5, num_key_value_heads=1), "olmo2-kv1")  # k_norm replicated
     dirs["olmo2-kv1"] = (kv1, dirs["olmo2"][1])
     pairs = [f"{n}={b},{v}" for n, (b, v) in dirs.items()]
@@ -314,24 +300,19 @@ def test_families_under_tensor_parallel_decode_as_one_process(family_pairs, save
         assert ranks[0][n] == want and ranks[1][n] == want, n
 
 
-@pytest.mark.parametrize("name", ["gemma2", "phi3-longrope", "granite"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_value_network_trains_and_decodes(name, family_pairs, tmp_path):
     """`ivl-fast train` on a family pair: the loss falls; the exported value network loads in transformers with
     the lean model's logits; the trained pair decodes as the two transformers models do. Gemma 2's logit
     soft-capping and Granite's logit scale go through the fused loss; Phi-3's fused weights export as they came."""
-    from train_fixtures import conversations, write_jsonl
+    from train_fixtures import train_cli
     from transformers import AutoModelForCausalLM
 
-    from ivl_fast.cli import main as cli_main
     from ivl_fast.models.llama import LeanCausalLM as Lean
 
     base, _, bdir, vdir = family_pairs(name)
-    data = write_jsonl(tmp_path / "demos.jsonl", conversations(32))
-    out = tmp_path / "run"
-    argv = ["train", "--base", str(bdir), "--value-init", str(vdir), "--data", str(data), "--out", str(out)]
-    argv += ["--max-steps", "32", "--save-every", "0", "--batch-tokens", "256", "--lr", "2e-3", "--no-progress"]
-    assert cli_main([*argv, "--loss-backend", "torch"]) == 0
-    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    rc, out, log = train_cli(bdir, vdir, tmp_path, steps=32)
+    assert rc == 0
     first, last = sum(r["loss"] for r in log[:4]) / 4, sum(r["loss"] for r in log[-4:]) / 4
     assert last < 0.9 * first, (first, last)
     hf = AutoModelForCausalLM.from_pretrained(out).float().eval()

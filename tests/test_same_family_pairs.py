@@ -314,19 +314,12 @@ def test_a_value_network_trains_on_a_base_with_more_rows(checkpoints, tmp_path):
     """`ivl-fast train` of the 512-row value network on the 576-row base (one tokenizer): the loss runs over the
     rows both have (the base's padding rows, which win every argmax, take no part), falls, and the trained pair
     decodes as the two-model loop over the real vocabulary."""
-    from train_fixtures import conversations, write_jsonl
+    from train_fixtures import train_cli
     from transformers import AutoModelForCausalLM
 
-    from ivl_fast.cli import main as cli_main
-
     base, _, bdir, vdir = checkpoints[next(c for c, (rb, rv) in CASES.items() if rb > rv)]
-    data = write_jsonl(tmp_path / "demos.jsonl", conversations(32))
-    out = tmp_path / "run"
-    argv = ["train", "--base", str(bdir), "--value-init", str(vdir), "--data", str(data), "--out", str(out)]
-    argv += ["--max-steps", "24", "--save-every", "0", "--batch-tokens", "256", "--lr", "2e-3", "--no-progress"]
-    assert cli_main([*argv, "--loss-backend", "torch"]) == 0
-    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert sum(r["loss"] for r in log[-4:]) < 0.8 * sum(r["loss"] for r in log[:4])
+    rc, out, log = train_cli(bdir, vdir, tmp_path, steps=24)
+    assert rc == 0 and sum(r["loss"] for r in log[-4:]) < 0.8 * sum(r["loss"] for r in log[:4])
     trained = AutoModelForCausalLM.from_pretrained(out).float().eval()
     dec = FastIVLDecoder.from_pretrained(bdir, out, device="cpu")
     prompt = [1, 17, 42, 99]
@@ -337,4 +330,5 @@ def test_a_value_network_trains_on_a_base_with_more_rows(checkpoints, tmp_path):
         seq.append(int((_logits(base, x)[-1, :V] + _logits(trained, x)[-1, :V]).argmax()))
     assert got.sequences[0, got.prompt_length :].tolist() == seq[len(prompt) :]
     # --scheme cascade reads one model's rows in the other: refused up front, naming the scheme
-    assert cli_main([*argv, "--out", str(tmp_path / "c"), "--scheme", "cascade"]) != 0
+    rc, _, _ = train_cli(bdir, vdir, tmp_path / "c", steps=2, extra=["--scheme", "cascade"])
+    assert rc != 0

@@ -19,7 +19,7 @@ import torch.distributed as dist
 def main(out: str, *pairs: str) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    from test_model_families import PROMPTS
+    from parity import FAMILY_PROMPTS as PROMPTS
 
     from ivl_fast import FastIVLDecoder
 

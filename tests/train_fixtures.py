@@ -326,3 +326,18 @@ def run_jobs(rank: int, jobs: list[dict], workdir: Path) -> None:
                 res["interrupted_at"] = e.step
         torch.save(res, workdir / f"{job['name']}.rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def train_cli(base_dir, value_dir, tmp_path: Path, *, steps: int, extra=()) -> tuple[int, Path, list[dict]]:
+    """`ivl-fast train` of ``value_dir`` on ``base_dir`` over 32 demonstrations (torch loss, no checkpoints):
+    (exit code, the run dir, its train_log.jsonl records)."""
+    from ivl_fast.cli import main as cli_main
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / "demos.jsonl", conversations(32))
+    out = tmp_path / "run"
+    argv = ["train", "--base", str(base_dir), "--value-init", str(value_dir), "--data", str(data), "--out", str(out)]
+    argv += ["--max-steps", str(steps), "--save-every", "0", "--batch-tokens", "256", "--lr", "2e-3"]
+    rc = cli_main([*argv, "--no-progress", "--loss-backend", "torch", *map(str, extra)])
+    log = out / "train_log.jsonl"
+    return rc, out, [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
