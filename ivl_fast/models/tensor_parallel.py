@@ -42,7 +42,8 @@ from torch import nn
 
 from .config import LeanConfig
 from .families import text_weight_name
-from .llama import LeanCausalLM, RMSNorm
+from .layers import RMSNorm
+from .llama import LeanCausalLM
 
 
 @dataclasses.dataclass(frozen=True)
