@@ -57,6 +57,34 @@ def build_model(kind: str = "llama", *, seed: int = 0, dtype=torch.float32, **ov
     return AutoModelForCausalLM.from_config(tiny_config(kind, **overrides)).to(dtype).eval()
 
 
+def save_with_template(models, tokenizer, tmp_path_factory, template: str, prefix: str) -> tuple:
+    """Each model saved with ``tokenizer`` carrying its own chat ``template``: (dir per model), named prefix_i."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    out = []
+    for i, model in enumerate(models):
+        d = tmp_path_factory.mktemp(f"{prefix}_{i}")
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out.append(d)
+    return tuple(out)
+
+
+def swap_token_ids(tok_dir, a: int, b: int) -> tuple[str, str]:
+    """Swap the ids of two BPE tokens in tok_dir/tokenizer.json; returns (token that was a, token that was b)."""
+    import json
+
+    path = Path(tok_dir) / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    ta, tb = (next(t for t, i in vocab.items() if i == k) for k in (a, b))
+    vocab[ta], vocab[tb] = b, a
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return ta, tb
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """A real byte-level BPE tokenizer (512 tokens) trained on CPython's pydoc text."""

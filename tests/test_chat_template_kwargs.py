@@ -6,10 +6,10 @@ reads ``enable_thinking`` as Qwen3's does: an empty think block after the assist
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
+from conftest import save_with_template
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.chat import RESERVED_CHAT_TEMPLATE_KWARGS, check_chat_template_kwargs, render_chat
@@ -30,15 +30,7 @@ N = 8
 @pytest.fixture(scope="module")
 def thinking_dirs(pair, tokenizer, tmp_path_factory):
     """The pair's weights saved with a real tokenizer whose chat template reads ``enable_thinking``."""
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = THINKING_TEMPLATE
-    out = []
-    for model, name in ((pair[0], "think_base"), (pair[1], "think_value")):
-        d = tmp_path_factory.mktemp(name)
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-        out.append(d)
-    return tuple(out)
+    return save_with_template(pair[:2], tokenizer, tmp_path_factory, THINKING_TEMPLATE, "think")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_with_template
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ivl_fast
@@ -232,17 +232,7 @@ OWN_TEMPLATE = (
 @pytest.fixture(scope="module")
 def templated_dirs(pair, tokenizer, tmp_path_factory):
     """The pair's weights saved with a tokenizer that carries its own chat template."""
-    import copy
-
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = OWN_TEMPLATE
-    out = []
-    for model, name in ((pair[0], "tmpl_base"), (pair[1], "tmpl_value")):
-        d = tmp_path_factory.mktemp(name)
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-        out.append(str(d))
-    return tuple(out)
+    return tuple(map(str, save_with_template(pair[:2], tokenizer, tmp_path_factory, OWN_TEMPLATE, "tmpl")))
 
 
 def test_chat_and_system_render_the_checkpoints_own_template(capsys, templated_dirs, ref):

@@ -446,6 +446,18 @@ def _ended_by_the_drain(lines: list[str]) -> bool:
     return False
 
 
+def ended_by_the_drain(stream, queued, lines, timeout: float) -> list[bool]:
+    """Whether each request of _long_requests was ended by the drain (the stream, then each queued one), each
+    checked to have ended properly: finished, or a 503 'shutting_down'."""
+    stream.result(timeout=timeout)
+    ended = [_ended_by_the_drain(lines)]
+    for f in queued:
+        status, got = f.result(timeout=timeout)
+        assert status == 200 or (status == 503 and got["error"]["code"] == "shutting_down"), (status, got)
+        ended.append(status == 503)
+    return ended
+
+
 def test_sigterm_with_a_poisoned_request_in_flight_drains_by_its_deadline_and_exits_0(pair):
     import os
     import signal
@@ -459,12 +471,7 @@ def test_sigterm_with_a_poisoned_request_in_flight_drains_by_its_deadline_and_ex
         os.kill(srv.proc.pid, signal.SIGTERM)
         assert srv.proc.wait(timeout=30) == 0, "".join(srv.lines)
         took = time.monotonic() - t0
-        stream.result(timeout=30)
-        ended = [_ended_by_the_drain(lines)]
-        for f in queued:
-            status, got = f.result(timeout=30)
-            assert status == 200 or (status == 503 and got["error"]["code"] == "shutting_down"), (status, got)
-            ended.append(status == 503)
+        ended = ended_by_the_drain(stream, queued, lines, 30)
         assert any(ended), "750 tokens on one slot cannot all finish in a 0.5 s drain"
         assert took < 10, took
         with pytest.raises(httpx.ConnectError):

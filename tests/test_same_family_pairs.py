@@ -16,7 +16,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_model, needs_triton
+from conftest import build_model, needs_triton, swap_token_ids
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from ivl_fast import FastIVLDecoder
@@ -205,27 +205,18 @@ def test_in_memory_models_need_the_tokenizer_to_tell_padding_apart(checkpoints, 
     assert _new_tokens(out, 0) == _greedy(base, value, PROMPTS[0])[0]
 
 
-def _swap_ids(tok_dir, a: int, b: int) -> None:
-    path = tok_dir / "tokenizer.json"
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    vocab = spec["model"]["vocab"]
-    ta, tb = (next(t for t, i in vocab.items() if i == k) for k in (a, b))
-    vocab[ta], vocab[tb] = b, a
-    path.write_text(json.dumps(spec), encoding="utf-8")
-
-
 def test_tokenizers_that_really_differ_are_still_refused(checkpoints, tmp_path):
     _, _, base_dir, value_dir = checkpoints["value_larger"]
     other = tmp_path / "other_value"
     shutil.copytree(value_dir, other)
-    _swap_ids(other, 300, 301)
+    swap_token_ids(other, 300, 301)
     with pytest.raises(ValueError, match=r"tokenizers of .* differ .*maps .* to 301, the base tokenizer to 300"):
         FastIVLDecoder.from_pretrained(base_dir, other)
     # a draft padded to other rows than the base is checked against the pair's tokenizer too
     _, draft_dir = checkpoints["draft"]
     other_draft = tmp_path / "other_draft"
     shutil.copytree(draft_dir, other_draft)
-    _swap_ids(other_draft, 300, 301)
+    swap_token_ids(other_draft, 300, 301)
     base_dir = checkpoints["both_padded"][2]
     with pytest.raises(ValueError, match=r"tokenizer of the draft .* differs from the pair's"):
         FastIVLDecoder.from_pretrained(base_dir, value_dir, draft=other_draft)

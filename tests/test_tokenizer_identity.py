@@ -4,11 +4,10 @@ configs throughout (the conftest BPE tokenizer, saved with ``save_pretrained`` n
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
-from conftest import build_model, tiny_config
+from conftest import build_model, swap_token_ids, tiny_config
 from transformers import PreTrainedTokenizerFast
 
 from ivl_fast import FastIVLDecoder
@@ -96,21 +95,10 @@ def test_a_vocabulary_one_larger_counts_the_added_token_when_both_have_its_row(q
 # ----------------------------------------------------------------------------- genuine differences
 
 
-def _swap_ids(tok_dir, a: int, b: int) -> tuple[str, str]:
-    """Swap the ids of two BPE tokens in tok_dir/tokenizer.json; returns (token that was a, token that was b)."""
-    path = tok_dir / "tokenizer.json"
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    vocab = spec["model"]["vocab"]
-    ta, tb = (next(t for t, i in vocab.items() if i == k) for k in (a, b))
-    vocab[ta], vocab[tb] = b, a
-    path.write_text(json.dumps(spec), encoding="utf-8")
-    return ta, tb
-
-
 def test_swapped_token_ids_are_refused_naming_the_token(tmp_path, tokenizer):
     base_dir = _save(tokenizer, tmp_path / "base")
     value_dir = _save(tokenizer, tmp_path / "value")
-    ta, tb = _swap_ids(value_dir, 300, 301)
+    ta, tb = swap_token_ids(value_dir, 300, 301)
     assert load_tokenizer(value_dir).convert_tokens_to_ids(ta) == 301  # the edit took
     with pytest.raises(ValueError) as err:
         pick_tokenizer(None, base_dir, value_dir, V, V)
@@ -138,7 +126,7 @@ def test_a_different_eos_id_is_one_vocabulary(tmp_path, tokenizer):
     a, b = (TokenizerIdentity.of(sides[k], V) for k in ("base", "value"))
     assert describe_difference(a, b) == "eos_token_id: base 2, value 3"  # what differs is still named
     # with the token map different as well, the refusal names both
-    _swap_ids(value_dir, 300, 301)
+    swap_token_ids(value_dir, 300, 301)
     with pytest.raises(ValueError, match=r"to 301, the base tokenizer to 300; 1 more token differs; eos_token_id: "):
         pick_tokenizer(None, base_dir, value_dir, V, V)
 
@@ -175,7 +163,7 @@ def test_tokens_past_the_model_vocabulary_are_ignored(tmp_path, tokenizer):
 def test_explicit_wins_and_one_directory_is_enough(tmp_path, tokenizer):
     base_dir = _save(tokenizer, tmp_path / "base")
     value_dir = _save(tokenizer, tmp_path / "value")
-    _swap_ids(value_dir, 300, 301)
+    swap_token_ids(value_dir, 300, 301)
     explicit = _save(tokenizer, tmp_path / "explicit")
     chosen = pick_tokenizer(str(explicit), base_dir, value_dir)  # no comparison: the caller chose
     assert chosen.get_vocab() == tokenizer.get_vocab()
@@ -242,7 +230,7 @@ def test_from_pretrained_accepts_one_tokenizer_under_qwen2_and_llama(tmp_path, t
 def test_from_pretrained_names_what_differs(tmp_path, tokenizer):
     base_dir = _checkpoint(tokenizer, tmp_path / "base", "llama", 0)
     value_dir = _checkpoint(tokenizer, tmp_path / "value", "llama", 1)
-    ta, _ = _swap_ids(value_dir, 300, 301)
+    ta, _ = swap_token_ids(value_dir, 300, 301)
     with pytest.raises(
         ValueError, match=re.escape(f"the value tokenizer maps {ta!r} to 301, the base tokenizer to 300")
     ):
