@@ -35,8 +35,25 @@ def test_ci_runs_the_readme_test_command_verbatim():
     readme = (ROOT / "README.md").read_text()
     blocks = _bash_blocks(readme)
     test_cmd = next(b for b in blocks if "pytest" in b)
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert test_cmd in ci.splitlines()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in ci
+    # a failure anywhere in the command's && list (not only pytest) must end the job: set -e alone does not
+    after = ci[ci.index(test_cmd) + 1 :]
+    guard = next(line for line in after if not line.startswith("#"))
+    assert guard.startswith('rc=$?; [ "$rc" = 0 ] ||') and "exit" in guard
+
+
+def test_ci_stops_when_an_early_step_of_the_test_command_fails(tmp_path):
+    """Run .ci/run's own lines with the README command's first step failing: the job ends non-zero before the
+    lowest-versions stage."""
+    import subprocess
+
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    test_cmd = next(b for b in _bash_blocks((ROOT / "README.md").read_text()) if "pytest" in b)
+    i = ci.index(test_cmd)
+    script = "\n".join(["set -euo pipefail", "false && echo skipped", *ci[i + 1 : i + 4], "echo lowest-stage-ran"])
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "lowest-stage-ran" not in r.stdout and "skipped" not in r.stdout, r
 
 
 def test_readme_main_command_installs_and_runs_the_demo():
