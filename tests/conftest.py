@@ -8,6 +8,10 @@ import torch
 
 if not torch.cuda.is_available():  # kernels run in the Triton interpreter on CPU; set before they are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the -n 2 workers: one torch thread each, not two on two cores;
+    # the processes a test starts get one too (a killed and resumed run must sum in the order of the one in here)
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 

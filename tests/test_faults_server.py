@@ -432,7 +432,25 @@ def _long_requests(url, n_queued: int):
     s = pool.submit(stream)
     q = [pool.submit(queued) for _ in range(n_queued)]
     assert first.wait(60)
+    # the queued requests taken by the server (waiting for the slot) before the caller signals it: on a loaded machine
+    # a POST may still be on its way, and a request the server never took is not the server's to answer
+    deadline = time.monotonic() + 60
+    while _taken(url) < n_queued + 1:
+        assert time.monotonic() < deadline, "the queued requests never reached the server"
+        time.sleep(0.05)
     return s, q, lines, pool
+
+
+def _taken(url) -> float:
+    """Completion requests the server has taken (one slot): waiting + decoding + ended (ivl_queue_depth,
+    ivl_batch_occupancy, ivl_requests_total of /v1/completions), from /metrics."""
+    n = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(("ivl_queue_depth ", "ivl_batch_occupancy ")) or (
+            line.startswith("ivl_requests_total{") and 'endpoint="/v1/completions"' in line
+        ):
+            n += float(line.split()[-1])
+    return n
 
 
 def _ended_by_the_drain(lines: list[str]) -> bool:
