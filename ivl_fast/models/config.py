@@ -82,7 +82,6 @@ class LeanConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    sliding_window: int | None
     torch_dtype: torch.dtype | None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
@@ -153,7 +152,6 @@ class LeanConfig:
             qkv_bias = o_bias = False
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-        sliding = next((layer.window for layer in layers if layer.window), None)
         dtype = cfg.get("torch_dtype", cfg.get("dtype"))
         return cls(
             model_type=mt,
@@ -171,7 +169,6 @@ class LeanConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) and mt != "phi3",
-            sliding_window=int(sliding) if sliding else None,
             torch_dtype=parse_dtype(dtype) if isinstance(dtype, str) else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),

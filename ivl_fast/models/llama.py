@@ -109,8 +109,7 @@ class LeanCausalLM(nn.Module):
         if max_seq_len > self.max_context:
             raise ValueError(
                 f"max_seq_len={max_seq_len} exceeds the model's context of {self.max_context} tokens "
-                f"(max_position_embeddings={self.config.max_position_embeddings}"
-                + (f", sliding_window={self.config.sliding_window})" if self.config.sliding_window else ")")
+                f"(max_position_embeddings={self.config.max_position_embeddings})"
             )
         self.kv.allocate(batch_size, max_seq_len, self.dtype, self.device)
 
