@@ -87,3 +87,27 @@ def test_kernel_modules_import_as_ivl_fast_kernels(module):
     r = _in_root("-c", f"import ivl_fast.kernels.{module} as m; print(m.__file__)")
     assert r.returncode == 0, r.stderr[-3000:]
     assert Path(r.stdout.strip()).resolve() == (ROOT / "kernels" / f"{module}.py").resolve()
+
+
+def imported_top_level_names(*folders: Path) -> set[str]:
+    """Top-level module names that ``import`` / ``from ... import`` statements (absolute ones) name in the files."""
+    import ast
+
+    names = set()
+    for folder in folders:
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_test_folder_is_named_like_a_module_the_code_imports():
+    """pytest puts tests/ (and bench/) on sys.path: a folder there named ``vllm`` became a namespace package that
+    ``pytest.importorskip("vllm")`` imported where vLLM is not installed, so tests that needed vLLM ran and failed
+    instead of skipping (tests/on_vllm/ is why)."""
+    imported = imported_top_level_names(ROOT / "ivl_fast", ROOT / "tests", ROOT / "bench")
+    folders = {p.name for base in (ROOT / "tests", ROOT / "bench") for p in base.iterdir() if p.is_dir()}
+    assert "vllm" in imported and not folders & imported, folders & imported

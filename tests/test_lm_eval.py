@@ -5,7 +5,6 @@ models; offline, on local tasks written to a temp dir."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import pytest
@@ -19,52 +18,16 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval_tasks import DOCS, TASKS, TOL, close_ll, same_samples, write_tasks  # noqa: E402
 
 import ivl_fast.lm_eval  # noqa: E402, F401  (registers "ivl")
 from ivl_fast.chat import DEFAULT_CHAT_TEMPLATE, render_chat  # noqa: E402
 from ivl_fast.lm_eval import IVLLM  # noqa: E402
 
-TOL = 1e-4
-DOCS = [
-    {
-        "question": f"What is {a} plus {b}?",
-        "choices": [str(a + b), str(a + b + 1), "none of them"],
-        "answer": 0,
-        "text": f"The sum of {a} and {b} is {a + b}, as every table of sums says. " * 3,
-    }
-    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10)]
-]
-TASKS = ("ivl_mc", "ivl_gen", "ivl_ppl")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def write_tasks(directory) -> None:
-    """A multiple_choice, a generate_until and a loglikelihood_rolling task over one local JSONL file."""
-    data = directory / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    common = (
-        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\nfewshot_split: test\n"
-    )
-    (directory / "ivl_mc.yaml").write_text(
-        "task: ivl_mc\n" + common + "output_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    (directory / "ivl_gen.yaml").write_text(
-        "task: ivl_gen\n" + common + "output_type: generate_until\n"
-        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{choices[0]}}"\n'
-        'generation_kwargs:\n  until: ["\\n", "st"]\n  max_gen_toks: 8\n  do_sample: false\n'
-        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    (directory / "ivl_ppl.yaml").write_text(
-        "task: ivl_ppl\n" + common + "output_type: loglikelihood_rolling\n"
-        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-        "metric_list:\n  - metric: word_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -98,33 +61,9 @@ def _instances(kind, args):
     return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
 
 
-def _close_ll(got, want):
-    assert len(got) == len(want)
-    for i, ((a, ga), (b, gb)) in enumerate(zip(got, want, strict=True)):
-        assert abs(a - b) <= TOL * max(1.0, abs(b)), (i, a, b)
-        assert ga == gb, (i, ga, gb)
-
-
 def _evaluate(lm, manager, **kw):
     kw = {"tasks": list(TASKS), "num_fewshot": 1, "limit": 4, **kw}
     return lm_eval.simple_evaluate(model=lm, task_manager=manager, log_samples=True, bootstrap_iters=0, **kw)
-
-
-def _same_samples(a: dict, b: dict, tasks) -> None:
-    """Per document of each task: the same requests (rendered prompts), the same answers."""
-    for task in tasks:
-        sa, sb = a["samples"][task], b["samples"][task]
-        assert len(sa) == len(sb) > 0, task
-        for x, y in zip(sa, sb, strict=True):
-            assert x["arguments"] == y["arguments"], (task, x["doc_id"])
-            for rx, ry in zip(x["resps"], y["resps"], strict=True):
-                (rx,), (ry,) = rx, ry
-                if isinstance(rx, str):  # generate_until: the same text
-                    assert rx == ry, (task, x["doc_id"], rx, ry)
-                elif isinstance(rx, tuple):  # loglikelihood: (log p, is_greedy)
-                    _close_ll([ry], [rx])
-                else:  # loglikelihood_rolling
-                    assert abs(rx - ry) <= TOL * max(1.0, abs(rx)), (task, rx, ry)
 
 
 # ---------------------------------------------------------------------- registration and model_args
@@ -152,7 +91,7 @@ def test_unknown_and_unsupported_model_args_are_refused(pair):
 def test_base_scheme_equals_hf_model_on_local_tasks(models, manager):
     hf, ivl = models
     a, b = _evaluate(hf, manager), _evaluate(ivl, manager)
-    _same_samples(a, b, TASKS)
+    same_samples(a, b, TASKS)
     for task in TASKS:
         for key, value in a["results"][task].items():
             if isinstance(value, float):
@@ -179,13 +118,13 @@ def test_loglikelihood_requests_equal_hf(pair, models):
         ("", "The sum of 1 and 2 is 3."),
         ("<s>The sum of", " 1 and 2"),
     ]
-    _close_ll(ivl.loglikelihood(_instances("loglikelihood", reqs)), hf.loglikelihood(_instances("loglikelihood", reqs)))
+    close_ll(ivl.loglikelihood(_instances("loglikelihood", reqs)), hf.loglikelihood(_instances("loglikelihood", reqs)))
     ctx = hf.tok_encode("Q: What is 1 plus 2?\nA:")
     g = _greedy(pair[0], ctx, 5)
     tokens = [(None, ctx, g), (None, ctx, g[:2]), (None, ctx, g[:-1] + [(g[-1] + 1) % 512]), (None, ctx[:1], ctx[1:])]
     want = hf._loglikelihood_tokens(tokens)
     assert [x for _, x in want] == [True, True, False, False]
-    _close_ll(ivl._loglikelihood_tokens(tokens), want)
+    close_ll(ivl._loglikelihood_tokens(tokens), want)
 
 
 def test_short_window_truncation_and_rolling_equal_hf(pair, models):
@@ -193,7 +132,7 @@ def test_short_window_truncation_and_rolling_equal_hf(pair, models):
     ivl = _ivl(pair[2], scheme="base", max_length=12)
     text = DOCS[0]["text"]
     reqs = [(text, " and more"), (text[:-6], text[-6:])]  # longer than the window: left-truncated
-    _close_ll(ivl.loglikelihood(_instances("loglikelihood", reqs)), hf.loglikelihood(_instances("loglikelihood", reqs)))
+    close_ll(ivl.loglikelihood(_instances("loglikelihood", reqs)), hf.loglikelihood(_instances("loglikelihood", reqs)))
     rolling = [(text,), ("short",), (DOCS[1]["text"][:70],)]  # several windows of 12 tokens, and one
     got = ivl.loglikelihood_rolling(_instances("loglikelihood_rolling", rolling))
     want = hf.loglikelihood_rolling(_instances("loglikelihood_rolling", rolling))
@@ -337,8 +276,8 @@ def test_pair_equals_summed_logits_reference(pair, models):
     ids.append((ids[0][0], out.sequences[0, out.prompt_length :].tolist()))
     want = _reference(base, value, 0.7, ids)
     assert any(g for _, g in want)
-    _close_ll(ivl._loglikelihood_tokens([(None, c, x) for c, x in ids]), want)
-    _close_ll(ivl.loglikelihood(_instances("loglikelihood", texts)), want[: len(texts)])
+    close_ll(ivl._loglikelihood_tokens([(None, c, x) for c, x in ids]), want)
+    close_ll(ivl.loglikelihood(_instances("loglikelihood", texts)), want[: len(texts)])
     assert ivl.loglikelihood(_instances("loglikelihood", texts[:1]))[0][0] != pytest.approx(
         hf.loglikelihood(_instances("loglikelihood", texts[:1]))[0][0], rel=1e-3
     )  # the value network counts
@@ -365,7 +304,7 @@ def test_apply_chat_template_renders_as_hf(chat_checkpoint, manager):
     kw = dict(tasks=["ivl_mc", "ivl_gen"], apply_chat_template=True, system_instruction="Answer with a number.")
     a, b = _evaluate(hf, manager, **kw), _evaluate(ivl, manager, **kw)
     assert "<|system|>\nAnswer with a number.\n<|user|>" in b["samples"]["ivl_gen"][0]["arguments"][0][0]
-    _same_samples(a, b, ["ivl_mc", "ivl_gen"])
+    same_samples(a, b, ["ivl_mc", "ivl_gen"])
 
 
 def test_default_chat_template_without_one_in_the_tokenizer(models):

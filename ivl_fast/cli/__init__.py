@@ -6,6 +6,7 @@ Subcommands, in ``--help`` order, one module each (``ivl_fast/cli/<name>.py`` wi
 - ``generate``: IVL decoding from checkpoints
 - ``eval``: lm-evaluation-harness tasks on a base + value pair
 - ``serve``: an OpenAI-compatible server with continuous batching
+- ``export-vllm``: the directory that ``vllm serve`` loads a pair from
 - ``train``: a value network on a frozen base
 - ``vocab-map``: a cross-vocabulary map
 - ``demo``: the paper's transfer table in miniature
@@ -22,7 +23,7 @@ import argparse
 import os
 import sys
 
-from . import demo, generate, make_tiny, serve, train, vocab_map
+from . import demo, export_vllm, generate, make_tiny, serve, train, vocab_map
 from . import eval as eval_cmd
 from .errors import UsageError
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivl-fast", description="Fast Inverse Value Learning")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, eval_cmd, serve, train, vocab_map, demo, make_tiny):
+    for command in (generate, eval_cmd, serve, export_vllm, train, vocab_map, demo, make_tiny):
         command.add_parser(sub)
     return parser
 
