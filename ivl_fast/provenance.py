@@ -71,7 +71,21 @@ def provenance(command: str) -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__,
+            **_installed("vllm", "lm-eval"),  # where present: the engines a figure may come from
         },
         "commit": git_commit(),
         "dirty": git_dirty(),
     }
+
+
+def _installed(*names: str) -> dict:
+    """{distribution: version} of those of ``names`` that are installed (metadata only: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
