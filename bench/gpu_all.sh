@@ -34,8 +34,19 @@ IVL_BENCH_OUT="$OUT/fused_ce_l1.json" $PY -m pytest -q -s bench/test_fused_ce_l1
 # 5. speculative rounds (#16): per-step costs, break-even acceptance, draft = base as the all-accepted bound
 IVL_BENCH_OUT="$OUT/speculative_gpu.json" $PY -m pytest -q -s bench/test_speculative.py -k gpu -p no:cacheprovider \
   > "$OUT/speculative.log" 2>&1
+# 6. the pair on vLLM (#32), where the image has vLLM (nothing can be installed there): its tests on the GPU backend
+#    (CUDA graphs, torch.compile of two stacks), then the 64-client comparison with the base alone and ivl-fast serve
+if $PY -c "import vllm" 2> /dev/null; then
+  $PY -m pytest -q tests/on_vllm -p no:cacheprovider > "$OUT/vllm_tests.log" 2>&1
+  echo "vllm tests rc=$?" >> "$OUT/vllm_tests.log"
+  IVL_BENCH_OUT="$OUT/vllm_serve_gpu.json" $PY -m pytest -q -s bench/test_vllm_serve.py -p no:cacheprovider \
+    > "$OUT/vllm_serve.log" 2>&1
+else
+  echo "vllm is not installed in this image: the pair on vLLM not measured" > "$OUT/vllm_serve.log"
+fi
 # the short table, last
 tail -n 3 "$OUT/tests.log"
 sed -n '/decode summary/,$p' "$OUT/decode.log" | head -n 20
 tail -n 5 "$OUT/combine_and_sample.log" "$OUT/fused_ce_l1.log"
 tail -n 12 "$OUT/speculative.log"
+tail -n 2 "$OUT/vllm_tests.log" "$OUT/vllm_serve.log" 2> /dev/null
