@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TASK_NAMES = ("ivl_demo_mc", "ivl_demo_gen")
-
 _MC = """task: ivl_demo_mc
 dataset_path: json
 dataset_kwargs:

@@ -54,6 +54,7 @@ from lm_eval.models.utils import (
 from tqdm.auto import tqdm
 
 from .chat import DEFAULT_CHAT_TEMPLATE
+from .checks import check_int, is_int, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ _SCORE_CALL = 256
 def _batch_size(value) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"model_args batch_size must be an integer >= 1, got {value!r} ('auto' is not supported)")
     return value
 
@@ -102,9 +103,7 @@ def _draft_tokens(value) -> int:
         return 4
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"model_args num_draft_tokens must be an integer >= 1, got {value!r}")
-    return value
+    return check_int(value, "model_args num_draft_tokens", 1)
 
 
 def _terms(value) -> list[tuple[str, float]]:
@@ -158,7 +157,7 @@ class IVLLM(TemplateLM):
             )
         if add_bos_token is not None and not isinstance(add_bos_token, bool):
             raise ValueError(f"model_args add_bos_token must be true or false, got {add_bos_token!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        if not is_number(alpha):
             raise ValueError(f"model_args alpha must be a number, got {alpha!r}")
         _batch_size(batch_size)  # checked before anything loads
         spec = {}
@@ -341,8 +340,7 @@ class IVLLM(TemplateLM):
         temperature = kwargs.pop("temperature", None)
         if kwargs:  # nothing else survives _check_gen_kwargs; never drop a setting without a word
             raise ValueError(f"generate_until: unsupported gen_kwargs {sorted(kwargs)}")
-        if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
-            raise ValueError(f"generate_until: max_gen_toks must be an integer >= 1, got {max_gen_toks!r}")
+        check_int(max_gen_toks, "generate_until: max_gen_toks", 1)
         if max_gen_toks >= self.max_length:
             raise ValueError(
                 f"generate_until: max_gen_toks={max_gen_toks} leaves no room for the context within "

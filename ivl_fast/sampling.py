@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from .checks import is_number
 from .philox import row_uniforms
 
 Param = float | int | torch.Tensor
@@ -128,7 +129,7 @@ class SamplingParams:
 def _check(name: str, value: Param, ok, expected: str) -> None:
     vals = value.detach().flatten().tolist() if isinstance(value, torch.Tensor) else [value]
     for v in vals:
-        if isinstance(v, bool) or not isinstance(v, int | float) or v != v or not ok(v):
+        if not is_number(v) or v != v or not ok(v):
             raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 

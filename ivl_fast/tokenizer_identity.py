@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .chat import has_tokenizer, load_tokenizer
+from .checks import is_int
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
@@ -51,11 +52,11 @@ class TokenizerIdentity:
     @classmethod
     def of(cls, tokenizer, vocab_size: int | None = None) -> TokenizerIdentity:
         """The identity of a ``transformers`` tokenizer over the ids ``[0, vocab_size)`` of a model (None: all)."""
-        if vocab_size is not None and not (_is_int(vocab_size) and vocab_size > 0):
+        if vocab_size is not None and not (is_int(vocab_size) and vocab_size > 0):
             raise ValueError(f"vocab_size must be a positive integer or None, got {vocab_size!r}")
 
         def counted(i) -> bool:
-            return _is_int(i) and i >= 0 and (vocab_size is None or i < vocab_size)
+            return is_int(i) and i >= 0 and (vocab_size is None or i < vocab_size)
 
         tokens = tuple(sorted(((t, i) for t, i in tokenizer.get_vocab().items() if counted(i)), key=lambda p: p[::-1]))
         special = {}
@@ -104,10 +105,6 @@ def describe_difference(a: TokenizerIdentity, b: TokenizerIdentity, names=("base
         if ia != ib:
             parts.append(f"{name}: {na} {_id_text(ia)}, {nb} {_id_text(ib)}")
     return "; ".join(parts)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _id_text(i: int | None) -> str:
@@ -176,7 +173,7 @@ def tokenizer_size(tokenizer) -> int | None:
     (:func:`ivl_fast.decode.model_set.common_vocab`)."""
     if tokenizer is None:
         return None
-    ids = [i for i in tokenizer.get_vocab().values() if _is_int(i) and i >= 0]
+    ids = [i for i in tokenizer.get_vocab().values() if is_int(i) and i >= 0]
     return max(ids) + 1 if ids else len(tokenizer)
 
 
@@ -189,7 +186,7 @@ def _vocab_size(path, given: int | None) -> int | None:
     except (OSError, ValueError):
         return None
     n = cfg.get("vocab_size") if isinstance(cfg, dict) else None
-    return n if _is_int(n) and n > 0 else None
+    return n if is_int(n) and n > 0 else None
 
 
 __all__ = [

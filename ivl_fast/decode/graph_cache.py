@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_int
 from ..graphs import GRAPH_MODES, KV_BUCKET_MIN, StepGraphs, new_graph, resolve_graphs, resolve_runner
 from ..ops._backend import pick_backend
 from .buffers import DecodeBuffers
@@ -32,8 +33,7 @@ class GraphSettings:
     def resolve(cls, graphs, mode: str, runner: str, kv_block: int, models) -> GraphSettings:
         """The decoder's options -> settings (ValueError naming an option that cannot hold; an explicit
         graphs="cuda" / "emulate" that these models cannot use is refused, "auto" falls back to eager)."""
-        if isinstance(kv_block, bool) or not isinstance(kv_block, int) or kv_block < 1:
-            raise ValueError(f"kv_block must be an integer >= 1, got {kv_block!r}")
+        check_int(kv_block, "kv_block", 1)
         if mode not in GRAPH_MODES:
             raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {mode!r}")
         kind = resolve_graphs(graphs, models.device)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import is_int
+
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
@@ -37,7 +39,7 @@ def pack_prompts(input_ids, attention_mask, pad_id: int, vocab_size: int) -> tup
         for i, r in enumerate(rows):
             if not r:
                 raise ValueError(f"prompt {i} is empty: every row needs at least one token")
-            bad = next((x for x in r if isinstance(x, bool) or not isinstance(x, int)), None)
+            bad = next((x for x in r if not is_int(x)), None)
             if bad is not None:
                 raise ValueError(f"input_ids must hold integer token ids; prompt {i} holds {bad!r}")
         if not rows:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..checks import check_int
 from ..graphs import kv_bucket, run_cpp, run_python
 from ..models.engine import graph_safe, supports
 from ..ops._backend import pick_backend
@@ -72,8 +73,7 @@ class DecodeLoop:
     ):
         if per_request and not continuous:
             raise ValueError("per_request sampling needs a continuous batch")
-        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
-            raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+        check_int(top_logprobs, "top_logprobs", 0)
         if top_logprobs and not continuous:
             raise ValueError("top_logprobs needs a continuous batch (FastIVLDecoder.open_batch)")
         self.models, self.opts, self.k = models, options, sync_every

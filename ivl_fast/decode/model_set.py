@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_finite, is_number
 from ..models.engine import all_support, supports
 from ..schemes import is_cascade, is_probe, uses_base, value_is_engine
 
@@ -155,7 +156,7 @@ def check_terms(scheme: str, base, value, terms, has_vocab_map: bool, real_vocab
         if not (isinstance(t, tuple | list) and len(t) == 2):
             raise ValueError(f"terms[{i}] must be a (model, weight) pair, got {t!r}")
         e, w = t
-        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+        if not is_number(w) or not math.isfinite(w):
             raise ValueError(f"terms[{i}]: the weight must be a finite number, got {w!r}")
         padded = real_vocab is not None and e.vocab_size >= real_vocab
         if e.vocab_size != ref.vocab_size and not padded:
@@ -171,8 +172,7 @@ def check_terms(scheme: str, base, value, terms, has_vocab_map: bool, real_vocab
 def check_models(scheme: str, base, value, alpha, has_vocab_map: bool, real_vocab: int | None = None) -> None:
     """The engines fit the scheme and each other (ValueError naming what does not). ``real_vocab``: see
     :class:`ModelSet`; with it the base's and the value's rows may differ."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    check_finite(alpha, "alpha")
     if is_cascade(scheme) and not (supports(base, "inputs_embeds") and supports(value, "inputs_embeds")):
         raise ValueError(f"scheme={scheme!r} needs the lean engine for both models (Llama/Mistral/Qwen2)")
     from ..models.probe import ProbeValue

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..checks import check_int, is_int
 from ..sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default length budget (max_length=20 there)
@@ -138,11 +139,9 @@ class GenerationOptions:
 
     def __post_init__(self):
         mnt = self.max_new_tokens
-        if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {mnt!r}")
+        check_int(mnt, "max_new_tokens", 1)
         n = self.num_return_sequences
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_return_sequences must be an integer >= 1, got {n!r}")
+        check_int(n, "num_return_sequences", 1)
         if n > 1 and not self.do_sample:  # transformers' rule: greedy rows would be n copies of one answer
             raise ValueError(
                 f"num_return_sequences={n} needs do_sample=True (greedy decoding gives one answer per prompt)"
@@ -151,7 +150,7 @@ class GenerationOptions:
             raise ValueError(f"do_sample must be a bool, got {self.do_sample!r}")
         if not isinstance(self.return_logprobs, bool):
             raise ValueError(f"return_logprobs must be a bool, got {self.return_logprobs!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         object.__setattr__(self, "_sampling", self._make_sampling())  # validates the warpers and penalties
 
@@ -249,14 +248,14 @@ def resolve_options(
         eos = fallback("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     for e in eos:
-        if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab_size:
+        if not is_int(e) or not 0 <= e < vocab_size:
             raise ValueError(f"eos_token_id entries must be token ids in [0, {vocab_size}), got {e!r}")
     pad = values.pop("pad_token_id", None)
     if pad is None:
         pad = fallback("pad_token_id")
         if pad is None:
             pad = eos[0] if eos else 0
-    if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size:
+    if not is_int(pad) or not 0 <= pad < vocab_size:
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}), got {pad!r}")
     stops = values.pop("stop_strings", None)
     if stops is not None:

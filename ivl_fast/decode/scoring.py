@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int, is_int
 from .model_set import ModelSet
 
 CHUNK_ROWS = 512  # scored positions projected to the vocabulary at once: [CHUNK_ROWS, V] fp32 per model
@@ -84,7 +85,7 @@ def rolling_requests(tokens: list[int], prefix: int, max_length: int) -> list[tu
 def _check_request(i: int, context, continuation, vocab: int, max_length: int) -> tuple[list[int], list[int]]:
     ctx, cont = list(context), list(continuation)
     for name, ids in (("context", ctx), ("continuation", cont)):
-        bad = next((x for x in ids if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < vocab), None)
+        bad = next((x for x in ids if not is_int(x) or not 0 <= x < vocab), None)
         if bad is not None:
             raise ValueError(f"request {i}: {name} must hold token ids in [0, {vocab}), holds {bad!r}")
     if not cont:
@@ -138,10 +139,8 @@ def score(
             "log-likelihood scoring across vocabularies is not supported: the base would re-read the text at every "
             "scored position; score with a same-vocabulary pair, or generate (generate_until works)"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= models.max_context:
-        raise ValueError(f"max_length must be an integer in [1, {models.max_context}], got {max_length!r}")
+    check_int(batch_size, "batch_size", 1)
+    check_int(max_length, "max_length", 1, models.max_context)
     reqs = [_check_request(i, c, x, models.vocab_size, max_length) for i, (c, x) in enumerate(requests)]
     dev = models.device
     # longest first, as lm-eval batches (equal-length neighbours pad little)

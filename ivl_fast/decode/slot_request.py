@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..checks import check_int, is_int, is_number
 from ..sampling import FLOAT32_MAX, SamplingParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -63,34 +64,33 @@ def check_slot_request(
         raise ValueError(f"{where}sampling, alpha or seed per request needs a batch opened with per_request=True")
     a = r.alpha
     if a is not None:
-        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or abs(a) > FLOAT32_MAX:
+        if not is_number(a) or not math.isfinite(a) or abs(a) > FLOAT32_MAX:
             raise ValueError(f"{where}alpha must be a finite number within float32's range (3.4e38), got {a!r}")
         if alpha_why is not None and float(a) != alpha:
             raise ValueError(f"{where}alpha={a} differs from the decoder's {alpha}: {alpha_why}")
     sampling = r.sampling or default_sampling
     seed = r.seed
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not INT64_MIN <= seed <= INT64_MAX:
+        if not is_int(seed) or not INT64_MIN <= seed <= INT64_MAX:
             raise ValueError(f"{where}seed must be an integer in [-2^63, 2^63), got {seed!r}")
         if seed_why is not None and not sampling.greedy:
             raise ValueError(f"{where}seed with sampling is not supported {seed_why}")
     top = r.top_logprobs
     if top and not max_top_logprobs:
         raise ValueError(f"{where}top_logprobs is not supported {top_why}")
-    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= max_top_logprobs:
+    if not is_int(top) or not 0 <= top <= max_top_logprobs:
         raise ValueError(
             f"{where}top_logprobs must be an integer in [0, {max_top_logprobs}] (the batch's top_logprobs), got {top!r}"
         )
     budget = default_budget if r.max_new_tokens is None else r.max_new_tokens
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= max_budget:
-        raise ValueError(f"{where}max_new_tokens must be an integer in [1, {max_budget}], got {budget!r}")
+    check_int(budget, f"{where}max_new_tokens", 1, max_budget)
     ids = r.prompt_ids
     if not isinstance(ids, list | tuple) or not ids or len(ids) + budget > max_seq_len:
         raise ValueError(
             f"{where}a prompt of {len(ids)} tokens + max_new_tokens {budget} does not fit the batch's max_seq_len of "
             f"{max_seq_len} (and a prompt needs at least one token)"
         )
-    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)), None)
+    bad = next((t for t in ids if not is_int(t)), None)
     if bad is not None:
         raise ValueError(f"{where}prompt_ids must hold integer token ids, got {bad!r}")
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..checks import check_int
 from ..graphs import StepGraphs, kv_bucket, new_graph
 from ..models.engine import graph_safe
 from ..ops._backend import pick_backend
@@ -225,8 +226,7 @@ class SpeculativeLoop:
 
 def check_draft(models: ModelSet, draft, k) -> None:
     """The draft base fits speculative decoding of ``models`` (ValueError naming what does not)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
+    check_int(k, "num_draft_tokens", 1)
     if models.terms:
         raise ValueError("a draft model and logit terms cannot be combined yet (speculative rounds combine two)")
     if models.scheme not in ("residual", "base"):

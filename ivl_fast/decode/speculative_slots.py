@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from ..checks import check_int
 from ..ops._backend import pick_backend
 from .buffers import DecodeBuffers
 from .inputs import pack_prompts
@@ -237,10 +238,8 @@ class SpeculativeSlots:
 
 
 def check_slots(slots, max_seq_len, top: int) -> None:
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= top:
-        raise ValueError(f"max_seq_len must be an integer in [2, {top}], got {max_seq_len!r}")
+    check_int(slots, "slots", 1)
+    check_int(max_seq_len, "max_seq_len", 2, top)
 
 
 __all__ = ["SpeculativeSlots", "check_slots"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int
 from ..graphs import batch_bucket, kv_bucket
 from .cross_vocab import Retokenizer
 from .graph_cache import GraphCache
@@ -128,11 +129,9 @@ def open_slots(
     context is re-derived from its text after every step, as in generate() (the tokenizers are needed)."""
     if opts.stop_strings is not None or opts.num_return_sequences != 1:
         raise ValueError("open_batch supports neither stop_strings nor num_return_sequences yet")
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
+    check_int(slots, "slots", 1)
     top = models.max_context
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= top:
-        raise ValueError(f"max_seq_len must be an integer in [2, {top}], got {max_seq_len!r}")
+    check_int(max_seq_len, "max_seq_len", 2, top)
     retok = None
     if models.cross_vocab:
         retok = Retokenizer.slots(tokenizer, base_tokenizer, slots, same_tokenizers, models.base.max_context)

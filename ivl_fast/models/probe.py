@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int
+
 PROBE_MODEL_TYPE = "ivl_probe"
 
 
@@ -35,8 +37,7 @@ class ProbeValue(nn.Module):
             ("intermediate_size", intermediate_size),
             ("vocab_size", vocab_size),
         ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(v, name, 1)
         self.base_hidden_size, self.intermediate_size = base_hidden_size, intermediate_size
         self.gate_proj = nn.Linear(base_hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(base_hidden_size, intermediate_size, bias=False)
@@ -77,9 +78,6 @@ class ProbeValue(nn.Module):
             )
         if vocab_size != self.vocab_size:
             raise ValueError(f"the probe gives {self.vocab_size} logits; the base has {vocab_size}")
-
-    def config_dict(self) -> dict:
-        return probe_config(self.base_hidden_size, self.intermediate_size, self.vocab_size)
 
     @classmethod
     def from_config(cls, raw: dict) -> ProbeValue:

@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 
+from ..checks import is_int
 from ..sampling import FLOAT32_MAX, SamplingParams
 from .scheduler import SequenceRequest
 
@@ -98,7 +99,7 @@ def sampling_request(
     token (checked by the endpoint, whose field it is)."""
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63):
+    if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**63):
         raise APIError(400, f"'seed' must be an integer in [-2^63, 2^63), got {seed!r}", "seed")
     if temperature == 0:  # greedy decoding draws nothing: a seed changes nothing there (and costs nothing)
         seed = None
@@ -189,7 +190,7 @@ def top_logprobs_field(body: dict, name: str, hi: int = 20) -> int:
     v = body.get(name)
     if v is None:
         return 0
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= max(hi, 20):
+    if not is_int(v) or not 0 <= v <= max(hi, 20):
         raise APIError(400, f"'{name}' must be an integer in [0, {max(hi, 20)}], got {v!r}", name)
     if v > hi:
         why = "a server with a draft model gives none" if hi == 0 else f"at most {hi} here"

@@ -25,11 +25,12 @@ model classes do not hand over), pickled or quantized checkpoints.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..checks import check_finite, is_int
 
 ARCHITECTURE = "IVLForCausalLM"
 FORMAT = 1
@@ -77,13 +78,12 @@ class PairSpec:
             if not isinstance(get(key), str) or not Path(get(key)).is_dir():
                 raise ValueError(f"{key} must name a checkpoint directory, got {get(key)!r}")
         alpha = get("ivl_alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-            raise ValueError(f"ivl_alpha must be a finite number, got {alpha!r}")
+        check_finite(alpha, "ivl_alpha")
         archs = get("ivl_base_architectures")
         if not isinstance(archs, list | tuple) or not archs or not all(isinstance(a, str) for a in archs):
             raise ValueError(f"ivl_base_architectures must be a non-empty list of class names, got {archs!r}")
         real = get("ivl_real_vocab")
-        if real is not None and (isinstance(real, bool) or not isinstance(real, int) or real < 1):
+        if real is not None and (not is_int(real) or real < 1):
             raise ValueError(f"ivl_real_vocab must be a positive integer or null, got {real!r}")
         return cls(get("ivl_base"), get("ivl_value"), float(alpha), tuple(archs), real)
 
@@ -99,8 +99,7 @@ def export_pair(base, value, out, *, alpha: float = 1.0) -> Path:
     from ..schemes import scheme_of_checkpoint
     from ..tokenizer_identity import pick_tokenizers, tokenizer_size
 
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    check_finite(alpha, "alpha")
     base_dir = checkpoint_dir(base, what="base").resolve()
     value_dir = checkpoint_dir(value, what="value").resolve()
     scheme = scheme_of_checkpoint(value_dir)
