@@ -18,6 +18,7 @@ serve pair. Bounded: a 600 s start limit per server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -87,15 +88,15 @@ def _start(cmd: list[str], port: int, name: str, log: Path):
 
 
 def _stop(proc, out) -> None:
+    """The server's whole process group (vLLM's engine processes with it): SIGTERM, then SIGKILL after 60 s."""
     import signal
 
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    for sig, grace in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            break
+        os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
     out.close()
 
 
