@@ -120,6 +120,7 @@ setup(
         "ivl_fast.serve",
         "ivl_fast.train",
         "ivl_fast.vocab",
+        "ivl_fast.vllm",
         "ivl_fast.kernels",
     ],
     package_data={"ivl_fast.serve": ["static/*.html"]},  # the chat page
