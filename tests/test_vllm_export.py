@@ -171,9 +171,12 @@ def test_export_never_overwrites(pair, tmp_path):
         export_pair(first, value_dir, tmp_path / "second")
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         export_pair(base_dir, value_dir, tmp_path / "third", alpha=float("nan"))
-    # an empty directory given for the output is used
+    # an empty directory given for the output is used, and stays the same directory
     (tmp_path / "empty").mkdir()
+    inode = (tmp_path / "empty").stat().st_ino
     assert (export_pair(base_dir, value_dir, tmp_path / "empty") / "config.json").is_file()
+    assert (tmp_path / "empty").stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
 def test_export_failure_leaves_nothing(pair, tmp_path, monkeypatch):

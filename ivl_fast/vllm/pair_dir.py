@@ -91,7 +91,8 @@ class PairSpec:
 def export_pair(base, value, out, *, alpha: float = 1.0) -> Path:
     """Write the vLLM pair directory ``out`` for the checkpoints ``base`` and ``value`` (see the module
     docstring); returns it. ``out`` must not exist or be an empty directory: it is written next to its place and
-    renamed into it, so a failure leaves nothing behind."""
+    renamed into it (into an existing empty directory, file by file, config.json last), so a failure leaves
+    nothing behind."""
     from ..decode.model_set import common_vocab
     from ..decode.options import pair_generation_config, read_generation_config
     from ..models.checkpoint import checkpoint_dir, read_config, weight_files
@@ -154,12 +155,21 @@ def export_pair(base, value, out, *, alpha: float = 1.0) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    moved: list[Path] = []
     try:
         _write(tmp, config, tok, gen)
-        if target.exists():
-            target.rmdir()  # empty (checked above)
-        os.replace(tmp, target)
+        if not target.exists():
+            os.replace(tmp, target)
+            return target
+        # an empty directory the caller made stays theirs: the files move into it, config.json last (vLLM reads a
+        # directory without one as no model), and only what this call wrote is removed if a move fails
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(f, target / f.name)
+            moved.append(target / f.name)
+        tmp.rmdir()
     except BaseException:
+        for f in moved:
+            f.unlink(missing_ok=True)
         _remove_tree(tmp)
         raise
     return target
