@@ -35,7 +35,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 from vllm.transformers_utils.config import get_config
 
-from .pair_dir import PairSpec
+from .pair_dir import MARKER, PairSpec
 
 
 def ivl_logits(z_base: torch.Tensor, z_value: torch.Tensor, alpha: float, real_vocab: int | None) -> torch.Tensor:
@@ -100,7 +100,7 @@ class IVLForCausalLM(nn.Module):
             )
         # vLLM's loader: the pair directory holds only the marker; each checkpoint is streamed from its own files
         # under its module's prefix (safetensors only: no pickled .bin).
-        self.allow_patterns_overrides = ["ivl_pair.safetensors"]
+        self.allow_patterns_overrides = [MARKER]
         self.fall_back_to_pt_during_load = False
         self.secondary_weights = [
             DefaultModelLoader.Source(spec.base, None, prefix="base.", fall_back_to_pt=False),
