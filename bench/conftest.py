@@ -21,6 +21,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -155,11 +156,28 @@ def plot_decode(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now, best of 5 (the decode
+    summary's memory floor)."""
+    cuda = torch.cuda.is_available()
+    n = (1 << 30) if cuda else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=bench_settings()["device"])
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n / best
+
+
 def pytest_terminal_summary(terminalreporter):
     if not DECODE:
         return
-    from test_decode import copy_bandwidth
-
     copy_bw = copy_bandwidth()
     summary = decode_summary(DECODE, copy_bw)
     tr = terminalreporter

@@ -113,21 +113,6 @@ def _kv_bytes_per_step(engines, batch: int, t: int, new: int, capacity: int, blo
     return cols * per_col * batch
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), measured now, best of 5."""
-    n = (1 << 30) if torch.cuda.is_available() else (1 << 26)
-    src = torch.empty(n, dtype=torch.uint8, device=S["device"])
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(6):
-        _sync()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n / best
-
-
 def idle_fraction(fn) -> float | None:
     """1 - (union of GPU activity intervals) / (window), over the last 75% of the device timeline of ``fn``
     (skipping prefill and capture-free warm steps)."""
