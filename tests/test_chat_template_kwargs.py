@@ -116,7 +116,7 @@ def test_cli_chat_template_kwargs(capsys, thinking_dirs, expected):
     ],
 )
 def test_cli_bad_chat_template_kwargs_is_one_line_naming_the_flag(capsys, thinking_dirs, value, extra, needles):
-    from test_faults_cli import one_line
+    from cli_fixtures import one_line
 
     rc, _, err = _generate(capsys, thinking_dirs, "--prompt", "hi", "--chat-template-kwargs", value, *extra)
     one_line(rc, err, *needles)

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before datasets is imported
 
+from lm_eval_tasks import write_tasks  # noqa: E402
 from test_cli_ux import test_every_flag_has_help_and_shows_its_default as _flags_explained  # noqa: E402
 from test_cli_ux import test_required_flags_are_listed_as_required as _required_listed  # noqa: E402
-from test_lm_eval import write_tasks  # noqa: E402
 
 from ivl_fast.cli import main  # noqa: E402
 from ivl_fast.cli.eval import PAPER_SUITE, _write_new, suite_runs  # noqa: E402

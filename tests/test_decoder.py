@@ -205,7 +205,7 @@ def test_eager_decode_step_reads_no_tensor_value_on_the_host(pair, do_sample):
     """DESIGN: the decode path never syncs the host inside a step. The whole eager step of the decoder (both
     models, the sampler with every warper on, EOS bookkeeping, log-probs) runs under the host-read trap, and the
     tokens it produced are those of generate()."""
-    from test_models import no_host_reads
+    from host_reads import no_host_reads
 
     _, _, base_dir, value_dir = pair
     dec = FastIVLDecoder.from_pretrained(base_dir, value_dir, sample_backend="torch")

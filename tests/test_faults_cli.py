@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from cli_fixtures import one_line
 
 from ivl_fast.cli import main
 
@@ -17,13 +18,6 @@ PROMPT = "def main"
 def run(capsys, *argv) -> tuple[int, str]:
     rc = main([str(a) for a in argv])
     return rc, capsys.readouterr().err
-
-
-def one_line(rc: int, err: str, *needles: str) -> None:
-    lines = [ln for ln in re.split(r"[\r\n]", err) if ln.strip() and "it/s" not in ln and "step/s" not in ln]
-    assert rc == 2 and "Traceback" not in err, err
-    errors = [ln for ln in lines if ": error: " in ln]
-    assert len(errors) == 1 and all(n in errors[0] for n in needles), err
 
 
 def test_make_tiny_never_writes_into_the_root_or_a_file(capsys, tmp_path, monkeypatch):

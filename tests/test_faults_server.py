@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from cli_fixtures import one_line
 from serve_fixtures import Server
-from test_faults_cli import one_line
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.sampling import SamplingParams

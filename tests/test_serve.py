@@ -333,7 +333,7 @@ def test_lm_evals_local_chat_completions_equals_ivl_fast_eval(served, pair, tmp_
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.models.openai_completions import LocalChatCompletion
     from lm_eval.tasks import TaskManager
-    from test_lm_eval import write_tasks
+    from lm_eval_tasks import write_tasks
 
     from ivl_fast.lm_eval import IVLLM
 

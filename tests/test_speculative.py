@@ -275,7 +275,7 @@ def test_cli_eval_with_a_draft_gives_the_same_results(pair, draft_dir, tmp_path,
     pytest.importorskip("lm_eval")
     import json
 
-    from test_lm_eval import write_tasks
+    from lm_eval_tasks import write_tasks
 
     (tmp_path / "tasks").mkdir()
     write_tasks(tmp_path / "tasks")

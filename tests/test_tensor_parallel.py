@@ -162,7 +162,7 @@ def test_cli_eval_under_torchrun_reports_what_one_process_reports(tp_pair, tmp_p
     """`torchrun --nproc_per_node 2 -m ivl_fast.cli eval --tp 2 ...` on local lm-eval tasks: rank 0 writes the
     results file of one process (the same metrics), and only one file is written."""
     pytest.importorskip("lm_eval")
-    from test_lm_eval import write_tasks
+    from lm_eval_tasks import write_tasks
 
     from ivl_fast.cli import main as cli_main
 
