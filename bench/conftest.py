@@ -77,6 +77,23 @@ def bench_settings() -> dict:
     }
 
 
+def random_hf(cfg: dict, device: str, dtype: torch.dtype, seed: int):
+    """A transformers causal LM of config dict ``cfg`` (bench/configs) with random weights of ``seed``, built on
+    ``device`` in ``dtype`` (no weights are downloaded: the benches measure speed, not quality)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    c = AutoConfig.for_model(**cfg)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            m = AutoModelForCausalLM.from_config(c)
+    finally:
+        torch.set_default_dtype(prev)
+    return m.eval()
+
+
 def load_config(name: str) -> dict:
     return json.loads((CONFIG_DIR / f"{name}.json").read_text())
 

@@ -23,7 +23,7 @@ import time
 
 import pytest
 import torch
-from conftest import DECODE, bench_settings, load_config
+from conftest import DECODE, bench_settings, load_config, random_hf
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.graphs import kv_bucket
@@ -31,21 +31,6 @@ from ivl_fast.models.hf_adapter import cache_kwarg
 
 S = bench_settings()
 VARIANTS = ["base_alone", "pair_fused", "pair_two_stream", "pair_one_stream", "pair_eager", "pair_naive_hf"]
-
-
-def _random_hf(cfg: dict, device: str, dtype: torch.dtype, seed: int):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    c = AutoConfig.for_model(**cfg)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            m = AutoModelForCausalLM.from_config(c)
-    finally:
-        torch.set_default_dtype(prev)
-    return m.eval()
 
 
 _MODELS: dict = {}
@@ -58,8 +43,8 @@ def _models(pair: str):
             torch.cuda.empty_cache()
         value_name, base_name = pair.split("+")
         dtype = getattr(torch, S["dtype"])
-        base = _random_hf(load_config(base_name), S["device"], dtype, 0)
-        value = _random_hf(load_config(value_name), S["device"], dtype, 1)
+        base = random_hf(load_config(base_name), S["device"], dtype, 0)
+        value = random_hf(load_config(value_name), S["device"], dtype, 1)
         _MODELS[pair] = (base, value)
     return _MODELS[pair]
 

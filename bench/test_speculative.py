@@ -275,13 +275,12 @@ def test_speculative_round_costs_gpu(benchmark):
 
         IVL_BENCH_OUT=$OUT/speculative_gpu.json pytest -q -s bench/test_speculative.py -k gpu
     """
-    from conftest import load_config
-    from test_decode import _random_hf
+    from conftest import load_config, random_hf
 
     dev, dtype = "cuda", torch.bfloat16
-    base_hf = _random_hf(load_config("llama-2-7b"), dev, dtype, 0)
-    small_hf = _random_hf(load_config("tinyllama-1.1b"), dev, dtype, 1)
-    value_hf = _random_hf(load_config("tinyllama-1.1b"), dev, dtype, 2)
+    base_hf = random_hf(load_config("llama-2-7b"), dev, dtype, 0)
+    small_hf = random_hf(load_config("tinyllama-1.1b"), dev, dtype, 1)
+    value_hf = random_hf(load_config("tinyllama-1.1b"), dev, dtype, 2)
     prompts = [list(range(1, 129))]
     gen = dict(max_new_tokens=128, eos_token_id=[])
     decs = {

@@ -11,9 +11,8 @@ import pytest
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before datasets is imported
 
+from cli_fixtures import check_flags_explained, check_required_listed  # noqa: E402
 from lm_eval_tasks import write_tasks  # noqa: E402
-from test_cli_ux import test_every_flag_has_help_and_shows_its_default as _flags_explained  # noqa: E402
-from test_cli_ux import test_required_flags_are_listed_as_required as _required_listed  # noqa: E402
 
 from ivl_fast.cli import main  # noqa: E402
 from ivl_fast.cli.eval import PAPER_SUITE, _write_new, suite_runs  # noqa: E402
@@ -57,8 +56,8 @@ def test_eval_prints_lm_evals_table_and_writes_a_new_results_file(pair, tasks_di
 
 
 def test_help_follows_the_cli_conventions():
-    _flags_explained("eval")  # every flag explained, with its default
-    _required_listed("eval", ["--base", "--value"])
+    check_flags_explained("eval")  # every flag explained, with its default
+    check_required_listed("eval", ["--base", "--value"])
 
 
 def test_results_files_are_never_overwritten(tmp_path):

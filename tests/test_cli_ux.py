@@ -3,38 +3,20 @@ takes long, and one-line errors (exit code 2) for broken inputs such as a damage
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
+from cli_fixtures import check_flags_explained, check_required_listed
 
-from ivl_fast.cli import build_parser
 from ivl_fast.cli import main as cli_main
 from ivl_fast.vocab import VocabMap
 
 PROMPT = "def f(x):"
 
 
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
-
-
-@pytest.mark.parametrize("command", ["generate", "train", "vocab-map", "demo", "make-tiny"])
+@pytest.mark.parametrize("command", ["generate", "train", "vocab-map", "demo", "make-tiny", "export-vllm"])
 def test_every_flag_has_help_and_shows_its_default(command):
-    p = _subparsers()[command]
-    text = p.format_help()
-    for action in p._actions:
-        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
-            continue
-        assert action.help, f"{command} {action.option_strings} has no help text"
-        has_default = action.default not in (None, False) and not action.required and "default" not in action.help
-        if has_default:
-            shown = f"(default: {action.default})"
-            assert shown in " ".join(text.split()), f"{command} {action.option_strings}: {shown} not in --help"
-        else:
-            assert "(default: None)" not in text and "(default: False)" not in text
+    check_flags_explained(command)
 
 
 @pytest.mark.parametrize(
@@ -46,10 +28,7 @@ def test_every_flag_has_help_and_shows_its_default(command):
     ],
 )
 def test_required_flags_are_listed_as_required(command, required):
-    p = _subparsers()[command]
-    group = next(g for g in p._action_groups if g.title == "required")
-    assert sorted(s for a in group._group_actions for s in a.option_strings) == sorted(required)
-    assert "required:" in p.format_help()
+    check_required_listed(command, required)
 
 
 # ----------------------------------------------------------------------------- progress

@@ -185,11 +185,11 @@ def test_sigint_stops_a_serve_process_with_requests_in_flight(pair, twice):
     import os
     import signal
 
-    from test_faults_server import ServeProcess, _long_requests, ended_by_the_drain
+    from serve_fixtures import ServeProcess, ended_by_the_drain, long_requests
 
     srv = ServeProcess(pair, "--max-batch-size", 1, "--max-model-len", 256, "--drain-timeout", 60 if twice else 1)
     try:
-        stream, queued, lines, pool = _long_requests(srv.url, 3)
+        stream, queued, lines, pool = long_requests(srv.url, 3)
         t0 = time.monotonic()
         os.kill(srv.proc.pid, signal.SIGINT)
         if twice:
