@@ -19,7 +19,7 @@ def is_number(x) -> bool:
 
 def check_int(x, name: str, lo: int | None = None, hi: int | None = None) -> int:
     """``x`` if it is an integer (not a bool) in ``[lo, hi]`` (either bound optional), else ValueError: "``name``
-    must be an integer >= lo" (or "in [lo, hi]", "<= hi"), "got ...". """
+    must be an integer >= lo" (or "in [lo, hi]", "<= hi"), "got ..."."""
     if is_int(x) and (lo is None or x >= lo) and (hi is None or x <= hi):
         return x
     if lo is not None and hi is not None:

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from .chat import as_messages, is_message_list, render_chat
-from .decode.cross_vocab import check_vocab_map
 from .decode.graph_cache import GraphCache, GraphSettings
 from .decode.inputs import pack_prompts, repeat_prompts
 from .decode.loop import DecodeLoop
-from .decode.model_set import ModelSet, check_models, check_terms, common_vocab
+from .decode.model_set import ModelSet
 from .decode.options import (
     GenerationOptions,
     own_generation_config,
@@ -38,7 +37,7 @@ from .graphs import KV_BUCKET_MIN
 from .models import from_hf_model, load_model
 from .models.probe import ProbeValue
 from .schemes import DECODE_SCHEMES, check_scheme, scheme_of_checkpoint, uses_base, uses_value
-from .tokenizer_identity import check_same_tokens, checkpoint_tokenizer_sides, tokenizer_size
+from .tokenizer_identity import check_same_tokens, checkpoint_tokenizer_sides
 
 logger = logging.getLogger("ivl_fast")
 
@@ -153,20 +152,18 @@ class FastIVLDecoder:
         base, value = wrap(base_model), wrap(value_model)
         self.draft = None if draft_model is None else wrap(draft_model)
         terms = [(wrap(m), w) for m, w in terms or ()]
-        # one tokenizer under embeddings padded to different row counts (Qwen2.5 0.5B vs 7B, Gemma-3 1B vs 4B): the
-        # real vocabulary is what every model has rows for and the tokenizer can produce (ModelSet.real_vocab)
-        rows = [e.vocab_size for e in (base, value, self.draft, *(e for e, _ in terms)) if e is not None]
-        real_vocab = None
-        if vocab_map is None and len(set(rows)) > 1:
-            real_vocab = common_vocab(rows, tokenizer_size(tokenizer))
-        check_models(scheme, base, value, alpha, vocab_map is not None, real_vocab)
-        self._same_tokenizers = False
-        if vocab_map is not None:
-            vocab_map, self._same_tokenizers = check_vocab_map(
-                vocab_map, scheme=scheme, base=base, value=value, tokenizer=tokenizer, base_tokenizer=base_tokenizer
-            )
-        terms = check_terms(scheme, base, value, terms, vocab_map is not None, real_vocab)
-        self.models = ModelSet(scheme, base, value, float(alpha), vocab_map, sample_backend, terms, real_vocab)
+        self.models = ModelSet.build(
+            scheme,
+            base,
+            value,
+            alpha=alpha,
+            vocab_map=vocab_map,
+            sample_backend=sample_backend,
+            terms=terms,
+            tokenizer=tokenizer,
+            base_tokenizer=base_tokenizer,
+            draft=self.draft,
+        )
         self.stop_ids = None  # the pair's StopIds when both sides' EOS were merged (see _merge_stop_ids)
         if generation_config is None and vocab_map is None:  # transformers models passed in: both own configs
             own = [(n, own_generation_config(m)) for n, m in (("value", value_model), ("base", base_model))]
@@ -453,7 +450,7 @@ class FastIVLDecoder:
             top_logprobs=top_logprobs,
             tokenizer=self.tokenizer,
             base_tokenizer=self.base_tokenizer,
-            same_tokenizers=self._same_tokenizers,
+            same_tokenizers=self.models.same_tokenizers,
         )
 
     def capture_graphs(
@@ -544,6 +541,6 @@ class FastIVLDecoder:
             sync_every=sync_every,
             tokenizer=self.tokenizer,
             base_tokenizer=self.base_tokenizer,
-            same_tokenizers=self._same_tokenizers,
+            same_tokenizers=self.models.same_tokenizers,
             texts=texts,
         )

@@ -185,18 +185,26 @@ def _col(p: Param, like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 
 def combine_logits(
-    base_logits: torch.Tensor | None, value_logits: torch.Tensor | None, alpha: float = 1.0
+    base_logits: torch.Tensor | None, value_logits: torch.Tensor | None, alpha: Param = 1.0, terms=()
 ) -> torch.Tensor:
-    """z = z_base + alpha * z_value in fp32 (either side may be None: base alone / value alone)."""
+    """The IVL combination, the one place it is computed (decoding's sampler, scoring, speculative rounds and the
+    vLLM model call it): z = z_base + alpha * z_value + sum_i w_i * z_i in fp32, over [..., V] logits of one
+    vocabulary. Either side may be None: the other alone, as it is (alpha not applied: scheme base / value_only).
+    ``alpha``: a float or a tensor broadcasting against the logits ([B, 1]: one per row); ``terms``: (logits,
+    weight) pairs of more same-vocabulary models (logit arithmetic: proxy tuning, DExperts)."""
     if base_logits is None and value_logits is None:
         raise ValueError("combine_logits needs at least one of base_logits, value_logits")
     if value_logits is None:
-        return base_logits.float()
-    if base_logits is None:
-        return value_logits.float()
-    if base_logits.shape != value_logits.shape:
+        z = base_logits.float()
+    elif base_logits is None:
+        z = value_logits.float()
+    elif base_logits.shape != value_logits.shape:
         raise ValueError(f"base logits {tuple(base_logits.shape)} and value logits {tuple(value_logits.shape)} differ")
-    return base_logits.float() + alpha * value_logits.float()
+    else:
+        z = base_logits.float() + alpha * value_logits.float()
+    for t, w in terms:
+        z = z + w * t.float()
+    return z
 
 
 def apply_penalties(

@@ -70,35 +70,35 @@ def _combine_sample_kernel(
     map_idx_ptr,
     map_w_ptr,
     base_lse_ptr,
-    work_ptr,
+    workspace_ptr,
     ids_ptr,
-    lp_ptr,
+    logprobs_ptr,
     bad_ptr,
-    temp_ptr,
-    topk_ptr,
-    topp_ptr,
-    minp_ptr,
+    temperature_ptr,
+    top_k_ptr,
+    top_p_ptr,
+    min_p_ptr,
     seed_ptr,
     offset_ptr,
     row_seed_ptr,
     row_step_ptr,
     seeded_ptr,
     terms_ptr,
-    term_w_ptr,
-    pmask_ptr,
-    counts_ptr,
-    rep_ptr,
-    pres_ptr,
-    freq_ptr,
+    term_weights_ptr,
+    prompt_mask_ptr,
+    output_counts_ptr,
+    repetition_penalty_ptr,
+    presence_penalty_ptr,
+    frequency_penalty_ptr,
     B,
     V,
     stride_base,
     stride_value,
-    stride_work,
-    stride_pmask,
-    stride_counts,
-    stride_term_m,
-    stride_term_b,
+    stride_workspace,
+    stride_prompt_mask,
+    stride_output_counts,
+    stride_terms_m,
+    stride_terms_b,
     alpha,
     HAS_BASE: tl.constexpr,
     HAS_VALUE: tl.constexpr,
@@ -127,9 +127,9 @@ def _combine_sample_kernel(
     best_i = tl.zeros([ROWS, BLOCK], tl.int64)
     bad = tl.zeros([ROWS], tl.int32)
     if HAS_PENALTY:  # per-row penalties [R]; rows past B get the "off" values
-        rep_p = tl.load(rep_ptr + rows, mask=row_ok, other=1.0)[:, None]
-        pres_p = tl.load(pres_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        freq_p = tl.load(freq_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        rep_p = tl.load(repetition_penalty_ptr + rows, mask=row_ok, other=1.0)[:, None]
+        pres_p = tl.load(presence_penalty_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        freq_p = tl.load(frequency_penalty_ptr + rows, mask=row_ok, other=0.0)[:, None]
     for start in range(0, V, BLOCK):
         cols = start + cols0
         ok = row_ok[:, None] & (cols < V)[None, :]
@@ -153,16 +153,17 @@ def _combine_sample_kernel(
             zv = tl.load(value_ptr + rows[:, None] * stride_value + cols[None, :], mask=ok, other=0.0)
             z += alpha * zv.to(tl.float32)
         for m_i in tl.static_range(M_TERMS):  # logit arithmetic: + w_i * z_i of each extra model
-            w_i = tl.load(term_w_ptr + m_i)
+            w_i = tl.load(term_weights_ptr + m_i)
             zt = tl.load(
-                terms_ptr + m_i * stride_term_m + rows[:, None] * stride_term_b + cols[None, :], mask=ok, other=0.0
+                terms_ptr + m_i * stride_terms_m + rows[:, None] * stride_terms_b + cols[None, :], mask=ok, other=0.0
             )
             z += w_i * zt.to(tl.float32)
         finite = (z == z) & (tl.abs(z) < float("inf"))
         bad = tl.maximum(bad, tl.max(tl.where(ok & ~finite, 1, 0), axis=1))  # of the combined z, unpenalized
         if HAS_PENALTY:
-            pm = tl.load(pmask_ptr + rows[:, None] * stride_pmask + cols[None, :], mask=ok, other=0)  # [R, BLOCK]
-            cnt = tl.load(counts_ptr + rows[:, None] * stride_counts + cols[None, :], mask=ok, other=0)
+            # [R, BLOCK] each
+            pm = tl.load(prompt_mask_ptr + rows[:, None] * stride_prompt_mask + cols[None, :], mask=ok, other=0)
+            cnt = tl.load(output_counts_ptr + rows[:, None] * stride_output_counts + cols[None, :], mask=ok, other=0)
             out = cnt > 0
             # div_rn: IEEE division, as torch does it (plain / on GPU is an approximate division)
             z_rep = tl.where(z < 0, z * rep_p, tl.math.div_rn(z, tl.broadcast_to(rep_p, [ROWS, BLOCK])))
@@ -171,7 +172,7 @@ def _combine_sample_kernel(
             z = z - freq_p * cnt.to(tl.float32)
             z = z - pres_p * out.to(tl.float32)
         z = tl.where(ok, z, neg_inf)
-        tl.store(work_ptr + rows[:, None] * stride_work + cols[None, :], z, mask=ok)
+        tl.store(workspace_ptr + rows[:, None] * stride_workspace + cols[None, :], z, mask=ok)
         upd = z > best  # strict: keeps the earlier (lower) index on ties
         best_i = tl.where(upd, cols[None, :].to(tl.int64), best_i)
         best = tl.where(upd, z, best)
@@ -187,21 +188,21 @@ def _combine_sample_kernel(
     out_z = m
 
     if DO_SAMPLE:
-        t = tl.load(temp_ptr + rows, mask=row_ok, other=1.0)
+        t = tl.load(temperature_ptr + rows, mask=row_ok, other=1.0)
         sample_row = t > 0
         inv_t = tl.where(sample_row, 1.0 / tl.where(sample_row, t, 1.0), 1.0)
         lo = tl.zeros([ROWS], tl.int64)  # threshold key: keep keys >= lo
         zk = tl.zeros([ROWS], tl.float32)  # mass of the top-k set (masses are exp((z - m) / T))
         piv_i = tl.arange(0, NPIV).to(tl.int64)[None, :]
         if HAS_TOPK:
-            k_req = tl.load(topk_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            k_req = tl.load(top_k_ptr + rows, mask=row_ok, other=0).to(tl.int64)
             k_eff = tl.where(k_req > 0, tl.minimum(k_req, V), V)
             hi = tl.full([ROWS], KEY_MAX, tl.int64)
             for _pass in range(NPASS):
                 piv = lo[:, None] + ((hi - lo + 1)[:, None] * piv_i) // NPIV  # [R, P], piv[:, 0] == lo
                 cnt = tl.zeros([ROWS, NPIV], tl.int64)
                 for start in range(0, V, BLOCK):
-                    cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
+                    cols, ok, z, key = _block(workspace_ptr, rows, row_ok, stride_workspace, start, V, BLOCK)
                     cnt += tl.sum((key[:, :, None] >= piv[:, None, :]).to(tl.int64), axis=1)
                 sel = tl.sum((cnt >= k_eff[:, None]).to(tl.int64), axis=1) - 1  # last pivot still holding k
                 new_lo = _pick(piv, sel, NPIV)
@@ -209,14 +210,14 @@ def _combine_sample_kernel(
                 hi = tl.where(sel + 1 < NPIV, nxt, hi)
                 lo = new_lo
         if HAS_TOPP:
-            p = tl.load(topp_ptr + rows, mask=row_ok, other=1.0)
+            p = tl.load(top_p_ptr + rows, mask=row_ok, other=1.0)
             plo = lo
             phi = tl.full([ROWS], KEY_MAX, tl.int64)
             for it in range(NPASS):
                 piv = plo[:, None] + ((phi - plo + 1)[:, None] * (piv_i + 1)) // NPIV - 1  # piv[:, -1] == phi
                 mass_gt = tl.zeros([ROWS, NPIV], tl.float32)
                 for start in range(0, V, BLOCK):
-                    cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
+                    cols, ok, z, key = _block(workspace_ptr, rows, row_ok, stride_workspace, start, V, BLOCK)
                     w = tl.where(ok, tl.exp((z - m[:, None]) * inv_t[:, None]), 0.0)
                     mass_gt += tl.sum(tl.where(key[:, :, None] > piv[:, None, :], w[:, :, None], 0.0), axis=1)
                     if it == 0:
@@ -233,7 +234,7 @@ def _combine_sample_kernel(
             q_eq = tl.zeros([ROWS], tl.float32)
             n_eq = tl.zeros([ROWS], tl.int64)
             for start in range(0, V, BLOCK):
-                cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
+                cols, ok, z, key = _block(workspace_ptr, rows, row_ok, stride_workspace, start, V, BLOCK)
                 w = tl.where(ok, tl.exp((z - m[:, None]) * inv_t[:, None]), 0.0)
                 eq = key == phi[:, None]
                 m_gt += tl.sum(tl.where(key > phi[:, None], w, 0.0), axis=1)
@@ -250,7 +251,7 @@ def _combine_sample_kernel(
                 piv = ilo[:, None] + ((ihi - ilo + 1)[:, None] * piv_i) // NPIV
                 cnt = tl.zeros([ROWS, NPIV], tl.int64)
                 for start in range(0, V, BLOCK):
-                    cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
+                    cols, ok, z, key = _block(workspace_ptr, rows, row_ok, stride_workspace, start, V, BLOCK)
                     eq = key == phi[:, None]
                     ge = cols[None, :, None].to(tl.int64) >= piv[:, None, :]
                     cnt += tl.sum((eq[:, :, None] & ge).to(tl.int64), axis=1)
@@ -263,7 +264,7 @@ def _combine_sample_kernel(
             p_key = phi
             p_idx = ilo
         if HAS_MINP:
-            minp = tl.load(minp_ptr + rows, mask=row_ok, other=0.0)
+            minp = tl.load(min_p_ptr + rows, mask=row_ok, other=0.0)
         # ---- final pass: Gumbel-max over the kept tokens
         # counters per row [R]: the batch's stream (key seed; row, offset), or with HAS_ROW_SEED, for the rows that
         # bring a seed, their own stream (key row seed; 0, the row's step): the same draws in any batch or slot
@@ -281,7 +282,7 @@ def _combine_sample_kernel(
         sbest_i = greedy_i  # never emitted unless every kept score is -inf (then the argmax is kept anyway)
         sbest_z = m
         for start in range(0, V, BLOCK):
-            cols, ok, z, key = _block(work_ptr, rows, row_ok, stride_work, start, V, BLOCK)
+            cols, ok, z, key = _block(workspace_ptr, rows, row_ok, stride_workspace, start, V, BLOCK)
             keep = ok & (key >= lo[:, None])
             if HAS_TOPP:
                 by_p = (key > p_key[:, None]) | ((key == p_key[:, None]) & (cols[None, :] >= p_idx[:, None]))
@@ -306,42 +307,71 @@ def _combine_sample_kernel(
         out_i = tl.where(sample_row, sbest_i, greedy_i)
         out_z = tl.where(sample_row, sbest_z, m)
     tl.store(ids_ptr + rows, out_i, mask=row_ok)
-    tl.store(lp_ptr + rows, out_z - lse, mask=row_ok)
+    tl.store(logprobs_ptr + rows, out_z - lse, mask=row_ok)
 
 
-def launch(
-    base,
-    value,
-    ell,
-    v_out,
-    alpha,
-    temp,
-    top_k,
-    top_p,
-    min_p,
-    seed,
-    offset,
-    *,
-    do_sample,
-    has_topk,
-    has_topp,
-    has_minp,
-    workspace=None,
-    penalties=None,
-    row_seeds=None,
-    terms=None,
-):
-    """Allocate outputs and launch; returns (ids int64 [B], logprobs fp32 [B], bad bool [B]).
+# The kernel's runtime arguments in the order of its signature, with their types for the ahead-of-time build
+# ("{dtype}": the logits' dtype). With the signature above, this is the only list of them: launch passes them by
+# keyword, the op in ivl_fast.ops hands its inputs over by name (INPUTS) and the AOT specs are derived from here
+# (tests/test_combine_and_sample.py checks the table against the signature).
+ARGS = {
+    "base_ptr": "*{dtype}",  # [B, V_base] (rows may be strided; unit-stride columns)
+    "value_ptr": "*{dtype}",  # [B, V_out]
+    "map_idx_ptr": "*i32",  # [V_out, K] the ELL vocabulary map: base ids per value token
+    "map_w_ptr": "*fp32",  # [V_out, K] and their weights
+    "base_lse_ptr": "*fp32",  # [B] (made by launch)
+    "workspace_ptr": "*fp32",  # [B, V_out] the penalized combined logits
+    "ids_ptr": "*i64",  # [B] out (made by launch)
+    "logprobs_ptr": "*fp32",  # [B] out (made by launch)
+    "bad_ptr": "*i32",  # [B] out (made by launch)
+    "temperature_ptr": "*fp32",  # [B] (DO_SAMPLE)
+    "top_k_ptr": "*i64",  # [B] (HAS_TOPK)
+    "top_p_ptr": "*fp32",  # [B] (HAS_TOPP)
+    "min_p_ptr": "*fp32",  # [B] (HAS_MINP)
+    "seed_ptr": "*i64",  # [1] the batch's Philox key (DO_SAMPLE)
+    "offset_ptr": "*i64",  # [1] its counter, advanced on device between graph replays (DO_SAMPLE)
+    "row_seed_ptr": "*i64",  # [B] (HAS_ROW_SEED)
+    "row_step_ptr": "*i64",  # [B] (HAS_ROW_SEED)
+    "seeded_ptr": "*u8",  # [B] bool (HAS_ROW_SEED)
+    "terms_ptr": "*{dtype}",  # [M, B, V_out] (M_TERMS)
+    "term_weights_ptr": "*fp32",  # [M] (M_TERMS)
+    "prompt_mask_ptr": "*u8",  # [B, V_out] bool (HAS_PENALTY)
+    "output_counts_ptr": "*i32",  # [B, V_out] (HAS_PENALTY)
+    "repetition_penalty_ptr": "*fp32",  # [B] (HAS_PENALTY)
+    "presence_penalty_ptr": "*fp32",  # [B] (HAS_PENALTY)
+    "frequency_penalty_ptr": "*fp32",  # [B] (HAS_PENALTY)
+    "B": "i32",
+    "V": "i32",
+    "stride_base": "i32",
+    "stride_value": "i32",
+    "stride_workspace": "i32",
+    "stride_prompt_mask": "i32",
+    "stride_output_counts": "i32",
+    "stride_terms_m": "i32",
+    "stride_terms_b": "i32",
+    "alpha": "fp32",
+}
+_MADE_HERE = ("base_lse", "workspace", "ids", "logprobs", "bad")
+# The caller's inputs by name (the op's tensor list, in this order): a pointer argument without "_ptr". None means
+# unused, and that is what switches its path off: no base -> HAS_BASE=False, no map_idx -> HAS_MAP=False, no
+# temperature -> greedy, no top_k / top_p / min_p -> that filter off, no prompt_mask -> no penalties, no row_seed ->
+# no per-row streams, no terms -> M_TERMS=0 (inputs of a path go together: map_idx with map_w, the penalties' five,
+# the row seeds' three, terms with term_weights, temperature with seed and offset).
+INPUTS = tuple(n[: -len("_ptr")] for n in ARGS if n.endswith("_ptr") and n[: -len("_ptr")] not in _MADE_HERE)
 
-    ``penalties``: None, or (prompt_mask [B, V] bool, output_counts [B, V] int32, repetition [B] fp32,
-    presence [B] fp32, frequency [B] fp32) -> HAS_PENALTY=True. ``row_seeds``: None, or (seed [B] int64, step [B]
-    int64, seeded [B] bool) -> HAS_ROW_SEED=True. ``terms``: None, or (logits [M, B, V_out] (any float dtype; rows and
-    columns may be strided), weights [M] fp32) -> M_TERMS=M.
-    """
+
+def launch(inputs: dict, v_out: int, alpha: float, workspace=None):
+    """``inputs``: name (one of INPUTS) -> tensor or None; ``workspace``: [>= B, >= V_out] fp32 or None (allocated).
+    Allocates the outputs and launches; returns (ids int64 [B], logprobs fp32 [B], bad bool [B])."""
     import os
 
     import torch
 
+    unknown = set(inputs) - set(INPUTS)
+    if unknown:
+        raise TypeError(f"launch got unknown inputs {sorted(unknown)}; it takes {INPUTS}")
+    x = {n: inputs.get(n) for n in INPUTS}
+    base, value = x["base"], x["value"]
     ref = base if base is not None else value
     b, dev = ref.shape[0], ref.device
     if workspace is None or workspace.shape[0] < b or workspace.shape[1] < v_out:
@@ -354,127 +384,66 @@ def launch(
     # (per-program, ~ms) launch overhead small. Untuned on hardware so far.
     block = min(512 if interp else 1024, triton.next_power_of_2(v_out))
     rows = max(1, min(256, triton.next_power_of_2(b), (1 << 20) // (block * NPIV.value))) if interp else 1
-    base_t = base if base is not None else ref
-    value_t = value if value is not None else ref
-    idx, w = ell if ell is not None else (ids, lp)  # unused pointers when HAS_MAP is False
+    has_map = x["map_idx"] is not None
+    flags = dict(
+        HAS_BASE=base is not None,
+        HAS_VALUE=value is not None,
+        HAS_MAP=has_map,
+        K=int(x["map_idx"].shape[1]) if has_map else 1,
+        DO_SAMPLE=x["temperature"] is not None,
+        HAS_TOPK=x["top_k"] is not None,
+        HAS_TOPP=x["top_p"] is not None,
+        HAS_MINP=x["min_p"] is not None,
+        HAS_PENALTY=x["prompt_mask"] is not None,
+        HAS_ROW_SEED=x["row_seed"] is not None,
+        M_TERMS=0 if x["terms"] is None else int(x["terms"].shape[0]),
+    )
+    # rows may be strided (the kernel reads them through stride(0)): a [B, V] view of [B, V_rows] padded logits
+    # (ModelSet.trim) is read in place instead of copied each step; only columns must be unit-stride
+    for n in ("base", "value", "terms"):
+        t = x[n]
+        x[n] = t if t is None or t.stride(-1) == 1 else t.contiguous()
+    for n in ("prompt_mask", "seeded"):  # bool -> its bytes (same size; Triton has no bool pointer)
+        x[n] = None if x[n] is None else x[n].contiguous().view(torch.uint8)
     # [B] fp32: the base rows' log-sum-exp, for the map's push-forward of probabilities. NOTE: one more read of the
     # [B, V_base] logits (and an fp32 copy of bf16 ones) before the kernel; a pre-pass over the base row inside the
     # kernel would save it (not done: the GPU path is not yet validated, nothing measured)
-    base_lse = torch.logsumexp(base.float(), dim=-1).contiguous() if ell is not None else lp
-    # rows may be strided (the kernel reads them through stride(0)): a [B, V] view of [B, V_rows] padded logits
-    # (ModelSet.trim) is read in place instead of copied each step; only columns must be unit-stride
-    base_t = base_t if base_t.stride(-1) == 1 else base_t.contiguous()
-    value_t = value_t if value_t.stride(-1) == 1 else value_t.contiguous()
-    if penalties is not None:
-        pmask, counts, rep_p, pres_p, freq_p = penalties
-        pmask = pmask.contiguous().view(torch.uint8)  # bool -> its bytes (same size; Triton has no bool pointer)
-        counts = counts.contiguous()
-    else:  # unused pointers when HAS_PENALTY is False
-        pmask, counts, rep_p, pres_p, freq_p = bad, bad, lp, lp, lp
-    if row_seeds is not None:
-        row_seed, row_step, seeded = (t.contiguous() for t in row_seeds)
-        seeded = seeded.view(torch.uint8)
-    else:  # unused pointers when HAS_ROW_SEED is False
-        row_seed, row_step, seeded = ids, ids, bad
-    if terms is not None:
-        term_z, term_w = terms[0], terms[1].contiguous()
-        if term_z.stride(2) != 1:
-            term_z = term_z.contiguous()
-    else:  # unused pointers when M_TERMS is 0
-        term_z, term_w = lp.view(1, 1, -1), lp
-    grid = (triton.cdiv(b, rows),)
-    _combine_sample_kernel[grid](
-        base_t,
-        value_t,
-        idx,
-        w,
-        base_lse,
-        workspace,
-        ids,
-        lp,
-        bad,
-        temp,
-        top_k,
-        top_p,
-        min_p,
-        seed,
-        offset,
-        row_seed,
-        row_step,
-        seeded,
-        term_z,
-        term_w,
-        pmask,
-        counts,
-        rep_p,
-        pres_p,
-        freq_p,
-        b,
-        v_out,
-        base_t.stride(0),
-        value_t.stride(0),
-        workspace.stride(0),
-        pmask.stride(0),
-        counts.stride(0),
-        term_z.stride(0),
-        term_z.stride(1),
-        alpha,
-        HAS_BASE=base is not None,
-        HAS_VALUE=value is not None,
-        HAS_MAP=ell is not None,
-        K=int(idx.shape[1]) if ell is not None else 1,
-        DO_SAMPLE=do_sample,
-        HAS_TOPK=has_topk,
-        HAS_TOPP=has_topp,
-        HAS_MINP=has_minp,
-        HAS_PENALTY=penalties is not None,
-        HAS_ROW_SEED=row_seeds is not None,
-        M_TERMS=0 if terms is None else int(term_z.shape[0]),
-        ROWS=rows,
-        BLOCK=block,
-        num_warps=4 if interp else 8,
+    x["base_lse"] = torch.logsumexp(base.float(), dim=-1).contiguous() if has_map else None
+    x.update(workspace=workspace, ids=ids, logprobs=lp, bad=bad)
+    # a path switched off gets a placeholder of its pointer's type (never read: its constexpr flag is False)
+    spare = {"*i64": ids, "*fp32": lp, "*i32": bad, "*u8": bad, "*{dtype}": ref}
+    args = {}
+    for name, kind in ARGS.items():
+        if name.endswith("_ptr"):
+            t = x[name[: -len("_ptr")]]
+            if t is None:
+                t = spare[kind]
+            elif name[: -len("_ptr")] not in _STRIDED:
+                t = t.contiguous()
+            args[name] = t
+    terms = args["terms_ptr"] if x["terms"] is not None else lp.view(1, 1, -1)
+    args.update(
+        B=b,
+        V=v_out,
+        stride_base=args["base_ptr"].stride(0),
+        stride_value=args["value_ptr"].stride(0),
+        stride_workspace=workspace.stride(0),
+        stride_prompt_mask=args["prompt_mask_ptr"].stride(0),
+        stride_output_counts=args["output_counts_ptr"].stride(0),
+        stride_terms_m=terms.stride(0),
+        stride_terms_b=terms.stride(1),
+        alpha=alpha,
     )
+    grid = (triton.cdiv(b, rows),)
+    _combine_sample_kernel[grid](**args, **flags, ROWS=rows, BLOCK=block, num_warps=4 if interp else 8)
     return ids, lp, bad.bool()
 
 
+_STRIDED = ("base", "value", "terms", "workspace")  # read through their row strides (the rest must be contiguous)
+
+
 def _aot_spec(dtype: str, **flags):
-    sig = {
-        "base_ptr": f"*{dtype}",
-        "value_ptr": f"*{dtype}",
-        "map_idx_ptr": "*i32",
-        "map_w_ptr": "*fp32",
-        "base_lse_ptr": "*fp32",
-        "work_ptr": "*fp32",
-        "ids_ptr": "*i64",
-        "lp_ptr": "*fp32",
-        "bad_ptr": "*i32",
-        "temp_ptr": "*fp32",
-        "topk_ptr": "*i64",
-        "topp_ptr": "*fp32",
-        "minp_ptr": "*fp32",
-        "seed_ptr": "*i64",
-        "offset_ptr": "*i64",
-        "row_seed_ptr": "*i64",
-        "row_step_ptr": "*i64",
-        "seeded_ptr": "*u8",
-        "terms_ptr": f"*{dtype}",
-        "term_w_ptr": "*fp32",
-        "pmask_ptr": "*u8",
-        "counts_ptr": "*i32",
-        "rep_ptr": "*fp32",
-        "pres_ptr": "*fp32",
-        "freq_ptr": "*fp32",
-        "B": "i32",
-        "V": "i32",
-        "stride_base": "i32",
-        "stride_value": "i32",
-        "stride_work": "i32",
-        "stride_pmask": "i32",
-        "stride_counts": "i32",
-        "stride_term_m": "i32",
-        "stride_term_b": "i32",
-        "alpha": "fp32",
-    }
+    sig = {name: kind.format(dtype=dtype) for name, kind in ARGS.items()}
     const = dict(HAS_BASE=True, HAS_VALUE=True, HAS_MAP=False, K=1, DO_SAMPLE=False, HAS_TOPK=False, HAS_TOPP=False)
     const.update(HAS_MINP=False, HAS_PENALTY=False, HAS_ROW_SEED=False, M_TERMS=0, ROWS=1, BLOCK=1024)
     const.update(flags)

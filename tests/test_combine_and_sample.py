@@ -9,6 +9,7 @@ DESIGN's rule (at most 2x the error plain torch makes in fp32).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -320,8 +321,20 @@ def test_bad_input_is_refused_with_a_message_naming_the_argument(kwargs, message
     assert str(err.value) == message  # the whole message: which argument, what it must be, what it got
 
 
+def _op_inputs(base, value, **sampling):
+    """The registered op's input list (the kernel's INPUTS, in order) for these logits and sampling keywords."""
+    from ivl_fast.kernels.combine_and_sample import INPUTS
+    from ivl_fast.ops.row_sampling import RowSampling
+
+    ref = base if base is not None else value
+    x = RowSampling.checked(ref.shape[0], ref.shape[1], ref.device, **sampling).kernel_inputs(ref.shape[0], ref.device)
+    x.update(base=base, value=value)
+    return [x.get(n) for n in INPUTS]
+
+
 @pytest.mark.parametrize("base_only", [False, True])
-def test_the_registered_ops_fake_agrees_with_the_kernel(base_only):
+@pytest.mark.parametrize("sampled", [False, True])
+def test_the_registered_ops_fake_agrees_with_the_kernel(base_only, sampled):
     """torch.library.opcheck: the schema, and the fake (meta) implementation that torch.compile and graph capture
     trace with gives the kernel's output shapes and dtypes ([B] int64 ids, [B] fp32 logprobs, [B] bool flags)."""
     from ivl_fast.ops.combine_and_sample import _triton_op
@@ -329,12 +342,47 @@ def test_the_registered_ops_fake_agrees_with_the_kernel(base_only):
     b, v = 3, 111
     g = torch.Generator().manual_seed(0)
     base, value = torch.randn(b, v, generator=g), None if base_only else torch.randn(b, v, generator=g)
-    rows = dict(
-        temperature=torch.ones(b), top_k=torch.zeros(b, dtype=torch.int64), top_p=torch.ones(b), min_p=torch.zeros(b)
+    sampling = (
+        dict(do_sample=True, temperature=torch.ones(b), top_k=torch.zeros(b, dtype=torch.int64)) if sampled else {}
     )
-    args = (base, value, None, None, v, 1.0, *rows.values(), torch.zeros(1, dtype=torch.int64))
-    args += (torch.zeros(1, dtype=torch.int64), False, False, False, False, None)
+    args = (_op_inputs(base, value, **sampling), v, 1.0, None)
     torch.library.opcheck(_triton_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_kernels_argument_table_is_its_signature():
+    """ARGS (the one list of the kernel's runtime arguments: launch passes them by keyword, the AOT specs and the
+    op's inputs come from it) names the kernel's parameters in order, constexprs aside; INPUTS are its pointers
+    that a caller gives, named without "_ptr", and every sampling input RowSampling can give is one of them."""
+    from ivl_fast.kernels import combine_and_sample as k
+    from ivl_fast.ops.row_sampling import RowSampling
+
+    fn = getattr(k._combine_sample_kernel, "fn", k._combine_sample_kernel)
+    params = list(inspect.signature(fn).parameters)
+    constexprs = [n for n in params if n.isupper() and n not in ("B", "V")]
+    assert [n for n in params if n not in constexprs] == list(k.ARGS)
+    assert set(k.AOT_SPECS[0][2]) == set(constexprs)
+    assert k.INPUTS[:2] == ("base", "value") and all(n + "_ptr" in k.ARGS for n in k.INPUTS)
+    b, v = 2, 7
+    z = torch.zeros(b, v)
+    every = RowSampling.checked(
+        b,
+        v,
+        z.device,
+        do_sample=True,
+        top_k=torch.ones(b, dtype=torch.int64),
+        top_p=0.5,
+        min_p=0.1,
+        repetition_penalty=1.2,
+        prompt_mask=torch.zeros(b, v, dtype=torch.bool),
+        output_counts=torch.zeros(b, v, dtype=torch.int32),
+        row_seed=torch.zeros(b, dtype=torch.int64),
+        row_step=torch.zeros(b, dtype=torch.int64),
+        seeded=torch.zeros(b, dtype=torch.bool),
+    ).kernel_inputs(b, z.device)
+    assert set(every) <= set(k.INPUTS) and all(t is not None for t in every.values())
+    assert set(k.INPUTS) - set(every) == {"base", "value", "map_idx", "map_w", "terms", "term_weights"}
+    greedy = RowSampling.checked(b, v, z.device).kernel_inputs(b, z.device)
+    assert greedy == {}  # a greedy batch without penalties switches every sampling path off
 
 
 def test_top_k_keeps_every_token_tied_at_the_kth_logit():

@@ -355,15 +355,20 @@ def test_nonfinite_flag_is_about_the_combined_logits():
 
 
 def test_the_registered_op_with_penalties_agrees_with_its_fake():
+    from ivl_fast.kernels.combine_and_sample import INPUTS
     from ivl_fast.ops.combine_and_sample import _triton_op
+    from ivl_fast.ops.row_sampling import RowSampling
 
     b, v = 3, 64
     g = torch.Generator().manual_seed(0)
     base = torch.randn(b, v, generator=g)
     mask, counts = _state(*_history(b, v, seed=16), v)
-    rows = (torch.ones(b), torch.zeros(b, dtype=torch.int64), torch.ones(b), torch.zeros(b))
-    args = (base, None, None, None, v, 1.0, *rows, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
-    args += (False, False, False, False, None, mask, counts, torch.full((b,), 1.3), torch.zeros(b), torch.zeros(b))
+    rows = RowSampling.checked(
+        b, v, base.device, repetition_penalty=torch.full((b,), 1.3), prompt_mask=mask, output_counts=counts
+    )
+    x = dict(rows.kernel_inputs(b, base.device), base=base)
+    assert x["prompt_mask"] is mask and "temperature" not in x  # greedy: penalties on, no draw
+    args = ([x.get(n) for n in INPUTS], v, 1.0, None)
     torch.library.opcheck(_triton_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -459,15 +464,27 @@ BAD_TENSORS = [
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("validate", [True, False])
 @pytest.mark.parametrize("kwargs, message", BAD_TENSORS, ids=[m[:40] for _, m in BAD_TENSORS])
-def test_missing_or_wrong_penalty_tensors_are_refused_naming_the_argument(kwargs, message, validate, backend):
-    """Refused whether or not the values are validated (these checks read only metadata: no sync)."""
+def test_missing_or_wrong_penalty_tensors_are_refused_naming_the_argument(kwargs, message, backend):
+    """Refused on either backend, by name (these checks read only metadata: no sync)."""
     args = dict(prompt_mask=torch.zeros(4, 64, dtype=torch.bool), output_counts=torch.zeros(4, 64, dtype=torch.int32))
     args.update(kwargs)
     with pytest.raises(ValueError) as err:
-        combine_and_sample(torch.zeros(4, 64), None, backend=backend, validate=validate, **args)
+        combine_and_sample(torch.zeros(4, 64), None, backend=backend, **args)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_trusted_sampling_view_with_a_penalty_and_no_state_is_refused(backend):
+    """sample_rows trusts its RowSampling (the decode buffers build it), but a penalty on without the prompt mask
+    and counts it needs is still refused by name rather than read as no penalty."""
+    from ivl_fast.ops.combine_and_sample import sample_rows
+    from ivl_fast.ops.row_sampling import RowSampling
+    from ivl_fast.sampling import SamplingParams
+
+    rows = RowSampling(SamplingParams.trusted(False, 1.0, 0, 1.0, 0.0, repetition_penalty=1.3))
+    with pytest.raises(ValueError, match="prompt_mask and output_counts are required when repetition_penalty"):
+        sample_rows(torch.zeros(4, 64), None, rows, backend=backend)
 
 
 def test_the_penalty_tensors_follow_the_output_vocabulary_through_a_map():

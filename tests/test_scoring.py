@@ -65,6 +65,22 @@ def test_every_scheme_scores_its_own_distribution(pair):
         _close(got, reference(base, value, REQS, scheme=scheme))
 
 
+@pytest.mark.parametrize("scheme", ["value_only", "base"])
+def test_one_model_alone_scores_and_decodes_as_it_is_whatever_alpha(pair, scheme):
+    """Scheme base / value_only: one model as it is (combine_logits applies no alpha to a side alone). Scoring and
+    decoding agree on that: the scores equal the model's own at any alpha, and the greedy tokens' logprobs that
+    generate() returns sum to what loglikelihood scores for them."""
+    base, value, _, _ = pair
+    args = (None, value) if scheme == "value_only" else (base, None)
+    dec = FastIVLDecoder(*args, scheme=scheme, alpha=0.4)
+    want = reference(None, value, REQS) if scheme == "value_only" else reference(base, None, REQS)
+    _close(dec.loglikelihood(REQS), want)
+    out = dec.generate([[5, 6, 7]], max_new_tokens=5, eos_token_id=[], return_logprobs=True)
+    cont = out.sequences[0, 3:].tolist()
+    ((lp, greedy),) = dec.loglikelihood([([5, 6, 7], cont)])
+    assert greedy and abs(lp - float(out.logprobs[0].sum())) < 1e-4
+
+
 def test_greedy_flags_match_greedy_decoding(pair):
     """A continuation the decoder itself produced greedily is flagged greedy, and scores its logprobs' sum."""
     base, value, _, _ = pair

@@ -9,10 +9,23 @@ same tensors; graph runs borrow the persistent buffers of their batch bucket fro
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
+from ..ops.row_sampling import RowSampling
 from ..sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewTokens:
+    """What :meth:`DecodeBuffers.read_new` read of one row: its output count, then the new tokens (at most the
+    window), their log-probabilities and, when asked, each one's top alternatives [(id, logprob), ...]."""
+
+    emitted: int
+    ids: list[int]
+    logprobs: list[float]
+    alternatives: list[list[tuple[int, float]]] | None = None
 
 
 class DecodeBuffers:
@@ -59,6 +72,7 @@ class DecodeBuffers:
         self.work = torch.empty(rows, vocab, **f32) if backend == "triton" else None
         self._host = None
         self.pad_id = 0
+        self._views: dict[tuple, tuple] = {}  # sampling_view's: (per_row, row_seeds) -> (its SamplingParams, view)
 
     ROW_TENSORS = (
         "ids",
@@ -95,6 +109,48 @@ class DecodeBuffers:
             if t is not None:
                 setattr(view, name, t[:n])
         view.rows = n
+        view._views = {}  # its sampling views read its own rows
+        return view
+
+    def sampling_view(self, sampling: SamplingParams, per_row: bool, row_seeds: bool) -> RowSampling:
+        """The fused sampler's input for a step of ``sampling`` (its static flags: what no row uses), built once per
+        step configuration and kept: its tensors are these buffers, which later steps and admissions update in
+        place. ``per_row``: the warpers' and penalties' values are read from the per-row buffers (graph runs, per-
+        request batches), else they are ``sampling``'s scalars; ``row_seeds``: rows may bring their own stream."""
+        key = (per_row, row_seeds)  # one view kept per key: another ``sampling`` replaces it (no growth)
+        kept = self._views.get(key)
+        if kept is not None and kept[0] is sampling:
+            return kept[1]
+        sp = sampling
+        params = sp
+        if per_row:
+            pen = dict(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty)
+            pen.update(frequency_penalty=self.frequency_penalty)
+            if not sp.penalties_on:
+                pen = {}
+            if sp.greedy:  # values unused (Python scalars keep the per-row tensors out of a greedy capture)
+                params = SamplingParams.trusted(False, 1.0, 0, 1.0, 0.0, **pen)
+            else:
+                params = SamplingParams.trusted(
+                    sp.do_sample,
+                    self.temperature,
+                    self.top_k if sp.top_k_on else 0,
+                    self.top_p if sp.top_p_on else 1.0,
+                    self.min_p if sp.min_p_on else 0.0,
+                    **pen,
+                )
+        view = RowSampling(
+            params,
+            seed=self.seed_t,
+            offset=self.offset_t,
+            generator=None if sp.greedy else self.gen,
+            prompt_mask=self.prompt_mask if sp.penalties_on else None,
+            output_counts=self.output_counts if sp.penalties_on else None,
+            row_seed=self.row_seed if row_seeds else None,
+            row_step=self.steps if row_seeds else None,
+            seeded=self.seeded if row_seeds else None,
+        )
+        self._views[key] = (sampling, view)
         return view
 
     def row_sampling(self) -> SamplingParams:
@@ -138,6 +194,7 @@ class DecodeBuffers:
 
     def ensure_penalty_buffers(self) -> None:
         if self.prompt_mask is None:
+            self._views = {}  # views built before read no penalty state
             self.prompt_mask = torch.zeros((self.rows, self.vocab), dtype=torch.bool, device=self.device)
             self.output_counts = torch.zeros((self.rows, self.vocab), dtype=torch.int32, device=self.device)
 
@@ -212,6 +269,48 @@ class DecodeBuffers:
         self.finished.index_fill_(0, rows, True)
         self.bad.index_fill_(0, rows, False)  # a non-finite request retired does not stop the others
         self.done.copy_(self.finished.all().to(torch.int32).reshape(1))
+
+    # ------------------------------------------------------------------ reads (host syncs)
+    def tokens(self, slot: int) -> list[int]:
+        """The new tokens of row ``slot`` so far, up to and including its last (one host sync)."""
+        n = int(self.stop_step[slot]) + 1 if bool(self.finished[slot]) else int(self.steps[slot])
+        return self.out[slot, :n].tolist()
+
+    def is_finished(self, slot: int) -> bool:
+        return bool(self.finished[slot])
+
+    def read_new(self, slots: list[int], seen: list[int], window: int, top_logprobs: int = 0) -> list[NewTokens]:
+        """One device read: for each row of ``slots``, its output count and the (at most ``window``) tokens after
+        the ``seen`` it has read, with their log-probabilities and each one's ``top_logprobs`` most likely
+        alternatives."""
+        top = top_logprobs
+        if not slots:
+            return []
+        dev = self.steps.device
+        idx = torch.tensor(slots, device=dev)
+        first = torch.tensor(seen, device=dev)
+        cols = (first[:, None] + torch.arange(window, device=dev)[None]).clamp(max=self.out.shape[1] - 1)  # [n, w]
+        parts = [self.steps[idx].double()[:, None], self.out[idx].gather(1, cols).double()]
+        parts.append(self.logprobs[idx].gather(1, cols).double())
+        if top:  # [n, w * top] ids, then their logprobs
+            parts.append(self.top_ids[idx[:, None], cols, :top].flatten(1).double())
+            parts.append(self.top_logprobs[idx[:, None], cols, :top].flatten(1).double())
+        read = torch.cat(parts, 1).tolist()  # the one host read (ids < 2^53 are exact as doubles)
+        out = []
+        for row, done in zip(read, seen, strict=True):
+            emitted = int(row[0])
+            n = max(0, min(emitted - done, window))
+            ids = [int(x) for x in row[1 : 1 + n]]
+            lps = row[1 + window : 1 + window + n]
+            alts = None
+            if top:
+                at = 1 + 2 * window
+                alts = [
+                    [(int(row[at + t * top + i]), row[at + window * top + t * top + i]) for i in range(top)]
+                    for t in range(n)
+                ]
+            out.append(NewTokens(emitted, ids, lps, alts))
+        return out
 
     def mutable(self) -> list[torch.Tensor]:
         """The tensors a step writes (snapshot before a graph's warm-up / emulated capture, restore after)."""

@@ -118,39 +118,3 @@ class Retokenizer:
 
     def longest(self) -> int:
         return max((len(c) for c in self.base_ctx), default=0)
-
-
-def check_vocab_map(vocab_map, *, scheme: str, base, value, tokenizer, base_tokenizer):
-    """A VocabMap (or its file) checked against the models and tokenizers -> (VocabMap, tokenizers identical)."""
-    from pathlib import Path
-
-    from ..models.engine import supports
-    from ..vocab import VocabMap
-    from ..vocab.build import tokenizer_hash
-
-    if scheme != "residual":
-        raise ValueError(f"cross-vocabulary decoding supports scheme='residual' only, got {scheme!r}")
-    if not supports(base, "rewind"):
-        raise ValueError("cross-vocabulary decoding needs the lean engine for the base (it rewinds its cache)")
-    if tokenizer is None or base_tokenizer is None:
-        raise ValueError("cross-vocabulary decoding needs both tokenizers (tokenizer=value's, base_tokenizer=)")
-    if isinstance(vocab_map, str | Path):
-        vocab_map = VocabMap.load(vocab_map, base_tokenizer=base_tokenizer, value_tokenizer=tokenizer)
-    if not isinstance(vocab_map, VocabMap):
-        raise TypeError(f"vocab_map must be a VocabMap or a path, got {type(vocab_map).__name__}")
-    hashes = {"base": tokenizer_hash(base_tokenizer), "value": tokenizer_hash(tokenizer)}
-    for side, h in hashes.items():
-        want = (vocab_map.meta or {}).get(f"{side}_tokenizer_hash")
-        if want and want != h:
-            raise ValueError(
-                f"vocab_map was built for another {side} tokenizer (hash {want[:12]}..., given {h[:12]}...)"
-            )
-    for side, tok, n in (("base", base_tokenizer, vocab_map.v_base), ("value", tokenizer, vocab_map.v_value)):
-        if len(tok) > n:
-            raise ValueError(f"the {side} tokenizer has {len(tok)} tokens but vocab_map covers {n}")
-    if vocab_map.v_base > base.vocab_size or vocab_map.v_value > value.vocab_size:
-        raise ValueError(
-            f"vocab_map is [{vocab_map.v_base}, {vocab_map.v_value}] but the base model has "
-            f"{base.vocab_size} and the value model {value.vocab_size} logits"
-        )
-    return vocab_map, hashes["base"] == hashes["value"]

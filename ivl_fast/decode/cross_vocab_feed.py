@@ -32,9 +32,8 @@ class CrossVocabFeed:
         m.value.allocate(self.rows, capacity)
         room = 2 * max_seq_len + 16 if continuous else self.retok.longest() + 4 * cols + 16
         m.base.allocate(self.rows, min(m.base.max_context, room))
-        with torch.inference_mode():  # free slots sit at position 0 (rows of an earlier run may sit anywhere)
-            m.value.seq_lens.zero_()
-            m.base.seq_lens.zero_()
+        m.value.free_rows()  # free slots sit at position 0 (rows of an earlier run may sit anywhere)
+        m.base.free_rows()
         self.zb = None
 
     def _grow_to(self, need: int) -> bool:

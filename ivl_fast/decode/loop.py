@@ -12,7 +12,6 @@ it sizes the KV columns each round attends to without reading the device.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -21,10 +20,11 @@ import torch
 
 from ..checks import check_int
 from ..graphs import kv_bucket, run_cpp, run_python
-from ..models.engine import graph_safe, supports
+from ..models.engine import first_rows, graph_safe, supports
 from ..ops._backend import pick_backend
 from ..sampling import SamplingParams
 from .buffers import DecodeBuffers
+from .continuous import ContinuousBatch
 from .cross_vocab import Retokenizer
 from .cross_vocab_feed import CrossVocabFeed
 from .graph_cache import GraphCache, capture_step
@@ -32,11 +32,12 @@ from .inputs import pack_prompts
 from .model_set import ModelSet
 from .options import GenerationOptions
 from .slot_request import SlotRequest, check_slot_request
+from .slot_table import SlotTable
 from .step import StepConfig, decode_step, emit, into_slots, prefill_logits, sample
 from .stops import StopStringScanner, cut_at_stop_strings, nonfinite_error
 
 
-class DecodeLoop:
+class DecodeLoop(ContinuousBatch):
     """A batch of ``slots`` rows with ``capacity`` KV columns and up to ``out_cols`` new tokens per row.
 
     continuous: requests come and go between rounds (:meth:`admit`, :meth:`step`, :meth:`retire`); else one batch
@@ -76,7 +77,7 @@ class DecodeLoop:
         check_int(top_logprobs, "top_logprobs", 0)
         if top_logprobs and not continuous:
             raise ValueError("top_logprobs needs a continuous batch (FastIVLDecoder.open_batch)")
-        self.models, self.opts, self.k = models, options, sync_every
+        self.models, self.opts, self.sync_every = models, options, sync_every
         self.request_sampling = options.sampling  # what admit() gives a request that brings no values
         self.capacity, self.stops, self.retok = capacity, stops, retokenizer
         dev = models.device
@@ -103,7 +104,7 @@ class DecodeLoop:
             self.backend,
             kind is not None or per_request,
             len(options.eos_token_id),
-            slots=continuous,
+            continuous=continuous,
             row_alpha=per_request and self.backend == "torch",
             row_seeds=per_request,
             top_logprobs=top_logprobs,
@@ -127,13 +128,7 @@ class DecodeLoop:
             self.eos = self.bufs.eos_buffer(options.eos_token_id)
             if top_logprobs:
                 self.bufs.ensure_top(top_logprobs)
-        # host mirror per slot: prompt length, tokens emitted (an upper bound), budget, tokens stop-checked
-        self.length: dict[int, int] = {}
-        self.emitted: dict[int, int] = {}
-        self.budget: dict[int, int] = {}
-        self.checked: dict[int, int] = {}
-        self.top: dict[int, int] = {}  # slot -> top alternatives it asked for (0 left out)
-        self.seeded: set[int] = set()  # slots whose request brought its own seed
+        self.table = SlotTable(slots)  # the host's record of the busy slots (no device read)
         self.steps = 0  # decode rounds run (the generate() view: every row starts at round 0)
         self.prefill_s = 0.0
         self.captures = 0
@@ -155,11 +150,10 @@ class DecodeLoop:
             for e in m.engines:
                 e.allocate(self.rows, self.capacity)
                 if supports(e, "slots"):  # free slots sit at position 0 (rows of an earlier run may sit anywhere)
-                    with torch.inference_mode():
-                        e.seq_lens.zero_()
+                    e.free_rows()
             return
         self.feed = CrossVocabFeed(m, self.retok, self.rows)
-        self.feed.allocate(self.capacity, self.max_seq_len, self.bufs.cols, self.cfg.slots)
+        self.feed.allocate(self.capacity, self.max_seq_len, self.bufs.cols, self.cfg.continuous)
 
     def start(self, prompt: torch.Tensor, mask: torch.Tensor) -> None:
         """Admit a batch of left-padded prompts [b, T] into slots 0..b-1 (one prefill) and emit their first tokens."""
@@ -188,12 +182,12 @@ class DecodeLoop:
         """Admit several requests (:class:`SlotRequest`, or tuples ``(prompt_ids, max_new_tokens, sampling,
         alpha)``) with one prefill of them all (left-padded); -> their slots. Each is checked as :meth:`admit`
         checks it (ValueError naming the request) before anything is admitted."""
-        if not self.cfg.slots:
+        if not self.cfg.continuous:
             raise ValueError("admit() needs a continuous batch (FastIVLDecoder.open_batch)")
         if not self.models.all_support("slots"):
             raise ValueError("admitting requests into a running batch needs the lean engine")
         self._check_cache()
-        free = [r for r in range(self.requests) if r not in self.length]
+        free = self.table.free(self.requests)
         if len(requests) > len(free):
             raise ValueError(
                 f"{len(requests)} request(s) for {len(free)} free slot(s) of {self.requests}: the other slots are "
@@ -226,13 +220,9 @@ class DecodeLoop:
         with torch.inference_mode():
             self.bufs.retire(torch.tensor(slots, device=self.models.device))
         for s in slots:
-            for d in (self.length, self.emitted, self.budget, self.checked):
-                d.pop(s, None)
-            self.top.pop(s, None)
-            self.seeded.discard(s)
+            self.table.remove(s)
             if self.retok is not None:
                 self.retok.remove(s)
-        self._longest = max(self.length.values(), default=0)
         if self.models.all_support("slots"):
             self._cache_state = self._cache_token()
 
@@ -260,13 +250,9 @@ class DecodeLoop:
 
     def retire(self, slot: int) -> None:
         """Free ``slot`` (finished or not) between rounds; the other rows are untouched."""
-        if slot not in self.length:
-            raise ValueError(f"slot {slot} holds no request")
+        self.table.require(slot)
         self.bufs.retire(torch.tensor([slot], device=self.models.device))
-        for d in (self.length, self.emitted, self.budget, self.checked):
-            d.pop(slot)
-        self.top.pop(slot, None)
-        self.seeded.discard(slot)
+        self.table.remove(slot)
         if self.retok is not None:
             self.retok.remove(slot)
 
@@ -280,6 +266,10 @@ class DecodeLoop:
 
         listed = isinstance(requests, list)
         budgets = [r.max_new_tokens for r in requests] if listed else [requests] * n
+        for i, (length, budget) in enumerate(zip(mask.sum(1).tolist(), budgets, strict=True)):
+            r = requests[i] if listed else None
+            top, seeded = (r.top_logprobs, r.seed is not None) if listed else (0, False)
+            self.table.add(slots[i], int(length), budget, top_logprobs=top, seeded=seeded)
         with torch.inference_mode(), self.on_device():
             record = self.cfg.sampling.penalties_on  # the step applies penalties: every row needs its prompt
             if not listed:
@@ -297,13 +287,9 @@ class DecodeLoop:
                         alpha=r.alpha,
                         seed=r.seed,
                     )
-                    if r.top_logprobs:
-                        self.top[slots[i]] = r.top_logprobs
-                    if r.seed is not None:
-                        self.seeded.add(slots[i])
             t0 = time.perf_counter()
             if self.retok is not None:
-                zb, zv, grew = self.feed.prefill(prompt, mask, rows_t if self.cfg.slots else None)
+                zb, zv, grew = self.feed.prefill(prompt, mask, rows_t if self.cfg.continuous else None)
                 if grew:  # our own growth, not another run taking the caches
                     self._cache_state = self._cache_token()
             else:
@@ -317,10 +303,6 @@ class DecodeLoop:
             emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv), live=live)
         if self.models.all_support("slots"):
             self._cache_state = self._cache_token()
-        lengths = mask.sum(1).tolist()
-        for s, length, b_ in zip(slots, lengths, budgets, strict=True):
-            self.length[s], self.emitted[s], self.budget[s], self.checked[s] = int(length), 1, b_, 0
-        self._longest = max(self.length.values())
         if self.steps == 0:
             self.steps = 1
 
@@ -328,46 +310,39 @@ class DecodeLoop:
     def kv_need(self, ahead: int = 0) -> int:
         """KV columns the round ``ahead`` rounds from now attends to: every slot's position + 1 (a finished row
         stays at its last position, so its budget bounds it)."""
-        if not self.cfg.slots:  # one batch started together: every row has emitted self.steps tokens
-            return self._longest + min(self.steps + ahead, self.opts.max_new_tokens)
-        return max(self.length[r] + min(self.emitted[r] + ahead, self.budget[r]) for r in self.length)
+        if not self.cfg.continuous:  # one batch started together: every row has emitted self.steps tokens
+            return self.table.longest_prompt() + min(self.steps + ahead, self.opts.max_new_tokens)
+        return self.table.kv_need(ahead)
 
     def _emitted(self, r: int) -> int:
         """Tokens slot ``r`` has emitted at most (the host mirror)."""
-        return self.emitted[r] if self.cfg.slots else min(self.steps, self.budget[r])
+        return self.table.emitted[r] if self.cfg.continuous else min(self.steps, self.table.budget[r])
 
     def note_rounds(self, rounds: int) -> None:
         """Account ``rounds`` decode rounds run (the host mirror; no device read)."""
         self.steps += rounds
-        if not self.cfg.slots:
-            return
-        for r in self.length:
-            self.emitted[r] = min(self.emitted[r] + rounds, self.budget[r])
+        if self.cfg.continuous:
+            self.table.note_rounds(rounds)
 
     def _round_cfg(self) -> StepConfig:
         """The step's config for an eager round: top alternatives and per-row seeds only while some busy row asks
         for them (graph replays always run the full config)."""
-        return self._eager_cfgs[(bool(self.top), bool(self.seeded))]
+        return self._eager_cfgs[(bool(self.table.top_logprobs), bool(self.table.seeded))]
 
     def _eager_round(self) -> None:
         m, bufs = self.models, self.bufs
         if self.retok is not None:
-            zb, zv, grew = self.feed.step(bufs.ids, bufs.finished, self.cfg.slots)
+            zb, zv, grew = self.feed.step(bufs.ids, bufs.finished, self.cfg.continuous)
             if grew and self._cache_state is not None:  # our own growth, not another run taking the caches
                 self._cache_state = self._cache_token()
             cfg = self._round_cfg()
             emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv))
         else:
             kv = self.kv_need() if self._lean else None
-            hi = max(self.length) + 1 if self.cfg.slots and self.length else self.rows
+            hi = self.table.rows_in_use() if self.cfg.continuous and len(self.table) else self.rows
             if hi < self.rows and self._cache_state is not None:  # free slots above every busy one: skip them
-                for e in m.engines:
-                    e.kv.use_rows(hi)
-                try:
+                with first_rows(m.engines, hi, self.rows):
                     decode_step(m, bufs.head(hi), self._round_cfg(), self.eos, kv)
-                finally:
-                    for e in m.engines:
-                        e.kv.use_rows(self.rows)
             else:
                 decode_step(m, bufs, self._round_cfg(), self.eos, kv)
         self.note_rounds(1)
@@ -375,9 +350,9 @@ class DecodeLoop:
     def step(self) -> bool:
         """One decode round for every live slot (eager, or one graph replay), then a host check; -> True when every
         slot has finished."""
-        if not self.cfg.slots:
+        if not self.cfg.continuous:
             raise ValueError("step() needs a continuous batch (FastIVLDecoder.open_batch); iterate this loop instead")
-        if not self.length:
+        if not len(self.table):
             raise ValueError("no request in the batch: admit one first")
         self._check_cache()
         with torch.inference_mode(), self.on_device():
@@ -396,31 +371,15 @@ class DecodeLoop:
             )
 
     def _cache_token(self) -> list[tuple]:
-        return [(e.kv.version, e.kv.claims, e.kv.batch_size) for e in self.models.engines]
-
-    def tokens(self, slot: int) -> list[int]:
-        """The new tokens of ``slot`` so far, up to and including its last (host sync)."""
-        if slot not in self.length:
-            raise ValueError(f"slot {slot} holds no request")
-        b = self.bufs
-        n = int(b.stop_step[slot]) + 1 if bool(b.finished[slot]) else int(b.steps[slot])  # host sync
-        return b.out[slot, :n].tolist()
-
-    def is_finished(self, slot: int) -> bool:
-        return bool(self.bufs.finished[slot])  # host sync
-
-    def on_device(self):
-        """CUDA calls that use the current device (streams, capture, synchronize) go to the models' device."""
-        dev = self.models.device
-        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        return [e.cache_token() for e in self.models.engines]
 
     # ------------------------------------------------------------------ generate / stream
     def __iter__(self) -> Iterator[torch.Tensor]:
         """After :meth:`start`: yield each round's ids [b] of the started rows until every row stopped."""
-        b = len(self.length)
+        b = len(self.table)
         n = self.opts.max_new_tokens
         with torch.inference_mode():  # entered per chunk: never held across a yield (the caller's code)
-            done = (self.steps == n or self.steps % self.k == 0) and self.check()
+            done = (self.steps == n or self.steps % self.sync_every == 0) and self.check()
             ready = [self.bufs.out[:b, 0].clone()]
         yield from ready
         while not done and self.steps < n:
@@ -428,7 +387,7 @@ class DecodeLoop:
             with torch.inference_mode(), self.on_device():
                 if self.graph_kind is None:
                     self._eager_round()
-                    check = self.steps == n or self.steps % self.k == 0
+                    check = self.steps == n or self.steps % self.sync_every == 0
                 else:
                     self._replay(self._chunk())
                     check = True
@@ -449,8 +408,9 @@ class DecodeLoop:
     def _chunk(self) -> int:
         """Rounds to replay before the next host check: every remaining one when only EOS / NaN / budgets can stop
         the run (the runner watches the device's done flag every ``k`` rounds), else ``k``."""
-        remaining = max(self.budget[r] - self._emitted(r) for r in self.length)
-        return min(self.k, remaining) if (self.stops is not None or self.k == 1) else remaining
+        remaining = max(self.table.budget[r] - self._emitted(r) for r in self.table.length)
+        every = self.sync_every
+        return min(every, remaining) if (self.stops is not None or every == 1) else remaining
 
     def _replay(self, rounds: int) -> None:
         s = self.cache.settings
@@ -468,7 +428,7 @@ class DecodeLoop:
                     self._eager_round()
                 continue
             graphs = self.graphs(kv)
-            ran = runner(graphs, count, self.bufs.done, self.bufs.host, self.k)
+            ran = runner(graphs, count, self.bufs.done, self.bufs.host, self.sync_every)
             self.note_rounds(ran)
             if ran < count:  # the done flag was seen
                 return
@@ -479,11 +439,11 @@ class DecodeLoop:
         s = self.cache.settings
         mode = s.mode if m.scheme == "residual" else "one_stream"
         key = cfg.graph_key(mode, kv_len, m.alpha)
-        versions = tuple(e.kv.version for e in m.engines)
-        mutable = (bufs.mutable() + [e.seq_lens for e in m.engines], bufs.gen)
+        versions = tuple(e.cache_version for e in m.engines)
+        mutable = (bufs.mutable() + [t for e in m.engines for t in e.step_state()], bufs.gen)
 
         def active():
-            return ~bufs.finished if cfg.slots else None
+            return ~bufs.finished if cfg.continuous else None
 
         def capture(pool):
             return capture_step(
@@ -507,7 +467,7 @@ class DecodeLoop:
         """Host-side stop check: NaN/inf, stop strings; True when every row has finished."""
         bufs = self.bufs
         if bool(bufs.bad.any()):  # host sync
-            rows = [r for r in bufs.bad.nonzero().flatten().tolist() if r in self.length]
+            rows = [r for r in bufs.bad.nonzero().flatten().tolist() if r in self.table]
             if rows:  # retire() clears a slot's flag: a server drops the request and carries on
                 raise nonfinite_error(rows, self._checked_round, self.steps)
         if self.stops is not None:
@@ -516,8 +476,8 @@ class DecodeLoop:
         return bool(bufs.finished.all())  # host sync
 
     def _check_stop_strings(self) -> None:
-        emitted = {r: self._emitted(r) for r in self.length}
-        cut_at_stop_strings(self.bufs, self.stops, self.checked, emitted, self.opts.pad_token_id)
+        emitted = {r: self._emitted(r) for r in self.table.length}
+        cut_at_stop_strings(self.bufs, self.stops, self.table.checked, emitted, self.opts.pad_token_id)
 
 
 __all__ = ["DecodeLoop"]

@@ -35,6 +35,44 @@ class ModelSet:
     sample_backend: str = "auto"
     terms: tuple = ()
     real_vocab: int | None = None
+    same_tokenizers: bool = False  # across vocabularies: both sides' tokenizers are identical (hashes agree)
+
+    @classmethod
+    def build(
+        cls,
+        scheme: str,
+        base,
+        value,
+        *,
+        alpha: float = 1.0,
+        vocab_map=None,
+        sample_backend: str = "auto",
+        terms=(),
+        tokenizer=None,
+        base_tokenizer=None,
+        draft=None,
+    ) -> ModelSet:
+        """Every check of how the engines pair (:func:`check_models`, :func:`check_vocab_map`,
+        :func:`check_terms`), in one place, then the set. ``vocab_map``: a VocabMap or its file (loaded against the
+        tokenizers); ``draft``: a draft model whose rows count toward the real vocabulary; ``tokenizer``: the value's
+        (also the base's within one vocabulary), which tells padding rows from tokens."""
+        from ..tokenizer_identity import tokenizer_size
+
+        # one tokenizer under embeddings padded to different row counts (Qwen2.5 0.5B vs 7B, Gemma-3 1B vs 4B): the
+        # real vocabulary is what every model has rows for and the tokenizer can produce (ModelSet.real_vocab)
+        term_engines = [t[0] for t in terms or () if isinstance(t, tuple | list) and len(t) == 2]  # (checked below)
+        rows = [e.vocab_size for e in (base, value, draft, *term_engines) if e is not None]
+        real_vocab = None
+        if vocab_map is None and len(set(rows)) > 1:
+            real_vocab = common_vocab(rows, tokenizer_size(tokenizer))
+        check_models(scheme, base, value, alpha, vocab_map is not None, real_vocab)
+        same = False
+        if vocab_map is not None:
+            vocab_map, same = check_vocab_map(
+                vocab_map, scheme=scheme, base=base, value=value, tokenizer=tokenizer, base_tokenizer=base_tokenizer
+            )
+        terms = check_terms(scheme, base, value, terms, vocab_map is not None, real_vocab)
+        return cls(scheme, base, value, float(alpha), vocab_map, sample_backend, terms, real_vocab, same)
 
     @property
     def engines(self) -> list:
@@ -202,3 +240,39 @@ def check_models(scheme: str, base, value, alpha, has_vocab_map: bool, real_voca
                 f"{_PADDED_HINT}; for different tokenizers build a map with `ivl-fast vocab-map "
                 "--base-tokenizer BASE --value-tokenizer VALUE --corpus FILE --out map.safetensors`"
             )
+
+
+def check_vocab_map(vocab_map, *, scheme: str, base, value, tokenizer, base_tokenizer):
+    """A VocabMap (or its file) checked against the models and tokenizers -> (VocabMap, tokenizers identical)."""
+    from pathlib import Path
+
+    from ..models.engine import supports
+    from ..vocab import VocabMap
+    from ..vocab.build import tokenizer_hash
+
+    if scheme != "residual":
+        raise ValueError(f"cross-vocabulary decoding supports scheme='residual' only, got {scheme!r}")
+    if not supports(base, "rewind"):
+        raise ValueError("cross-vocabulary decoding needs the lean engine for the base (it rewinds its cache)")
+    if tokenizer is None or base_tokenizer is None:
+        raise ValueError("cross-vocabulary decoding needs both tokenizers (tokenizer=value's, base_tokenizer=)")
+    if isinstance(vocab_map, str | Path):
+        vocab_map = VocabMap.load(vocab_map, base_tokenizer=base_tokenizer, value_tokenizer=tokenizer)
+    if not isinstance(vocab_map, VocabMap):
+        raise TypeError(f"vocab_map must be a VocabMap or a path, got {type(vocab_map).__name__}")
+    hashes = {"base": tokenizer_hash(base_tokenizer), "value": tokenizer_hash(tokenizer)}
+    for side, h in hashes.items():
+        want = (vocab_map.meta or {}).get(f"{side}_tokenizer_hash")
+        if want and want != h:
+            raise ValueError(
+                f"vocab_map was built for another {side} tokenizer (hash {want[:12]}..., given {h[:12]}...)"
+            )
+    for side, tok, n in (("base", base_tokenizer, vocab_map.v_base), ("value", tokenizer, vocab_map.v_value)):
+        if len(tok) > n:
+            raise ValueError(f"the {side} tokenizer has {len(tok)} tokens but vocab_map covers {n}")
+    if vocab_map.v_base > base.vocab_size or vocab_map.v_value > value.vocab_size:
+        raise ValueError(
+            f"vocab_map is [{vocab_map.v_base}, {vocab_map.v_value}] but the base model has "
+            f"{base.vocab_size} and the value model {value.vocab_size} logits"
+        )
+    return vocab_map, hashes["base"] == hashes["value"]

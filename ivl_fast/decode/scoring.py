@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_int, is_int
+from ..sampling import combine_logits
 from .model_set import ModelSet
 
 CHUNK_ROWS = 512  # scored positions projected to the vocabulary at once: [CHUNK_ROWS, V] fp32 per model
@@ -185,12 +186,9 @@ def score(
             b, p = rows_t[c : c + chunk_rows], cols_t[c : c + chunk_rows]
             # [n, V_rows] per model -> [n, real_vocab] views (ModelSet.trim): padding rows of models padded to
             # different sizes take no probability, so log_softmax normalises over the real ids only
-            z = models.trim(base_at(b, p)) if base_at is not None else None
-            if value_at is not None:
-                zv = models.trim(value_at(b, p))
-                z = models.alpha * zv if z is None else z + models.alpha * zv
-            for at, w in terms_at:
-                z = z + w * models.trim(at(b, p))
+            zb = models.trim(base_at(b, p)) if base_at is not None else None
+            zv = models.trim(value_at(b, p)) if value_at is not None else None
+            z = combine_logits(zb, zv, models.alpha, [(models.trim(at(b, p)), w) for at, w in terms_at])
             logp = z.log_softmax(-1)
             y = tgt[c : c + chunk_rows]
             lp[c : c + chunk_rows] = logp.gather(1, y[:, None])[:, 0].double()

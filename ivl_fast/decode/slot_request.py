@@ -34,6 +34,14 @@ class SlotRequest:
         return request if isinstance(request, SlotRequest) else cls(*request)
 
 
+class RequestError(ValueError):
+    """A request a batch refuses; ``field``: the SlotRequest field at fault (a server names its parameter)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 def check_slot_request(
     request,
     i: int,
@@ -61,43 +69,52 @@ def check_slot_request(
     r = SlotRequest.of(request)
     where = f"request {i}: " if i else ""
     if (r.sampling is not None or r.alpha is not None or r.seed is not None) and not per_request:
-        raise ValueError(f"{where}sampling, alpha or seed per request needs a batch opened with per_request=True")
+        field = "sampling" if r.sampling is not None else "alpha" if r.alpha is not None else "seed"
+        why = "sampling, alpha or seed per request needs a batch opened with per_request=True"
+        raise RequestError(f"{where}{why}", field)
     a = r.alpha
     if a is not None:
         if not is_number(a) or not math.isfinite(a) or abs(a) > FLOAT32_MAX:
-            raise ValueError(f"{where}alpha must be a finite number within float32's range (3.4e38), got {a!r}")
+            why = f"alpha must be a finite number within float32's range (3.4e38), got {a!r}"
+            raise RequestError(f"{where}{why}", "alpha")
         if alpha_why is not None and float(a) != alpha:
-            raise ValueError(f"{where}alpha={a} differs from the decoder's {alpha}: {alpha_why}")
+            raise RequestError(f"{where}alpha={a} differs from the decoder's {alpha}: {alpha_why}", "alpha")
     sampling = r.sampling or default_sampling
     seed = r.seed
     if seed is not None:
         if not is_int(seed) or not INT64_MIN <= seed <= INT64_MAX:
-            raise ValueError(f"{where}seed must be an integer in [-2^63, 2^63), got {seed!r}")
+            raise RequestError(f"{where}seed must be an integer in [-2^63, 2^63), got {seed!r}", "seed")
         if seed_why is not None and not sampling.greedy:
-            raise ValueError(f"{where}seed with sampling is not supported {seed_why}")
+            raise RequestError(f"{where}seed with sampling is not supported {seed_why}", "seed")
     top = r.top_logprobs
     if top and not max_top_logprobs:
-        raise ValueError(f"{where}top_logprobs is not supported {top_why}")
+        raise RequestError(f"{where}top_logprobs is not supported {top_why}", "top_logprobs")
     if not is_int(top) or not 0 <= top <= max_top_logprobs:
-        raise ValueError(
-            f"{where}top_logprobs must be an integer in [0, {max_top_logprobs}] (the batch's top_logprobs), got {top!r}"
+        raise RequestError(
+            f"{where}top_logprobs must be an integer in [0, {max_top_logprobs}] (the batch's top_logprobs), "
+            f"got {top!r}",
+            "top_logprobs",
         )
     budget = default_budget if r.max_new_tokens is None else r.max_new_tokens
-    check_int(budget, f"{where}max_new_tokens", 1, max_budget)
+    try:
+        check_int(budget, f"{where}max_new_tokens", 1, max_budget)
+    except ValueError as e:
+        raise RequestError(str(e), "max_new_tokens") from None
     ids = r.prompt_ids
     if not isinstance(ids, list | tuple) or not ids or len(ids) + budget > max_seq_len:
-        raise ValueError(
+        raise RequestError(
             f"{where}a prompt of {len(ids)} tokens + max_new_tokens {budget} does not fit the batch's max_seq_len of "
-            f"{max_seq_len} (and a prompt needs at least one token)"
+            f"{max_seq_len} (and a prompt needs at least one token)",
+            "prompt_ids",
         )
     bad = next((t for t in ids if not is_int(t)), None)
     if bad is not None:
-        raise ValueError(f"{where}prompt_ids must hold integer token ids, got {bad!r}")
+        raise RequestError(f"{where}prompt_ids must hold integer token ids, got {bad!r}", "prompt_ids")
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise ValueError(f"{where}prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise RequestError(f"{where}prompt token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt_ids")
     a = alpha if a is None else float(a)
     return SlotRequest(ids, budget, sampling, a, seed, top, r.text)
 
 
-__all__ = ["SlotRequest", "check_slot_request"]
+__all__ = ["RequestError", "SlotRequest", "check_slot_request"]

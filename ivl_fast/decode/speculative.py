@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import SamplingParams, _col, apply_penalties, warp_logits
+from ..sampling import SamplingParams, _col, apply_penalties, combine_logits, warp_logits
 from .buffers import DecodeBuffers
 from .model_set import ModelSet
 
@@ -113,8 +113,8 @@ def accept(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, gen: torch.Generat
 
 
 def _combine(zm: torch.Tensor, zv: torch.Tensor | None, alpha: float, v: int) -> torch.Tensor:
-    z = zm[..., :v].float()
-    return z if zv is None else z + alpha * zv[..., :v].float()
+    """The draft's or the base's logits [.., V_rows] with the value network's, over the ``v`` sampled ids."""
+    return combine_logits(zm[..., :v], None if zv is None else zv[..., :v], alpha)
 
 
 def _per_position(x, z: torch.Tensor, bufs: DecodeBuffers):
@@ -148,7 +148,7 @@ def speculative_round(
     gen = None if greedy else bufs.gen
     live = ~bufs.finished  # [B]
     engines = [base, draft] + ([value] if use_value else [])
-    start = [e.seq_lens.clone() for e in engines]  # [B] each: what every model has read (the draft: one less)
+    start = [e.context_lengths() for e in engines]  # [B] each: what every model has read (the draft: one less)
     pen = sp.penalties_on
     counts = bufs.output_counts.clone() if pen else None  # [B, V] the generated ids so far
     tok, xs, qs, zvs, bad = bufs.ids, [], [], [], torch.zeros_like(live)

@@ -26,6 +26,7 @@ from .buffers import DecodeBuffers
 from .graph_cache import GraphCache
 from .model_set import ModelSet
 from .options import GenerationOptions
+from .slot_table import SlotTable
 from .speculative import SpecConfig, SpecState, speculative_round
 from .step import StepConfig, emit, prefill_logits, sample
 from .stops import StopStringScanner, cut_at_stop_strings, nonfinite_error
@@ -83,8 +84,7 @@ class SpeculativeLoop:
         self.prefill_s = 0.0
         self.captures = 0
         self.prompt: torch.Tensor | None = None
-        self._longest = 0
-        self._checked: dict[int, int] = {}  # row -> tokens stop-string scanned
+        self.table = SlotTable(rows)  # the started rows: prompt lengths, budgets, tokens stop-string scanned
         for e in self.engines:
             e.allocate(rows, capacity)
 
@@ -112,13 +112,13 @@ class SpeculativeLoop:
             self.state.prev.copy_(prompt[:, -1])
             self.prefill_s = time.perf_counter() - t0
             emit(bufs, self.first_cfg, self.eos, *sample(m, bufs, self.first_cfg, zb, zv))
-        self._longest = int(mask.sum(1).max())
-        self._checked = dict.fromkeys(range(b), 0)
+        for r, length in enumerate(mask.sum(1).tolist()):
+            self.table.add(r, int(length), self.opts.max_new_tokens)
         self.steps = 1
 
     # ------------------------------------------------------------------ rounds
     def _round(self) -> None:
-        need = self._longest + self.steps + self.k  # every row's pending position + k + 1 (host mirror)
+        need = self.table.longest_prompt() + self.steps + self.k  # every row's pending position + k + 1 (host mirror)
         kv = (
             min(need, self.capacity)
             if self.cache is None
@@ -134,8 +134,8 @@ class SpeculativeLoop:
         """The captured round of KV bucket ``kv_len`` (captured on a miss)."""
         m, bufs, cfg, eos, state = self.models, self.bufs, self.cfg, self.eos, self.state
         key = cfg.graph_key(kv_len, m.alpha)
-        versions = tuple(e.kv.version for e in self.engines)
-        mutable = (bufs.mutable() + [e.seq_lens for e in self.engines] + state.tensors(), bufs.gen)
+        versions = tuple(e.cache_version for e in self.engines)
+        mutable = (bufs.mutable() + [t for e in self.engines for t in e.step_state()] + state.tensors(), bufs.gen)
         kind = self.cache.settings.kind
 
         def run():
@@ -165,7 +165,7 @@ class SpeculativeLoop:
     def _sync(self) -> tuple[bool, int]:
         """The round's one host read: NaN/inf, every row finished, the longest row, the output columns every row
         has (finished rows: up to their last token); -> (every row finished, columns ready)."""
-        b, bufs = len(self._checked), self.bufs
+        b, bufs = len(self.table), self.bufs
         fin, steps = bufs.finished[:b], bufs.steps[:b]
         ends = torch.where(fin, bufs.stop_step[:b] + 1, steps)
         ready = torch.where(fin, torch.full_like(steps, 1 << 40), steps).min()  # unfinished rows' columns
@@ -177,7 +177,7 @@ class SpeculativeLoop:
         self.steps = max(self.steps, longest)
         if self.stops is not None:
             emitted = dict(enumerate(steps.tolist()))
-            cut_at_stop_strings(bufs, self.stops, self._checked, emitted, self.opts.pad_token_id)
+            cut_at_stop_strings(bufs, self.stops, self.table.checked, emitted, self.opts.pad_token_id)
             fin = bufs.finished[:b]
             done = bool(fin.all())
             ends = torch.where(fin, bufs.stop_step[:b] + 1, steps)
@@ -189,7 +189,7 @@ class SpeculativeLoop:
     def __iter__(self) -> Iterator[torch.Tensor]:
         """After :meth:`start`: yield the ids [B] of each output column once every row has it (finished rows:
         pad), until every row stopped."""
-        b = len(self._checked)
+        b = len(self.table)
         n = self.opts.max_new_tokens
         yielded = 0
         with torch.inference_mode(), self.on_device():

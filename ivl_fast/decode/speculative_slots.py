@@ -17,24 +17,26 @@ Eager rounds; the host reads the round's flags and every row's column count once
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
 from ..checks import check_int
+from ..models.engine import first_rows
 from ..ops._backend import pick_backend
 from .buffers import DecodeBuffers
+from .continuous import ContinuousBatch
 from .inputs import pack_prompts
 from .model_set import ModelSet
 from .options import GenerationOptions
 from .slot_request import SlotRequest, check_slot_request
+from .slot_table import SlotTable
 from .speculative import SpecConfig, SpecState, speculative_round
 from .step import StepConfig, emit, into_slots, prefill_logits, sample
 from .stops import nonfinite_error
 
 
-class SpeculativeSlots:
+class SpeculativeSlots(ContinuousBatch):
     """``slots`` requests of up to ``max_seq_len`` tokens each (prompt + new), drafted ``k`` at a time by
     ``draft`` (+ the value network) and verified by the base."""
 
@@ -60,7 +62,7 @@ class SpeculativeSlots:
         self.per_request = per_request
         sp = self.bufs.row_sampling() if per_request else options.sampling
         n_eos = len(options.eos_token_id)
-        self.first_cfg = StepConfig(sp, options.return_logprobs, self.backend, per_request, n_eos, slots=True)
+        self.first_cfg = StepConfig(sp, options.return_logprobs, self.backend, per_request, n_eos, continuous=True)
         self.cfg = SpecConfig(k, sp, options.return_logprobs, n_eos)
         seed = options.seed or 0
         if options.seed is None and (per_request or not options.sampling.greedy):  # requests may sample
@@ -71,27 +73,17 @@ class SpeculativeSlots:
             self.eos = self.bufs.eos_buffer(options.eos_token_id)
             for e in self.engines:
                 e.allocate(slots, self.capacity)
-                e.seq_lens.zero_()
-        # host mirror per slot: prompt length, tokens emitted (read after every round), budget
-        self.length: dict[int, int] = {}
-        self.emitted: dict[int, int] = {}
-        self.budget: dict[int, int] = {}
+                e.free_rows()
+        self.table = SlotTable(slots)  # the host's record of the busy slots (emitted: read after every round)
         self.rounds = 0
         self.prefill_s = 0.0
 
-    # what a server asks of a batch (DecodeLoop answers the same)
-    per_row_alpha = False
-    per_row_seeds = False
-    max_top_logprobs = 0
+    # what it can do per row (ContinuousBatch): one alpha and one random stream for the batch, no top alternatives
     max_tokens_per_step = property(lambda self: self.k + 1)
 
     @property
     def engines(self) -> list:
         return [*self.models.engines, self.draft]
-
-    def on_device(self):
-        dev = self.models.device
-        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ admission
     def check_request(self, i: int, request) -> SlotRequest:
@@ -119,7 +111,7 @@ class SpeculativeSlots:
     def admit_many(self, requests: list) -> list[int]:
         """Prefill several requests into free slots with one prefill per model; -> their slots (first tokens
         emitted)."""
-        free = [r for r in range(self.rows) if r not in self.length]
+        free = self.table.free()
         if len(requests) > len(free):
             raise ValueError(f"{len(requests)} request(s) for {len(free)} free slot(s) of {self.rows}")
         checked = [self.check_request(i, r) for i, r in enumerate(requests)]
@@ -136,7 +128,7 @@ class SpeculativeSlots:
             with torch.inference_mode():
                 self.bufs.retire(rows)
                 for e in self.engines:
-                    e.seq_lens.index_fill_(0, rows, 0)
+                    e.free_rows(rows)
             raise
         return slots
 
@@ -156,7 +148,7 @@ class SpeculativeSlots:
             t0 = time.perf_counter()
             zb, zv = prefill_logits(m, prompt, mask, rows=rows)
             self.draft.prefill(prompt, mask, rows=rows)  # its logits are unused: a round starts by reading [p, y]
-            lens = self.draft.seq_lens.clone()
+            lens = self.draft.context_lengths()
             lens.index_copy_(0, rows, mask.sum(1) - 1)  # p: the prompt's last token, read again with y
             self.draft.rewind(lens)
             self.state.prev.index_copy_(0, rows, prompt[:, -1])
@@ -165,67 +157,50 @@ class SpeculativeSlots:
             live = torch.zeros(self.rows, dtype=torch.bool, device=dev).index_fill_(0, rows, True)
             emit(bufs, self.first_cfg, self.eos, *sample(m, bufs, self.first_cfg, zb, zv), live=live)
         for s, length, c in zip(slots, mask.sum(1).tolist(), checked, strict=True):
-            self.length[s], self.emitted[s], self.budget[s] = int(length), 1, c.max_new_tokens
+            self.table.add(s, int(length), c.max_new_tokens)
 
     def retire(self, slot: int) -> None:
         """Free ``slot`` between rounds: marked finished, every model's position back to 0."""
-        if slot not in self.length:
-            raise ValueError(f"slot {slot} holds no request")
+        self.table.require(slot)
         with torch.inference_mode():
             row = torch.tensor([slot], device=self.models.device)
             self.bufs.retire(row)
             for e in self.engines:
-                e.seq_lens.index_fill_(0, row, 0)
-        for d in (self.length, self.emitted, self.budget):
-            d.pop(slot)
+                e.free_rows(row)
+        self.table.remove(slot)
 
     # ------------------------------------------------------------------ rounds
     def step(self) -> bool:
         """One speculative round for every live slot, then the round's host read; -> True when every slot has
         finished. NaN/inf in a row raises :class:`~ivl_fast.decode.stops.NonFiniteLogitsError` naming it."""
-        if not self.length:
+        if not len(self.table):
             raise ValueError("no request in the batch: admit one first")
-        hi = max(self.length) + 1  # free slots above every busy one are skipped
-        need = max(self.length[r] + self.emitted[r] for r in self.length) + self.k + 1
+        hi = self.table.rows_in_use()  # free slots above every busy one are skipped
+        t = self.table
+        need = max(t.length[r] + t.emitted[r] for r in t.length) + self.k + 1  # emitted: read after the last round
         with torch.inference_mode(), self.on_device():
-            for e in self.engines:
-                e.kv.use_rows(hi)
-            try:
+            with first_rows(self.engines, hi, self.rows):
                 state = SpecState(self.state.prev[:hi], self.state.drafted, self.state.accepted)
                 bufs = self.bufs.head(hi)
                 cfg = self.cfg
                 if self.per_request:  # the round reads the per-row values of the rows it runs over
                     cfg = SpecConfig(self.k, bufs.row_sampling(), cfg.return_logprobs, cfg.n_eos)
                 speculative_round(self.models, self.draft, bufs, cfg, self.eos, min(need, self.capacity), state)
-            finally:
-                for e in self.engines:
-                    e.kv.use_rows(self.rows)
             self.rounds += 1
             return self._sync()
 
     def _sync(self) -> bool:
         b = self.bufs
-        slots = sorted(self.length)
+        slots = self.table.busy()
         idx = torch.tensor(slots, device=b.steps.device)
         read = torch.cat([b.steps[idx], b.bad[idx].to(torch.int64), b.finished[idx].to(torch.int64)]).tolist()
         n = len(slots)
         for s, e in zip(slots, read[:n], strict=True):
-            self.emitted[s] = int(e)
+            self.table.emitted[s] = int(e)
         bad = [s for s, f in zip(slots, read[n : 2 * n], strict=True) if f]
         if bad:
             raise nonfinite_error(bad, self.rounds, self.rounds)
         return all(read[2 * n :])
-
-    def tokens(self, slot: int) -> list[int]:
-        """The new tokens of ``slot`` so far (host sync)."""
-        if slot not in self.length:
-            raise ValueError(f"slot {slot} holds no request")
-        b = self.bufs
-        n = int(b.stop_step[slot]) + 1 if bool(b.finished[slot]) else int(b.steps[slot])
-        return b.out[slot, :n].tolist()
-
-    def is_finished(self, slot: int) -> bool:
-        return bool(self.bufs.finished[slot])
 
     def timings(self) -> dict:
         drafted, accepted = int(self.state.drafted), int(self.state.accepted)

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graphs import fork_join
-from ..ops import combine_and_sample
-from ..ops.combine_and_sample import penalized_logits
+from ..ops.combine_and_sample import penalized_logits, sample_rows
 from ..sampling import SamplingParams
 from .buffers import DecodeBuffers
 from .model_set import ModelSet
@@ -24,7 +23,7 @@ class StepConfig:
     """What a step's code depends on (a graph is captured per distinct value of :meth:`graph_key`).
 
     per_row_values: the warpers' values come from the buffers (graph runs: a new temperature needs no recapture)
-    instead of Python scalars. slots: rows come and go (continuous batching): finished rows stop advancing
+    instead of Python scalars. continuous: rows come and go (continuous batching): finished rows stop advancing
     their KV position and output column, and each row's budget ends it on device. A generate() batch starts and
     ends together, so it skips that bookkeeping (its cache holds every row's prompt + max_new_tokens)."""
 
@@ -33,7 +32,7 @@ class StepConfig:
     backend: str
     per_row_values: bool
     n_eos: int
-    slots: bool = False
+    continuous: bool = False
     row_alpha: bool = False  # alpha per row from the buffers (per-request batches on the torch sampler)
     row_seeds: bool = False  # rows may bring their own seed (per-request batches): bufs.row_seed / bufs.seeded
     top_logprobs: int = 0  # record the K most likely tokens and their log-probabilities per row and step
@@ -50,7 +49,7 @@ class StepConfig:
             self.n_eos,
             alpha,
             self.backend,
-            self.slots,
+            self.continuous,
             self.row_alpha,
             self.row_seeds,
             self.top_logprobs,
@@ -130,11 +129,10 @@ def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None
 
 
 def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
-    """-> (ids [B], logprobs [B] or None, non-finite flags [B], top or None) from one combine_and_sample call;
-    top: (ids [B, K], logprobs [B, K]) of the K = ``cfg.top_logprobs`` most likely tokens of the distribution the
-    logprobs are taken from (penalized, before the warpers), computed apart from the fused sampler."""
-    sp = cfg.sampling
-    do_sample = sp.do_sample
+    """-> (ids [B], logprobs [B] or None, non-finite flags [B], top or None) from one fused sampling call over the
+    buffers' sampling view; top: (ids [B, K], logprobs [B, K]) of the K = ``cfg.top_logprobs`` most likely tokens
+    of the distribution the logprobs are taken from (penalized, before the warpers), computed apart from the fused
+    sampler."""
     # Padded vocabularies (models.real_vocab; one tokenizer, e.g. a 152,064-row base and a 151,936-row value):
     # every model's logits [B, V_rows] become views [B, real_vocab] (row stride V_rows, no copy), so the op
     # combines, samples and normalises over the real ids only and a padding id is never drawn. Chosen over masking
@@ -146,44 +144,17 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
     if isinstance(zv, list):  # logit terms: [z_value, z_term_1, ...]
         zv, zts = zv[0], zv[1:]
         terms = dict(terms=zts, term_weights=models.term_weights)
-    if cfg.per_row_values and sp.greedy:  # values unused; Python scalars keep user tensors out of the capture
-        temperature, top_k, top_p, min_p, do_sample = 1.0, 0, 1.0, 0.0, False
-    elif cfg.per_row_values:
-        temperature = bufs.temperature
-        top_k = bufs.top_k if sp.top_k_on else 0
-        top_p = bufs.top_p if sp.top_p_on else 1.0
-        min_p = bufs.min_p if sp.min_p_on else 0.0
-    else:
-        temperature, top_k, top_p, min_p = sp.temperature, sp.top_k, sp.top_p, sp.min_p
-    penalties = {}
-    if sp.penalties_on:
-        per_row = cfg.per_row_values
-        penalties = dict(
-            repetition_penalty=bufs.repetition_penalty if per_row else sp.repetition_penalty,
-            presence_penalty=bufs.presence_penalty if per_row else sp.presence_penalty,
-            frequency_penalty=bufs.frequency_penalty if per_row else sp.frequency_penalty,
-            prompt_mask=bufs.prompt_mask,
-            output_counts=bufs.output_counts,
-        )
-    ids, lp, bad = combine_and_sample(
+    rows = bufs.sampling_view(cfg.sampling, cfg.per_row_values, cfg.row_seeds)
+    alpha = bufs.alpha if cfg.row_alpha else models.alpha
+    ids, lp, bad = sample_rows(
         zb,
         zv,
+        rows,
         vocab_map=models.vocab_map,
-        alpha=bufs.alpha if cfg.row_alpha else models.alpha,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        do_sample=do_sample,
-        seed=bufs.seed_t,
-        offset=bufs.offset_t,
-        generator=bufs.gen if not sp.greedy else None,
+        alpha=alpha,
         return_logprobs=cfg.return_logprobs,
         backend=cfg.backend,
         workspace=bufs.work,
-        validate=False,  # checked once when the options were resolved; per-step checks would sync
-        **penalties,
-        **(dict(row_seed=bufs.row_seed, row_step=bufs.steps, seeded=bufs.seeded) if cfg.row_seeds else {}),
         **terms,
     )
     bufs.offset_t += 1
@@ -192,10 +163,10 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
         z = penalized_logits(
             zb,
             zv,
+            rows,
             vocab_map=models.vocab_map,
-            alpha=bufs.alpha[:, None] if cfg.row_alpha else models.alpha,
+            alpha=alpha[:, None] if cfg.row_alpha else alpha,
             terms=(terms["terms"], terms["term_weights"]) if terms else None,
-            **penalties,
         )
         top_lp, top_ids = z.log_softmax(-1).topk(cfg.top_logprobs, dim=-1)
         top = (top_ids, top_lp)
@@ -209,7 +180,7 @@ def emit(
     admission emits for its new rows only; default: every unfinished row). Other rows write pad into their next
     column, which holds pad already (finished rows: the column after their last token, or the spare last one).
     ``top``: (ids [B, K], logprobs [B, K]) written to every row's column (read only for the live rows)."""
-    track = cfg.slots or live is not None  # per-row budgets and columns (see StepConfig.slots)
+    track = cfg.continuous or live is not None  # per-row budgets and columns (see StepConfig.continuous)
     live = ~bufs.finished if live is None else live & ~bufs.finished
     bufs.bad |= bad & live
     ids = torch.where(live, ids, bufs.pad)
@@ -243,5 +214,5 @@ def emit(
 
 def decode_step(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, eos, kv_len: int | None, side=None) -> None:
     """One whole decode step: feed every row's pending token, sample, book-keep (the body a graph captures)."""
-    zb, zv = decode_logits(models, bufs.ids, kv_len, side, active=~bufs.finished if cfg.slots else None)
+    zb, zv = decode_logits(models, bufs.ids, kv_len, side, active=~bufs.finished if cfg.continuous else None)
     emit(bufs, cfg, eos, *sample(models, bufs, cfg, zb, zv))

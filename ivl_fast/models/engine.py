@@ -7,6 +7,8 @@ core asks for a capability (``supports(engine, "graphs")``), never for a class.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -23,10 +25,12 @@ CAPABILITIES = (
 
 @runtime_checkable
 class Engine(Protocol):
-    """A causal LM with a KV cache, driven one token per row per step.
+    """A causal LM with a KV cache, driven one token per row per step: what every engine has.
 
     ``allocate(batch_size, max_seq_len)`` sizes the cache; ``prefill(ids [B, T], mask [B, T]) -> logits [B, V]``
-    reads left-padded prompts; ``decode(ids [B]) -> logits [B, V]`` feeds one token per row.
+    reads left-padded prompts; ``decode(ids [B]) -> logits [B, V]`` feeds one token per row. The decode core uses
+    more only behind a capability (:data:`CAPABILITIES`), through the members :class:`SlotEngine` lists; no decode
+    module reads an engine's cache internals.
     """
 
     config: object
@@ -54,6 +58,45 @@ class Engine(Protocol):
     def decode(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class SlotEngine(Engine, Protocol):
+    """An engine with every capability (the lean engine): a static cache whose rows are slots.
+
+    graphs: ``decode(ids, kv_len=, active=)`` is capturable; ``graph_safe(kv_len)``; ``cache_version`` (a graph
+    captured on the cache is valid while it is unchanged) and ``step_state()`` (the tensors a step writes besides
+    K/V: snapshot around a capture). slots: ``prefill(..., rows=)``, ``use_rows(n)``, ``free_rows(rows)``,
+    ``cache_token()`` (a persistent batch owns its rows while unchanged). rewind: ``rewind(lengths)``,
+    ``context_lengths()``, ``max_seq_len``, ``grow(max_seq_len)``. extend: ``extend(ids [B, M], kv_len=)``.
+    inputs_embeds: ``soft_embed(base_logits, ids)``, ``prefill/decode(inputs_embeds=)``.
+    """
+
+    @property
+    def max_seq_len(self) -> int: ...
+
+    @property
+    def cache_version(self) -> int: ...
+
+    def grow(self, max_seq_len: int) -> None: ...
+
+    def graph_safe(self, kv_len: int) -> bool: ...
+
+    def use_rows(self, n: int) -> None: ...
+
+    def free_rows(self, rows: torch.Tensor | None = None) -> None: ...
+
+    def context_lengths(self) -> torch.Tensor: ...
+
+    def cache_token(self) -> tuple[int, int, int]: ...
+
+    def step_state(self) -> list[torch.Tensor]: ...
+
+    def rewind(self, lengths: torch.Tensor) -> None: ...
+
+    def extend(self, input_ids: torch.Tensor, *, kv_len: int | None = None) -> torch.Tensor: ...
+
+    def soft_embed(self, base_logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 def supports(engine, capability: str) -> bool:
     """Whether ``engine`` has ``capability`` (one of :data:`CAPABILITIES`)."""
     if capability not in CAPABILITIES:
@@ -70,3 +113,16 @@ def graph_safe(engines, kv_len: int) -> bool:
     ``graph_safe(kv_len)`` of its own is safe wherever it supports graphs; a longrope model is not past its
     switch, where a crossing row is re-read: those steps run eagerly)."""
     return all(e.graph_safe(kv_len) if hasattr(e, "graph_safe") else True for e in engines)
+
+
+@contextmanager
+def first_rows(engines, n: int, total: int) -> Iterator[None]:
+    """Steps inside run over the first ``n`` cache rows of every engine (``use_rows``: capability "slots"); all
+    ``total`` rows are in use again after, also when the block raises."""
+    for e in engines:
+        e.use_rows(n)
+    try:
+        yield
+    finally:
+        for e in engines:
+            e.use_rows(total)

@@ -122,6 +122,41 @@ class LeanCausalLM(nn.Module):
     def free(self) -> None:
         self.kv.free()
 
+    # ---------------------------------------------------------------- KV rows: the decode core's only way in
+    def use_rows(self, n: int) -> None:
+        """Steps run over the cache's first ``n`` rows (a view; the rows above keep their contents) until the next
+        ``use_rows`` (a continuous batch skips free slots above every busy one, then takes all its rows back)."""
+        self.kv.use_rows(n)
+
+    @torch.inference_mode()
+    def free_rows(self, rows: torch.Tensor | None = None) -> None:
+        """Empty the contexts of ``rows`` [n] int64 (every row when None): their next token goes to position 0.
+        A freed slot stays at 0 while the batch steps over it (decode(active=) does not advance it)."""
+        if rows is None:
+            self.kv.seq_lens.zero_()
+        else:
+            self.kv.seq_lens.index_fill_(0, rows, 0)
+
+    def context_lengths(self) -> torch.Tensor:
+        """[B] int64, a copy: the tokens each row has read (its next position); ``rewind`` takes it back."""
+        return self.kv.seq_lens.clone()
+
+    def cache_token(self) -> tuple[int, int, int]:
+        """Changes when the cache is reallocated or another generation claims every row (allocate, a full prefill)
+        or a different number of rows is in use: a persistent batch holding the token it saw still owns its rows
+        while the token is unchanged."""
+        return (self.kv.version, self.kv.claims, self.kv.batch_size)
+
+    @property
+    def cache_version(self) -> int:
+        """Bumped by every (re)allocation: a graph captured on the cache is valid while this is unchanged."""
+        return self.kv.version
+
+    def step_state(self) -> list[torch.Tensor]:
+        """The tensors a decode step writes besides the K/V buffers (the row positions [B] int64): snapshot before
+        a graph's warm-up or emulated capture, restored after."""
+        return [self.kv.seq_lens]
+
     # ---------------------------------------------------------------- forward passes
     def project(self, hn: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states [.., H] -> logits [.., V] (the head and the family's logit transform; a

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..chat import as_messages, check_chat_template_kwargs, render_chat
+from ..decode.slot_request import RequestError
 from . import DEFAULT_MAX_BODY_BYTES
 from .metrics import Metrics
 from .protocol import (
@@ -167,18 +168,15 @@ def build_app(
         card = {"id": served_model_name, "object": "model", "created": now(), "owned_by": "ivl-fast"}
         return {"object": "list", "data": [card]}
 
-    def check_alpha(req) -> None:
-        """What this server's batch cannot take per request (a 400 naming the field, before queueing)."""
-        dec, batch = scheduler.dec, scheduler.batch
-        if req.alpha is not None and not batch.per_row_alpha and req.alpha != dec.alpha:
-            why = (
-                "a draft model's rounds combine with one alpha"
-                if dec.draft is not None
-                else ("the fused kernel takes one alpha per batch; the torch sampler takes one per request")
-            )
-            raise APIError(400, f"'alpha' per request: this server decodes with alpha {dec.alpha} ({why})", "alpha")
-        if req.seed is not None and not batch.per_row_seeds:
-            raise APIError(400, "'seed' with sampling is not supported with a draft model (one random stream)", "seed")
+    def check_request(req, prompt_param: str) -> None:
+        """The batch's own check of one request (its rules, e.g. one alpha per batch, live there), before anything
+        is queued: a 400 naming the parameter."""
+        try:
+            scheduler.batch.check_request(0, req.slot_request())
+        except RequestError as e:
+            param = {"max_new_tokens": "max_tokens", "prompt_ids": prompt_param, "sampling": "temperature"}
+            param["top_logprobs"] = "logprobs" if prompt_param == "prompt" else "top_logprobs"
+            raise APIError(400, str(e), param.get(e.field, e.field)) from None
 
     def submit(req, n: int):
         loop = asyncio.get_running_loop()
@@ -325,7 +323,7 @@ def build_app(
                 top_logprobs=k,
                 text=text,
             )
-            check_alpha(req)
+            check_request(req, "prompt")
             reqs.append(req)
         n_prompt = sum(len(ids) for ids, _ in prompts) * n
         rid, created, model = new_id("cmpl"), now(), served_model_name
@@ -416,7 +414,7 @@ def build_app(
             top_logprobs=top,
             text=text,
         )
-        check_alpha(req)
+        check_request(req, "messages")
         rid, created, model = new_id("chatcmpl"), now(), served_model_name
         include = (body.get("stream_options") or {}).get("include_usage", False)  # checked by sampling_request
         seqs = submit(req, n)

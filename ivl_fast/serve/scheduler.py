@@ -402,34 +402,18 @@ class Scheduler:
         self._collect()
 
     def _collect(self) -> None:
-        """One device read: every live slot's emitted count and its new tokens (up to ``window`` per round) with
+        """One device read (the batch's read_new): every live slot's new tokens (up to ``window`` per round) with
         their log-probabilities and, for the slots that ask, the top alternatives."""
         slots = sorted(self._active)
         if not slots:
             return
-        b = self.batch.bufs
-        dev = b.steps.device
-        idx = torch.tensor(slots, device=dev)
-        seen = torch.tensor([len(self._active[s].tokens) for s in slots], device=dev)  # columns already read
-        w = self.window
-        cols = (seen[:, None] + torch.arange(w, device=dev)[None]).clamp(max=b.out.shape[1] - 1)  # [n, w]
-        parts = [b.steps[idx].double()[:, None], b.out[idx].gather(1, cols).double(), b.logprobs[idx].gather(1, cols)]
         k = max(self._active[s].request.top_logprobs for s in slots)
-        if k:  # the window's [n, w * k] ids then logprobs (window 1: top alternatives need one token per round)
-            parts += [b.top_ids[idx[:, None], cols, :k].flatten(1).double(), b.top_logprobs[idx[:, None], cols, :k]]
-            parts[-1] = parts[-1].flatten(1)
-        read = torch.cat([p.double() for p in parts], 1).tolist()  # one host read (ids < 2^53)
-        for j, slot in enumerate(slots):
+        seen = [len(self._active[s].tokens) for s in slots]
+        for slot, new in zip(slots, self.batch.read_new(slots, seen, self.window, k), strict=True):
             seq = self._active[slot]
-            row = read[j]
-            n_new = int(row[0]) - len(seq.tokens)
             kk = seq.request.top_logprobs
-            for t in range(min(n_new, w)):
-                top = None
-                if kk:
-                    at = 1 + 2 * w + t * k
-                    top = [(int(row[at + i]), row[at + w * k + i]) for i in range(kk)]
-                self._advance(slot, seq, int(row[1 + t]), row[1 + w + t], top)
+            for t, (tok, logp) in enumerate(zip(new.ids, new.logprobs, strict=True)):
+                self._advance(slot, seq, tok, logp, new.alternatives[t][:kk] if kk else None)
                 if slot not in self._active:  # finished (EOS, a stop, the budget): the rest is past its end
                     break
 

@@ -35,6 +35,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 from vllm.transformers_utils.config import get_config
 
+from ..sampling import combine_logits
 from .pair_dir import MARKER, PairSpec
 
 
@@ -45,7 +46,7 @@ def ivl_logits(z_base: torch.Tensor, z_value: torch.Tensor, alpha: float, real_v
     if z is z_base:
         z = z.clone()
     n = min(z.shape[-1], z_value.shape[-1])
-    z[..., :n].add_(z_value[..., :n].float(), alpha=alpha)
+    z[..., :n] = combine_logits(z_base[..., :n], z_value[..., :n], alpha)  # the formula's one home
     if real_vocab is not None and real_vocab < z.shape[-1]:
         z[..., real_vocab:] = float("-inf")
     return z
