@@ -1,0 +1,82 @@
+"""DecodeLoop through its own interface (built from a ModelSet and resolved options, no decoder around it): a batch
+started together and iterated, and a continuous batch driven through the ContinuousBatch contract (admit_many,
+step, read_new, tokens, retire), each equal to the decoder's generate() on the same models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model
+
+from ivl_fast import FastIVLDecoder
+from ivl_fast.decode.continuous import ContinuousBatch
+from ivl_fast.decode.inputs import pack_prompts
+from ivl_fast.decode.loop import DecodeLoop
+from ivl_fast.decode.slot_request import RequestError, SlotRequest
+from ivl_fast.decode.speculative_slots import SpeculativeSlots
+
+PROMPTS = [[5, 6, 7, 8], [30, 31], [40, 41, 42]]
+
+
+@pytest.fixture(scope="module")
+def dec():
+    return FastIVLDecoder(build_model("llama", seed=21), build_model("llama", seed=22), graphs="off")
+
+
+def _alone(dec, ids, n):
+    return dec.generate([ids], max_new_tokens=n, eos_token_id=[]).sequences[0, len(ids) :].tolist()
+
+
+def test_a_batch_started_together_yields_each_rounds_tokens(dec):
+    opts = dec.options(max_new_tokens=7, eos_token_id=[])
+    loop = DecodeLoop(dec.models, opts, slots=3, capacity=32, out_cols=7, sync_every=3)
+    ids, mask = pack_prompts(PROMPTS, None, opts.pad_token_id, dec.vocab_size)
+    loop.start(ids, mask)
+    rounds = torch.stack(list(loop), 1)  # [3, 7]
+    assert rounds.shape == (3, 7) and loop.steps == 7
+    assert rounds.tolist() == [_alone(dec, p, 7) for p in PROMPTS]
+    assert loop.num_new_tokens(3).tolist() == [7, 7, 7]
+
+
+def test_a_continuous_batch_keeps_the_contract(dec):
+    """Requests come and go between rounds; read_new reports each slot's new tokens once, in order, whatever the
+    window; tokens() agrees; a retired slot is free again; a refused request names its field."""
+    want = [_alone(dec, PROMPTS[0], 5), _alone(dec, PROMPTS[1], 9), _alone(dec, PROMPTS[2], 4)]
+    opts = dec.options(max_new_tokens=6, eos_token_id=[])
+    loop = DecodeLoop(
+        dec.models, opts, slots=2, capacity=32, continuous=True, max_seq_len=24, out_cols=12, sync_every=1
+    )
+    assert isinstance(loop, ContinuousBatch) and issubclass(SpeculativeSlots, ContinuousBatch)
+    assert loop.max_tokens_per_step == 1 and not loop.per_row_alpha
+    slots = loop.admit_many([SlotRequest(PROMPTS[0], 5), SlotRequest(PROMPTS[1], 9)])
+    assert slots == [0, 1] and loop.table.busy() == [0, 1]
+    seen = {s: [] for s in slots}
+
+    def read():  # what a server does after admitting and after every round (window: max_tokens_per_step)
+        for s, new in zip(slots, loop.read_new(slots, [len(seen[s]) for s in slots], window=1), strict=True):
+            seen[s] += new.ids
+            assert len(new.ids) == len(new.logprobs) <= 1 and new.alternatives is None
+
+    read()
+    assert seen == {0: loop.tokens(0), 1: loop.tokens(1)}  # each first token, emitted at admission
+    done = False
+    while not done:
+        done = loop.step()
+        read()
+    assert seen[0] == loop.tokens(0) == want[0]
+    assert seen[1] == loop.tokens(1) == want[1]
+    loop.retire(0)
+    assert loop.table.free() == [0]
+    with pytest.raises(ValueError, match="slot 0 holds no request"):
+        loop.tokens(0)
+    with pytest.raises(RequestError, match="does not fit the batch's max_seq_len") as err:
+        loop.admit_many([SlotRequest(list(range(5, 25)), 10)])
+    assert err.value.field == "prompt_ids"
+    with pytest.raises(RequestError, match=r"max_new_tokens must be an integer in \[1, 12\]") as err:
+        loop.admit_many([SlotRequest(PROMPTS[2], 30)])
+    assert err.value.field == "max_new_tokens"
+    (slot,) = loop.admit_many([SlotRequest(PROMPTS[2], 4)])
+    assert slot == 0
+    while not loop.is_finished(slot):
+        loop.step()
+    assert loop.tokens(slot) == want[2]  # (the models' caches are the batch's while it is open)
