@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 
 import torch
 
@@ -305,7 +306,10 @@ def _kernel():
 # that path off).
 @torch.library.custom_op("ivl_fast_ops::combine_sample_triton", mutates_args=("workspace",))
 def _triton_op(
-    inputs: list[torch.Tensor | None], v_out: int, alpha: float, workspace: torch.Tensor | None
+    inputs: typing.List[typing.Optional[torch.Tensor]],  # noqa: UP006, UP045  (torch 2.5's infer_schema: no list[X | None])
+    v_out: int,
+    alpha: float,
+    workspace: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernel = _kernel()
     return kernel.launch(dict(zip(kernel.INPUTS, inputs, strict=True)), v_out, alpha, workspace)
