@@ -277,7 +277,7 @@ def test_a_non_streaming_client_that_leaves_cancels_its_request(srv, monkeypatch
 
 
 def test_metrics_count_each_request_when_it_ends_with_its_status(srv, monkeypatch):
-    import ivl_fast.serve.app as app_mod
+    import ivl_fast.serve.routes as routes_mod
 
     def count(status):
         for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
@@ -292,7 +292,7 @@ def test_metrics_count_each_request_when_it_ends_with_its_status(srv, monkeypatc
     def crash(*a, **k):
         raise KeyError("injected handler crash")
 
-    monkeypatch.setattr(app_mod, "completion_logprobs", crash)
+    monkeypatch.setattr(routes_mod, "completion_logprobs", crash)
     status, got = _post(srv, "/v1/completions", {"model": "ivl", "prompt": "hi", "max_tokens": 2, "logprobs": 1})
     assert status == 500 and got["error"]["type"] == "server_error" and "injected" in got["error"]["message"]
     after = {s: count(s) for s in ("200", "400", "500")}
