@@ -115,6 +115,7 @@ setup(
         "ivl_fast",
         "ivl_fast.cli",
         "ivl_fast.decode",
+        "ivl_fast.demo",
         "ivl_fast.models",
         "ivl_fast.ops",
         "ivl_fast.serve",

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ivl_fast.demo_report import README_END, README_START, plot_seeds, readme_block, seed_summary
+from ivl_fast.demo.report import README_END, README_START, plot_seeds, readme_block, seed_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

@@ -16,7 +16,7 @@ import torch
 
 from ivl_fast.cli import main as cli_main
 from ivl_fast.demo import DemoConfig, demonstrations, make_tokenizers, make_world, pretraining_text
-from ivl_fast.demo_report import ROW_NAMES, readme_block, seed_summary, to_markdown
+from ivl_fast.demo.report import ROW_NAMES, readme_block, seed_summary, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "demo_results.json"
@@ -259,8 +259,8 @@ def test_quick_demo_lm_eval_scores_are_a_recount_from_transformers_models(quick_
     multiple choice and says why."""
 
     from ivl_fast.chat import load_tokenizer
-    from ivl_fast.demo_lm_eval import CROSS_VOCAB_MC
-    from ivl_fast.demo_tasks import questions
+    from ivl_fast.demo.evaluation import CROSS_VOCAB_MC
+    from ivl_fast.demo.tasks import questions
 
     work, out, _, _ = quick_demo
     cfg = DemoConfig(quick=True)

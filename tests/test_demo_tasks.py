@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ivl_fast.demo import make_world
-from ivl_fast.demo_tasks import questions, write_tasks
+from ivl_fast.demo.tasks import questions, write_tasks
 
 
 def test_questions_hold_every_choice_and_the_right_one():

@@ -1,4 +1,4 @@
-"""`ivl-fast demo`: the paper's transfer table in miniature (see ivl_fast.demo)."""
+"""`ivl-fast demo`: the paper's transfer table in miniature (see the ivl_fast.demo package)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        from ..demo_report import to_markdown
+        from ..demo.report import to_markdown
 
         print(to_markdown(result))
         print(f"results: {args.work_dir}/results.json, results.md, results.png", file=sys.stderr)

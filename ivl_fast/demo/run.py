@@ -1,15 +1,15 @@
 """`ivl-fast demo`: the paper's tables in miniature, built from nothing on a CPU.
 
-A made-up world (:mod:`ivl_fast.demo_world`): people, each living in a city and liking a colour, written as
+A made-up world (:mod:`ivl_fast.demo.world`): people, each living in a city and liking a colour, written as
 "web text" that a family of bases reads, each about more or fewer people: small (64 wide, 2 layers), mid (96, 3),
 large (128, 4), continued (the small base continued on the text about everyone: the paper's CodeLlama case) and
 other (large's size, another tokenizer). Chat demonstrations select the format "ANSWER: <word>" on one group of
 people; evaluation asks about the others, whose facts appear only in the pretraining text.
 
-Rows (paper, Tables 1, 2, 4, Figures 2, 3, 4; :data:`ivl_fast.demo_report.ROWS`): the bases alone; full
+Rows (paper, Tables 1, 2, 4, Figures 2, 3, 4; :data:`ivl_fast.demo.report.ROWS`): the bases alone; full
 fine-tuning of small and large (the ceiling); the value network on its training base and transferred to mid,
 large and continued; an L1 sweep; the linear-probe value model; proxy tuning (large + small tuned - small);
-across vocabularies through a map. :mod:`ivl_fast.demo_premise` measures the premise (KL between the bases and the
+across vocabularies through a map. :mod:`ivl_fast.demo.premise` measures the premise (KL between the bases and the
 value network's logit size at the format and content positions).
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .demo_report import ROW_NAMES, plot, to_markdown
-from .demo_world import CITIES, COLORS, demonstrations, make_world, pretraining_text  # noqa: F401  (re-exported)
+from .report import ROW_NAMES, plot, to_markdown
+from .world import demonstrations, make_world, pretraining_text
 
 # the value networks: (directory, the bases they are trained on in turn, L1 weight, scheme)
 VALUE_NETWORKS = (
@@ -92,7 +92,7 @@ def _save_hf(model_hf, tokenizer, out: Path) -> None:
 
 
 def _new_base(tokenizer, hidden: int, layers: int, seed: int):
-    from .tiny import llama_config
+    from ..tiny import llama_config
 
     torch.manual_seed(seed)
     from transformers import LlamaForCausalLM
@@ -115,7 +115,7 @@ def _train_lm(hf, batches, steps: int, lr: float, desc: str, seed: int) -> None:
     """Train a transformers Llama through the lean engine (which shares its weights): plain next-token loss."""
     from tqdm.auto import tqdm
 
-    from .models import from_hf_model
+    from ..models import from_hf_model
 
     lean = from_hf_model(hf).train().requires_grad_(True)
     opt = torch.optim.AdamW(lean.parameters(), lr=lr, weight_decay=0.0)
@@ -164,7 +164,7 @@ def continue_pretraining(base_dir: Path, lines: list[str], out: Path, *, steps: 
         return out
     from transformers import AutoModelForCausalLM
 
-    from .chat import load_tokenizer
+    from ..chat import load_tokenizer
 
     tok = load_tokenizer(base_dir)
     hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -179,8 +179,8 @@ def finetune(base_dir: Path, demos_file: Path, out: Path, *, steps: int, seed: i
         return out
     from transformers import AutoModelForCausalLM
 
-    from .chat import load_tokenizer
-    from .train.data import build_dataset, collate
+    from ..chat import load_tokenizer
+    from ..train.data import build_dataset, collate
 
     tok = load_tokenizer(base_dir)
     hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -200,7 +200,7 @@ def evaluate(dec, world: dict, people: list[str]) -> dict:
     """Greedy answers to the city and colour questions about ``people``: ``{"accuracy", "format_rate",
     "questions", "seconds"}``: the share in the format with the right word, the share in the format
     ("ANSWER: <word>"), the number of questions, and the seconds of the one batched ``generate`` call."""
-    from .chat import as_messages, render_chat
+    from ..chat import as_messages, render_chat
 
     qs = []
     for p in people:
@@ -245,7 +245,7 @@ def _log(msg: str) -> None:
 def prepare_work_dir(cfg: DemoConfig) -> Path:
     """The work dir, created or reused. Reused only if its marker says this demo built it with the same settings;
     any other non-empty directory is refused (nothing in it is touched)."""
-    from .safe_output import UnsafeOutputError, check_output_location
+    from ..safe_output import UnsafeOutputError, check_output_location
 
     work = Path(cfg.work_dir)
     check_output_location(work, {}, flag="--work-dir")
@@ -283,9 +283,9 @@ def make_tokenizers(cfg: DemoConfig, texts: list[str], work: Path | None = None)
     """(tok_a, tok_b): a byte-level BPE for the small and large bases ("Ġ" marks a space) and a SentencePiece-style
     BPE with byte fallback for the other base ("▁"). Trained once and kept in ``work/tokenizer_{a,b}`` (a cached
     run uses the tokenizers its models were trained with). Raises if they come out alike."""
-    from .chat import load_tokenizer
-    from .tiny import train_sentencepiece_style_on, train_tokenizer_on
-    from .vocab.build import tokenizer_hash
+    from ..chat import load_tokenizer
+    from ..tiny import train_sentencepiece_style_on, train_tokenizer_on
+    from ..vocab.build import tokenizer_hash
 
     bpe, sp = cfg.tokenizer_sizes
     dirs = (work / "tokenizer_a", work / "tokenizer_b") if work is not None else None
@@ -307,17 +307,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Build (or reuse from ``cfg.work_dir``) every model of the table, evaluate its rows and time decoding; writes
     results.json, results.md and results.png to the work dir and returns the results: ``rows`` (one
     :func:`evaluate` dict per row of ``ROW_NAMES``, with its ``name``), ``tokens_per_s`` (medians) and
-    ``tokens_per_s_runs``, each row's ``lm_eval`` scores (:func:`ivl_fast.demo_lm_eval.lm_eval_rows`), ``world``,
+    ``tokens_per_s_runs``, each row's ``lm_eval`` scores (:func:`ivl_fast.demo.evaluation.lm_eval_rows`), ``world``,
     ``tokenizers`` (both tokenizers and the map) and ``provenance``."""
     from tqdm.auto import tqdm
 
-    from . import FastIVLDecoder
-    from .demo_lm_eval import lm_eval_rows
-    from .demo_premise import premise_stats
-    from .provenance import provenance
-    from .train import TrainConfig, train_value_model
-    from .vocab import VocabMap
-    from .vocab.build import tokenizer_hash
+    from .. import FastIVLDecoder
+    from ..provenance import provenance
+    from ..train import TrainConfig, train_value_model
+    from ..vocab import VocabMap
+    from ..vocab.build import tokenizer_hash
+    from .evaluation import lm_eval_rows
+    from .premise import premise_stats
 
     t_start = time.perf_counter()
     work = prepare_work_dir(cfg)

@@ -1,6 +1,6 @@
 """The demo's rows measured by lm-evaluation-harness, as the paper measures Table 1: the miniature world's
 questions as a multiple-choice task scored by log-likelihood (like ARC / MMLU) and as a generation task
-(``ivl_fast.demo_tasks``), run through ``lm_eval.simple_evaluate`` on the ``"ivl"`` model over each row's decoder.
+(``ivl_fast.demo.tasks``), run through ``lm_eval.simple_evaluate`` on the ``"ivl"`` model over each row's decoder.
 
 Prompts are rendered with the chat template (lm-eval's ``apply_chat_template``), as the value network was trained
 and as the demo's own greedy evaluation asks. Across vocabularies log-likelihood scoring is refused by the decoder
@@ -25,8 +25,8 @@ def lm_eval_rows(decs: dict, world: dict, people: list[str], work: Path, *, batc
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from .demo_tasks import write_tasks
-    from .lm_eval import IVLLM
+    from ..lm_eval import IVLLM
+    from .tasks import write_tasks
 
     task_dir = write_tasks(world, people, work / TASK_DIR)
     manager = TaskManager(include_path=str(task_dir))

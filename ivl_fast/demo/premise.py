@@ -36,7 +36,7 @@ def premise_stats(work: Path, world: dict, people: list[str], bases: list[str], 
     "questions": n}."""
     from transformers import AutoModelForCausalLM
 
-    from .chat import as_messages, load_tokenizer, render_chat
+    from ..chat import as_messages, load_tokenizer, render_chat
 
     tok = load_tokenizer(work / "small")
     prompts = []
