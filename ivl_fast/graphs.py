@@ -63,16 +63,16 @@ def kv_bucket(n: int, capacity: int, minimum: int = KV_BUCKET_MIN) -> int:
     return min(capacity, minimum << math.ceil(math.log2(n / minimum)))
 
 
-def kv_segments(first: int, last: int, prompt_len: int, capacity: int, minimum: int = KV_BUCKET_MIN):
-    """Split decode steps ``first..last`` (inclusive; step j attends to prompt_len + j columns) into runs of one
-    KV bucket: [(kv_len, n_steps), ...]."""
-    out: list[tuple[int, int]] = []
-    j = first
-    while j <= last:
-        kv = kv_bucket(prompt_len + j, capacity, minimum)
-        n = min(last, kv - prompt_len) - j + 1
-        out.append((kv, n))
-        j += n
+def kv_segments(needs, capacity: int, minimum: int = KV_BUCKET_MIN) -> list[list[int]]:
+    """Consecutive rounds, given the KV columns each needs (``needs``: one int per round, in order), split into
+    runs of one KV bucket: [[kv_len, n_rounds], ...] (a graph replay per run)."""
+    out: list[list[int]] = []
+    for need in needs:
+        kv = kv_bucket(need, capacity, minimum)
+        if out and out[-1][0] == kv:
+            out[-1][1] += 1
+        else:
+            out.append([kv, 1])
     return out
 
 

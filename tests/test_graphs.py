@@ -107,7 +107,9 @@ def test_batch_and_kv_buckets():
 
 @pytest.mark.parametrize("t,first,last,cap,block", [(9, 1, 40, 64, 8), (128, 1, 511, 1024, 256), (5, 3, 3, 16, 4)])
 def test_kv_segments_cover_every_step_once_with_enough_columns(t, first, last, cap, block):
-    segs = kv_segments(first, last, t, cap, block)
+    """Rounds first..last of a batch started together (round j attends to t + j columns), as DecodeLoop replays
+    them: every round in one run, each run's bucket holding its rounds' columns, buckets growing."""
+    segs = kv_segments([t + j for j in range(first, last + 1)], cap, block)
     assert sum(n for _, n in segs) == last - first + 1
     j = first
     for kv, n in segs:
@@ -116,6 +118,12 @@ def test_kv_segments_cover_every_step_once_with_enough_columns(t, first, last, c
             assert kv == kv_bucket(t + step, cap, block)
         j += n
     assert [kv for kv, _ in segs] == sorted({kv for kv, _ in segs})
+
+
+def test_kv_segments_follow_a_continuous_batch_whose_need_falls():
+    """A long request retired mid-way: the need falls and the rounds after it replay the small bucket again."""
+    assert kv_segments([5, 5, 300, 300, 6], 1024, 8) == [[8, 2], [512, 2], [8, 1]]
+    assert kv_segments([], 64, 8) == []
 
 
 # ---------------------------------------------------------------------------------------------- the runner

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from ..checks import check_int
-from ..graphs import kv_bucket, run_cpp, run_python
+from ..graphs import kv_segments, run_cpp, run_python
 from ..models.engine import first_rows, graph_safe, supports
 from ..ops._backend import pick_backend
 from ..sampling import SamplingParams
@@ -415,14 +415,7 @@ class DecodeLoop(ContinuousBatch):
     def _replay(self, rounds: int) -> None:
         s = self.cache.settings
         runner = run_cpp if s.runner == "cpp" else run_python
-        segments: list[list[int]] = []  # [kv bucket, rounds]
-        for j in range(rounds):
-            kv = kv_bucket(self.kv_need(j), self.capacity, s.kv_block)
-            if segments and segments[-1][0] == kv:
-                segments[-1][1] += 1
-            else:
-                segments.append([kv, 1])
-        for kv, count in segments:
+        for kv, count in kv_segments((self.kv_need(j) for j in range(rounds)), self.capacity, s.kv_block):
             if not graph_safe(self.models.engines, kv):  # longrope past its switch: eager rounds
                 for _ in range(count):
                     self._eager_round()
