@@ -25,7 +25,6 @@ from .decode.options import (
     GenerationOptions,
     own_generation_config,
     pair_generation_config,
-    read_generation_config,
     resolve_options,
 )
 from .decode.scoring import loglikelihood, loglikelihood_rolling
@@ -34,14 +33,12 @@ from .decode.speculative_slots import SpeculativeSlots, check_slots
 from .decode.start import capture_buckets, kv_capacity, open_slots, start_generation, start_speculative
 from .decode.stops import NonFiniteLogitsError
 from .graphs import KV_BUCKET_MIN
-from .models import from_hf_model, load_model
+from .models import from_hf_model
 from .models.probe import ProbeValue
-from .schemes import DECODE_SCHEMES, check_scheme, scheme_of_checkpoint, uses_base, uses_value
-from .tokenizer_identity import check_same_tokens, checkpoint_tokenizer_sides
+from .pair_loading import load_pair
+from .schemes import check_scheme, uses_base, uses_value
 
 logger = logging.getLogger("ivl_fast")
-
-SCHEMES = DECODE_SCHEMES  # kept for callers of the old name
 
 __all__ = ["FastIVLDecoder", "IVLGenerateOutput", "NonFiniteLogitsError"]
 
@@ -240,61 +237,42 @@ class FastIVLDecoder:
         base over the N ranks of the initialised process group (call this on every rank; each reads only its
         slices; the value network, draft and terms are replicated, and every rank samples the same ids:
         ``ivl_fast.models.tensor_parallel``); every other option as in the constructor."""
-        kw = dict(device=device, dtype=dtype, engine=engine, attn_backend=attn_backend, allow_pickle=allow_pickle)
-        scheme = scheme_of_checkpoint(value_path) if scheme is None else check_scheme(scheme)
-        need_base, need_value = uses_base(scheme), uses_value(scheme)
-        if need_base and base_path is None:
-            raise ValueError(f"scheme={scheme!r} needs base_path")
-        if need_value and value_path is None:
-            raise ValueError(f"scheme={scheme!r} needs value_path")
-        if draft is not None and not need_base:
-            raise ValueError(f"draft needs a base model to verify its tokens; scheme={scheme!r} has none")
-        if tensor_parallel not in (None, 1) and not need_base:
-            raise ValueError(f"tensor_parallel={tensor_parallel} shards the base; scheme={scheme!r} has none")
-        base = load_model(base_path, **kw, tensor_parallel=tensor_parallel) if need_base else None
-        if base is not None and getattr(base, "plan", None) is not None and kw["device"] is None:
-            kw["device"] = base.device  # the rank's device (cuda:LOCAL_RANK) for the replicated models too
-        value = load_model(value_path, **kw) if need_value else None
-        draft_model = load_model(draft, **kw) if draft is not None else None
-        term_models = [(load_model(p, **kw), w) for p, w in terms or ()]
-        tokenizer, base_tokenizer, sides = checkpoint_tokenizer_sides(
-            tokenizer, base_path if need_base else None, value_path if need_value else None, base, value, vocab_map
+        p = load_pair(
+            base_path,
+            value_path,
+            vocab_map,
+            scheme=scheme,
+            device=device,
+            dtype=dtype,
+            engine=engine,
+            attn_backend=attn_backend,
+            allow_pickle=allow_pickle,
+            tokenizer=tokenizer,
+            draft=draft,
+            terms=terms,
+            tensor_parallel=tensor_parallel,
         )
-        if vocab_map is None:  # a draft or term padded to other rows than the pair's: its tokenizer must match
-            ref_rows = (base or value).vocab_size
-            extra = [(draft, draft_model, "the draft")] + [
-                (p, m, f"terms[{i}]") for i, ((p, _), (m, _)) in enumerate(zip(terms or (), term_models, strict=True))
-            ]
-            for path, model, what in extra:
-                if model is not None and model.vocab_size != ref_rows:
-                    check_same_tokens(tokenizer, path, model.vocab_size, what)
-        # the value network's generation_config.json, else the base's; the EOS ids of both (and of both tokenizers)
-        configs = [
-            (name, read_generation_config(p))
-            for name, p, used in (("value", value_path, need_value), ("base", base_path, need_base))
-            if used
-        ]
         dec = cls(
-            base,
-            value,
+            p.base,
+            p.value,
             vocab_map,
             alpha=alpha,
-            scheme=scheme,
-            tokenizer=tokenizer,
+            scheme=p.scheme,
+            tokenizer=p.tokenizer,
             sync_every=sync_every,
             sample_backend=sample_backend,
-            base_tokenizer=base_tokenizer,
+            base_tokenizer=p.base_tokenizer,
             graphs=graphs,
             graph_mode=graph_mode,
             graph_runner=graph_runner,
             kv_block=kv_block,
-            generation_config=next((c for _, c in configs if c is not None), None),
-            draft_model=draft_model,
+            generation_config=next((c for _, c in p.configs if c is not None), None),
+            draft_model=p.draft,
             num_draft_tokens=num_draft_tokens,
-            terms=term_models,
+            terms=p.terms,
         )
         if vocab_map is None:  # one vocabulary: stop at both sides' EOS (across vocabularies ids differ)
-            dec._merge_stop_ids(configs, list(sides.items()) or [("", tokenizer)])
+            dec._merge_stop_ids(p.configs, list(p.sides.items()) or [("", p.tokenizer)])
         return dec
 
     # ------------------------------------------------------------------ public API

@@ -15,6 +15,9 @@ walks the rows in chunks; per chunk it computes both logit blocks, one row-wise 
 overwrites the value logits with their gradient, then two matmuls give the hidden-state gradient and add into
 the head gradient. Gradients are computed in the forward pass (as Liger-Kernel does) and scaled in backward.
 Peak extra memory: two fp32 [chunk, V] blocks plus the fp32 head gradient.
+
+The Triton path is ``ivl_fast.kernels.fused_ce_l1.ce_l1_rows`` (the repository's ``kernels/fused_ce_l1.py``),
+imported where it is used (triton is an optional dependency); ``_ce_l1_rows_torch`` is its torch twin.
 """
 
 from __future__ import annotations
