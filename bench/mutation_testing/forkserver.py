@@ -1,13 +1,13 @@
 """A warm process that runs pytest once per mutant: ``serve`` imports torch, transformers and triton once, then
 forks a child per request that imports the (mutated) project fresh and runs pytest; ``run`` is the client
-(bench/mutation.py calls it in-process; the command line form exits with pytest's status).
+(bench/mutation_testing/run.py calls it in-process; the command line form exits with pytest's status).
 
 Why: a fresh interpreter per mutant pays seconds for importing torch + transformers + triton, more than most killed
 mutants' tests. The child imports nothing of ivl_fast before the mutant is on disk, so a mutated kernel is compiled
 (interpreted) from its mutated source.
 
-    python bench/mutation_forkserver.py serve SOCKET &        # from the checkout under test
-    python bench/mutation_forkserver.py run SOCKET -- PYTEST_ARGS...
+    python bench/mutation_testing/forkserver.py serve SOCKET &        # from the checkout under test
+    python bench/mutation_testing/forkserver.py run SOCKET -- PYTEST_ARGS...
 """
 
 from __future__ import annotations

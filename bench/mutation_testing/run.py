@@ -7,16 +7,16 @@ in a working tree you are editing:
     git worktree add --detach /tmp/ivl-mut HEAD && cd /tmp/ivl-mut
     python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 triton==3.7.1 "setuptools>=70.1" wheel \\
         && .venv/bin/pip install --no-build-isolation -e ".[test]" && .venv/bin/pip install mutmut==2.5.1
-    .venv/bin/python bench/mutation.py [TARGET ...] [--time-limit MIN] [--out bench/results/mutation.json]
+    .venv/bin/python bench/mutation_testing/run.py [TARGET ...] [--time-limit MIN] [--out bench/results/mutation.json]
 
 Each target names the lines to mutate (whole files, or the functions that make up the decode step and the
 training loss and schedule, or a seeded sample of their lines) and the tests that cover them. mutmut's mutation
 engine makes the mutants (operators, numbers, comparisons, keywords, strings, arguments: one change each); every
-mutant's tests run in a child of a warm process (bench/mutation_forkserver.py) and stop at the first failure. A
+mutant's tests run in a child of a warm process (bench/mutation_testing/forkserver.py) and stop at the first failure. A
 mutant is killed when a test fails, survives when all pass, and times out when its tests run past 3x the
 unmutated run plus 10 s (a hang: counted as detected). The results JSON holds, per target, the counts, the kill
 rate (killed + timed out over all tested), and every mutant's diff and outcome; a survivor carries the judgement
-recorded for its line in bench/mutation_judgements.json (why it is equivalent, or which test now catches it).
+recorded for its line in bench/mutation_testing/judgements.json (why it is equivalent, or which test now catches it).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PYTEST_ARGS = "-x -q -p no:cacheprovider"
 
@@ -70,39 +71,89 @@ TARGETS: dict[str, dict] = {
         },
         "tests": ["tests/test_fused_ce_l1.py"],
     },
+    # the decode core, one target per part (each with the tests of its own interface first: they fail fastest)
     "decode_step": {
         "scope": {
             "ivl_fast/decode/step.py": {
-                "names": ["_kw", "prefill_logits", "decode_logits", "sample", "emit", "decode_step"],
-                "line_fraction": 0.4,
-            },
-            "ivl_fast/decode/loop.py": {
-                "names": [
-                    "DecodeLoop._admit",
-                    "DecodeLoop.kv_need",
-                    "DecodeLoop.note_rounds",
-                    "DecodeLoop.__iter__",
-                    "DecodeLoop.check",
-                    "DecodeLoop._check_stop_strings",
-                    "DecodeLoop._cross_vocab_logits",
-                ],
-                "line_fraction": 0.4,
-            },
-            "ivl_fast/decode/cross_vocab.py": {
-                "names": ["Retokenizer.base_ids", "Retokenizer.advance"],
-                "line_fraction": 0.4,
+                "names": ["_kw", "_with_terms", "into_slots", "prefill_logits", "decode_logits", "sample", "emit"],
+                "line_fraction": 0.5,
             },
         },
-        # the decode step's graph-replay branch is driven by the graph tests, cascade decoding where cascade value
-        # networks are trained
         "tests": [
-            "tests/test_cross_vocab.py",
+            "tests/test_decode_loop.py",
+            "tests/test_decoder.py",
+            "tests/test_slots.py",
+            "tests/test_logit_terms.py",
+        ],
+    },
+    "decode_loop": {
+        "scope": {
+            "ivl_fast/decode/loop.py": {
+                "names": [
+                    "DecodeLoop.admit_many",
+                    "DecodeLoop._undo_admit",
+                    "DecodeLoop._admit",
+                    "DecodeLoop.kv_need",
+                    "DecodeLoop._emitted",
+                    "DecodeLoop.note_rounds",
+                    "DecodeLoop._eager_round",
+                    "DecodeLoop.__iter__",
+                    "DecodeLoop._chunk",
+                    "DecodeLoop._replay",
+                    "DecodeLoop.check",
+                ],
+                "line_fraction": 0.5,
+            },
+            "ivl_fast/decode/slot_table.py": {"names": None, "line_fraction": 0.6},
+        },
+        "tests": [
+            "tests/test_slot_table.py",
+            "tests/test_decode_loop.py",
+            "tests/test_slots.py",
             "tests/test_decoder.py",
             "tests/test_graphs.py",
-            "tests/test_slots.py",
-            "tests/test_generation_options.py",
-            "tests/test_train.py::test_cascade_schemes_train_and_decode_exactly",
         ],
+    },
+    "speculative": {
+        "scope": {
+            "ivl_fast/decode/speculative.py": {
+                "names": ["distribution", "race", "accept", "_combine", "_per_position", "_penalize"]
+                + ["speculative_round", "_emit"],
+                "line_fraction": 0.5,
+            },
+        },
+        "tests": ["tests/test_speculative.py"],
+    },
+    "cross_vocab": {
+        "scope": {
+            "ivl_fast/decode/cross_vocab.py": {"names": None, "line_fraction": 0.5},
+            "ivl_fast/decode/cross_vocab_feed.py": {"names": None, "line_fraction": 0.5},
+        },
+        "tests": ["tests/test_cross_vocab.py", "tests/test_vocab_segment.py"],
+    },
+    "scheduler": {
+        "scope": {
+            "ivl_fast/serve/scheduler.py": {
+                "names": [
+                    "Scheduler._admit",
+                    "Scheduler._admit_checked",
+                    "Scheduler._collect",
+                    "Scheduler._advance",
+                    "Scheduler._send",
+                    "Scheduler._finish",
+                    "Scheduler._round",
+                    "Scheduler._take",
+                    "Scheduler._admit_waiting",
+                    "Scheduler._retire_cancelled",
+                ],
+                "line_fraction": 0.5,
+            },
+        },
+        "tests": ["tests/test_faults_scheduler.py", "tests/test_serve.py"],
+    },
+    "vocab_push_forward": {
+        "scope": {"ivl_fast/vocab/__init__.py": {"names": ["VocabMap.ell", "VocabMap.apply"], "line_fraction": 1.0}},
+        "tests": ["tests/test_vocab_map.py", "tests/test_cross_vocab.py"],
     },
     "trainer": {
         "scope": {
@@ -184,10 +235,10 @@ def _diff(rel: str, before: str, after: str) -> str:
 
 
 def _start_warm_tests() -> tuple[subprocess.Popen, str]:
-    """The warm process that forks a pytest run per request (bench/mutation_forkserver.py), once it listens."""
+    """The warm process that forks a pytest run per request (bench/mutation_testing/forkserver.py), once it listens."""
     sock = f"/tmp/ivl-mutation-{os.getpid()}.sock"
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench/mutation_forkserver.py"), "serve", sock],
+        [sys.executable, str(ROOT / "bench/mutation_testing/forkserver.py"), "serve", sock],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -204,7 +255,7 @@ def run_target(name: str, judgements: dict, time_limit_s: float | None, out_path
     tests against it (stopping at the first failure) and restore the file. mutmut's own runner and cache are not
     used: mutmut 2.5.1's cache asserts on a line it recorded while that line was mutated (seen here), and its
     runner starts a fresh interpreter per mutant."""
-    from mutation_forkserver import run as run_tests
+    from forkserver import run as run_tests
     from mutmut import Context, mutate
 
     spec = TARGETS[name]
@@ -262,7 +313,7 @@ def _summarise(res: dict, seconds: float) -> None:
 def recheck(out: Path) -> None:
     """Run every survivor in ``out`` again against today's tests (the ones added since the run), each with its
     target's test selection, and record what happens to it as ``recheck`` (killed / survived / timeout)."""
-    from mutation_forkserver import run as run_tests
+    from forkserver import run as run_tests
     from mutmut import ALL, Context, RelativeMutationID, mutate
 
     results = json.loads(out.read_text())
@@ -300,7 +351,7 @@ def recheck(out: Path) -> None:
             t["kill_rate_after_recheck"] = (tested - still) / tested if tested else None
             from ivl_fast.provenance import provenance
 
-            t["recheck_provenance"] = provenance("python bench/mutation.py --recheck")
+            t["recheck_provenance"] = provenance("python bench/mutation_testing/run.py --recheck")
             out.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{name:20s} survivors {t['counts'].get('survived', 0)} -> {still} after recheck", flush=True)
     finally:
@@ -310,8 +361,8 @@ def recheck(out: Path) -> None:
 
 def merge(paths: list[str], out: Path) -> None:
     """Several runs' results (e.g. two scratch checkouts run side by side) -> one file; every survivor gets the
-    judgement bench/mutation_judgements.json holds for its line now."""
-    judgements = json.loads((ROOT / "bench/mutation_judgements.json").read_text())
+    judgement bench/mutation_testing/judgements.json holds for its line now."""
+    judgements = json.loads((ROOT / "bench/mutation_testing/judgements.json").read_text())
     merged: dict = {"line_numbers": "mutmut's, counted from 0 (add 1 for an editor's)", "targets": {}}
     for path in paths:
         merged["targets"].update(json.loads(Path(path).read_text())["targets"])
@@ -353,7 +404,7 @@ def main() -> None:
     bad = [t for t in args.targets if t not in TARGETS]
     if bad:
         ap.error(f"unknown target(s) {bad}; choose from {list(TARGETS)}")
-    jpath = ROOT / "bench/mutation_judgements.json"
+    jpath = ROOT / "bench/mutation_testing/judgements.json"
     judgements = json.loads(jpath.read_text()) if jpath.exists() else {}
     out = ROOT / args.out
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -362,7 +413,7 @@ def main() -> None:
     for name in args.targets:
         res = run_target(name, judgements, args.time_limit * 60 if args.time_limit else None, out, results)
         limit = f" --time-limit {args.time_limit:g}" if args.time_limit else ""
-        res["provenance"] = provenance(f"python bench/mutation.py {name}{limit}")
+        res["provenance"] = provenance(f"python bench/mutation_testing/run.py {name}{limit}")
         results.setdefault("targets", {})[name] = res
         out.write_text(json.dumps(results, indent=2) + "\n")
         c = res["counts"]
