@@ -37,6 +37,7 @@ def run_tree(tree: str | None) -> dict:
 
 def main(before: str, passes: int) -> None:
     bests: dict = {"before": {}, "after": {}}
+    ops: dict = {"before": {}, "after": {}}
     for p in range(passes):
         order = ("before", "after") if p % 2 == 0 else ("after", "before")
         for side in order:
@@ -45,6 +46,7 @@ def main(before: str, passes: int) -> None:
                 raise SystemExit(f"the 'before' run imported ivl_fast from {r['tree']}, not {before}")
             for k, v in r["runs"].items():
                 bests[side].setdefault(k, []).append(v["best_tokens_per_s"])
+                ops[side][k] = v.get("aten_ops_per_step")  # deterministic: the same every pass
     result = {
         "config": {
             "passes": passes,
@@ -60,6 +62,8 @@ def main(before: str, passes: int) -> None:
             "before_tokens_per_s": spread(bests["before"][k]),
             "after_tokens_per_s": spread(bests["after"][k]),
             "after_over_before": spread(ratios),
+            "before_aten_ops_per_step": ops["before"][k],
+            "after_aten_ops_per_step": ops["after"][k],
         }
     print(json.dumps(result["figures"], indent=1))
     save_results(result)

@@ -4,7 +4,8 @@ warm-up. Run once per source tree to compare two trees on one machine (the decod
 
     PYTHONPATH=<tree> python bench/decode_core_speed.py OUT.json
 
-It prints one JSON object (tokens/s per batch size, best and all runs) and writes it to OUT.json.
+It prints one JSON object (tokens/s per batch size, best and all runs, and the aten ops one decode step
+dispatches: counted over 24 and 8 new tokens, the difference over 16) and writes it to OUT.json.
 """
 
 from __future__ import annotations
@@ -16,6 +17,29 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(dec, prompts) -> float:
+    """Aten ops of one decode step: (ops of 24 new tokens - ops of 8) / 16, so prefill and setup cancel."""
+    counts = []
+    for n in (8, 24):
+        with _CountOps() as c:
+            dec.generate(prompts, max_new_tokens=n, eos_token_id=[])
+        counts.append(c.n)
+    return (counts[1] - counts[0]) / 16
 
 
 def main(out: str) -> None:
@@ -42,7 +66,11 @@ def main(out: str) -> None:
                 t0 = time.perf_counter()
                 dec.generate(prompts, max_new_tokens=32, eos_token_id=[])
                 runs.append(batch * 32 / (time.perf_counter() - t0))
-            result["runs"][f"batch_{batch}"] = {"best_tokens_per_s": max(runs), "tokens_per_s": runs}
+            result["runs"][f"batch_{batch}"] = {
+                "best_tokens_per_s": max(runs),
+                "tokens_per_s": runs,
+                "aten_ops_per_step": ops_per_step(dec, prompts),
+            }
     text = json.dumps(result, indent=1)
     Path(out).write_text(text)
     print(text)
