@@ -3,6 +3,11 @@
     git worktree add /tmp/before 544b89d && cp -r kernels /tmp/before/ivl_fast/kernels
     IVL_BENCH_OUT=bench/results/decode_core_refactor_cpu.json python bench/decode_core_compare.py /tmp/before 8
 
+and the seams' renovation (issue #33; ivl_fast/kernels is a link in the tree by then, nothing to copy):
+
+    git worktree add --detach /tmp/before 62ae0a7
+    IVL_BENCH_OUT=bench/results/decode_seams_cpu.json python bench/decode_core_compare.py /tmp/before 6
+
 Each pass runs ``bench/decode_core_speed.py`` once per tree in a fresh process (ABBA order, so a drift of the
 machine hits both alike); each of those takes the best of 5 calls. Written: per tree and batch size the spread
 of those bests over the passes, and the spread of the per-pass ratio after/before.
@@ -51,6 +56,9 @@ def main(before: str, passes: int) -> None:
         "config": {
             "passes": passes,
             "before_tree": before,
+            "before_commit": subprocess.run(
+                ["git", "-C", before, "rev-parse", "HEAD"], capture_output=True, text=True
+            ).stdout.strip(),
             "model": "demo shapes: base 4x128, value 2x64, "
             "600 tokens, fp32, greedy, 32 new tokens, EOS off; best of 5 calls per pass",
         },

@@ -189,6 +189,23 @@ def benchmark_rows() -> list[str]:
                 "decode_core_refactor_cpu.json",
             )
         )
+    if ds := _load("decode_seams_cpu.json"):
+        f = ds["figures"]
+        rows.append(
+            _row(
+                f"decode speed and aten ops per step before/after the seams' renovation (commit "
+                f"{ds['config']['before_commit'][:7]} vs this tree; the same shapes and calls as the row above)",
+                ds,
+                "; ".join(
+                    f"batch {k.split('_')[1]}: before {_range(f[k]['before_tokens_per_s'], '.0f', ' tokens/s')}, "
+                    f"after {_range(f[k]['after_tokens_per_s'], '.0f', ' tokens/s')}, after/before "
+                    f"**{_range(f[k]['after_over_before'], '.3f', 'x')}**; aten ops per step "
+                    f"{f[k]['before_aten_ops_per_step']:g} before, {f[k]['after_aten_ops_per_step']:g} after"
+                    for k in ("batch_1", "batch_8")
+                ),
+                "decode_seams_cpu.json",
+            )
+        )
     if sp := _load("speculative_cpu.json"):
         rows.append(_row(*_speculative_row(sp), "speculative_cpu.json"))
     if sv := _load("serve_cpu.json"):
