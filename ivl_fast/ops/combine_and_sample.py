@@ -170,20 +170,17 @@ def combine_and_sample(
         row_step=row_step,
         seeded=seeded,
     )
-    return _sample(
+    return sample_rows(
         base_logits,
         value_logits,
         rows,
-        b,
-        v_out,
-        dev,
-        vocab_map,
-        alpha,
-        return_logprobs,
-        backend,
-        workspace,
-        terms,
-        term_weights,
+        vocab_map=vocab_map,
+        alpha=alpha,
+        return_logprobs=return_logprobs,
+        backend=backend,
+        workspace=workspace,
+        terms=terms,
+        term_weights=term_weights,
     )
 
 
@@ -203,65 +200,6 @@ def sample_rows(
     """:func:`combine_and_sample` with the sampling given whole and trusted (the decode step's, built once by its
     buffers: no value is read back). Shapes, dtypes and devices are still checked (metadata only, no sync)."""
     b, v_out, dev = _check_inputs(base_logits, value_logits, vocab_map)
-    return _sample(
-        base_logits,
-        value_logits,
-        rows,
-        b,
-        v_out,
-        dev,
-        vocab_map,
-        alpha,
-        return_logprobs,
-        backend,
-        workspace,
-        terms,
-        term_weights,
-    )
-
-
-def _check_inputs(base_logits, value_logits, vocab_map) -> tuple[int, int, torch.device]:
-    """The logits and the map agree -> (B, V_out, device); a ValueError says what does not fit."""
-    _check_logits("base_logits", base_logits)
-    _check_logits("value_logits", value_logits)
-    if base_logits is None and value_logits is None:
-        raise ValueError("combine_and_sample needs base_logits, value_logits or both")
-    ref = base_logits if base_logits is not None else value_logits
-    if base_logits is not None and value_logits is not None:
-        if base_logits.device != value_logits.device:
-            raise ValueError(f"base_logits on {base_logits.device} but value_logits on {value_logits.device}")
-        if base_logits.shape[0] != value_logits.shape[0]:
-            raise ValueError(f"batch sizes differ: base {base_logits.shape[0]}, value {value_logits.shape[0]}")
-    v_out = value_logits.shape[1] if value_logits is not None else (vocab_map.v_value if vocab_map else ref.shape[1])
-    if vocab_map is not None:
-        if base_logits is not None and base_logits.shape[1] != vocab_map.v_base:
-            raise ValueError(
-                f"vocab_map expects {vocab_map.v_base} base logits per row, base_logits has {base_logits.shape[1]}"
-            )
-        if vocab_map.v_value != v_out:
-            raise ValueError(f"vocab_map maps to {vocab_map.v_value} value tokens, value_logits has {v_out}")
-    elif base_logits is not None and value_logits is not None and base_logits.shape[1] != value_logits.shape[1]:
-        raise ValueError(
-            f"base vocabulary ({base_logits.shape[1]}) != value vocabulary ({value_logits.shape[1]}) and no vocab_map"
-        )
-    return ref.shape[0], v_out, ref.device
-
-
-def _sample(
-    base_logits,
-    value_logits,
-    rows,
-    b,
-    v_out,
-    dev,
-    vocab_map,
-    alpha,
-    return_logprobs,
-    backend,
-    workspace,
-    terms,
-    term_weights,
-):
     terms_t = _check_terms(terms, term_weights, b, v_out, dev)
     be = pick_backend(backend, dev)
     if isinstance(alpha, torch.Tensor):  # one weight per row (a server's requests each choose theirs)
@@ -291,6 +229,33 @@ def _sample(
         x["terms"], x["term_weights"] = torch.stack(terms_t[0]), w
     ids, lp, bad = _triton_op([x.get(n) for n in kernel.INPUTS], v_out, float(alpha), workspace)
     return ids, (lp if return_logprobs else None), bad
+
+
+def _check_inputs(base_logits, value_logits, vocab_map) -> tuple[int, int, torch.device]:
+    """The logits and the map agree -> (B, V_out, device); a ValueError says what does not fit."""
+    _check_logits("base_logits", base_logits)
+    _check_logits("value_logits", value_logits)
+    if base_logits is None and value_logits is None:
+        raise ValueError("combine_and_sample needs base_logits, value_logits or both")
+    ref = base_logits if base_logits is not None else value_logits
+    if base_logits is not None and value_logits is not None:
+        if base_logits.device != value_logits.device:
+            raise ValueError(f"base_logits on {base_logits.device} but value_logits on {value_logits.device}")
+        if base_logits.shape[0] != value_logits.shape[0]:
+            raise ValueError(f"batch sizes differ: base {base_logits.shape[0]}, value {value_logits.shape[0]}")
+    v_out = value_logits.shape[1] if value_logits is not None else (vocab_map.v_value if vocab_map else ref.shape[1])
+    if vocab_map is not None:
+        if base_logits is not None and base_logits.shape[1] != vocab_map.v_base:
+            raise ValueError(
+                f"vocab_map expects {vocab_map.v_base} base logits per row, base_logits has {base_logits.shape[1]}"
+            )
+        if vocab_map.v_value != v_out:
+            raise ValueError(f"vocab_map maps to {vocab_map.v_value} value tokens, value_logits has {v_out}")
+    elif base_logits is not None and value_logits is not None and base_logits.shape[1] != value_logits.shape[1]:
+        raise ValueError(
+            f"base vocabulary ({base_logits.shape[1]}) != value vocabulary ({value_logits.shape[1]}) and no vocab_map"
+        )
+    return ref.shape[0], v_out, ref.device
 
 
 @functools.cache
