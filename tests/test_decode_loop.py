@@ -80,3 +80,41 @@ def test_a_continuous_batch_keeps_the_contract(dec):
     while not loop.is_finished(slot):
         loop.step()
     assert loop.tokens(slot) == want[2]  # (the models' caches are the batch's while it is open)
+
+
+def test_admission_is_refused_where_a_batch_cannot_take_it(dec):
+    """A batch started together takes no admissions; a continuous batch on the transformers adapter (its cache is
+    dynamic, rows are no slots) takes none either; each says so in full."""
+    opts = dec.options(max_new_tokens=4, eos_token_id=[])
+    started = DecodeLoop(dec.models, opts, slots=2, capacity=32, out_cols=4, sync_every=1)
+    with pytest.raises(ValueError) as err:
+        started.admit_many([SlotRequest(PROMPTS[0], 2)])
+    assert str(err.value) == "admit() needs a continuous batch (FastIVLDecoder.open_batch)"
+    hf = FastIVLDecoder(build_model("llama", seed=21), build_model("llama", seed=22), engine="hf", graphs="off")
+    loop = DecodeLoop(hf.models, opts, slots=2, capacity=32, continuous=True, max_seq_len=24, out_cols=4, sync_every=1)
+    with pytest.raises(ValueError) as err:
+        loop.admit_many([SlotRequest(PROMPTS[0], 2)])
+    assert str(err.value) == "admitting requests into a running batch needs the lean engine"
+
+
+def test_a_failed_admission_leaves_the_batch_owning_its_caches(dec, monkeypatch):
+    """A prefill that fails mid-admission frees the slots it took; the batch still owns the models' caches, so
+    another generation taking them afterwards is caught as before."""
+    opts = dec.options(max_new_tokens=4, eos_token_id=[])
+    loop = DecodeLoop(
+        dec.models, opts, slots=2, capacity=32, continuous=True, max_seq_len=24, out_cols=8, sync_every=1
+    )
+    (first,) = loop.admit_many([SlotRequest(PROMPTS[0], 4)])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected prefill failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(dec.models.value, "prefill", broken)
+        with pytest.raises(RuntimeError, match="injected prefill failure"):
+            loop.admit_many([SlotRequest(PROMPTS[1], 4)])
+    assert loop.table.busy() == [first] and loop.table.free() == [1]
+    loop.step()  # the batch goes on
+    dec.generate([PROMPTS[2]], max_new_tokens=2)  # another generation takes the models' caches
+    with pytest.raises(RuntimeError, match="taken by another generation"):
+        loop.step()

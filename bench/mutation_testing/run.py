@@ -46,6 +46,16 @@ SLOW_SAMPLER_TESTS = [
     "tests/test_combine_and_sample.py::test_distribution_v111[temperature=1.0,top_p=0.8]",
 ]
 
+# the slowest decode tests (7-10 s each): the same paths are driven by faster cases in the selection
+SLOW_DECODE_TESTS = [
+    "--deselect",
+    "tests/test_slots.py::test_a_seeded_request_draws_the_same_tokens_in_any_batch_and_slot",
+    "--deselect",
+    "tests/test_decoder.py::test_decoder_with_the_fused_triton_sampler",
+    "--deselect",
+    "tests/test_graphs.py::test_emulated_graphs_with_the_fused_triton_sampler_sample_identically",
+]
+
 # name -> files to mutate ({path: None for every line, or the functions "Class.method" / "function"}) and tests
 TARGETS: dict[str, dict] = {
     "sampling": {
@@ -84,6 +94,8 @@ TARGETS: dict[str, dict] = {
             "tests/test_decoder.py",
             "tests/test_slots.py",
             "tests/test_logit_terms.py",
+            "tests/test_graphs.py",
+            *SLOW_DECODE_TESTS,
         ],
     },
     "decode_loop": {
@@ -110,8 +122,10 @@ TARGETS: dict[str, dict] = {
             "tests/test_slot_table.py",
             "tests/test_decode_loop.py",
             "tests/test_slots.py",
+            "tests/test_cross_vocab.py",
             "tests/test_decoder.py",
             "tests/test_graphs.py",
+            *SLOW_DECODE_TESTS,
         ],
     },
     "speculative": {
@@ -236,7 +250,10 @@ def _diff(rel: str, before: str, after: str) -> str:
 
 def _start_warm_tests() -> tuple[subprocess.Popen, str]:
     """The warm process that forks a pytest run per request (bench/mutation_testing/forkserver.py), once it listens."""
-    sock = f"/tmp/ivl-mutation-{os.getpid()}.sock"
+    sock = f"/tmp/ivl-mutation-{os.getpid()}-{time.monotonic_ns()}.sock"  # a new path per target: the last
+    # target's server left its socket file behind, and waiting for a stale file connected to no one
+    if os.path.exists(sock):
+        os.unlink(sock)
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "bench/mutation_testing/forkserver.py"), "serve", sock],
         cwd=ROOT,
