@@ -118,3 +118,21 @@ def test_a_failed_admission_leaves_the_batch_owning_its_caches(dec, monkeypatch)
     dec.generate([PROMPTS[2]], max_new_tokens=2)  # another generation takes the models' caches
     with pytest.raises(RuntimeError, match="taken by another generation"):
         loop.step()
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_iteration_ends_at_the_round_the_last_row_stopped(dec, sync_every):
+    """A batch started together yields one [B] tensor per round up to the round its last row hit EOS; with
+    sync_every > 1 a round or two may run before the host check sees it (they yield pad: no sync per round), and
+    the loop's count of rounds is put back to the last row's stop."""
+    free = _alone(dec, PROMPTS[0], 8)
+    eos = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])  # a token first emitted at round i
+    stop = free.index(eos)
+    opts = dec.options(max_new_tokens=8, eos_token_id=[eos])
+    loop = DecodeLoop(dec.models, opts, slots=1, capacity=32, out_cols=8, sync_every=sync_every)
+    ids, mask = pack_prompts([PROMPTS[0]], None, opts.pad_token_id, dec.vocab_size)
+    loop.start(ids, mask)
+    rounds = [int(r[0]) for r in loop]
+    assert rounds[: stop + 1] == free[: stop + 1] and loop.steps == stop + 1
+    late = rounds[stop + 1 :]  # rounds run before the check saw the stop: pad only, fewer than sync_every
+    assert late == [opts.pad_token_id] * len(late) and len(late) < sync_every
