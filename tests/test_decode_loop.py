@@ -136,3 +136,22 @@ def test_iteration_ends_at_the_round_the_last_row_stopped(dec, sync_every):
     assert rounds[: stop + 1] == free[: stop + 1] and loop.steps == stop + 1
     late = rounds[stop + 1 :]  # rounds run before the check saw the stop: pad only, fewer than sync_every
     assert late == [opts.pad_token_id] * len(late) and len(late) < sync_every
+
+
+def test_a_finished_row_left_in_the_batch_stays_where_it_stopped(dec):
+    """A row that spent its budget but is not retired does not advance: its context stays at its last position
+    while a long row runs on (a finished row advancing would walk past the cache's columns), and its tokens and
+    logprobs past its end stay pad and 0."""
+    long_prompt = list(range(5, 25))  # 20 tokens, budget 2: the cache holds 22 columns for it
+    want_long, want_short = _alone(dec, long_prompt, 2), _alone(dec, PROMPTS[1], 12)
+    opts = dec.options(max_new_tokens=12, eos_token_id=[], return_logprobs=True)
+    loop = DecodeLoop(
+        dec.models, opts, slots=2, capacity=24, continuous=True, max_seq_len=24, out_cols=12, sync_every=1
+    )
+    a, b = loop.admit_many([SlotRequest(long_prompt, 2), SlotRequest(PROMPTS[1], 12)])
+    while not loop.is_finished(b):
+        loop.step()
+    assert loop.tokens(a) == want_long and loop.tokens(b) == want_short
+    assert [e.context_lengths()[a].item() for e in dec.models.engines] == [21, 21]  # 20 + its first token fed
+    (new,) = loop.read_new([a], seen=[2], window=4)
+    assert new.emitted == 2 and new.ids == [] and loop.bufs.logprobs[a, 2:].abs().sum().item() == 0.0

@@ -106,6 +106,16 @@ def test_greedy_with_logit_terms_equals_the_definition(trio, graphs, backend):
     assert [batch.tokens(s) for s in slots] == [out.sequences[r, -8:].tolist() for r in range(2)]
 
 
+def test_the_base_scheme_with_logit_terms_equals_the_definition(trio):
+    """Scheme "base" (no value network) with terms: z_base + sum_i w_i * z_i, the terms run where the value network
+    would (the step's other side)."""
+    large, tuned, small = trio
+    dec = FastIVLDecoder(large, None, scheme="base", terms=[(tuned, 0.7), (small, -0.7)])
+    out = dec.generate(PROMPTS, max_new_tokens=6, eos_token_id=[])
+    for r, p in enumerate(PROMPTS):
+        assert out.sequences[r, -6:].tolist() == _reference([(large, 1.0), (tuned, 0.7), (small, -0.7)], p, 6)
+
+
 def test_proxy_tuning_with_a_tuned_model_equal_to_its_untuned_self_is_the_base_alone(trio):
     """z_large + (z_small - z_small) = z_large: the tuned side cancels exactly enough to leave the base's tokens."""
     large, _, small = trio

@@ -96,6 +96,7 @@ TARGETS: dict[str, dict] = {
             "tests/test_slots.py",
             "tests/test_logit_terms.py",
             "tests/test_graphs.py",
+            "tests/test_probe.py",
             *SLOW_DECODE_TESTS,
         ],
     },
@@ -328,9 +329,10 @@ def _summarise(res: dict, seconds: float) -> None:
     res["survivors"] = [r for r in res["records"] if r["status"] == "survived"]
 
 
-def recheck(out: Path) -> None:
+def recheck(out: Path, only: list[str] | None = None) -> None:
     """Run every survivor in ``out`` again against today's tests (the ones added since the run), each with its
-    target's test selection, and record what happens to it as ``recheck`` (killed / survived / timeout)."""
+    target's test selection, and record what happens to it as ``recheck`` (killed / survived / timeout).
+    ``only``: the targets to recheck (default: every target in ``out``)."""
     from forkserver import run as run_tests
     from mutmut import ALL, Context, RelativeMutationID, mutate
 
@@ -338,6 +340,8 @@ def recheck(out: Path) -> None:
     server, sock = _start_warm_tests()
     try:
         for name, t in results["targets"].items():
+            if only and name not in only:
+                continue
             args = [*PYTEST_ARGS.split(), *TARGETS[name]["tests"]]
             t0 = time.time()  # today's selection may differ from the run's: its own clean run sets the timeout
             if run_tests(sock, args, cwd=str(ROOT)) != 0:
@@ -410,14 +414,16 @@ def main() -> None:
         help="instead of running: merge these results files into --out, attaching the current judgements",
     )
     ap.add_argument(
-        "--recheck", action="store_true", help="instead of running: run the survivors in --out against today's tests"
+        "--recheck",
+        action="store_true",
+        help="instead of running: run the survivors in --out against today's tests (of the targets named, or all)",
     )
     args = ap.parse_args()
     if args.merge:
         merge(args.merge, ROOT / args.out)
         return
-    if args.recheck:
-        recheck(ROOT / args.out)
+    if args.recheck:  # the targets named (none: every target in --out)
+        recheck(ROOT / args.out, [t for t in args.targets if t in sys.argv[1:]])
         return
     bad = [t for t in args.targets if t not in TARGETS]
     if bad:
