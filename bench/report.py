@@ -342,8 +342,10 @@ def mutation_block() -> str:
             cells += [c.get("survived", 0), f"{t['kill_rate']:.1%}"]
             cells += [len(left), f"**{now:.1%}**", equivalent] if now is not None else ["-", "-", equivalent]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
-        p = next(iter(mut["targets"].values()))["provenance"]
-        lines += ["", f"Machine: {_where({'provenance': p})}."]
+        runs: dict[str, list[str]] = {}  # where each target ran (machine, torch, date, commit) -> its targets
+        for name, t in mut["targets"].items():
+            runs.setdefault(_where({"provenance": t["provenance"]}), []).append(name)
+        lines += [""] + [f"Machine of {', '.join(names)}: {where}." for where, names in runs.items()]
     lines.append(MUTATION_END)
     return "\n".join(lines)
 
