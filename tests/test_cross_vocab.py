@@ -316,6 +316,29 @@ def test_ragged_rows_refeed_and_cache_growth_match_the_definition(ragged_setting
     assert dec.base.seq_lens[:2].tolist() == [len(ref[0]["reads"][-1]), len(ref[1]["reads"][-1])]
 
 
+def test_a_batch_whose_base_cache_grew_still_notices_another_generation_taking_it(ragged_setting):
+    """A continuous batch across vocabularies grows the base's cache itself (row 1 writes ~10 base tokens per step)
+    and goes on; when a generate() on the same decoder then takes the caches, the batch's next step refuses."""
+    btok, vtok, vmap, base, value, ids = ragged_setting
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
+    grown, grow = [], dec.base.grow
+
+    def spy(cols):
+        grown.append(cols)
+        grow(cols)
+
+    dec.base.grow = spy
+    batch = dec.open_batch(slots=2, max_seq_len=64, eos_token_id=[], per_request=True)
+    slots = [batch.admit(ids[0], 12), batch.admit(ids[1], 12)]
+    while not grown and not batch.is_finished(slots[1]):
+        batch.step()
+    assert grown, "the base cache never grew"
+    batch.step()  # its own growth is not mistaken for another generation
+    dec.generate([ids[0]], max_new_tokens=2, eos_token_id=[])
+    with pytest.raises(RuntimeError, match="taken by another generation"):
+        batch.step()
+
+
 def _first_diff(a, b) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -372,4 +395,11 @@ def test_continuous_batching_across_vocabularies_decodes_each_request_as_alone(s
     batch.retire(a)
     with pytest.raises(ValueError, match="base tokens long"):
         batch.admit_many([SlotRequest(ids[2], 2, text="word " * 1000)])  # the base's reading of it: too long
-    assert batch.admit(ids[2], 3) in (0, 1)  # nothing was admitted by the refused request
+    batch.retire(c)
+    # of several requests, the refusal names the one the base cannot hold (the first goes unnamed) and admits none
+    long = SlotRequest(ids[2], 2, text="word " * 1000)
+    with pytest.raises(ValueError, match=r"^request 1: the prompt is \d+ base tokens long"):
+        batch.admit_many([SlotRequest(ids[0], 2, text=PROMPTS[0]), long])
+    with pytest.raises(ValueError, match=r"^the prompt is \d+ base tokens long"):
+        batch.admit_many([long, SlotRequest(ids[0], 2, text=PROMPTS[0])])
+    assert batch.admit(ids[2], 3) in (0, 1)  # nothing was admitted by the refused requests

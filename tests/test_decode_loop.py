@@ -155,3 +155,27 @@ def test_a_finished_row_left_in_the_batch_stays_where_it_stopped(dec):
     assert [e.context_lengths()[a].item() for e in dec.models.engines] == [21, 21]  # 20 + its first token fed
     (new,) = loop.read_new([a], seen=[2], window=4)
     assert new.emitted == 2 and new.ids == [] and loop.bufs.logprobs[a, 2:].abs().sum().item() == 0.0
+
+
+def test_a_row_nonfinite_for_one_round_between_host_checks_is_still_reported(dec, monkeypatch):
+    """Row 1's value logits are NaN in one decode round only (a fault injected at the engine's decode; the rounds
+    after it are finite again): with the decoder's sync_every (8) the host check comes after finite rounds have
+    followed the bad one, and it still names row 1 (and only row 1) with the rounds it covered."""
+    from ivl_fast import NonFiniteLogitsError
+
+    decode, calls = dec.models.value.decode, []
+
+    def nan_once(*args, **kwargs):
+        z = decode(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the second decode round
+            z = z.clone()
+            z[1] = float("nan")
+        return z
+
+    monkeypatch.setattr(dec.models.value, "decode", nan_once)
+    with pytest.raises(NonFiniteLogitsError) as err:
+        dec.generate([PROMPTS[0], PROMPTS[2]], max_new_tokens=8, eos_token_id=[])
+    assert dec.sync_every == 8
+    assert err.value.rows == [1] and "within steps [0, 8)" in str(err.value)
+    assert len(calls) >= 3, "no finite round followed the bad one before the check"

@@ -189,3 +189,23 @@ def test_lm_eval_model_args_take_terms(trio, save_checkpoint):
     assert lm.dec.models.terms and lm.dec.models.terms[0][1] == -1.0
     with pytest.raises(ValueError, match="model_args terms must be 'DIR@WEIGHT"):
         IVLLM(base=str(dirs[0]), value=str(dirs[1]), terms="nodir")
+
+
+def test_top_alternatives_of_a_batch_with_logit_terms_are_the_definitions(trio):
+    """open_batch(top_logprobs=2) on a decoder with a logit term: each new token's alternatives are the top 2 of
+    log_softmax(z_large + 0.8 z_tuned - 0.8 z_small) (recomputed with the transformers models), the term included."""
+    large, tuned, small = trio
+    dec = FastIVLDecoder(large, tuned, alpha=0.8, terms=[(small, -0.8)])
+    batch = dec.open_batch(slots=1, max_seq_len=32, eos_token_id=[], per_request=True, top_logprobs=2)
+    p = PROMPTS[0]
+    slot = batch.admit(p, 5, top_logprobs=2)
+    while not batch.is_finished(slot):
+        batch.step()
+    (new,) = batch.read_new([slot], [0], 8, top_logprobs=2)
+    ids = torch.tensor([p + new.ids])
+    with torch.no_grad():
+        z = large(ids).logits + 0.8 * tuned(ids).logits - 0.8 * small(ids).logits
+    want_lp, want_ids = z[0, len(p) - 1 : -1].log_softmax(-1).topk(2, dim=-1)  # [5, 2]
+    assert [[i for i, _ in alt] for alt in new.alternatives] == want_ids.tolist()
+    got_lp = torch.tensor([[lp for _, lp in alt] for alt in new.alternatives])
+    torch.testing.assert_close(got_lp, want_lp, atol=1e-4, rtol=0)

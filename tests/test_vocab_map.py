@@ -434,3 +434,27 @@ def test_split_corpus_cuts_long_lines_at_a_late_space_else_hard():
     ]
     # a run of spaces longer than max_chars // 2: the blank piece between the words is dropped, the text kept
     assert split_corpus(["a" + " " * 20 + "b"], max_chars=10) == ["a" + " " * 8, "   b"]
+
+
+def test_push_forward_and_its_ell_layout_on_a_hand_made_map():
+    """W [4 base, 3 value]: value 0 <- base 0; value 1 <- base 1 and 2 (0.5 each); value 2 <- nothing.
+    apply() is log(max(softmax(z) @ W, 1e-30)) in the logits' precision (fp32, or fp64 for fp64), for a batch
+    [B, V_base] or one row [V_base]; ell() groups W by value token (K = the most base tokens of any value token,
+    base ids ascending), cached per device."""
+    w = torch.tensor([[1.0, 0, 0], [0, 0.5, 0], [0, 0.5, 0], [0, 0, 0]])
+    vmap = VocabMap.from_dense(w)
+    z = torch.tensor([[0.5, -1.0, 2.0, 0.25], [3.0, 0.0, -2.0, 1.0]])
+    want = torch.log((torch.softmax(z.double(), -1) @ w.double()).clamp_min(1e-30))
+    got = vmap.apply(z)
+    assert got.dtype == torch.float32 and vmap.apply(z.double()).dtype == torch.float64
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(vmap.apply(z.double()), want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(vmap.apply(z[1]), got[1])  # one row
+    for bad in (torch.zeros(3, 7), torch.zeros(7)):
+        with pytest.raises(ValueError, match="^base logits have 7 entries but the map expects 4$"):
+            vmap.apply(bad)
+    idx, wk = vmap.ell()
+    assert idx.tolist() == [[0, 0], [1, 2], [0, 0]] and wk.tolist() == [[1.0, 0.0], [0.5, 0.5], [0.0, 0.0]]
+    assert VocabMap.from_dense(torch.eye(3)).ell()[0].shape == (3, 1)  # one base token per value token: K = 1
+    on_meta = vmap.ell("meta")
+    assert on_meta[0].device.type == "meta" and vmap.ell()[0].device.type == "cpu"
