@@ -352,3 +352,56 @@ def test_per_request_values_in_a_speculative_batch_follow_plain_sampling(models)
     assert stat < limit, (stat, limit)
     with pytest.raises(ValueError, match="seed with sampling is not supported with a draft model"):
         batch.check_request(0, SlotRequest(prompt, 2, sp, seed=3))
+
+
+def test_sampled_logprobs_are_the_targets_at_the_emitted_tokens(models):
+    """Sampling with a draft and return_logprobs: each emitted token's logprob is log_softmax(z_base + z_value) at
+    it (no penalties: the distribution before the warpers, top-k among them), so a row's sum is its continuation's
+    log-likelihood."""
+    dec = _dec(models, "draft", 2)
+    out = dec.generate(
+        PROMPTS[:2], max_new_tokens=7, eos_token_id=[], do_sample=True, top_k=4, seed=5, return_logprobs=True
+    )
+    assert out.timings["acceptance_rate"] < 0.9  # rejections: the sampled rounds' residual path ran
+    t = out.prompt_length
+    for r, p in enumerate(PROMPTS[:2]):
+        ((lp, _),) = dec.loglikelihood([(p, out.sequences[r, t:].tolist())])
+        assert float(out.logprobs[r].sum()) == pytest.approx(lp, abs=1e-3)
+
+
+def test_a_stronger_frequency_penalty_counts_each_draft_once(models):
+    """Greedy with a frequency penalty strong enough to flip choices: a draft counted by the positions after it in
+    its round once, as plain decoding counts an emitted token."""
+    want = _dec(models, None).generate(PROMPTS, max_new_tokens=20, eos_token_id=[], frequency_penalty=0.6)
+    for k in (2, 4):
+        got = _dec(models, "same", k).generate(PROMPTS, max_new_tokens=20, eos_token_id=[], frequency_penalty=0.6)
+        assert torch.equal(got.sequences, want.sequences), k
+
+
+def test_acceptance_counts_only_the_rows_still_decoding(models):
+    """With the base as its own draft every draft is accepted: accepted == drafted also after a row stopped at EOS
+    mid-run (a finished row drafts nothing and accepts nothing)."""
+    ref = _dec(models, None).generate(PROMPTS, max_new_tokens=16, eos_token_id=[])
+    eos = int(ref.sequences[1, ref.prompt_length + 2])  # row 1 stops early
+    out = _dec(models, "same", 2).generate(PROMPTS, max_new_tokens=16, eos_token_id=[eos])
+    assert int(out.num_new_tokens.min()) < 16  # a row stopped early
+    t = out.timings
+    assert t["accepted"] == t["drafted"] and t["acceptance_rate"] == 1.0
+
+
+def test_a_non_finite_draft_is_reported(models):
+    """A draft model whose logits are NaN (a poisoned embedding row of a token in the prompt) is reported as
+    non-finite logits of that row, though the target's own logits are finite."""
+    import copy
+
+    from ivl_fast import NonFiniteLogitsError
+
+    base, value, draft, _ = models
+    broken = copy.deepcopy(draft)
+    with torch.no_grad():
+        broken.model.embed_tokens.weight[300] = float("nan")  # PROMPTS[3] holds token 300
+    dec = FastIVLDecoder(base, value, graphs="off", draft_model=broken, num_draft_tokens=2)
+    with pytest.raises(NonFiniteLogitsError) as err:
+        dec.generate(PROMPTS, max_new_tokens=8, eos_token_id=[])
+    assert err.value.rows == [3]
+    assert _dec(models, None).generate(PROMPTS, max_new_tokens=8, eos_token_id=[]).num_new_tokens.tolist() == [8] * 4
