@@ -373,15 +373,32 @@ class FastIVLDecoder:
         return texts[0] if single and len(texts) == 1 else texts
 
     def loglikelihood(
-        self, requests, *, batch_size: int = 8, max_length: int | None = None
+        self, requests, *, batch_size: int = 8, max_length: int | None = None, texts: list[str] | None = None
     ) -> list[tuple[float, bool]]:
         """(log p(continuation | context) under the combined distribution, is_greedy) per (context, continuation)
-        request, texts or token-id lists, as lm-eval's HF model scores them (:mod:`ivl_fast.decode.scoring`)."""
-        return loglikelihood(self.models, self.tokenizer, requests, max_length or self.max_context, batch_size)
+        request, texts or token-id lists, as lm-eval's HF model scores them (:mod:`ivl_fast.decode.scoring`).
+        Across vocabularies, under the distribution decoding samples from (the base re-reads the text at each
+        position); ``texts``: each id request's context text as the base reads it (default: the ids' decoding)."""
+        return loglikelihood(
+            self.models,
+            self.tokenizer,
+            requests,
+            max_length or self.max_context,
+            batch_size,
+            base_tokenizer=self.base_tokenizer,
+            texts=texts,
+        )
 
     def loglikelihood_rolling(self, texts, *, batch_size: int = 8, max_length: int | None = None) -> list[float]:
         """Summed log-probability of each whole text (or token-id list), in disjoint windows of ``max_length``."""
-        return loglikelihood_rolling(self.models, self.tokenizer, texts, max_length or self.max_context, batch_size)
+        return loglikelihood_rolling(
+            self.models,
+            self.tokenizer,
+            texts,
+            max_length or self.max_context,
+            batch_size,
+            base_tokenizer=self.base_tokenizer,
+        )
 
     def open_batch(
         self,

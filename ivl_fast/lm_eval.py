@@ -272,8 +272,9 @@ class IVLLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ scoring
-    def _score(self, pairs, desc: str, disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """(context ids, continuation ids) pairs -> (log p, is_greedy) in their order, longest first in calls."""
+    def _score(self, pairs, desc: str, disable_tqdm: bool, texts=None) -> list[tuple[float, bool]]:
+        """(context ids, continuation ids) pairs -> (log p, is_greedy) in their order, longest first in calls.
+        ``texts``: each context's text as a base with its own tokenizer reads it (None: the ids' decoding)."""
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         out: list = [None] * len(pairs)
         bar = tqdm(total=len(pairs), desc=desc, disable=disable_tqdm or self.rank != 0)
@@ -281,7 +282,10 @@ class IVLLM(TemplateLM):
         for s in range(0, len(order), step):
             idx = order[s : s + step]
             res = self.dec.loglikelihood(
-                [pairs[i] for i in idx], batch_size=self.batch_size, max_length=self.max_length
+                [pairs[i] for i in idx],
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+                texts=None if texts is None else [texts[i] for i in idx],
             )
             for i, r in zip(idx, res, strict=True):
                 out[i] = r
@@ -290,7 +294,12 @@ class IVLLM(TemplateLM):
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        res = self._score([(ctx, cont) for _, ctx, cont in requests], "Running loglikelihood requests", disable_tqdm)
+        # across vocabularies the base reads the context's text (lm-eval's _encode_pair moved its trailing
+        # whitespace to the continuation)
+        texts = [(s[0].rstrip() or None) if s is not None else None for s, _, _ in requests]
+        res = self._score(
+            [(ctx, cont) for _, ctx, cont in requests], "Running loglikelihood requests", disable_tqdm, texts
+        )
         for (request_str, _, _), answer in zip(requests, res, strict=True):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)

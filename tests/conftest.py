@@ -166,3 +166,11 @@ def served(pair):
     )
     yield srv, FastIVLDecoder.from_pretrained(base_dir, value_dir)
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def cross_setting(tokenizer):
+    """(base tokenizer, map, base, value): a pair across two real vocabularies (tests/cross_vocab_reference.py)."""
+    from cross_vocab_reference import build_cross_setting
+
+    return build_cross_setting(tokenizer)

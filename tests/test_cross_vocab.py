@@ -2,78 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import build_model
+from cross_vocab_reference import cross_vocab_reference
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.decode.slot_request import SlotRequest
-from ivl_fast.tiny import corpus_text, train_tokenizer
+from ivl_fast.tiny import corpus_text
 from ivl_fast.vocab import VocabMap
 
 PROMPTS = ["The for statement is used", "A function definition", "x"]
 
 
 @pytest.fixture(scope="module")
-def setting(tokenizer):
-    """value: the 512-token BPE of conftest; base: a 700-token BPE trained on more text (a real other vocab)."""
-    base_tok = train_tokenizer(700, max_chars=150_000)
-    vmap = VocabMap.build(base_tok, tokenizer, [corpus_text()[200_000:260_000]], top_k=3)
-    base = build_model("llama", seed=0, vocab_size=len(base_tok), hidden_size=96, num_attention_heads=6)
-    value = build_model("llama", seed=1, vocab_size=len(tokenizer))
-    return base_tok, vmap, base, value
-
-
-def dense_map(vmap) -> torch.Tensor:
-    """W [V_base, V_value] in float64, written from the map's CSR arrays entry by entry."""
-    w = torch.zeros(vmap.shape, dtype=torch.float64)
-    crow, col, val = vmap.crow.tolist(), vmap.col.tolist(), vmap.val.tolist()
-    for b in range(vmap.shape[0]):
-        for j in range(crow[b], crow[b + 1]):
-            w[b, col[j]] += val[j]
-    return w
-
-
-def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n, *, texts=None, eos=(), alpha=1.0):
-    """Cross-vocabulary greedy decoding from its definition, one full forward per step and no cache: the text so far
-    is the prompt text plus the value tokenizer's reading of the reply (decoded together with the prompt, cut
-    after it); the base reads the base tokenization of that text (one BOS); z = log(softmax(z_base) @ W) + alpha z_value
-    with float64 copies of both transformers models; argmax; a row ends at its first EOS.
-
-    Returns per row a dict: "ids" (value ids), "reads" (base ids read at each step), "lp64" (log-probability of
-    each chosen token, float64 throughout) and "lp32" (the same through the float32 models and a float32 combine:
-    plain torch's own error, the yardstick of the tolerance)."""
-    w = dense_map(vmap)
-    base64, value64 = copy.deepcopy(base).double(), copy.deepcopy(value).double()
-    vb, vv = w.shape
-    rows = []
-    for r, ids in enumerate(prompt_ids):
-        prompt_dec = value_tok.decode(ids, skip_special_tokens=True)
-        text0 = prompt_dec if texts is None else texts[r]
-        row = {"ids": [], "reads": [], "lp64": [], "lp32": []}
-        gen = row["ids"]
-        for _ in range(n):
-            text = text0 + value_tok.decode(ids + gen, skip_special_tokens=True)[len(prompt_dec) :]
-            bos = base_tok.bos_token
-            bids = base_tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-            row["reads"].append(bids)
-            bx, vx = torch.tensor([bids]), torch.tensor([ids + gen])
-            with torch.no_grad():
-                # the base's distribution pushed through W: log(softmax(z_base) @ W), 1e-30 where nothing maps
-                p64 = base64(bx).logits[0, -1, :vb].softmax(-1) @ w
-                p32 = base(bx).logits[0, -1, :vb].softmax(-1) @ w.float()
-                z64 = p64.clamp_min(1e-30).log() + alpha * value64(vx).logits[0, -1, :vv]
-                z32 = p32.clamp_min(1e-30).log() + alpha * value(vx).logits[0, -1, :vv]
-            tok = int(z64.argmax())
-            gen.append(tok)
-            row["lp64"].append(float(z64.log_softmax(-1)[tok]))
-            row["lp32"].append(float(z32.log_softmax(-1)[tok].double()))
-            if tok in eos:
-                break
-        rows.append(row)
-    return rows
+def setting(cross_setting):
+    return cross_setting
 
 
 def test_base_context_always_decodes_to_the_text_so_far(setting, tokenizer):

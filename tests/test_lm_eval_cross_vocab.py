@@ -1,5 +1,6 @@
 """The "ivl" lm-eval model across vocabularies: generate_until hands the base the prompt text and gives the
-decoder's own greedy text; log-likelihood requests are refused with a clear error."""
+decoder's own greedy text; loglikelihood and loglikelihood_rolling score as the decoder does (the base reading the
+context's text), and a greedy continuation scores as greedy."""
 
 from __future__ import annotations
 
@@ -48,5 +49,29 @@ def test_generate_until_across_vocabularies_equals_the_decoders_text(cross_dirs)
         out = dec.generate([ids], texts=[tok.decode(ids, skip_special_tokens=True)], max_new_tokens=10)
         want = tok.decode(out.sequences[0, len(ids) : len(ids) + int(out.num_new_tokens[0])], skip_special_tokens=True)
         assert text == want.split("\n\n")[0]
-    with pytest.raises(ValueError, match="across vocabularies is not supported"):
-        lm.loglikelihood([Instance("loglikelihood", {}, ("The for", " statement"), 0)])
+
+
+def test_loglikelihood_across_vocabularies_through_lm_eval(cross_dirs):
+    from lm_eval.api.instance import Instance
+
+    from ivl_fast.lm_eval import IVLLM
+
+    kw = dict(
+        base=str(cross_dirs / "base"), value=str(cross_dirs / "value"), vocab_map=str(cross_dirs / "map.safetensors")
+    )
+    lm = IVLLM(device="cpu", batch_size=2, **kw)
+    dec = FastIVLDecoder.from_pretrained(cross_dirs / "base", cross_dirs / "value", cross_dirs / "map.safetensors")
+    pairs = [("The for", " statement is used"), ("A function", " definition")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    want = dec.loglikelihood(pairs)
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+    assert [g for _, g in got] == [g for _, g in want]
+    # the decoder's own greedy continuation of a prompt is greedy under lm-eval's scoring too
+    tok = dec.tokenizer
+    prompt = "The for statement"
+    out = dec.generate([tok(prompt)["input_ids"]], texts=[prompt], max_new_tokens=6, eos_token_id=[])
+    cont = tok.decode(out.sequences[0, out.prompt_length :].tolist())
+    (lp, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (prompt, cont), 0)])
+    assert greedy and lp < 0
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("The for statement is used",), 0)])
+    assert rolling == pytest.approx(dec.loglikelihood_rolling(["The for statement is used"])[0], abs=1e-4)

@@ -146,7 +146,7 @@ def test_rolling_loglikelihood_is_the_sum_over_windows(pair, tokenizer):
     assert abs(dec.loglikelihood_rolling([ids], max_length=len(ids))[0] - whole) < 1e-3
 
 
-def test_bad_requests_and_cross_vocabulary_are_refused(pair, tokenizer):
+def test_bad_requests_are_refused(pair, tokenizer):
     base, value, _, _ = pair
     dec = FastIVLDecoder(base, value, tokenizer=tokenizer)
     for reqs, match in (
@@ -167,5 +167,11 @@ def test_bad_requests_and_cross_vocabulary_are_refused(pair, tokenizer):
     cross = FastIVLDecoder(
         build_model("llama", seed=3, vocab_size=len(other)), value, vmap, tokenizer=tokenizer, base_tokenizer=other
     )
-    with pytest.raises(ValueError, match="across vocabularies is not supported"):
-        cross.loglikelihood(REQS)
+    with pytest.raises(ValueError, match="texts has 1 entries for 2 requests"):
+        cross.loglikelihood([([1, 2], [3]), ([1, 2], [4])], texts=["x"])
+    from ivl_fast.decode.scoring import loglikelihood, score
+
+    with pytest.raises(ValueError, match="needs both tokenizers"):
+        loglikelihood(cross.models, tokenizer, [([1, 2], [3])], 64)  # no base tokenizer
+    with pytest.raises(ValueError, match="across vocabularies use loglikelihood"):
+        score(cross.models, [([1, 2], [3])], max_length=64)

@@ -11,18 +11,30 @@ context always decodes to exactly the text so far, even when new text merges wit
 
 from __future__ import annotations
 
+import functools
+
+from .boundary import BoundaryReader, Extension
+
+
+@functools.lru_cache(maxsize=4)
+def boundary_reader(base_tokenizer, tokenizer) -> BoundaryReader:
+    """One reader per tokenizer pair (its tables take ~0.1 s for 131072 tokens)."""
+    return BoundaryReader(base_tokenizer, tokenizer)
+
 
 class Retokenizer:
     """Per-row base contexts for a batch of prompts.
 
     tokenizer: the value model's (the sampled ids); base_tokenizer: the base's; prompt_ids: each row's prompt in
     value ids; texts: each row's prompt text as the base reads it; same_tokens: the two tokenizers are identical
-    (then the base reads the value ids themselves); base_context: the base's context limit.
+    (then the base reads the value ids themselves); base_context: the base's context limit. ``reader``: where the
+    base's text may go on inside a longer base token (:mod:`.boundary`; None for identical tokenizers).
     """
 
     def __init__(self, tokenizer, base_tokenizer, prompt_ids, texts, same_tokens: bool, base_context: int):
         self.tokenizer, self.base_tokenizer = tokenizer, base_tokenizer
         self.texts, self.same_tokens, self.base_context = list(texts), same_tokens, base_context
+        self.reader = None if same_tokens else boundary_reader(base_tokenizer, tokenizer)
         self.prompt_ids = [list(p) for p in prompt_ids]
         self.prompt_text = [tokenizer.decode(p, skip_special_tokens=True) for p in self.prompt_ids]
         self.base_ctx = [list(p) for p in self.prompt_ids] if same_tokens else [self.base_ids(x) for x in self.texts]
@@ -115,6 +127,11 @@ class Retokenizer:
             feed.append(target[n:])
             self.base_ctx[r] = target
         return keep, feed
+
+    def plan(self, row: int) -> Extension | None:
+        """How ``row``'s base context may go on inside a longer base token (None: it cannot, or no reader)."""
+        ctx = self.base_ctx[row]
+        return self.reader.plan(ctx) if self.reader is not None and ctx else None
 
     def longest(self) -> int:
         return max((len(c) for c in self.base_ctx), default=0)

@@ -289,18 +289,19 @@ class DecodeLoop(ContinuousBatch):
                     )
             t0 = time.perf_counter()
             if self.retok is not None:
-                zb, zv, grew = self.feed.prefill(prompt, mask, rows_t if self.cfg.continuous else None)
+                zb, zv, grew, pushed = self.feed.prefill(prompt, mask, rows_t if self.cfg.continuous else None)
                 if grew:  # our own growth, not another run taking the caches
                     self._cache_state = self._cache_token()
             else:
                 zb, zv = prefill_logits(m, prompt, mask, rows=None if whole else rows_t)
+                pushed = False
             self.prefill_s += time.perf_counter() - t0
             live = None
             if not whole:  # the new rows' logits in their slots; the other rows do not emit
                 zb, zv = into_slots(zb, rows_t, self.rows), into_slots(zv, rows_t, self.rows)
                 live = torch.zeros(self.rows, dtype=torch.bool, device=m.device).index_fill_(0, rows_t, True)
             cfg = self._round_cfg()
-            emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv), live=live)
+            emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv, pushed), live=live)
         if self.models.all_support("slots"):
             self._cache_state = self._cache_token()
         if self.steps == 0:
@@ -332,11 +333,11 @@ class DecodeLoop(ContinuousBatch):
     def _eager_round(self) -> None:
         m, bufs = self.models, self.bufs
         if self.retok is not None:
-            zb, zv, grew = self.feed.step(bufs.ids, bufs.finished, self.cfg.continuous)
+            zb, zv, grew, pushed = self.feed.step(bufs.ids, bufs.finished, self.cfg.continuous)
             if grew and self._cache_state is not None:  # our own growth, not another run taking the caches
                 self._cache_state = self._cache_token()
             cfg = self._round_cfg()
-            emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv))
+            emit(bufs, cfg, self.eos, *sample(m, bufs, cfg, zb, zv, pushed))
         else:
             kv = self.kv_need() if self._lean else None
             hi = self.table.rows_in_use() if self.cfg.continuous and len(self.table) else self.rows

@@ -13,7 +13,8 @@ scores a whole text in windows of ``max_length`` tokens, each token once (:func:
 Memory: one forward of each model per batch (requests sorted by length, right-padded); the hidden states at the
 scored positions are projected to the vocabulary in row chunks, so no [tokens, V] logits of both models are ever
 held (the transformers adapter returns its logits whole; only its scored positions are kept). Graph-free; CPU and
-GPU. Across vocabularies it is refused: the base would have to re-read the text at every scored position.
+GPU. Across vocabularies the requests are teacher-forced through the cross-vocabulary decoding machinery instead
+(:mod:`.cross_vocab_scoring`): the base re-reads the text at every scored position, as decoding does.
 """
 
 from __future__ import annotations
@@ -137,8 +138,7 @@ def score(
     requests' order. See the module docstring."""
     if models.cross_vocab:
         raise ValueError(
-            "log-likelihood scoring across vocabularies is not supported: the base would re-read the text at every "
-            "scored position; score with a same-vocabulary pair, or generate (generate_until works)"
+            "score() reads one vocabulary; across vocabularies use loglikelihood() (it needs both tokenizers)"
         )
     check_int(batch_size, "batch_size", 1)
     check_int(max_length, "max_length", 1, models.max_context)
@@ -216,9 +216,38 @@ def _soft_inputs(models: ModelSet, base_at, ids, mask, chunk_rows: int) -> torch
     return torch.cat(parts).reshape(b, t, -1)
 
 
-def loglikelihood(models: ModelSet, tokenizer, requests, max_length: int, batch_size: int = 8):
-    """:func:`score` of (context, continuation) requests given as texts (split by :func:`encode_pair`) or ids."""
-    reqs = []
+def _score_any(models: ModelSet, tokenizer, base_tokenizer, reqs, texts, max_length: int, batch_size: int):
+    """:func:`score`, or across vocabularies :func:`.cross_vocab_scoring.score_across_vocabularies` (``texts``: each
+    context's text as the base reads it, None where the ids' decoding is)."""
+    if not models.cross_vocab:
+        return score(models, reqs, max_length=max_length, batch_size=batch_size)
+    from .cross_vocab_scoring import score_across_vocabularies
+
+    if tokenizer is None or base_tokenizer is None:
+        raise ValueError("scoring across vocabularies needs both tokenizers (tokenizer=value's, base_tokenizer=)")
+    check_int(max_length, "max_length", 1, models.max_context)
+    reqs = [_check_request(i, c, x, models.vocab_size, max_length) for i, (c, x) in enumerate(reqs)]
+    return score_across_vocabularies(
+        models, tokenizer, base_tokenizer, reqs, texts=texts, max_length=max_length, batch_size=batch_size
+    )
+
+
+def loglikelihood(
+    models: ModelSet,
+    tokenizer,
+    requests,
+    max_length: int,
+    batch_size: int = 8,
+    *,
+    base_tokenizer=None,
+    texts: list[str | None] | None = None,
+):
+    """:func:`score` of (context, continuation) requests given as texts (split by :func:`encode_pair`) or ids.
+    Across vocabularies (``base_tokenizer``: the base's) the base reads each context's text: a text request's own,
+    else ``texts[i]`` when given, else the decoding of its ids."""
+    if texts is not None and len(texts) != len(requests):
+        raise ValueError(f"texts has {len(texts)} entries for {len(requests)} requests")
+    reqs, read = [], []
     for i, (context, continuation) in enumerate(requests):
         if isinstance(context, str) or isinstance(continuation, str):
             if not (isinstance(context, str) and isinstance(continuation, str)):
@@ -226,12 +255,16 @@ def loglikelihood(models: ModelSet, tokenizer, requests, max_length: int, batch_
             if tokenizer is None:
                 raise ValueError("scoring text needs a tokenizer: pass tokenizer=... or load checkpoints with one")
             reqs.append(encode_pair(tokenizer, context, continuation))
+            read.append(context.rstrip() or None)  # encode_pair moves the trailing whitespace to the continuation
         else:
             reqs.append((context, continuation))
-    return score(models, reqs, max_length=max_length, batch_size=batch_size)
+            read.append(texts[i] if texts is not None else None)
+    return _score_any(models, tokenizer, base_tokenizer, reqs, read, max_length, batch_size)
 
 
-def loglikelihood_rolling(models: ModelSet, tokenizer, texts, max_length: int, batch_size: int = 8) -> list[float]:
+def loglikelihood_rolling(
+    models: ModelSet, tokenizer, texts, max_length: int, batch_size: int = 8, *, base_tokenizer=None
+) -> list[float]:
     """Summed log-probability of each whole text (or token-id list) over :func:`rolling_requests` windows."""
     if tokenizer is None:
         raise ValueError("rolling log-likelihood needs a tokenizer (its prefix token starts the first window)")
@@ -242,5 +275,6 @@ def loglikelihood_rolling(models: ModelSet, tokenizer, texts, max_length: int, b
         if not ids:
             raise ValueError(f"text {i} is empty (nothing to score)")
         windows.append(rolling_requests(ids, prefix, max_length))
-    scores = iter(score(models, [w for ws in windows for w in ws], max_length=max_length, batch_size=batch_size))
+    flat = [w for ws in windows for w in ws]
+    scores = iter(_score_any(models, tokenizer, base_tokenizer, flat, None, max_length, batch_size))
     return [sum(next(scores)[0] for _ in ws) for ws in windows]

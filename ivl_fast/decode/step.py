@@ -128,11 +128,12 @@ def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None
     )
 
 
-def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
+def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv, pushed: bool = False):
     """-> (ids [B], logprobs [B] or None, non-finite flags [B], top or None) from one fused sampling call over the
     buffers' sampling view; top: (ids [B, K], logprobs [B, K]) of the K = ``cfg.top_logprobs`` most likely tokens
     of the distribution the logprobs are taken from (penalized, before the warpers), computed apart from the fused
-    sampler."""
+    sampler. ``pushed``: zb is the base's side already in the value vocabulary (across vocabularies, where the base
+    reads a token boundary: :mod:`.boundary`), so the map is not applied again."""
     # Padded vocabularies (models.real_vocab; one tokenizer, e.g. a 152,064-row base and a 151,936-row value):
     # every model's logits [B, V_rows] become views [B, real_vocab] (row stride V_rows, no copy), so the op
     # combines, samples and normalises over the real ids only and a padding id is never drawn. Chosen over masking
@@ -146,11 +147,12 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
         terms = dict(terms=zts, term_weights=models.term_weights)
     rows = bufs.sampling_view(cfg.sampling, cfg.per_row_values, cfg.row_seeds)
     alpha = bufs.alpha if cfg.row_alpha else models.alpha
+    vocab_map = None if pushed else models.vocab_map
     ids, lp, bad = sample_rows(
         zb,
         zv,
         rows,
-        vocab_map=models.vocab_map,
+        vocab_map=vocab_map,
         alpha=alpha,
         return_logprobs=cfg.return_logprobs,
         backend=cfg.backend,
@@ -164,7 +166,7 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
             zb,
             zv,
             rows,
-            vocab_map=models.vocab_map,
+            vocab_map=vocab_map,
             alpha=alpha[:, None] if cfg.row_alpha else alpha,
             terms=(terms["terms"], terms["term_weights"]) if terms else None,
         )

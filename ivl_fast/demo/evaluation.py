@@ -3,9 +3,8 @@ questions as a multiple-choice task scored by log-likelihood (like ARC / MMLU) a
 (``ivl_fast.demo.tasks``), run through ``lm_eval.simple_evaluate`` on the ``"ivl"`` model over each row's decoder.
 
 Prompts are rendered with the chat template (lm-eval's ``apply_chat_template``), as the value network was trained
-and as the demo's own greedy evaluation asks. Across vocabularies log-likelihood scoring is refused by the decoder
-(the base would have to re-read the text at every scored position), so that row reports the generation task only
-and says why.
+and as the demo's own greedy evaluation asks. Across vocabularies both tasks run too: the multiple choice is scored
+under the distribution cross-vocabulary decoding samples from (:mod:`ivl_fast.decode.cross_vocab_scoring`).
 """
 
 from __future__ import annotations
@@ -14,13 +13,11 @@ import os
 from pathlib import Path
 
 TASK_DIR = "lm_eval_tasks"  # under the demo's work dir; written (and rewritten) by the demo only
-CROSS_VOCAB_MC = "not scored: log-likelihood across vocabularies is refused"
 
 
 def lm_eval_rows(decs: dict, world: dict, people: list[str], work: Path, *, batch_size: int = 16) -> dict[str, dict]:
     """Run the two demo tasks on every decoder of ``decs`` (row name -> FastIVLDecoder) over ``people``; -> row name
-    -> ``{"mc_acc", "mc_acc_norm", "gen_exact_match", "mc_note"}`` (``mc_*`` None with ``mc_note`` for a
-    cross-vocabulary row)."""
+    -> ``{"mc_acc", "mc_acc_norm", "gen_exact_match", "mc_note"}`` (``mc_note``: why a figure is missing; None)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before lm_eval imports datasets: local JSON tasks only
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -32,10 +29,9 @@ def lm_eval_rows(decs: dict, world: dict, people: list[str], work: Path, *, batc
     manager = TaskManager(include_path=str(task_dir))
     out = {}
     for name, dec in decs.items():
-        tasks = ["ivl_demo_gen"] if dec.cross_vocab else ["ivl_demo_mc", "ivl_demo_gen"]
         res = lm_eval.simple_evaluate(
             model=IVLLM.from_decoder(dec, batch_size=batch_size),
-            tasks=tasks,
+            tasks=["ivl_demo_mc", "ivl_demo_gen"],
             task_manager=manager,
             apply_chat_template=True,
             log_samples=False,
@@ -45,15 +41,11 @@ def lm_eval_rows(decs: dict, world: dict, people: list[str], work: Path, *, batc
             torch_random_seed=0,
             fewshot_random_seed=0,
         )["results"]
-        gen = res["ivl_demo_gen"]["exact_match,first_line"]
-        if dec.cross_vocab:
-            out[name] = {"mc_acc": None, "mc_acc_norm": None, "gen_exact_match": gen, "mc_note": CROSS_VOCAB_MC}
-        else:
-            mc = res["ivl_demo_mc"]
-            out[name] = {
-                "mc_acc": mc["acc,none"],
-                "mc_acc_norm": mc["acc_norm,none"],
-                "gen_exact_match": gen,
-                "mc_note": None,
-            }
+        mc = res["ivl_demo_mc"]
+        out[name] = {
+            "mc_acc": mc["acc,none"],
+            "mc_acc_norm": mc["acc_norm,none"],
+            "gen_exact_match": res["ivl_demo_gen"]["exact_match,first_line"],
+            "mc_note": None,
+        }
     return out

@@ -255,8 +255,10 @@ class LeanCausalLM(nn.Module):
         rows: torch.Tensor | None = None,
         hidden: bool = False,
         rope_lengths: torch.Tensor | None = None,
+        tail_logits: int = 0,
     ) -> torch.Tensor:
-        """Left-padded prompts [B, T] + mask [B, T] -> next-token logits [B, V] ([B, T, V] with all_logits);
+        """Left-padded prompts [B, T] + mask [B, T] -> next-token logits [B, V] ([B, T, V] with all_logits, the last
+        positions' [B, tail_logits, V] with ``tail_logits``);
         fills the cache. ``inputs_embeds`` [B, T, H] replaces the token embeddings (cascade value networks).
         ``rows`` [B] int64: the cache rows (slots) these prompts go to; the other rows are left untouched
         (default: all rows, B == the allocated batch). ``hidden``: -> (logits [B, V], the last position's final
@@ -308,6 +310,8 @@ class LeanCausalLM(nn.Module):
         if hidden:
             hn = self.model.norm(h[:, -1])
             return self.project(hn), hn
+        if tail_logits:
+            return self._logits(h[:, -tail_logits:])
         return self._logits(h) if all_logits else self._logits(h[:, -1])
 
     @torch.inference_mode()
