@@ -81,6 +81,7 @@ def main(out: Path, works: list[Path]) -> None:
                     "map_corpus": "each demo's pretraining text; held out for the overlap: other shuffles of it",
                 },
                 "rows": rows,
+                "best_accuracy_top_ks": [r["top_k"] for r in rows if r["accuracy_mean"] == best["accuracy_mean"]],
                 "best_top_k": best["top_k"],
             },
             indent=1,

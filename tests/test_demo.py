@@ -357,9 +357,12 @@ def test_readme_demo_prose_holds_for_every_committed_run():
         assert min(acc["large+value_cascade"], acc["large+value_cascade+"]) >= acc["large+value"]  # transferred
         assert acc["large+value_curriculum"] < acc["large+value"]  # the curriculum: "does worse ... in every seed"
         assert acc["other+value_b"] > 0.9  # "its own family's value network transfers to it (above 0.9)"
-        # Figure 4: never below the other-tokenizer base alone ("above it in two seeds", below); "MC 0.95 or more";
-        # "its own value network still does better in every seed"
-        assert acc["other"] <= acc["other_vocab+value"] < acc["other+value_b"] and mc["other"] >= 0.95
+        # Figure 4: "lifts the other-tokenizer base from its accuracy alone (0.28 at most) to 0.86 or more in every
+        # seed, every answer in the format, within 0.04 of ... large+value"; its MC "now scored"
+        cross = next(x for x in r["rows"] if x["name"] == "other_vocab+value")
+        assert acc["other"] <= 0.28 and acc["other_vocab+value"] >= 0.86 and fmt["other_vocab+value"] == 1.0
+        assert abs(acc["other_vocab+value"] - acc["large+value"]) <= 0.04 and cross["lm_eval"]["mc_acc"] is not None
+        assert mc["other"] >= 0.95  # the base alone knows the facts
         pr = r["premise"]
         for b in ("mid", "large", "continued"):
             assert pr["kl"][b]["format"] < 1.1 and pr["kl"][b]["content"] > 1.8  # "below 1.1 ... above 1.8"
@@ -369,17 +372,10 @@ def test_readme_demo_prose_holds_for_every_committed_run():
         assert (
             r["tokenizers"]["a (small, mid, large, continued, value)"]["hash"] != r["tokenizers"]["b (other)"]["hash"]
         )
-    # "to 0.5 or more in two" seeds, the third far below with its answers out of format
-    cross = sorted(
-        (x["accuracy"], x["format_rate"]) for r in runs for x in r["rows"] if x["name"] == "other_vocab+value"
-    )
-    assert cross[0][0] < 0.2 and cross[0][1] < 0.2 and cross[1][0] >= 0.5 and cross[2][0] >= 0.5
-    # "above its accuracy alone in two seeds"; "no better than the base alone" in the third, whose generation exact
-    # match "is far higher"
-    by_seed = [{x["name"]: x for x in r["rows"]} for r in runs]
-    lifted = [rows["other_vocab+value"]["accuracy"] > rows["other"]["accuracy"] for rows in by_seed]
-    assert sum(lifted) == 2
-    third = next(rows["other_vocab+value"] for rows, up in zip(by_seed, lifted, strict=True) if not up)
-    assert third["lm_eval"]["gen_exact_match"] > third["accuracy"] + 0.5
+    # "does better in two seeds of three"; "0.93 and 1.07 of its accuracy in two seeds and 0.88 in the third"
+    by_seed = [{x["name"]: x["accuracy"] for x in r["rows"]} for r in runs]
+    ratios = sorted(a["other_vocab+value"] / a["other+value_b"] for a in by_seed)
+    assert sum(a["other+value_b"] > a["other_vocab+value"] for a in by_seed) == 2
+    assert [round(x, 2) for x in ratios] == [0.88, 0.93, 1.07]
     # "it varies by seed": the value network's logits are not larger at the format position in every seed
     assert not all(r["premise"]["value_abs"]["format"] > r["premise"]["value_abs"]["content"] for r in runs)

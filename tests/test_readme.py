@@ -179,12 +179,17 @@ def test_readme_vocab_map_prose_holds_for_the_committed_results():
     assert set(parts) == {"surfaces", "tokenize", "align", "rank", "hash"}
 
 
-def test_the_default_map_k_is_the_sweeps_best():
-    """#19: "make the default the best one" (bench/results/vocab_k_sweep_cpu.json, bench/vocab_k_sweep.py)."""
+def test_the_default_map_k_is_among_the_sweeps_best():
+    """#19: "make the default the best one": the default K gives the sweep's best mean accuracy on the demo's
+    cross-vocabulary row (bench/results/vocab_k_sweep_cpu.json, bench/vocab_k_sweep.py; K ties there since the base
+    reads token boundaries)."""
     from ivl_fast.vocab import DEFAULT_TOP_K
 
     ks = json.loads((ROOT / "bench" / "results" / "vocab_k_sweep_cpu.json").read_text())
-    assert not ks["provenance"]["dirty"] and DEFAULT_TOP_K == ks["best_top_k"]
+    best = max(r["accuracy_mean"] for r in ks["rows"])
+    default = next(r for r in ks["rows"] if r["top_k"] == DEFAULT_TOP_K)
+    assert not ks["provenance"]["dirty"] and default["accuracy_mean"] == best
+    assert DEFAULT_TOP_K in ks["best_accuracy_top_ks"]
 
 
 def test_readme_tensor_parallel_figures_are_the_committed_ones():
