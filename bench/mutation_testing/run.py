@@ -145,7 +145,12 @@ TARGETS: dict[str, dict] = {
             "ivl_fast/decode/cross_vocab.py": {"names": None, "line_fraction": 0.5},
             "ivl_fast/decode/cross_vocab_feed.py": {"names": None, "line_fraction": 0.5},
         },
-        "tests": ["tests/test_cross_vocab.py", "tests/test_vocab_segment.py"],
+        "tests": [
+            "tests/test_cross_vocab.py",
+            "tests/test_cross_vocab_scoring.py",
+            "tests/test_boundary.py",
+            "tests/test_vocab_segment.py",
+        ],
     },
     "scheduler": {
         "scope": {
