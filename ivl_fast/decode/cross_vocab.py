@@ -14,12 +14,18 @@ from __future__ import annotations
 import functools
 
 from .boundary import BoundaryReader, Extension
+from .special_tokens import SpecialTokenTranslation
 
 
 @functools.lru_cache(maxsize=4)
 def boundary_reader(base_tokenizer, tokenizer) -> BoundaryReader:
     """One reader per tokenizer pair (its tables take ~0.1 s for 131072 tokens)."""
     return BoundaryReader(base_tokenizer, tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def special_translation(tokenizer, base_tokenizer) -> SpecialTokenTranslation:
+    return SpecialTokenTranslation.between(tokenizer, base_tokenizer)
 
 
 class Retokenizer:
@@ -35,6 +41,7 @@ class Retokenizer:
         self.tokenizer, self.base_tokenizer = tokenizer, base_tokenizer
         self.texts, self.same_tokens, self.base_context = list(texts), same_tokens, base_context
         self.reader = None if same_tokens else boundary_reader(base_tokenizer, tokenizer)
+        self.specials = None if same_tokens else special_translation(tokenizer, base_tokenizer)
         self.prompt_ids = [list(p) for p in prompt_ids]
         self.prompt_text = [tokenizer.decode(p, skip_special_tokens=True) for p in self.prompt_ids]
         self.base_ctx = [list(p) for p in self.prompt_ids] if same_tokens else [self.base_ids(x) for x in self.texts]
@@ -81,7 +88,10 @@ class Retokenizer:
     def base_ids(self, text: str) -> list[int]:
         """The base tokenization of ``text``, with the base's special tokens, but one BOS only: a chat prompt
         rendered with a template already starts with the BOS string ("<s>..."), which the tokenizer would
-        otherwise precede with a second one."""
+        otherwise precede with a second one. The value's special tokens in it are first translated for the base
+        (:mod:`.special_tokens`: same name, else same role, else text)."""
+        if self.specials is not None:
+            text = self.specials.translate(text)
         btok = self.base_tokenizer
         bos = btok.bos_token
         add = not (bos and text.startswith(bos))

@@ -1,0 +1,92 @@
+"""The value's special tokens as the base reads them across vocabularies (ivl_fast.decode.special_tokens), on real
+tokenizer families: mistral-common's tekken (131072 byte-level tokens, "[INST]" a control token) against its v1
+(32000 SentencePiece tokens, "[INST]" text) and v3 (32768, "[INST]" a control token) tokenizers; the demo's pair;
+and a Llama-3-style renamed BOS/EOS.
+
+The mistral-common tokenizers are converted by bench/mistral_tokenizers.py into IVL_TEST_TOKENIZERS (.ci/run does
+it in a venv of its own); without them those tests skip, unless IVL_REQUIRE_TEST_TOKENIZERS=1 (CI) makes that a
+failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ivl_fast.chat import load_tokenizer
+from ivl_fast.decode.cross_vocab import Retokenizer
+from ivl_fast.decode.special_tokens import SpecialTokenTranslation
+
+
+def _mistral(name: str):
+    root = os.environ.get("IVL_TEST_TOKENIZERS")
+    path = Path(root) / name if root else None
+    if path is None or not path.is_dir():
+        if os.environ.get("IVL_REQUIRE_TEST_TOKENIZERS") == "1":
+            pytest.fail(f"IVL_TEST_TOKENIZERS does not hold {name} (bench/mistral_tokenizers.py writes it)")
+        pytest.skip("set IVL_TEST_TOKENIZERS to bench/mistral_tokenizers.py's output")
+    return load_tokenizer(path)
+
+
+def _reads(value_tok, base_tok, text: str) -> list[str]:
+    """The base's tokens of a prompt the value's template rendered (what a cross-vocabulary decode feeds it)."""
+    rt = Retokenizer(value_tok, base_tok, [[1]], [text], False, 10_000)
+    return base_tok.convert_ids_to_tokens(rt.base_ctx[0])
+
+
+def test_mistral_control_tokens_reach_each_base_as_it_reads_them():
+    tekken, v1, v3 = _mistral("tekken_240911"), _mistral("tokenizer_v1"), _mistral("tokenizer_v3")
+    msgs = [{"role": "user", "content": "Where?"}]
+    prompt = tekken.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<s>[INST]Where?[/INST]"
+    # v3 holds [INST] / [/INST] as control tokens: the base reads each as one token, after one BOS
+    to_v3 = SpecialTokenTranslation.between(tekken, v3)
+    assert to_v3.translate(prompt) == prompt and "[INST]" not in to_v3.as_text
+    got = _reads(tekken, v3, prompt)
+    assert got[:2] == ["<s>", "[INST]"] and got[-1] == "[/INST]" and got.count("<s>") == 1
+    # v1 has no such tokens: they reach it as text (as Mistral-7B-Instruct-v0.1 read them), and are listed
+    to_v1 = SpecialTokenTranslation.between(tekken, v1)
+    assert {"[INST]", "[/INST]"} <= set(to_v1.as_text) and "<s>" not in to_v1.as_text
+    got = _reads(tekken, v1, prompt)
+    assert got[0] == "<s>" and got.count("<s>") == 1 and "[INST]" not in got and len(got) > 6
+    assert v1.decode(v1.convert_tokens_to_ids(got), skip_special_tokens=True).replace(" ", "") == "[INST]Where?[/INST]"
+    with pytest.raises(ValueError, match=r"no counterpart of the value's special tokens .*\[INST\]"):
+        SpecialTokenTranslation.between(tekken, v1, strict=True)
+
+
+def test_a_renamed_bos_and_eos_are_read_by_role(tokenizer):
+    """A Llama-3-style value tokenizer (BOS "<|begin_of_text|>", EOS "<|eot_id|>", a marker "<|start_header_id|>")
+    against the conftest BPE (BOS "<s>", EOS "</s>"): BOS and EOS become the base's, the marker stays text."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    value = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
+    value.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "additional_special_tokens": [AddedToken("<|start_header_id|>", special=True)],
+        }
+    )
+    tr = SpecialTokenTranslation.between(value, tokenizer)
+    assert tr.mapping == {"<|begin_of_text|>": "<s>", "<|eot_id|>": "</s>"}
+    assert tr.as_text == ("<|start_header_id|>",)
+    text = "<|begin_of_text|><|start_header_id|>user\nHi<|eot_id|>"
+    assert tr.translate(text) == "<s><|start_header_id|>user\nHi</s>"
+    got = _reads(value, tokenizer, text)
+    assert got[0] == "<s>" and got.count("<s>") == 1 and got[-1] == "</s>"
+
+
+def test_the_demo_pair_shares_its_special_tokens():
+    """The demo's two tokenizers (byte-level BPE a, SentencePiece-style b) name BOS/EOS/UNK/PAD alike: nothing to
+    translate, nothing read as text."""
+    from ivl_fast.demo import DemoConfig, make_tokenizers, make_world, pretraining_text
+
+    cfg = DemoConfig(quick=True)
+    world = make_world(cfg.n_people, cfg.seed)
+    tok_a, tok_b = make_tokenizers(cfg, pretraining_text(world, world["people"], 6, cfg.seed))
+    tr = SpecialTokenTranslation.between(tok_a, tok_b)
+    assert tr.mapping == {} and tr.as_text == ()
+    assert _reads(tok_a, tok_b, "<s><|user|>\nWhere?\n<|assistant|>\n")[0] == "<s>"
