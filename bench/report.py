@@ -117,6 +117,12 @@ def benchmark_rows() -> list[str]:
                         f"{e['python_dtw_ms_per_document']:.0f} ms for the authors' pure-Python DTW alone "
                         f"({e['python_dtw_sample_documents']} documents): **{e['speedup_per_document']:.0f}x**"
                     )
+                if "whole_build_speedup_per_document" in e:
+                    speed += (
+                        f"; against the authors' whole pipeline in pure Python (tokenize, DTW, count, map) "
+                        f"{e['authors_whole_pipeline_ms_per_document']:.0f} ms: "
+                        f"**{e['whole_build_speedup_per_document']:.0f}x**"
+                    )
                 rows.append(
                     _row(
                         f"vocabulary map {name} ({e['base_vocab']} x {e['value_vocab']}), top_k=4, from "

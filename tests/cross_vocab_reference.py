@@ -102,8 +102,9 @@ def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n,
     a row ends at its first EOS.
 
     Returns per row a dict: "ids" (value ids), "reads" (base ids read at each step), "lp64" (log-probability of
-    each chosen token, float64 throughout) and "lp32" (the same through the float32 models and a float32 combine:
-    plain torch's own error, the yardstick of the tolerance)."""
+    each chosen token, float64 throughout), "dist64" (each step's whole log-distribution [V_value], float64) and
+    "lp32" (the same through the float32 models and a float32 combine: plain torch's own error, the yardstick of the
+    tolerance)."""
     w = dense_map(vmap)
     rule = BoundaryDefinition(base_tok, value_tok)
     base64, value64 = copy.deepcopy(base).double(), copy.deepcopy(value).double()
@@ -112,7 +113,7 @@ def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n,
     for r, ids in enumerate(prompt_ids):
         prompt_dec = value_tok.decode(ids, skip_special_tokens=True)
         text0 = prompt_dec if texts is None else texts[r]
-        row = {"ids": [], "reads": [], "lp64": [], "lp32": []}
+        row = {"ids": [], "reads": [], "lp64": [], "lp32": [], "dist64": []}
         gen = row["ids"]
         for _ in range(n):
             text = text0 + value_tok.decode(ids + gen, skip_special_tokens=True)[len(prompt_dec) :]
@@ -129,6 +130,7 @@ def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n,
             tok = int(z64.argmax())
             gen.append(tok)
             row["lp64"].append(float(z64.log_softmax(-1)[tok]))
+            row["dist64"].append(z64.log_softmax(-1))
             row["lp32"].append(float(z32.log_softmax(-1)[tok].double()))
             if tok in eos:
                 break

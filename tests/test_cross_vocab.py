@@ -347,3 +347,118 @@ def test_continuous_batching_across_vocabularies_decodes_each_request_as_alone(s
     with pytest.raises(ValueError, match=r"^the prompt is \d+ base tokens long"):
         batch.admit_many([long, SlotRequest(ids[0], 2, text=PROMPTS[0])])
     assert batch.admit(ids[2], 3) in (0, 1)  # nothing was admitted by the refused requests
+
+
+def _bpe_concat(tokens: list[str], merges: list[tuple[str, str]]):
+    """A BPE over whitespace-split words with a hand-written vocabulary, decoded by concatenation (no markers: a
+    token's surface is itself), <s> a special token (not added)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_a_shrinking_context_rereads_the_boundary_it_needs():
+    """The base's logits kept per row (the last 4 prefixes) must be re-read when the context shrinks below them.
+    Value tokens "xabcd", "e", "f" after the prompt "qq"; the base has the characters, "de" and "cde" (merges d+e,
+    c+de) and "abcdef" (no merge makes it, but it extends text). After "xabcd" the base reads 5 new tokens
+    [x, a, b, c, d] (its ring holds the last 4 prefixes); after "e" the text re-tokenizes to [x, a, b, cde] (one
+    token shorter), whose last 3 tokens' text "abcde" is extended by "abcdef": the rule reads the base's logits
+    after [q, q, x], which the ring no longer holds, so the base must re-read from there. The same right after the
+    prefill of "qqxabcd". Greedy tokens, their log-probabilities and the whole distribution at the step that
+    re-reads (through scoring, in a batch whose first row finished) equal the float64 definition's."""
+    chars = list("abcdefqx")
+    btok = _bpe_concat(["<unk>", "<s>", "</s>", *chars, "de", "cde", "abcdef"], [("d", "e"), ("c", "de")])
+    vtok = _bpe_concat(
+        ["<unk>", "<s>", "</s>", *chars, "xa", "xab", "xabc", "xabcd"],
+        [("x", "a"), ("xa", "b"), ("xab", "c"), ("xabc", "d")],
+    )
+    b, v = btok.convert_tokens_to_ids, vtok.convert_tokens_to_ids
+    assert btok("xabcd")["input_ids"] == [b(c) for c in "xabcd"] and btok("xabcde")["input_ids"] == [
+        b("x"), b("a"), b("b"), b("cde")
+    ]
+    w = torch.zeros(len(btok), len(vtok))  # each base token to the value token of its first character
+    for tok, i in btok.get_vocab().items():
+        w[i, v(tok if tok in vtok.get_vocab() else tok[0])] = 1.0
+    vmap = VocabMap.from_dense(w)
+    base = build_model("llama", seed=4, vocab_size=len(btok))
+    value = build_model("llama", seed=5, vocab_size=len(vtok))
+    _script(value, [[v("q"), v("xabcd"), v("e"), v("f")]], strength=10.0)
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
+    # "qq": the shrink two steps in (after the 5 new tokens of "xabcd"); "qqxabcd": right after the prefill
+    for text, at, want in (("qq", 2, ["xabcd", "e", "f"]), ("qqxabcd", 1, ["e", "f"])):
+        ids = vtok(text)["input_ids"]
+        ref = cross_vocab_reference(base, value, vmap, btok, vtok, [ids], 4, texts=[text])[0]
+        assert ref["ids"][: len(want)] == [v(t) for t in want], "the script did not hold"
+        reads = ref["reads"]
+        assert len(reads[at]) == len(reads[at - 1]) - 1  # the context shrank by one token there
+        out = dec.generate([ids], texts=[text], max_new_tokens=4, eos_token_id=[], return_logprobs=True)
+        assert out.sequences[0, len(ids) :].tolist() == ref["ids"]
+        lp64 = torch.tensor(ref["lp64"], dtype=torch.float64)
+        torch_err = float((torch.tensor(ref["lp32"], dtype=torch.float64) - lp64).abs().max())
+        err = float((out.logprobs[0].double() - lp64).abs().max())
+        assert err <= max(2 * torch_err, 1e-5), (out.logprobs[0].tolist(), ref["lp64"])
+        # the whole distribution at the step that re-reads, through scoring (the same feed): every value token next;
+        # a request that finishes first sits in the batch's first row (the others are planned after it)
+        firsts = ref["ids"][:at]
+        reqs = [(ids + [v("q")] * 6, [v("x")])] + [(ids, firsts + [t]) for t in range(len(vtok))]
+        scores = dec.loglikelihood(reqs, texts=[None] + [text] * len(vtok), batch_size=len(reqs))[1:]
+        got = torch.tensor([lp for lp, _ in scores], dtype=torch.float64) - sum(ref["lp64"][:at])
+        torch.testing.assert_close(got, ref["dist64"][at], atol=max(4 * torch_err, 1e-4), rtol=0)
+
+
+def test_the_retokenizer_refuses_what_the_base_cannot_hold_naming_it():
+    """The base's context limit, at its exact edge: a prompt of L base tokens needs a context above L + 1 (one free
+    column for idle rows' writes); a row whose context reaches the limit while decoding is refused, naming it."""
+    from ivl_fast.decode.cross_vocab import Retokenizer
+
+    chars = list("abcdefqx")
+    btok = _bpe_concat(["<unk>", "<s>", "</s>", *chars], [])
+    vtok = _bpe_concat(["<unk>", "<s>", "</s>", *chars, "qq"], [("q", "q")])
+    ids = vtok("qq")["input_ids"]  # one value token; the base reads [q, q]
+    assert Retokenizer(vtok, btok, [ids], ["qq"], False, 4).base_ctx == [[btok.convert_tokens_to_ids("q")] * 2]
+    with pytest.raises(ValueError) as err:
+        Retokenizer(vtok, btok, [ids, ids], ["qq", "qq"], False, 3)
+    assert str(err.value) == "prompt 0 is 2 base tokens long; the base's context is 3"
+    with pytest.raises(ValueError) as err:
+        Retokenizer(vtok, btok, [ids, []], ["qq", ""], False, 4)
+    assert str(err.value) == "prompt 1 is empty for the base tokenizer"
+    # a continuous batch's admission: the same edge, the message without a request prefix unless one is given
+    slots = Retokenizer.slots(vtok, btok, 2, False, 3)
+    with pytest.raises(ValueError) as err:
+        slots.context(ids, "qq")
+    assert str(err.value) == "the prompt is 2 base tokens long; the base's context is 3"
+    q = btok.convert_tokens_to_ids("q")
+    assert Retokenizer.slots(vtok, btok, 2, False, 4).context(ids, "qq") == ("qq", [q, q])
+    # decoding: [q, q, x] fits a context of 4 (one column stays free), [q, q, x, a] does not
+    rt = Retokenizer(vtok, btok, [ids], ["qq"], False, 4)
+    assert rt.advance([vtok.convert_tokens_to_ids("x")], [False]) == ([2], [[btok.convert_tokens_to_ids("x")]])
+    with pytest.raises(ValueError) as err:
+        rt.advance([vtok.convert_tokens_to_ids("a")], [False])
+    assert str(err.value) == (
+        "row 0: the base context reached 4 tokens, the end of the base model's context (4); lower max_new_tokens"
+    )
+
+
+def test_admitting_a_prompt_longer_than_the_base_cache_planned_grows_it(ragged_setting):
+    """A continuous batch plans the base's cache at 2 base tokens per value token; a prompt of long words read by a
+    character-level base needs more: the admission grows the cache, the batch knows it grew it itself (its next step
+    runs) and the row decodes as generate() alone."""
+    btok, vtok, vmap, base, value, _ = ragged_setting
+    long_words = sorted((t for t in vtok.get_vocab() if t.startswith("▁") and t[1:].isalpha()), key=len)[-8:]
+    ids = [vtok.bos_token_id] + vtok.convert_tokens_to_ids(long_words)
+    text = vtok.decode(ids, skip_special_tokens=True)
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
+    batch = dec.open_batch(slots=2, max_seq_len=32, eos_token_id=[], per_request=True)
+    planned = dec.base.max_seq_len
+    assert planned == 2 * 32 + 16 and len(btok(text)["input_ids"]) > planned, "nothing to grow"
+    slot = batch.admit_many([SlotRequest(ids, 3, text=text)])[0]
+    assert dec.base.max_seq_len > planned
+    while not batch.is_finished(slot):
+        batch.step()
+    got = batch.tokens(slot)
+    del batch
+    assert got == dec.generate([ids], texts=[text], max_new_tokens=3, eos_token_id=[]).sequences[0, len(ids) :].tolist()
