@@ -170,7 +170,7 @@ TARGETS: dict[str, dict] = {
                 "line_fraction": 0.5,
             },
         },
-        "tests": ["tests/test_faults_scheduler.py", "tests/test_serve.py"],
+        "tests": ["tests/test_scheduler.py", "tests/test_faults_scheduler.py", "tests/test_serve.py"],
     },
     "vocab_push_forward": {
         "scope": {"ivl_fast/vocab/__init__.py": {"names": ["VocabMap.ell", "VocabMap.apply"], "line_fraction": 1.0}},
