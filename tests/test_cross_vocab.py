@@ -462,3 +462,91 @@ def test_admitting_a_prompt_longer_than_the_base_cache_planned_grows_it(ragged_s
     got = batch.tokens(slot)
     del batch
     assert got == dec.generate([ids], texts=[text], max_new_tokens=3, eos_token_id=[]).sequences[0, len(ids) :].tolist()
+
+
+class BaseReads:
+    """What the base computes, seen at its engine's interface (prefill, rewind, decode): each row's token context and
+    every prefix whose next-token logits it computed. ``needless``: prefixes computed again while the logits kept
+    per row (the last MAX_BACK + 1 prefixes, one slot per length mod MAX_BACK + 1) still held them."""
+
+    def __init__(self, base, slots: int, monkeypatch):
+        self.slots, self.ctx, self.held, self.computed, self.needless = slots, {}, {}, 0, []
+        prefill, rewind, decode = base.prefill, base.rewind, base.decode
+
+        def on_prefill(ids, mask, *, rows=None, tail_logits=0, **kw):
+            listed = range(ids.shape[0]) if rows is None else rows.tolist()
+            for i, r in enumerate(listed):
+                self.ctx[r] = [t for t, m in zip(ids[i].tolist(), mask[i].tolist(), strict=True) if m]
+                self.held[r] = {}
+                for k in range(min(max(tail_logits, 1), len(self.ctx[r]))):
+                    self._computed(r, self.ctx[r][: len(self.ctx[r]) - k], again_ok=True)
+            return prefill(ids, mask, rows=rows, tail_logits=tail_logits, **kw)
+
+        def on_rewind(lengths):
+            for r, n in enumerate(lengths.tolist()):
+                if r in self.ctx:
+                    self.ctx[r] = self.ctx[r][:n]
+            return rewind(lengths)
+
+        def on_decode(ids, *, active=None, **kw):
+            for r, t in enumerate(ids.tolist()):
+                if r in self.ctx and (active is None or bool(active[r])):
+                    self.ctx[r].append(t)
+                    self._computed(r, self.ctx[r])
+            return decode(ids, active=active, **kw)
+
+        for name, f in (("prefill", on_prefill), ("rewind", on_rewind), ("decode", on_decode)):
+            monkeypatch.setattr(base, name, f)
+
+    def _computed(self, r: int, prefix: list[int], again_ok: bool = False) -> None:
+        self.computed += 1
+        slot = len(prefix) % self.slots
+        if not again_ok and self.held[r].get(slot) == tuple(prefix):
+            self.needless.append((r, len(prefix)))
+        self.held[r][slot] = tuple(prefix)
+
+
+def test_the_base_reads_a_prefix_again_only_when_its_logits_are_no_longer_kept(setting, tokenizer, monkeypatch):
+    """Across vocabularies the base keeps its logits after the last MAX_BACK + 1 prefixes of each row's context and
+    re-reads (rewinds and decodes again) only where the boundary rule needs logits it no longer holds: in a batch of
+    prompts decoded greedily and sampled, and in a continuous batch with a request joining, no prefix the base
+    still held logits for is computed again. Its outputs stay those of generate() without the spy."""
+    from ivl_fast.decode.boundary import MAX_BACK
+
+    base_tok, vmap, base, value = setting
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok, sample_backend="torch")
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    runs = [
+        {"max_new_tokens": 16},
+        {"max_new_tokens": 16, "do_sample": True, "temperature": 1.3, "seed": 3},
+    ]
+    want = [dec.generate(ids, texts=PROMPTS, eos_token_id=[], **kw).sequences for kw in runs]
+    reads = BaseReads(dec.models.base, MAX_BACK + 1, monkeypatch)
+    for kw, w in zip(runs, want, strict=True):
+        assert torch.equal(dec.generate(ids, texts=PROMPTS, eos_token_id=[], **kw).sequences, w)
+    batch = dec.open_batch(slots=2, max_seq_len=64, eos_token_id=[], per_request=True)
+    a = batch.admit(ids[0], 12)
+    batch.step()
+    b = batch.admit(ids[1], 8)
+    while not (batch.is_finished(a) and batch.is_finished(b)):
+        batch.step()
+    assert reads.computed > 3 * 16
+    assert reads.needless == [], reads.needless
+
+
+def test_an_admission_without_text_reads_the_prompt_as_generate_does(setting, tokenizer):
+    """Ids alone (no text) holding the value's EOS mid-prompt: a continuous batch's admission gives the base the same
+    reading of them as generate() (the value tokenizer's decoding without special tokens), so the tokens agree."""
+    base_tok, vmap, base, value = setting
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok, sample_backend="torch")
+    ids = tokenizer(PROMPTS[0])["input_ids"] + [tokenizer.eos_token_id] + tokenizer(PROMPTS[1])["input_ids"]
+    assert tokenizer.eos_token_id is not None and tokenizer.eos_token in tokenizer.decode(ids)
+    want = dec.generate([ids], max_new_tokens=6, eos_token_id=[]).sequences[0, len(ids) :].tolist()
+    batch = dec.open_batch(slots=2, max_seq_len=64, eos_token_id=[], per_request=True)
+    row = batch.admit(ids, 6)
+    while not batch.is_finished(row):
+        batch.step()
+    assert batch.tokens(row) == want
+    # with the EOS read as the base's own EOS (the text with special tokens), the base's reading differs
+    with_eos = dec.generate([ids], texts=[tokenizer.decode(ids)], max_new_tokens=6, eos_token_id=[])
+    assert with_eos.sequences[0, len(ids) :].tolist() != want
