@@ -54,6 +54,12 @@ class IVLGenerateOutput:
         before the warpers; 0.0 at padded positions), when ``return_logprobs=True``.
     num_new_tokens: [B] new tokens per row, EOS included.
     prompt_length: T. timings: total_s, prefill_s, steps, batch, graphs (kind or "off"), graph_captures.
+    finish_reasons: per row, "eos" (an EOS id), "stop" (a stop string) or "length" (the budget).
+    scores, logits: as transformers returns them with ``return_dict_in_generate=True`` and ``output_scores`` /
+        ``output_logits``: a tuple of n tensors [B, V], one per step; logits are the combined IVL logits
+        (z_base, mapped when there is a vocab map, + alpha * z_value), scores what the processors and (sampling)
+        warpers make of them (penalties, EOS at -inf before ``min_new_tokens``, temperature, top-k/p, min-p).
+    ``out["sequences"]`` reads a field as transformers' outputs allow.
     """
 
     sequences: torch.Tensor
@@ -61,6 +67,14 @@ class IVLGenerateOutput:
     num_new_tokens: torch.Tensor | None = None
     prompt_length: int = 0
     timings: dict = field(default_factory=dict)
+    finish_reasons: list[str] = field(default_factory=list)
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+
+    def __getitem__(self, name: str):
+        if not isinstance(name, str) or name.startswith("_") or not hasattr(self, name):
+            raise KeyError(name)
+        return getattr(self, name)
 
 
 class FastIVLDecoder:
@@ -284,8 +298,9 @@ class FastIVLDecoder:
         generation_config=None,
         texts: list[str] | None = None,
         progress=None,
+        streamer=None,
         **options,
-    ) -> IVLGenerateOutput:
+    ) -> IVLGenerateOutput | torch.Tensor:
         """Generate like ``transformers``' ``generate`` (same argument names and meanings).
 
         ``input_ids``: [B, T] tensor (with ``attention_mask`` for padded batches; left or right padding), a
@@ -298,14 +313,28 @@ class FastIVLDecoder:
         model's vocabulary (input and output) and the base reads the prompt text (``texts``, or the value
         tokenizer's decoding of ``input_ids``). ``progress``: a callable given the number of decode steps
         done, at each host check (no extra syncs).
+
+        transformers' arguments with a meaning here: ``max_length`` (prompt width + new tokens; ``max_new_tokens``
+        wins when both are set), ``min_new_tokens``, ``streamer`` (its ``put`` gets the prompt [B, T], then each
+        step's ids [B], and ``end()``, as transformers calls it: ``TextStreamer``, ``TextIteratorStreamer``; the
+        host is read every step), ``return_dict_in_generate`` with ``output_scores`` / ``output_logits`` (see
+        :class:`IVLGenerateOutput`; ``return_dict_in_generate=False`` returns the sequences tensor alone, as
+        transformers does). No-op values of unimplemented settings (``num_beams=1``, ``use_cache``) are
+        accepted; other values, and unknown names, are refused naming them.
         """
         opts = self.options(generation_config, **options)
         t0 = time.perf_counter()
-        loop = self._start(input_ids, attention_mask, opts, self.sync_every, texts)
+        loop = self._start(input_ids, attention_mask, opts, 1 if streamer is not None else self.sync_every, texts)
         prompt = loop.prompt
-        for _ in loop:
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+        for ids in loop:
+            if streamer is not None:
+                streamer.put(ids.cpu())
             if progress is not None:
                 progress(loop.steps)
+        if streamer is not None:
+            streamer.end()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
@@ -322,7 +351,15 @@ class FastIVLDecoder:
         }
         if isinstance(loop, SpeculativeLoop):  # rounds, drafted, accepted, acceptance_rate
             timings.update(loop.timings())
-        return IVLGenerateOutput(seqs, lp, loop.num_new_tokens(b), prompt.shape[1], timings)
+            reasons = []
+        else:
+            reasons = loop.finish_reasons(b)
+        if options.get("return_dict_in_generate") is False:  # asked for transformers' plain tensor
+            return seqs
+        bufs = loop.bufs
+        scores = tuple(bufs.scores[:b, i].clone() for i in range(n)) if loop.opts.record[0] else None
+        logits = tuple(bufs.raw_logits[:b, i].clone() for i in range(n)) if loop.opts.record[1] else None
+        return IVLGenerateOutput(seqs, lp, loop.num_new_tokens(b), prompt.shape[1], timings, reasons, scores, logits)
 
     def stream(self, input_ids, attention_mask=None, *, generation_config=None, **options) -> Iterator[torch.Tensor]:
         """Yield the new token ids [B] of each step (pad for rows already stopped); same arguments as generate."""
@@ -509,6 +546,7 @@ class FastIVLDecoder:
     def _start(self, input_ids, attention_mask, opts: GenerationOptions, sync_every: int, texts) -> DecodeLoop:
         """Pack the prompts and start the loop (``loop.prompt``: the packed prompts [B, T] on device)."""
         prompt, mask = pack_prompts(input_ids, attention_mask, opts.pad_token_id, self.vocab_size)
+        opts = opts.for_prompt(prompt.shape[1])  # max_length -> max_new_tokens
         if texts is not None and len(texts) != prompt.shape[0]:
             raise ValueError(f"texts has {len(texts)} entries for {prompt.shape[0]} prompts")
         prompt, mask, texts = repeat_prompts(prompt, mask, texts, opts.num_return_sequences)

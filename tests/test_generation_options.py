@@ -78,7 +78,7 @@ def test_checkpoint_eos_list_is_used(dirs):
         ("no_repeat_ngram_size", 3),
         ("bad_words_ids", [[5]]),
         ("typical_p", 0.5),
-        ("min_new_tokens", 3),
+        ("min_length", 5),
         ("suppress_tokens", [4]),
         ("penalty_alpha", 0.6),
     ],
@@ -106,18 +106,23 @@ def test_noop_values_and_harmless_fields_are_accepted(pair):
     assert dec.generate(PROMPTS, generation_config=cfg, eos_token_id=[]).sequences.shape[1] == 6 + 3
 
 
-def test_max_length_without_max_new_tokens_is_refused(pair):
+def test_max_length_of_a_passed_config_counts_as_in_transformers(pair):
+    """A passed config's max_length (prompt width + new tokens) is the budget when no max_new_tokens is set."""
     _, _, base_dir, value_dir = pair
     dec = FastIVLDecoder.from_pretrained(base_dir, value_dir)
-    with pytest.raises(ValueError, match="max_length is not supported"):
-        dec.generate(PROMPTS, generation_config=GenerationConfig(max_length=30))
+    out = dec.generate(PROMPTS, generation_config=GenerationConfig(max_length=30), eos_token_id=[])
+    assert out.sequences.shape[1] == 30 and out.finish_reasons == ["length"] * len(PROMPTS)
+    cfg = GenerationConfig(max_length=30, max_new_tokens=3)
+    assert dec.generate(PROMPTS, generation_config=cfg, eos_token_id=[]).sequences.shape[1] == out.prompt_length + 3
 
 
 def test_unknown_arguments_and_bad_values_are_refused(pair):
     _, _, base_dir, value_dir = pair
     dec = FastIVLDecoder.from_pretrained(base_dir, value_dir)
-    with pytest.raises(TypeError, match="num_beams"):
+    with pytest.raises(ValueError, match="^num_beams=2 is not supported"):
         dec.generate(PROMPTS, num_beams=2)
+    with pytest.raises(TypeError, match="^generation arguments ivl-fast does not know: beams "):
+        dec.generate(PROMPTS, beams=2)
     with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample"):
         dec.generate(PROMPTS, num_return_sequences=2)
     with pytest.raises(ValueError, match="num_return_sequences"):

@@ -65,6 +65,9 @@ class DecodeBuffers:
         # the K most likely tokens per row and output column, with their logprobs (ensure_top allocates them)
         self.top_ids: torch.Tensor | None = None  # [rows, cols + 1, K] int64
         self.top_logprobs: torch.Tensor | None = None  # [rows, cols + 1, K] fp32
+        # each step's processed scores and combined logits (transformers' output_scores / output_logits)
+        self.scores: torch.Tensor | None = None  # [rows, cols + 1, vocab] fp32
+        self.raw_logits: torch.Tensor | None = None  # [rows, cols + 1, vocab] fp32
         self.prompt_mask: torch.Tensor | None = None  # [rows, vocab] bool: ids in each row's prompt (penalties)
         self.output_counts: torch.Tensor | None = None  # [rows, vocab] int32: each row's generated ids
         self.gen = torch.Generator(device=device)  # the torch sampler's RNG (persistent: graphs replay with it)
@@ -95,6 +98,8 @@ class DecodeBuffers:
         "seeded",
         "top_ids",
         "top_logprobs",
+        "scores",
+        "raw_logits",
         "prompt_mask",
         "output_counts",
         "work",
@@ -191,6 +196,13 @@ class DecodeBuffers:
             shape = (self.rows, self.cols + 1, k)
             self.top_ids = torch.zeros(shape, dtype=torch.int64, device=self.device)
             self.top_logprobs = torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def ensure_records(self, scores: bool, logits: bool) -> None:
+        """Room for each step's scores and/or combined logits (a generate() run that returns them; fp32)."""
+        shape = (self.rows, self.cols + 1, self.vocab)
+        for name, on in (("scores", scores), ("raw_logits", logits)):
+            if on and getattr(self, name) is None:
+                setattr(self, name, torch.zeros(shape, dtype=torch.float32, device=self.device))
 
     def ensure_penalty_buffers(self) -> None:
         if self.prompt_mask is None:

@@ -77,6 +77,11 @@ class DecodeLoop(ContinuousBatch):
         check_int(top_logprobs, "top_logprobs", 0)
         if top_logprobs and not continuous:
             raise ValueError("top_logprobs needs a continuous batch (FastIVLDecoder.open_batch)")
+        if continuous and (any(options.record) or options.max_length is not None):
+            raise ValueError(
+                "output_scores, output_logits and max_length are generate() options; a continuous batch takes "
+                "max_new_tokens per request and returns logprobs"
+            )
         self.models, self.opts, self.sync_every = models, options, sync_every
         self.request_sampling = options.sampling  # what admit() gives a request that brings no values
         self.capacity, self.stops, self.retok = capacity, stops, retokenizer
@@ -108,6 +113,9 @@ class DecodeLoop(ContinuousBatch):
             row_alpha=per_request and self.backend == "torch",
             row_seeds=per_request,
             top_logprobs=top_logprobs,
+            min_new_tokens=options.min_new_tokens,
+            record_scores=options.record[0],
+            record_logits=options.record[1],
         )
         # eager rounds skip what no busy row asks for: top alternatives, per-row seeds (Philox over [B, V])
         self._eager_cfgs = {
@@ -128,6 +136,7 @@ class DecodeLoop(ContinuousBatch):
             self.eos = self.bufs.eos_buffer(options.eos_token_id)
             if top_logprobs:
                 self.bufs.ensure_top(top_logprobs)
+            self.bufs.ensure_records(*options.record)
         self.table = SlotTable(slots)  # the host's record of the busy slots (no device read)
         self.steps = 0  # decode rounds run (the generate() view: every row starts at round 0)
         self.prefill_s = 0.0
@@ -398,6 +407,22 @@ class DecodeLoop(ContinuousBatch):
                         self.steps = int(self.bufs.stop_step[:b].max()) + 1  # host sync
                 ready = [self.bufs.out[:b, s].clone() for s in range(first, self.steps)]
             yield from ready
+
+    def finish_reasons(self, b: int) -> list[str]:
+        """Why each of the ``b`` started rows ended: "eos" (an EOS id, its last token), "stop" (a stop string),
+        "length" (max_new_tokens). One host read."""
+        bufs = self.bufs
+        out, stop_step, finished = bufs.out[:b].tolist(), bufs.stop_step[:b].tolist(), bufs.finished[:b].tolist()
+        eos = set(self.opts.eos_token_id)
+        reasons = []
+        for row, s, f in zip(out, stop_step, finished, strict=True):
+            if f and row[s] in eos:
+                reasons.append("eos")
+            elif f and self.stops is not None and self.stops.first_stop(row, s, s + 1) == s:
+                reasons.append("stop")  # (a finished row's other end is its budget: a bucket's rows track theirs)
+            else:
+                reasons.append("length")
+        return reasons
 
     def num_new_tokens(self, b: int) -> torch.Tensor:
         """[b] new tokens per started row, EOS included."""

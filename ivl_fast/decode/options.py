@@ -5,8 +5,10 @@ Precedence, highest first: explicit arguments > a passed ``GenerationConfig`` > 
 defaults below. Of a ``GenerationConfig`` only the fields it sets count (``to_diff_dict()``), so an unset field
 falls through to the next source. Fields that change the output but are not implemented here (``num_beams > 1``,
 ``no_repeat_ngram_size``, ``bad_words_ids``, constraints, ...) raise a ValueError naming the field: never
-silently ignored. ``max_length`` of a checkpoint's file is overridden by ``max_new_tokens`` (which always has a
-value here), as in transformers when both are set; in a passed config without ``max_new_tokens`` it is refused.
+silently ignored. ``max_length`` (prompt + new tokens, transformers' older budget) counts when it is passed (an
+argument or a passed config) and no ``max_new_tokens`` is set anywhere, as in transformers, where
+``max_new_tokens`` wins when both are set; the decoder turns it into ``max_new_tokens`` once it knows the prompt's
+width. A checkpoint file's ``max_length`` is not used (the default budget is ``max_new_tokens=20``).
 
 The command line shares these defaults: its flags default to "unset" and fall through the same chain.
 """
@@ -24,6 +26,8 @@ DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default length budget (max_length=2
 # GenerationConfig fields implemented here (same names and meanings)
 CONFIG_FIELDS = (
     "max_new_tokens",
+    "max_length",
+    "min_new_tokens",
     "do_sample",
     "temperature",
     "top_k",
@@ -34,6 +38,9 @@ CONFIG_FIELDS = (
     "eos_token_id",
     "pad_token_id",
     "stop_strings",
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
 )
 # fields that do not change which tokens come out (bookkeeping, caching, outputs, beam-only or assistant-only
 # settings, which have no effect without beams / an assistant model)
@@ -49,9 +56,6 @@ HARMLESS_FIELDS = frozenset(
         "return_legacy_cache",
         "output_attentions",
         "output_hidden_states",
-        "output_scores",
-        "output_logits",
-        "return_dict_in_generate",
         "length_penalty",
         "early_stopping",
         "num_assistant_tokens",
@@ -62,7 +66,6 @@ HARMLESS_FIELDS = frozenset(
         "is_assistant",
         "compile_config",
         "disable_compile",
-        "max_length",  # see the module docstring
         "max_cache_len",
         "prefill_chunk_size",
         "continuous_batching_config",
@@ -87,7 +90,6 @@ NOOP_VALUES = {
     "eta_cutoff": 0.0,
     "top_h": None,
     "min_length": 0,
-    "min_new_tokens": None,
     "max_time": None,
     "renormalize_logits": False,
     "remove_invalid_values": False,
@@ -119,6 +121,10 @@ class GenerationOptions:
     (each prompt's samples adjacent; needs do_sample). seed: the sampler's seed (None: fresh entropy).
     eos_token_id: the ids that end a row (empty: none). pad_token_id: what fills rows after they end.
     stop_strings: texts that end a row (None: none). return_logprobs: also return each token's log-probability.
+    max_length: prompt width + new tokens (None: max_new_tokens counts; the decoder resolves it per call).
+    min_new_tokens: EOS ids cannot be drawn before this many new tokens (transformers' MinNewTokensLength
+    processor). return_dict_in_generate, output_scores, output_logits: transformers' output switches (scores and
+    logits per step are kept only with return_dict_in_generate).
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -136,10 +142,21 @@ class GenerationOptions:
     pad_token_id: int = 0
     stop_strings: tuple[str, ...] | None = None
     return_logprobs: bool = False
+    max_length: int | None = None
+    min_new_tokens: int = 0
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
 
     def __post_init__(self):
         mnt = self.max_new_tokens
         check_int(mnt, "max_new_tokens", 1)
+        if self.max_length is not None:
+            check_int(self.max_length, "max_length", 2)
+        check_int(self.min_new_tokens, "min_new_tokens", 0)
+        for name in ("return_dict_in_generate", "output_scores", "output_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         n = self.num_return_sequences
         check_int(n, "num_return_sequences", 1)
         if n > 1 and not self.do_sample:  # transformers' rule: greedy rows would be n copies of one answer
@@ -172,6 +189,24 @@ class GenerationOptions:
 
     def replace(self, **changes) -> GenerationOptions:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def record(self) -> tuple[bool, bool]:
+        """(scores, logits): what each step keeps for a transformers-style output."""
+        keep = self.return_dict_in_generate
+        return keep and self.output_scores, keep and self.output_logits
+
+    def for_prompt(self, width: int) -> GenerationOptions:
+        """These options for prompts ``width`` tokens wide: ``max_length`` becomes ``max_new_tokens`` (transformers'
+        rule: a ValueError when the prompt already fills it)."""
+        if self.max_length is None:
+            return self
+        if width >= self.max_length:
+            raise ValueError(
+                f"the prompt is {width} tokens wide but max_length is {self.max_length} (prompt + new tokens); "
+                "raise max_length or set max_new_tokens"
+            )
+        return self.replace(max_new_tokens=self.max_length - width, max_length=None)
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(GenerationOptions))
@@ -212,6 +247,33 @@ def _is_noop(value, noop) -> bool:
     return value is None or value == noop
 
 
+# transformers' generate() switches for outputs not returned here: refused when asked for
+NOT_RETURNED = frozenset({"output_attentions", "output_hidden_states", "return_legacy_cache"})
+
+
+def _check_transformers_arguments(extra: dict) -> None:
+    """Arguments of transformers' generate() that are not options here: accepted where they change nothing (a
+    no-op value of an unimplemented setting, ``use_cache``, ...), else refused naming each one."""
+    unknown = []
+    for name, value in sorted(extra.items()):
+        if name in NOOP_VALUES:
+            if not _is_noop(value, NOOP_VALUES[name]):
+                raise ValueError(
+                    f"{name}={value!r} is not supported by ivl-fast (it implements sampling and greedy decoding "
+                    f"with {', '.join(OPTION_NAMES)}); remove it or set it to {NOOP_VALUES[name]!r}"
+                )
+        elif name in NOT_RETURNED:
+            if value:
+                raise ValueError(f"{name}={value!r}: ivl-fast returns no attentions, hidden states or caches")
+        elif name not in HARMLESS_FIELDS:
+            unknown.append(name)
+    if unknown:
+        raise TypeError(
+            f"generation arguments ivl-fast does not know: {', '.join(unknown)} (check the spelling); it takes "
+            f"{', '.join(OPTION_NAMES)}, and transformers' streamer= in generate()"
+        )
+
+
 def resolve_options(
     explicit: dict,
     generation_config=None,
@@ -223,16 +285,17 @@ def resolve_options(
 ) -> GenerationOptions:
     """explicit (values None = unset) > generation_config > checkpoint_config > defaults; then the special ids:
     eos from those, else the tokenizer's, else the model config's; pad likewise, else eos[0], else 0."""
-    unknown = set(explicit) - set(OPTION_NAMES)
-    if unknown:
-        raise TypeError(f"unexpected generation arguments {sorted(unknown)}")
+    extra = set(explicit) - set(OPTION_NAMES)
+    if extra:
+        explicit = dict(explicit)
+        _check_transformers_arguments({k: explicit.pop(k) for k in extra})
     passed = config_values(generation_config, "generation_config")
-    if "max_length" in _set_fields(generation_config) and not (
-        "max_new_tokens" in passed or explicit.get("max_new_tokens") is not None
-    ):
-        raise ValueError("generation_config.max_length is not supported; set max_new_tokens")
-    values = {**config_values(checkpoint_config, "the checkpoint's generation_config.json"), **passed}
+    checkpoint = config_values(checkpoint_config, "the checkpoint's generation_config.json")
+    checkpoint.pop("max_length", None)  # see the module docstring
+    values = {**checkpoint, **passed}
     values.update({k: v for k, v in explicit.items() if v is not None})
+    if "max_new_tokens" in values:  # set anywhere: it wins over max_length (transformers warns and does the same)
+        values.pop("max_length", None)
 
     def fallback(name):  # the tokenizer's id, else the model config's; ids the model cannot produce do not count
         for src in (tokenizer, model_config):

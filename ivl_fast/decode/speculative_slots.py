@@ -51,6 +51,11 @@ class SpeculativeSlots(ContinuousBatch):
         max_seq_len: int,
         per_request: bool = False,
     ):
+        if options.min_new_tokens or any(options.record) or options.max_length is not None:
+            raise ValueError(
+                "min_new_tokens, output_scores, output_logits and max_length are not supported by a speculative "
+                "continuous batch"
+            )
         self.models, self.draft, self.opts, self.k = models, draft, options, k
         self.rows = self.requests = slots
         self.max_seq_len = max_seq_len

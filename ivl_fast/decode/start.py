@@ -166,6 +166,11 @@ def start_speculative(
     tokenizer=None,
 ) -> SpeculativeLoop:
     """The prefilled speculative loop of left-padded prompts [B, T] (its first tokens emitted)."""
+    if opts.min_new_tokens or any(opts.record):
+        raise ValueError(
+            "min_new_tokens, output_scores and output_logits are not supported with a draft model yet (its rounds "
+            "warp and accept apart from the decode step); decode without the draft for them"
+        )
     b, t = prompt.shape
     n = opts.max_new_tokens
     need = t + n + k + 1  # a round reads up to k + 1 tokens past what a row keeps

@@ -13,7 +13,7 @@ import torch
 
 from ..graphs import fork_join
 from ..ops.combine_and_sample import penalized_logits, sample_rows
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, combine_logits, warp_logits
 from .buffers import DecodeBuffers
 from .model_set import ModelSet
 
@@ -36,6 +36,9 @@ class StepConfig:
     row_alpha: bool = False  # alpha per row from the buffers (per-request batches on the torch sampler)
     row_seeds: bool = False  # rows may bring their own seed (per-request batches): bufs.row_seed / bufs.seeded
     top_logprobs: int = 0  # record the K most likely tokens and their log-probabilities per row and step
+    min_new_tokens: int = 0  # EOS ids cannot be drawn before a row has this many new tokens
+    record_scores: bool = False  # keep each step's processed scores [B, V] (transformers' output_scores)
+    record_logits: bool = False  # keep each step's combined logits [B, V] (transformers' output_logits)
 
     def graph_key(self, mode: str, kv_len: int, alpha: float) -> tuple:
         sp = self.sampling
@@ -53,6 +56,9 @@ class StepConfig:
             self.row_alpha,
             self.row_seeds,
             self.top_logprobs,
+            self.min_new_tokens,
+            self.record_scores,
+            self.record_logits,
         )
 
 
@@ -128,12 +134,50 @@ def decode_logits(models: ModelSet, ids: torch.Tensor, kv_len: int | None = None
     )
 
 
+def _early_eos(bufs: DecodeBuffers, cfg: StepConfig, like: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: the EOS ids of the rows with fewer than ``cfg.min_new_tokens`` new tokens."""
+    eos = torch.zeros(like.shape[1], dtype=torch.bool, device=like.device).index_fill_(0, bufs.eos[cfg.n_eos], True)
+    return (bufs.steps < cfg.min_new_tokens)[:, None] & eos[None, :]
+
+
+def _ban_early_eos(bufs: DecodeBuffers, cfg: StepConfig, zb, zv, vocab_map):
+    """min_new_tokens: the early rows' EOS logits lowered on one side of the combination so that no EOS is drawn
+    -> (zb, zv, pushed). The base's side (mapped into the value vocabulary first when there is a map; -> pushed)
+    or, without a base, the value's; to a finite floor (-1e30, or a quarter of the dtype's lowest), not -inf,
+    which the non-finite check would report: any finite value of the other side added, exp() of it is 0."""
+    pushed = zb is not None and vocab_map is not None
+    side = (vocab_map.apply(zb) if pushed else zb) if zb is not None else zv
+    side = side.masked_fill(_early_eos(bufs, cfg, side), max(torch.finfo(side.dtype).min / 4, -1e30))
+    return (side, zv, pushed) if zb is not None else (None, side, False)
+
+
+def _records(bufs: DecodeBuffers, cfg: StepConfig, zb, zv, rows, vocab_map, alpha, terms) -> dict:
+    """The step's transformers-style outputs, computed apart from the fused sampler: ``raw_logits``, the combined
+    logits (mapped, before any processor), and ``scores``, what transformers' processors and (when sampling)
+    warpers make of them: penalties, EOS at -inf before min_new_tokens, then temperature, top-k, top-p, min-p."""
+    zb = vocab_map.apply(zb) if (vocab_map is not None and zb is not None) else zb
+    listed = (terms["terms"], terms["term_weights"]) if terms else None
+    out = {}
+    if cfg.record_logits:
+        out["raw_logits"] = combine_logits(zb, zv, alpha, list(zip(*listed, strict=True)) if listed else ())
+    if cfg.record_scores:
+        z = penalized_logits(zb, zv, rows, alpha=alpha, terms=listed)
+        if cfg.min_new_tokens and cfg.n_eos:
+            z = z.masked_fill(_early_eos(bufs, cfg, z), float("-inf"))
+        if not cfg.sampling.greedy:
+            p = rows.params
+            z = warp_logits(z, p.temperature, p.top_k, p.top_p, p.min_p)
+        out["scores"] = z
+    return out
+
+
 def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv, pushed: bool = False):
-    """-> (ids [B], logprobs [B] or None, non-finite flags [B], top or None) from one fused sampling call over the
-    buffers' sampling view; top: (ids [B, K], logprobs [B, K]) of the K = ``cfg.top_logprobs`` most likely tokens
-    of the distribution the logprobs are taken from (penalized, before the warpers), computed apart from the fused
-    sampler. ``pushed``: zb is the base's side already in the value vocabulary (across vocabularies, where the base
-    reads a token boundary: :mod:`.boundary`), so the map is not applied again."""
+    """-> (ids [B], logprobs [B] or None, non-finite flags [B], top or None, records or None) from one fused
+    sampling call over the buffers' sampling view; top: (ids [B, K], logprobs [B, K]) of the K =
+    ``cfg.top_logprobs`` most likely tokens of the distribution the logprobs are taken from (penalized, before the
+    warpers), computed apart from the fused sampler; records: :func:`_records` when the step keeps them.
+    ``pushed``: zb is the base's side already in the value vocabulary (across vocabularies, where the base reads a
+    token boundary: :mod:`.boundary`), so the map is not applied again."""
     # Padded vocabularies (models.real_vocab; one tokenizer, e.g. a 152,064-row base and a 151,936-row value):
     # every model's logits [B, V_rows] become views [B, real_vocab] (row stride V_rows, no copy), so the op
     # combines, samples and normalises over the real ids only and a padding id is never drawn. Chosen over masking
@@ -148,6 +192,13 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv, pushe
     rows = bufs.sampling_view(cfg.sampling, cfg.per_row_values, cfg.row_seeds)
     alpha = bufs.alpha if cfg.row_alpha else models.alpha
     vocab_map = None if pushed else models.vocab_map
+    records = None
+    if cfg.record_scores or cfg.record_logits:  # before the EOS ban: output_logits are the models' own
+        records = _records(bufs, cfg, zb, zv, rows, vocab_map, alpha[:, None] if cfg.row_alpha else alpha, terms)
+    if cfg.min_new_tokens and cfg.n_eos:
+        zb, zv, now_pushed = _ban_early_eos(bufs, cfg, zb, zv, vocab_map)
+        if now_pushed:
+            vocab_map = None
     ids, lp, bad = sample_rows(
         zb,
         zv,
@@ -172,16 +223,25 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv, pushe
         )
         top_lp, top_ids = z.log_softmax(-1).topk(cfg.top_logprobs, dim=-1)
         top = (top_ids, top_lp)
-    return ids, lp, bad, top
+    return ids, lp, bad, top, records
 
 
 def emit(
-    bufs: DecodeBuffers, cfg: StepConfig, eos: torch.Tensor, ids, lp, bad, top=None, live: torch.Tensor | None = None
+    bufs: DecodeBuffers,
+    cfg: StepConfig,
+    eos: torch.Tensor,
+    ids,
+    lp,
+    bad,
+    top=None,
+    records=None,
+    live: torch.Tensor | None = None,
 ):
     """The step's bookkeeping, on device and in place. ``live`` [B] bool: the rows this emission advances (an
     admission emits for its new rows only; default: every unfinished row). Other rows write pad into their next
     column, which holds pad already (finished rows: the column after their last token, or the spare last one).
-    ``top``: (ids [B, K], logprobs [B, K]) written to every row's column (read only for the live rows)."""
+    ``top``: (ids [B, K], logprobs [B, K]) written to every row's column (read only for the live rows);
+    ``records``: {buffer name: [B, V]} written likewise."""
     track = cfg.continuous or live is not None  # per-row budgets and columns (see StepConfig.continuous)
     live = ~bufs.finished if live is None else live & ~bufs.finished
     bufs.bad |= bad & live
@@ -195,6 +255,8 @@ def emit(
         rows = torch.arange(ids.shape[0], device=ids.device)
         bufs.top_ids[rows, bufs.steps, :k] = top[0]
         bufs.top_logprobs[rows, bufs.steps, :k] = top[1]
+    for name, z in (records or {}).items():
+        getattr(bufs, name)[torch.arange(ids.shape[0], device=ids.device), bufs.steps] = z
     if cfg.sampling.penalties_on:
         bufs.output_counts.scatter_add_(1, ids[:, None], live.to(torch.int32)[:, None])
     hit = live & (ids[:, None] == eos[None, :]).any(1) if eos.numel() else None
