@@ -86,12 +86,14 @@ TARGETS: dict[str, dict] = {
     "decode_step": {
         "scope": {
             "ivl_fast/decode/step.py": {
-                "names": ["_kw", "_with_terms", "into_slots", "prefill_logits", "decode_logits", "sample", "emit"],
+                "names": ["_kw", "_with_terms", "into_slots", "prefill_logits", "decode_logits"]
+                + ["_early_eos", "_ban_early_eos", "_records", "sample", "emit"],
                 "line_fraction": 0.5,
             },
         },
         "tests": [
             "tests/test_decode_loop.py",
+            "tests/test_generate_transformers_args.py",
             "tests/test_decoder.py",
             "tests/test_slots.py",
             "tests/test_logit_terms.py",
@@ -115,6 +117,7 @@ TARGETS: dict[str, dict] = {
                     "DecodeLoop._chunk",
                     "DecodeLoop._replay",
                     "DecodeLoop.check",
+                    "DecodeLoop.finish_reasons",
                 ],
                 "line_fraction": 0.5,
             },
@@ -123,6 +126,7 @@ TARGETS: dict[str, dict] = {
         "tests": [
             "tests/test_slot_table.py",
             "tests/test_decode_loop.py",
+            "tests/test_generate_transformers_args.py",
             "tests/test_slots.py",
             "tests/test_cross_vocab.py",
             "tests/test_decoder.py",
