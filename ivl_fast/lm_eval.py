@@ -6,7 +6,9 @@ evaluates a Hugging Face model.
     import ivl_fast.lm_eval  # noqa: F401
     lm_eval.simple_evaluate(model="ivl", model_args="base=BASE_DIR,value=VALUE_DIR,alpha=1.0", tasks=[...])
 
-or ``ivl-fast eval`` (:mod:`ivl_fast.cli.eval`). Semantics are those of lm-eval's own ``hf`` model
+or lm-eval's own command line after that import, ``python -m ivl_fast.lm_eval_cli --model ivl --model_args ...``
+(:mod:`ivl_fast.lm_eval_cli`; lm-eval reads no plugin entry point for model types), or ``ivl-fast eval``
+(:mod:`ivl_fast.cli.eval`). Semantics are those of lm-eval's own ``hf`` model
 (``lm_eval.models.huggingface.HFLM``) on the same tokenizer, so results differ only by the model:
 
 - text -> ids: ``tok_encode`` as HFLM's (the tokenizer's own special tokens unless ``add_bos_token`` says
@@ -28,10 +30,11 @@ or ``ivl-fast eval`` (:mod:`ivl_fast.cli.eval`). Semantics are those of lm-eval'
   :data:`ivl_fast.chat.DEFAULT_CHAT_TEMPLATE` (what ``ivl-fast train`` renders demonstrations with).
 
 model_args: ``base``, ``value`` (checkpoint directories), ``alpha``, ``scheme``, ``vocab_map``, ``dtype``,
-``device``, ``batch_size`` (an integer; "auto" is refused), ``max_length`` (default: the models' context),
+``device``, ``batch_size`` (an integer, or "auto": the largest batch from ``max_batch_size`` down, default 64,
+that does not run out of memory, as HFLM finds it), ``max_length`` (default: the models' context),
 ``add_bos_token`` (as HFLM's), ``draft`` (a small base's checkpoint: generate_until decodes speculatively, with
-the same outputs) and ``num_draft_tokens`` (default 4); also what lm-eval passes itself (``max_batch_size``,
-unused without "auto"; ``trust_remote_code=False``). Unknown keys are refused with a ValueError naming them.
+the same outputs) and ``num_draft_tokens`` (default 4); also what lm-eval passes itself (``max_batch_size``;
+``trust_remote_code=False``). Unknown keys are refused with a ValueError naming them.
 Nothing is downloaded and no remote code runs: checkpoints are local safetensors directories.
 """
 
@@ -90,11 +93,15 @@ GEN_KWARGS = (
 _SCORE_CALL = 256
 
 
-def _batch_size(value) -> int:
+def _batch_size(value) -> int | str:
+    """An integer >= 1, or "auto" (lm-eval's "auto:N" too: one detection, so N, HFLM's re-detection schedule, is
+    not used)."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
+    if isinstance(value, str) and (value == "auto" or value.startswith("auto:")):
+        return "auto"
     if not is_int(value) or value < 1:
-        raise ValueError(f"model_args batch_size must be an integer >= 1, got {value!r} ('auto' is not supported)")
+        raise ValueError(f"model_args batch_size must be an integer >= 1 or 'auto', got {value!r}")
     return value
 
 
@@ -143,7 +150,7 @@ class IVLLM(TemplateLM):
         num_draft_tokens=None,
         terms=None,
         tensor_parallel=None,
-        max_batch_size=None,  # lm-eval passes it; it only bounds batch_size="auto", which is refused
+        max_batch_size=None,  # where batch_size="auto" starts (lm-eval passes it; default 64, as HFLM's)
         trust_remote_code: bool = False,
         **unknown,
     ):
@@ -180,7 +187,7 @@ class IVLLM(TemplateLM):
             **spec,
         )
         where = " and ".join(repr(str(x)) for x in (base, value) if x is not None)
-        self._attach(dec, batch_size, max_length, add_bos_token, where)
+        self._attach(dec, batch_size, max_length, add_bos_token, where, max_batch_size)
         self.model_args = dict(base=base, value=value, alpha=alpha, scheme=self.dec.scheme, vocab_map=vocab_map)
 
     @classmethod
@@ -195,8 +202,12 @@ class IVLLM(TemplateLM):
         self.model_args = dict(alpha=dec.alpha, scheme=dec.scheme)
         return self
 
-    def _attach(self, dec, batch_size, max_length, add_bos_token, where: str) -> None:
+    def _attach(self, dec, batch_size, max_length, add_bos_token, where: str, max_batch_size=None) -> None:
         self.batch_size_per_gpu = _batch_size(batch_size)
+        if isinstance(max_batch_size, str) and max_batch_size.strip().isdigit():  # from a model_args string
+            max_batch_size = int(max_batch_size)
+        if max_batch_size is not None:
+            check_int(max_batch_size, "model_args max_batch_size", 1)
         self.dec = dec
         if self.dec.tokenizer is None:
             raise ValueError(f"no tokenizer files in {where}; lm-eval requests are text (save it with the checkpoint)")
@@ -212,6 +223,30 @@ class IVLLM(TemplateLM):
             )
         self._max_length = max_length
         self.add_bos_token = add_bos_token
+        if self.batch_size_per_gpu == "auto":
+            self.batch_size_per_gpu = self._detect_batch_size(max_batch_size or 64)
+
+    def _detect_batch_size(self, start: int) -> int:
+        """batch_size="auto" as lm-eval's HFLM finds it: the largest batch from ``start`` down (accelerate's
+        ``find_executable_batch_size`` tries smaller ones on running out of memory) that scores requests filling
+        the whole window."""
+        from accelerate.utils import find_executable_batch_size
+
+        ids = [self.prefix_token_id] * (self.max_length + 1)  # scored window: max_length tokens
+
+        @find_executable_batch_size(starting_batch_size=start)
+        def fits(batch_size: int) -> int:
+            self.dec.loglikelihood([(ids[:-1], ids[-1:])] * batch_size, batch_size=batch_size)
+            return batch_size
+
+        try:
+            found = fits()
+        except RuntimeError as e:
+            if "No executable batch size found" not in str(e):
+                raise
+            found = 1
+        logger.info("batch_size auto: %d", found)
+        return found
 
     # ------------------------------------------------------------------ what HFLM exposes
     @property

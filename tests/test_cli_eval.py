@@ -1,5 +1,7 @@
-"""`ivl-fast eval`: end to end on local tasks (lm-eval's table on stdout, its results JSON in a new file), the
-paper suite's expansion, and flags refused with one line."""
+"""`ivl-fast eval`: end to end on local tasks with lm-eval's flag names (lm-eval's table on stdout, lm-eval's
+output layout written by its own tracker, samples, gen_kwargs, model_args, batch_size auto), the hyphenated
+spellings, the paper suite's expansion, flags refused with one line; and lm-eval's own command line with the
+model type registered (`python -m ivl_fast.lm_eval_cli`, a real process)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from cli_fixtures import check_flags_explained, check_required_listed  # noqa: E
 from lm_eval_tasks import write_tasks  # noqa: E402
 
 from ivl_fast.cli import main  # noqa: E402
-from ivl_fast.cli.eval import PAPER_SUITE, _write_new, suite_runs  # noqa: E402
+from ivl_fast.cli.eval import PAPER_SUITE, suite_runs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,41 +33,96 @@ def _cli(capsys, *argv):
     return rc, out, err
 
 
-def test_eval_prints_lm_evals_table_and_writes_a_new_results_file(pair, tasks_dir, tmp_path, capsys, monkeypatch):
+def _written(out_dir, keep=("notes.txt",)) -> list:
+    return sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name not in keep)
+
+
+def test_eval_takes_lm_evals_flags_and_writes_its_layout(pair, tasks_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     out_dir = tmp_path / "results"
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("mine")
-    argv = ["--base", pair[2], "--value", pair[3], "--tasks", "ivl_mc,ivl_gen", "--include-path", tasks_dir]
-    argv += ["--limit", 2, "--num-fewshot", 1, "--batch-size", 2, "--alpha", 0.5, "--device", "cpu"]
-    argv += ["--dtype", "float32", "--output-path", out_dir, "--seed", 3]
+    argv = ["--base", pair[2], "--value", pair[3], "--tasks", "ivl_mc,ivl_gen", "--include_path", tasks_dir]
+    argv += ["--limit", 2, "--num_fewshot", 1, "--batch_size", 2, "--alpha", 0.5, "--device", "cpu"]
+    argv += ["--dtype", "float32", "--output_path", out_dir, "--seed", 3, "--log_samples"]
+    argv += ["--gen_kwargs", "max_gen_toks=7", "--model_args", "add_bos_token=True"]
     rc, out, err = _cli(capsys, *argv)
     assert rc == 0, err
-    assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert "HF_DATASETS_OFFLINE" not in os.environ  # downloads allowed unless --offline
     assert "|ivl_mc " in out and "|ivl_gen" in out and "|acc " in out and "|exact_match|" in out  # make_table's
-    assert "num_fewshot: 1" in out and "alpha=0.5" in out
-    written = sorted(p.name for p in out_dir.iterdir() if p.name != "notes.txt")
-    assert len(written) == 1 and written[0].startswith("results_") and written[0].endswith(".json")
-    assert f"results: {out_dir / written[0]}" in err
+    assert "num_fewshot: 1" in out and "alpha=0.5" in out and "gen_kwargs: (max_gen_toks=7)" in out
+    model_dir = "ivl__" + pair[3].name
+    written = _written(out_dir)
+    results = [w for w in written if w.startswith(f"{model_dir}/results_") and w.endswith(".json")]
+    samples = sorted(w.split("/")[1].split("_2")[0] for w in written if "/samples_" in w)
+    assert len(results) == 1 and samples == ["samples_ivl_gen", "samples_ivl_mc"] and len(written) == 3, written
+    assert f"results: {out_dir / model_dir}" in err
     assert (out_dir / "notes.txt").read_text() == "mine"
-    res = json.loads((out_dir / written[0]).read_text())
+    res = json.loads((out_dir / results[0]).read_text())
     assert res["config"]["model"] == "ivl" and res["config"]["model_args"]["scheme"] == "residual"
+    assert res["config"]["model_args"]["add_bos_token"] is True and res["config"]["gen_kwargs"]["max_gen_toks"] == 7
     assert res["config"]["limit"] == 2 and res["config"]["random_seed"] == 3
     assert set(res["results"]) == {"ivl_mc", "ivl_gen"} and "acc,none" in res["results"]["ivl_mc"]
     assert res["n-shot"] == {"ivl_mc": 1, "ivl_gen": 1} and "samples" not in res
+    lines = [json.loads(x) for x in next(out_dir.rglob("samples_ivl_gen_*.jsonl")).read_text().splitlines()]
+    assert len(lines) == 2 and all("resps" in x and "doc" in x for x in lines)
+    # the hyphenated spellings and --offline; a second run writes new files beside the first
+    argv = ["--base", pair[2], "--value", pair[3], "--tasks", "ivl_mc", "--include-path", tasks_dir, "--limit", 2]
+    argv += ["--num-fewshot", 0, "--batch-size", 2, "--device", "cpu", "--output-path", out_dir, "--offline"]
+    rc, out, err = _cli(capsys, *argv)
+    assert rc == 0, err
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+    again = _written(out_dir)
+    assert set(written) < set(again) and len(again) == 4
+
+
+def test_batch_size_auto_finds_the_largest_that_fits(pair, monkeypatch):
+    """lm-eval's batch_size="auto": the largest batch from max_batch_size down that scores a full window; an
+    out-of-memory error (injected for batches above 2) makes accelerate's search (what HFLM uses) try smaller."""
+    import torch
+
+    from ivl_fast.lm_eval import IVLLM
+
+    assert IVLLM(base=str(pair[2]), value=str(pair[3]), batch_size="auto", max_batch_size=4).batch_size == 4
+    from ivl_fast import FastIVLDecoder
+
+    real = FastIVLDecoder.loglikelihood
+    tried = []
+
+    def scoring(self, requests, **kw):
+        tried.append(kw["batch_size"])
+        if kw["batch_size"] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, requests, **kw)
+
+    monkeypatch.setattr(FastIVLDecoder, "loglikelihood", scoring)
+    lm = IVLLM(base=str(pair[2]), value=str(pair[3]), batch_size="auto:4", max_batch_size="16")
+    assert lm.batch_size == 2 and tried[0] == 16 and tried[-1] == 2 and tried == sorted(tried, reverse=True)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1 or 'auto', got 'big'"):
+        IVLLM(base=str(pair[2]), value=str(pair[3]), batch_size="big")
+
+
+def test_lm_evals_own_command_line_runs_the_ivl_model(pair, tasks_dir, tmp_path):
+    """`python -m ivl_fast.lm_eval_cli` is lm-eval's CLI with "ivl" registered: its flags, its output layout."""
+    import subprocess
+    import sys
+
+    out_dir = tmp_path / "lm_eval_out"
+    cmd = [sys.executable, "-m", "ivl_fast.lm_eval_cli", "--model", "ivl", "--model_args"]
+    cmd += [f"base={pair[2]},value={pair[3]},alpha=0.5", "--device", "cpu", "--tasks", "ivl_mc", "--include_path"]
+    cmd += [str(tasks_dir), "--limit", "2", "--batch_size", "2", "--output_path", str(out_dir), "--log_samples"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "|ivl_mc" in proc.stdout and "|acc " in proc.stdout
+    (res,) = out_dir.glob("*/results_*.json")
+    assert json.loads(res.read_text())["results"]["ivl_mc"]["sample_len"] == 2
+    assert len(list(out_dir.glob("*/samples_ivl_mc_*.jsonl"))) == 1
 
 
 def test_help_follows_the_cli_conventions():
     check_flags_explained("eval")  # every flag explained, with its default
     check_required_listed("eval", ["--base", "--value"])
-
-
-def test_results_files_are_never_overwritten(tmp_path):
-    (tmp_path / "results_x.json").write_text("old")
-    p = _write_new(tmp_path, "results_x", "new")
-    assert p.name == "results_x-1.json" and p.read_text() == "new"
-    assert (tmp_path / "results_x.json").read_text() == "old"
-    assert _write_new(tmp_path / "sub", "results_x", "a").name == "results_x.json"
 
 
 def test_paper_suite_expands_to_one_run_per_shot_count():
@@ -119,14 +176,17 @@ def test_suite_paper_calls_simple_evaluate_once_per_shot_count(pair, capsys, mon
     [
         ([], "give exactly one of --tasks or --suite"),
         (["--tasks", "a", "--suite", "paper"], "give exactly one of --tasks or --suite"),
-        (["--suite", "paper", "--num-fewshot", "3"], "--num-fewshot does not go with --suite"),
-        (["--tasks", "a", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--suite", "paper", "--num_fewshot", "3"], "--num_fewshot does not go with --suite"),
+        (["--tasks", "a", "--batch_size", "0"], "--batch_size must be >= 1 or auto, got 0"),
+        (["--tasks", "a", "--max_batch_size", "0"], "--max_batch_size must be >= 1, got 0"),
         (["--tasks", "a", "--limit", "0"], "--limit must be > 0, got 0"),
         (["--tasks", "a", "--limit", "2.5"], "--limit must be a whole number"),
-        (["--tasks", "a", "--num-fewshot", "-1"], "--num-fewshot must be >= 0"),
+        (["--tasks", "a", "--num-fewshot", "-1"], "--num_fewshot must be >= 0"),
         (["--tasks", "a,,b"], "holds an empty task name"),
-        (["--tasks", "a", "--include-path", "/nonexistent/tasks"], "is not a directory"),
-        (["--tasks", "a", "--output-path", "FILE"], "is a file; give a directory"),
+        (["--tasks", "a", "--include_path", "/nonexistent/tasks"], "is not a directory"),
+        (["--tasks", "a", "--output_path", "FILE"], "is a file; give a directory"),
+        (["--tasks", "a", "--log_samples"], "--log_samples needs --output_path"),
+        (["--tasks", "a", "--model_args", "alpha=2,base=x"], "--model_args sets alpha, base, which the flags set"),
         (["--tasks", "a", "--no-base"], "--base is required"),
         (["--tasks", "a", "--scheme", "base", "--no-base"], "--base is required"),
         (["--tasks", "a", "--no-value"], "--value is required"),

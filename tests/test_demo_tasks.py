@@ -52,3 +52,21 @@ def test_lm_eval_runs_the_tasks_and_ivl_scores_its_requests_as_hf_does(tmp_path,
             assert abs(lp - want_lp) < 1e-4 and greedy == want_greedy
             n += 1
     assert n == sum(len(q["choices"]) for q in questions(world, world["eval_people"][:3]))
+
+
+def test_task_files_written_under_a_relative_directory_work_from_any_other(tmp_path, monkeypatch):
+    """The demo's task files name their data by an absolute path: lm-eval builds them from another directory."""
+    lm_eval_tasks = pytest.importorskip("lm_eval.tasks")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    world = make_world(20, 0)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    write_tasks(world, world["eval_people"][:2], "tasks")  # relative, as `--work-dir out` makes it
+    data = (tmp_path / "run" / "tasks" / "ivl_demo_questions.jsonl").absolute()
+    assert str(data) in (tmp_path / "run" / "tasks" / "ivl_demo_mc.yaml").read_text()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    manager = lm_eval_tasks.TaskManager(include_path=str(tmp_path / "run" / "tasks"))
+    built = lm_eval_tasks.get_task_dict(["ivl_demo_mc"], manager)
+    (task,) = built.values()
+    assert len(list(task.eval_docs)) == 4

@@ -81,8 +81,10 @@ def test_unknown_and_unsupported_model_args_are_refused(pair):
         IVLLM.create_from_arg_string(f"base={pair[2]},pretrained=x,bogus=1")
     with pytest.raises(ValueError, match="trust_remote_code"):
         IVLLM(base=str(pair[2]), scheme="base", trust_remote_code=True)
-    with pytest.raises(ValueError, match="batch_size.*'auto'"):
-        IVLLM(base=str(pair[2]), scheme="base", batch_size="auto")
+    with pytest.raises(ValueError, match=r"^model_args batch_size must be an integer >= 1 or 'auto', got 'auto8'"):
+        IVLLM(base=str(pair[2]), scheme="base", batch_size="auto8")
+    with pytest.raises(ValueError, match=r"^model_args max_batch_size must be an integer >= 1"):
+        IVLLM(base=str(pair[2]), scheme="base", batch_size="auto", max_batch_size=0)
     with pytest.raises(ValueError, match=r"max_length must be an integer in \[1, 256\]"):
         IVLLM(base=str(pair[2]), scheme="base", max_length=257)
 

@@ -98,7 +98,7 @@ def write_tasks(world: dict, people: list[str], out_dir: str | Path) -> Path:
     run); -> out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "ivl_demo_questions.jsonl"
+    data = out.absolute() / "ivl_demo_questions.jsonl"  # absolute: the task files work from any directory
     data.write_text("".join(json.dumps(q) + "\n" for q in questions(world, people)))
     (out / "ivl_demo_mc.yaml").write_text(_MC.format(data=json.dumps(str(data))))
     (out / "ivl_demo_gen.yaml").write_text(_GEN.format(data=json.dumps(str(data))))
