@@ -134,14 +134,19 @@ def check_chat_template_kwargs(kwargs, tokenizer=None, *, name: str = "chat_temp
 
 
 def render_chat(
-    tokenizer, messages: list[dict], *, add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+    tokenizer,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    chat_template_kwargs: dict | None = None,
+    chat_template: str | None = None,
 ) -> str:
-    """``messages`` as text through the tokenizer's own chat template, else :data:`DEFAULT_CHAT_TEMPLATE`;
-    ``add_generation_prompt`` ends the text with the assistant's turn header (the prompt of a reply);
-    ``chat_template_kwargs``: extra template variables (e.g. ``{"enable_thinking": False}`` for Qwen3), checked by
-    :func:`check_chat_template_kwargs`."""
+    """``messages`` as text through ``chat_template`` (a Jinja template: a server's --chat-template), else the
+    tokenizer's own chat template, else :data:`DEFAULT_CHAT_TEMPLATE`; ``add_generation_prompt`` ends the text with
+    the assistant's turn header (the prompt of a reply); ``chat_template_kwargs``: extra template variables (e.g.
+    ``{"enable_thinking": False}`` for Qwen3), checked by :func:`check_chat_template_kwargs`."""
     extra = check_chat_template_kwargs(chat_template_kwargs, tokenizer)
-    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )

@@ -72,3 +72,33 @@ def test_the_page_streams_the_answer_of_the_decoder(pair, browser, tmp_path):
         assert b.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].get_attribute("textContent") == want_base
     finally:
         srv.stop()
+
+
+def test_with_an_api_key_the_page_says_so_and_keeps_the_question(pair, browser):
+    """A server with an API key: the page opened without it says the key is needed (not "model: ?"); a question
+    sent without it comes back into the input box (nothing typed is lost); with the key it is answered."""
+    _, _, base_dir, value_dir = pair
+    srv = Server("--base", base_dir, "--value", value_dir, "--served-model-name", "ivl-key", "--max-model-len", 128,
+                 "--api-key", "sesame")  # fmt: skip
+    try:
+        b = browser
+        b.get(srv.url + "/")
+        wait = WebDriverWait(b, 60)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "model: enter the API key"))
+        question = "Where does Kalo live?"
+        b.find_element(By.ID, "max-tokens").clear()
+        b.find_element(By.ID, "max-tokens").send_keys("6")
+        b.find_element(By.ID, "input").send_keys(question)
+        b.find_element(By.ID, "send").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".msg.error")))
+        assert b.find_element(By.ID, "input").get_attribute("value") == question
+        assert not b.find_elements(By.CSS_SELECTOR, ".msg.user")  # no question bubble left without its answer
+        b.find_element(By.ID, "api-key").send_keys("sesame")
+        b.find_element(By.ID, "input").click()  # leaving the key field: the page reads the model again
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "model: ivl-key"))
+        b.find_element(By.ID, "send").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".msg.assistant[data-state=done]")))
+        assert [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.user")] == [question]
+        assert b.find_element(By.ID, "input").get_attribute("value") == ""
+    finally:
+        srv.stop()

@@ -62,7 +62,40 @@ def add_parser(sub) -> None:
         "(at least one request while a slot is free), so every step costs about the same and streams stay even "
         "(default: no such bound, --max-prefill-tokens only)",
     )
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE|TEMPLATE",
+        help="the chat template for /v1/chat/completions and /tokenize: a Jinja file, or the template itself "
+        "(default: the tokenizer's own, else ivl-fast's)",
+    )
+    g.add_argument(
+        "--generation-config",
+        choices=("auto", "vllm"),
+        default="auto",
+        help="auto: the checkpoint's generation_config.json gives the defaults of temperature, top_p, top_k, min_p, "
+        "repetition_penalty and max_tokens (max_new_tokens) for requests that leave them out, as vLLM does; "
+        "vllm: OpenAI's defaults",
+    )
     s.set_defaults(func=run)
+
+
+def chat_template_arg(value: str | None) -> str | None:
+    """--chat-template: a file's text (a path that exists), else the value itself if it reads as a Jinja template
+    (vLLM's rule); a path that does not exist and holds no template syntax is refused."""
+    from pathlib import Path
+
+    if value is None:
+        return None
+    p = Path(value)
+    try:
+        if p.is_file():
+            return p.read_text(encoding="utf-8")
+    except OSError:
+        pass
+    if "{{" in value or "{%" in value:
+        return value
+    raise UsageError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
 def load(args):
@@ -70,6 +103,7 @@ def load(args):
     from .. import FastIVLDecoder
     from ..serve.app import build_app
     from ..serve.metrics import Metrics
+    from ..serve.protocol import generation_defaults
     from ..serve.scheduler import Scheduler
 
     check_pair_args(args, alone="serves")
@@ -108,6 +142,18 @@ def load(args):
         why = "the models' context" + (f" less {ahead} for drafted tokens" if ahead > 0 else "")
         raise UsageError(f"--max-model-len must be in [2, {top}] ({why}), got {max_len}")
     name = args.served_model_name or (args.value or args.base).resolve().name
+    template = chat_template_arg(args.chat_template)
+    if template is not None:
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise UsageError(f"--chat-template does not parse: {e}") from None
+    defaults = generation_defaults(dec.generation_config) if args.generation_config == "auto" else {}
+    if defaults:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(defaults.items()))
+        print(f"ivl-fast serve: request defaults from the checkpoint's generation config: {shown}", file=sys.stderr)
     sched = Scheduler(
         dec,
         max_batch_size=args.max_batch_size,
@@ -115,9 +161,16 @@ def load(args):
         max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        metrics=Metrics(),
+        metrics=Metrics(name),
     )
-    app = build_app(sched, served_model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = build_app(
+        sched,
+        served_model_name=name,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        defaults=defaults,
+        chat_template=template,
+    )
     return sched, app
 
 

@@ -94,21 +94,24 @@ def sampling_request(
     logprobs: bool,
     top_logprobs: int = 0,
     text: str | None = None,
+    defaults: dict | None = None,
 ) -> tuple[SequenceRequest, int, bool]:
     """The fields shared by both endpoints -> (a sequence request, n, stream). ``top_logprobs``: alternatives per
-    token (checked by the endpoint, whose field it is)."""
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    token (checked by the endpoint, whose field it is). ``defaults``: the values of fields a request leaves out
+    (:func:`generation_defaults`, the checkpoint's generation config as vLLM reads it), else OpenAI's."""
+    d = defaults or {}
+    temperature = _number(body, "temperature", d.get("temperature", 1.0), 0.0, 2.0)
     seed = body.get("seed")
     if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**63):
         raise APIError(400, f"'seed' must be an integer in [-2^63, 2^63), got {seed!r}", "seed")
     if temperature == 0:  # greedy decoding draws nothing: a seed changes nothing there (and costs nothing)
         seed = None
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    top_p = _number(body, "top_p", d.get("top_p", 1.0), 0.0, 1.0)
     if top_p == 0:
         raise APIError(400, "'top_p' must be in (0, 1], got 0", "top_p")
-    top_k = _number(body, "top_k", -1, -1, integer=True)
-    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
-    rep = _number(body, "repetition_penalty", 1.0, 0.0)
+    top_k = _number(body, "top_k", d.get("top_k", -1), -1, integer=True)
+    min_p = _number(body, "min_p", d.get("min_p", 0.0), 0.0, 1.0)
+    rep = _number(body, "repetition_penalty", d.get("repetition_penalty", 1.0), 0.0)
     if rep == 0:
         raise APIError(400, "'repetition_penalty' must be > 0, got 0", "repetition_penalty")
     pres = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
@@ -146,7 +149,7 @@ def sampling_request(
             "messages" if "messages" in body else "prompt",
         )
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, default_max_tokens or room, 1, integer=True)
+    max_tokens = _number(body, name, min(d.get("max_tokens") or default_max_tokens or room, room), 1, integer=True)
     if max_tokens > room:
         raise APIError(
             400,
@@ -174,6 +177,30 @@ def sampling_request(
         list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs, top_logprobs, seed, text
     )
     return req, n, stream
+
+
+# the generation config fields vLLM takes as request defaults (its --generation-config auto), by request field
+GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(config) -> dict:
+    """A checkpoint's generation config (a transformers GenerationConfig, or None) -> the request defaults it sets,
+    as vLLM reads it: only the fields the file sets (``to_diff_dict``), ``max_new_tokens`` as ``max_tokens``;
+    ``top_k`` 0 ("off" in transformers) as -1 (OpenAI's off)."""
+    if config is None:
+        return {}
+    set_ = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)
+    out = {field: set_[name] for name, field in GENERATION_DEFAULTS.items() if set_.get(name) is not None}
+    if out.get("top_k") == 0:
+        out["top_k"] = -1
+    return out
 
 
 def choice_requests(req: SequenceRequest, n: int) -> list[SequenceRequest]:

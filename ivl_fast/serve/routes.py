@@ -69,6 +69,7 @@ async def completions(state: AppState, request: Request):
             logprobs=lp is not None,
             top_logprobs=k,
             text=text,
+            defaults=state.defaults,
         )
         state.check_request(req, "prompt")
         reqs.append(req)
@@ -121,6 +122,48 @@ async def completions(state: AppState, request: Request):
     }
 
 
+def message_text(i: int, m) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts, whose text parts are joined
+    with newlines (vLLM's "string" content format); a part of another type (an image) is refused naming it."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise APIError(400, f"messages[{i}] must be {{'role': str, 'content': str or parts}}", "messages")
+    content = m.get("content")
+    if content is None and m["role"] == "assistant":  # an assistant turn that held only tool calls elsewhere
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(
+                    400, f"messages[{i}].content[{j}]: only text parts are supported, got {kind!r}", "messages"
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise APIError(400, f"messages[{i}].content must be a string or a non-empty list of text parts", "messages")
+
+
+def render_messages(state: AppState, msgs, extra: dict, add_generation_prompt: bool = True) -> str:
+    """The messages rendered with the chat template (--chat-template, else the tokenizer's own, else the default);
+    400 naming ``messages`` for malformed messages or a template that refuses them."""
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
+    contents = [message_text(i, m) for i, m in enumerate(msgs)]  # each message checked before its role is read
+    turns = [{"role": m["role"], "content": c} for m, c in zip(msgs, contents, strict=True)]
+    try:
+        return render_chat(
+            state.tok,
+            as_messages(turns),
+            chat_template_kwargs=extra,
+            chat_template=state.chat_template,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except Exception as e:  # noqa: BLE001  (a template that refuses the conversation)
+        raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
+
+
 async def chat(state: AppState, request: Request):
     """``POST /v1/chat/completions``: the messages rendered with the chat template, n choices."""
     body = await state.read(request, CHAT_FIELDS)
@@ -135,21 +178,11 @@ async def chat(state: AppState, request: Request):
     top = top_logprobs_field(body, "top_logprobs", state.scheduler.max_top_logprobs)
     if top and not lp:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise APIError(400, f"messages[{i}] must be {{'role': str, 'content': str}}", "messages")
     try:  # vLLM's extra template variables (e.g. {"enable_thinking": false} for Qwen3); null: none
         extra = check_chat_template_kwargs(body.get("chat_template_kwargs"), state.tok, name="'chat_template_kwargs'")
     except (TypeError, ValueError) as e:
         raise APIError(400, str(e), "chat_template_kwargs") from None
-    try:
-        conversation = as_messages([{"role": m["role"], "content": m["content"]} for m in msgs])
-        text = render_chat(state.tok, conversation, chat_template_kwargs=extra)
-    except Exception as e:  # noqa: BLE001  (a template that refuses the conversation)
-        raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
+    text = render_messages(state, body.get("messages"), extra)
     ids = await state.tokenize(text, "messages", add_special_tokens=False)
     req, n, streaming = sampling_request(
         body,
@@ -160,6 +193,7 @@ async def chat(state: AppState, request: Request):
         logprobs=lp,
         top_logprobs=top,
         text=text,
+        defaults=state.defaults,
     )
     state.check_request(req, "messages")
     rid, created, model = new_id("chatcmpl"), now(), state.served_model_name

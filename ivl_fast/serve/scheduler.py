@@ -234,8 +234,7 @@ class Scheduler:
             except queue.Full:
                 raise QueueFull(f"the server's queue of {self._waiting.maxsize} waiting requests is full") from None
         self._wake.set()
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self._waiting.qsize())
+        self._report_load()
         return seq
 
     def begin_drain(self, timeout: float) -> None:
@@ -335,9 +334,7 @@ class Scheduler:
                 if seq.slot is None:
                     self._out.post(seq, Failed(e, _status(e)))
             raise
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self._waiting.qsize())
-            self.metrics.batch_occupancy.set(len(self._active) / self.max_batch_size)
+        self._report_load()
 
     def _admit(self, seqs: list[Sequence]) -> None:
         """Check each sequence alone, then admit those that pass with one prefill (:meth:`_admit_checked`)."""
@@ -368,6 +365,8 @@ class Scheduler:
         for seq, slot in zip(seqs, slots, strict=True):
             seq.slot = slot
             self._active[slot] = seq
+        if self.metrics is not None:
+            self.metrics.admitted(sum(len(s.request.prompt_ids) for s in seqs))
         self._collect()  # their first tokens
 
     def _take(self, take: list[Sequence]) -> None:
@@ -421,11 +420,7 @@ class Scheduler:
         r = seq.request
         t = time.perf_counter()
         if self.metrics is not None:
-            if seq.last_token_at:
-                self.metrics.per_token.observe(t - seq.last_token_at)
-            else:
-                self.metrics.ttft.observe(t - seq.submitted)
-            self.metrics.tokens.inc()
+            self.metrics.token(t - seq.last_token_at if seq.last_token_at else None, t - seq.submitted)
         seq.last_token_at = t
         stop_tok = tok in r.stop_token_ids
         if stop_tok:  # the stop token itself is not part of the text
@@ -468,6 +463,8 @@ class Scheduler:
             text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
             self._send(seq, text, final=True)
         self._out.post(seq, Finished(reason, len(seq.tokens) + (1 if reason == "stop" and flush else 0)))
+        if self.metrics is not None:
+            self.metrics.finished(reason, time.perf_counter() - seq.submitted)
         self._release(slot)
 
     def _fail(self, slot: int, error: Exception, status: int = 500) -> None:
@@ -484,5 +481,8 @@ class Scheduler:
             pass  # already free
         except Exception:  # noqa: BLE001  (a batch that cannot retire a row must not stop the others' answers)
             pass
+        self._report_load()
+
+    def _report_load(self) -> None:
         if self.metrics is not None:
-            self.metrics.batch_occupancy.set(len(self._active) / self.max_batch_size)
+            self.metrics.load(len(self._active), self._waiting.qsize(), self.max_batch_size)

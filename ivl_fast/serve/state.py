@@ -26,8 +26,19 @@ def longest_token_chars(tok) -> int:
 class AppState:
     """The server's state, one per app; the routes (:mod:`ivl_fast.serve.routes`) read it, nothing else does."""
 
-    def __init__(self, scheduler: Scheduler, *, served_model_name: str, api_key: str | None, max_body_bytes: int):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        served_model_name: str,
+        api_key: str | None,
+        max_body_bytes: int,
+        defaults: dict | None = None,
+        chat_template: str | None = None,
+    ):
         self.scheduler = scheduler
+        self.defaults = dict(defaults or {})  # request defaults (the checkpoint's generation config, vLLM's way)
+        self.chat_template = chat_template  # --chat-template: instead of the tokenizer's own
         self.metrics: Metrics = scheduler.metrics
         self.tok = scheduler.tokenizer
         self.vocab_size = scheduler.vocab_size
@@ -87,10 +98,13 @@ class AppState:
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply") from None
         check_fields(body, fields)
-        model = body.get("model")
-        if model != self.served_model_name:
-            raise APIError(404, f"The model `{model}` does not exist.", "model", code="model_not_found")
+        self.check_model(body.get("model"))
         return body
+
+    def check_model(self, model) -> None:
+        """``model``: this server's name, or left out (one model is served: vLLM's rule); 404 otherwise."""
+        if model is not None and model != self.served_model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", code="model_not_found")
 
     def check_request(self, req, prompt_param: str) -> None:
         """The batch's own check of one request (its rules, e.g. one alpha per batch, live there), before anything
