@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .chat import as_messages, is_message_list, render_chat
+from .decode.components import Components
 from .decode.graph_cache import GraphCache, GraphSettings
 from .decode.inputs import pack_prompts, repeat_prompts
 from .decode.loop import DecodeLoop
@@ -59,6 +60,9 @@ class IVLGenerateOutput:
         ``output_logits``: a tuple of n tensors [B, V], one per step; logits are the combined IVL logits
         (z_base, mapped when there is a vocab map, + alpha * z_value), scores what the processors and (sampling)
         warpers make of them (penalties, EOS at -inf before ``min_new_tokens``, temperature, top-k/p, min-p).
+    components: with ``return_components=k``, what the value network changed at each step
+        (:class:`~ivl_fast.decode.components.Components`: the top-k of the base, of the value's delta and of the
+        combination; ``.changed``, ``.changed_fraction()``, ``.steps(row, tokenizer)``).
     ``out["sequences"]`` reads a field as transformers' outputs allow.
     """
 
@@ -70,6 +74,7 @@ class IVLGenerateOutput:
     finish_reasons: list[str] = field(default_factory=list)
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+    components: Components | None = None
 
     def __getitem__(self, name: str):
         if not isinstance(name, str) or name.startswith("_") or not hasattr(self, name):
@@ -359,7 +364,12 @@ class FastIVLDecoder:
         bufs = loop.bufs
         scores = tuple(bufs.scores[:b, i].clone() for i in range(n)) if loop.opts.record[0] else None
         logits = tuple(bufs.raw_logits[:b, i].clone() for i in range(n)) if loop.opts.record[1] else None
-        return IVLGenerateOutput(seqs, lp, loop.num_new_tokens(b), prompt.shape[1], timings, reasons, scores, logits)
+        new = loop.num_new_tokens(b)
+        k = loop.opts.return_components
+        comps = None
+        if k:
+            comps = Components(bufs.comp_ids[:b, :n, :, :k].clone(), bufs.comp_vals[:b, :n, :, :k].clone(), new.clone())
+        return IVLGenerateOutput(seqs, lp, new, prompt.shape[1], timings, reasons, scores, logits, comps)
 
     def stream(self, input_ids, attention_mask=None, *, generation_config=None, **options) -> Iterator[torch.Tensor]:
         """Yield the new token ids [B] of each step (pad for rows already stopped); same arguments as generate."""

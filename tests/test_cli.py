@@ -119,6 +119,25 @@ def test_generate_compare_base(capsys, dirs):
     assert base_alone["pair_over_base_time_per_token"] > 0
 
 
+def test_generate_explain_shows_what_the_value_network_changed(capsys, dirs):
+    """--explain K: after the answer, per token the top-K of the base, of the value's delta and of the combination,
+    '*' where the value network changed the choice: the Python API's components, as text and in --json."""
+    dec = FastIVLDecoder.from_pretrained(dirs[0], dirs[1])
+    ids = dec.tokenizer(PROMPT)["input_ids"]
+    out = dec.generate([ids], max_new_tokens=5, return_components=3, eos_token_id=[])
+    changed = out.components.changed[0].tolist()
+    rc, stdout, _ = generate(capsys, dirs, "--prompt", PROMPT, "--max-new-tokens", 5, "--explain", 3, "--no-eos")
+    assert rc == 0
+    steps = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert [line[9] == "*" for line in steps] == changed and len(steps) == 5
+    assert stdout.count("\n    value     ") == 5
+    assert stdout.rstrip().endswith(f"the value network changed {sum(changed)} of 5 tokens (*)")
+    rc, stdout, _ = generate(capsys, dirs, "--prompt", PROMPT, "--max-new-tokens", 5, "--explain", "--no-eos", "--json")
+    (o,) = json.loads(stdout)["outputs"]
+    assert [e["changed"] for e in o["explain"]] == changed and len(o["explain"][0]["base"]) == 5  # K: 5 by default
+    assert o["changed_fraction"] == pytest.approx(sum(changed) / 5)
+
+
 def test_generate_matches_python_api(capsys, dirs):
     # greedy decoding: the CLI and generate_text must agree token for token
     rc, out, err = generate(capsys, dirs, "--prompt", PROMPT, "--max-new-tokens", 8, "--json")

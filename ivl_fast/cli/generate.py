@@ -35,6 +35,17 @@ def add_parser(sub) -> None:
     src.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     _add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
+    g.add_argument(
+        "--explain",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="K",
+        help="after each answer, what the value network changed: per token the top-K of the base alone, of the value "
+        "network's delta and of the combination, '*' where it changed the choice (K: 5 when given without a "
+        "number; 0: off)",
+    )
     g.add_argument("--compare-base", action="store_true", help="also time the base alone and print the ratio")
     g.add_argument(
         "--graphs",
@@ -164,6 +175,7 @@ def _run_batches(dec, prompts, args, gen_kwargs, desc: str):
 
 def _decode_batches(dec, batches, args, gen_kwargs, bar, n_new: int, t0: float):
     texts, tokens = [], 0
+    explained = []  # with --explain: per prompt (steps, emitted token texts, changed fraction)
     spec = {"rounds": 0, "drafted": 0, "accepted": 0}  # speculative decoding's counts over every batch
     tok = dec.tokenizer
     for k, batch in enumerate(batches):
@@ -187,12 +199,15 @@ def _decode_batches(dec, batches, args, gen_kwargs, bar, n_new: int, t0: float):
         for key in spec if "drafted" in out.timings else ():
             spec[key] += out.timings[key]
         t = out.prompt_length
-        for row, n in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True):
+        for i, (row, n) in enumerate(zip(out.sequences.tolist(), out.num_new_tokens.tolist(), strict=True)):
             texts.append(tok.decode(row[t : t + n], skip_special_tokens=True))
             tokens += n
+            if out.components is not None:
+                frac = float(out.components.changed_fraction()[i])
+                explained.append((out.components.steps(i, tok), [tok.decode([x]) for x in row[t : t + n]], frac))
     if spec["drafted"]:
         spec["acceptance_rate"] = spec["accepted"] / spec["drafted"]
-    return texts, tokens, time.perf_counter() - t0, spec if spec["drafted"] else None
+    return texts, tokens, time.perf_counter() - t0, spec if spec["drafted"] else None, explained
 
 
 def run(args) -> int:
@@ -205,6 +220,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from .. import FastIVLDecoder
+    from ..decode.components import format_steps
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise UsageError("give exactly one of --prompt or --prompts-file")
@@ -251,10 +267,14 @@ def _run(args) -> int:
     )
     if args.no_eos:
         gen_kwargs["eos_token_id"] = []
+    if args.explain < 0:
+        raise UsageError(f"--explain must be >= 0, got {args.explain}")
+    if args.explain:
+        gen_kwargs["return_components"] = args.explain
     label = {"base": "base alone", "value_only": "value alone"}.get(dec.scheme, f"base+value ({dec.scheme})")
     if args.compare_base:  # time both sides warm (first calls pay one-off allocation and compilation)
         _run_batches(dec, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
-    texts, ntok, secs, spec = _run_batches(dec, prompts, args, gen_kwargs, label)
+    texts, ntok, secs, spec, explained = _run_batches(dec, prompts, args, gen_kwargs, label)
     report = {"scheme": dec.scheme, "tokens": ntok, "seconds": secs, "tokens_per_s": ntok / secs if secs else 0.0}
     print(f"{label}: {ntok} tokens in {secs:.2f} s = {report['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     if spec is not None:
@@ -276,8 +296,9 @@ def _run(args) -> int:
             graphs=args.graphs if not dec.cross_vocab else "auto",
             generation_config=dec.generation_config,  # the same defaults as the pair's run
         )
-        _run_batches(base_only, prompts[: args.batch_size], args, {**gen_kwargs, "max_new_tokens": 2}, "warm-up")
-        _, btok, bsecs, _ = _run_batches(base_only, prompts, args, gen_kwargs, "base alone")
+        base_kwargs = {k: v for k, v in gen_kwargs.items() if k != "return_components"}
+        _run_batches(base_only, prompts[: args.batch_size], args, {**base_kwargs, "max_new_tokens": 2}, "warm-up")
+        _, btok, bsecs, _, _ = _run_batches(base_only, prompts, args, base_kwargs, "base alone")
         compare = {"tokens": btok, "seconds": bsecs, "tokens_per_s": btok / bsecs if bsecs else 0.0}
         ratio = (secs / max(ntok, 1)) / (bsecs / max(btok, 1))
         compare["pair_over_base_time_per_token"] = ratio
@@ -288,10 +309,15 @@ def _run(args) -> int:
         )
     if args.json:
         outputs = [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)]
+        for o, (steps, emitted, frac) in zip(outputs, explained, strict=False):
+            o["explain"] = [{"token": e, **st} for st, e in zip(steps, emitted, strict=True)]
+            o["changed_fraction"] = frac
         print(json.dumps({"outputs": outputs, "speed": report, "base_alone": compare}, ensure_ascii=False))
     else:
         for i, t in enumerate(texts):
             if len(texts) > 1:
                 print(f"### {i}")
             print(t)
+            if explained:
+                print(format_steps(*explained[i][:2]))
     return 0

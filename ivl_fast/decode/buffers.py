@@ -68,6 +68,9 @@ class DecodeBuffers:
         # each step's processed scores and combined logits (transformers' output_scores / output_logits)
         self.scores: torch.Tensor | None = None  # [rows, cols + 1, vocab] fp32
         self.raw_logits: torch.Tensor | None = None  # [rows, cols + 1, vocab] fp32
+        # each step's top-K of the base, of the value network's delta and of the combination (ensure_components)
+        self.comp_ids: torch.Tensor | None = None  # [rows, cols + 1, 3, K] int64
+        self.comp_vals: torch.Tensor | None = None  # [rows, cols + 1, 3, K] fp32
         self.prompt_mask: torch.Tensor | None = None  # [rows, vocab] bool: ids in each row's prompt (penalties)
         self.output_counts: torch.Tensor | None = None  # [rows, vocab] int32: each row's generated ids
         self.gen = torch.Generator(device=device)  # the torch sampler's RNG (persistent: graphs replay with it)
@@ -100,6 +103,8 @@ class DecodeBuffers:
         "top_logprobs",
         "scores",
         "raw_logits",
+        "comp_ids",
+        "comp_vals",
         "prompt_mask",
         "output_counts",
         "work",
@@ -203,6 +208,13 @@ class DecodeBuffers:
         for name, on in (("scores", scores), ("raw_logits", logits)):
             if on and getattr(self, name) is None:
                 setattr(self, name, torch.zeros(shape, dtype=torch.float32, device=self.device))
+
+    def ensure_components(self, k: int) -> None:
+        """Room for ``k`` entries of each component per row and column (kept when already as large)."""
+        if self.comp_ids is None or self.comp_ids.shape[3] < k:
+            shape = (self.rows, self.cols + 1, 3, k)
+            self.comp_ids = torch.zeros(shape, dtype=torch.int64, device=self.device)
+            self.comp_vals = torch.zeros(shape, dtype=torch.float32, device=self.device)
 
     def ensure_penalty_buffers(self) -> None:
         if self.prompt_mask is None:

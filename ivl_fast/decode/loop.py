@@ -116,6 +116,7 @@ class DecodeLoop(ContinuousBatch):
             min_new_tokens=options.min_new_tokens,
             record_scores=options.record[0],
             record_logits=options.record[1],
+            components=options.return_components,
         )
         # eager rounds skip what no busy row asks for: top alternatives, per-row seeds (Philox over [B, V])
         self._eager_cfgs = {
@@ -137,6 +138,13 @@ class DecodeLoop(ContinuousBatch):
             if top_logprobs:
                 self.bufs.ensure_top(top_logprobs)
             self.bufs.ensure_records(*options.record)
+            if options.return_components:
+                if not (models.base in models.engines and models.value in models.engines):
+                    raise ValueError(
+                        f"return_components needs both models (scheme {models.scheme!r} runs one): it compares the "
+                        "base alone with the combination"
+                    )
+                self.bufs.ensure_components(options.return_components)
         self.table = SlotTable(slots)  # the host's record of the busy slots (no device read)
         self.steps = 0  # decode rounds run (the generate() view: every row starts at round 0)
         self.prefill_s = 0.0

@@ -124,7 +124,8 @@ class GenerationOptions:
     max_length: prompt width + new tokens (None: max_new_tokens counts; the decoder resolves it per call).
     min_new_tokens: EOS ids cannot be drawn before this many new tokens (transformers' MinNewTokensLength
     processor). return_dict_in_generate, output_scores, output_logits: transformers' output switches (scores and
-    logits per step are kept only with return_dict_in_generate).
+    logits per step are kept only with return_dict_in_generate). return_components: keep each step's top-k of the
+    base, of the value network's delta and of the combination (:class:`~ivl_fast.decode.components.Components`).
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -147,6 +148,7 @@ class GenerationOptions:
     return_dict_in_generate: bool = False
     output_scores: bool = False
     output_logits: bool = False
+    return_components: int = 0
 
     def __post_init__(self):
         mnt = self.max_new_tokens
@@ -154,6 +156,7 @@ class GenerationOptions:
         if self.max_length is not None:
             check_int(self.max_length, "max_length", 2)
         check_int(self.min_new_tokens, "min_new_tokens", 0)
+        check_int(self.return_components, "return_components", 0, 64)
         for name in ("return_dict_in_generate", "output_scores", "output_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -51,10 +51,10 @@ class SpeculativeSlots(ContinuousBatch):
         max_seq_len: int,
         per_request: bool = False,
     ):
-        if options.min_new_tokens or any(options.record) or options.max_length is not None:
+        if options.min_new_tokens or any(options.record) or options.max_length is not None or options.return_components:
             raise ValueError(
-                "min_new_tokens, output_scores, output_logits and max_length are not supported by a speculative "
-                "continuous batch"
+                "min_new_tokens, output_scores, output_logits, max_length and return_components are not supported by "
+                "a speculative continuous batch"
             )
         self.models, self.draft, self.opts, self.k = models, draft, options, k
         self.rows = self.requests = slots

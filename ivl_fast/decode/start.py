@@ -166,10 +166,10 @@ def start_speculative(
     tokenizer=None,
 ) -> SpeculativeLoop:
     """The prefilled speculative loop of left-padded prompts [B, T] (its first tokens emitted)."""
-    if opts.min_new_tokens or any(opts.record):
+    if opts.min_new_tokens or any(opts.record) or opts.return_components:
         raise ValueError(
-            "min_new_tokens, output_scores and output_logits are not supported with a draft model yet (its rounds "
-            "warp and accept apart from the decode step); decode without the draft for them"
+            "min_new_tokens, output_scores, output_logits and return_components are not supported with a draft "
+            "model yet (its rounds warp and accept apart from the decode step); decode without the draft for them"
         )
     b, t = prompt.shape
     n = opts.max_new_tokens

@@ -39,6 +39,7 @@ class StepConfig:
     min_new_tokens: int = 0  # EOS ids cannot be drawn before a row has this many new tokens
     record_scores: bool = False  # keep each step's processed scores [B, V] (transformers' output_scores)
     record_logits: bool = False  # keep each step's combined logits [B, V] (transformers' output_logits)
+    components: int = 0  # keep each step's top-K of the base, of the value's delta and of the combination
 
     def graph_key(self, mode: str, kv_len: int, alpha: float) -> tuple:
         sp = self.sampling
@@ -59,6 +60,7 @@ class StepConfig:
             self.min_new_tokens,
             self.record_scores,
             self.record_logits,
+            self.components,
         )
 
 
@@ -171,6 +173,20 @@ def _records(bufs: DecodeBuffers, cfg: StepConfig, zb, zv, rows, vocab_map, alph
     return out
 
 
+def _components(zb, zv, alpha, terms, vocab_map, k: int) -> dict:
+    """What the value network changed, per row: the top-``k`` of the base alone (log-probabilities), of the value
+    network's delta alpha * z_value (logits) and of the combination (log-probabilities, logit terms included),
+    before penalties and warpers -> {"comp_ids": [B, 3, k] int64, "comp_vals": [B, 3, k] fp32}."""
+    zb = vocab_map.apply(zb) if vocab_map is not None else zb
+    listed = list(zip(*terms.values(), strict=True)) if terms else ()
+    sides = (zb.float().log_softmax(-1), alpha * zv.float(), combine_logits(zb, zv, alpha, listed).log_softmax(-1))
+    tops = [x.topk(k, dim=-1) for x in sides]
+    return {
+        "comp_ids": torch.stack([t.indices for t in tops], 1),
+        "comp_vals": torch.stack([t.values for t in tops], 1),
+    }
+
+
 def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv, pushed: bool = False):
     """-> (ids [B], logprobs [B] or None, non-finite flags [B], top or None, records or None) from one fused
     sampling call over the buffers' sampling view; top: (ids [B, K], logprobs [B, K]) of the K =
@@ -195,6 +211,9 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv, pushe
     records = None
     if cfg.record_scores or cfg.record_logits:  # before the EOS ban: output_logits are the models' own
         records = _records(bufs, cfg, zb, zv, rows, vocab_map, alpha[:, None] if cfg.row_alpha else alpha, terms)
+    if cfg.components:
+        comps = _components(zb, zv, alpha[:, None] if cfg.row_alpha else alpha, terms, vocab_map, cfg.components)
+        records = {**(records or {}), **comps}
     if cfg.min_new_tokens and cfg.n_eos:
         zb, zv, now_pushed = _ban_early_eos(bufs, cfg, zb, zv, vocab_map)
         if now_pushed:
@@ -256,7 +275,7 @@ def emit(
         bufs.top_ids[rows, bufs.steps, :k] = top[0]
         bufs.top_logprobs[rows, bufs.steps, :k] = top[1]
     for name, z in (records or {}).items():
-        getattr(bufs, name)[torch.arange(ids.shape[0], device=ids.device), bufs.steps] = z
+        getattr(bufs, name)[torch.arange(ids.shape[0], device=ids.device), bufs.steps, ..., : z.shape[-1]] = z
     if cfg.sampling.penalties_on:
         bufs.output_counts.scatter_add_(1, ids[:, None], live.to(torch.int32)[:, None])
     hit = live & (ids[:, None] == eos[None, :]).any(1) if eos.numel() else None
