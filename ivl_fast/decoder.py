@@ -455,6 +455,7 @@ class FastIVLDecoder:
         generation_config=None,
         per_request: bool = False,
         top_logprobs: int = 0,
+        components: int = 0,
         **options,
     ) -> DecodeLoop | SpeculativeSlots:
         """A persistent batch of ``slots`` rows for continuous batching: ``admit(ids)`` a request into a free slot
@@ -463,13 +464,15 @@ class FastIVLDecoder:
         with ``per_request=True`` also per-request sampling values and seeds: ``admit(ids, n,
         sampling=SamplingParams(...), seed=7)``, ``options`` being the defaults). ``top_logprobs``: requests may
         ask for up to that many top alternatives per token (``admit(..., top_logprobs=k)``; read them from
-        ``bufs.top_ids`` / ``bufs.top_logprobs``). With a draft model: a
+        ``bufs.top_ids`` / ``bufs.top_logprobs``). ``components``: requests may ask for up to that many entries of
+        what the value network changed per token (``admit_many([SlotRequest(..., components=k)])``, read with
+        ``read_new(..., components=k)``; :mod:`~ivl_fast.decode.components`). With a draft model: a
         :class:`~ivl_fast.decode.speculative_slots.SpeculativeSlots` batch (speculative rounds, each emitting 1 to
         k + 1 tokens per row; one alpha, one random stream, no top alternatives)."""
         opts, cache = self.options(generation_config, **options), self.graph_cache.for_models(self.models)
         if self.draft is not None:  # speculative rounds over the slots (eager); see SpeculativeSlots for limits
-            if top_logprobs:
-                raise ValueError("top_logprobs is not supported with a draft model")
+            if top_logprobs or components:
+                raise ValueError("top_logprobs and components are not supported with a draft model")
             check_slots(slots, max_seq_len, self.max_batch_len)
             return SpeculativeSlots(
                 self.models,
@@ -490,6 +493,7 @@ class FastIVLDecoder:
             self.sync_every,
             per_request=per_request,
             top_logprobs=top_logprobs,
+            components=components,
             tokenizer=self.tokenizer,
             base_tokenizer=self.base_tokenizer,
             same_tokenizers=self.models.same_tokenizers,

@@ -75,3 +75,29 @@ def test_components_need_both_models(models):
     dec = FastIVLDecoder(base, None, tokenizer=tok, scheme="base")
     with pytest.raises(ValueError, match="^return_components needs both models"):
         dec.generate([tok("x")["input_ids"]], return_components=2)
+
+
+def test_a_continuous_batch_records_the_components_of_the_rows_that_ask(models):
+    """open_batch(components=K): a request asking for k reads, per token, what generate(return_components=k) gives
+    for it alone; a request beside it that asks for none reads none (and decodes as alone)."""
+    from ivl_fast.decode.slot_request import SlotRequest
+
+    base, value, tok = models
+    dec = FastIVLDecoder(base, value, tokenizer=tok, alpha=0.8, sample_backend="torch")
+    a, b = tok("def main")["input_ids"], tok("import os")["input_ids"]
+    want = dec.generate([a], max_new_tokens=5, eos_token_id=[], return_components=3)
+    want_b = dec.generate([b], max_new_tokens=5, eos_token_id=[]).sequences[0, len(b) :].tolist()
+    batch = dec.open_batch(slots=2, max_seq_len=32, eos_token_id=[], per_request=True, components=4)
+    sa, sb = batch.admit_many([SlotRequest(a, 5, components=3), SlotRequest(b, 5)])
+    while not (batch.is_finished(sa) and batch.is_finished(sb)):
+        batch.step()
+    got, other = batch.read_new([sa, sb], [0, 0], 5, components=3)
+    assert got.ids == want.sequences[0, want.prompt_length :].tolist()
+    for t, comp in enumerate(got.components):
+        for side in range(3):
+            assert [i for i, _ in comp[side]] == want.components.ids[0, t, side].tolist()
+            assert [v for _, v in comp[side]] == pytest.approx(want.components.values[0, t, side].tolist(), abs=1e-5)
+    assert other.ids == want_b  # (read_new reads k for every slot listed; a reader keeps what each asked for)
+    batch.retire(sa)
+    with pytest.raises(ValueError, match=r"^components must be an integer in \[0, 4\] \(the batch's components\)"):
+        batch.admit_many([SlotRequest(a, 5, components=5)])

@@ -5,6 +5,7 @@ names, ``--chat-template``."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -158,3 +159,35 @@ def test_a_chat_template_flag_that_is_neither_file_nor_template_is_refused(pair,
     assert rc == 2 and "--chat-template 'no/such/file.jinja' is neither a file nor a Jinja template" in err
     rc = main(["serve", "--base", str(pair[2]), "--value", str(pair[3]), "--chat-template", "{% for %}"])
     assert rc == 2 and "--chat-template does not parse" in capsys.readouterr().err
+
+
+def test_return_components_shows_what_the_value_network_changed(served):
+    """ivl-fast's extension field: per token the top entries of the base alone, of the value's delta and of the
+    combination, and whether the value network changed the choice: generate(return_components=k)'s, through the
+    batch, in a chat answer (whole and streamed) and a completion."""
+    srv, dec = served
+    tok = dec.tokenizer
+    from ivl_fast.chat import render_chat
+
+    ids = tok(render_chat(tok, MSGS), add_special_tokens=False)["input_ids"]
+    want = dec.generate([ids], max_new_tokens=6, return_components=2, eos_token_id=[])
+    body = {"messages": MSGS, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_components": 2}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60).json()
+    comps = r["choices"][0]["components"]
+    assert len(comps) == 6
+    for t, c in enumerate(comps):
+        assert c["changed"] == bool(want.components.changed[0, t])
+        assert [e["token"] for e in c["base"]] == [tok.decode([i]) for i in want.components.ids[0, t, 0].tolist()]
+        assert [e["delta"] for e in c["value"]] == pytest.approx(want.components.values[0, t, 1].tolist(), abs=1e-4)
+        assert c["combined"][0]["token"] == c["token"]  # greedy: the combination's first choice was emitted
+    raw = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60).text
+    chunks = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
+    streamed = [c for ch in chunks for choice in ch["choices"] for c in choice.get("components", [])]
+    assert streamed == comps
+    r = srv.client().completions.create(model="ivl", prompt="import os", max_tokens=3, temperature=0,
+                                        extra_body={"return_components": 1})  # fmt: skip
+    assert len(r.choices[0].model_extra["components"]) == 3
+    plain = srv.client().completions.create(model="ivl", prompt="x", max_tokens=2)
+    assert "components" not in plain.choices[0].model_extra
+    bad = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "return_components": 9}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "return_components"

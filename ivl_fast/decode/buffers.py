@@ -26,6 +26,8 @@ class NewTokens:
     ids: list[int]
     logprobs: list[float]
     alternatives: list[list[tuple[int, float]]] | None = None
+    # per token, when asked: [base, value, combined], each [(id, value), ...] most likely first (:mod:`.components`)
+    components: list[list[list[tuple[int, float]]]] | None = None
 
 
 class DecodeBuffers:
@@ -303,10 +305,12 @@ class DecodeBuffers:
     def is_finished(self, slot: int) -> bool:
         return bool(self.finished[slot])
 
-    def read_new(self, slots: list[int], seen: list[int], window: int, top_logprobs: int = 0) -> list[NewTokens]:
+    def read_new(
+        self, slots: list[int], seen: list[int], window: int, top_logprobs: int = 0, components: int = 0
+    ) -> list[NewTokens]:
         """One device read: for each row of ``slots``, its output count and the (at most ``window``) tokens after
-        the ``seen`` it has read, with their log-probabilities and each one's ``top_logprobs`` most likely
-        alternatives."""
+        the ``seen`` it has read, with their log-probabilities, each one's ``top_logprobs`` most likely
+        alternatives and ``components`` entries of what the value network changed."""
         top = top_logprobs
         if not slots:
             return []
@@ -319,6 +323,10 @@ class DecodeBuffers:
         if top:  # [n, w * top] ids, then their logprobs
             parts.append(self.top_ids[idx[:, None], cols, :top].flatten(1).double())
             parts.append(self.top_logprobs[idx[:, None], cols, :top].flatten(1).double())
+        k = components
+        if k:  # [n, w * 3 * k] ids, then their values
+            parts.append(self.comp_ids[idx[:, None], cols, :, :k].flatten(1).double())
+            parts.append(self.comp_vals[idx[:, None], cols, :, :k].flatten(1).double())
         read = torch.cat(parts, 1).tolist()  # the one host read (ids < 2^53 are exact as doubles)
         out = []
         for row, done in zip(read, seen, strict=True):
@@ -333,7 +341,18 @@ class DecodeBuffers:
                     [(int(row[at + t * top + i]), row[at + window * top + t * top + i]) for i in range(top)]
                     for t in range(n)
                 ]
-            out.append(NewTokens(emitted, ids, lps, alts))
+            comps = None
+            if k:  # one token's entries: 3 sides of k, ids first, then (window * 3 * k later) their values
+                at = 1 + 2 * window + 2 * window * top
+                vals = at + window * 3 * k
+                comps = [
+                    [
+                        [(int(row[at + (t * 3 + s) * k + i]), row[vals + (t * 3 + s) * k + i]) for i in range(k)]
+                        for s in range(3)
+                    ]
+                    for t in range(n)
+                ]
+            out.append(NewTokens(emitted, ids, lps, alts, comps))
         return out
 
     def mutable(self) -> list[torch.Tensor]:

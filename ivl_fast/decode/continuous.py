@@ -53,12 +53,14 @@ class ContinuousBatch:
     def retire(self, slot: int) -> None:
         raise NotImplementedError
 
-    def read_new(self, slots: list[int], seen: list[int], window: int, top_logprobs: int = 0) -> list[NewTokens]:
+    def read_new(
+        self, slots: list[int], seen: list[int], window: int, top_logprobs: int = 0, components: int = 0
+    ) -> list[NewTokens]:
         """For each busy slot of ``slots``, its output count and at most ``window`` tokens after the ``seen`` it
         has read (one device read; see :meth:`DecodeBuffers.read_new`)."""
         for s in slots:
             self.table.require(s)
-        return self.bufs.read_new(slots, seen, window, top_logprobs)
+        return self.bufs.read_new(slots, seen, window, top_logprobs, components)
 
     def tokens(self, slot: int) -> list[int]:
         """The new tokens of ``slot`` so far, up to and including its last (host sync)."""

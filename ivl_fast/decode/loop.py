@@ -71,12 +71,16 @@ class DecodeLoop(ContinuousBatch):
         retokenizer: Retokenizer | None = None,
         per_request: bool = False,
         top_logprobs: int = 0,
+        components: int = 0,
     ):
         if per_request and not continuous:
             raise ValueError("per_request sampling needs a continuous batch")
         check_int(top_logprobs, "top_logprobs", 0)
         if top_logprobs and not continuous:
             raise ValueError("top_logprobs needs a continuous batch (FastIVLDecoder.open_batch)")
+        check_int(components, "components", 0, 64)
+        if components and not continuous:
+            raise ValueError("components= is a continuous batch's bound (generate() takes return_components)")
         if continuous and (any(options.record) or options.max_length is not None):
             raise ValueError(
                 "output_scores, output_logits and max_length are generate() options; a continuous batch takes "
@@ -116,17 +120,20 @@ class DecodeLoop(ContinuousBatch):
             min_new_tokens=options.min_new_tokens,
             record_scores=options.record[0],
             record_logits=options.record[1],
-            components=options.return_components,
+            components=options.return_components or components,
         )
-        # eager rounds skip what no busy row asks for: top alternatives, per-row seeds (Philox over [B, V])
+        # eager rounds skip what no busy row asks for: top alternatives, per-row seeds (Philox over [B, V]), the
+        # components (a generate() batch asks for them for every row or none)
         self._eager_cfgs = {
-            (top, seeds): dataclasses.replace(
+            (top, seeds, comps): dataclasses.replace(
                 self.cfg,
                 top_logprobs=self.cfg.top_logprobs if top else 0,
                 row_seeds=self.cfg.row_seeds and seeds,
+                components=self.cfg.components if comps or not continuous else 0,
             )
             for top in (False, True)
             for seeds in (False, True)
+            for comps in (False, True)
         }
         self._lean = models.all_support("graphs")  # kv_len= is honoured
         seed = options.seed or 0
@@ -138,13 +145,13 @@ class DecodeLoop(ContinuousBatch):
             if top_logprobs:
                 self.bufs.ensure_top(top_logprobs)
             self.bufs.ensure_records(*options.record)
-            if options.return_components:
+            if self.cfg.components:
                 if not (models.base in models.engines and models.value in models.engines):
                     raise ValueError(
                         f"return_components needs both models (scheme {models.scheme!r} runs one): it compares the "
                         "base alone with the combination"
                     )
-                self.bufs.ensure_components(options.return_components)
+                self.bufs.ensure_components(self.cfg.components)
         self.table = SlotTable(slots)  # the host's record of the busy slots (no device read)
         self.steps = 0  # decode rounds run (the generate() view: every row starts at round 0)
         self.prefill_s = 0.0
@@ -158,6 +165,7 @@ class DecodeLoop(ContinuousBatch):
     per_row_alpha = property(lambda self: self.cfg.row_alpha)
     per_row_seeds = property(lambda self: self.cfg.row_seeds)
     max_top_logprobs = property(lambda self: self.cfg.top_logprobs)
+    max_components = property(lambda self: self.cfg.components if self.cfg.continuous else 0)
     max_tokens_per_step = 1
 
     # ------------------------------------------------------------------ admission
@@ -258,6 +266,7 @@ class DecodeLoop(ContinuousBatch):
             seed_why=None,
             max_top_logprobs=self.cfg.top_logprobs,
             top_why="by this batch (open it with top_logprobs=K)",
+            max_components=self.max_components,
             default_budget=self.opts.max_new_tokens,
             max_budget=self.bufs.cols,
             max_seq_len=self.max_seq_len,
@@ -285,8 +294,8 @@ class DecodeLoop(ContinuousBatch):
         budgets = [r.max_new_tokens for r in requests] if listed else [requests] * n
         for i, (length, budget) in enumerate(zip(mask.sum(1).tolist(), budgets, strict=True)):
             r = requests[i] if listed else None
-            top, seeded = (r.top_logprobs, r.seed is not None) if listed else (0, False)
-            self.table.add(slots[i], int(length), budget, top_logprobs=top, seeded=seeded)
+            top, seeded, comps = (r.top_logprobs, r.seed is not None, r.components) if listed else (0, False, 0)
+            self.table.add(slots[i], int(length), budget, top_logprobs=top, seeded=seeded, components=comps)
         with torch.inference_mode(), self.on_device():
             record = self.cfg.sampling.penalties_on  # the step applies penalties: every row needs its prompt
             if not listed:
@@ -345,7 +354,8 @@ class DecodeLoop(ContinuousBatch):
     def _round_cfg(self) -> StepConfig:
         """The step's config for an eager round: top alternatives and per-row seeds only while some busy row asks
         for them (graph replays always run the full config)."""
-        return self._eager_cfgs[(bool(self.table.top_logprobs), bool(self.table.seeded))]
+        t = self.table
+        return self._eager_cfgs[(bool(t.top_logprobs), bool(t.seeded), bool(t.components))]
 
     def _eager_round(self) -> None:
         m, bufs = self.models, self.bufs

@@ -18,7 +18,8 @@ class SlotRequest:
     draw the same tokens whatever shares the batch; None: the batch's stream); top_logprobs: how many of the most
     likely tokens to record per step with their log-probabilities (at most the batch's ``top_logprobs``); text:
     across vocabularies, the prompt's text as the base reads it (None: the value tokenizer's decoding of
-    ``prompt_ids``)."""
+    ``prompt_ids``); components: the top-k of the base, of the value's delta and of the combination to record per
+    step (:mod:`.components`; at most the batch's ``components``)."""
 
     prompt_ids: list[int] | tuple[int, ...]
     max_new_tokens: int | None = None
@@ -27,6 +28,7 @@ class SlotRequest:
     seed: int | None = None
     top_logprobs: int = 0
     text: str | None = None
+    components: int = 0
 
     @classmethod
     def of(cls, request) -> SlotRequest:
@@ -57,6 +59,7 @@ def check_slot_request(
     max_seq_len: int,
     default_sampling: SamplingParams,
     vocab_size: int,
+    max_components: int = 0,
 ) -> SlotRequest:
     """``request`` (a :class:`SlotRequest` or its tuple) checked against a batch -> the SlotRequest with the
     defaults filled in (budget, sampling, alpha); ValueError naming request ``i`` and the field. Everything a
@@ -95,6 +98,12 @@ def check_slot_request(
             f"got {top!r}",
             "top_logprobs",
         )
+    comps = r.components
+    if not is_int(comps) or not 0 <= comps <= max_components:
+        raise RequestError(
+            f"{where}components must be an integer in [0, {max_components}] (the batch's components), got {comps!r}",
+            "components",
+        )
     budget = default_budget if r.max_new_tokens is None else r.max_new_tokens
     try:
         check_int(budget, f"{where}max_new_tokens", 1, max_budget)
@@ -114,7 +123,7 @@ def check_slot_request(
     if bad is not None:
         raise RequestError(f"{where}prompt token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt_ids")
     a = alpha if a is None else float(a)
-    return SlotRequest(ids, budget, sampling, a, seed, top, r.text)
+    return SlotRequest(ids, budget, sampling, a, seed, top, r.text, comps)
 
 
 __all__ = ["RequestError", "SlotRequest", "check_slot_request"]

@@ -21,6 +21,7 @@ class SlotTable:
         self.checked: dict[int, int] = {}  # slot -> tokens stop-string-checked
         self.top_logprobs: dict[int, int] = {}  # slot -> top alternatives asked for (0 left out)
         self.seeded: set[int] = set()  # slots whose request brought its own seed
+        self.components: dict[int, int] = {}  # slot -> components asked for (0 left out)
 
     def __contains__(self, slot: int) -> bool:
         return slot in self.length
@@ -40,17 +41,21 @@ class SlotTable:
         if slot not in self.length:
             raise ValueError(f"slot {slot} holds no request")
 
-    def add(self, slot: int, length: int, budget: int, *, top_logprobs: int = 0, seeded: bool = False) -> None:
+    def add(
+        self, slot: int, length: int, budget: int, *, top_logprobs: int = 0, seeded: bool = False, components: int = 0
+    ) -> None:
         """A request of ``length`` prompt tokens and ``budget`` new ones in ``slot``, its first token emitted."""
         self.length[slot], self.emitted[slot], self.budget[slot], self.checked[slot] = length, 1, budget, 0
         if top_logprobs:
             self.top_logprobs[slot] = top_logprobs
+        if components:
+            self.components[slot] = components
         if seeded:
             self.seeded.add(slot)
 
     def remove(self, slot: int) -> None:
         """Forget ``slot`` (retired, or its admission undone); a free slot is ignored."""
-        for d in (self.length, self.emitted, self.budget, self.checked, self.top_logprobs):
+        for d in (self.length, self.emitted, self.budget, self.checked, self.top_logprobs, self.components):
             d.pop(slot, None)
         self.seeded.discard(slot)
 

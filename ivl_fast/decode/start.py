@@ -119,6 +119,7 @@ def open_slots(
     sync_every: int,
     per_request: bool = False,
     top_logprobs: int = 0,
+    components: int = 0,
     tokenizer=None,
     base_tokenizer=None,
     same_tokenizers: bool = False,
@@ -149,6 +150,7 @@ def open_slots(
         graph_cache=graph_cache,
         per_request=per_request,
         top_logprobs=top_logprobs,
+        components=components,
         retokenizer=retok,
     )
 

@@ -35,18 +35,19 @@ async def events(seq):
             return
 
 
-async def collect(seq) -> tuple[str, list[int], list[float], list, Finished]:
-    """(text, token ids, logprobs, top alternatives, the Finished event) of one sequence, whole."""
-    text, ids, lps, tops, fin = [], [], [], [], None
+async def collect(seq) -> tuple[str, list[int], list[float], list, list, Finished]:
+    """(text, token ids, logprobs, top alternatives, components, the Finished event) of one sequence, whole."""
+    text, ids, lps, tops, comps, fin = [], [], [], [], [], None
     async for ev in events(seq):
         if isinstance(ev, Delta):
             text.append(ev.text)
             ids += ev.token_ids
             lps += ev.logprobs
             tops += ev.top
+            comps += ev.components
         else:
             fin = ev
-    return "".join(text), ids, lps, tops, fin
+    return "".join(text), ids, lps, tops, comps, fin
 
 
 async def watch_disconnect(request: Request, seqs) -> None:

@@ -48,6 +48,7 @@ SAMPLING_FIELDS = {
     "ignore_eos",
     "stop_token_ids",
     "alpha",
+    "return_components",  # ivl-fast's extension: what the value network changed, per token
 }
 METADATA_FIELDS = {"user", "metadata", "store"}  # no decoding meaning
 COMPLETION_FIELDS = {"model", "prompt", "logprobs", "echo", "best_of", "logit_bias", "suffix"} | SAMPLING_FIELDS
@@ -95,6 +96,7 @@ def sampling_request(
     top_logprobs: int = 0,
     text: str | None = None,
     defaults: dict | None = None,
+    max_components: int = 0,
 ) -> tuple[SequenceRequest, int, bool]:
     """The fields shared by both endpoints -> (a sequence request, n, stream). ``top_logprobs``: alternatives per
     token (checked by the endpoint, whose field it is). ``defaults``: the values of fields a request leaves out
@@ -173,9 +175,17 @@ def sampling_request(
     except ValueError as e:  # SamplingParams names the field first
         raise APIError(400, str(e), str(e).split()[0]) from None
     stops = frozenset(ids) | (frozenset() if ignore_eos else eos)
+    comps = body.get("return_components")
+    if comps is not None and (not is_int(comps) or not 0 <= comps <= max_components):
+        why = "this server records none (a draft model, or one model only)" if not max_components else ""
+        raise APIError(
+            400, f"'return_components' must be an integer in [0, {max_components}], got {comps!r} {why}".rstrip(),
+            "return_components",
+        )
     req = SequenceRequest(
-        list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs, top_logprobs, seed, text
-    )
+        list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs, top_logprobs, seed, text,
+        comps or 0,
+    )  # fmt: skip
     return req, n, stream
 
 
@@ -245,6 +255,24 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def components_field(tokenizer, token_ids: list[int], components: list) -> list[dict]:
+    """ivl-fast's ``components`` of a choice: per token its text, whether the value network changed the choice
+    (the combination's first token is not the base's) and the top entries of the base alone (log-probabilities),
+    of the value network's delta alpha * z_value (logits) and of the combination (log-probabilities)."""
+    out = []
+    for t, (base, value, combined) in zip(token_ids, components, strict=True):
+        out.append(
+            {
+                "token": tokenizer.decode([t]),
+                "changed": base[0][0] != combined[0][0],
+                "base": [{"token": tokenizer.decode([i]), "logprob": v} for i, v in base],
+                "value": [{"token": tokenizer.decode([i]), "delta": v} for i, v in value],
+                "combined": [{"token": tokenizer.decode([i]), "logprob": v} for i, v in combined],
+            }
+        )
+    return out
 
 
 def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float], top: list | None = None) -> dict:

@@ -15,6 +15,7 @@ from .protocol import (
     APIError,
     chat_logprobs,
     completion_logprobs,
+    components_field,
     new_id,
     now,
     refuse,
@@ -70,6 +71,7 @@ async def completions(state: AppState, request: Request):
             top_logprobs=k,
             text=text,
             defaults=state.defaults,
+            max_components=state.scheduler.max_components,
         )
         state.check_request(req, "prompt")
         reqs.append(req)
@@ -86,6 +88,8 @@ async def completions(state: AppState, request: Request):
                 choice["text"] = ev.text
                 if lp is not None:
                     choice["logprobs"] = completion_logprobs(state.tok, ev.token_ids, ev.logprobs, offsets[i], ev.top)
+                if ev.components:
+                    choice["components"] = components_field(state.tok, ev.token_ids, ev.components)
                 offsets[i] += len(ev.text)
             else:
                 choice["finish_reason"] = ev.reason
@@ -107,9 +111,11 @@ async def completions(state: AppState, request: Request):
         )
     results = await run_all(request, seqs)
     choices = []
-    for i, (text, tids, lps, tops, fin) in enumerate(results):
+    for i, (text, tids, lps, tops, comps, fin) in enumerate(results):
         lpd = completion_logprobs(state.tok, tids, lps, 0, tops) if lp is not None else None
         choices.append({"index": i, "text": text, "logprobs": lpd, "finish_reason": fin.reason})
+        if comps:
+            choices[-1]["components"] = components_field(state.tok, tids, comps)
     used = usage(n_prompt, sum(r[-1].completion_tokens for r in results))
     state.metrics.requests.labels("/v1/completions", "200").inc()
     return {
@@ -194,6 +200,7 @@ async def chat(state: AppState, request: Request):
         top_logprobs=top,
         text=text,
         defaults=state.defaults,
+        max_components=state.scheduler.max_components,
     )
     state.check_request(req, "messages")
     rid, created, model = new_id("chatcmpl"), now(), state.served_model_name
@@ -230,6 +237,8 @@ async def chat(state: AppState, request: Request):
                 choice["delta"] = {"content": ev.text}
                 if lp:
                     choice["logprobs"] = chat_logprobs(state.tok, ev.token_ids, ev.logprobs, ev.top)
+                if ev.components:
+                    choice["components"] = components_field(state.tok, ev.token_ids, ev.components)
             else:
                 choice["finish_reason"] = ev.reason
             return base([choice])
@@ -243,7 +252,7 @@ async def chat(state: AppState, request: Request):
         )
     results = await run_all(request, seqs)
     choices = []
-    for i, (content, tids, lps, tops, fin) in enumerate(results):
+    for i, (content, tids, lps, tops, comps, fin) in enumerate(results):
         choices.append(
             {
                 "index": i,
@@ -252,6 +261,8 @@ async def chat(state: AppState, request: Request):
                 "finish_reason": fin.reason,
             }
         )
+        if comps:
+            choices[-1]["components"] = components_field(state.tok, tids, comps)
     used = usage(len(ids) * n, sum(r[-1].completion_tokens for r in results))
     state.metrics.requests.labels("/v1/chat/completions", "200").inc()
     return {

@@ -45,10 +45,18 @@ class SequenceRequest:
     top_logprobs: int = 0  # the most likely alternatives per token, with their log-probabilities
     seed: int | None = None  # this sequence's own random stream (sampled requests)
     text: str | None = None  # the prompt's text (across vocabularies the base reads it with its own tokenizer)
+    components: int = 0  # what the value network changed, per token (ivl_fast.decode.components): k of each side
 
     def slot_request(self) -> SlotRequest:
         return SlotRequest(
-            self.prompt_ids, self.max_tokens, self.sampling, self.alpha, self.seed, self.top_logprobs, self.text
+            self.prompt_ids,
+            self.max_tokens,
+            self.sampling,
+            self.alpha,
+            self.seed,
+            self.top_logprobs,
+            self.text,
+            self.components,
         )
 
 
@@ -61,6 +69,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[float]
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    components: list = field(default_factory=list)  # per token: [base, value, combined] of (id, value) lists
 
 
 @dataclass
@@ -112,6 +121,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # generated ids (a stop token excluded)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    components: list = field(default_factory=list)
     sent_chars: int = 0  # text characters sent so far
     sent_tokens: int = 0
     last_token_at: float = 0.0
@@ -173,6 +183,7 @@ class Scheduler:
         max_prefill_tokens: int = 256,
         max_num_batched_tokens: int | None = None,
         max_top_logprobs: int = 20,
+        max_components: int = 5,
         metrics=None,
     ):
         self.dec, self.tokenizer = decoder, decoder.tokenizer
@@ -197,10 +208,12 @@ class Scheduler:
             max_model_len,
             per_request=True,
             top_logprobs=0 if decoder.draft is not None else max_top_logprobs,
+            components=0 if decoder.draft is not None or decoder.scheme in ("base", "value_only") else max_components,
             eos_token_id=[],
             return_logprobs=True,
         )
         self.max_top_logprobs = self.batch.max_top_logprobs
+        self.max_components = getattr(self.batch, "max_components", 0)
         self.window = self.batch.max_tokens_per_step
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self._active: dict[int, Sequence] = {}  # slot -> sequence
@@ -407,16 +420,20 @@ class Scheduler:
         if not slots:
             return
         k = max(self._active[s].request.top_logprobs for s in slots)
+        kc = max(self._active[s].request.components for s in slots)
         seen = [len(self._active[s].tokens) for s in slots]
-        for slot, new in zip(slots, self.batch.read_new(slots, seen, self.window, k), strict=True):
+        extra = (kc,) if kc else ()  # a speculative batch records no components (it refuses them)
+        read = self.batch.read_new(slots, seen, self.window, k, *extra)
+        for slot, new in zip(slots, read, strict=True):
             seq = self._active[slot]
-            kk = seq.request.top_logprobs
+            kk, c = seq.request.top_logprobs, seq.request.components
             for t, (tok, logp) in enumerate(zip(new.ids, new.logprobs, strict=True)):
-                self._advance(slot, seq, tok, logp, new.alternatives[t][:kk] if kk else None)
+                comps = [side[:c] for side in new.components[t]] if c else None
+                self._advance(slot, seq, tok, logp, new.alternatives[t][:kk] if kk else None, comps)
                 if slot not in self._active:  # finished (EOS, a stop, the budget): the rest is past its end
                     break
 
-    def _advance(self, slot: int, seq: Sequence, tok: int, logp: float, top=None) -> None:
+    def _advance(self, slot: int, seq: Sequence, tok: int, logp: float, top=None, comps=None) -> None:
         r = seq.request
         t = time.perf_counter()
         if self.metrics is not None:
@@ -430,6 +447,8 @@ class Scheduler:
         seq.logprobs.append(logp)
         if top is not None:
             seq.top.append(top)
+        if comps is not None:
+            seq.components.append(comps)
         text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         for s in r.stop:
             at = text.find(s, max(0, seq.sent_chars - len(s)))
@@ -453,9 +472,9 @@ class Scheduler:
             hold = max((len(s) - 1 for s in seq.request.stop), default=0)
             upto = max(seq.sent_chars, min(upto, len(text) - hold))
         new_tokens, new_lps = seq.tokens[seq.sent_tokens :], seq.logprobs[seq.sent_tokens :]
-        new_top = seq.top[seq.sent_tokens :]
+        new_top, new_comps = seq.top[seq.sent_tokens :], seq.components[seq.sent_tokens :]
         seq.sent_tokens = len(seq.tokens)
-        self._out.post(seq, Delta(text[seq.sent_chars : upto], new_tokens, new_lps, new_top))
+        self._out.post(seq, Delta(text[seq.sent_chars : upto], new_tokens, new_lps, new_top, new_comps))
         seq.sent_chars = max(seq.sent_chars, upto)
 
     def _finish(self, slot: int, seq: Sequence, reason: str, flush: bool = False) -> None:
