@@ -179,7 +179,7 @@ def test_cli_eval_under_torchrun_reports_what_one_process_reports(tp_pair, tmp_p
     capsys.readouterr()
     r = run_group(torchrun("-m", "ivl_fast.cli", "eval", "--tp", "2", *flags, "--output-path", str(tp_dir)), ENV, 300)
     assert r.returncode == 0, r.stderr[-3000:]
-    (one_file,), (tp_file,) = list(one_dir.iterdir()), list(tp_dir.iterdir())
+    (one_file,), (tp_file,) = list(one_dir.glob("*/results_*.json")), list(tp_dir.glob("*/results_*.json"))
     want, got = json.loads(one_file.read_text())["results"], json.loads(tp_file.read_text())["results"]
     assert set(got) == {"ivl_mc", "ivl_gen"}
     for task, metrics in want.items():
