@@ -40,6 +40,7 @@ Nothing is downloaded and no remote code runs: checkpoints are local safetensors
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -128,6 +129,35 @@ def _terms(value) -> list[tuple[str, float]]:
             raise ValueError(f"model_args terms must be 'DIR@WEIGHT|DIR@WEIGHT...', got {value!r}")
         out.append((d, weight))
     return out
+
+
+def _quiet_git_commit_hash():
+    """lm-eval's ``get_git_commit_hash`` (the working directory's commit, else lm-eval's fallback) without git's
+    "fatal: not a git repository" on stderr outside a checkout (lm-eval lets git write to our stderr)."""
+    import os
+    import subprocess
+
+    try:
+        out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)  # noqa: S607
+        return out.strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        from lm_eval.loggers.utils import get_commit_from_path
+
+        return get_commit_from_path(os.getcwd())
+
+
+@contextlib.contextmanager
+def quiet_git():
+    """Within it, ``lm_eval.simple_evaluate`` records the commit as it does, quietly (ivl-fast eval and the demo,
+    which call it once per run or row)."""
+    import lm_eval.evaluator
+
+    saved = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_commit_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = saved
 
 
 @register_model("ivl")

@@ -30,7 +30,9 @@ def check_flags_explained(command: str) -> None:
         if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue
         assert action.help, f"{command} {action.option_strings} has no help text"
-        has_default = action.default not in (None, False) and not action.required and "default" not in action.help
+        # identity, not ==: a default of 0 or 0.0 is shown (it equals False, but it is a value)
+        off = any(action.default is x for x in (None, False))
+        has_default = not off and not action.required and "default" not in action.help
         if has_default:
             shown = f"(default: {action.default})"
             assert shown in " ".join(text.split()), f"{command} {action.option_strings}: {shown} not in --help"

@@ -102,3 +102,48 @@ def test_with_an_api_key_the_page_says_so_and_keeps_the_question(pair, browser):
         assert b.find_element(By.ID, "input").get_attribute("value") == ""
     finally:
         srv.stop()
+
+
+def test_compare_shows_the_base_alone_beside_the_steered_answer_with_its_changed_tokens_marked(pair, browser, tmp_path):
+    """"Compare with the base alone": two answers side by side, the base alone's (alpha 0) and the steered one, whose
+    tokens where the value network changed the choice are marked: the decoders' own answers and components."""
+    _, _, base_dir, value_dir = pair
+    srv = Server("--base", base_dir, "--value", value_dir, "--served-model-name", "ivl-cmp", "--max-model-len", 128)
+    try:
+        question = "Where does Kalo live?"
+        msgs = [{"role": "user", "content": question}]
+        dec = FastIVLDecoder.from_pretrained(base_dir, value_dir)
+        tok = dec.tokenizer
+        want = dec.generate_text(msgs, chat=True, max_new_tokens=12)
+        alone = FastIVLDecoder.from_pretrained(base_dir, None, scheme="base")
+        want_base = alone.generate_text(msgs, chat=True, max_new_tokens=12)
+        from ivl_fast.chat import render_chat
+
+        ids = tok(render_chat(tok, msgs), add_special_tokens=False)["input_ids"]
+        out = dec.generate([ids], max_new_tokens=12, return_components=1)
+        n = int(out.num_new_tokens[0])
+        changed = [tok.decode([i]) for i, c in zip(out.sequences[0, len(ids) : len(ids) + n].tolist(),
+                                                    out.components.changed[0, :n].tolist(), strict=True) if c]  # fmt: skip
+        assert changed  # so the marks are visible
+        b = browser
+        b.get(srv.url + "/")
+        wait = WebDriverWait(b, 60)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "model: ivl-cmp"))
+        b.find_element(By.ID, "max-tokens").clear()
+        b.find_element(By.ID, "max-tokens").send_keys("12")
+        b.find_element(By.ID, "compare").click()
+        b.find_element(By.ID, "input").send_keys(question)
+        b.find_element(By.ID, "send").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".msg.assistant[data-state=done]")))
+        answer = b.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        base_col = answer.find_element(By.CSS_SELECTOR, ".base .text").get_attribute("textContent")
+        steered = answer.find_element(By.CSS_SELECTOR, ".steered .text")
+        assert base_col == want_base
+        marks = [m.get_attribute("textContent") for m in steered.find_elements(By.TAG_NAME, "mark")]
+        assert marks == changed
+        pieces = "".join(s.get_attribute("textContent") for s in steered.find_elements(By.CSS_SELECTOR, "span, mark"))
+        assert pieces == "".join(tok.decode([i]) for i in out.sequences[0, len(ids) : len(ids) + n].tolist())
+        assert want.startswith(tok.decode(out.sequences[0, len(ids) : len(ids) + n].tolist(), skip_special_tokens=True))
+        b.save_screenshot(str(tmp_path / "compare.png"))
+    finally:
+        srv.stop()

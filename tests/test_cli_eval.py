@@ -211,3 +211,14 @@ def test_unknown_task_is_one_line_error(pair, tasks_dir, capsys):
     argv = ["--base", pair[2], "--value", pair[3], "--tasks", "ivl_mc,no_such_task_x", "--include-path", tasks_dir]
     rc, _, err = _cli(capsys, *argv)
     assert rc == 2 and err == "ivl-fast eval: error: unknown task(s) no_such_task_x\n"
+
+
+def test_eval_outside_a_git_checkout_prints_no_git_errors(pair, tasks_dir, tmp_path, capfd, monkeypatch):
+    """lm-eval runs `git describe` with our stderr: outside a checkout git says "fatal: not a git repository" once
+    per simple_evaluate; ivl-fast eval (and the demo) let lm-eval record the commit quietly."""
+    monkeypatch.chdir(tmp_path)  # not inside any git checkout
+    argv = ["eval", "--base", pair[2], "--value", pair[3], "--tasks", "ivl_mc", "--include_path", tasks_dir]
+    rc = main([str(a) for a in [*argv, "--limit", 1, "--device", "cpu"]])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert "fatal" not in err and "|ivl_mc" in out

@@ -83,6 +83,8 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     assert [r["name"] for r in out["rows"]] == ROW_NAMES
     for r in out["rows"]:
         assert 0 <= r["accuracy"] <= r["format_rate"] <= 1 and r["questions"] == 16
+        alone = r["name"] in ("small", "mid", "large", "continued", "other", "small_finetuned", "large_finetuned")
+        assert (r["changed_fraction"] is None) == alone and (alone or 0 <= r["changed_fraction"] <= 1)
     toks = out["tokenizers"]
     a, b = toks["a (small, mid, large, continued, value)"], toks["b (other)"]
     assert a["hash"] != b["hash"] and a["size"] != b["size"]
@@ -98,7 +100,11 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--work-dir", str(work), "--json"]) == 0
     captured = capsys.readouterr()
     again = json.loads(captured.out)
-    assert "reusing what an earlier run built" in captured.err and f"evaluating {len(ROW_NAMES)} rows" in captured.err
+    assert "reusing 17 models an earlier run built" in captured.err and f"evaluating {len(ROW_NAMES)} rows" in captured.err
+    stage_lines = [x for x in captured.err.splitlines() if x.startswith("demo: stage ")]
+    assert [x.split()[2] for x in stage_lines] == [f"{i}/23" for i in range(1, 24)]
+    assert sum("(reusing the work dir's)" in x for x in stage_lines) == 19  # every build stage: nothing retrained
+    assert "fatal" not in captured.err
     assert again["provenance"]["from_cache"]
     assert again["tokenizers"] == out["tokenizers"]  # the cached tokenizers, the ones the models learnt
     assert [(r["accuracy"], r["format_rate"]) for r in again["rows"]] == [

@@ -15,6 +15,7 @@ class DefaultsHelp(argparse.HelpFormatter):
 
     def _get_help_string(self, action) -> str:
         text = action.help or ""
-        if action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        # identity, not ==: a default of 0 (== False) or 0.0 is a value to show, not an off switch
+        if action.required or any(action.default is x for x in (None, False, argparse.SUPPRESS)) or "default" in text:
             return text
         return text + " (default: %(default)s)"

@@ -194,7 +194,7 @@ def _run(args, runs, *, write: bool) -> int:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table, sanitize_model_name
 
-    from ..lm_eval import IVLLM
+    from ..lm_eval import IVLLM, quiet_git
 
     model_args = dict(
         base=None if args.base is None else str(args.base),
@@ -232,20 +232,21 @@ def _run(args, runs, *, write: bool) -> int:
     )
     for shots, tasks in runs:
         tracker = EvaluationTracker(output_path=None if args.output_path is None else str(args.output_path))
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=shots,
-            limit=_limit(args.limit),
-            batch_size=lm.batch_size,
-            device=str(lm.dec.device),
-            task_manager=manager,
-            apply_chat_template=args.apply_chat_template,
-            gen_kwargs=args.gen_kwargs,
-            log_samples=args.log_samples,
-            evaluation_tracker=tracker,
-            **seeds,
-        )
+        with quiet_git():
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=shots,
+                limit=_limit(args.limit),
+                batch_size=lm.batch_size,
+                device=str(lm.dec.device),
+                task_manager=manager,
+                apply_chat_template=args.apply_chat_template,
+                gen_kwargs=args.gen_kwargs,
+                log_samples=args.log_samples,
+                evaluation_tracker=tracker,
+                **seeds,
+            )
         if results is None:
             continue
         results["config"]["model"] = "ivl"

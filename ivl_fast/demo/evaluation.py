@@ -22,25 +22,26 @@ def lm_eval_rows(decs: dict, world: dict, people: list[str], work: Path, *, batc
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from ..lm_eval import IVLLM
+    from ..lm_eval import IVLLM, quiet_git
     from .tasks import write_tasks
 
     task_dir = write_tasks(world, people, work / TASK_DIR)
     manager = TaskManager(include_path=str(task_dir))
     out = {}
     for name, dec in decs.items():
-        res = lm_eval.simple_evaluate(
-            model=IVLLM.from_decoder(dec, batch_size=batch_size),
-            tasks=["ivl_demo_mc", "ivl_demo_gen"],
-            task_manager=manager,
-            apply_chat_template=True,
-            log_samples=False,
-            verbosity="ERROR",
-            random_seed=0,
-            numpy_random_seed=0,
-            torch_random_seed=0,
-            fewshot_random_seed=0,
-        )["results"]
+        with quiet_git():  # lm-eval runs git once per call: outside a checkout, 23 lines of "fatal: ..." otherwise
+            res = lm_eval.simple_evaluate(
+                model=IVLLM.from_decoder(dec, batch_size=batch_size),
+                tasks=["ivl_demo_mc", "ivl_demo_gen"],
+                task_manager=manager,
+                apply_chat_template=True,
+                log_samples=False,
+                verbosity="ERROR",
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )["results"]
         mc = res["ivl_demo_mc"]
         out[name] = {
             "mc_acc": mc["acc,none"],

@@ -47,16 +47,19 @@ def _lm_eval(row: dict, key: str):
 def to_markdown(result: dict) -> str:
     """The results table as README shows it (README's table is this function's output for a committed JSON):
     the demo's greedy accuracy and format rate, and lm-eval's multiple-choice accuracy (log-likelihood) and
-    generation exact match on the same questions."""
+    generation exact match on the same questions, and for the rows with a value network the share of the answers'
+    tokens at which it changed the base's choice (a results file written before that figure existed shows "-")."""
     lines = [
-        "| row | what it is (paper) | accuracy | format | lm-eval MC acc | lm-eval gen EM |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| row | what it is (paper) | accuracy | format | lm-eval MC acc | lm-eval gen EM | tokens changed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
+        ch = r.get("changed_fraction")
+        changed = "-" if "changed_fraction" not in r else "base alone" if ch is None else f"{ch:.0%}"
         lines.append(
             f"| {r['name']} | {ROWS.get(r['name']) or EARLIER_ROWS[r['name']]} | {r['accuracy']:.2f} "
             f"| {r['format_rate']:.2f} "
-            f"| {_score(_lm_eval(r, 'mc_acc'))} | {_score(_lm_eval(r, 'gen_exact_match'))} |"
+            f"| {_score(_lm_eval(r, 'mc_acc'))} | {_score(_lm_eval(r, 'gen_exact_match'))} | {changed} |"
         )
     notes = sorted({r["lm_eval"]["mc_note"] for r in result["rows"] if _lm_eval(r, "mc_note")})
     if notes:

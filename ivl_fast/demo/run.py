@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .report import ROW_NAMES, plot, to_markdown
+from .stages import Stages
 from .world import demonstrations, make_world, pretraining_text
 
 # the value networks: (directory, the bases they are trained on in turn, L1 weight, scheme)
@@ -40,6 +41,15 @@ VALUE_NETWORKS = (
     ("value_curriculum", ("small", "mid"), 0.0, "residual"),  # Table 2: small, then mid
     ("value_b", ("small_b",), 0.0, "residual"),  # the other tokenizer's own family (Figure 4's comparison)
 )
+# the stages of run_demo in order, with their rough relative costs on 2 cores (the progress estimate, stages.py)
+STAGE_WEIGHTS = [("tokenizers", 1.0)]
+STAGE_WEIGHTS += [("pretrain small", 2.0), ("pretrain mid", 3.0), ("pretrain large", 4.0), ("pretrain other", 4.0)]
+STAGE_WEIGHTS += [("continue pretraining small", 2.0), ("pretrain small_b", 2.0)]
+STAGE_WEIGHTS += [(f"train {name}", 3.0) for name, *_ in VALUE_NETWORKS]
+STAGE_WEIGHTS += [("finetune large", 3.0), ("finetune small", 2.0), ("vocab map", 1.0), ("evaluate rows", 4.0)]
+STAGE_WEIGHTS += [("lm-eval", 8.0), ("premise", 1.0), ("timing", 2.0)]
+STAGE_OUTPUTS = ["small", "mid", "large", "other", "continued", "small_b", "large_finetuned", "small_finetuned"]
+STAGE_OUTPUTS += [name for name, *_ in VALUE_NETWORKS]
 MARKER = "ivl-demo.json"  # a work dir holds it: the demo reuses (never deletes) only what it wrote there
 DEMO_FORMAT = 3  # 3: the family world (demo_world) and the rows of issue #18; 2: the other base's SentencePiece-style
 # tokenizer; 1: two identical byte-level BPEs
@@ -198,8 +208,10 @@ def finetune(base_dir: Path, demos_file: Path, out: Path, *, steps: int, seed: i
 
 def evaluate(dec, world: dict, people: list[str]) -> dict:
     """Greedy answers to the city and colour questions about ``people``: ``{"accuracy", "format_rate",
-    "questions", "seconds"}``: the share in the format with the right word, the share in the format
-    ("ANSWER: <word>"), the number of questions, and the seconds of the one batched ``generate`` call."""
+    "questions", "seconds", "changed_fraction"}``: the share in the format with the right word, the share in the
+    format ("ANSWER: <word>"), the number of questions, the seconds of the one batched ``generate`` call, and for a
+    row with a value network the share of the answers' tokens at which it changed the base's choice
+    (:mod:`ivl_fast.decode.components`; None for a base alone)."""
     from ..chat import as_messages, render_chat
 
     qs = []
@@ -210,8 +222,9 @@ def evaluate(dec, world: dict, people: list[str]) -> dict:
     tok = dec.tokenizer
     texts = [render_chat(tok, as_messages(q)) for q, _ in qs]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    both = dec.scheme not in ("base", "value_only")  # a row with a value network: what it changed is kept too
     t0 = time.perf_counter()
-    out = dec.generate(ids, max_new_tokens=12, texts=texts if dec.cross_vocab else None)
+    out = dec.generate(ids, max_new_tokens=12, texts=texts if dec.cross_vocab else None, return_components=int(both))
     secs = time.perf_counter() - t0
     t = out.prompt_length
     fmt = acc = 0
@@ -221,7 +234,10 @@ def evaluate(dec, world: dict, people: list[str]) -> dict:
         fmt += ok_fmt
         acc += ok_fmt and text.split()[1].strip(".") == ans
     n = len(qs)
-    return {"accuracy": acc / n, "format_rate": fmt / n, "questions": n, "seconds": secs}
+    changed = None  # the share of the answers' tokens where the value network changed the base's choice
+    if both:
+        changed = int(out.components.changed.sum()) / max(1, int(out.num_new_tokens.sum()))
+    return {"accuracy": acc / n, "format_rate": fmt / n, "questions": n, "seconds": secs, "changed_fraction": changed}
 
 
 def decode_speeds(decs: dict, prompts: list[list[int]], new: int = 32, repeats: int = 7) -> dict[str, list[float]]:
@@ -322,7 +338,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     t_start = time.perf_counter()
     work = prepare_work_dir(cfg)
     cached = (work / "results.json").is_file()
-    _log(f"work dir {work}: " + ("reusing what an earlier run built" if cached else "building from nothing"))
+    stages = Stages(STAGE_WEIGHTS)
+    built = [n for n in STAGE_OUTPUTS if (work / n / "DONE").is_file() or (work / n / "ivl.json").is_file()]
+    found = f"reusing {len(built)} models an earlier run built" if built else "building from nothing"
+    _log(f"work dir {work}: {found}")
     world = make_world(cfg.n_people, cfg.seed)
     all_lines = pretraining_text(world, world["people"], 6, cfg.seed)
     # the small base reads about the demo people and a third of the evaluation people, the mid base two thirds
@@ -335,19 +354,31 @@ def run_demo(cfg: DemoConfig) -> dict:
     demos_file.write_text("".join(json.dumps(d) + "\n" for d in demos))
     # both tokenizers learn from the pretraining text and the rendered chat format, by different algorithms
     rendered = [f"<|user|>\n{d['messages'][0]['content']}\n<|assistant|>\n{d['messages'][1]['content']}" for d in demos]
+    stages.begin("tokenizers", reused=(work / "tokenizer_b" / "tokenizer.json").is_file())
     tok_a, tok_b = make_tokenizers(cfg, all_lines + rendered, work)
     s_steps, m_steps, l_steps = cfg.pretrain_steps
+
+    def done(name: str, marker: str = "DONE") -> bool:
+        return (work / name / marker).is_file()
+
+    stages.begin("pretrain small", done("small"))
     small = pretrain(tok_a, small_lines, work / "small", hidden=64, layers=2, steps=s_steps, seed=cfg.seed)
+    stages.begin("pretrain mid", done("mid"))
     mid = pretrain(tok_a, mid_lines, work / "mid", hidden=96, layers=3, steps=m_steps, seed=cfg.seed + 3)
+    stages.begin("pretrain large", done("large"))
     large = pretrain(tok_a, all_lines, work / "large", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 1)
+    stages.begin("pretrain other", done("other"))
     other = pretrain(tok_b, all_lines, work / "other", hidden=128, layers=4, steps=l_steps, seed=cfg.seed + 2)
+    stages.begin("continue pretraining small", done("continued"))
     continued = continue_pretraining(small, all_lines, work / "continued", steps=cfg.continue_steps, seed=cfg.seed)
     # the other tokenizer's small base: the family whose own value network the cross-vocabulary row is compared with
+    stages.begin("pretrain small_b", done("small_b"))
     small_b = pretrain(tok_b, small_lines, work / "small_b", hidden=64, layers=2, steps=s_steps, seed=cfg.seed + 4)
     base_dirs = {"small": small, "mid": mid, "small_b": small_b}
     values = {}
     for name, bases, l1, scheme in VALUE_NETWORKS:
         out = work / name
+        stages.begin(f"train {name}", done(name, "ivl.json"))
         if not (out / "ivl.json").is_file():
             train_value_model(
                 TrainConfig(
@@ -361,19 +392,23 @@ def run_demo(cfg: DemoConfig) -> dict:
                     batch_tokens=512,
                     lr=1e-3,
                     save_every=0,
-                    progress=not cfg.quick,
+                    progress=True,  # a bar for every training
                     overwrite=(out / "run.json").is_file(),  # an interrupted earlier run of this demo
                     seed=cfg.seed,
                 )
             )
         values[name] = out
+    stages.begin("finetune large", done("large_finetuned"))
     tuned = finetune(large, demos_file, work / "large_finetuned", steps=cfg.value_steps, seed=cfg.seed)
+    stages.begin("finetune small", done("small_finetuned"))
     small_tuned = finetune(small, demos_file, work / "small_finetuned", steps=cfg.value_steps, seed=cfg.seed)
     vmap_file = work / "map_other_to_a.safetensors"
+    stages.begin("vocab map", vmap_file.is_file())
     if not vmap_file.is_file():
         VocabMap.build(tok_b, tok_a, all_lines).save(vmap_file)
 
     eval_people = world["eval_people"][: cfg.eval_people]
+    stages.begin("evaluate rows")
     _log(f"evaluating {len(ROW_NAMES)} rows on {2 * len(eval_people)} held-out questions each")
 
     def alone(d):
@@ -413,12 +448,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     rows = []
     for name in tqdm(ROW_NAMES, desc="evaluate", unit="row", leave=False, file=sys.stderr):
         rows.append({"name": name, **evaluate(decs[name], world, eval_people)})
+    stages.begin("lm-eval")
     _log("lm-eval: the same questions as a multiple-choice (log-likelihood) task and a generation task")
     scores = lm_eval_rows(decs, world, eval_people, work)
     for row in rows:
         row["lm_eval"] = scores[row["name"]]
+    stages.begin("premise")
     _log("the premise: the bases' agreement and the value network's logit size at the format and content positions")
     premise = premise_stats(work, world, eval_people, ["mid", "large", "continued"])
+    stages.begin("timing")
     _log("timing decoding (large alone, large+value)")
     tok = decs["large"].tokenizer
     speed_prompts = [tok(f"{p} lives in", add_special_tokens=True)["input_ids"] for p in eval_people[:8]]
@@ -460,4 +498,5 @@ def run_demo(cfg: DemoConfig) -> dict:
     (work / "results.json").write_text(json.dumps(result, indent=2))
     (work / "results.md").write_text(to_markdown(result))
     plot(result, work / "results.png")
+    stages.end()
     return result
