@@ -122,8 +122,8 @@ def test_compare_shows_the_base_alone_beside_the_steered_answer_with_its_changed
         ids = tok(render_chat(tok, msgs), add_special_tokens=False)["input_ids"]
         out = dec.generate([ids], max_new_tokens=12, return_components=1)
         n = int(out.num_new_tokens[0])
-        changed = [tok.decode([i]) for i, c in zip(out.sequences[0, len(ids) : len(ids) + n].tolist(),
-                                                    out.components.changed[0, :n].tolist(), strict=True) if c]  # fmt: skip
+        new_ids, flags = out.sequences[0, len(ids) : len(ids) + n].tolist(), out.components.changed[0, :n].tolist()
+        changed = [tok.decode([i]) for i, c in zip(new_ids, flags, strict=True) if c]
         assert changed  # so the marks are visible
         b = browser
         b.get(srv.url + "/")

@@ -100,7 +100,8 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--work-dir", str(work), "--json"]) == 0
     captured = capsys.readouterr()
     again = json.loads(captured.out)
-    assert "reusing 17 models an earlier run built" in captured.err and f"evaluating {len(ROW_NAMES)} rows" in captured.err
+    assert "reusing 17 models an earlier run built" in captured.err
+    assert f"evaluating {len(ROW_NAMES)} rows" in captured.err
     stage_lines = [x for x in captured.err.splitlines() if x.startswith("demo: stage ")]
     assert [x.split()[2] for x in stage_lines] == [f"{i}/23" for i in range(1, 24)]
     assert sum("(reusing the work dir's)" in x for x in stage_lines) == 19  # every build stage: nothing retrained
