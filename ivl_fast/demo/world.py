@@ -1,7 +1,7 @@
 """The demo's miniature world and its texts: people, each living in a city and liking a colour; the pretraining
 "web text" every base of the family reads (about more or fewer people); the chat demonstrations of post-training.
 
-IVL's premise, built into the world (README, "The demo"): a model family shares one pretraining distribution, so
+IVL's premise, built into the world (docs/demo.md): a model family shares one pretraining distribution, so
 its members agree where they both know; post-training mostly *selects* a behaviour the bases can already produce;
 the bases differ in what they know. So the pretraining text, like web text:
 
