@@ -191,3 +191,19 @@ def test_return_components_shows_what_the_value_network_changed(served):
     assert "components" not in plain.choices[0].model_extra
     bad = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "return_components": 9}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "return_components"
+
+
+def test_max_components_zero_turns_the_extension_off(pair):
+    srv = Server("--base", pair[2], "--value", pair[3], "--served-model-name", "ivl", "--max-model-len", 64,
+                 "--max-components", 0)  # fmt: skip
+    try:
+        body = {"messages": MSGS, "max_tokens": 2, "return_components": 1}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == (
+            "'return_components' is not available on this server (--max-components 0, a draft model, or one model "
+            "only)"
+        )
+        assert httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "return_components": 0}).status_code == 200
+    finally:
+        srv.stop()

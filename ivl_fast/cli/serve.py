@@ -70,6 +70,14 @@ def add_parser(sub) -> None:
         "(default: the tokenizer's own, else ivl-fast's)",
     )
     g.add_argument(
+        "--max-components",
+        type=int,
+        default=5,
+        metavar="N",
+        help="the most entries of what the value network changed a request may ask for (return_components); "
+        "0: none (steps replayed as CUDA graphs compute them for every row whenever N > 0)",
+    )
+    g.add_argument(
         "--generation-config",
         choices=("auto", "vllm"),
         default="auto",
@@ -113,6 +121,7 @@ def load(args):
         ("--max-prefill-tokens", args.max_prefill_tokens, 1),
         ("--max-num-batched-tokens", args.max_num_batched_tokens or 1, 1),
         ("--max-body-bytes", args.max_body_bytes, 1),
+        ("--max-components", args.max_components, 0),
     ):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
@@ -161,6 +170,7 @@ def load(args):
         max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_components=args.max_components,
         metrics=Metrics(name),
     )
     app = build_app(

@@ -176,12 +176,12 @@ def sampling_request(
         raise APIError(400, str(e), str(e).split()[0]) from None
     stops = frozenset(ids) | (frozenset() if ignore_eos else eos)
     comps = body.get("return_components")
+    if comps and not max_components:
+        why = "--max-components 0, a draft model, or one model only"
+        raise APIError(400, f"'return_components' is not available on this server ({why})", "return_components")
     if comps is not None and (not is_int(comps) or not 0 <= comps <= max_components):
-        why = "this server records none (a draft model, or one model only)" if not max_components else ""
-        raise APIError(
-            400, f"'return_components' must be an integer in [0, {max_components}], got {comps!r} {why}".rstrip(),
-            "return_components",
-        )
+        msg = f"'return_components' must be an integer in [0, {max_components}], got {comps!r}"
+        raise APIError(400, msg, "return_components")
     req = SequenceRequest(
         list(prompt_ids), max_tokens, sampling, alpha, tuple(stop), stops, logprobs, top_logprobs, seed, text,
         comps or 0,
