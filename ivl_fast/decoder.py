@@ -11,13 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .chat import as_messages, is_message_list, render_chat
-from .decode.components import Components
 from .decode.graph_cache import GraphCache, GraphSettings
 from .decode.inputs import pack_prompts, repeat_prompts
 from .decode.loop import DecodeLoop
@@ -28,8 +26,9 @@ from .decode.options import (
     pair_generation_config,
     resolve_options,
 )
+from .decode.output import IVLGenerateOutput, generate_output, loop_sequences
 from .decode.scoring import loglikelihood, loglikelihood_rolling
-from .decode.speculative_loop import SpeculativeLoop, check_draft
+from .decode.speculative_loop import check_draft
 from .decode.speculative_slots import SpeculativeSlots, check_slots
 from .decode.start import capture_buckets, kv_capacity, open_slots, start_generation, start_speculative
 from .decode.stops import NonFiniteLogitsError
@@ -42,44 +41,6 @@ from .schemes import check_scheme, uses_base, uses_value
 logger = logging.getLogger("ivl_fast")
 
 __all__ = ["FastIVLDecoder", "IVLGenerateOutput", "NonFiniteLogitsError"]
-
-
-@dataclass
-class IVLGenerateOutput:
-    """Result of :meth:`FastIVLDecoder.generate`.
-
-    sequences: [B, T + n] prompt (left-padded) followed by the new tokens; after EOS / a stop string,
-        ``pad_token_id``. ``n`` is the number of steps run (<= max_new_tokens; fewer when every row stopped).
-        With ``num_return_sequences=k``, B is k times the number of prompts, each prompt's rows adjacent.
-    logprobs: [B, n] log-probability of each new token under the combined distribution (after penalties,
-        before the warpers; 0.0 at padded positions), when ``return_logprobs=True``.
-    num_new_tokens: [B] new tokens per row, EOS included.
-    prompt_length: T. timings: total_s, prefill_s, steps, batch, graphs (kind or "off"), graph_captures.
-    finish_reasons: per row, "eos" (an EOS id), "stop" (a stop string) or "length" (the budget).
-    scores, logits: as transformers returns them with ``return_dict_in_generate=True`` and ``output_scores`` /
-        ``output_logits``: a tuple of n tensors [B, V], one per step; logits are the combined IVL logits
-        (z_base, mapped when there is a vocab map, + alpha * z_value), scores what the processors and (sampling)
-        warpers make of them (penalties, EOS at -inf before ``min_new_tokens``, temperature, top-k/p, min-p).
-    components: with ``return_components=k``, what the value network changed at each step
-        (:class:`~ivl_fast.decode.components.Components`: the top-k of the base, of the value's delta and of the
-        combination; ``.changed``, ``.changed_fraction()``, ``.steps(row, tokenizer)``).
-    ``out["sequences"]`` reads a field as transformers' outputs allow.
-    """
-
-    sequences: torch.Tensor
-    logprobs: torch.Tensor | None = None
-    num_new_tokens: torch.Tensor | None = None
-    prompt_length: int = 0
-    timings: dict = field(default_factory=dict)
-    finish_reasons: list[str] = field(default_factory=list)
-    scores: tuple[torch.Tensor, ...] | None = None
-    logits: tuple[torch.Tensor, ...] | None = None
-    components: Components | None = None
-
-    def __getitem__(self, name: str):
-        if not isinstance(name, str) or name.startswith("_") or not hasattr(self, name):
-            raise KeyError(name)
-        return getattr(self, name)
 
 
 class FastIVLDecoder:
@@ -343,33 +304,9 @@ class FastIVLDecoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        n, b = loop.steps, prompt.shape[0]
-        seqs = torch.cat([prompt, loop.bufs.out[:b, :n]], dim=1)
-        lp = loop.bufs.logprobs[:b, :n].clone() if opts.return_logprobs else None
-        timings = {
-            "total_s": elapsed,
-            "prefill_s": loop.prefill_s,
-            "steps": n,
-            "batch": b,
-            "graphs": loop.graph_kind or "off",
-            "graph_captures": loop.captures,
-        }
-        if isinstance(loop, SpeculativeLoop):  # rounds, drafted, accepted, acceptance_rate
-            timings.update(loop.timings())
-            reasons = []
-        else:
-            reasons = loop.finish_reasons(b)
         if options.get("return_dict_in_generate") is False:  # asked for transformers' plain tensor
-            return seqs
-        bufs = loop.bufs
-        scores = tuple(bufs.scores[:b, i].clone() for i in range(n)) if loop.opts.record[0] else None
-        logits = tuple(bufs.raw_logits[:b, i].clone() for i in range(n)) if loop.opts.record[1] else None
-        new = loop.num_new_tokens(b)
-        k = loop.opts.return_components
-        comps = None
-        if k:
-            comps = Components(bufs.comp_ids[:b, :n, :, :k].clone(), bufs.comp_vals[:b, :n, :, :k].clone(), new.clone())
-        return IVLGenerateOutput(seqs, lp, new, prompt.shape[1], timings, reasons, scores, logits, comps)
+            return loop_sequences(loop)
+        return generate_output(loop, elapsed)
 
     def stream(self, input_ids, attention_mask=None, *, generation_config=None, **options) -> Iterator[torch.Tensor]:
         """Yield the new token ids [B] of each step (pad for rows already stopped); same arguments as generate."""
