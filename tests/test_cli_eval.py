@@ -67,6 +67,7 @@ def test_eval_takes_lm_evals_flags_and_writes_its_layout(pair, tasks_dir, tmp_pa
     lines = [json.loads(x) for x in next(out_dir.rglob("samples_ivl_gen_*.jsonl")).read_text().splitlines()]
     assert len(lines) == 2 and all("resps" in x and "doc" in x for x in lines)
     # the hyphenated spellings and --offline; a second run writes new files beside the first
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # restored after the test (--offline sets it to 1)
     argv = ["--base", pair[2], "--value", pair[3], "--tasks", "ivl_mc", "--include-path", tasks_dir, "--limit", 2]
     argv += ["--num-fewshot", 0, "--batch-size", 2, "--device", "cpu", "--output-path", out_dir, "--offline"]
     rc, out, err = _cli(capsys, *argv)
@@ -222,3 +223,12 @@ def test_eval_outside_a_git_checkout_prints_no_git_errors(pair, tasks_dir, tmp_p
     out, err = capfd.readouterr()
     assert rc == 0, err
     assert "fatal" not in err and "|ivl_mc" in out
+
+
+def test_offline_says_how_to_allow_the_download(pair, capsys, monkeypatch):
+    """--offline with a hub task whose dataset is not cached: one line naming the dataset and what to do."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach the network from a test, whatever the flag does
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # restored after the test (--offline sets it to 1)
+    rc, _, err = _cli(capsys, "--base", pair[2], "--value", pair[3], "--tasks", "arc_easy", "--offline", "--limit", 1)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "allenai/ai2_arc" in err and "run without --offline to let lm-eval download it" in err

@@ -14,6 +14,7 @@ lm-eval's own CLI with this model type: :mod:`ivl_fast.lm_eval_cli`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -153,6 +154,20 @@ def _limit(value: float | None):
     return None if value is None else int(value) if value >= 1 else value
 
 
+@contextlib.contextmanager
+def _dataset_errors(offline: bool):
+    """A task's dataset that cannot be read: one line saying why and what to do (not the datasets traceback)."""
+    try:
+        yield
+    except ConnectionError as e:  # datasets' "Couldn't reach '<repo>' on the Hub (OfflineModeIsEnabled)", or no network
+        if offline:
+            raise UsageError(
+                f"{e}: the dataset is not in the Hugging Face cache and --offline forbids downloading it; run without "
+                "--offline to let lm-eval download it, or give local task files with --include_path"
+            ) from None
+        raise UsageError(f"{e}: lm-eval could not download the dataset (is the Hub reachable from here?)") from None
+
+
 # what the flags set: --model_args may not set them again
 FLAG_MODEL_ARGS = ("base", "value", "alpha", "scheme", "vocab_map", "dtype", "device", "batch_size", "max_length")
 FLAG_MODEL_ARGS += ("draft", "num_draft_tokens", "terms", "tensor_parallel", "max_batch_size")
@@ -232,7 +247,7 @@ def _run(args, runs, *, write: bool) -> int:
     )
     for shots, tasks in runs:
         tracker = EvaluationTracker(output_path=None if args.output_path is None else str(args.output_path))
-        with quiet_git():
+        with quiet_git(), _dataset_errors(args.offline):
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=tasks,
