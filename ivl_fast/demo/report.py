@@ -115,7 +115,8 @@ def readme_block(main: dict, others: list[dict]) -> str:
     runs = [main, *others]
     seeds = ", ".join(str(r["world"]["seed"]) for r in runs)
     head = (
-        f"`{prov['command']}` (seed {main['world']['seed']}), {_minutes(prov['seconds'])} from scratch on "
+        f"`{prov['command']}` (seed {main['world']['seed']}), {_minutes(prov['seconds'])} "
+        f"{'from its cache (evaluation only)' if prov.get('from_cache') else 'from scratch'} on "
         f"{m['cores']} cores of an {m['cpu']} (torch {prov['versions']['torch']}, "
         f"commit {(prov['commit'] or 'unknown')[:7]}):"
     )
