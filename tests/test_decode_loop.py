@@ -179,3 +179,22 @@ def test_a_row_nonfinite_for_one_round_between_host_checks_is_still_reported(dec
     assert dec.sync_every == 8
     assert err.value.rows == [1] and "within steps [0, 8)" in str(err.value)
     assert len(calls) >= 3, "no finite round followed the bad one before the check"
+
+
+def test_a_stream_raises_before_yielding_a_token_drawn_from_non_finite_prefill_logits(dec, monkeypatch):
+    """stream() checks the host every step: when a row's first token comes from non-finite logits (the prefill's,
+    a fault injected at the value engine's prefill), iterating raises before that token is handed out."""
+    from ivl_fast import NonFiniteLogitsError
+
+    prefill = dec.models.value.prefill
+
+    def nan_prefill(*args, **kwargs):
+        z = prefill(*args, **kwargs).clone()
+        z[0] = float("nan")
+        return z
+
+    monkeypatch.setattr(dec.models.value, "prefill", nan_prefill)
+    steps = dec.stream([PROMPTS[0]], max_new_tokens=4, eos_token_id=[])
+    with pytest.raises(NonFiniteLogitsError) as err:
+        next(steps)
+    assert err.value.rows == [0]
