@@ -198,3 +198,30 @@ def test_a_stream_raises_before_yielding_a_token_drawn_from_non_finite_prefill_l
     with pytest.raises(NonFiniteLogitsError) as err:
         next(steps)
     assert err.value.rows == [0]
+
+
+def test_graph_replays_run_no_further_ahead_than_the_host_must_look():
+    """Replayed as graphs, a loop runs ahead of the host only when nothing but the device can stop it: a stream
+    (sync_every=1) has its next step after each token, and with stop strings a check every sync_every rounds; only
+    EOS and budgets let it replay every remaining round at once. (The tokens are the same; what differs is how soon a
+    stream's tokens and a stop string's end are seen.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(256)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="t0")
+    graphed = FastIVLDecoder(build_model("llama", seed=21), build_model("llama", seed=22), graphs="emulate",
+                             kv_block=8, tokenizer=tok)  # fmt: skip
+
+    def steps_after(n_yields: int, **kw) -> int:
+        loop = graphed.start_loop([PROMPTS[0]], max_new_tokens=12, eos_token_id=[], **kw)
+        it = iter(loop)
+        for _ in range(n_yields):
+            next(it)
+        return loop.steps
+
+    assert steps_after(2, sync_every=1) == 2  # a stream: one round per token
+    assert steps_after(2, sync_every=3, stop_strings=["never"]) == 4  # the first chunk of 3 rounds after the prefill
+    assert steps_after(2, sync_every=3) == 12  # nothing for the host to look at: every round at once
