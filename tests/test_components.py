@@ -101,3 +101,4 @@ def test_a_continuous_batch_records_the_components_of_the_rows_that_ask(models):
     batch.retire(sa)
     with pytest.raises(ValueError, match=r"^components must be an integer in \[0, 4\] \(the batch's components\)"):
         batch.admit_many([SlotRequest(a, 5, components=5)])
+

@@ -218,3 +218,49 @@ def test_stop_tokens_stop_strings_and_the_length_limit(dirs, alone):
     got_text, got_ids, end = streamed(ends[2])
     assert got_ids == ref[:7] and end == Finished("length", 7)
     assert got_text == tok.decode(ref[:7], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------- metrics, components
+def test_latency_metrics_count_each_first_token_once_and_fit_in_the_runs_time(dirs):
+    """Every sequence's first token is one time-to-first-token observation and each later token one per-token gap
+    (ours and vLLM's names); the observed sums fit inside the run's wall time."""
+    import time
+
+    from ivl_fast.serve.metrics import Metrics
+
+    sched = _scheduler(dirs, metrics=Metrics("m"))
+    t0 = time.perf_counter()
+    _run(sched, [SequenceRequest(p, n, GREEDY) for p, n in zip(_prompts([4, 6, 3]), (5, 7, 2), strict=True)])
+    wall = time.perf_counter() - t0
+    reg = sched.metrics.registry
+
+    def value(name, **labels):
+        return reg.get_sample_value(name, labels)
+
+    assert value("ivl_time_to_first_token_seconds_count") == 3
+    assert value("ivl_time_per_output_token_seconds_count") == (5 - 1) + (7 - 1) + (2 - 1)
+    assert value("vllm:time_to_first_token_seconds_count", model_name="m") == 3
+    assert value("vllm:inter_token_latency_seconds_count", model_name="m") == 11
+    assert value("vllm:generation_tokens_total", model_name="m") == 14
+    assert value("vllm:prompt_tokens_total", model_name="m") == 13
+    assert value("vllm:request_success_total", model_name="m", finished_reason="length") == 3
+    for name in ("ivl_time_to_first_token_seconds_sum", "ivl_time_per_output_token_seconds_sum"):
+        assert 0 < value(name) <= 3 * wall, name  # per sequence at most the run's time
+    assert 0 < value("vllm:e2e_request_latency_seconds_sum", model_name="m") <= 3 * wall
+    assert value("vllm:num_requests_running", model_name="m") == 0
+
+
+def test_a_request_reads_what_the_value_network_changed_as_generate_gives_it(dirs, alone):
+    """components=k: per token the base's, the value's and the combination's top-k, as generate(return_components=k)
+    gives them for the request alone; a request beside it that asks for none gets none."""
+    sched = _scheduler(dirs)
+    p, q = _prompts([5, 3])
+    ends = _run(sched, [SequenceRequest(p, 4, GREEDY, components=2), SequenceRequest(q, 4, GREEDY)])
+    want = alone.generate([p], max_new_tokens=4, eos_token_id=[], return_components=2).components
+    got = sum((e.components for e in ends[0] if isinstance(e, Delta)), [])
+    assert len(got) == 4
+    for t, comp in enumerate(got):
+        for side in range(3):
+            assert [i for i, _ in comp[side]] == want.ids[0, t, side].tolist()
+            assert [v for _, v in comp[side]] == pytest.approx(want.values[0, t, side].tolist(), abs=1e-5)
+    assert all(e.components == [] for e in ends[1] if isinstance(e, Delta))

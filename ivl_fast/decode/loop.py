@@ -23,6 +23,7 @@ from ..graphs import kv_segments, run_cpp, run_python
 from ..models.engine import first_rows, graph_safe, supports
 from ..ops._backend import pick_backend
 from ..sampling import SamplingParams
+from ..schemes import uses_base, uses_value
 from .buffers import DecodeBuffers
 from .continuous import ContinuousBatch
 from .cross_vocab import Retokenizer
@@ -146,7 +147,7 @@ class DecodeLoop(ContinuousBatch):
                 self.bufs.ensure_top(top_logprobs)
             self.bufs.ensure_records(*options.record)
             if self.cfg.components:
-                if not (models.base in models.engines and models.value in models.engines):
+                if not (uses_base(models.scheme) and uses_value(models.scheme)):
                     raise ValueError(
                         f"return_components needs both models (scheme {models.scheme!r} runs one): it compares the "
                         "base alone with the combination"
