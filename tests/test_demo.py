@@ -346,6 +346,10 @@ def test_readme_demo_prose_holds_for_every_committed_run():
     """The claims README makes in words about the demo, checked against docs/demo_results*.json."""
     runs = [json.loads(p.read_text()) for p in sorted(COMMITTED.parent.glob("demo_results*.json"))]
     assert len(runs) == 3
+    # "changed the base's first choice at A% to B% of the answers' tokens over the three seeds"
+    changed = [x["changed_fraction"] for r in runs for x in r["rows"] if x["changed_fraction"] is not None]
+    text = " ".join(documentation().split())
+    assert f"first choice at {min(changed):.0%} to {max(changed):.0%} of the answers' tokens" in text
     for r in runs:
         acc = {x["name"]: x["accuracy"] for x in r["rows"]}
         fmt = {x["name"]: x["format_rate"] for x in r["rows"]}

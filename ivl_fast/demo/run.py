@@ -41,13 +41,14 @@ VALUE_NETWORKS = (
     ("value_curriculum", ("small", "mid"), 0.0, "residual"),  # Table 2: small, then mid
     ("value_b", ("small_b",), 0.0, "residual"),  # the other tokenizer's own family (Figure 4's comparison)
 )
-# the stages of run_demo in order, with their rough relative costs on 2 cores (the progress estimate, stages.py)
+# the stages of run_demo in order, with their seconds in a run from scratch on 2 cores (seed 0, commit 7d4710a; the
+# progress estimate weighs the stages by them, stages.py)
 STAGE_WEIGHTS = [("tokenizers", 1.0)]
-STAGE_WEIGHTS += [("pretrain small", 2.0), ("pretrain mid", 3.0), ("pretrain large", 4.0), ("pretrain other", 4.0)]
-STAGE_WEIGHTS += [("continue pretraining small", 2.0), ("pretrain small_b", 2.0)]
-STAGE_WEIGHTS += [(f"train {name}", 3.0) for name, *_ in VALUE_NETWORKS]
-STAGE_WEIGHTS += [("finetune large", 3.0), ("finetune small", 2.0), ("vocab map", 1.0), ("evaluate rows", 4.0)]
-STAGE_WEIGHTS += [("lm-eval", 8.0), ("premise", 1.0), ("timing", 2.0)]
+STAGE_WEIGHTS += [("pretrain small", 18.0), ("pretrain mid", 36.0), ("pretrain large", 80.0), ("pretrain other", 77.0)]
+STAGE_WEIGHTS += [("continue pretraining small", 9.0), ("pretrain small_b", 13.0)]
+STAGE_WEIGHTS += [(f"train {name}", 9.0 if name == "value_curriculum" else 5.0) for name, *_ in VALUE_NETWORKS]
+STAGE_WEIGHTS += [("finetune large", 6.0), ("finetune small", 2.0), ("vocab map", 1.0), ("evaluate rows", 3.0)]
+STAGE_WEIGHTS += [("lm-eval", 55.0), ("premise", 3.0), ("timing", 3.0)]
 STAGE_OUTPUTS = ["small", "mid", "large", "other", "continued", "small_b", "large_finetuned", "small_finetuned"]
 STAGE_OUTPUTS += [name for name, *_ in VALUE_NETWORKS]
 MARKER = "ivl-demo.json"  # a work dir holds it: the demo reuses (never deletes) only what it wrote there
