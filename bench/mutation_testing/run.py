@@ -338,6 +338,30 @@ def _summarise(res: dict, seconds: float) -> None:
     res["survivors"] = [r for r in res["records"] if r["status"] == "survived"]
 
 
+def _find_line(source: str, record: dict) -> int:
+    """Where a survivor's line is today: its recorded number, or, when code above it moved it, the one line whose
+    text is the recorded line's (and whose neighbours the recorded diff shows); SystemExit when it changed or is
+    not unique (recheck needs that code)."""
+    lines = source.splitlines()
+    n = record["line_number"]
+    if n < len(lines) and lines[n].strip() == record["line"]:
+        return n
+    context = [x[1:] for x in record["diff"].splitlines()[3:] if x.startswith(" ")]  # unchanged lines around it
+    found = [
+        i
+        for i, x in enumerate(lines)
+        if x.strip() == record["line"] and all(c in lines[max(0, i - 3) : i + 4] for c in context)
+    ]
+    if len(found) != 1:
+        raise SystemExit(f"{record['file']}:{n} changed since the run ({len(found)} places hold its line now)")
+    return found[0]
+
+
+def _hunks(diff: str) -> list[str]:
+    """A unified diff without its line numbers (a mutant of a moved line has the same hunks elsewhere)."""
+    return [x for x in diff.splitlines() if not x.startswith("@@")]
+
+
 def recheck(out: Path, only: list[str] | None = None) -> None:
     """Run every survivor in ``out`` again against today's tests (the ones added since the run), each with its
     target's test selection, and record what happens to it as ``recheck`` (killed / survived / timeout).
@@ -363,14 +387,16 @@ def recheck(out: Path, only: list[str] | None = None) -> None:
                 if r["status"] != "survived":
                     continue
                 original = (ROOT / r["file"]).read_text()
-                line = original.splitlines()[r["line_number"]]  # mutmut counts lines from 0
-                if line.strip() != r["line"]:
-                    raise SystemExit(f"{r['file']}:{r['line_number']} changed since the run; recheck needs that code")
-                mid = RelativeMutationID(line=line, index=r["index"], line_number=r["line_number"])
+                number = _find_line(original, r)
+                line = original.splitlines()[number]  # mutmut counts lines from 0
+                if number != r["line_number"]:  # code above it moved: the mutant is the same change of that line
+                    cfg = _MutmutConfig({**covered, r["file"]: covered.get(r["file"], set()) | {number + 1}})
+                mid = RelativeMutationID(line=line, index=r["index"], line_number=number)
                 assert mid != ALL
                 mutated, _ = mutate(Context(source=original, mutation_id=mid, filename=r["file"], config=cfg))
-                if _diff(r["file"], original, mutated) != r["diff"]:
+                if _hunks(_diff(r["file"], original, mutated)) != _hunks(r["diff"]):
                     raise SystemExit(f"{r['file']}:{r['line_number']}: mutant #{r['index']} is not the one recorded")
+                r["recheck_line_number"] = number
                 (ROOT / r["file"]).write_text(mutated)
                 try:
                     rc = run_tests(sock, args, timeout=timeout, cwd=str(ROOT))
