@@ -142,28 +142,26 @@ def _early_eos(bufs: DecodeBuffers, cfg: StepConfig, like: torch.Tensor) -> torc
     return (bufs.steps < cfg.min_new_tokens)[:, None] & eos[None, :]
 
 
-def _ban_early_eos(bufs: DecodeBuffers, cfg: StepConfig, zb, zv, vocab_map):
+def _ban_early_eos(bufs: DecodeBuffers, cfg: StepConfig, zb, zv):
     """min_new_tokens: the early rows' EOS logits lowered on one side of the combination so that no EOS is drawn
-    -> (zb, zv, pushed). The base's side (mapped into the value vocabulary first when there is a map; -> pushed)
-    or, without a base, the value's; to a finite floor (-1e30, or a quarter of the dtype's lowest), not -inf,
-    which the non-finite check would report: any finite value of the other side added, exp() of it is 0."""
-    pushed = zb is not None and vocab_map is not None
-    side = (vocab_map.apply(zb) if pushed else zb) if zb is not None else zv
+    -> (zb, zv): the base's side (already in the sampled vocabulary) or, without a base, the value's; to a finite
+    floor (-1e30, or a quarter of the dtype's lowest), not -inf, which the non-finite check would report: any
+    finite value of the other side added, exp() of it is 0."""
+    side = zb if zb is not None else zv
     side = side.masked_fill(_early_eos(bufs, cfg, side), max(torch.finfo(side.dtype).min / 4, -1e30))
-    return (side, zv, pushed) if zb is not None else (None, side, False)
+    return (side, zv) if zb is not None else (None, side)
 
 
-def _records(bufs: DecodeBuffers, cfg: StepConfig, zb, zv, rows, vocab_map, alpha, terms) -> dict:
-    """The step's transformers-style outputs, computed apart from the fused sampler: ``raw_logits``, the combined
-    logits (mapped, before any processor), and ``scores``, what transformers' processors and (when sampling)
-    warpers make of them: penalties, EOS at -inf before min_new_tokens, then temperature, top-k, top-p, min-p."""
-    zb = vocab_map.apply(zb) if (vocab_map is not None and zb is not None) else zb
-    listed = (terms["terms"], terms["term_weights"]) if terms else None
+def _records(bufs: DecodeBuffers, cfg: StepConfig, zb, zv, rows, alpha, terms) -> dict:
+    """The step's transformers-style outputs, computed apart from the fused sampler (``zb`` in the sampled
+    vocabulary; ``terms``: (logits, weights) or None): ``raw_logits``, the combined logits (before any processor),
+    and ``scores``, what transformers' processors and (when sampling) warpers make of them: penalties, EOS at -inf
+    before min_new_tokens, then temperature, top-k, top-p, min-p."""
     out = {}
     if cfg.record_logits:
-        out["raw_logits"] = combine_logits(zb, zv, alpha, list(zip(*listed, strict=True)) if listed else ())
+        out["raw_logits"] = combine_logits(zb, zv, alpha, list(zip(*terms, strict=True)) if terms else ())
     if cfg.record_scores:
-        z = penalized_logits(zb, zv, rows, alpha=alpha, terms=listed)
+        z = penalized_logits(zb, zv, rows, alpha=alpha, terms=terms)
         if cfg.min_new_tokens and cfg.n_eos:
             z = z.masked_fill(_early_eos(bufs, cfg, z), float("-inf"))
         if not cfg.sampling.greedy:
@@ -173,12 +171,12 @@ def _records(bufs: DecodeBuffers, cfg: StepConfig, zb, zv, rows, vocab_map, alph
     return out
 
 
-def _components(zb, zv, alpha, terms, vocab_map, k: int) -> dict:
+def _components(zb, zv, alpha, terms, k: int) -> dict:
     """What the value network changed, per row: the top-``k`` of the base alone (log-probabilities), of the value
     network's delta alpha * z_value (logits) and of the combination (log-probabilities, logit terms included),
-    before penalties and warpers -> {"comp_ids": [B, 3, k] int64, "comp_vals": [B, 3, k] fp32}."""
-    zb = vocab_map.apply(zb) if vocab_map is not None else zb
-    listed = list(zip(*terms.values(), strict=True)) if terms else ()
+    before penalties and warpers (``zb`` in the sampled vocabulary; ``terms``: (logits, weights) or None) ->
+    {"comp_ids": [B, 3, k] int64, "comp_vals": [B, 3, k] fp32}."""
+    listed = list(zip(*terms, strict=True)) if terms else ()
     sides = (zb.float().log_softmax(-1), alpha * zv.float(), combine_logits(zb, zv, alpha, listed).log_softmax(-1))
     tops = [x.topk(k, dim=-1) for x in sides]
     return {
@@ -209,15 +207,19 @@ def sample(models: ModelSet, bufs: DecodeBuffers, cfg: StepConfig, zb, zv, pushe
     alpha = bufs.alpha if cfg.row_alpha else models.alpha
     vocab_map = None if pushed else models.vocab_map
     records = None
-    if cfg.record_scores or cfg.record_logits:  # before the EOS ban: output_logits are the models' own
-        records = _records(bufs, cfg, zb, zv, rows, vocab_map, alpha[:, None] if cfg.row_alpha else alpha, terms)
-    if cfg.components:
-        comps = _components(zb, zv, alpha[:, None] if cfg.row_alpha else alpha, terms, vocab_map, cfg.components)
-        records = {**(records or {}), **comps}
-    if cfg.min_new_tokens and cfg.n_eos:
-        zb, zv, now_pushed = _ban_early_eos(bufs, cfg, zb, zv, vocab_map)
-        if now_pushed:
-            vocab_map = None
+    ban = cfg.min_new_tokens and cfg.n_eos
+    if cfg.record_scores or cfg.record_logits or cfg.components or ban:
+        if vocab_map is not None and zb is not None:  # pushed once here: every use below reads the sampled vocabulary
+            zb, vocab_map = vocab_map.apply(zb), None
+        a = alpha[:, None] if cfg.row_alpha else alpha
+        pairs = (terms["terms"], terms["term_weights"]) if terms else None
+        records = {}
+        if cfg.record_scores or cfg.record_logits:  # before the EOS ban: output_logits are the models' own
+            records.update(_records(bufs, cfg, zb, zv, rows, a, pairs))
+        if cfg.components:
+            records.update(_components(zb, zv, a, pairs, cfg.components))
+        if ban:
+            zb, zv = _ban_early_eos(bufs, cfg, zb, zv)
     ids, lp, bad = sample_rows(
         zb,
         zv,
