@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_model
+from cross_vocab_fixtures import bpe_concat_tokenizer, char_level_base_tokenizer, script_value
 from cross_vocab_reference import cross_vocab_reference
 
 from ivl_fast import FastIVLDecoder
@@ -151,43 +152,6 @@ def test_sentencepiece_value_keeps_the_space_between_prompt_and_reply(setting):
                 assert reply.startswith(" ")
 
 
-def _char_level_base_tokenizer():
-    """A Llama-1-like base tokenizer without byte fallback: one token per character (no merges), "▁" for spaces,
-    <s> before every text and <unk> for each character outside its alphabet (not fused). So a value token of N
-    characters costs the base about N tokens, and the replacement character "�" and "中" are both one <unk>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=1, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False)
-    tok.train_from_iterator([corpus_text(20_000)], trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
-def _script(model, chains: list[list[int]], *, strength: float = 2.0, scale: float = 20.0) -> None:
-    """Give a random value model fixed successions: in each chain, token a_i is followed by a_(i+1) with a logit
-    margin of about 8 * strength. Each link owns one coordinate j of the residual stream: only a_i's embedding has
-    it (scale * e_j), no layer writes to it (its rows of every o_proj / down_proj are zeroed) and only
-    a_(i+1)'s lm_head row reads it. Every other token keeps its random behaviour, untouched by the script."""
-    links = [(a, b) for ch in chains for a, b in zip(ch[:-1], ch[1:], strict=True)]
-    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-    with torch.no_grad():
-        coords = torch.arange(len(links))
-        emb[:, coords] = 0.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[coords] = 0.0
-            layer.mlp.down_proj.weight[coords] = 0.0
-        for j, (a, b) in enumerate(links):
-            emb[a] = 0.0
-            emb[a, j] = scale
-            head[b, j] = strength
-
-
 @pytest.fixture(scope="module")
 def ragged_setting():
     """value: SentencePiece-style with byte fallback (1000 + 256 tokens); base: character level, no byte fallback.
@@ -201,7 +165,7 @@ def ragged_setting():
 
     text = corpus_text(120_000)
     vtok = train_sentencepiece_style_on([text[i : i + 4096] for i in range(0, len(text), 4096)], 1000)
-    btok = _char_level_base_tokenizer()
+    btok = char_level_base_tokenizer()
     vmap = VocabMap.build(btok, vtok, [corpus_text()[200_000:220_000]], top_k=3)
     prompts = ["The for statement", "A function definition"]
     ids = [vtok(p)["input_ids"] for p in prompts]
@@ -212,7 +176,7 @@ def ragged_setting():
     value = build_model("llama", seed=1, vocab_size=len(vtok))
     # strength 10 (a margin of ~80): the scripted links must win whatever the base's pushed log-probabilities are,
     # down to the floor log(1e-30) of value tokens nothing maps to (the byte tokens: the base has none)
-    _script(value, [[ids[0][-1], *bytes_of], [ids[1][-1], *words, vtok.eos_token_id]], strength=10.0)
+    script_value(value, [[ids[0][-1], *bytes_of], [ids[1][-1], *words, vtok.eos_token_id]], strength=10.0)
     return btok, vtok, vmap, base, value, ids
 
 
@@ -349,75 +313,14 @@ def test_continuous_batching_across_vocabularies_decodes_each_request_as_alone(s
     assert batch.admit(ids[2], 3) in (0, 1)  # nothing was admitted by the refused requests
 
 
-def _bpe_concat(tokens: list[str], merges: list[tuple[str, str]]):
-    """A BPE over whitespace-split words with a hand-written vocabulary, decoded by concatenation (no markers: a
-    token's surface is itself), <s> a special token (not added)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def test_a_shrinking_context_rereads_the_boundary_it_needs():
-    """The base's logits kept per row (the last 4 prefixes) must be re-read when the context shrinks below them.
-    Value tokens "xabcd", "e", "f" after the prompt "qq"; the base has the characters, "de" and "cde" (merges d+e,
-    c+de) and "abcdef" (no merge makes it, but it extends text). After "xabcd" the base reads 5 new tokens
-    [x, a, b, c, d] (its ring holds the last 4 prefixes); after "e" the text re-tokenizes to [x, a, b, cde] (one
-    token shorter), whose last 3 tokens' text "abcde" is extended by "abcdef": the rule reads the base's logits
-    after [q, q, x], which the ring no longer holds, so the base must re-read from there. The same right after the
-    prefill of "qqxabcd". Greedy tokens, their log-probabilities and the whole distribution at the step that
-    re-reads (through scoring, in a batch whose first row finished) equal the float64 definition's."""
-    chars = list("abcdefqx")
-    btok = _bpe_concat(["<unk>", "<s>", "</s>", *chars, "de", "cde", "abcdef"], [("d", "e"), ("c", "de")])
-    vtok = _bpe_concat(
-        ["<unk>", "<s>", "</s>", *chars, "xa", "xab", "xabc", "xabcd"],
-        [("x", "a"), ("xa", "b"), ("xab", "c"), ("xabc", "d")],
-    )
-    b, v = btok.convert_tokens_to_ids, vtok.convert_tokens_to_ids
-    assert btok("xabcd")["input_ids"] == [b(c) for c in "xabcd"] and btok("xabcde")["input_ids"] == [
-        b("x"), b("a"), b("b"), b("cde")
-    ]
-    w = torch.zeros(len(btok), len(vtok))  # each base token to the value token of its first character
-    for tok, i in btok.get_vocab().items():
-        w[i, v(tok if tok in vtok.get_vocab() else tok[0])] = 1.0
-    vmap = VocabMap.from_dense(w)
-    base = build_model("llama", seed=4, vocab_size=len(btok))
-    value = build_model("llama", seed=5, vocab_size=len(vtok))
-    _script(value, [[v("q"), v("xabcd"), v("e"), v("f")]], strength=10.0)
-    dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
-    # "qq": the shrink two steps in (after the 5 new tokens of "xabcd"); "qqxabcd": right after the prefill
-    for text, at, want in (("qq", 2, ["xabcd", "e", "f"]), ("qqxabcd", 1, ["e", "f"])):
-        ids = vtok(text)["input_ids"]
-        ref = cross_vocab_reference(base, value, vmap, btok, vtok, [ids], 4, texts=[text])[0]
-        assert ref["ids"][: len(want)] == [v(t) for t in want], "the script did not hold"
-        reads = ref["reads"]
-        assert len(reads[at]) == len(reads[at - 1]) - 1  # the context shrank by one token there
-        out = dec.generate([ids], texts=[text], max_new_tokens=4, eos_token_id=[], return_logprobs=True)
-        assert out.sequences[0, len(ids) :].tolist() == ref["ids"]
-        lp64 = torch.tensor(ref["lp64"], dtype=torch.float64)
-        torch_err = float((torch.tensor(ref["lp32"], dtype=torch.float64) - lp64).abs().max())
-        err = float((out.logprobs[0].double() - lp64).abs().max())
-        assert err <= max(2 * torch_err, 1e-5), (out.logprobs[0].tolist(), ref["lp64"])
-        # the whole distribution at the step that re-reads, through scoring (the same feed): every value token next;
-        # a request that finishes first sits in the batch's first row (the others are planned after it)
-        firsts = ref["ids"][:at]
-        reqs = [(ids + [v("q")] * 6, [v("x")])] + [(ids, firsts + [t]) for t in range(len(vtok))]
-        scores = dec.loglikelihood(reqs, texts=[None] + [text] * len(vtok), batch_size=len(reqs))[1:]
-        got = torch.tensor([lp for lp, _ in scores], dtype=torch.float64) - sum(ref["lp64"][:at])
-        torch.testing.assert_close(got, ref["dist64"][at], atol=max(4 * torch_err, 1e-4), rtol=0)
-
-
 def test_the_retokenizer_refuses_what_the_base_cannot_hold_naming_it():
     """The base's context limit, at its exact edge: a prompt of L base tokens needs a context above L + 1 (one free
     column for idle rows' writes); a row whose context reaches the limit while decoding is refused, naming it."""
     from ivl_fast.decode.cross_vocab import Retokenizer
 
     chars = list("abcdefqx")
-    btok = _bpe_concat(["<unk>", "<s>", "</s>", *chars], [])
-    vtok = _bpe_concat(["<unk>", "<s>", "</s>", *chars, "qq"], [("q", "q")])
+    btok = bpe_concat_tokenizer(["<unk>", "<s>", "</s>", *chars], [])
+    vtok = bpe_concat_tokenizer(["<unk>", "<s>", "</s>", *chars, "qq"], [("q", "q")])
     ids = vtok("qq")["input_ids"]  # one value token; the base reads [q, q]
     assert Retokenizer(vtok, btok, [ids], ["qq"], False, 4).base_ctx == [[btok.convert_tokens_to_ids("q")] * 2]
     with pytest.raises(ValueError) as err:
@@ -462,76 +365,6 @@ def test_admitting_a_prompt_longer_than_the_base_cache_planned_grows_it(ragged_s
     got = batch.tokens(slot)
     del batch
     assert got == dec.generate([ids], texts=[text], max_new_tokens=3, eos_token_id=[]).sequences[0, len(ids) :].tolist()
-
-
-class BaseReads:
-    """What the base computes, seen at its engine's interface (prefill, rewind, decode): each row's token context and
-    every prefix whose next-token logits it computed. ``needless``: prefixes computed again while the logits kept
-    per row (the last MAX_BACK + 1 prefixes, one slot per length mod MAX_BACK + 1) still held them."""
-
-    def __init__(self, base, slots: int, monkeypatch):
-        self.slots, self.ctx, self.held, self.computed, self.needless = slots, {}, {}, 0, []
-        prefill, rewind, decode = base.prefill, base.rewind, base.decode
-
-        def on_prefill(ids, mask, *, rows=None, tail_logits=0, **kw):
-            listed = range(ids.shape[0]) if rows is None else rows.tolist()
-            for i, r in enumerate(listed):
-                self.ctx[r] = [t for t, m in zip(ids[i].tolist(), mask[i].tolist(), strict=True) if m]
-                self.held[r] = {}
-                for k in range(min(max(tail_logits, 1), len(self.ctx[r]))):
-                    self._computed(r, self.ctx[r][: len(self.ctx[r]) - k], again_ok=True)
-            return prefill(ids, mask, rows=rows, tail_logits=tail_logits, **kw)
-
-        def on_rewind(lengths):
-            for r, n in enumerate(lengths.tolist()):
-                if r in self.ctx:
-                    self.ctx[r] = self.ctx[r][:n]
-            return rewind(lengths)
-
-        def on_decode(ids, *, active=None, **kw):
-            for r, t in enumerate(ids.tolist()):
-                if r in self.ctx and (active is None or bool(active[r])):
-                    self.ctx[r].append(t)
-                    self._computed(r, self.ctx[r])
-            return decode(ids, active=active, **kw)
-
-        for name, f in (("prefill", on_prefill), ("rewind", on_rewind), ("decode", on_decode)):
-            monkeypatch.setattr(base, name, f)
-
-    def _computed(self, r: int, prefix: list[int], again_ok: bool = False) -> None:
-        self.computed += 1
-        slot = len(prefix) % self.slots
-        if not again_ok and self.held[r].get(slot) == tuple(prefix):
-            self.needless.append((r, len(prefix)))
-        self.held[r][slot] = tuple(prefix)
-
-
-def test_the_base_reads_a_prefix_again_only_when_its_logits_are_no_longer_kept(setting, tokenizer, monkeypatch):
-    """Across vocabularies the base keeps its logits after the last MAX_BACK + 1 prefixes of each row's context and
-    re-reads (rewinds and decodes again) only where the boundary rule needs logits it no longer holds: in a batch of
-    prompts decoded greedily and sampled, and in a continuous batch with a request joining, no prefix the base
-    still held logits for is computed again. Its outputs stay those of generate() without the spy."""
-    from ivl_fast.decode.boundary import MAX_BACK
-
-    base_tok, vmap, base, value = setting
-    dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok, sample_backend="torch")
-    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    runs = [
-        {"max_new_tokens": 16},
-        {"max_new_tokens": 16, "do_sample": True, "temperature": 1.3, "seed": 3},
-    ]
-    want = [dec.generate(ids, texts=PROMPTS, eos_token_id=[], **kw).sequences for kw in runs]
-    reads = BaseReads(dec.models.base, MAX_BACK + 1, monkeypatch)
-    for kw, w in zip(runs, want, strict=True):
-        assert torch.equal(dec.generate(ids, texts=PROMPTS, eos_token_id=[], **kw).sequences, w)
-    batch = dec.open_batch(slots=2, max_seq_len=64, eos_token_id=[], per_request=True)
-    a = batch.admit(ids[0], 12)
-    batch.step()
-    b = batch.admit(ids[1], 8)
-    while not (batch.is_finished(a) and batch.is_finished(b)):
-        batch.step()
-    assert reads.computed > 3 * 16
-    assert reads.needless == [], reads.needless
 
 
 def test_an_admission_without_text_reads_the_prompt_as_generate_does(setting, tokenizer):

@@ -87,7 +87,7 @@ TARGETS: dict[str, dict] = {
         "scope": {
             "ivl_fast/decode/step.py": {
                 "names": ["_kw", "_with_terms", "into_slots", "prefill_logits", "decode_logits"]
-                + ["_early_eos", "_ban_early_eos", "_records", "sample", "emit"],
+                + ["_early_eos", "_ban_early_eos", "_records", "_components", "sample", "emit"],
                 "line_fraction": 0.5,
             },
         },
@@ -99,6 +99,7 @@ TARGETS: dict[str, dict] = {
             "tests/test_logit_terms.py",
             "tests/test_graphs.py",
             "tests/test_probe.py",
+            "tests/test_components.py",
             *SLOW_DECODE_TESTS,
         ],
     },
@@ -129,6 +130,7 @@ TARGETS: dict[str, dict] = {
             "tests/test_generate_transformers_args.py",
             "tests/test_slots.py",
             "tests/test_cross_vocab.py",
+            "tests/test_cross_vocab_reads.py",
             "tests/test_decoder.py",
             "tests/test_graphs.py",
             *SLOW_DECODE_TESTS,
@@ -151,6 +153,7 @@ TARGETS: dict[str, dict] = {
         },
         "tests": [
             "tests/test_cross_vocab.py",
+            "tests/test_cross_vocab_reads.py",
             "tests/test_cross_vocab_scoring.py",
             "tests/test_boundary.py",
             "tests/test_vocab_segment.py",
@@ -178,7 +181,7 @@ TARGETS: dict[str, dict] = {
     },
     "vocab_push_forward": {
         "scope": {"ivl_fast/vocab/__init__.py": {"names": ["VocabMap.ell", "VocabMap.apply"], "line_fraction": 1.0}},
-        "tests": ["tests/test_vocab_map.py", "tests/test_cross_vocab.py"],
+        "tests": ["tests/test_vocab_map.py", "tests/test_cross_vocab.py", "tests/test_cross_vocab_reads.py"],
     },
     "trainer": {
         "scope": {

@@ -32,9 +32,11 @@ class CrossVocabFeed:
 
     def __init__(self, models: ModelSet, retok: Retokenizer, rows: int):
         self.models, self.retok, self.rows = models, retok, rows
-        self.zb: torch.Tensor | None = None
-        self.ring: torch.Tensor | None = None
-        self.valid_from = [0] * rows
+        self._forget()
+
+    def _forget(self) -> None:
+        """Hold no logits: no ``zb``, no ``ring``, no valid ring entry."""
+        self.zb, self.ring, self.valid_from = None, None, [0] * self.rows
 
     def allocate(self, capacity: int, max_seq_len: int, cols: int, continuous: bool) -> None:
         """The value's cache of ``capacity`` columns; the base's with room for a few base tokens per value token,
@@ -45,7 +47,7 @@ class CrossVocabFeed:
         m.base.allocate(self.rows, min(m.base.max_context, room))
         m.value.free_rows()  # free slots sit at position 0 (rows of an earlier run may sit anywhere)
         m.base.free_rows()
-        self.zb, self.ring, self.valid_from = None, None, [0] * self.rows
+        self._forget()
 
     def _grow_to(self, need: int) -> bool:
         base = self.models.base
