@@ -322,16 +322,16 @@ class IVLLM(TemplateLM):
         ids = self.tokenizer.encode(string, **kw)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
-    def _batch_encode(self, strings, left_truncate_len: int) -> list[list[int]]:
+    def _batch_encode(self, strings, left_truncate_len: int) -> tuple[list[list[int]], list[bool]]:
         """HFLM's ``tok_batch_encode`` without the padding: special tokens decided by the batch's first text (no
-        special tokens when it starts with the BOS text), then left truncation."""
+        special tokens when it starts with the BOS text), then left truncation. -> (ids, which were cut)."""
         kw = {}
         if has_bos_prefix(strings[0], getattr(self.tokenizer, "bos_token", None)):
             kw["add_special_tokens"] = False
         elif self.add_bos_token is not None:
             kw["add_special_tokens"] = self.add_bos_token
         enc = self.tokenizer(list(strings), **kw)["input_ids"]
-        return [list(ids)[-left_truncate_len:] for ids in enc]
+        return [list(ids)[-left_truncate_len:] for ids in enc], [len(ids) > left_truncate_len for ids in enc]
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
@@ -445,10 +445,14 @@ class IVLLM(TemplateLM):
             contexts, all_gen_kwargs = zip(*chunk, strict=True)
             gen_kwargs = all_gen_kwargs[0]  # the Collator groups equal gen_kwargs
             until, max_gen_toks, options = self._options(gen_kwargs, eos)
-            ids = self._batch_encode(contexts, self.max_length - max_gen_toks)
+            ids, cut = self._batch_encode(contexts, self.max_length - max_gen_toks)
             texts = None
-            if self.dec.cross_vocab:  # the base reads the (truncated) prompt text with its own tokenizer
-                texts = [self.tok_decode(x) for x in ids]
+            if self.dec.cross_vocab:
+                # the base reads the context as lm-eval rendered it (as loglikelihood does), special-token text
+                # included: a chat turn "<s><|user|>..." is read as the base's own tokenizer reads it, not the
+                # decoding of the ids without special tokens (a SentencePiece base then reads "▁<|user|>" after its
+                # BOS); a context cut to fit reads the kept ids' decoding
+                texts = [self.tok_decode(x) if c else s for x, c, s in zip(ids, cut, contexts, strict=True)]
             out = self.dec.generate(ids, texts=texts, **options)
             t = out.prompt_length
             for row, n, context in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), contexts, strict=True):

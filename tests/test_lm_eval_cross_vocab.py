@@ -46,8 +46,70 @@ def test_generate_until_across_vocabularies_equals_the_decoders_text(cross_dirs)
     tok = dec.tokenizer
     for p, text in zip(prompts, got, strict=True):
         ids = tok(p)["input_ids"]  # lm-eval's HF encoding: the tokenizer's own special tokens
-        out = dec.generate([ids], texts=[tok.decode(ids, skip_special_tokens=True)], max_new_tokens=10)
+        out = dec.generate([ids], texts=[p], max_new_tokens=10)
         want = tok.decode(out.sequences[0, len(ids) : len(ids) + int(out.num_new_tokens[0])], skip_special_tokens=True)
+        assert text == want.split("\n\n")[0]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_base_dirs(tmp_path_factory, tokenizer):
+    """A SentencePiece-style base (Metaspace: "▁" before the first word of a text, not after a special token)
+    under the byte-level value of ``cross_dirs``' kind."""
+    from ivl_fast.tiny import train_sentencepiece_style_on
+
+    root = tmp_path_factory.mktemp("xv_sp")
+    text = corpus_text(60_000)
+    base_tok = train_sentencepiece_style_on([text[i : i + 4096] for i in range(0, len(text), 4096)], 400)
+    base = build_model("llama", seed=2, vocab_size=len(base_tok))
+    value = build_model("llama", seed=3, vocab_size=len(tokenizer))
+    base.save_pretrained(root / "base")
+    base_tok.save_pretrained(root / "base")
+    value.save_pretrained(root / "value")
+    tokenizer.save_pretrained(root / "value")
+    VocabMap.build(base_tok, tokenizer, [corpus_text()[200_000:230_000]], top_k=3).save(root / "map.safetensors")
+    return root
+
+
+def test_generate_until_hands_the_base_the_chat_turn_as_rendered(sentencepiece_base_dirs, monkeypatch):
+    """With --apply_chat_template the context starts with the BOS text ("<s><|user|>..."). The base reads that
+    string (with its own tokenizer: no "▁" after the BOS), as loglikelihood's contexts and the demo's own evaluation
+    read it, not the ids' decoding without special tokens (which a SentencePiece base reads as "▁<|user|>" after the
+    BOS it adds): a tokenization its own chat pipeline would not produce."""
+    from lm_eval.api.instance import Instance
+
+    from ivl_fast.decode.cross_vocab import Retokenizer
+    from ivl_fast.lm_eval import IVLLM
+
+    root = sentencepiece_base_dirs
+    lm = IVLLM(
+        device="cpu",
+        batch_size=2,
+        base=str(root / "base"),
+        value=str(root / "value"),
+        vocab_map=str(root / "map.safetensors"),
+    )
+    contexts = [lm.apply_chat_template([{"role": "user", "content": q}]) for q in ("The for statement", "A function")]
+    tok, btok = lm.dec.tokenizer, lm.dec.base_tokenizer
+    assert all(c.startswith(tok.bos_token) for c in contexts)
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in contexts]
+    decoded = [tok.decode(x, skip_special_tokens=True) for x in ids]
+    rendered = Retokenizer(tok, btok, ids, contexts, False, 4096).base_ctx
+    assert rendered != Retokenizer(tok, btok, ids, decoded, False, 4096).base_ctx, "the two readings agree here"
+    assert [x[:4] for x in rendered] == [btok(c, add_special_tokens=False)["input_ids"][:4] for c in contexts]
+    seen = []
+    generate = lm.dec.generate
+
+    def spy(ids, texts=None, **kw):
+        seen.extend(texts)
+        return generate(ids, texts=texts, **kw)
+
+    monkeypatch.setattr(lm.dec, "generate", spy)
+    gen = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}
+    got = lm.generate_until([Instance("generate_until", {}, (c, gen), i) for i, c in enumerate(contexts)])
+    assert sorted(seen) == sorted(contexts)
+    for c, x, text in zip(contexts, ids, got, strict=True):
+        out = generate([x], texts=[c], max_new_tokens=6)
+        want = tok.decode(out.sequences[0, len(x) : len(x) + int(out.num_new_tokens[0])], skip_special_tokens=True)
         assert text == want.split("\n\n")[0]
 
 
@@ -71,7 +133,7 @@ def test_loglikelihood_across_vocabularies_through_lm_eval(cross_dirs):
     prompt = "The for statement"
     out = dec.generate([tok(prompt)["input_ids"]], texts=[prompt], max_new_tokens=6, eos_token_id=[])
     cont = tok.decode(out.sequences[0, out.prompt_length :].tolist())
-    (lp, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (prompt, cont), 0)])
+    ((lp, greedy),) = lm.loglikelihood([Instance("loglikelihood", {}, (prompt, cont), 0)])
     assert greedy and lp < 0
     (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("The for statement is used",), 0)])
     assert rolling == pytest.approx(dec.loglikelihood_rolling(["The for statement is used"])[0], abs=1e-4)
