@@ -101,11 +101,11 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--work-dir", str(work), "--json"]) == 0
     captured = capsys.readouterr()
     again = json.loads(captured.out)
-    assert "reusing 17 models an earlier run built" in captured.err
+    assert "reusing 18 models an earlier run built" in captured.err
     assert f"evaluating {len(ROW_NAMES)} rows" in captured.err
     stage_lines = [x for x in captured.err.splitlines() if x.startswith("demo: stage ")]
-    assert [x.split()[2] for x in stage_lines] == [f"{i}/23" for i in range(1, 24)]
-    assert sum("(reusing the work dir's)" in x for x in stage_lines) == 19  # every build stage: nothing retrained
+    assert [x.split()[2] for x in stage_lines] == [f"{i}/24" for i in range(1, 25)]
+    assert sum("(reusing the work dir's)" in x for x in stage_lines) == 20  # every build stage: nothing retrained
     assert "fatal" not in captured.err
     assert again["provenance"]["from_cache"]
     assert again["tokenizers"] == out["tokenizers"]  # the cached tokenizers, the ones the models learnt
@@ -139,6 +139,7 @@ ROW_MODELS = {  # the checkpoints (and weights) each same-vocabulary causal-LM r
     "large+proxy": [("large", 1.0), ("small_finetuned", 1.0), ("small", -1.0)],
     "large+value_curriculum": [("large", 1.0), ("value_curriculum", 1.0)],
     "other+value_b": [("other", 1.0), ("value_b", 1.0)],  # tokenizer b
+    "other+value_b_l1=1": [("other", 1.0), ("value_b_l1_1", 1.0)],  # tokenizer b
 }
 # recounted through the public API below: small+probe (not a causal LM: tests/test_probe.py checks its decoding
 # against the definition), the cascade rows (tests/test_train.py checks cascade decoding against the definition)
@@ -155,7 +156,7 @@ API_ROWS = {
 def _row_tokenizer(work: Path, row: str):
     from ivl_fast.chat import load_tokenizer
 
-    return load_tokenizer(work / ("other" if row in ("other", "other+value_b") else "small"))
+    return load_tokenizer(work / ("other" if row in ("other", "other+value_b", "other+value_b_l1=1") else "small"))
 
 
 def _float64_loader(work: Path):
@@ -233,7 +234,7 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
     hf = _float64_loader(work)
 
     models_of = ROW_MODELS  # the residual value checkpoints record their scheme; the demo decodes with alpha 1
-    for name in ("value", "value_l1_0.01", "value_l1_0.1", "value_l1_1", "value_curriculum", "value_b"):
+    for name in ("value", "value_l1_0.01", "value_l1_0.1", "value_l1_1", "value_curriculum", "value_b", "value_b_l1_1"):
         assert json.loads((work / name / "ivl.json").read_text())["scheme"] == "residual"
     got = {r["name"]: (r["accuracy"], r["format_rate"]) for r in out["rows"]}
     want = {}
@@ -245,10 +246,11 @@ def test_quick_demo_accuracy_and_format_rate_are_a_recount_of_its_answers(quick_
             ids = rtok(prompt, add_special_tokens=False)["input_ids"]
             texts.append(rtok.decode(_greedy_new_tokens(models, ids, 12, rtok.eos_token_id), skip_special_tokens=True))
         want[row] = recount(texts)
-    cross = FastIVLDecoder.from_pretrained(
-        work / "other", work / "value", vocab_map=work / "map_other_to_a.safetensors"
-    )
-    want["other_vocab+value"] = recount([cross.generate_text(q, chat=True, max_new_tokens=12) for q, _ in qa])
+    for row, value in (("other_vocab+value", "value"), ("other_vocab+value_l1=1", "value_l1_1")):
+        cross = FastIVLDecoder.from_pretrained(
+            work / "other", work / value, vocab_map=work / "map_other_to_a.safetensors"
+        )
+        want[row] = recount([cross.generate_text(q, chat=True, max_new_tokens=12) for q, _ in qa])
     for row, (base, value) in API_ROWS.items():
         dec = FastIVLDecoder.from_pretrained(work / base, work / value)  # the scheme from the value's ivl.json
         assert dec.scheme == json.loads((work / value / "ivl.json").read_text())["scheme"] != "residual"
@@ -308,18 +310,23 @@ def test_quick_demo_lm_eval_scores_are_a_recount_from_transformers_models(quick_
         assert 0 <= got["mc_acc_norm"] <= 1 and got["mc_note"] is None
     # across vocabularies: the same recount through the decoder's public loglikelihood (its scores are checked
     # against the definition in tests/test_cross_vocab_scoring.py), the base reading each context's text
-    cross = FastIVLDecoder.from_pretrained(
-        work / "other", work / "value", vocab_map=work / "map_other_to_a.safetensors"
-    )
-    tok = cross.tokenizer
-    right = 0
-    for q in qs:
-        context = f"{tok.bos_token}<|user|>\n{q['question']}\n<|assistant|>\n"
-        scores = [lp for lp, _ in cross.loglikelihood([(context, choice) for choice in q["choices"]])]
-        right += max(range(len(scores)), key=scores.__getitem__) == q["gold"]
-    got = rows["other_vocab+value"]["lm_eval"]
-    assert got["mc_acc"] == pytest.approx(right / len(qs)) and got["mc_note"] is None
-    assert 0 <= got["gen_exact_match"] <= 1
+    # and the generation task through generate_text (the chat turn rendered, the base reading its text)
+    for row, value in (("other_vocab+value", "value"), ("other_vocab+value_l1=1", "value_l1_1")):
+        cross = FastIVLDecoder.from_pretrained(
+            work / "other", work / value, vocab_map=work / "map_other_to_a.safetensors"
+        )
+        tok = cross.tokenizer
+        right = exact = 0
+        for q in qs:
+            context = f"{tok.bos_token}<|user|>\n{q['question']}\n<|assistant|>\n"
+            scores = [lp for lp, _ in cross.loglikelihood([(context, choice) for choice in q["choices"]])]
+            right += max(range(len(scores)), key=scores.__getitem__) == q["gold"]
+            first_line = cross.generate_text(q["question"], chat=True, max_new_tokens=12).split("\n")[0]
+            m = re.search(r"(ANSWER: \S+?)\.?$", first_line)
+            exact += m is not None and m.group(1) == q["answer"]
+        got = rows[row]["lm_eval"]
+        assert got["mc_acc"] == pytest.approx(right / len(qs)) and got["mc_note"] is None, row
+        assert got["gen_exact_match"] == pytest.approx(exact / len(qs)), row
 
 
 def test_readme_demo_results_are_the_committed_runs():

@@ -29,6 +29,8 @@ ROWS = {  # name -> what it is (paper)
     "large+proxy": "proxy tuning: large + (small fine-tuned - small) (Table 4)",
     "other_vocab+value": "transfer across tokenizers through a vocabulary map (Figure 4)",
     "other+value_b": "the other base with its own family's value network (trained on a small base of its tokenizer)",
+    "other_vocab+value_l1=1": "Figure 4 with value networks trained at L1 1 (the training default): across tokenizers",
+    "other+value_b_l1=1": "... and the other tokenizer's own value network at L1 1",
 }
 ROW_NAMES = list(ROWS)
 # rows of earlier demo versions, for their committed results

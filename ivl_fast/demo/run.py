@@ -40,6 +40,7 @@ VALUE_NETWORKS = (
     ("probe", ("small",), 0.0, "probe"),
     ("value_curriculum", ("small", "mid"), 0.0, "residual"),  # Table 2: small, then mid
     ("value_b", ("small_b",), 0.0, "residual"),  # the other tokenizer's own family (Figure 4's comparison)
+    ("value_b_l1_1", ("small_b",), 1.0, "residual"),  # Figure 4 again at the training default (L1 1) on both sides
 )
 # the stages of run_demo in order, with their seconds in a run from scratch on 2 cores (seed 0, commit 7d4710a; the
 # progress estimate weighs the stages by them, stages.py)
@@ -442,6 +443,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "large+proxy": FastIVLDecoder.from_pretrained(large, small_tuned, terms=[(small, -1.0)]),
         "other_vocab+value": steered(other, vocab_map=vmap_file),
         "other+value_b": steered(other, "value_b"),
+        "other_vocab+value_l1=1": steered(other, "value_l1_1", vocab_map=vmap_file),
+        "other+value_b_l1=1": steered(other, "value_b_l1_1"),
     }
     cross = decs["other_vocab+value"]
     if not cross.cross_vocab or tokenizer_hash(cross.base_tokenizer) == tokenizer_hash(cross.tokenizer):
