@@ -20,8 +20,20 @@ def setting(cross_setting):
     return cross_setting
 
 
-@pytest.mark.parametrize("extends, reread_to", [("abcdef", 2), ("bcdef", None)])
-def test_a_shrinking_context_rereads_the_boundary_it_needs(monkeypatch, extends, reread_to):
+MERGES_CDE = [("d", "e"), ("c", "de")]  # "xabcde" -> [x, a, b, cde]: one token shorter than [x, a, b, c, d]
+MERGES_ABCDE = MERGES_CDE + [("b", "cde"), ("a", "bcde")]  # "xabcde" -> [x, abcde]: three tokens shorter
+
+
+@pytest.mark.parametrize(
+    "extra, merges, shrink, reread_to",
+    [
+        (["de", "cde", "abcdef"], MERGES_CDE, 1, 2),
+        (["de", "cde", "bcdef"], MERGES_CDE, 1, None),
+        (["de", "cde", "bcde", "abcde", "abcdef"], MERGES_ABCDE, 3, 2),
+    ],
+    ids=["rereads", "holds", "rereads-at-the-rewind"],
+)
+def test_a_shrinking_context_rereads_the_boundary_it_needs(monkeypatch, extra, merges, shrink, reread_to):
     """The base's logits kept per row (the last 4 prefixes) must be re-read when the context shrinks below them.
     Value tokens "xabcd", "e", "f" after the prompt "qq"; the base has the characters, "de" and "cde" (merges d+e,
     c+de) and "abcdef" (no merge makes it, but it extends text). After "xabcd" the base reads 5 new tokens
@@ -31,24 +43,22 @@ def test_a_shrinking_context_rereads_the_boundary_it_needs(monkeypatch, extends,
     prefill of "qqxabcd". Greedy tokens, their log-probabilities and the whole distribution at the step that
     re-reads (through scoring, in a batch whose first row finished) equal the float64 definition's. The base
     computes no prefix whose logits it still held (but what its KV cache must read again after one it no longer held),
-    and each step reads only the new tokens, but where it re-reads from [q, q, x]. With "bcdef" in place of "abcdef"
-    the rule reads the logits after [q, q, x, a], which the ring still holds: no step reads more than the new
-    tokens."""
+    and each step reads only the new tokens, but where it re-reads from [q, q, x].
+    "holds": with "bcdef" in place of "abcdef" the rule reads the logits after [q, q, x, a], which the ring still
+    holds: no step reads more than the new tokens. "rereads-at-the-rewind": merges up to "abcde" make the text
+    [x, abcde] (three tokens shorter): the contexts share [q, q, x], exactly the prefix whose logits the rule reads
+    and the ring lost, so the base rewinds one token further than the contexts differ."""
     from ivl_fast.decode.boundary import MAX_BACK
 
     chars = list("abcdefqx")
-    btok = bpe_concat_tokenizer(["<unk>", "<s>", "</s>", *chars, "de", "cde", extends], [("d", "e"), ("c", "de")])
+    btok = bpe_concat_tokenizer(["<unk>", "<s>", "</s>", *chars, *extra], merges)
     vtok = bpe_concat_tokenizer(
         ["<unk>", "<s>", "</s>", *chars, "xa", "xab", "xabc", "xabcd"],
         [("x", "a"), ("xa", "b"), ("xab", "c"), ("xabc", "d")],
     )
     b, v = btok.convert_tokens_to_ids, vtok.convert_tokens_to_ids
-    assert btok("xabcd")["input_ids"] == [b(c) for c in "xabcd"] and btok("xabcde")["input_ids"] == [
-        b("x"),
-        b("a"),
-        b("b"),
-        b("cde"),
-    ]
+    assert btok("xabcd")["input_ids"] == [b(c) for c in "xabcd"]
+    assert len(btok("xabcde")["input_ids"]) == 5 - shrink
     w = torch.zeros(len(btok), len(vtok))  # each base token to the value token of its first character
     for tok, i in btok.get_vocab().items():
         w[i, v(tok if tok in vtok.get_vocab() else tok[0])] = 1.0
@@ -63,7 +73,7 @@ def test_a_shrinking_context_rereads_the_boundary_it_needs(monkeypatch, extends,
         ref = cross_vocab_reference(base, value, vmap, btok, vtok, [ids], 4, texts=[text])[0]
         assert ref["ids"][: len(want)] == [v(t) for t in want], "the script did not hold"
         reads = ref["reads"]
-        assert len(reads[at]) == len(reads[at - 1]) - 1  # the context shrank by one token there
+        assert len(reads[at]) == len(reads[at - 1]) - shrink  # the context shrank there
         with monkeypatch.context() as spy:
             seen = BaseReads(dec.models.base, MAX_BACK + 1, spy)
             out = dec.generate([ids], texts=[text], max_new_tokens=4, eos_token_id=[], return_logprobs=True)
@@ -89,6 +99,40 @@ def test_a_shrinking_context_rereads_the_boundary_it_needs(monkeypatch, extends,
         scores = dec.loglikelihood(reqs, texts=[None] + [text] * len(vtok), batch_size=len(reqs))[1:]
         got = torch.tensor([lp for lp, _ in scores], dtype=torch.float64) - sum(ref["lp64"][:at])
         torch.testing.assert_close(got, ref["dist64"][at], atol=max(4 * torch_err, 1e-4), rtol=0)
+
+
+def test_the_logits_after_the_first_token_stay_kept(monkeypatch):
+    """A pending piece that starts at the context's second token: the prompt "qq", then "x" and "y"; the base has
+    the characters and "qxyz" (no merge makes it, but it extends "qx" and "qxy"), so the rule reads the base's
+    logits after [q], the shortest prefix there is, right after the prefill and one step later. The ring holds
+    them from the prefill on: no step reads more than its new token, and the tokens and log-probabilities equal
+    the float64 definition's."""
+    from ivl_fast.decode.boundary import MAX_BACK
+
+    chars = list("qxyz")
+    btok = bpe_concat_tokenizer(["<unk>", "<s>", "</s>", *chars, "qxyz"], [])
+    vtok = bpe_concat_tokenizer(["<unk>", "<s>", "</s>", *chars], [])
+    v = vtok.convert_tokens_to_ids
+    w = torch.zeros(len(btok), len(vtok))  # each base token to the value token of its first character
+    for tok, i in btok.get_vocab().items():
+        w[i, v(tok[0] if tok not in vtok.get_vocab() else tok)] = 1.0
+    vmap = VocabMap.from_dense(w)
+    base = build_model("llama", seed=6, vocab_size=len(btok))
+    value = build_model("llama", seed=7, vocab_size=len(vtok))
+    script_value(value, [[v("q"), v("x"), v("y"), v("z")]], strength=10.0)
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
+    ids = vtok("qq")["input_ids"]
+    ref = cross_vocab_reference(base, value, vmap, btok, vtok, [ids], 3, texts=["qq"])[0]
+    assert ref["ids"] == [v("x"), v("y"), v("z")], "the script did not hold"
+    with monkeypatch.context() as spy:
+        seen = BaseReads(dec.models.base, MAX_BACK + 1, spy)
+        out = dec.generate([ids], texts=["qq"], max_new_tokens=3, eos_token_id=[], return_logprobs=True)
+    assert out.sequences[0, len(ids) :].tolist() == ref["ids"]
+    assert seen.needless == [] and seen.empty == 0, seen.needless
+    assert seen.runs[0] == [[2, 1], [3, 1]]  # the third token is the last: nothing reads after it
+    lp64 = torch.tensor(ref["lp64"], dtype=torch.float64)
+    torch_err = float((torch.tensor(ref["lp32"], dtype=torch.float64) - lp64).abs().max())
+    assert float((out.logprobs[0].double() - lp64).abs().max()) <= max(2 * torch_err, 1e-5)
 
 
 def test_the_base_reads_a_prefix_again_only_when_its_logits_are_no_longer_kept(setting, tokenizer, monkeypatch):

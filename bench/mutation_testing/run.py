@@ -157,6 +157,7 @@ TARGETS: dict[str, dict] = {
             "tests/test_cross_vocab_scoring.py",
             "tests/test_boundary.py",
             "tests/test_vocab_segment.py",
+            "tests/test_special_tokens.py",
         ],
     },
     "scheduler": {
