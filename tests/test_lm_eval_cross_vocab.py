@@ -14,18 +14,21 @@ from ivl_fast.vocab import VocabMap
 lm_eval = pytest.importorskip("lm_eval")
 
 
+def _save_pair(root, base_tok, value_tok, base, value, map_text: str):
+    """base/ and value/ checkpoint dirs under ``root`` with their tokenizers, and map.safetensors between them."""
+    for name, model, tok in (("base", base, base_tok), ("value", value, value_tok)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    VocabMap.build(base_tok, value_tok, [map_text], top_k=3).save(root / "map.safetensors")
+    return root
+
+
 @pytest.fixture(scope="module")
 def cross_dirs(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("xv")
     base_tok = train_tokenizer(700, max_chars=150_000)
     base = build_model("llama", seed=0, vocab_size=len(base_tok), hidden_size=96, num_attention_heads=6)
     value = build_model("llama", seed=1, vocab_size=len(tokenizer))
-    base.save_pretrained(root / "base")
-    base_tok.save_pretrained(root / "base")
-    value.save_pretrained(root / "value")
-    tokenizer.save_pretrained(root / "value")
-    VocabMap.build(base_tok, tokenizer, [corpus_text()[200_000:240_000]], top_k=3).save(root / "map.safetensors")
-    return root
+    return _save_pair(tmp_path_factory.mktemp("xv"), base_tok, tokenizer, base, value, corpus_text()[200_000:240_000])
 
 
 def test_generate_until_across_vocabularies_equals_the_decoders_text(cross_dirs):
@@ -57,17 +60,12 @@ def sentencepiece_base_dirs(tmp_path_factory, tokenizer):
     under the byte-level value of ``cross_dirs``' kind."""
     from ivl_fast.tiny import train_sentencepiece_style_on
 
-    root = tmp_path_factory.mktemp("xv_sp")
     text = corpus_text(60_000)
     base_tok = train_sentencepiece_style_on([text[i : i + 4096] for i in range(0, len(text), 4096)], 400)
     base = build_model("llama", seed=2, vocab_size=len(base_tok))
     value = build_model("llama", seed=3, vocab_size=len(tokenizer))
-    base.save_pretrained(root / "base")
-    base_tok.save_pretrained(root / "base")
-    value.save_pretrained(root / "value")
-    tokenizer.save_pretrained(root / "value")
-    VocabMap.build(base_tok, tokenizer, [corpus_text()[200_000:230_000]], top_k=3).save(root / "map.safetensors")
-    return root
+    root = tmp_path_factory.mktemp("xv_sp")
+    return _save_pair(root, base_tok, tokenizer, base, value, corpus_text()[200_000:230_000])
 
 
 def test_generate_until_hands_the_base_the_chat_turn_as_rendered(sentencepiece_base_dirs, monkeypatch):
