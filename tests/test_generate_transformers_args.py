@@ -245,3 +245,25 @@ def test_kept_logits_include_the_logit_terms(models):
         zb, zv = base(out.sequences).logits[:, t - 1 : -1], value(out.sequences).logits[:, t - 1 : -1]
     for i, got in enumerate(out.logits):
         torch.testing.assert_close(got, zb[:, i] + (0.7 - 0.4) * zv[:, i], atol=2e-4, rtol=1e-4)
+
+
+def test_min_new_tokens_in_half_precision_stays_finite(models):
+    """The early-EOS floor is finite in the logits' own dtype: in float16 a quarter of its lowest value (-16376),
+    which adding the other side's logits cannot push to -inf (float16's -1e30 would be -inf, and so would four
+    times its lowest), so the non-finite check stays quiet and EOS is still never drawn early; the tokens are
+    transformers' own (the base alone, float16, min_new_tokens=3)."""
+    import copy
+
+    base, _, tok = models
+    half = copy.deepcopy(base).half()
+    dec = FastIVLDecoder(half, None, tokenizer=tok, scheme="base", sample_backend="torch")
+    ids = _ids(tok)
+    first = int(dec.generate(ids, max_new_tokens=1, eos_token_id=[]).sequences[0, -1])
+    ours = dec.generate(ids, max_new_tokens=6, eos_token_id=[first], min_new_tokens=3)
+    theirs = half.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, eos_token_id=first, pad_token_id=first,
+        min_new_tokens=3, do_sample=False,
+    )  # fmt: skip
+    n = int(ours.num_new_tokens[0])
+    assert n >= 3 and first not in ours.sequences[0, ids.shape[1] : ids.shape[1] + 3].tolist()
+    assert ours.sequences[0, : ids.shape[1] + n].tolist() == theirs[0, : ids.shape[1] + n].tolist()

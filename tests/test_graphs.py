@@ -398,3 +398,22 @@ def test_cuda_graphs_equal_eager(models, mode, runner):
     for kw in (KW, dict(max_new_tokens=20, eos_token_id=[], do_sample=True, temperature=0.8, top_p=0.9, seed=1)):
         _assert_same(eager.generate(PROMPTS, **kw), graphed.generate(PROMPTS, **kw))
     _check_eos_early_exit(eager, graphed)
+
+
+def test_each_bucket_graph_attends_to_its_own_kv_columns(models, monkeypatch):
+    """A step graph captured for a KV bucket hands both engines that bucket as kv_len (the columns a decode
+    attends to), so a round costs its bucket, not the whole cache: t = 9, 28 steps, blocks of 8 -> 16, 32, 64."""
+    graphed = _pair(models, graphs="emulate", graph_mode="fused", kv_block=8)
+    seen: dict[str, list] = {"base": [], "value": []}
+    for side in seen:
+        engine = getattr(graphed.models, side)
+        decode = engine.decode
+
+        def spy(ids, *args, _decode=decode, _seen=seen[side], **kw):
+            _seen.append(kw.get("kv_len"))
+            return _decode(ids, *args, **kw)
+
+        monkeypatch.setattr(engine, "decode", spy)
+    out = graphed.generate(PROMPTS, **KW)
+    assert out.timings["graph_captures"] == 3
+    assert seen == {"base": [16, 32, 64], "value": [16, 32, 64]}  # one capture per bucket, replayed after

@@ -100,6 +100,7 @@ TARGETS: dict[str, dict] = {
             "tests/test_graphs.py",
             "tests/test_probe.py",
             "tests/test_components.py",
+            "tests/test_train.py::test_cascade_schemes_train_and_decode_exactly",  # the cascade schemes' prefill
             *SLOW_DECODE_TESTS,
         ],
     },
