@@ -277,8 +277,9 @@ class FastIVLDecoder:
         ``generation_config``, then the checkpoint's own generation config, then the defaults (max_new_tokens=20,
         greedy). ``eos_token_id=[]`` disables EOS stopping. With a vocab map, token ids are in the value
         model's vocabulary (input and output) and the base reads the prompt text (``texts``, or the value
-        tokenizer's decoding of ``input_ids``). ``progress``: a callable given the number of decode steps
-        done, at each host check (no extra syncs).
+        tokenizer's decoding of ``input_ids`` without special tokens: pass ``texts`` for a chat turn, whose BOS
+        text a SentencePiece base reads as its own BOS, with no word-start mark after it). ``progress``: a
+        callable given the number of decode steps done, at each host check (no extra syncs).
 
         transformers' arguments with a meaning here: ``max_length`` (prompt width + new tokens; ``max_new_tokens``
         wins when both are set), ``min_new_tokens``, ``streamer`` (its ``put`` gets the prompt [B, T], then each

@@ -31,4 +31,4 @@ def test_stage_lines_count_reuse_and_estimate():
 
 def test_the_demo_names_each_of_its_stages_once():
     labels = [label for label, _ in STAGE_WEIGHTS]
-    assert len(labels) == len(set(labels)) == 23 and labels[0] == "tokenizers" and labels[-1] == "timing"
+    assert len(labels) == len(set(labels)) == 24 and labels[0] == "tokenizers" and labels[-1] == "timing"
