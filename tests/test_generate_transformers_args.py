@@ -63,20 +63,28 @@ def test_max_length_counts_the_prompt_and_max_new_tokens_wins(ivl, models):
         ivl.generate(ids, max_length=t, eos_token_id=[])
 
 
-def test_min_new_tokens_as_transformers_does_it(base_only, models):
-    """With EOS set to the token greedy decoding draws first, transformers' generate and ours (the base alone: the
-    same model) draw the same tokens with min_new_tokens=3; without it both stop at once."""
-    base, _, tok = models
+def _min_new_tokens_as_transformers(dec, model, tok, new: int) -> tuple[torch.Tensor, int]:
+    """EOS set to the token ``dec`` draws first greedily: ours and transformers' generate on ``model`` (the same
+    model as ``dec``'s base alone) with min_new_tokens=3 draw the same tokens, none of the first 3 that EOS
+    -> (prompt ids, that EOS)."""
     ids = _ids(tok)
-    first = int(base_only.generate(ids, max_new_tokens=1, eos_token_id=[]).sequences[0, -1])
-    ours = base_only.generate(ids, max_new_tokens=8, eos_token_id=[first], min_new_tokens=3)
-    theirs = base.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, eos_token_id=first, pad_token_id=first,
+    first = int(dec.generate(ids, max_new_tokens=1, eos_token_id=[]).sequences[0, -1])
+    ours = dec.generate(ids, max_new_tokens=new, eos_token_id=[first], min_new_tokens=3)
+    theirs = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, eos_token_id=first, pad_token_id=first,
         min_new_tokens=3, do_sample=False,
     )  # fmt: skip
     n = int(ours.num_new_tokens[0])
     assert n >= 3 and first not in ours.sequences[0, ids.shape[1] : ids.shape[1] + 3].tolist()
     assert ours.sequences[0, : ids.shape[1] + n].tolist() == theirs[0, : ids.shape[1] + n].tolist()
+    return ids, first
+
+
+def test_min_new_tokens_as_transformers_does_it(base_only, models):
+    """With EOS set to the token greedy decoding draws first, transformers' generate and ours (the base alone: the
+    same model) draw the same tokens with min_new_tokens=3; without it both stop at once."""
+    base, _, tok = models
+    ids, first = _min_new_tokens_as_transformers(base_only, base, tok, 8)
     stopped = base_only.generate(ids, max_new_tokens=8, eos_token_id=[first])
     assert stopped.num_new_tokens.tolist() == [1] and stopped.finish_reasons == ["eos"]
 
@@ -257,13 +265,4 @@ def test_min_new_tokens_in_half_precision_stays_finite(models):
     base, _, tok = models
     half = copy.deepcopy(base).half()
     dec = FastIVLDecoder(half, None, tokenizer=tok, scheme="base", sample_backend="torch")
-    ids = _ids(tok)
-    first = int(dec.generate(ids, max_new_tokens=1, eos_token_id=[]).sequences[0, -1])
-    ours = dec.generate(ids, max_new_tokens=6, eos_token_id=[first], min_new_tokens=3)
-    theirs = half.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, eos_token_id=first, pad_token_id=first,
-        min_new_tokens=3, do_sample=False,
-    )  # fmt: skip
-    n = int(ours.num_new_tokens[0])
-    assert n >= 3 and first not in ours.sequences[0, ids.shape[1] : ids.shape[1] + 3].tolist()
-    assert ours.sequences[0, : ids.shape[1] + n].tolist() == theirs[0, : ids.shape[1] + n].tolist()
+    _min_new_tokens_as_transformers(dec, half, tok, 6)
