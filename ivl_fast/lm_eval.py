@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from .chat import DEFAULT_CHAT_TEMPLATE
 from .checks import check_int, is_int, is_number
+from .decode.cross_vocab import prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -451,8 +452,9 @@ class IVLLM(TemplateLM):
                 # the base reads the context as lm-eval rendered it (as loglikelihood does), special-token text
                 # included: a chat turn "<s><|user|>..." is read as the base's own tokenizer reads it, not the
                 # decoding of the ids without special tokens (a SentencePiece base then reads "▁<|user|>" after its
-                # BOS); a context cut to fit reads the kept ids' decoding
-                texts = [self.tok_decode(x) if c else s for x, c, s in zip(ids, cut, contexts, strict=True)]
+                # BOS); a context cut to fit reads the kept ids' prompt_text (role markers kept where they are special
+                # tokens)
+                texts = [prompt_text(self.tokenizer, x) if c else s for x, c, s in zip(ids, cut, contexts, strict=True)]
             out = self.dec.generate(ids, texts=texts, **options)
             t = out.prompt_length
             for row, n, context in zip(out.sequences.tolist(), out.num_new_tokens.tolist(), contexts, strict=True):

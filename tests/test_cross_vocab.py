@@ -367,19 +367,31 @@ def test_admitting_a_prompt_longer_than_the_base_cache_planned_grows_it(ragged_s
     assert got == dec.generate([ids], texts=[text], max_new_tokens=3, eos_token_id=[]).sequences[0, len(ids) :].tolist()
 
 
-def test_an_admission_without_text_reads_the_prompt_as_generate_does(setting, tokenizer):
-    """Ids alone (no text) holding the value's EOS mid-prompt: a continuous batch's admission gives the base the same
-    reading of them as generate() (the value tokenizer's decoding without special tokens), so the tokens agree."""
+def test_ids_alone_holding_special_tokens_read_them_in_generate_admission_and_scoring(setting, tokenizer):
+    """Ids alone (no text) holding the value's EOS mid-prompt (two turns of a rendered chat): generate(), a continuous
+    batch's admission and loglikelihood give the base one reading of them, the decoding with special tokens
+    (prompt_text: the EOS reaches the base as its own EOS), not the decoding without them, which drops the EOS."""
+    from ivl_fast.decode.cross_vocab import prompt_text
+
     base_tok, vmap, base, value = setting
     dec = FastIVLDecoder(base, value, vmap, tokenizer=tokenizer, base_tokenizer=base_tok, sample_backend="torch")
     ids = tokenizer(PROMPTS[0])["input_ids"] + [tokenizer.eos_token_id] + tokenizer(PROMPTS[1])["input_ids"]
     assert tokenizer.eos_token_id is not None and tokenizer.eos_token in tokenizer.decode(ids)
-    want = dec.generate([ids], max_new_tokens=6, eos_token_id=[]).sequences[0, len(ids) :].tolist()
+    assert prompt_text(tokenizer, ids) == tokenizer.decode(ids, skip_special_tokens=False)
+    out = dec.generate([ids], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
+    want = out.sequences[0, len(ids) :].tolist()
+    rendered = dec.generate([ids], texts=[tokenizer.decode(ids)], max_new_tokens=6, eos_token_id=[])
+    assert rendered.sequences[0, len(ids) :].tolist() == want
     batch = dec.open_batch(slots=2, max_seq_len=64, eos_token_id=[], per_request=True)
     row = batch.admit(ids, 6)
     while not batch.is_finished(row):
         batch.step()
     assert batch.tokens(row) == want
-    # with the EOS read as the base's own EOS (the text with special tokens), the base's reading differs
-    with_eos = dec.generate([ids], texts=[tokenizer.decode(ids)], max_new_tokens=6, eos_token_id=[])
-    assert with_eos.sequences[0, len(ids) :].tolist() != want
+    # scoring the greedy reply from the ids alone gives back the logprobs generate() returned
+    ((lp, greedy),) = dec.loglikelihood([(ids, want)])
+    assert greedy and lp == pytest.approx(float(out.logprobs[0, :6].sum()), abs=1e-4)
+    # the reading without special tokens (the EOS dropped) is another context for the base
+    dropped = dec.generate(
+        [ids], texts=[tokenizer.decode(ids, skip_special_tokens=True)], max_new_tokens=6, eos_token_id=[]
+    )
+    assert dropped.sequences[0, len(ids) :].tolist() != want

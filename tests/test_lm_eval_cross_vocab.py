@@ -135,3 +135,41 @@ def test_loglikelihood_across_vocabularies_through_lm_eval(cross_dirs):
     assert greedy and lp < 0
     (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("The for statement is used",), 0)])
     assert rolling == pytest.approx(dec.loglikelihood_rolling(["The for statement is used"])[0], abs=1e-4)
+
+
+def test_generate_until_a_context_cut_to_fit_keeps_its_special_tokens_for_the_base(cross_dirs, monkeypatch):
+    """A two-turn context longer than max_length - max_gen_toks is cut on the left, as HFLM cuts it; the base then
+    reads the kept ids' prompt_text: the EOS between the turns stays the base's EOS (a decoding without special
+    tokens would drop it), and the reply is the decoder's own greedy text from those ids and that text."""
+    from lm_eval.api.instance import Instance
+
+    from ivl_fast.decode.cross_vocab import prompt_text
+    from ivl_fast.lm_eval import IVLLM
+
+    kw = dict(
+        base=str(cross_dirs / "base"), value=str(cross_dirs / "value"), vocab_map=str(cross_dirs / "map.safetensors")
+    )
+    lm = IVLLM(device="cpu", batch_size=1, max_length=30, **kw)
+    tok = lm.dec.tokenizer
+    context = "The for statement is used to iterate over the elements of a sequence.</s>A function definition"
+    ids = tok(context)["input_ids"]
+    max_gen = 8
+    assert len(ids) > 30 - max_gen, "the context must be cut"
+    kept = ids[-(30 - max_gen) :]
+    assert tok.eos_token_id in kept and tok.eos_token_id not in ids[: len(ids) - len(kept)]
+    seen = []
+    generate = lm.dec.generate
+
+    def spy(ids, texts=None, **kw):
+        seen.append((ids, texts))
+        return generate(ids, texts=texts, **kw)
+
+    monkeypatch.setattr(lm.dec, "generate", spy)
+    gen = {"until": ["\n\n"], "max_gen_toks": max_gen, "do_sample": False}
+    (got,) = lm.generate_until([Instance("generate_until", {}, (context, gen), 0)])
+    ((handed_ids, handed_texts),) = seen
+    assert handed_ids == [kept]
+    assert handed_texts == [prompt_text(tok, kept)] and tok.eos_token in handed_texts[0]
+    out = generate([kept], texts=handed_texts, max_new_tokens=max_gen)
+    want = tok.decode(out.sequences[0, len(kept) : len(kept) + int(out.num_new_tokens[0])], skip_special_tokens=True)
+    assert got == want.split("\n\n")[0]

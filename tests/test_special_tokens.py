@@ -90,3 +90,42 @@ def test_the_demo_pair_shares_its_special_tokens():
     tr = SpecialTokenTranslation.between(tok_a, tok_b)
     assert tr.mapping == {} and tr.as_text == ()
     assert _reads(tok_a, tok_b, "<s><|user|>\nWhere?\n<|assistant|>\n")[0] == "<s>"
+
+
+def test_a_chat_given_as_ids_alone_reaches_the_base_with_its_markers():
+    """Ids alone (no text) of a chat rendered with control tokens (v3's "[INST]"/"[/INST]", special tokens there; the
+    EOS between turns): prompt_text gives back the rendered string, so the base reads them as it reads the rendered
+    text; the decoding without special tokens would hand the base a chat without any marker. Plain ids (a leading
+    BOS at most) read as plain text, the base adding its own BOS."""
+    from ivl_fast.decode.cross_vocab import prompt_text
+
+    tekken, v1, v3 = _mistral("tekken_240911"), _mistral("tokenizer_v1"), _mistral("tokenizer_v3")
+    rendered = "<s>[INST] Where? [/INST] Here.</s>[INST] Why? [/INST]"
+    ids = v3(rendered, add_special_tokens=False)["input_ids"]
+    assert v3.convert_ids_to_tokens(ids)[:2] == ["<s>", "[INST]"]
+    assert "[INST]" not in v3.decode(ids, skip_special_tokens=True)  # the markers a plain decoding drops
+    assert prompt_text(v3, ids) == rendered
+    for base in (tekken, v1):
+        alone = Retokenizer(v3, base, [ids], [prompt_text(v3, ids)], False, 10_000).base_ctx
+        assert alone == Retokenizer(v3, base, [ids], [rendered], False, 10_000).base_ctx
+    got = _reads(v3, tekken, prompt_text(v3, ids))
+    assert got.count("[INST]") == 2 and got.count("</s>") == 1 and got.count("<s>") == 1
+    plain = v3("Where is it?")["input_ids"]
+    assert prompt_text(v3, plain) == "Where is it?"
+    assert _reads(v3, v1, prompt_text(v3, plain)) == v1.convert_ids_to_tokens(v1("Where is it?")["input_ids"])
+
+
+def test_a_single_chat_turn_with_text_markers_given_as_ids_reads_as_plain_text():
+    """The documented limit of prompt_text: the demo's template writes its role markers as text ("<|user|>"), so a
+    single turn's ids hold no special token past the BOS and look like plain text; they read without the BOS text
+    (the base adds its BOS and, SentencePiece-style, a word-start mark), unlike its rendered string: pass texts."""
+    from ivl_fast.decode.cross_vocab import prompt_text
+    from ivl_fast.demo import DemoConfig, make_tokenizers, make_world, pretraining_text
+
+    cfg = DemoConfig(quick=True)
+    world = make_world(cfg.n_people, cfg.seed)
+    tok_a, tok_b = make_tokenizers(cfg, pretraining_text(world, world["people"], 6, cfg.seed))
+    rendered = "<s><|user|>\nWhere?\n<|assistant|>\n"
+    ids = tok_a(rendered, add_special_tokens=False)["input_ids"]
+    assert prompt_text(tok_a, ids) == rendered[len("<s>") :]
+    assert _reads(tok_a, tok_b, prompt_text(tok_a, ids)) != _reads(tok_a, tok_b, rendered)

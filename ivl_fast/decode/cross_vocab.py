@@ -23,6 +23,26 @@ def boundary_reader(base_tokenizer, tokenizer) -> BoundaryReader:
     return BoundaryReader(base_tokenizer, tokenizer)
 
 
+def prompt_text(tokenizer, ids) -> str:
+    """The text a base with another tokenizer reads for a prompt given as value ids alone (no text).
+
+    The ids do not say which text they came from. Plain text (``tokenizer(text)``: a leading BOS at most) reads as
+    the decoding without special tokens, and the base adds its own BOS as its tokenizer does for that text (the
+    reading of transformers' assisted generation across tokenizers). Ids holding any other special token (a chat
+    template's EOS between turns, role markers such as "[INST]" or "<|start_header_id|>") were rendered: they read
+    as the decoding with special tokens, so the markers reach the base translated (:mod:`.special_tokens`) instead
+    of dropped, and a leading BOS text makes the base read the rest as it reads a rendered string (no second BOS,
+    no word-start mark after it). A single chat turn whose markers are plain text ("<s><|user|>...") looks like
+    plain text: pass its rendered text (``texts``) for that reading."""
+    ids = [int(i) for i in ids]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    rest = ids[1:] if ids and bos is not None and ids[0] == bos else ids
+    plain = tokenizer.decode(ids, skip_special_tokens=True)
+    if tokenizer.decode(rest, skip_special_tokens=False) == tokenizer.decode(rest, skip_special_tokens=True):
+        return plain
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 @functools.lru_cache(maxsize=4)
 def special_translation(tokenizer, base_tokenizer) -> SpecialTokenTranslation:
     return SpecialTokenTranslation.between(tokenizer, base_tokenizer)
@@ -62,10 +82,10 @@ class Retokenizer:
         return rt
 
     def context(self, prompt_ids: list[int], text: str | None, where: str = "") -> tuple[str, list[int]]:
-        """A request's (text, base ids) as the base reads its prompt (``text``: default the value tokenizer's
-        decoding of ``prompt_ids``); ValueError when the base cannot read it (nothing is changed)."""
+        """A request's (text, base ids) as the base reads its prompt (``text``: default :func:`prompt_text` of
+        ``prompt_ids``); ValueError when the base cannot read it (nothing is changed)."""
         if text is None:
-            text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            text = prompt_text(self.tokenizer, prompt_ids)
         ctx = list(prompt_ids) if self.same_tokens else self.base_ids(text)
         if not ctx:
             raise ValueError(f"{where}the prompt is empty for the base tokenizer")

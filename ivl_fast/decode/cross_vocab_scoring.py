@@ -21,7 +21,7 @@ import torch
 
 from ..checks import check_int
 from ..sampling import combine_logits
-from .cross_vocab import Retokenizer
+from .cross_vocab import Retokenizer, prompt_text
 from .cross_vocab_feed import CrossVocabFeed
 from .inputs import left_pad
 from .model_set import ModelSet
@@ -40,7 +40,7 @@ def score_across_vocabularies(
 ) -> list[tuple[float, bool]]:
     """Per (context ids, continuation ids) request (checked by the caller): (summed log-probability of the
     continuation, is_greedy), in the requests' order. ``texts``: each context's text as the base should read it
-    (None: the value tokenizer's decoding of the context ids)."""
+    (None: :func:`~.cross_vocab.prompt_text` of the context ids)."""
     check_int(batch_size, "batch_size", 1)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     out: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -54,7 +54,7 @@ def score_across_vocabularies(
             text = texts[i] if texts is not None and len(kept) == len(ctx) else None
             contexts.append(kept)
             conts.append(cont)
-            base_texts.append(tokenizer.decode(kept, skip_special_tokens=True) if text is None else text)
+            base_texts.append(prompt_text(tokenizer, kept) if text is None else text)
         for i, r in zip(idx, _score_batch(models, tokenizer, base_tokenizer, contexts, conts, base_texts), strict=True):
             out[i] = r
     return out

@@ -10,7 +10,7 @@ import torch
 
 from ..checks import check_int
 from ..graphs import batch_bucket, kv_bucket
-from .cross_vocab import Retokenizer
+from .cross_vocab import Retokenizer, prompt_text
 from .graph_cache import GraphCache
 from .loop import DecodeLoop
 from .model_set import ModelSet
@@ -40,8 +40,8 @@ def start_generation(
     texts: list[str] | None = None,
 ) -> DecodeLoop:
     """The prefilled loop of left-padded prompts [B, T] (CPU; moved to the models' device here): its first tokens
-    are emitted. ``graph_cache`` None: eager. Across vocabularies the base reads ``texts`` (default: the value
-    tokenizer's decoding of the prompts)."""
+    are emitted. ``graph_cache`` None: eager. Across vocabularies the base reads ``texts`` (default: each prompt's
+    :func:`~.cross_vocab.prompt_text`)."""
     b, t = prompt.shape
     n = opts.max_new_tokens
     if t + n > models.max_context:
@@ -52,7 +52,7 @@ def start_generation(
     if models.cross_vocab:
         rows = [r[m].tolist() for r, m in zip(prompt, mask, strict=True)]
         if texts is None:
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+            texts = [prompt_text(tokenizer, r) for r in rows]
         retok = Retokenizer(tokenizer, base_tokenizer, rows, texts, same_tokenizers, models.base.max_context)
     loop = DecodeLoop(
         models,
