@@ -135,6 +135,77 @@ def test_the_logits_after_the_first_token_stay_kept(monkeypatch):
     assert float((out.logprobs[0].double() - lp64).abs().max()) <= max(2 * torch_err, 1e-5)
 
 
+def _byte_fallback_concat_tokenizer(tokens: list[str]):
+    """Like bpe_concat_tokenizer (no merges), with the 256 byte-fallback tokens <0x00>..<0xFF> after ``tokens``:
+    a character outside ``tokens`` is its UTF-8 bytes, and a byte that does not complete a character decodes as
+    "\ufffd" (SentencePiece's reading, Llama's value tokenizers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [*tokens, *(f"<0x{x:02X}>" for x in range(256))]
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[], unk_token="<unk>", byte_fallback=True)
+    )
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_a_character_completed_after_a_shrink_rereads_the_logits_the_shrink_left_behind(monkeypatch):
+    """After the context shrinks below the logits kept per row, those of the prefixes it keeps are not held (their
+    slots hold the longer context's), and a later step whose rule needs them must read them again. Prompt
+    "qxabcd" (base: one token per character, 6 tokens; kept: the logits after the prefixes of lengths 3..6); the
+    value emits the two bytes of "é" (byte-fallback tokens), then "f". After the first byte the text reads
+    "qxabcd\ufffd", which the base's merges make [q, "xabcd\ufffd"]: it keeps [q] alone, whose logits it no longer
+    holds (their slot holds those after [q, x, a, b, c]), and the rule reads nothing there. After the second
+    byte the text reads "qxabcdé" -> [q, "xabcdé"], whose last token's text is extended by "xabcdéf" (no merge
+    makes it): the rule reads the base's logits after [q], so the base must rewind to [] and read [q, "xabcdé"].
+    Only a text that does not just grow makes this happen: where the text grows, a piece extended later was already
+    extended when the context shrank, and the base re-read its prefix then; here "\ufffd" becomes "é". The whole
+    distribution at every step (output_logits) equals the float64 definition's, and the base reads exactly: after
+    the prefill, [q] + 1 token, then [] + 2 tokens (the third token is the last: nothing reads after it)."""
+    from ivl_fast.decode.boundary import MAX_BACK
+    from ivl_fast.vocab.align import surface_strings
+
+    bad, e = "\ufffd", "é"
+    tails = ["d", "cd", "bcd", "abcd", "xabcd"]  # the merges (d, \ufffd), (c, d\ufffd), ... and the same for "é"
+    merges = [(t[0], t[1:] + c) for c in (bad, e) for t in tails]
+    btok = bpe_concat_tokenizer(
+        ["<unk>", "<s>", "</s>", *"qxabcdf", bad, e, *(t + c for c in (bad, e) for t in tails), "xabcdéf"], merges
+    )
+    vtok = _byte_fallback_concat_tokenizer(["<unk>", "<s>", "</s>", *"qxabcdf"])
+    b, v = btok.convert_tokens_to_ids, vtok.convert_tokens_to_ids
+    e_bytes = [v(f"<0x{x:02X}>") for x in e.encode()]
+    assert btok("qxabcd")["input_ids"] == [b(c) for c in "qxabcd"]
+    assert vtok.decode([v("q"), e_bytes[0]]) == "q" + bad and vtok.decode([v("q"), *e_bytes]) == "q" + e
+    w = torch.zeros(len(btok), len(vtok))  # each base token to the value token of its first byte
+    for i, s in enumerate(surface_strings(btok)):
+        if s:
+            w[i, v(s[0]) if s[0] in vtok.get_vocab() else v(f"<0x{ord(s[0]):02X}>")] = 1.0
+    vmap = VocabMap.from_dense(w)
+    base = build_model("llama", seed=4, vocab_size=len(btok))
+    value = build_model("llama", seed=5, vocab_size=len(vtok))
+    script_value(value, [[v("d"), *e_bytes, v("f")]], strength=10.0)
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
+    text = "qxabcd"
+    ids = vtok(text)["input_ids"]
+    ref = cross_vocab_reference(base, value, vmap, btok, vtok, [ids], 3, texts=[text])[0]
+    assert ref["ids"] == [*e_bytes, v("f")], "the script did not hold"
+    assert ref["reads"][1:] == [[b("q"), b("xabcd" + bad)], [b("q"), b("xabcd" + e)]]
+    with monkeypatch.context() as spy:
+        seen = BaseReads(dec.models.base, MAX_BACK + 1, spy)
+        out = dec.generate(
+            [ids], texts=[text], max_new_tokens=3, eos_token_id=[], return_dict_in_generate=True, output_logits=True
+        )
+    assert out.sequences[0, len(ids) :].tolist() == ref["ids"]
+    tol = max(4 * max(abs(a - c) for a, c in zip(ref["lp32"], ref["lp64"], strict=True)), 1e-4)
+    for step, (got, want) in enumerate(zip(out.logits, ref["dist64"], strict=True)):
+        got = got[0].double().log_softmax(-1)
+        torch.testing.assert_close(got, want, atol=tol, rtol=0, msg=lambda m, s=step: f"step {s}: {m}")
+    assert seen.needless == [] and seen.empty == 0, seen.needless
+    assert seen.runs[0] == [[1, 1], [0, 2]]
+
+
 def test_the_base_reads_a_prefix_again_only_when_its_logits_are_no_longer_kept(setting, tokenizer, monkeypatch):
     """Across vocabularies the base keeps its logits after the last MAX_BACK + 1 prefixes of each row's context and
     re-reads (rewinds and decodes again) only where the boundary rule needs logits it no longer holds: in a batch of
