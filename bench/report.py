@@ -154,6 +154,22 @@ def benchmark_rows() -> list[str]:
                 "vocab_k_sweep_cpu.json",
             )
         )
+    if ma := _load("map_apply_cpu.json"):
+        per = "; ".join(
+            f"{r['v_base']}->{r['v_value']} B={r['batch']}: {r['apply_ms']['median']:.2f} vs "
+            f"{r['rebuilt_per_call_ms']['median']:.2f} ms (**{r['speedup']:.1f}x**)"
+            for r in ma["rows"]
+        )
+        rows.append(
+            _row(
+                "the base's distribution pushed through a vocabulary map per step (`VocabMap.apply`, its operand made "
+                "once) vs the operand rebuilt per call (before 2026-12-07), synthetic maps of the tekken/v1 shapes, "
+                f"K={ma['rows'][0]['top_k']}, fp32",
+                ma,
+                f"median of 7 x 10 calls: {per}",
+                "map_apply_cpu.json",
+            )
+        )
     if mt := _load("make_tiny_generate_cpu.json"):
         rows.append(
             _row(
