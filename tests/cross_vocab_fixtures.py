@@ -57,6 +57,22 @@ def bpe_concat_tokenizer(tokens: list[str], merges: list[tuple[str, str]]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def byte_fallback_concat_tokenizer(tokens: list[str]):
+    """Like bpe_concat_tokenizer (no merges), with the 256 byte-fallback tokens <0x00>..<0xFF> after ``tokens``:
+    a character outside ``tokens`` is its UTF-8 bytes, and a byte that does not complete a character decodes as
+    "\ufffd" (SentencePiece's reading, Llama's value tokenizers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [*tokens, *(f"<0x{x:02X}>" for x in range(256))]
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[], unk_token="<unk>", byte_fallback=True)
+    )
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 class BaseReads:
     """What the base computes, seen at its engine's interface (prefill, rewind, decode): each row's token context and
     every prefix whose next-token logits it computed. ``needless``: prefixes computed again while the logits kept

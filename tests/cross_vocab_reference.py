@@ -96,10 +96,11 @@ class BoundaryDefinition:
 def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n, *, texts=None, eos=(), alpha=1.0):
     """Cross-vocabulary greedy decoding from its definition, one full forward per step and no cache: the text so far
     is the prompt text plus the value tokenizer's reading of the reply (decoded together with the prompt, cut
-    after it); the base reads the base tokenization of that text (one BOS); its distribution over the next value
-    token is log(softmax(z_base) @ W) where its text cannot go on inside a longer base token, else the mixture of
-    :class:`BoundaryDefinition`; z = that + alpha z_value with float64 copies of both transformers models; argmax;
-    a row ends at its first EOS.
+    after it; where the prompt's ids end inside a character and its text is their decoding, cut before the k
+    replacement characters, which the reply may complete); the base reads the base tokenization of that text (one
+    BOS); its distribution over the next value token is log(softmax(z_base) @ W) where its text cannot go on inside
+    a longer base token, else the mixture of :class:`BoundaryDefinition`; z = that + alpha z_value with float64
+    copies of both transformers models; argmax; a row ends at its first EOS.
 
     Returns per row a dict: "ids" (value ids), "reads" (base ids read at each step), "lp64" (log-probability of
     each chosen token, float64 throughout), "dist64" (each step's whole log-distribution [V_value], float64) and
@@ -116,7 +117,11 @@ def cross_vocab_reference(base, value, vmap, base_tok, value_tok, prompt_ids, n,
         row = {"ids": [], "reads": [], "lp64": [], "lp32": [], "dist64": []}
         gen = row["ids"]
         for _ in range(n):
-            text = text0 + value_tok.decode(ids + gen, skip_special_tokens=True)[len(prompt_dec) :]
+            full = value_tok.decode(ids + gen, skip_special_tokens=True)
+            # a prompt ending inside a character ("\ufffd" * k) whose text is that decoding: the reply completes it
+            k = len(prompt_dec) - len(prompt_dec.rstrip("\ufffd"))
+            k = k if k and gen and text0.endswith("\ufffd" * k) else 0
+            text = text0[: len(text0) - k] + full[len(prompt_dec) - k :]
             bos = base_tok.bos_token
             bids = base_tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
             row["reads"].append(bids)

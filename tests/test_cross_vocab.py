@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_model
-from cross_vocab_fixtures import bpe_concat_tokenizer, char_level_base_tokenizer, script_value
+from cross_vocab_fixtures import (
+    bpe_concat_tokenizer,
+    byte_fallback_concat_tokenizer,
+    char_level_base_tokenizer,
+    script_value,
+)
 from cross_vocab_reference import cross_vocab_reference
 
 from ivl_fast import FastIVLDecoder
@@ -150,6 +155,37 @@ def test_sentencepiece_value_keeps_the_space_between_prompt_and_reply(setting):
             assert run.base_context_text(r) == p + reply
             if gen and sp.convert_ids_to_tokens(gen[0]).startswith("▁"):
                 assert reply.startswith(" ")
+
+
+def test_a_prompt_ending_inside_a_character_reads_the_character_its_reply_completes():
+    """Prompt ids that end inside a UTF-8 character (the first byte of "é" as a byte-fallback token) decode to
+    "qa\ufffd"; the reply's first token is the second byte. Given alone, the ids' text is that decoding, and once
+    the reply completes the character the base reads "qaéf", the text the whole sequence decodes to, not
+    "qa\ufffd..." (the prompt's decoding kept, the reply cut after its length). Given with its text ("qaé"), the
+    reply is read after that text. Both agree with the definition (tests/cross_vocab_reference.py) token for token."""
+    vtok = byte_fallback_concat_tokenizer(["<unk>", "<s>", "</s>", *"qafd"])
+    btok = bpe_concat_tokenizer(["<unk>", "<s>", "</s>", *"qafd", "é", "\ufffd"], [])
+    v = vtok.convert_tokens_to_ids
+    e1, e2 = (v(f"<0x{x:02X}>") for x in "é".encode())
+    w = torch.zeros(len(btok), len(vtok))  # each base token to the value token of its first character or byte
+    for i, t in enumerate(btok.convert_ids_to_tokens(list(range(len(btok))))):
+        w[i, v(t) if t in vtok.get_vocab() else v(f"<0x{t.encode()[0]:02X}>")] = 1.0
+    vmap = VocabMap.from_dense(w)
+    base = build_model("llama", seed=6, vocab_size=len(btok))
+    value = build_model("llama", seed=7, vocab_size=len(vtok))
+    script_value(value, [[e1, e2, v("f"), v("d")]], strength=10.0)
+    dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
+    ids = [v("q"), v("a"), e1]
+    assert vtok.decode(ids) == "qa\ufffd" and vtok.decode([*ids, e2]) == "qaé"
+    for texts in (None, ["qaé"]):
+        loop = dec.start_loop([ids], texts=texts, sync_every=1, max_new_tokens=3, eos_token_id=[])
+        got = [int(t) for t in loop]
+        assert got == [e2, v("f"), v("d")], "the script did not hold"
+        # the base read after the second token (nothing reads after the last)
+        assert loop.retok.base_context_text(0) == "qaéf"
+        assert loop.retok.base_ctx[0] == btok("qaéf")["input_ids"]
+        ref = cross_vocab_reference(base, value, vmap, btok, vtok, [ids], 3, texts=texts)[0]
+        assert ref["ids"] == [e2, v("f"), v("d")] and ref["reads"][-1] == btok("qaéf")["input_ids"]
 
 
 @pytest.fixture(scope="module")

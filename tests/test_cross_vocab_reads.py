@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_model
-from cross_vocab_fixtures import BaseReads, bpe_concat_tokenizer, script_value
+from cross_vocab_fixtures import BaseReads, bpe_concat_tokenizer, byte_fallback_concat_tokenizer, script_value
 from cross_vocab_reference import cross_vocab_reference
 
 from ivl_fast import FastIVLDecoder
@@ -135,22 +135,6 @@ def test_the_logits_after_the_first_token_stay_kept(monkeypatch):
     assert float((out.logprobs[0].double() - lp64).abs().max()) <= max(2 * torch_err, 1e-5)
 
 
-def _byte_fallback_concat_tokenizer(tokens: list[str]):
-    """Like bpe_concat_tokenizer (no merges), with the 256 byte-fallback tokens <0x00>..<0xFF> after ``tokens``:
-    a character outside ``tokens`` is its UTF-8 bytes, and a byte that does not complete a character decodes as
-    "\ufffd" (SentencePiece's reading, Llama's value tokenizers)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = [*tokens, *(f"<0x{x:02X}>" for x in range(256))]
-    tok = Tokenizer(
-        models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[], unk_token="<unk>", byte_fallback=True)
-    )
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
 def test_a_character_completed_after_a_shrink_rereads_the_logits_the_shrink_left_behind(monkeypatch):
     """After the context shrinks below the logits kept per row, those of the prefixes it keeps are not held (their
     slots hold the longer context's), and a later step whose rule needs them must read them again. Prompt
@@ -173,7 +157,7 @@ def test_a_character_completed_after_a_shrink_rereads_the_logits_the_shrink_left
     btok = bpe_concat_tokenizer(
         ["<unk>", "<s>", "</s>", *"qxabcdf", bad, e, *(t + c for c in (bad, e) for t in tails), "xabcdéf"], merges
     )
-    vtok = _byte_fallback_concat_tokenizer(["<unk>", "<s>", "</s>", *"qxabcdf"])
+    vtok = byte_fallback_concat_tokenizer(["<unk>", "<s>", "</s>", *"qxabcdf"])
     b, v = btok.convert_tokens_to_ids, vtok.convert_tokens_to_ids
     e_bytes = [v(f"<0x{x:02X}>") for x in e.encode()]
     assert btok("qxabcd")["input_ids"] == [b(c) for c in "qxabcd"]

@@ -16,6 +16,8 @@ import functools
 from .boundary import BoundaryReader, Extension
 from .special_tokens import SpecialTokenTranslation
 
+REPLACEMENT = "\ufffd"  # what a decoder writes for the bytes of an incomplete UTF-8 character
+
 
 @functools.lru_cache(maxsize=4)
 def boundary_reader(base_tokenizer, tokenizer) -> BoundaryReader:
@@ -63,7 +65,7 @@ class Retokenizer:
         self.reader = None if same_tokens else boundary_reader(base_tokenizer, tokenizer)
         self.specials = None if same_tokens else special_translation(tokenizer, base_tokenizer)
         self.prompt_ids = [list(p) for p in prompt_ids]
-        self.prompt_text = [tokenizer.decode(p, skip_special_tokens=True) for p in self.prompt_ids]
+        self.prompt_decoded = [tokenizer.decode(p, skip_special_tokens=True) for p in self.prompt_ids]
         self.base_ctx = [list(p) for p in self.prompt_ids] if same_tokens else [self.base_ids(x) for x in self.texts]
         for i, ctx in enumerate(self.base_ctx):
             if not ctx:
@@ -77,7 +79,7 @@ class Retokenizer:
         """``rows`` free slots (a continuous batch): :meth:`context` then :meth:`add` requests, :meth:`remove`
         them; a free slot has an empty base context and is skipped by :meth:`advance` (it is finished)."""
         rt = cls(tokenizer, base_tokenizer, [], [], same_tokens, base_context)
-        rt.texts, rt.prompt_ids, rt.prompt_text = [""] * rows, [[] for _ in range(rows)], [""] * rows
+        rt.texts, rt.prompt_ids, rt.prompt_decoded = [""] * rows, [[] for _ in range(rows)], [""] * rows
         rt.base_ctx, rt.generated = [[] for _ in range(rows)], [[] for _ in range(rows)]
         return rt
 
@@ -98,11 +100,11 @@ class Retokenizer:
     def add(self, row: int, prompt_ids: list[int], text: str, base_ctx: list[int]) -> None:
         """Put a request (from :meth:`context`) into free slot ``row``."""
         self.prompt_ids[row], self.texts[row] = list(prompt_ids), text
-        self.prompt_text[row] = self.tokenizer.decode(self.prompt_ids[row], skip_special_tokens=True)
+        self.prompt_decoded[row] = self.tokenizer.decode(self.prompt_ids[row], skip_special_tokens=True)
         self.base_ctx[row], self.generated[row] = list(base_ctx), []
 
     def remove(self, row: int) -> None:
-        self.prompt_ids[row], self.texts[row], self.prompt_text[row] = [], "", ""
+        self.prompt_ids[row], self.texts[row], self.prompt_decoded[row] = [], "", ""
         self.base_ctx[row], self.generated[row] = [], []
 
     def base_ids(self, text: str) -> list[int]:
@@ -125,7 +127,20 @@ class Retokenizer:
         tokens and cut after them, so decoders that strip a leading space ("▁" of SentencePiece) at the start
         of a string do not lose the space between prompt and reply."""
         full = self.tokenizer.decode(self.prompt_ids[row] + self.generated[row], skip_special_tokens=True)
-        return full[len(self.prompt_text[row]) :]
+        return full[len(self.prompt_decoded[row]) :]
+
+    def text(self, row: int) -> str:
+        """The text so far as the base reads it: the prompt's text, then :meth:`generated_text`. A prompt whose ids
+        end inside a UTF-8 character (byte-fallback tokens of an incomplete character) decodes to k trailing
+        U+FFFD; where its text is that decoding (ids given alone), the reply's tokens that complete the character
+        replace them: the text is cut k characters earlier and goes on with the decoding from there."""
+        head = self.prompt_decoded[row]
+        pending = len(head) - len(head.rstrip(REPLACEMENT))
+        text = self.texts[row]
+        if not pending or not self.generated[row] or not text.endswith(head[-pending:]):
+            return text + self.generated_text(row)
+        full = self.tokenizer.decode(self.prompt_ids[row] + self.generated[row], skip_special_tokens=True)
+        return text[:-pending] + full[len(head) - pending :]
 
     def advance(self, ids: list[int], finished: list[bool]) -> tuple[list[int], list[list[int]]]:
         """Take each row's new value token -> (keep [B]: base tokens to keep, feed [B]: base tokens to feed)."""
@@ -139,7 +154,7 @@ class Retokenizer:
             if self.same_tokens:
                 target = self.base_ctx[r] + [tok_id]
             else:
-                target = self.base_ids(self.texts[r] + self.generated_text(r))
+                target = self.base_ids(self.text(r))
             old = self.base_ctx[r]
             n = 0
             while n < min(len(old), len(target)) and old[n] == target[n]:
