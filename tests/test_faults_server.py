@@ -18,7 +18,8 @@ from serve_fixtures import ServeProcess, Server, ended_by_one_drain, ended_by_th
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.sampling import SamplingParams
-from ivl_fast.serve.scheduler import Failed, Finished, Scheduler, SequenceRequest
+from ivl_fast.serve.scheduler import Scheduler
+from ivl_fast.serve.sequence import Failed, Finished, SequenceRequest
 
 VICTIMS = ["def main", "The for statement", "import os"]
 CHAT = [{"role": "user", "content": "hello"}]

@@ -12,7 +12,8 @@ import pytest
 
 from ivl_fast import FastIVLDecoder
 from ivl_fast.sampling import SamplingParams
-from ivl_fast.serve.scheduler import Cancelled, Delta, Failed, Finished, Scheduler, SequenceRequest
+from ivl_fast.serve.scheduler import Scheduler
+from ivl_fast.serve.sequence import Cancelled, Delta, Failed, Finished, SequenceRequest
 
 GREEDY = SamplingParams(False)
 

@@ -190,7 +190,8 @@ def test_max_num_batched_tokens_bounds_each_steps_tokens(pair, budget):
     import asyncio
 
     from ivl_fast.sampling import SamplingParams
-    from ivl_fast.serve.scheduler import Finished, Scheduler, SequenceRequest
+    from ivl_fast.serve.scheduler import Scheduler
+    from ivl_fast.serve.sequence import Finished, SequenceRequest
 
     dec = FastIVLDecoder.from_pretrained(pair[2], pair[3])
     sched = Scheduler(dec, max_batch_size=4, max_model_len=64, max_queue=8, max_num_batched_tokens=budget)

@@ -10,7 +10,7 @@ from fastapi import Request
 
 from .metrics import Metrics
 from .protocol import APIError
-from .scheduler import Delta, Failed, Finished
+from .sequence import Delta, Failed, Finished
 
 
 def failure(ev: Failed) -> APIError:

@@ -14,7 +14,7 @@ import uuid
 
 from ..checks import is_int
 from ..sampling import FLOAT32_MAX, SamplingParams
-from .scheduler import SequenceRequest
+from .sequence import SequenceRequest
 
 
 class APIError(Exception):

@@ -23,7 +23,7 @@ from .protocol import (
     top_logprobs_field,
     usage,
 )
-from .scheduler import Delta
+from .sequence import Delta
 from .state import AppState
 
 

@@ -14,7 +14,8 @@ from fastapi import Request
 from ..decode.slot_request import RequestError
 from .metrics import Metrics
 from .protocol import APIError, check_fields, choice_requests
-from .scheduler import QueueFull, Scheduler, ShuttingDown, WorkerStopped
+from .scheduler import Scheduler
+from .sequence import QueueFull, ShuttingDown, WorkerStopped
 
 
 def longest_token_chars(tok) -> int:
