@@ -105,14 +105,73 @@ def test_a_chat_given_as_ids_alone_reaches_the_base_with_its_markers():
     assert v3.convert_ids_to_tokens(ids)[:2] == ["<s>", "[INST]"]
     assert "[INST]" not in v3.decode(ids, skip_special_tokens=True)  # the markers a plain decoding drops
     assert prompt_text(v3, ids) == rendered
-    for base in (tekken, v1):
-        alone = Retokenizer(v3, base, [ids], [prompt_text(v3, ids)], False, 10_000).base_ctx
-        assert alone == Retokenizer(v3, base, [ids], [rendered], False, 10_000).base_ctx
     got = _reads(v3, tekken, prompt_text(v3, ids))
     assert got.count("[INST]") == 2 and got.count("</s>") == 1 and got.count("<s>") == 1
     plain = v3("Where is it?")["input_ids"]
     assert prompt_text(v3, plain) == "Where is it?"
     assert _reads(v3, v1, prompt_text(v3, plain)) == v1.convert_ids_to_tokens(v1("Where is it?")["input_ids"])
+
+
+def _legacy_sentencepiece(v1, tmp_path):
+    """v1 in the tokenizer.json layout Llama-2-chat-hf and Mistral-7B-v0.1 ship (legacy: a Prepend("▁") + Replace
+    normalizer, no pre-tokenizer), which marks the start of every piece after a special token with "▁"."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    j = json.loads(v1.backend_tokenizer.to_str())
+    j["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
+    }
+    j["pre_tokenizer"] = None
+    (tmp_path / "legacy.json").write_text(json.dumps(j))
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "legacy.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_a_legacy_sentencepiece_chat_given_as_ids_reads_as_rendered(tmp_path):
+    """Llama 2's chat template rendered for a legacy SentencePiece tokenizer, two turns: its ids decode, special
+    tokens kept, with a space after each special token (the "▁" the tokenizer put there); prompt_text gives back
+    the rendered string (the pieces between special tokens decoded each alone, which encodes back to the ids), and
+    each base (tekken, v3) reads the ids alone token for token as it reads the rendered string."""
+    from ivl_fast.decode.cross_vocab import prompt_text
+
+    tekken, v3 = _mistral("tekken_240911"), _mistral("tokenizer_v3")
+    legacy = _legacy_sentencepiece(_mistral("tokenizer_v1"), tmp_path)
+    rendered = "<s>[INST] Where? [/INST] Here. </s><s>[INST] Why? [/INST]"
+    ids = legacy(rendered, add_special_tokens=False)["input_ids"]
+    assert legacy.convert_ids_to_tokens(ids)[:2] == ["<s>", "▁["]  # the mark after the special token
+    assert legacy.decode(ids, skip_special_tokens=False) != rendered  # the whole decoding keeps it
+    assert prompt_text(legacy, ids) == rendered
+    for base in (tekken, v3):
+        assert _reads(legacy, base, prompt_text(legacy, ids)) == _reads(legacy, base, rendered)
+
+
+def test_ids_alone_of_a_tokenizer_without_bos(tokenizer):
+    """A value tokenizer without BOS (Qwen's): an empty context reads its EOS (lm-eval's prefix token), and that
+    alone, or followed by plain text, reads as plain text (the base adds its own BOS), not as "</s>"; an EOS
+    between two texts is a special token past the prefix: it reaches the base as its EOS."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from ivl_fast.decode.cross_vocab import prompt_text
+
+    value = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), eos_token="</s>"
+    )
+    assert value.bos_token_id is None
+    eos = value.eos_token_id
+    words = value("The for statement", add_special_tokens=False)["input_ids"]
+    assert prompt_text(value, [eos]) == ""
+    assert _reads(value, tokenizer, prompt_text(value, [eos])) == ["<s>"]
+    assert prompt_text(value, [eos, *words]) == "The for statement"
+    assert prompt_text(value, [*words, eos, *words]) == "The for statement</s>The for statement"
+    assert _reads(value, tokenizer, prompt_text(value, [*words, eos, *words])).count("</s>") == 1
 
 
 def test_a_single_chat_turn_with_text_markers_given_as_ids_reads_as_plain_text():

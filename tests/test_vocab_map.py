@@ -453,6 +453,16 @@ def test_push_forward_and_its_ell_layout_on_a_hand_made_map():
     for bad in (torch.zeros(3, 7), torch.zeros(7)):
         with pytest.raises(ValueError, match="^base logits have 7 entries but the map expects 4$"):
             vmap.apply(bad)
+    # its operand is made once (first under inference mode, as decoding calls it), and a later call still carries
+    # gradients back to the logits: d/dz of sum(apply(z)) against the float64 product's
+    fresh = VocabMap.from_dense(w)
+    with torch.inference_mode():
+        fresh.apply(z.double())
+    zg = z.double().clone().requires_grad_(True)
+    fresh.apply(zg).sum().backward()
+    zw = z.double().clone().requires_grad_(True)
+    torch.log((torch.softmax(zw, -1) @ w.double()).clamp_min(1e-30)).sum().backward()
+    torch.testing.assert_close(zg.grad, zw.grad, atol=1e-12, rtol=0)
     idx, wk = vmap.ell()
     assert idx.tolist() == [[0, 0], [1, 2], [0, 0]] and wk.tolist() == [[1.0, 0.0], [0.5, 0.5], [0.0, 0.0]]
     assert VocabMap.from_dense(torch.eye(3)).ell()[0].shape == (3, 1)  # one base token per value token: K = 1

@@ -28,21 +28,44 @@ def boundary_reader(base_tokenizer, tokenizer) -> BoundaryReader:
 def prompt_text(tokenizer, ids) -> str:
     """The text a base with another tokenizer reads for a prompt given as value ids alone (no text).
 
-    The ids do not say which text they came from. Plain text (``tokenizer(text)``: a leading BOS at most) reads as
-    the decoding without special tokens, and the base adds its own BOS as its tokenizer does for that text (the
-    reading of transformers' assisted generation across tokenizers). Ids holding any other special token (a chat
-    template's EOS between turns, role markers such as "[INST]" or "<|start_header_id|>") were rendered: they read
-    as the decoding with special tokens, so the markers reach the base translated (:mod:`.special_tokens`) instead
-    of dropped, and a leading BOS text makes the base read the rest as it reads a rendered string (no second BOS,
-    no word-start mark after it). A single chat turn whose markers are plain text ("<s><|user|>...") looks like
-    plain text: pass its rendered text (``texts``) for that reading."""
+    The ids do not say which text they came from. Plain text (``tokenizer(text)``: a leading prefix token at most,
+    the BOS, or the EOS of a tokenizer without BOS, as lm-eval's empty contexts start) reads as the decoding
+    without special tokens, and the base adds its own BOS as its tokenizer does for that text (the reading of
+    transformers' assisted generation across tokenizers). Ids holding any other special token (a chat template's
+    EOS between turns, role markers such as "[INST]" or "<|start_header_id|>") were rendered: they read as the
+    rendered string, special tokens included, so the markers reach the base translated (:mod:`.special_tokens`)
+    instead of dropped, and a leading BOS text makes the base read the rest as it reads a rendered string (no
+    second BOS, no word-start mark after it). The rendered string is the decoding with special tokens that encodes
+    back to the ids: the whole decoding, else the pieces between special tokens decoded each alone (a legacy
+    SentencePiece tokenizer, Llama 2's or Mistral v0.1's, marks the start of each piece after a special token with
+    a space, which the whole decoding keeps and the pieces' decoding drops). A single chat turn whose markers are
+    plain text ("<s><|user|>...") looks like plain text: pass its rendered text (``texts``) for that reading."""
     ids = [int(i) for i in ids]
     bos = getattr(tokenizer, "bos_token_id", None)
-    rest = ids[1:] if ids and bos is not None and ids[0] == bos else ids
-    plain = tokenizer.decode(ids, skip_special_tokens=True)
+    prefix = bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
+    rest = ids[1:] if ids and prefix is not None and ids[0] == prefix else ids
     if tokenizer.decode(rest, skip_special_tokens=False) == tokenizer.decode(rest, skip_special_tokens=True):
-        return plain
-    return tokenizer.decode(ids, skip_special_tokens=False)
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    whole = tokenizer.decode(ids, skip_special_tokens=False)
+    if _encodes_to(tokenizer, whole, ids):
+        return whole
+    specials = set(getattr(tokenizer, "all_special_ids", None) or [])
+    specials |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if t.special}
+    pieces, run = [], []
+    for i in ids:
+        if i in specials:
+            pieces += [tokenizer.decode(run, skip_special_tokens=False)] if run else []
+            pieces.append(tokenizer.decode([i], skip_special_tokens=False))
+            run = []
+        else:
+            run.append(i)
+    pieces += [tokenizer.decode(run, skip_special_tokens=False)] if run else []
+    joined = "".join(pieces)
+    return joined if _encodes_to(tokenizer, joined, ids) else whole
+
+
+def _encodes_to(tokenizer, text: str, ids: list[int]) -> bool:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) == ids
 
 
 @functools.lru_cache(maxsize=4)

@@ -113,11 +113,12 @@ class VocabMap:
 
     def _pushing(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """W^T [V_value, V_base] as a torch sparse CSR tensor on ``device`` in ``dtype``: :meth:`apply`'s operand,
-        made once per (device, dtype). Made per call it cost 8x the product (19 ms against 2.3 ms per [8, 131072]
-        call on 2 CPU cores: bench/test_map_apply.py) and, on a GPU, a copy of the map from the host each step."""
+        made once per (device, dtype) (a map's tensors are not changed after it is made). Made per call it cost 8x
+        the product (19 ms against 2.3 ms per [8, 131072] call on 2 CPU cores: bench/test_map_apply.py) and, on a
+        GPU, a copy of the map from the host each step."""
         key = (str(device), dtype)
-        if key not in self._pushed:
-            with warnings.catch_warnings():
+        if key not in self._pushed:  # a plain tensor even when made under inference mode: later calls may need grads
+            with warnings.catch_warnings(), torch.inference_mode(False):
                 warnings.simplefilter("ignore")
                 self._pushed[key] = self.to_torch_sparse().to(dtype=dtype).t().to_sparse_csr().to(device)
         return self._pushed[key]
