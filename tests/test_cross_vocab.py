@@ -431,3 +431,24 @@ def test_ids_alone_holding_special_tokens_read_them_in_generate_admission_and_sc
         [ids], texts=[tokenizer.decode(ids, skip_special_tokens=True)], max_new_tokens=6, eos_token_id=[]
     )
     assert dropped.sequences[0, len(ids) :].tolist() != want
+
+
+def test_common_prefix_equals_the_token_by_token_scan():
+    """The re-tokenizer's longest-common-prefix (list comparisons, halving where the difference lies early) against
+    the plain scan, on random contexts that share a prefix of any length, with every tail setting."""
+    import random
+
+    from ivl_fast.decode.cross_vocab import common_prefix
+
+    def scan(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = [rng.randint(0, 3) for _ in range(rng.randint(0, 200))]
+        b = a[: rng.randint(0, len(a))] + [rng.randint(0, 3) for _ in range(rng.randint(0, 80))]
+        for tail in (0, 1, 5, 64):
+            assert common_prefix(a, b, tail) == scan(a, b) == common_prefix(b, a, tail)
