@@ -170,6 +170,24 @@ def benchmark_rows() -> list[str]:
                 "map_apply_cpu.json",
             )
         )
+    if rc := _load("retokenize_cost_cpu.json"):
+        by_pair: dict[str, list[str]] = {}
+        for r in rc["rows"]:
+            by_pair.setdefault(r["pair"], []).append(
+                f"{r['prompt_value_tokens']}: {r['advance_ms']['median']:.2f} ms ({r['advance_over_encode']:.2f}x)"
+            )
+        per = "; ".join(f"{pair}: " + ", ".join(cells) for pair, cells in by_pair.items())
+        rows.append(
+            _row(
+                "the host's work per cross-vocabulary step (`Retokenizer.advance`: the reply decoded, the whole text "
+                "re-tokenized for the base, the contexts compared), one row, 64 steps, against the prompt's length "
+                "in value tokens; in brackets: over one whole-text encode by the base tokenizer (the exact rule's "
+                "floor)",
+                rc,
+                f"median of 5 passes, ms per step by prompt length: {per}",
+                "retokenize_cost_cpu.json",
+            )
+        )
     if mt := _load("make_tiny_generate_cpu.json"):
         rows.append(
             _row(
