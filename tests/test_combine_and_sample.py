@@ -443,6 +443,20 @@ def test_defaults_are_greedy_base_plus_value_at_alpha_1_temperature_1_offset_0_w
         assert not torch.equal(drawn, combine_and_sample(base, value, offset=1, **kw, **rng())[0])
 
 
+def test_top_p_keeps_only_as_many_tied_boundary_tokens_as_fit():
+    """Three tokens tied below the top one, the top-p cut falling inside the tie: a stable ascending sort (HF's
+    top-p) removes the lowest index of the three and keeps the other two, so some but not all of the tied tokens
+    stay (probabilities 0.475 | 0.175 x 3 | ~0; top_p = 0.75 keeps the mass above 1 - 0.75 = 0.25: the running sum
+    passes it at the second tied token). The kernel keeps exactly those: every one of them is drawn, no other."""
+    z = torch.tensor([[2.0, 1.0, 1.0, 1.0, -5.0]])
+    exact, margin = warped_probs64(z[0], top_p=0.75)
+    assert (exact > 0).tolist() == [True, False, True, True, False] and margin > 0.1  # the oracle's own reading
+    ids, _, _ = combine_and_sample(
+        z.expand(1024, 5).contiguous(), None, do_sample=True, top_p=0.75, seed=3, backend="triton"
+    )
+    assert set(ids.tolist()) == {0, 2, 3}
+
+
 def test_top_p_boundary_ties_resolved_like_a_stable_sort():
     """Tied logits straddling the top-p cut: keep exactly the tokens a stable ascending sort keeps."""
     z = torch.tensor([[1.0, 1.0, 0.0, -1.0]]).expand(1024, 4).contiguous()
