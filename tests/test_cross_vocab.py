@@ -162,7 +162,9 @@ def test_a_prompt_ending_inside_a_character_reads_the_character_its_reply_comple
     "qa\ufffd"; the reply's first token is the second byte. Given alone, the ids' text is that decoding, and once
     the reply completes the character the base reads "qaéf", the text the whole sequence decodes to, not
     "qa\ufffd..." (the prompt's decoding kept, the reply cut after its length). Given with its text ("qaé"), the
-    reply is read after that text. Both agree with the definition (tests/cross_vocab_reference.py) token for token."""
+    reply is read after that text; given with a text that ends in the same replacement character ("qd\ufffd", the
+    caller's own decoding), the completed character replaces it there too. Each agrees with the definition
+    (tests/cross_vocab_reference.py) token for token."""
     vtok = byte_fallback_concat_tokenizer(["<unk>", "<s>", "</s>", *"qafd"])
     btok = bpe_concat_tokenizer(["<unk>", "<s>", "</s>", *"qafd", "é", "\ufffd"], [])
     v = vtok.convert_tokens_to_ids
@@ -177,15 +179,16 @@ def test_a_prompt_ending_inside_a_character_reads_the_character_its_reply_comple
     dec = FastIVLDecoder(base, value, vmap, tokenizer=vtok, base_tokenizer=btok)
     ids = [v("q"), v("a"), e1]
     assert vtok.decode(ids) == "qa\ufffd" and vtok.decode([*ids, e2]) == "qaé"
-    for texts in (None, ["qaé"]):
+    for texts in (None, ["qaé"], ["qd\ufffd"]):  # alone; with its text; with a text ending in the same bytes
+        want = "qdéf" if texts == ["qd\ufffd"] else "qaéf"
         loop = dec.start_loop([ids], texts=texts, sync_every=1, max_new_tokens=3, eos_token_id=[])
         got = [int(t) for t in loop]
         assert got == [e2, v("f"), v("d")], "the script did not hold"
         # the base read after the second token (nothing reads after the last)
-        assert loop.retok.base_context_text(0) == "qaéf"
-        assert loop.retok.base_ctx[0] == btok("qaéf")["input_ids"]
+        assert loop.retok.base_context_text(0) == want
+        assert loop.retok.base_ctx[0] == btok(want)["input_ids"]
         ref = cross_vocab_reference(base, value, vmap, btok, vtok, [ids], 3, texts=texts)[0]
-        assert ref["ids"] == [e2, v("f"), v("d")] and ref["reads"][-1] == btok("qaéf")["input_ids"]
+        assert ref["ids"] == [e2, v("f"), v("d")] and ref["reads"][-1] == btok(want)["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +449,9 @@ def test_common_prefix_equals_the_token_by_token_scan():
             n += 1
         return n
 
+    for a, b in (([], []), ([1], []), ([], [1]), ([1], [1]), ([1, 2], [1, 3]), ([2], [1, 2])):
+        for tail in (0, 1, 5, 64):
+            assert common_prefix(a, b, tail) == scan(a, b), (a, b, tail)
     rng = random.Random(0)
     for _ in range(3000):
         a = [rng.randint(0, 3) for _ in range(rng.randint(0, 200))]

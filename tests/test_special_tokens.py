@@ -114,7 +114,8 @@ def test_a_chat_given_as_ids_alone_reaches_the_base_with_its_markers():
 
 def _legacy_sentencepiece(v1, tmp_path):
     """v1 in the tokenizer.json layout Llama-2-chat-hf and Mistral-7B-v0.1 ship (legacy: a Prepend("▁") + Replace
-    normalizer, no pre-tokenizer), which marks the start of every piece after a special token with "▁"."""
+    normalizer, no pre-tokenizer, "<s> $A" added), which marks the start of every piece after a special token with
+    "▁"."""
     import json
 
     from transformers import PreTrainedTokenizerFast
@@ -128,6 +129,12 @@ def _legacy_sentencepiece(v1, tmp_path):
         ],
     }
     j["pre_tokenizer"] = None
+    j["post_processor"] = {  # "<s> $A", as Llama 2's file adds its BOS
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [v1.bos_token_id], "tokens": ["<s>"]}},
+    }
     (tmp_path / "legacy.json").write_text(json.dumps(j))
     return PreTrainedTokenizerFast(
         tokenizer_file=str(tmp_path / "legacy.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
@@ -146,6 +153,7 @@ def test_a_legacy_sentencepiece_chat_given_as_ids_reads_as_rendered(tmp_path):
     rendered = "<s>[INST] Where? [/INST] Here. </s><s>[INST] Why? [/INST]"
     ids = legacy(rendered, add_special_tokens=False)["input_ids"]
     assert legacy.convert_ids_to_tokens(ids)[:2] == ["<s>", "▁["]  # the mark after the special token
+    assert legacy("Where?")["input_ids"][0] == legacy.bos_token_id  # it adds its BOS to a plain text
     assert legacy.decode(ids, skip_special_tokens=False) != rendered  # the whole decoding keeps it
     assert prompt_text(legacy, ids) == rendered
     for base in (tekken, v3):
@@ -188,3 +196,15 @@ def test_a_single_chat_turn_with_text_markers_given_as_ids_reads_as_plain_text()
     ids = tok_a(rendered, add_special_tokens=False)["input_ids"]
     assert prompt_text(tok_a, ids) == rendered[len("<s>") :]
     assert _reads(tok_a, tok_b, prompt_text(tok_a, ids)) != _reads(tok_a, tok_b, rendered)
+
+
+def test_ids_alone_that_no_text_encodes_to_read_as_their_whole_decoding(tokenizer):
+    """Ids holding a special token (an EOS between two texts) whose other tokens are not the tokenizer's own
+    tokenization ("The" as three characters): neither the whole decoding nor the pieces' encodes back to them; the
+    base reads the whole decoding, special token included."""
+    from ivl_fast.decode.cross_vocab import prompt_text
+
+    chars = [tokenizer.convert_tokens_to_ids(c) for c in "The"]
+    assert tokenizer("The", add_special_tokens=False)["input_ids"] != chars  # not its own tokenization
+    ids = [*chars, tokenizer.eos_token_id, *chars]
+    assert prompt_text(tokenizer, ids) == tokenizer.decode(ids, skip_special_tokens=False) == "The</s>The"

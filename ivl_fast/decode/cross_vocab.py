@@ -176,12 +176,13 @@ class Retokenizer:
     def text(self, row: int) -> str:
         """The text so far as the base reads it: the prompt's text, then :meth:`generated_text`. A prompt whose ids
         end inside a UTF-8 character (byte-fallback tokens of an incomplete character) decodes to k trailing
-        U+FFFD; where its text is that decoding (ids given alone), the reply's tokens that complete the character
-        replace them: the text is cut k characters earlier and goes on with the decoding from there."""
+        U+FFFD; where its text ends in those k characters too (ids given alone: their decoding; or a text the
+        caller decoded the same way), the reply's tokens that complete the character replace them: the text is cut k
+        characters earlier and goes on with the decoding from there."""
         head = self.prompt_decoded[row]
         pending = len(head) - len(head.rstrip(REPLACEMENT))
         text = self.texts[row]
-        if not pending or not self.generated[row] or not text.endswith(head[-pending:]):
+        if not pending or not text.endswith(head[-pending:]):
             return text + self.generated_text(row)
         full = self.tokenizer.decode(self.prompt_ids[row] + self.generated[row], skip_special_tokens=True)
         return text[:-pending] + full[len(head) - pending :]
