@@ -277,11 +277,9 @@ class FastIVLDecoder:
         ``generation_config``, then the checkpoint's own generation config, then the defaults (max_new_tokens=20,
         greedy). ``eos_token_id=[]`` disables EOS stopping. With a vocab map, token ids are in the value
         model's vocabulary (input and output) and the base reads the prompt text (``texts``, else
-        :func:`~ivl_fast.decode.cross_vocab.prompt_text`: ids holding special tokens past a leading BOS, a rendered
-        chat, read with them, translated for the base; other ids as plain text. Pass ``texts`` for a chat turn
-        whose markers are plain text: its BOS text a SentencePiece base reads as its own BOS, with no word-start
-        mark after it). ``progress``: a
-        callable given the number of decode steps done, at each host check (no extra syncs).
+        :func:`~ivl_fast.decode.cross_vocab.prompt_text`: a rendered chat with its special tokens, other ids as
+        plain text; pass ``texts`` for a chat turn whose markers are plain text). ``progress``: a callable given
+        the number of decode steps done, at each host check (no extra syncs).
 
         transformers' arguments with a meaning here: ``max_length`` (prompt width + new tokens; ``max_new_tokens``
         wins when both are set), ``min_new_tokens``, ``streamer`` (its ``put`` gets the prompt [B, T], then each
@@ -365,8 +363,7 @@ class FastIVLDecoder:
         """(log p(continuation | context) under the combined distribution, is_greedy) per (context, continuation)
         request, texts or token-id lists, as lm-eval's HF model scores them (:mod:`ivl_fast.decode.scoring`).
         Across vocabularies, under the distribution decoding samples from (the base re-reads the text at each
-        position); ``texts``: each id request's context text as the base reads it (default: the ids'
-        :func:`~ivl_fast.decode.cross_vocab.prompt_text`)."""
+        position); ``texts``: each id request's context text as the base reads it (default: ``prompt_text``)."""
         return loglikelihood(
             self.models,
             self.tokenizer,

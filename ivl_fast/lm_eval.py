@@ -449,11 +449,8 @@ class IVLLM(TemplateLM):
             ids, cut = self._batch_encode(contexts, self.max_length - max_gen_toks)
             texts = None
             if self.dec.cross_vocab:
-                # the base reads the context as lm-eval rendered it (as loglikelihood does), special-token text
-                # included: a chat turn "<s><|user|>..." is read as the base's own tokenizer reads it, not the
-                # decoding of the ids without special tokens (a SentencePiece base then reads "▁<|user|>" after its
-                # BOS); a context cut to fit reads the kept ids' prompt_text (role markers kept where they are special
-                # tokens)
+                # the base reads the context as lm-eval rendered it, as loglikelihood does ("<s><|user|>..." with no
+                # word-start mark after the BOS); a context cut to fit reads the kept ids' prompt_text
                 texts = [prompt_text(self.tokenizer, x) if c else s for x, c, s in zip(ids, cut, contexts, strict=True)]
             out = self.dec.generate(ids, texts=texts, **options)
             t = out.prompt_length
