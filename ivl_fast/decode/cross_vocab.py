@@ -12,6 +12,7 @@ context always decodes to exactly the text so far, even when new text merges wit
 from __future__ import annotations
 
 import functools
+import itertools
 
 from .boundary import BoundaryReader, Extension
 from .special_tokens import SpecialTokenTranslation
@@ -51,16 +52,8 @@ def prompt_text(tokenizer, ids) -> str:
         return whole
     specials = set(getattr(tokenizer, "all_special_ids", None) or [])
     specials |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if t.special}
-    pieces, run = [], []
-    for i in ids:
-        if i in specials:
-            pieces += [tokenizer.decode(run, skip_special_tokens=False)] if run else []
-            pieces.append(tokenizer.decode([i], skip_special_tokens=False))
-            run = []
-        else:
-            run.append(i)
-    pieces += [tokenizer.decode(run, skip_special_tokens=False)] if run else []
-    joined = "".join(pieces)
+    runs = itertools.groupby(ids, specials.__contains__)  # alternating runs of special and other tokens
+    joined = "".join(tokenizer.decode(list(run), skip_special_tokens=False) for _, run in runs)
     return joined if _encodes_to(tokenizer, joined, ids) else whole
 
 
